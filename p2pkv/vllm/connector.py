@@ -1,0 +1,175 @@
+"""``P2PKVConnector``: the vLLM KV connector (V1 API), a thin facade over the two sides.
+
+vLLM builds one instance with role SCHEDULER in the EngineCore process and one with role
+WORKER in each worker process. Add to ``vllm serve``::
+
+    --kv-transfer-config '{"kv_connector":"P2PKVConnector",
+      "kv_connector_module_path":"p2pkv.vllm.connector","kv_role":"kv_both",
+      "kv_load_failure_policy":"recompute",
+      "kv_connector_extra_config":{"directory":"tcp://HOST:PORT"}}'
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from p2pkv.directory.client import DirectoryClient
+from p2pkv.errors import ConfigError
+from p2pkv.keys import InstanceId, Namespace, NamespaceSpec
+from p2pkv.transport.base import make_transport
+from p2pkv.vllm.config import ConnectorConfig
+from p2pkv.vllm.layout import KVLayout
+from p2pkv.vllm.metadata import P2PKVMetadata
+from p2pkv.vllm.scheduler import SchedulerSide
+from p2pkv.vllm.worker import WorkerSide
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+def namespace_of(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig,
+                 config: ConnectorConfig, tp_rank: int) -> tuple[Namespace, int]:
+    """The namespace fingerprint and chunk size (in blocks) of this instance and rank."""
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ConfigError(f"p2pkv supports models with one KV cache group, not {len(groups)}")
+    spec = groups[0].kv_cache_spec
+    block_size = spec.block_size
+    chunk_blocks = max(1, config.chunk_tokens // block_size)
+    model = vllm_config.model_config
+    ns = NamespaceSpec(
+        model=config.model_id or str(model.model),
+        revision=str(model.revision or ""),
+        kv_dtype=str(spec.dtype),
+        kv_layout=str(vllm_config.device_config.device_type),
+        block_size=block_size,
+        chunk_blocks=chunk_blocks,
+        num_layers=len(groups[0].layer_names),
+        num_kv_heads=int(spec.num_kv_heads),
+        head_size=int(spec.head_size),
+        tp_size=vllm_config.parallel_config.tensor_parallel_size,
+        tp_rank=tp_rank,
+        hash_algorithm=str(vllm_config.cache_config.prefix_caching_hash_algo),
+    )
+    return ns.fingerprint(), chunk_blocks
+
+
+def _log_like_vllm() -> None:
+    """Inside vLLM's processes, send p2pkv's log records to vLLM's handlers (once)."""
+    ours, theirs = logging.getLogger("p2pkv"), logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.level or logging.INFO)
+    ours.propagate = False
+
+
+class P2PKVConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
+                 kv_cache_config: KVCacheConfig) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        _log_like_vllm()
+        ktc = vllm_config.kv_transfer_config
+        self._config = ConnectorConfig.from_extra_config(ktc.kv_connector_extra_config)
+        if vllm_config.parallel_config.tensor_parallel_size != 1:
+            raise ConfigError("p2pkv does not support tensor_parallel_size > 1 yet")
+        self._instance = InstanceId(str(ktc.engine_id))
+        namespace, chunk_blocks = namespace_of(vllm_config, kv_cache_config, self._config, 0)
+        directory = DirectoryClient(self._config.directory)
+        self._scheduler: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._scheduler = SchedulerSide(
+                self._config, namespace=namespace,
+                block_size=vllm_config.cache_config.block_size, chunk_blocks=chunk_blocks,
+                can_load=ktc.kv_role != "kv_producer", can_save=ktc.kv_role != "kv_consumer",
+                directory=directory)
+        else:
+            transport = make_transport(self._config.transport, bind_host=self._config.bind_host,
+                                       advertise_host=self._config.advertise_host or None)
+            self._worker = WorkerSide(self._config, instance=self._instance,
+                                      namespace=namespace, chunk_blocks=chunk_blocks,
+                                      transport=transport, directory=directory)
+        logger.info("p2pkv connector (%s) for instance %s, namespace %s, directory %s",
+                    role.name, self._instance, namespace, self._config.directory)
+
+    # -- worker side ------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self._worker is not None
+        self._worker.register_kv_caches(KVLayout.from_kv_caches(kv_caches))
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        assert self._worker is not None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, P2PKVMetadata)
+        self._worker.start_loads(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are whole-request and asynchronous (WAITING_FOR_REMOTE_KVS)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
+                      attn_metadata: AttentionMetadata, **kwargs: Any) -> None:
+        return  # saved whole in wait_for_save, after the forward pass
+
+    def wait_for_save(self) -> None:
+        assert self._worker is not None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, P2PKVMetadata)
+        self._worker.save(meta)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        assert self._worker is not None
+        return None, self._worker.take_finished_recving() or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        assert self._worker is not None
+        return self._worker.take_failed_blocks()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+
+    # -- scheduler side ---------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int
+                                   ) -> tuple[int | None, bool]:
+        assert self._scheduler is not None
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
+                                 num_external_tokens: int) -> None:
+        assert self._scheduler is not None
+        if num_external_tokens > 0:
+            self._scheduler.update_state_after_alloc(
+                request, blocks.get_block_ids()[0], num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        assert self._scheduler is not None
+        manager = self._kv_cache_manager
+        assert manager is not None
+        return self._scheduler.build_meta(scheduler_output,
+                                          lambda req_id: manager.get_block_ids(req_id)[0])
+
+    def request_finished(self, request: Request, block_ids: list[int]
+                         ) -> tuple[bool, dict[str, Any] | None]:
+        assert self._scheduler is not None
+        self._scheduler.request_finished(request.request_id)
+        return False, None

@@ -1,0 +1,42 @@
+"""What the scheduler side tells the workers each step (pickled by vLLM).
+
+Typed, small, and free of vLLM objects so the worker needs nothing but these fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+from p2pkv.keys import ChunkKey
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkLoad:
+    """Pull chunk ``key`` into ``block_ids``; ``None`` marks a block already computed locally
+    (its bytes are received and dropped)."""
+
+    key: ChunkKey
+    block_ids: tuple[int | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadPlan:
+    req_id: str
+    address: str  # the holder's data-plane address
+    chunks: tuple[ChunkLoad, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SavePlan:
+    """Copy the blocks of chunk ``key`` into the store after this step's forward pass."""
+
+    key: ChunkKey
+    block_ids: tuple[int, ...]
+
+
+@dataclass
+class P2PKVMetadata(KVConnectorMetadata):
+    loads: list[LoadPlan] = field(default_factory=list)
+    saves: list[SavePlan] = field(default_factory=list)

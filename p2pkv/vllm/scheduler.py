@@ -1,0 +1,186 @@
+"""Scheduler side of the connector (runs in vLLM's EngineCore process).
+
+Per request it (1) asks the directory which peers hold the chunks beyond vLLM's local prefix
+hit, without stalling the engine: a lookup that has not answered within
+``lookup_inline_wait_s`` makes vLLM ask again next step, and one that has not answered within
+``lookup_timeout_s`` counts as a miss; (2) plans the pull into the blocks vLLM allocated;
+(3) plans, every step, the saving of chunks that became complete.
+
+It knows vLLM only through duck-typed ``request`` / ``scheduler_output`` fields and is driven
+by :class:`p2pkv.vllm.connector.P2PKVConnector`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from p2pkv.directory.client import PENDING, DirectoryClient
+from p2pkv.keys import ChunkKey, Namespace, chunk_keys
+from p2pkv.vllm.config import ConnectorConfig
+from p2pkv.vllm.metadata import ChunkLoad, LoadPlan, P2PKVMetadata, SavePlan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Lookup:
+    rid: int
+    first_chunk: int  # index of keys[0] among the request's chunks
+    keys: list[ChunkKey]
+
+
+@dataclass(slots=True)
+class _PlannedLoad:
+    address: str
+    first_chunk: int
+    keys: list[ChunkKey]
+    num_local_tokens: int
+
+
+@dataclass(slots=True)
+class SchedulerCounters:
+    lookups: int = 0
+    lookup_timeouts: int = 0
+    remote_hit_tokens: int = 0
+    loads_planned: int = 0
+    chunks_planned_for_save: int = 0
+
+
+class SchedulerSide:
+    def __init__(self, config: ConnectorConfig, *, namespace: Namespace, block_size: int,
+                 chunk_blocks: int, can_load: bool, can_save: bool,
+                 directory: DirectoryClient, clock: Callable[[], float] = time.monotonic) -> None:
+        self._config = config
+        self._namespace = namespace
+        self._block_size = block_size
+        self._chunk_blocks = chunk_blocks
+        self._chunk_tokens = block_size * chunk_blocks
+        self._can_load = can_load
+        self._can_save = can_save
+        self._directory = directory
+        self._clock = clock
+        self._requests: dict[str, Any] = {}  # req_id -> vLLM Request (for block_hashes)
+        self._lookups: dict[str, _Lookup] = {}
+        self._planned: dict[str, _PlannedLoad] = {}
+        self._saved_chunks: dict[str, int] = {}  # req_id -> chunks already planned for saving
+        # NOTE: a request gets one pull at most. vLLM asks again after a failed load (and after
+        # preemption); pulling again from a peer that just failed would loop.
+        self._loaded: set[str] = set()
+        self._pending_loads: list[LoadPlan] = []
+        self._directory_down_until = 0.0
+        self.counters = SchedulerCounters()
+
+    # -- lookup ---------------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int
+                                   ) -> tuple[int | None, bool]:
+        req_id = request.request_id
+        self._requests[req_id] = request
+        if not self._can_load or req_id in self._loaded:
+            return 0, False
+        lookup = self._lookups.get(req_id)
+        if lookup is None:
+            lookup = self._start_lookup(request, num_computed_tokens)
+            if lookup is None:
+                return 0, False
+            reply = self._directory.wait_lookup(lookup.rid, self._config.lookup_inline_wait_s)
+        else:
+            reply = self._directory.poll_lookup(lookup.rid)
+        if reply is PENDING:
+            self._lookups[req_id] = lookup
+            return None, False
+        self._lookups.pop(req_id, None)
+        if reply is None:
+            self.counters.lookup_timeouts += 1
+            self._directory_down_until = self._clock() + self._config.directory_backoff_s
+            logger.warning("p2pkv: directory lookup failed or timed out; treating as a miss "
+                           "and skipping lookups for %.1f s", self._config.directory_backoff_s)
+            return 0, False
+        if not reply.holders:
+            return 0, False
+        best = reply.holders[0]
+        end_tokens = (lookup.first_chunk + best.run) * self._chunk_tokens
+        external = end_tokens - num_computed_tokens
+        if external <= 0:
+            return 0, False
+        self._planned[req_id] = _PlannedLoad(best.address, lookup.first_chunk,
+                                             lookup.keys[:best.run], num_computed_tokens)
+        self.counters.remote_hit_tokens += external
+        logger.debug("p2pkv: %s remote hit of %d tokens at %s", req_id, external, best.address)
+        return external, True
+
+    def _start_lookup(self, request: Any, num_computed_tokens: int) -> _Lookup | None:
+        if self._clock() < self._directory_down_until:
+            return None
+        keys = chunk_keys(request.block_hashes, self._chunk_blocks)
+        first = num_computed_tokens // self._chunk_tokens
+        if first >= len(keys):
+            return None
+        self.counters.lookups += 1
+        wanted = keys[first:]
+        rid = self._directory.start_lookup(self._namespace, wanted, self._config.lookup_timeout_s)
+        return _Lookup(rid, first, wanted)
+
+    # -- allocation -> load plan ----------------------------------------------------------
+
+    def update_state_after_alloc(self, request: Any, block_ids: list[int],
+                                 num_external_tokens: int) -> None:
+        planned = self._planned.pop(request.request_id, None)
+        if planned is None or num_external_tokens <= 0:
+            return
+        local_blocks = planned.num_local_tokens // self._block_size
+        chunks = []
+        for i, key in enumerate(planned.keys):
+            start = (planned.first_chunk + i) * self._chunk_blocks
+            ids = tuple(block_ids[b] if b >= local_blocks else None
+                        for b in range(start, start + self._chunk_blocks))
+            chunks.append(ChunkLoad(key, ids))
+        self._pending_loads.append(LoadPlan(request.request_id, planned.address, tuple(chunks)))
+        self._loaded.add(request.request_id)
+        self.counters.loads_planned += 1
+
+    # -- per step -------------------------------------------------------------------------
+
+    def build_meta(self, scheduler_output: Any,
+                   block_ids_of: Callable[[str], list[int]]) -> P2PKVMetadata:
+        meta = P2PKVMetadata(loads=self._pending_loads)
+        self._pending_loads = []
+        if self._can_save:
+            progress = [(r.req_id, r.num_computed_tokens)
+                        for r in scheduler_output.scheduled_new_reqs]
+            cached = scheduler_output.scheduled_cached_reqs
+            progress += list(zip(cached.req_ids, cached.num_computed_tokens))
+            for req_id, computed in progress:
+                done = computed + scheduler_output.num_scheduled_tokens.get(req_id, 0)
+                meta.saves.extend(self._newly_complete(req_id, done, block_ids_of))
+        return meta
+
+    def _newly_complete(self, req_id: str, computed_tokens: int,
+                        block_ids_of: Callable[[str], list[int]]) -> list[SavePlan]:
+        request = self._requests.get(req_id)
+        if request is None:
+            return []
+        hashes = request.block_hashes
+        full = min(computed_tokens // self._chunk_tokens, len(hashes) // self._chunk_blocks)
+        start = self._saved_chunks.get(req_id, 0)
+        if full <= start:
+            return []
+        block_ids = block_ids_of(req_id)
+        cb = self._chunk_blocks
+        plans = [SavePlan(ChunkKey(bytes(hashes[(c + 1) * cb - 1])),
+                          tuple(block_ids[c * cb:(c + 1) * cb]))
+                 for c in range(start, full)]
+        self._saved_chunks[req_id] = full
+        self.counters.chunks_planned_for_save += len(plans)
+        return plans
+
+    def request_finished(self, req_id: str) -> None:
+        self._requests.pop(req_id, None)
+        self._lookups.pop(req_id, None)
+        self._planned.pop(req_id, None)
+        self._saved_chunks.pop(req_id, None)
+        self._loaded.discard(req_id)

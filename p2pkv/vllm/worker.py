@@ -1,0 +1,199 @@
+"""Worker side of the connector (runs in each vLLM worker process).
+
+Owns this rank's chunk store and data-plane server, and a directory client used only from the
+worker's main thread (register, publish, report counters). Pulls run on a small thread pool,
+straight into the blocks vLLM allocated; their outcomes are handed back to vLLM through
+``get_finished`` / ``get_block_ids_with_load_errors`` (failed blocks are recomputed).
+Saves copy completed chunks out of the paged cache after the step's forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+from p2pkv.affinity import unpin_current_thread
+from p2pkv.directory.client import DirectoryClient
+from p2pkv.keys import InstanceId, Namespace
+from p2pkv.store import ChunkStore
+from p2pkv.transport.base import Outcome, PullItem, Transport
+from p2pkv.vllm.config import ConnectorConfig
+from p2pkv.vllm.layout import KVLayout
+from p2pkv.vllm.metadata import LoadPlan, P2PKVMetadata
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class WorkerCounters:
+    loads: int = 0
+    chunks_pulled: int = 0
+    bytes_pulled: int = 0
+    chunks_missing: int = 0
+    chunks_failed: int = 0
+    pull_ms: int = 0
+    chunks_saved: int = 0
+    chunks_served: int = 0
+
+
+class WorkerSide:
+    def __init__(self, config: ConnectorConfig, *, instance: InstanceId, namespace: Namespace,
+                 chunk_blocks: int, transport: Transport, directory: DirectoryClient) -> None:
+        self._config = config
+        self._instance = instance
+        self._namespace = namespace
+        self._chunk_blocks = chunk_blocks
+        self._transport = transport
+        self._directory = directory
+        self._layout: KVLayout | None = None
+        self._store: ChunkStore | None = None
+        self._pool = ThreadPoolExecutor(config.pull_threads, thread_name_prefix="p2pkv-pull",
+                                        initializer=unpin_current_thread)
+        self._lock = threading.Lock()  # guards the three fields below (pull threads write)
+        self._finished_recving: set[str] = set()
+        self._failed_blocks: set[int] = set()
+        self.counters = WorkerCounters()
+        self._reported: dict[str, int] = {}
+        self._address = ""
+        self._epoch = time.time_ns()
+        self._need_register = True
+        self._registered_with: int | None = None  # directory_epoch our Register reached
+
+    def register_kv_caches(self, layout: KVLayout) -> None:
+        self._layout = layout
+        slot = layout.chunk_bytes(self._chunk_blocks)
+        capacity = max(1, self._config.store_bytes // slot)
+        self._store = ChunkStore(slot, capacity)
+        address = self._address = self._transport.serve(self._store)
+        self._directory.wait_connected(1.0)
+        self._sync_registration()
+        logger.info("p2pkv worker: %d layers, %d B per block, chunk %d B, store %d chunks, "
+                    "serving on %s, namespace %s", layout.num_layers, layout.block_bytes,
+                    slot, capacity, address, self._namespace)
+
+    # -- loads ----------------------------------------------------------------------------
+
+    def start_loads(self, meta: P2PKVMetadata) -> None:
+        for plan in meta.loads:
+            self._pool.submit(self._run_load, plan)
+
+    def _run_load(self, plan: LoadPlan) -> None:
+        assert self._layout is not None
+        failed: set[int] = set()
+        t0 = time.monotonic()
+        try:
+            items = [PullItem(c.key, tuple(self._dest(c.block_ids))) for c in plan.chunks]
+            results = self._transport.pull(plan.address, items, self._config.pull_timeout_s)
+        except Exception:  # noqa: BLE001 - a bug here must still release the request
+            logger.exception("p2pkv: pull for %s crashed; recomputing", plan.req_id)
+            results = []
+        ok = 0
+        for chunk, result in zip(plan.chunks, results):
+            if result.outcome is Outcome.OK:
+                ok += 1
+                continue
+            failed.update(b for b in chunk.block_ids if b is not None)
+            logger.info("p2pkv: chunk of %s not pulled (%s: %s); recomputing from there",
+                        plan.req_id, result.outcome.value, result.reason)
+        for chunk in plan.chunks[len(results):]:
+            failed.update(b for b in chunk.block_ids if b is not None)
+        chunk_bytes = self._layout.chunk_bytes(self._chunk_blocks)
+        elapsed = time.monotonic() - t0
+        logger.info("p2pkv: pulled %d/%d chunks (%.1f MB) for %s from %s in %.1f ms",
+                    ok, len(plan.chunks), ok * chunk_bytes / 1e6, plan.req_id, plan.address,
+                    elapsed * 1000)
+        with self._lock:
+            # NOTE: errors are recorded before the request is marked finished, so vLLM sees
+            # them no later than the pass that reports the request (base.py contract).
+            self._failed_blocks |= failed
+            self._finished_recving.add(plan.req_id)
+            c = self.counters
+            c.loads += 1
+            c.chunks_pulled += ok
+            c.bytes_pulled += ok * chunk_bytes
+            c.chunks_missing += sum(r.outcome is Outcome.MISSING for r in results)
+            c.chunks_failed += len(plan.chunks) - ok
+            c.pull_ms += int(elapsed * 1000)
+
+    def _dest(self, block_ids: tuple[int | None, ...]) -> list[memoryview]:
+        assert self._layout is not None
+        views: list[memoryview] = []
+        for b in block_ids:
+            if b is None:  # computed locally: receive into scratch and drop
+                views.append(memoryview(bytearray(self._layout.block_bytes
+                                                  * self._layout.num_layers)))
+            else:
+                views.extend(self._layout.block_views(b))
+        return views
+
+    def take_finished_recving(self) -> set[str]:
+        with self._lock:
+            out, self._finished_recving = self._finished_recving, set()
+        self._report_if_changed()
+        return out
+
+    def take_failed_blocks(self) -> set[int]:
+        with self._lock:
+            out, self._failed_blocks = self._failed_blocks, set()
+            return out
+
+    # -- saves ----------------------------------------------------------------------------
+
+    def save(self, meta: P2PKVMetadata) -> None:
+        if not meta.saves or self._store is None or self._layout is None:
+            return
+        added = []
+        for plan in meta.saves:
+            slot = self._store.reserve(plan.key)
+            if slot is None:
+                continue
+            try:
+                self._layout.copy_out(plan.block_ids, slot.view)
+            except Exception:
+                self._store.abort(slot)
+                raise
+            self._store.commit(slot)
+            added.append(plan.key)
+        removed = self._store.take_evicted()
+        if added or removed:
+            self.counters.chunks_saved += len(added)
+            if not self._sync_registration():  # a fresh registration republished everything
+                self._directory.publish(self._instance, self._namespace, added, removed)
+
+    def _sync_registration(self) -> bool:
+        """(Re-)register when never done or when the directory restarted, then republish the
+        whole store. Returns True if it did. Leases and heartbeats will replace this."""
+        seen = self._directory.directory_epoch
+        if self._registered_with is None and seen is not None and not self._need_register:
+            self._registered_with = seen
+        elif seen is not None and seen != self._registered_with:
+            self._need_register = True
+        if not self._need_register or self._store is None:
+            return False
+        if self._directory.register(self._instance, self._epoch, self._namespace,
+                                    self._address) < 0:
+            return False  # directory unreachable: try again at the next save or report
+        self._need_register = False
+        self._registered_with = seen
+        self._directory.publish(self._instance, self._namespace, self._store.keys())
+        return True
+
+    # -- reporting ------------------------------------------------------------------------
+
+    def _report_if_changed(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self.counters.chunks_served = self._store.counters.served
+            now = asdict(self.counters)
+        self._sync_registration()
+        if now != self._reported and self._directory.report(self._instance, now) >= 0:
+            self._reported = now
+
+    def shutdown(self) -> None:
+        self._directory.unregister(self._instance)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._transport.close()
+        self._directory.close()

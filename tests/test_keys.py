@@ -1,0 +1,42 @@
+import dataclasses
+
+import pytest
+
+from p2pkv.keys import NamespaceSpec, chunk_keys
+
+
+def spec(**over) -> NamespaceSpec:
+    base = dict(model="m", revision="", kv_dtype="torch.float32", kv_layout="cpu",
+                block_size=128, chunk_blocks=1, num_layers=30, num_kv_heads=3, head_size=64,
+                tp_size=1, tp_rank=0, hash_algorithm="sha256")
+    base.update(over)
+    return NamespaceSpec(**base)
+
+
+def test_chunk_keys_are_last_block_hash_of_each_full_chunk():
+    hashes = [bytes([i]) * 32 for i in range(7)]
+    assert chunk_keys(hashes, 1) == hashes
+    assert chunk_keys(hashes, 3) == [hashes[2], hashes[5]]
+    assert chunk_keys(hashes[:2], 3) == []
+
+
+def test_fingerprint_is_stable_and_sensitive_to_every_field():
+    a = spec()
+    assert a.fingerprint() == spec().fingerprint()
+    for f in dataclasses.fields(NamespaceSpec):
+        value = getattr(a, f.name)
+        changed = value + 1 if isinstance(value, int) else value + "x"
+        if f.name == "tp_rank":
+            changed_spec = spec(tp_size=2, tp_rank=1)
+        else:
+            changed_spec = spec(**{f.name: changed})
+        assert changed_spec.fingerprint() != a.fingerprint(), f.name
+
+
+def test_invalid_spec_is_refused():
+    with pytest.raises(ValueError):
+        spec(block_size=0)
+    with pytest.raises(ValueError):
+        spec(tp_rank=1)
+    with pytest.raises(ValueError):
+        chunk_keys([], 0)
