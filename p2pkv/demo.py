@@ -13,6 +13,7 @@ also on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 from importlib import resources
 from pathlib import Path
@@ -35,6 +36,8 @@ def add_demo_args(parser: argparse.ArgumentParser) -> None:
                         help="where process logs go")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--startup-timeout", type=float, default=600.0)
+    parser.add_argument("--settle-s", type=float, default=2.0,
+                        help="idle time before each timed request (see below)")
 
 
 def _bundled(name: str) -> str:
@@ -47,13 +50,30 @@ def _progress(elapsed: float, ready: list[str]) -> None:
           f"{elapsed:4.0f} s, ready: {state}   ", end="", flush=True)
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from p2pkv.model import prepare
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # stop the instances on kill, as on Ctrl-C
 
     document = args.document.read_text() if args.document else _bundled("document.txt")
     questions = [q for q in _bundled("questions.txt").splitlines() if q.strip()]
     print("[demo] preparing the model (cached after the first run)")
     model = args.model or prepare()
+    try:
+        runs, stats = _run(args, model, document, questions)
+    except KeyboardInterrupt:
+        print("\n[demo] interrupted; everything it started has been stopped")
+        return 130
+    _print_report(runs, stats)
+    return 0 if all(r[2].text.strip() for r in runs) else 1
+
+
+def _run(args: argparse.Namespace, model: Path, document: str, questions: list[str]
+         ) -> tuple[list[tuple[str, str, Completion]], dict[str, dict]]:
     with LocalCluster(args.workdir, model) as cluster:
         cluster.start_directory()
         print(f"[demo] directory on {cluster.directory}; logs in {args.workdir}/")
@@ -65,13 +85,16 @@ def run_demo(args: argparse.Namespace) -> int:
         for label, inst, question in [("A cold (computes the document)", a, questions[0]),
                                       ("B remote hit (pulls from A)", b, questions[1]),
                                       ("B local hit (its own cache)", b, questions[1])]:
+            # NOTE: both instances share this machine's cores. After each request vLLM's CPU
+            # worker keeps spinning for about a second, which slows whatever runs next on the
+            # same cores; every timed request therefore starts from an idle machine, as it
+            # would with the instances on separate hosts.
+            time.sleep(args.settle_s)
             print(f"[demo] {label}: {question}", flush=True)
             runs.append((label, question,
                          chat(inst.url, document_messages(document, question),
                               max_tokens=args.max_tokens)))
-        stats = _wait_for_counters(cluster)
-    _print_report(runs, stats)
-    return 0
+        return runs, _wait_for_counters(cluster)
 
 
 def _wait_for_counters(cluster: LocalCluster, timeout_s: float = 5.0) -> dict[str, dict]:

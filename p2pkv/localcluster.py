@@ -60,6 +60,15 @@ class Proc:
         except ProcessLookupError:
             pass
 
+    def kill(self) -> None:
+        """SIGKILL the whole process group: a crash, not a clean shutdown."""
+        if self.alive():
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.popen.wait(timeout=15)
+
     def tail(self, n: int = 30) -> str:
         try:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])

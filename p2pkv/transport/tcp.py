@@ -34,7 +34,7 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-_IOV_MAX = 512  # buffers per recvmsg/sendmsg call (Linux allows 1024)
+_IOV_MAX = 1024  # buffers per recvmsg/sendmsg call (Linux's UIO_MAXIOV)
 _TIMEVAL = struct.Struct("@ll")
 
 
@@ -144,20 +144,20 @@ class _Server:
                     return
 
     def _send_chunks(self, conn: socket.socket, keys: list[bytes]) -> bool:
-        for key in keys:
-            pinned = self._store.pin(key)  # type: ignore[arg-type]
-            if pinned is None:
-                if not self._try_send(conn, wire.pack_item(wire.Status.MISSING)):
-                    return False
-                continue
-            try:
-                header = wire.pack_item(wire.Status.OK, pinned.view.nbytes, pinned.digest)
-                _send_views(conn, [header, pinned.view], SEND_TIMEOUT_S)
-            except OSError:
-                return False
-            finally:
-                self._store.unpin(pinned)
-        return True
+        pinned = [self._store.pin(key) for key in keys]  # type: ignore[arg-type]
+        try:
+            headers = b"".join(
+                wire.pack_item(wire.Status.MISSING) if p is None
+                else wire.pack_item(wire.Status.OK, p.view.nbytes, p.digest) for p in pinned)
+            _send_views(conn, [headers, *(p.view for p in pinned if p is not None)],
+                        SEND_TIMEOUT_S)
+            return True
+        except OSError:
+            return False
+        finally:
+            for p in pinned:
+                if p is not None:
+                    self._store.unpin(p)
 
     @staticmethod
     def _try_send(conn: socket.socket, data: bytes) -> bool:
@@ -194,18 +194,14 @@ class TcpTransport(Transport):
             sock = self._checkout(peer, deadline)
         except (OSError, TransportError) as e:
             return [PullResult(i.key, Outcome.FAILED, f"connect {address}: {e}") for i in items]
-        results: list[PullResult] = []
         t_connected = time.monotonic()
         try:
             _send_views(sock, [wire.encode_request([bytes(i.key) for i in items])],
                         max(deadline - time.monotonic(), 0.001))
-            for item in items:
-                results.append(self._receive_item(sock, item, deadline))
+            results = self._receive(sock, items, deadline)
         except (OSError, TransportError) as e:
             sock.close()
-            reason = f"{address}: {e}"
-            return results + [PullResult(i.key, Outcome.FAILED, reason)
-                              for i in items[len(results):]]
+            return [PullResult(i.key, Outcome.FAILED, f"{address}: {e}") for i in items]
         self._checkin(peer, sock)
         logger.debug("pull of %d items from %s: connect %.1f ms, transfer %.1f ms", len(items),
                      address, (t_connected - deadline + timeout_s) * 1000,
@@ -223,21 +219,33 @@ class TcpTransport(Transport):
             self._idle.clear()
 
     @staticmethod
-    def _receive_item(sock: socket.socket, item: PullItem, deadline: float) -> PullResult:
-        status, nbytes, want = wire.unpack_item(
-            _recv_exact(sock, wire.ITEM_HEADER_BYTES, deadline))
-        if status is wire.Status.MISSING:
-            return PullResult(item.key, Outcome.MISSING, "holder no longer has it")
-        if status is not wire.Status.OK:
-            raise TransportError(f"holder answered {status.name}")
-        if nbytes != item.nbytes:
-            # NOTE: raising closes the connection: the stream cannot be resynchronised.
-            raise TransportError(f"chunk of {nbytes} bytes, expected {item.nbytes}")
-        _recv_views(sock, item.dest, deadline)
-        if digest(list(item.dest)) != want:
-            err = ChecksumMismatch("checksum mismatch")
-            return PullResult(item.key, Outcome.FAILED, str(err))
-        return PullResult(item.key, Outcome.OK)
+    def _receive(sock: socket.socket, items: Sequence[PullItem], deadline: float
+                 ) -> list[PullResult]:
+        table = _recv_exact(sock, wire.ITEM_HEADER_BYTES * len(items), deadline)
+        headers = [wire.unpack_item(table[i * wire.ITEM_HEADER_BYTES:
+                                          (i + 1) * wire.ITEM_HEADER_BYTES])
+                   for i in range(len(items))]
+        for item, (status, nbytes, _) in zip(items, headers):
+            if status is wire.Status.OK and nbytes != item.nbytes:
+                # NOTE: raising closes the connection: the stream cannot be resynchronised.
+                raise TransportError(f"chunk of {nbytes} bytes, expected {item.nbytes}")
+            if status not in (wire.Status.OK, wire.Status.MISSING):
+                raise TransportError(f"holder answered {status.name}")
+        for item, (status, _, _) in zip(items, headers):
+            # NOTE: one receive per chunk, not one for the whole response: measured faster
+            # (a single huge MSG_WAITALL receive ran at ~2/3 of the speed on loopback).
+            if status is wire.Status.OK:
+                _recv_views(sock, item.dest, deadline)
+        results = []
+        for item, (status, _, want) in zip(items, headers):
+            if status is wire.Status.MISSING:
+                results.append(PullResult(item.key, Outcome.MISSING, "holder no longer has it"))
+            elif digest(list(item.dest)) != want:
+                results.append(PullResult(item.key, Outcome.FAILED,
+                                          str(ChecksumMismatch("checksum mismatch"))))
+            else:
+                results.append(PullResult(item.key, Outcome.OK))
+        return results
 
     def _checkout(self, peer: tuple[str, int], deadline: float) -> socket.socket:
         now = time.monotonic()

@@ -4,6 +4,7 @@ frozen dataclass. Every field but ``directory`` has a default that works on a la
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -35,6 +36,8 @@ class ConnectorConfig:
     pull_threads: int = 4
     model_id: str = ""
     """Overrides the model identity in the namespace (default: the model name vLLM was given)."""
+    log_level: str = ""
+    """p2pkv's log level inside vLLM (e.g. DEBUG); default: the same as vLLM's."""
 
     def __post_init__(self) -> None:
         if not self.directory.startswith(("tcp://", "ipc://")):
@@ -47,6 +50,8 @@ class ConnectorConfig:
         for name in ("store_gib", "lookup_timeout_s", "pull_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.log_level and self.log_level.upper() not in logging.getLevelNamesMapping():
+            raise ConfigError(f"log_level {self.log_level!r} is not a logging level")
         for name in ("lookup_inline_wait_s", "directory_backoff_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")

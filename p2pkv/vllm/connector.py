@@ -70,24 +70,23 @@ def namespace_of(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig,
     return ns.fingerprint(), chunk_blocks
 
 
-def _log_like_vllm() -> None:
+def _log_like_vllm(level: str) -> None:
     """Inside vLLM's processes, send p2pkv's log records to vLLM's handlers (once)."""
     ours, theirs = logging.getLogger("p2pkv"), logging.getLogger("vllm")
-    if ours.handlers or not theirs.handlers:
-        return
-    for handler in theirs.handlers:
-        ours.addHandler(handler)
-    ours.setLevel(theirs.level or logging.INFO)
-    ours.propagate = False
+    if not ours.handlers and theirs.handlers:
+        for handler in theirs.handlers:
+            ours.addHandler(handler)
+        ours.propagate = False
+    ours.setLevel(level.upper() if level else (theirs.level or logging.INFO))
 
 
 class P2PKVConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
-        _log_like_vllm()
         ktc = vllm_config.kv_transfer_config
         self._config = ConnectorConfig.from_extra_config(ktc.kv_connector_extra_config)
+        _log_like_vllm(self._config.log_level)
         if vllm_config.parallel_config.tensor_parallel_size != 1:
             raise ConfigError("p2pkv does not support tensor_parallel_size > 1 yet")
         self._instance = InstanceId(str(ktc.engine_id))
