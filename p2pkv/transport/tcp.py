@@ -97,15 +97,24 @@ class _Server:
         self._sock.settimeout(0.2)
         self.port = self._sock.getsockname()[1]
         self._stop = threading.Event()
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
         self.rejected = 0
         self._thread = threading.Thread(target=self._accept_loop, name="p2pkv-tcp-accept",
                                         daemon=True)
         self._thread.start()
 
     def close(self) -> None:
+        """Stop accepting and cut every open connection: a closed server serves nothing."""
         self._stop.set()
         self._thread.join(timeout=2.0)
         self._sock.close()
+        with self._conns_lock:
+            for conn in self._conns:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def _accept_loop(self) -> None:
         unpin_current_thread()
@@ -125,23 +134,32 @@ class _Server:
 
     def _serve_conn(self, conn: socket.socket) -> None:
         unpin_current_thread()
+        with self._conns_lock:
+            self._conns.add(conn)
+        try:
+            self._serve_requests(conn)
+        finally:
+            with self._conns_lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def _serve_requests(self, conn: socket.socket) -> None:
         conn.settimeout(None)  # blocking, with kernel timeouts (see _set_os_timeout)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with conn:
-            while not self._stop.is_set():
-                try:
-                    deadline = time.monotonic() + SERVER_IDLE_S
-                    n = wire.request_length(_recv_exact(conn, wire.LEN_BYTES, deadline))
-                    req = wire.decode_request(_recv_exact(conn, n, time.monotonic() + 5.0))
-                except wire.BadRequest as e:
-                    self.rejected += 1
-                    logger.warning("rejected a pull request: %s", e)
-                    self._try_send(conn, wire.pack_item(wire.Status.BAD_REQUEST))
-                    return
-                except (TransportError, OSError):
-                    return  # idle timeout or peer gone: nothing to report
-                if not self._send_chunks(conn, req.keys):
-                    return
+        while not self._stop.is_set():
+            try:
+                deadline = time.monotonic() + SERVER_IDLE_S
+                n = wire.request_length(_recv_exact(conn, wire.LEN_BYTES, deadline))
+                req = wire.decode_request(_recv_exact(conn, n, time.monotonic() + 5.0))
+            except wire.BadRequest as e:
+                self.rejected += 1
+                logger.warning("rejected a pull request: %s", e)
+                self._try_send(conn, wire.pack_item(wire.Status.BAD_REQUEST))
+                return
+            except (TransportError, OSError):
+                return  # idle timeout or peer gone: nothing to report
+            if not self._send_chunks(conn, req.keys):
+                return
 
     def _send_chunks(self, conn: socket.socket, keys: list[bytes]) -> bool:
         pinned = [self._store.pin(key) for key in keys]  # type: ignore[arg-type]

@@ -114,8 +114,9 @@ class WorkerSide:
             c.loads += 1
             c.chunks_pulled += ok
             c.bytes_pulled += ok * chunk_bytes
-            c.chunks_missing += sum(r.outcome is Outcome.MISSING for r in results)
-            c.chunks_failed += len(plan.chunks) - ok
+            missing = sum(r.outcome is Outcome.MISSING for r in results)
+            c.chunks_missing += missing
+            c.chunks_failed += len(plan.chunks) - ok - missing
             c.pull_ms += int(elapsed * 1000)
 
     def _dest(self, block_ids: tuple[int | None, ...]) -> list[memoryview]:

@@ -1,0 +1,139 @@
+"""SchedulerSide with a scripted directory and plain request objects (no vLLM, no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("vllm", reason="p2pkv.vllm.metadata subclasses vLLM's metadata type")
+
+from p2pkv.directory.client import PENDING  # noqa: E402
+from p2pkv.directory.protocol import Holder, LookupReply  # noqa: E402
+from p2pkv.keys import Namespace  # noqa: E402
+from p2pkv.vllm.config import ConnectorConfig  # noqa: E402
+from p2pkv.vllm.scheduler import SchedulerSide  # noqa: E402
+
+BLOCK = 4
+
+
+@dataclass
+class FakeDirectory:
+    replies: list = field(default_factory=list)  # what successive polls return
+    asked: list = field(default_factory=list)
+
+    def start_lookup(self, namespace, keys, timeout_s):
+        self.asked.append(list(keys))
+        return len(self.asked)
+
+    def wait_lookup(self, rid, max_wait_s):
+        return self.poll_lookup(rid)
+
+    def poll_lookup(self, rid):
+        return self.replies.pop(0) if self.replies else PENDING
+
+
+def request(req_id: str, blocks: int):
+    return SimpleNamespace(request_id=req_id,
+                           block_hashes=[bytes([i]) * 32 for i in range(blocks)])
+
+
+def side(directory, chunk_blocks=1, clock=lambda: 0.0, **kw) -> SchedulerSide:
+    config = ConnectorConfig(directory="tcp://127.0.0.1:1", **kw)
+    return SchedulerSide(config, namespace=Namespace("ns"), block_size=BLOCK,
+                         chunk_blocks=chunk_blocks, can_load=True, can_save=True,
+                         directory=directory, clock=clock)
+
+
+def reply(run: int, address="127.0.0.1:9") -> LookupReply:
+    return LookupReply(holders=[Holder(instance="a", address=address, run=run)])
+
+
+def test_remote_hit_beyond_local_prefix_plans_a_pull_into_the_new_blocks():
+    d = FakeDirectory([reply(3)])
+    s = side(d)
+    r = request("r", 6)
+    assert s.get_num_new_matched_tokens(r, 2 * BLOCK) == (3 * BLOCK, True)
+    assert d.asked == [r.block_hashes[2:]]  # only chunks beyond the local hit
+    s.update_state_after_alloc(r, [10, 11, 12, 13, 14, 15], 3 * BLOCK)
+    meta = s.build_meta(SimpleNamespace(scheduled_new_reqs=[], num_scheduled_tokens={},
+                                        scheduled_cached_reqs=SimpleNamespace(
+                                            req_ids=[], num_computed_tokens=[])),
+                        lambda _: [])
+    (plan,) = meta.loads
+    assert plan.address == "127.0.0.1:9"
+    assert [c.block_ids for c in plan.chunks] == [(12,), (13,), (14,)]
+    assert [c.key for c in plan.chunks] == r.block_hashes[2:5]
+
+
+def test_pending_lookup_asks_again_then_times_out_and_backs_off():
+    now = [0.0]
+    d = FakeDirectory([PENDING, None])
+    s = side(d, clock=lambda: now[0], directory_backoff_s=5.0)
+    r = request("r", 4)
+    assert s.get_num_new_matched_tokens(r, 0) == (None, False)
+    assert s.get_num_new_matched_tokens(r, 0) == (0, False)  # None = failed or timed out
+    assert s.counters.lookup_timeouts == 1
+    assert s.get_num_new_matched_tokens(request("r2", 4), 0) == (0, False)
+    assert len(d.asked) == 1  # backing off: the dead directory is not asked again
+    now[0] = 6.0
+    d.replies = [LookupReply(holders=[])]
+    assert s.get_num_new_matched_tokens(request("r3", 4), 0) == (0, False)
+    assert len(d.asked) == 2
+
+
+def test_a_request_is_pulled_at_most_once():
+    d = FakeDirectory([reply(2), reply(2)])
+    s = side(d)
+    r = request("r", 3)
+    assert s.get_num_new_matched_tokens(r, 0) == (2 * BLOCK, True)
+    s.update_state_after_alloc(r, [1, 2, 3], 2 * BLOCK)
+    # vLLM asks again after a failed load: no second pull from the same peer.
+    assert s.get_num_new_matched_tokens(r, 0) == (0, False)
+
+
+def test_partial_local_chunk_is_received_into_scratch():
+    d = FakeDirectory([reply(1)])
+    s = side(d, chunk_blocks=2, chunk_tokens=2 * BLOCK)
+    r = request("r", 4)
+    # local hit of one block: chunk 0 (blocks 0-1) is half local
+    assert s.get_num_new_matched_tokens(r, BLOCK) == (BLOCK, True)
+    s.update_state_after_alloc(r, [7, 8, 9, 10], BLOCK)
+    (plan,) = s.build_meta(SimpleNamespace(scheduled_new_reqs=[], num_scheduled_tokens={},
+                                           scheduled_cached_reqs=SimpleNamespace(
+                                               req_ids=[], num_computed_tokens=[])),
+                           lambda _: []).loads
+    assert plan.chunks[0].block_ids == (None, 8)
+
+
+def test_saves_each_chunk_once_as_it_completes():
+    s = side(FakeDirectory([LookupReply(holders=[])]))
+    r = request("r", 5)
+    assert s.get_num_new_matched_tokens(r, 0) == (0, False)
+    blocks = [20, 21, 22, 23, 24]
+
+    def step(new, cached, scheduled):
+        out = SimpleNamespace(
+            scheduled_new_reqs=[SimpleNamespace(req_id="r", num_computed_tokens=c)
+                                for c in new],
+            scheduled_cached_reqs=SimpleNamespace(req_ids=["r"] * len(cached),
+                                                  num_computed_tokens=cached),
+            num_scheduled_tokens={"r": scheduled})
+        return [(p.key, p.block_ids) for p in s.build_meta(out, lambda _: blocks).saves]
+
+    assert step([0], [], 2 * BLOCK + 1) == [(r.block_hashes[0], (20,)),
+                                            (r.block_hashes[1], (21,))]
+    assert step([], [2 * BLOCK + 1], BLOCK) == [(r.block_hashes[2], (22,))]
+    assert step([], [3 * BLOCK + 1], 1) == []
+    s.request_finished("r")
+    assert step([], [4 * BLOCK], BLOCK) == []  # unknown request: nothing to save
+
+
+def test_producer_never_looks_up_and_consumer_never_saves():
+    d = FakeDirectory([reply(2)])
+    config = ConnectorConfig(directory="tcp://127.0.0.1:1")
+    producer = SchedulerSide(config, namespace=Namespace("ns"), block_size=BLOCK,
+                             chunk_blocks=1, can_load=False, can_save=True, directory=d)
+    assert producer.get_num_new_matched_tokens(request("r", 3), 0) == (0, False)
+    assert d.asked == []
