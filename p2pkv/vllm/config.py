@@ -36,6 +36,9 @@ class ConnectorConfig:
     pull_threads: int = 4
     model_id: str = ""
     """Overrides the model identity in the namespace (default: the model name vLLM was given)."""
+    secret_file: str = ""
+    """File holding the cluster secret; without one, directory and data plane are
+    unauthenticated and must stay on loopback or a private network."""
     log_level: str = ""
     """p2pkv's log level inside vLLM (e.g. DEBUG); default: the same as vLLM's."""
 

@@ -1,0 +1,37 @@
+"""The cluster secret: one shared secret that makes a process a member of the cluster.
+
+Members prove they hold it to the directory (CURVE keys derived from it) and to each other's
+data planes (an HMAC challenge-response). It is read from a file (never from argv, where
+other users of the host could see it) by the CLI, launch scripts and the connector's config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from pathlib import Path
+from typing import NewType
+
+from p2pkv.errors import ConfigError
+
+ClusterSecret = NewType("ClusterSecret", bytes)
+
+MIN_SECRET_BYTES = 16
+
+
+def load_secret(path: str | Path) -> ClusterSecret:
+    """Read a secret file (surrounding whitespace ignored); refuse short or missing ones."""
+    try:
+        data = Path(path).read_bytes().strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read the cluster secret file {str(path)!r}: {e}") from None
+    if len(data) < MIN_SECRET_BYTES:
+        raise ConfigError(f"the cluster secret in {str(path)!r} is shorter than "
+                          f"{MIN_SECRET_BYTES} bytes")
+    return ClusterSecret(data)
+
+
+def derive(secret: ClusterSecret, purpose: str) -> bytes:
+    """A 32-byte key for one purpose (e.g. "directory-curve-server"), so that no two uses of
+    the secret share a key."""
+    return hmac.new(secret, b"p2pkv/" + purpose.encode(), hashlib.sha256).digest()
