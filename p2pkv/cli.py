@@ -38,6 +38,27 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_demo)
 
 
+BENCHES = ("directory", "transport", "ttft", "correctness")
+"""Each is a module ``p2pkv.bench.NAME`` with ``add_args(parser)`` and ``main(args) -> int``."""
+
+
+def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    import importlib
+
+    parser = subparsers.add_parser("bench", help="benchmarks and the correctness suite")
+    benches = parser.add_subparsers(dest="bench", required=True)
+    for name in BENCHES:
+        try:
+            module = importlib.import_module(f"p2pkv.bench.{name}")
+        except ImportError:
+            continue  # a bench whose optional dependencies are missing is not offered
+        if not (hasattr(module, "add_args") and hasattr(module, "main")):
+            continue
+        sub = benches.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        module.add_args(sub)
+        sub.set_defaults(func=module.main)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2pkv", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -46,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_status_parser(subparsers)
     _add_demo_parser(subparsers)
     _add_model_parser(subparsers)
+    _add_bench_parser(subparsers)
     return parser
 
 

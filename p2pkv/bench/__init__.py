@@ -1,0 +1,1 @@
+"""Benchmarks: ``p2pkv bench directory | transport | ttft | correctness``."""

@@ -1,0 +1,221 @@
+"""``p2pkv bench ttft``: time to first token, p2pkv next to its baselines, in one run.
+
+Two workloads, the same requests for every configuration:
+
+- *Long-document QA*: ``--docs`` documents of each length in ``--lengths`` tokens, ``--questions``
+  questions each; question ``q`` about document ``d`` goes to instance ``(d + q) % 2``, so the
+  first question computes the document, the second lands on the other instance, the third
+  comes back.
+- *Multi-round chat*: ``--users`` conversations of ``--rounds`` turns; each turn lands on the
+  other instance than the one before.
+
+Configurations (two ``vllm serve`` CPU instances each, started one configuration at a time so
+they never compete for the cores): ``plain`` (vLLM, no prefix caching), ``local`` (vLLM's own
+prefix cache), ``p2pkv`` (the connector). LMCache is compared only where it is installed
+(not yet wired: reported as skipped). Writes JSON and, with matplotlib, a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from p2pkv.bench.correctness import document_tokens
+from p2pkv.localcluster import LocalCluster, complete, wait_healthy
+
+CONFIGS: dict[str, dict] = {
+    "plain": {"connector": False, "extra_args": ["--no-enable-prefix-caching"]},
+    "local": {"connector": False},
+    "p2pkv": {"connector": True},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    workload: str
+    group: int  # document or user
+    step: int  # question or round
+    length: int  # prompt tokens
+    instance: int
+    prompt: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    config: str
+    workload: str
+    group: int
+    step: int
+    length: int
+    instance: int
+    ttft_s: float
+    total_s: float
+
+
+def qa_requests(tokens: list[int], lengths: list[int], docs: int, questions: int,
+                tokenize) -> list[Request]:
+    asks = ["Who founded the cooperative?", "When was the lighthouse first lit?",
+            "How many steps does the staircase have?", "Who was the last keeper?",
+            "Where was the granite quarried?"]
+    out = []
+    for length in lengths:
+        for d in range(docs):
+            shift = (d * 701 + length) % len(tokens)
+            doc = (tokens[shift:] + tokens[:shift])[:length]
+            for q in range(questions):
+                suffix = tokenize(f"\n\nQuestion: {asks[q % len(asks)]}\nAnswer:")
+                out.append(Request("qa", d + 100 * length, q, length, (d + q) % 2,
+                                   tuple(doc + suffix)))
+    return out
+
+
+def chat_requests(tokens: list[int], users: int, rounds: int, tokenize) -> list[Request]:
+    out = []
+    for u in range(users):
+        history = tokens[u * 900:u * 900 + 800]
+        for r in range(rounds):
+            history = history + tokenize(f"\nUser: tell me more about part {r + 1}.\nAssistant:")
+            out.append(Request("chat", u, r, len(history), (u + r) % 2, tuple(history)))
+            history = history + tokenize(f" Part {r + 1} is described in the text above.")
+    return out
+
+
+def run_config(name: str, requests: list[Request], model: Path, workdir: Path,
+               settle_s: float, progress) -> tuple[list[Record], dict]:
+    with LocalCluster(workdir / name, model) as cluster:
+        if CONFIGS[name]["connector"]:
+            cluster.start_directory()
+        insts = [cluster.start_vllm(f"{name}-{i}", **CONFIGS[name]) for i in range(2)]
+        wait_healthy(insts, timeout_s=600)
+        records = []
+        t0 = time.monotonic()
+        for req in requests:
+            time.sleep(settle_s)  # each request starts on an idle machine (see demo.py)
+            c = complete(insts[req.instance].url, list(req.prompt))
+            records.append(Record(name, req.workload, req.group, req.step, req.length,
+                                  req.instance, c.ttft_s, c.total_s))
+            progress()
+        wall = time.monotonic() - t0 - settle_s * len(requests)
+        counters: dict = {}
+        if CONFIGS[name]["connector"]:
+            reply = cluster.stats()
+            for i in reply.instances if reply else []:
+                for k, v in i.counters.items():
+                    counters[k] = counters.get(k, 0) + v
+    return records, {"busy_s": wall, **counters}
+
+
+def summarize(records: list[Record], extra: dict) -> dict:
+    def pct(xs, p):
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
+
+    # The requests that can reuse KV from elsewhere: not the first touch of a document/user.
+    reuse = [r.ttft_s for r in records if r.step > 0]
+    return {
+        "requests": len(records),
+        "ttft_p50_s": pct([r.ttft_s for r in records], 0.5),
+        "ttft_p90_s": pct([r.ttft_s for r in records], 0.9),
+        "ttft_p50_reuse_s": pct(reuse, 0.5),
+        "ttft_p50_first_s": pct([r.ttft_s for r in records if r.step == 0], 0.5),
+        "latency_p50_s": pct([r.total_s for r in records], 0.5),
+        "throughput_req_s": len(records) / max(extra.get("busy_s", 0.0), 1e-9),
+        **{k: extra[k] for k in ("bytes_pulled", "chunks_pulled", "chunks_failed")
+           if k in extra},
+    }
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lengths", default="1000,3000",
+                        help="document lengths in tokens, comma-separated (max ~3,400)")
+    parser.add_argument("--docs", type=int, default=1)
+    parser.add_argument("--questions", type=int, default=3)
+    parser.add_argument("--users", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--configs", default="plain,local,p2pkv")
+    parser.add_argument("--settle-s", type=float, default=1.5)
+    parser.add_argument("--out", type=Path, default=Path("docs/bench/ttft.json"))
+    parser.add_argument("--workdir", type=Path, default=Path(".p2pkv-run/bench-ttft"))
+
+
+def main(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from p2pkv.model import prepare
+
+    model = prepare()
+    tok = AutoTokenizer.from_pretrained(str(model))
+
+    def tokenize(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    tokens = document_tokens(model)
+    requests = (qa_requests(tokens, [int(x) for x in args.lengths.split(",")], args.docs,
+                            args.questions, tokenize)
+                + chat_requests(tokens, args.users, args.rounds, tokenize))
+    configs = [c for c in args.configs.split(",") if c]
+    if importlib.util.find_spec("lmcache") is None:
+        print("lmcache: not installed; its comparison is skipped")
+    else:
+        print("lmcache: installed, but its configuration is not wired into this bench yet")
+    results: dict = {"requests_per_config": len(requests), "configs": {}, "records": []}
+    with tqdm(total=len(requests) * len(configs), desc="requests", unit="req") as bar:
+        for name in configs:
+            bar.set_postfix_str(f"{name}: starting instances")
+            records, extra = run_config(name, requests, model, args.workdir, args.settle_s,
+                                        bar.update)
+            results["configs"][name] = summarize(records, extra)
+            results["records"] += [asdict(r) for r in records]
+    _report(results, args.out)
+    return 0
+
+
+def _report(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    cols = ["ttft_p50_s", "ttft_p90_s", "ttft_p50_first_s", "ttft_p50_reuse_s",
+            "latency_p50_s", "throughput_req_s"]
+    print(f"{'config':<8}" + "".join(f"{c:>18}" for c in cols) + f"{'MB pulled':>11}")
+    for name, s in results["configs"].items():
+        print(f"{name:<8}" + "".join(f"{s[c]:>18.3f}" for c in cols)
+              + f"{s.get('bytes_pulled', 0) / 1e6:>11.1f}")
+    reuse = {n: s["ttft_p50_reuse_s"] for n, s in results["configs"].items()}
+    if "p2pkv" in reuse:
+        for base in ("plain", "local"):
+            if base in reuse:
+                print(f"reuse TTFT p50: p2pkv is {reuse[base] / reuse['p2pkv']:.1f}x faster "
+                      f"than {base}")
+    print(f"wrote {out}")
+    _plot(results, out.with_suffix(".png"))
+
+
+def _plot(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in results["configs"]:
+        rows = [r for r in results["records"] if r["config"] == name and r["workload"] == "qa"
+                and r["step"] > 0]
+        lengths = sorted({r["length"] for r in rows})
+        ax.plot(lengths, [statistics.median(r["ttft_s"] for r in rows if r["length"] == n)
+                          for n in lengths], marker="o", label=name)
+    ax.set_xlabel("document length (tokens)")
+    ax.set_ylabel("TTFT p50, questions 2+ (s)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("Long-document QA on 2 vLLM CPU instances")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")

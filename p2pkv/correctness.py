@@ -1,0 +1,130 @@
+"""Correctness suite for reused KV: pulled KV must never change an answer.
+
+Each case sends one prompt (token ids, so lengths are exact) to the *holder* twice — cold, then
+again so it is served from the holder's own prefix cache (the reference) — and to the *puller*,
+which pulls the holder's chunks. The puller's greedy output must equal the reference token for
+token. The holder computed those bytes, so a corrupted or misplaced pull shows up as a
+different answer. Each case also checks whether chunks were pulled when they should (and were
+not when they must not be, e.g. across ``cache_salt`` tenants).
+
+Used by ``p2pkv bench correctness`` (full set) and by the end-to-end tests (small set).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import httpx
+
+MAX_TOKENS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    name: str
+    num_tokens: int
+    offset: int = 0  # where in the token source the prompt starts (distinct prompts per case)
+    holder_salt: str | None = None
+    puller_salt: str | None = None
+    concurrent: int = 1
+    expect_pull: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class CaseResult:
+    case: Case
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Endpoints:
+    """Where the holder and the puller answer, and how to read the cluster's pulled chunks."""
+
+    holder: str
+    puller: str
+    chunks_pulled: Callable[[], int]
+    settle: Callable[[], None] = field(default=lambda: None)
+
+
+def small_cases(block: int = 128) -> list[Case]:
+    """Fast enough for CI: aligned, unaligned, shorter than a chunk, concurrent, tenants."""
+    return [
+        Case("chunk-aligned", 4 * block, offset=0),
+        Case("unaligned", 4 * block + 37, offset=1000),
+        Case("shorter-than-a-chunk", block - 28, offset=2000, expect_pull=False),
+        Case("concurrent-x4", 3 * block + 5, offset=2200, concurrent=4),
+        Case("other-tenant-salt", 3 * block + 9, offset=2700, holder_salt="tenant-a",
+             puller_salt="tenant-b", expect_pull=False),
+        Case("same-tenant-salt", 3 * block + 9, offset=2700, holder_salt="tenant-a",
+             puller_salt="tenant-a"),
+    ]
+
+
+def full_cases(block: int = 128) -> list[Case]:
+    return small_cases(block) + [
+        Case("long-aligned", 16 * block, offset=100),
+        Case("long-unaligned", 16 * block + 101, offset=300),
+        Case("exactly-one-chunk", block, offset=3000),
+        Case("one-chunk-plus-one", block + 1, offset=3100),
+        Case("concurrent-x12", 6 * block + 77, offset=1500, concurrent=12),
+    ]
+
+
+def complete(url: str, prompt: Sequence[int], salt: str | None, timeout_s: float = 600.0
+             ) -> str:
+    body: dict = {"model": "model", "prompt": list(prompt), "max_tokens": MAX_TOKENS,
+                  "temperature": 0.0}
+    if salt is not None:
+        body["cache_salt"] = salt
+    r = httpx.post(url + "/v1/completions", json=body, timeout=timeout_s)
+    r.raise_for_status()
+    return r.json()["choices"][0]["text"]
+
+
+def run_case(case: Case, tokens: Sequence[int], ep: Endpoints) -> CaseResult:
+    prompt = list(tokens[case.offset:case.offset + case.num_tokens])
+    if len(prompt) != case.num_tokens:
+        return CaseResult(case, False, f"token source too short for {case.num_tokens} tokens")
+    ep.settle()
+    complete(ep.holder, prompt, case.holder_salt)  # the holder computes, saves, publishes
+    reference = complete(ep.holder, prompt, case.holder_salt)  # from its own prefix cache
+    before = ep.chunks_pulled()
+    ep.settle()
+    with concurrent.futures.ThreadPoolExecutor(case.concurrent) as pool:
+        outputs = list(pool.map(lambda _: complete(ep.puller, prompt, case.puller_salt),
+                                range(case.concurrent)))
+    pulled = _pulled_since(ep, before, case.expect_pull)
+    wrong = [o for o in outputs if o != reference]
+    if wrong:
+        return CaseResult(case, False, f"puller said {wrong[0]!r}, holder said {reference!r}")
+    if case.expect_pull and pulled == 0:
+        return CaseResult(case, False, "no chunk was pulled")
+    if not case.expect_pull and pulled:
+        return CaseResult(case, False, f"{pulled} chunks were pulled where none may be")
+    return CaseResult(case, True, f"identical output, {pulled} chunks pulled")
+
+
+def _pulled_since(ep: Endpoints, before: int, expect: bool, timeout_s: float = 5.0) -> int:
+    """Counters reach the directory asynchronously: wait for them when a pull is expected,
+    and give a pull that must not happen a moment to show up."""
+    deadline = time.monotonic() + (timeout_s if expect else 1.0)
+    while True:
+        pulled = ep.chunks_pulled() - before
+        if (expect and pulled) or time.monotonic() > deadline:
+            return pulled
+        time.sleep(0.2)
+
+
+def run_cases(cases: Sequence[Case], tokens: Sequence[int], ep: Endpoints,
+              progress: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
+    results = []
+    for case in cases:
+        result = run_case(case, tokens, ep)
+        results.append(result)
+        if progress is not None:
+            progress(result)
+    return results
