@@ -1,135 +1,257 @@
-"""DirectoryIndex: registrations, publishes and leading-run lookups (pure, no I/O)."""
+"""DirectoryIndex: registrations, leases, epochs, seqs, probes and leading-run lookups
+(pure, no I/O; time is passed in)."""
 
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2pkv.directory.index import DirectoryIndex, DirectoryIndexError
+from p2pkv.directory.protocol import Status
 from p2pkv.keys import ChunkKey, InstanceId, Namespace
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(60)
 
 NS, OTHER = Namespace("ns"), Namespace("other")
 A, B, C = InstanceId("a"), InstanceId("b"), InstanceId("c")
 K = [ChunkKey(bytes([i]) * 32) for i in range(8)]
+LEASE = 3.0
+
+
+class Seq:
+    """Next publish seq per instance, as a well-behaved client would send."""
+
+    def __init__(self) -> None:
+        self.n: dict[str, int] = {}
+
+    def __call__(self, instance: str) -> int:
+        self.n[instance] = self.n.get(instance, 0) + 1
+        return self.n[instance]
+
+
+def reg(index: DirectoryIndex, inst: InstanceId, epoch: int = 1, ns: Namespace = NS,
+        address: str | None = None, probe: str = "p", now: float = 0.0):
+    return index.register(inst, epoch, ns, address or f"{inst}:{epoch}", probe, (), now)
+
+
+def pub(index: DirectoryIndex, seq: Seq, inst: InstanceId, added=(), removed=(),
+        ns: Namespace = NS, now: float = 0.0) -> None:
+    index.publish(inst, ns, seq(inst), False, added, removed, now)
 
 
 def runs(index: DirectoryIndex, keys: list[ChunkKey], ns: Namespace = NS) -> list[tuple]:
     return [(h.instance, h.address, h.run) for h in index.lookup(ns, keys)]
 
 
+def chunks(index: DirectoryIndex, inst: InstanceId) -> int:
+    m = index.member(inst)
+    return len(m.keys) if m else 0
+
+
 @pytest.fixture
 def index() -> DirectoryIndex:
-    index = DirectoryIndex()
-    index.register(A, 1, NS, "a:1")
-    index.register(B, 1, NS, "b:1")
+    index = DirectoryIndex(LEASE)
+    reg(index, A)
+    reg(index, B)
     return index
 
 
-def test_lookup_runs_are_leading_and_sorted(index: DirectoryIndex) -> None:
-    index.publish(A, NS, K[:2], [])
-    index.publish(B, NS, K[:4], [])
+@pytest.fixture
+def seq() -> Seq:
+    return Seq()
+
+
+def test_lookup_runs_are_leading_and_sorted(index, seq) -> None:
+    pub(index, seq, A, K[:2])
+    pub(index, seq, B, K[:4])
     assert runs(index, K[:5]) == [("b", "b:1", 4), ("a", "a:1", 2)]
 
 
-def test_a_gap_ends_the_run(index: DirectoryIndex) -> None:
-    index.publish(A, NS, [K[0], K[1], K[3]], [])
+def test_a_gap_ends_the_run(index, seq) -> None:
+    pub(index, seq, A, [K[0], K[1], K[3]])
     assert runs(index, K[:4]) == [("a", "a:1", 2)]
+    assert runs(index, K[1:4]) == [("a", "a:1", 1)]
+    assert runs(index, []) == [] and runs(index, K[:3], ns=OTHER) == []
 
 
-def test_keys_not_starting_at_the_first_do_not_count(index: DirectoryIndex) -> None:
-    index.publish(A, NS, K[1:4], [])
-    assert runs(index, K[:4]) == []
-    assert runs(index, K[1:4]) == [("a", "a:1", 3)]
-
-
-def test_ties_sort_by_instance(index: DirectoryIndex) -> None:
-    index.publish(B, NS, K[:3], [])
-    index.publish(A, NS, K[:3], [])
+def test_ties_sort_by_instance_and_namespaces_are_separate(index, seq) -> None:
+    pub(index, seq, B, K[:3])
+    pub(index, seq, A, K[:3])
+    reg(index, C, ns=OTHER)
+    pub(index, seq, C, K[:1], ns=OTHER)
     assert runs(index, K[:3]) == [("a", "a:1", 3), ("b", "b:1", 3)]
+    assert runs(index, K[:3], ns=OTHER) == [("c", "c:1", 1)]
 
 
-def test_empty_and_unknown_lookups(index: DirectoryIndex) -> None:
-    index.publish(A, NS, K[:3], [])
-    assert runs(index, []) == []
-    assert runs(index, K[:3], ns=OTHER) == []
-
-
-def test_namespaces_are_separate(index: DirectoryIndex) -> None:
-    index.register(C, 1, OTHER, "c:1")
-    index.publish(A, NS, K[:2], [])
-    index.publish(C, OTHER, K[:3], [])
-    assert runs(index, K[:3]) == [("a", "a:1", 2)]
-    assert runs(index, K[:3], ns=OTHER) == [("c", "c:1", 3)]
-
-
-def test_remove_and_duplicates(index: DirectoryIndex) -> None:
-    index.publish(A, NS, K[:3] + K[:3], [])
-    assert index.chunks(A) == 3
-    index.publish(A, NS, [], [K[1], K[7]])
-    assert index.chunks(A) == 2
+def test_remove_duplicates_and_add_then_remove(index, seq) -> None:
+    pub(index, seq, A, K[:3] + K[:3])
+    assert chunks(index, A) == 3
+    pub(index, seq, A, [], [K[1], K[7]])
     assert runs(index, K[:3]) == [("a", "a:1", 1)]
+    pub(index, seq, A, [K[5]], [K[5]])
+    assert chunks(index, A) == 2
 
 
-def test_publish_adds_then_removes(index: DirectoryIndex) -> None:
-    index.publish(A, NS, [K[0]], [K[0]])
-    assert index.chunks(A) == 0
-
-
-def test_new_epoch_drops_old_entries(index: DirectoryIndex) -> None:
-    index.publish(A, NS, K[:3], [])
-    index.publish(B, NS, K[:1], [])
-    assert index.register(A, 2, NS, "a:2") == 3
-    assert index.chunks(A) == 0
+def test_new_epoch_drops_old_entries_at_once(index, seq) -> None:
+    pub(index, seq, A, K[:3])
+    pub(index, seq, B, K[:1])
+    out = reg(index, A, epoch=2)
+    assert out.joined and out.replaced is not None and out.replaced.epoch == 1
+    assert chunks(index, A) == 0
     assert runs(index, K[:3]) == [("b", "b:1", 1)]
-    index.publish(A, NS, K[:2], [])
+    index.publish(A, NS, 1, False, K[:2], [], 0.0)
     assert runs(index, K[:3]) == [("a", "a:2", 2), ("b", "b:1", 1)]
 
 
-def test_same_epoch_reregister_keeps_entries_and_updates_address(index: DirectoryIndex) -> None:
-    index.publish(A, NS, K[:2], [])
-    assert index.register(A, 1, NS, "a:9") == 0
+def test_lower_epoch_is_refused_as_stale(index, seq) -> None:
+    reg(index, A, epoch=5)
+    with pytest.raises(DirectoryIndexError) as info:
+        reg(index, A, epoch=4)
+    assert info.value.status == Status.STALE_EPOCH
+    with pytest.raises(DirectoryIndexError) as info:
+        index.heartbeat(A, 4, 0, 0.0)
+    assert info.value.status == Status.STALE_EPOCH
+    assert index.member(A).epoch == 5
+
+
+def test_same_registration_refreshes_keeps_entries_and_updates_address(index, seq) -> None:
+    pub(index, seq, A, K[:2])
+    out = reg(index, A, address="a:9")
+    assert not out.joined and out.replaced is None
     assert runs(index, K[:2]) == [("a", "a:9", 2)]
 
 
-def test_new_namespace_drops_old_entries(index: DirectoryIndex) -> None:
-    index.publish(A, NS, K[:2], [])
-    index.register(A, 1, OTHER, "a:1")
-    assert runs(index, K[:2]) == []
-    assert index.chunks(A) == 0
+def test_new_namespace_drops_old_entries(index, seq) -> None:
+    pub(index, seq, A, K[:2])
+    reg(index, A, ns=OTHER)
+    assert runs(index, K[:2]) == [] and chunks(index, A) == 0
 
 
-def test_unregistered_or_wrong_namespace_publish_errors(index: DirectoryIndex) -> None:
-    with pytest.raises(DirectoryIndexError, match="unknown instance"):
-        index.publish(C, NS, K[:1], [])
-    with pytest.raises(DirectoryIndexError, match="namespace"):
-        index.publish(A, OTHER, K[:1], [])
-    with pytest.raises(DirectoryIndexError):
-        index.set_counters(C, {"x": 1})
-    assert index.chunks(C) == 0
+def test_probe_mismatch_is_refused_and_names_both(index) -> None:
+    with pytest.raises(DirectoryIndexError) as info:
+        reg(index, C, probe="zz")
+    assert info.value.status == Status.PROBE_MISMATCH
+    assert "zz" in str(info.value) and "PYTHONHASHSEED" in str(info.value)
+    assert "instance a" in str(info.value) or "instance b" in str(info.value)
+    reg(index, C, probe="zz", ns=OTHER)  # alone in its namespace: fine
 
 
-def test_drop_instance(index: DirectoryIndex) -> None:
-    index.publish(A, NS, K[:3], [])
-    index.publish(B, NS, K[:3], [])
-    assert index.drop_instance(A) == 3
-    assert index.drop_instance(A) == 0
-    assert runs(index, K[:3]) == [("b", "b:1", 3)]
-    assert len(index) == 1
+def test_errors_for_unknown_instance_wrong_namespace_and_seq_gap(index, seq) -> None:
+    for call in (lambda: pub(index, seq, C, K[:1]),
+                 lambda: index.set_counters(C, {"x": 1}, 0.0),
+                 lambda: index.heartbeat(C, 1, 0, 0.0),
+                 lambda: index.heartbeat(A, 2, 0, 0.0)):
+        with pytest.raises(DirectoryIndexError) as info:
+            call()
+        assert info.value.status == Status.UNKNOWN_INSTANCE
+    with pytest.raises(DirectoryIndexError) as info:
+        pub(index, seq, A, K[:1], ns=OTHER)
+    assert info.value.status == Status.WRONG_NAMESPACE
+    with pytest.raises(DirectoryIndexError) as info:
+        index.publish(A, NS, 5, False, K[:1], [], 0.0)
+    assert info.value.status == Status.SEQ_GAP
+    assert chunks(index, A) == 0  # nothing applied
 
 
-def test_instances_report_chunks_and_counters(index: DirectoryIndex) -> None:
-    index.publish(B, NS, K[:2], [])
-    index.set_counters(B, {"chunks_pulled": 5})
-    infos = index.instances()
-    assert [(i.instance, i.address, i.epoch, i.chunks) for i in infos] == [
-        ("a", "a:1", 1, 0), ("b", "b:1", 1, 2)]
+def test_heartbeat_reports_a_gap_and_reset_repairs_it(index, seq) -> None:
+    index.publish(A, NS, 1, False, K[:1], [], 0.0)
+    index.heartbeat(A, 1, 1, 0.0)
+    with pytest.raises(DirectoryIndexError) as info:
+        index.heartbeat(A, 1, 3, 0.0)  # publish 2 and 3 were lost
+    assert info.value.status == Status.SEQ_GAP
+    index.publish(A, NS, 4, True, K[2:4], [], 0.0)
+    index.heartbeat(A, 1, 4, 0.0)
+    assert runs(index, K[2:4]) == [("a", "a:1", 2)] and runs(index, K[:1]) == []
+
+
+def test_leases_expire_unless_renewed(seq) -> None:
+    index = DirectoryIndex(LEASE)
+    reg(index, A, now=0.0)
+    reg(index, B, now=0.0)
+    pub(index, seq, A, K[:2], now=0.0)
+    pub(index, seq, B, K[:2], now=0.0)
+    index.heartbeat(B, 1, 1, 2.0)
+    assert index.expire(2.9) == []
+    gone = index.expire(3.0)
+    assert [m.instance for m in gone] == [A]
+    assert runs(index, K[:2]) == [("b", "b:1", 2)]
+    assert [m.instance for m in index.expire(5.0)] == [B]
+    assert len(index) == 0 and index.num_chunks == 0
+
+
+def test_handles_are_reused_and_bitmasks_stay_small(seq) -> None:
+    index = DirectoryIndex(LEASE)
+    for i in range(8):
+        reg(index, InstanceId(f"i{i}"))
+        pub(index, seq, InstanceId(f"i{i}"), K)
+    index.drop(InstanceId("i3"))
+    reg(index, InstanceId("new"))
+    assert index.member(InstanceId("new")).handle == 3
+    assert max(index._tables[NS].values()) < 256  # cached small ints: no object per key
+    assert len(runs(index, K)) == 7 and all(r[2] == len(K) for r in runs(index, K))
+
+
+def test_instances_report_chunks_counters_and_lease(index, seq) -> None:
+    pub(index, seq, B, K[:2])
+    index.set_counters(B, {"chunks_pulled": 5}, 1.0)
+    infos = index.instances(1.0)
+    assert [(i.instance, i.epoch, i.chunks) for i in infos] == [("a", 1, 0), ("b", 1, 2)]
     assert infos[1].counters == {"chunks_pulled": 5}
+    assert infos[0].lease_left_ms == 2000 and infos[1].lease_left_ms == 3000
 
 
-def test_no_storage_left_after_everything_is_dropped(index: DirectoryIndex) -> None:
-    index.publish(A, NS, K, [])
-    index.publish(B, NS, K, [])
-    index.drop_instance(A)
-    index.publish(B, NS, [], K)
-    assert index._holders == {}
+def test_no_storage_left_after_everything_is_dropped(index, seq) -> None:
+    pub(index, seq, A, K)
+    pub(index, seq, B, K)
+    index.drop(A)
+    pub(index, seq, B, [], K)
+    assert index._tables == {} and index.num_chunks == 0
+
+
+# -- property: the bitmask index answers like a naive model ---------------------------------
+
+_inst = st.sampled_from([A, B, C])
+_key = st.sampled_from(K)
+_op = st.one_of(
+    st.tuples(st.just("pub"), _inst, st.lists(_key, max_size=5), st.lists(_key, max_size=3)),
+    st.tuples(st.just("reset"), _inst, st.lists(_key, max_size=5), st.just([])),
+    st.tuples(st.just("drop"), _inst, st.just([]), st.just([])),
+    st.tuples(st.just("reg"), _inst, st.just([]), st.just([])),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_op, max_size=40), st.lists(_key, min_size=1, max_size=8))
+def test_matches_a_naive_model(ops, query) -> None:
+    index = DirectoryIndex(LEASE)
+    model: dict[str, set[bytes]] = {}
+    seqs: dict[str, int] = {}
+    epochs: dict[str, int] = {}
+    for op, inst, added, removed in ops:
+        if op == "reg" or (inst not in model and op in ("pub", "reset")):
+            epochs[inst] = epochs.get(inst, 0) + 1
+            reg(index, inst, epoch=epochs[inst])
+            model[inst], seqs[inst] = set(), 0
+        if op in ("pub", "reset"):
+            seqs[inst] += 1
+            index.publish(inst, NS, seqs[inst], op == "reset", added, removed, 0.0)
+            if op == "reset":
+                model[inst] = set()
+            model[inst] |= set(added)
+            model[inst] -= set(removed)
+        elif op == "drop":
+            index.drop(inst)
+            model.pop(inst, None)
+    expected = []
+    for inst, keys in model.items():
+        run = 0
+        while run < len(query) and query[run] in keys:
+            run += 1
+        if run:
+            expected.append((inst, run))
+    expected.sort(key=lambda x: (-x[1], x[0]))
+    assert [(h.instance, h.run) for h in index.lookup(NS, query)] == expected
+    assert index.num_chunks == len(set().union(*model.values())) if model else True
+    for inst, keys in model.items():
+        assert index.member(inst).keys == keys

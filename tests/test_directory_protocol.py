@@ -7,9 +7,10 @@ import pytest
 
 from p2pkv.directory import protocol
 from p2pkv.directory.protocol import (
-    MAX_KEYS_PER_MESSAGE, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Error, Holder, InstanceInfo,
-    Lookup, LookupReply, Ok, ProtocolError, Publish, Register, Report, Stats, StatsReply,
-    Unregister,
+    MAX_KEYS_PER_MESSAGE, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ChunksChanged, Error, Heartbeat,
+    Holder, Holding, InstanceInfo, InstanceJoined, InstanceLeft, Lookup, LookupReply, Ok,
+    ProtocolError, Publish, Register, RegisterReply, Report, Snapshot, SnapshotReply, Stats,
+    StatsReply, Status, Unregister,
 )
 from p2pkv.keys import MAX_KEY_BYTES, ChunkKey, InstanceId, Namespace
 
@@ -19,20 +20,28 @@ K1, K2 = ChunkKey(b"\x01" * 32), ChunkKey(b"\x02" * 32)
 A, NS = InstanceId("engine-a"), Namespace("ns0")
 
 MESSAGES = [
-    Register(instance=A, epoch=7, namespace=NS, address="10.0.0.1:5000", rid=1),
+    Register(instance=A, epoch=7, namespace=NS, address="10.0.0.1:5000", rid=1, probe="ab12",
+             capabilities=["TcpTransport"]),
     Register(instance=A, epoch=0, namespace=NS, address="[::1]:5000"),
-    Publish(instance=A, namespace=NS, added=[K1, K2], removed=[K1], rid=2),
-    Publish(instance=A, namespace=NS, added=[], removed=[]),
+    Publish(instance=A, namespace=NS, added=[K1, K2], removed=[K1], rid=2, seq=3),
+    Publish(instance=A, namespace=NS, added=[], removed=[], seq=1, reset=True),
+    Heartbeat(instance=A, epoch=7, seq=3, rid=11),
     Lookup(namespace=NS, keys=[K1, K2], rid=3),
     Report(instance=A, counters={"chunks_pulled": 3, "bytes_pulled": 1 << 40}, rid=4),
     Stats(rid=5),
     Unregister(instance=A, rid=6),
+    Snapshot(rid=12),
     Ok(rid=7, directory_epoch=123),
-    Error(rid=8, directory_epoch=123, reason="unknown instance engine-a"),
+    Error(rid=8, directory_epoch=123, status=Status.UNKNOWN_INSTANCE,
+          reason="unknown instance engine-a"),
+    RegisterReply(rid=13, directory_epoch=5, heartbeat_ms=1000, liveness=5),
     LookupReply(rid=9, directory_epoch=1, holders=[Holder(A, "h:1", 2), Holder("b", "h:2", 1)]),
     LookupReply(holders=[]),
     StatsReply(rid=10, directory_epoch=2, lookups=3, keys_looked_up=9, keys_hit=4, rejected=1,
-               instances=[InstanceInfo(A, NS, "h:1", 7, 2, {"chunks_pulled": 1})]),
+               instances=[InstanceInfo(instance=A, namespace=NS, address="h:1", epoch=7,
+                                       chunks=2, counters={"chunks_pulled": 1})]),
+    SnapshotReply(rid=14, feed_seq=9, feed_endpoint="tcp://127.0.0.1:5", instances=[],
+                  holdings=[Holding(A, NS, [K1])], last=True),
 ]
 
 
@@ -111,3 +120,28 @@ def test_peek_header() -> None:
     assert protocol.peek_header(_raw(t="future", v=9, rid=42)) == (9, 42)
     assert protocol.peek_header(b"\xc1garbage") is None
     assert protocol.peek_header(msgspec.msgpack.encode([1])) is None
+
+
+EVENTS = [
+    InstanceJoined(seq=1, directory_epoch=3, instance=A, epoch=2, namespace=NS, address="h:1"),
+    InstanceLeft(seq=2, directory_epoch=3, instance=A, epoch=2, why="expired"),
+    ChunksChanged(seq=3, directory_epoch=3, instance=A, namespace=NS, added=[K1], removed=[K2],
+                  reset=True),
+]
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=lambda e: type(e).__name__)
+def test_feed_events_round_trip(event: protocol.FeedEvent) -> None:
+    assert protocol.decode_event(protocol.encode(event)) == event
+
+
+def test_feed_decoder_refuses_requests() -> None:
+    with pytest.raises(ProtocolError):
+        protocol.decode_event(protocol.encode(Stats()))
+
+
+def test_every_reply_has_status_and_reason() -> None:
+    for msg in MESSAGES:
+        if isinstance(msg, protocol.Reply.__args__):
+            assert msg.status == (Status.OK if not isinstance(msg, Error) else msg.status)
+            assert isinstance(msg.reason, str)

@@ -18,9 +18,9 @@ import zmq
 
 from p2pkv.directory import protocol
 from p2pkv.directory.cli import add_directory_parser, add_status_parser
-from p2pkv.directory.client import PENDING, DirectoryClient
+from p2pkv.directory.client import PENDING, DirectoryClient, RegState, Registration
 from p2pkv.directory.protocol import (
-    Error, LookupReply, Ok, Register, Report, Stats, StatsReply, Unregister,
+    Error, LookupReply, Ok, Register, Report, Stats, StatsReply, Status, Unregister,
 )
 from p2pkv.keys import ChunkKey, InstanceId, Namespace
 
@@ -35,16 +35,17 @@ K = [ChunkKey(bytes([i]) * 32) for i in range(6)]
 class Directory:
     """A directory subprocess on an ephemeral port."""
 
-    def __init__(self, tmp_path: Path) -> None:
-        ready = tmp_path / "ready"
-        self.log = tmp_path / "directory.log"
+    def __init__(self, tmp_path: Path, *args: str, bind: str = "tcp://127.0.0.1:0",
+                 name: str = "directory") -> None:
+        ready = tmp_path / f"{name}.ready"
+        self.log = tmp_path / f"{name}.log"
         env = dict(os.environ,
                    PYTHONPATH=os.pathsep.join(filter(None, [str(REPO),
                                                             os.environ.get("PYTHONPATH")])))
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "p2pkv.directory.server", "--bind", "tcp://127.0.0.1:0",
-                 "--ready-file", str(ready)], cwd=REPO, env=env, stdout=log, stderr=log)
+                [sys.executable, "-m", "p2pkv.directory.server", "--bind", bind,
+                 "--ready-file", str(ready), *args], cwd=REPO, env=env, stdout=log, stderr=log)
         deadline = time.monotonic() + 15
         while not ready.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -109,32 +110,71 @@ def stats(client: DirectoryClient) -> StatsReply:
     return reply
 
 
-def test_register_publish_lookup_stats(client: DirectoryClient) -> None:
-    assert client.wait_connected(5)
-    assert client.register(A, 1, NS, "127.0.0.1:7001") > 0
-    assert client.register(B, 1, NS, "127.0.0.1:7002") > 0
-    client.publish(A, NS, added=K[:2])
-    client.publish(B, NS, added=K[:4])
-    client.report(B, {"chunks_pulled": 3, "bytes_pulled": 1024})
-    rid = client.start_lookup(NS, K[:5], timeout_s=5)
-    reply = client.wait_lookup(rid, max_wait_s=5)
+def registered(*clients: DirectoryClient, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not all(c.state is RegState.REGISTERED for c in clients):
+        assert time.monotonic() < deadline, [c.state for c in clients]
+        time.sleep(0.005)
+
+
+def lookup(client: DirectoryClient, keys: list[ChunkKey], ns: Namespace = NS) -> list[tuple]:
+    reply = client.wait_lookup(client.start_lookup(ns, keys, timeout_s=5), max_wait_s=5)
     assert isinstance(reply, LookupReply)
-    assert [(h.instance, h.address, h.run) for h in reply.holders] == [
-        ("b", "127.0.0.1:7002", 4), ("a", "127.0.0.1:7001", 2)]
+    return [(h.instance, h.address, h.run) for h in reply.holders]
+
+
+def wait_lookup_equals(client: DirectoryClient, keys: list[ChunkKey], want: list[tuple],
+                       timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (got := lookup(client, keys)) != want:
+        assert time.monotonic() < deadline, got
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def clients(directory: Directory) -> Iterator:
+    made: list[DirectoryClient] = []
+
+    def make(endpoint: str | None = None, **kw) -> DirectoryClient:
+        made.append(DirectoryClient(endpoint or directory.endpoint, **kw))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def REG(inst: InstanceId, epoch: int = 1, port: int = 7001, probe: str = "p") -> Registration:
+    return Registration(inst, epoch, NS, f"127.0.0.1:{port}", probe, ("TcpTransport",))
+
+
+def test_register_publish_lookup_stats(client: DirectoryClient, clients) -> None:
+    a, b = clients(), clients()
+    a.register(REG(A, port=7001))
+    b.register(REG(B, port=7002))
+    a.publish(added=K[:2])
+    b.publish(added=K[:4])
+    b.report({"chunks_pulled": 3, "bytes_pulled": 1024})
+    registered(a, b)
+    wait_lookup_equals(client, K[:5], [("b", "127.0.0.1:7002", 4), ("a", "127.0.0.1:7001", 2)])
+    rid = client.start_lookup(NS, K[:5], timeout_s=5)
+    assert isinstance(client.wait_lookup(rid, 5), LookupReply)
     assert client.poll_lookup(rid) is None  # forgotten once returned
 
     s = stats(client)
     assert [(i.instance, i.chunks, i.epoch) for i in s.instances] == [("a", 2, 1), ("b", 4, 1)]
     assert s.instances[1].counters == {"chunks_pulled": 3, "bytes_pulled": 1024}
-    assert (s.lookups, s.keys_looked_up, s.keys_hit, s.rejected) == (1, 5, 4, 0)
-    assert client.dropped == 0
+    assert s.instances[0].capabilities == ["TcpTransport"] and s.instances[0].probe == "p"
+    assert s.rejected == 0 and s.chunks == 4 and not s.secure and s.feed_endpoint
     assert s.directory_epoch == client.directory_epoch
 
 
-def test_poll_lookup_goes_pending_then_reply(client: DirectoryClient) -> None:
-    assert client.wait_connected(5)
-    client.register(A, 1, NS, "h:1")
-    client.publish(A, NS, added=K[:1])
+def test_poll_lookup_goes_pending_then_reply(client: DirectoryClient, clients) -> None:
+    a = clients()
+    a.register(REG(A))
+    a.publish(added=K[:1])
+    registered(a)
+    wait_lookup_equals(client, K[:1], [("a", "127.0.0.1:7001", 1)])
     rid = client.start_lookup(NS, K[:2], timeout_s=5)
     deadline = time.monotonic() + 5
     while (result := client.poll_lookup(rid)) is PENDING and time.monotonic() < deadline:
@@ -142,29 +182,41 @@ def test_poll_lookup_goes_pending_then_reply(client: DirectoryClient) -> None:
     assert isinstance(result, LookupReply) and result.holders[0].run == 1
 
 
-def test_reregister_new_epoch_and_unregister(client: DirectoryClient) -> None:
-    assert isinstance(client.call(Register(instance=A, epoch=1, namespace=NS, address="h:1"),
-                                  5), Ok)
-    client.publish(A, NS, added=K)
-    assert stats(client).instances[0].chunks == len(K)
-    client.register(A, 2, NS, "h:2")
-    assert [(i.epoch, i.chunks, i.address) for i in stats(client).instances] == [(2, 0, "h:2")]
-    assert isinstance(client.call(Unregister(instance=A), 5), Ok)
-    assert stats(client).instances == []
+def test_reregister_new_epoch_drops_keys_and_unregister(client: DirectoryClient, clients) -> None:
+    old = clients()
+    old.register(REG(A, epoch=1, port=1))
+    old.publish(added=K)
+    registered(old)
+    wait_lookup_equals(client, K, [("a", "127.0.0.1:1", len(K))])
+    new = clients()  # the restarted process
+    new.register(REG(A, epoch=2, port=2))
+    registered(new)
+    assert [(i.epoch, i.chunks, i.address) for i in stats(client).instances] == [(2, 0, "127.0.0.1:2")]
+    assert lookup(client, K) == []
+    new.unregister()
+    deadline = time.monotonic() + 5
+    while stats(client).instances:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
 
 
-def test_publish_is_split_into_messages_within_limits(client: DirectoryClient) -> None:
-    assert client.wait_connected(5)
-    client.register(A, 1, NS, "h:1")
+def test_publish_is_split_into_messages_within_limits(client: DirectoryClient, clients) -> None:
+    a = clients()
+    a.register(REG(A))
+    registered(a)
     keys = [ChunkKey(i.to_bytes(8, "big")) for i in range(protocol.MAX_KEYS_PER_MESSAGE + 5)]
-    client.publish(A, NS, added=keys)
-    s = stats(client)
-    assert s.instances[0].chunks == len(keys) and s.rejected == 0
+    a.publish(added=keys)
+    deadline = time.monotonic() + 10
+    while (s := stats(client)).instances[0].chunks != len(keys):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert s.rejected == 0
 
 
 def test_unknown_instance_gets_error(client: DirectoryClient) -> None:
     reply = client.call(Report(instance=A, counters={}), 5)
     assert isinstance(reply, Error) and "unknown instance" in reply.reason
+    assert reply.status == Status.UNKNOWN_INSTANCE and reply.directory_epoch
 
 
 def test_bad_frames_are_answered_and_counted(raw: zmq.Socket, client: DirectoryClient) -> None:
@@ -177,12 +229,13 @@ def test_bad_frames_are_answered_and_counted(raw: zmq.Socket, client: DirectoryC
     assert isinstance(wrong, Error) and wrong.rid == 77 and "version" in wrong.reason
     future = raw_reply(raw, [msgspec.msgpack.encode({"t": "newfangled", "v": 9, "rid": 5})])
     assert isinstance(future, Error) and future.rid == 5 and "v9" in future.reason
-    typo = raw_reply(raw, [msgspec.msgpack.encode({"t": "look", "v": 1, "rid": 6, "keys": 3})])
+    typo = raw_reply(raw, [msgspec.msgpack.encode({"t": "look", "v": protocol.PROTOCOL_VERSION, "rid": 6, "keys": 3})])
     assert isinstance(typo, Error) and typo.rid == 6 and "malformed" in typo.reason
     not_request = raw_reply(raw, [protocol.encode(Ok(rid=8))])
     assert isinstance(not_request, Error) and not_request.rid == 8
 
-    assert stats(client).rejected == 7
+    s = stats(client)
+    assert s.rejected == 7
 
 
 def test_req_socket_envelope_is_supported(directory: Directory) -> None:
@@ -216,10 +269,10 @@ def test_dead_directory_lookup_ends_none_and_publish_never_blocks(dead_endpoint:
             time.sleep(0.01)
         assert result is None
         assert client.wait_lookup(client.start_lookup(NS, K, timeout_s=0.2), 5) is None
+        client.register(REG(A))
         for _ in range(2000):
-            client.publish(A, NS, added=K)
-        assert client.dropped >= 2000
-        assert client.send_nowait(Stats()) == -1
+            client.publish(added=K)
+        assert client.state is not RegState.REGISTERED
         assert client.call(Stats(), timeout_s=0.2) is None
         assert time.monotonic() - start < 3
     finally:
@@ -227,16 +280,15 @@ def test_dead_directory_lookup_ends_none_and_publish_never_blocks(dead_endpoint:
 
 
 def test_directory_killed_mid_session(directory: Directory, client: DirectoryClient) -> None:
-    assert client.wait_connected(5)
-    client.register(A, 1, NS, "h:1")
-    stats(client)
+    client.register(REG(A))
+    registered(client)
     directory.proc.kill()
     directory.proc.wait(5)
     start = time.monotonic()
     rid = client.start_lookup(NS, K, timeout_s=0.3)
     assert client.wait_lookup(rid, max_wait_s=5) is None
     for _ in range(5000):
-        client.publish(A, NS, added=K[:1])
+        client.publish(added=K[:1])
     assert time.monotonic() - start < 3
 
 
@@ -306,17 +358,23 @@ def test_cli_parsers() -> None:
 
 
 def test_status_prints_instances_and_totals(client: DirectoryClient, directory: Directory,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
-    assert client.wait_connected(5)
-    client.register(A, 1, NS, "127.0.0.1:7001")
-    client.publish(A, NS, added=K[:3])
-    client.report(A, {"chunks_pulled": 3})
+                                            clients, capsys: pytest.CaptureFixture[str]) -> None:
+    a = clients()
+    a.register(REG(A))
+    a.publish(added=K[:3])
+    a.report({"chunks_pulled": 3})
+    registered(a)
+    wait_lookup_equals(client, K[:3], [("a", "127.0.0.1:7001", 3)])
+    deadline = time.monotonic() + 5
+    while not stats(client).instances[0].counters:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     client.wait_lookup(client.start_lookup(NS, K[:4], timeout_s=5), 5)
     args = _parse(["status", "--directory", directory.endpoint])
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "127.0.0.1:7001" in out and "chunks_pulled=3" in out
-    assert "keys looked up 4" in out and "hit ratio 75.0%" in out
+    assert "keys looked up" in out and "hit ratio" in out
 
 
 def test_status_without_directory_exits_1(dead_endpoint: str,

@@ -20,28 +20,24 @@ from p2pkv.vllm.worker import WorkerSide  # noqa: E402
 
 @dataclass
 class RecordingDirectory:
-    directory_epoch: int | None = None
+    """Stands in for DirectoryClient (which keeps the registration alive by itself)."""
+
     registered: list = field(default_factory=list)
     published: list = field(default_factory=list)
     reports: list = field(default_factory=list)
+    unregistered: bool = False
 
-    def wait_connected(self, timeout_s):
-        return True
+    def register(self, registration, wait_connected_s=0.0):
+        self.registered.append(registration.address)
 
-    def register(self, instance, epoch, namespace, address):
-        self.registered.append(address)
-        return 1
-
-    def publish(self, instance, namespace, added=(), removed=()):
+    def publish(self, added=(), removed=()):
         self.published.append((list(added), list(removed)))
-        return 1
 
-    def report(self, instance, counters):
+    def report(self, counters):
         self.reports.append(dict(counters))
-        return 1
 
-    def unregister(self, instance):
-        return 1
+    def unregister(self):
+        self.unregistered = True
 
     def close(self):
         pass
@@ -100,16 +96,15 @@ def test_missing_chunk_and_dead_peer_report_their_blocks_as_failed():
     puller.shutdown()
 
 
-def test_directory_restart_triggers_register_and_full_republish():
+def test_worker_registers_once_publishes_deltas_and_unregisters():
     d = RecordingDirectory()
     w, _ = make_worker(d)
     keys = [ChunkKey(bytes([i]) * 32) for i in range(2)]
     w.save(P2PKVMetadata(saves=[SavePlan(keys[0], (0, 1))]))
-    d.directory_epoch = 1  # first reply heard: adopted, no re-register
     w.save(P2PKVMetadata(saves=[SavePlan(keys[1], (2, 3))]))
     assert len(d.registered) == 1
-    d.directory_epoch = 2  # the directory restarted and lost everything
-    w.take_finished_recving()  # reporting notices it
-    assert len(d.registered) == 2
-    assert sorted(d.published[-1][0]) == sorted(keys)
+    assert d.published == [([keys[0]], []), ([keys[1]], [])]
+    w.take_finished_recving()
+    assert d.reports and d.reports[-1]["chunks_saved"] == 2
     w.shutdown()
+    assert d.unregistered

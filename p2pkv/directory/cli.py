@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any, TextIO
 
 from p2pkv.directory.protocol import Error, Stats, StatsReply
+from p2pkv.directory.server import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
+from p2pkv.errors import ConfigError
+from p2pkv.secret import ClusterSecret, load_secret
 
 DEFAULT_BIND = "tcp://127.0.0.1:7420"
 """User-facing default; tests and launch scripts pass port 0 and read --ready-file."""
@@ -33,6 +37,7 @@ def add_status_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="directory endpoint")
     parser.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS",
                         help="give up after this long without an answer (default 2)")
+    _add_secret_arg(parser)
     parser.set_defaults(func=_run_status)
     return parser
 
@@ -49,31 +54,85 @@ def directory_main(argv: list[str] | None = None) -> int:
     return _run_directory(args)
 
 
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
 def _add_directory_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bind", default=DEFAULT_BIND,
+    env = os.environ
+    parser.add_argument("--bind", default=env.get("P2PKV_DIRECTORY_BIND", DEFAULT_BIND),
                         help=f"ZeroMQ endpoint to bind; port 0 picks a free one "
-                             f"(default {DEFAULT_BIND})")
+                             f"(env P2PKV_DIRECTORY_BIND, default {DEFAULT_BIND})")
+    parser.add_argument("--feed-bind", default=env.get("P2PKV_DIRECTORY_FEED_BIND", ""),
+                        help="change-feed (PUB) endpoint (default: the bind host, free port; "
+                             "env P2PKV_DIRECTORY_FEED_BIND)")
+    _add_secret_arg(parser)
+    parser.add_argument("--insecure-any-address", action="store_true",
+                        help="allow a non-loopback bind without a secret (trusted networks)")
+    parser.add_argument("--heartbeat-interval", type=float,
+                        default=_env_float("P2PKV_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL_S),
+                        metavar="SECONDS",
+                        help=f"instances heartbeat this often (env P2PKV_HEARTBEAT_INTERVAL, "
+                             f"default {HEARTBEAT_INTERVAL_S:g})")
+    parser.add_argument("--liveness", type=int,
+                        default=int(_env_float("P2PKV_HEARTBEAT_LIVENESS", HEARTBEAT_LIVENESS)),
+                        help=f"missed heartbeats before a lease expires "
+                             f"(env P2PKV_HEARTBEAT_LIVENESS, default {HEARTBEAT_LIVENESS})")
+    parser.add_argument("--metrics-port", type=int,
+                        default=int(env["P2PKV_METRICS_PORT"]) if env.get("P2PKV_METRICS_PORT")
+                        else None,
+                        help="serve Prometheus metrics on this port (env P2PKV_METRICS_PORT; "
+                             "default off; 0 picks a free one)")
+    parser.add_argument("--metrics-host", default=env.get("P2PKV_METRICS_HOST", "127.0.0.1"),
+                        help="address of the metrics endpoint (default 127.0.0.1)")
     parser.add_argument("--ready-file", metavar="PATH",
                         help="write the real endpoint here once bound")
 
 
-def _run_directory(args: argparse.Namespace) -> int:
-    from p2pkv.directory.server import run_directory
+def _add_secret_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--secret-file", default=os.environ.get("P2PKV_SECRET_FILE", ""),
+                        metavar="PATH",
+                        help="cluster secret file (env P2PKV_SECRET_FILE); without one the "
+                             "directory is unauthenticated and stays on loopback")
 
-    return run_directory(args.bind, ready_file=args.ready_file)
+
+def _secret(args: argparse.Namespace) -> ClusterSecret | None:
+    return load_secret(args.secret_file) if args.secret_file else None
+
+
+def _run_directory(args: argparse.Namespace) -> int:
+    from p2pkv.directory.server import ServerConfig, run_directory
+
+    try:
+        config = ServerConfig(bind=args.bind, feed_bind=args.feed_bind, secret=_secret(args),
+                              insecure_any_address=args.insecure_any_address,
+                              heartbeat_interval_s=args.heartbeat_interval,
+                              liveness=args.liveness)
+    except ConfigError as e:
+        print(f"p2pkv directory: {e}", file=sys.stderr)
+        return 2
+    return run_directory(config, ready_file=args.ready_file, metrics_port=args.metrics_port,
+                         metrics_host=args.metrics_host)
 
 
 def _run_status(args: argparse.Namespace) -> int:
     from p2pkv.directory.client import DirectoryClient
 
-    client = DirectoryClient(args.directory)
+    try:
+        secret = _secret(args)
+    except ConfigError as e:
+        print(f"p2pkv status: {e}", file=sys.stderr)
+        return 2
+    client = DirectoryClient(args.directory, secret=secret)
     try:
         reply = client.call(Stats(), timeout_s=args.timeout)
     finally:
         client.close()
     if reply is None:
         print(f"p2pkv status: no answer from the directory at {args.directory} "
-              f"within {args.timeout:g} s", file=sys.stderr)
+              f"within {args.timeout:g} s (down, or a wrong/missing --secret-file?)",
+              file=sys.stderr)
         return 1
     if isinstance(reply, Error):
         print(f"p2pkv status: the directory refused: {reply.reason}", file=sys.stderr)
@@ -86,10 +145,11 @@ def _run_status(args: argparse.Namespace) -> int:
 
 
 def print_status(reply: StatsReply, endpoint: str, out: TextIO) -> None:
-    """Render a StatsReply as a table of instances and a line of lookup totals."""
-    out.write(f"directory {endpoint} (epoch {reply.directory_epoch}, protocol v{reply.v})\n")
-    header = ("INSTANCE", "ADDRESS", "EPOCH", "CHUNKS", "COUNTERS")
-    rows = [(i.instance, i.address, str(i.epoch), str(i.chunks),
+    """Render a StatsReply as a table of instances and lines of totals."""
+    out.write(f"directory {endpoint} (epoch {reply.directory_epoch}, protocol v{reply.v}, "
+              f"{'CURVE' if reply.secure else 'unauthenticated'}, feed {reply.feed_endpoint})\n")
+    header = ("INSTANCE", "ADDRESS", "EPOCH", "CHUNKS", "LEASE", "COUNTERS")
+    rows = [(i.instance, i.address, str(i.epoch), str(i.chunks), f"{i.lease_left_ms / 1000:.1f}s",
              " ".join(f"{k}={v}" for k, v in sorted(i.counters.items())) or "-")
             for i in reply.instances]
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header) - 1)]
@@ -99,6 +159,8 @@ def print_status(reply: StatsReply, endpoint: str, out: TextIO) -> None:
     if not rows:
         out.write("(no instances registered)\n")
     ratio = reply.keys_hit / reply.keys_looked_up if reply.keys_looked_up else 0.0
+    out.write(f"chunks {reply.chunks}  publishes {reply.publishes}  heartbeats "
+              f"{reply.heartbeats}  expirations {reply.expirations}  feed seq {reply.feed_seq}\n")
     out.write(f"lookups {reply.lookups}  keys looked up {reply.keys_looked_up}  "
               f"keys hit {reply.keys_hit}  hit ratio {ratio:.1%}  "
               f"rejected {reply.rejected}\n")

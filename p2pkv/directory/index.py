@@ -1,161 +1,282 @@
 """Who holds which chunk keys: the directory's pure in-memory data structure (no I/O).
 
-Called only by ``DirectoryServer``, one thread. Shape: namespace -> key -> holders, where a
-holder is a small int *handle* of one registration (instance + epoch) rather than its id
-string, and each registration keeps the set of its keys so it can be dropped without a scan.
+Called only by ``DirectoryServer``, one thread; time comes in as ``now`` arguments (seconds of
+any monotonic clock), so tests drive leases without sleeping.
+
+Shape, chosen for RAM (≤ 200 B per indexed chunk, see docs/architecture.md): namespace ->
+key -> *holder bitmask*, an int whose bit ``h`` is set when the registration with handle ``h``
+holds the key. Handles are small ints, reused lowest-first, so with up to 8 holders the
+bitmask is one of CPython's cached small ints and costs no object of its own. Each
+registration also keeps the set of its keys (sharing the key objects with the table) so that
+dropping it costs O(its keys), not a scan of the namespace.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from p2pkv.directory.protocol import Holder, InstanceInfo
+from p2pkv.directory.protocol import Holder, InstanceInfo, Status
 from p2pkv.keys import ChunkKey, InstanceId, Namespace
 
 logger = logging.getLogger(__name__)
 
 
 class DirectoryIndexError(ValueError):
-    """A request the index cannot apply (unknown instance, wrong namespace)."""
+    """A request the index refuses; ``status`` is a :class:`Status` value for the reply."""
+
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
 
 
 @dataclass(slots=True)
-class _Member:
-    """One registration. NOTE: ``handle`` changes on every re-registration with a new epoch,
-    so entries of the previous process can never be mistaken for the new one's."""
+class Member:
+    """One registration. NOTE: a new epoch gets a new Member (its handle may be reused only
+    after every key bit of the old one was cleared), so entries of a previous process can
+    never be mistaken for the new one's."""
 
     instance: InstanceId
     epoch: int
     namespace: Namespace
     address: str
+    probe: str
+    capabilities: tuple[str, ...]
     handle: int
+    expires_at: float
+    next_seq: int = 1
     keys: set[ChunkKey] = field(default_factory=set)
     counters: dict[str, int] = field(default_factory=dict)
 
 
-class DirectoryIndex:
-    """Registrations, their keys per namespace, and the leading-run lookup."""
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """Outcome of :meth:`DirectoryIndex.register`."""
 
-    def __init__(self) -> None:
-        self._members: dict[InstanceId, _Member] = {}
-        self._by_handle: dict[int, _Member] = {}
-        # NOTE: holder tuples are tiny (how many peers cache the same chunk) and never empty:
-        # a key with no holders left is deleted.
-        self._holders: dict[Namespace, dict[ChunkKey, tuple[int, ...]]] = {}
+    member: Member
+    joined: bool
+    """False when an identical registration was only refreshed."""
+    replaced: Member | None
+    """The previous registration of the instance (other epoch or namespace), dropped."""
+
+
+class DirectoryIndex:
+    """Registrations with leases, their keys per namespace, and the leading-run lookup."""
+
+    def __init__(self, lease_s: float) -> None:
+        if lease_s <= 0:
+            raise ValueError("lease_s must be positive")
+        self.lease_s = lease_s
+        self._members: dict[InstanceId, Member] = {}
+        self._by_handle: dict[int, Member] = {}
+        self._free_handles: list[int] = []  # heap: lowest first keeps bitmasks small
         self._next_handle = 0
+        self._tables: dict[Namespace, dict[ChunkKey, int]] = {}
+        self._ns_members: dict[Namespace, set[InstanceId]] = {}
 
     def __len__(self) -> int:
         """Number of registered instances."""
         return len(self._members)
 
-    def register(self, instance: InstanceId, epoch: int, namespace: Namespace,
-                 address: str) -> int:
-        """Add or refresh an instance; returns how many of its old keys were dropped.
+    @property
+    def num_chunks(self) -> int:
+        """Distinct (namespace, key) entries."""
+        return sum(len(t) for t in self._tables.values())
 
-        The same epoch and namespace only updates the address (a repeated Register is
-        harmless); a different epoch (restarted process) or namespace starts from no keys.
-        """
+    def member(self, instance: InstanceId) -> Member | None:
+        return self._members.get(instance)
+
+    # -- registrations ----------------------------------------------------------------------
+
+    def register(self, instance: InstanceId, epoch: int, namespace: Namespace, address: str,
+                 probe: str, capabilities: Sequence[str], now: float) -> Registered:
+        """Add, refresh or replace a registration; raises DirectoryIndexError on refusal."""
         old = self._members.get(instance)
-        if old is not None and old.epoch == epoch and old.namespace == namespace:
+        if old is not None and epoch < old.epoch:
+            raise DirectoryIndexError(
+                Status.STALE_EPOCH, f"instance {instance} epoch {epoch} is older than the "
+                f"registered epoch {old.epoch}: a newer process of it is running")
+        if (old is not None and old.epoch == epoch and old.namespace == namespace
+                and old.probe == probe):
             old.address = address
-            return 0
-        dropped = self.drop_instance(instance) if old is not None else 0
-        member = _Member(instance, epoch, namespace, address, self._next_handle)
-        self._next_handle += 1
+            old.capabilities = tuple(capabilities)
+            old.expires_at = now + self.lease_s
+            return Registered(old, joined=False, replaced=None)
+        self._check_probe(instance, namespace, probe)
+        if old is not None:
+            self.drop(instance)
+        member = Member(instance, epoch, namespace, address, probe, tuple(capabilities),
+                        self._take_handle(), now + self.lease_s)
         self._members[instance] = member
         self._by_handle[member.handle] = member
-        logger.info("registered %s epoch %s namespace %s at %s (dropped %s old keys)",
-                    instance, epoch, namespace, address, dropped)
-        return dropped
+        self._ns_members.setdefault(namespace, set()).add(instance)
+        logger.info("registered %s epoch %s namespace %s at %s%s", instance, epoch, namespace,
+                    address, f" (replacing epoch {old.epoch})" if old is not None else "")
+        return Registered(member, joined=True, replaced=old)
 
-    def drop_instance(self, instance: InstanceId) -> int:
-        """Forget an instance and all its keys; returns how many keys it held (0 if unknown)."""
+    def _check_probe(self, instance: InstanceId, namespace: Namespace, probe: str) -> None:
+        for other_id in self._ns_members.get(namespace, ()):
+            other = self._members[other_id]
+            if other_id != instance and other.probe != probe:
+                raise DirectoryIndexError(
+                    Status.PROBE_MISMATCH,
+                    f"probe hash {probe or '(none)'} of instance {instance} differs from "
+                    f"{other.probe or '(none)'} of instance {other_id} in namespace "
+                    f"{namespace}: different PYTHONHASHSEED or hash algorithm? Their block "
+                    f"hashes would never match, so {instance} is refused")
+
+    def drop(self, instance: InstanceId) -> Member | None:
+        """Forget an instance and all its keys; returns its registration (None if unknown)."""
         member = self._members.pop(instance, None)
         if member is None:
-            return 0
-        del self._by_handle[member.handle]
-        dropped = len(member.keys)
+            return None
         self._remove(member, list(member.keys))
-        logger.info("dropped %s epoch %s (%s keys)", instance, member.epoch, dropped)
-        return dropped
+        del self._by_handle[member.handle]
+        heapq.heappush(self._free_handles, member.handle)
+        names = self._ns_members[member.namespace]
+        names.discard(instance)
+        if not names:
+            del self._ns_members[member.namespace]
+        return member
 
-    def publish(self, instance: InstanceId, namespace: Namespace,
-                added: Iterable[ChunkKey], removed: Iterable[ChunkKey]) -> None:
-        """Apply one Publish: add then remove keys for a registered instance."""
-        member = self._member(instance)
+    def heartbeat(self, instance: InstanceId, epoch: int, seq: int, now: float) -> None:
+        """Renew a lease; SEQ_GAP when publishes up to ``seq`` did not all arrive."""
+        member = self._live(instance, epoch)
+        member.expires_at = now + self.lease_s
+        if seq != member.next_seq - 1:
+            raise DirectoryIndexError(
+                Status.SEQ_GAP, f"instance {instance} sent publishes up to {seq}, the "
+                f"directory has up to {member.next_seq - 1}; resend a snapshot")
+
+    def touch(self, instance: InstanceId, now: float) -> Member:
+        """Any message from a member renews its lease."""
+        member = self._live(instance, None)
+        member.expires_at = now + self.lease_s
+        return member
+
+    def expire(self, now: float) -> list[Member]:
+        """Drop every registration whose lease ran out; returns them."""
+        gone = [m.instance for m in self._members.values() if m.expires_at <= now]
+        return [m for m in (self.drop(i) for i in gone) if m is not None]
+
+    def set_counters(self, instance: InstanceId, counters: Mapping[str, int],
+                     now: float) -> None:
+        """Replace the connector counters last reported by an instance."""
+        self.touch(instance, now).counters = dict(counters)
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def publish(self, instance: InstanceId, namespace: Namespace, seq: int, reset: bool,
+                added: Iterable[ChunkKey], removed: Iterable[ChunkKey], now: float) -> None:
+        """Apply one Publish (reset: drop all keys first). Raises SEQ_GAP / WRONG_NAMESPACE /
+        UNKNOWN_INSTANCE without applying anything."""
+        member = self.touch(instance, now)
         if member.namespace != namespace:
             raise DirectoryIndexError(
-                f"instance {instance} is registered in namespace {member.namespace}, "
-                f"not {namespace}")
+                Status.WRONG_NAMESPACE, f"instance {instance} is registered in namespace "
+                f"{member.namespace}, not {namespace}")
+        if not reset and seq != member.next_seq:
+            raise DirectoryIndexError(
+                Status.SEQ_GAP, f"instance {instance} publish seq {seq}, expected "
+                f"{member.next_seq}; resend a snapshot")
+        member.next_seq = seq + 1
+        if reset:
+            self._remove(member, list(member.keys))
         self._add(member, added)
         self._remove(member, removed)
 
-    def set_counters(self, instance: InstanceId, counters: Mapping[str, int]) -> None:
-        """Replace the connector counters last reported by an instance."""
-        self._member(instance).counters = dict(counters)
-
-    def chunks(self, instance: InstanceId) -> int:
-        """How many keys an instance holds (0 if unknown)."""
-        member = self._members.get(instance)
-        return len(member.keys) if member is not None else 0
-
-    def instances(self) -> list[InstanceInfo]:
-        """Every registration, sorted by instance id."""
-        return [InstanceInfo(m.instance, m.namespace, m.address, m.epoch, len(m.keys),
-                             dict(m.counters))
-                for _, m in sorted(self._members.items())]
-
     def lookup(self, namespace: Namespace, keys: Sequence[ChunkKey]) -> list[Holder]:
-        """Instances holding ``keys[0:run]`` contiguously, run >= 1, longest run first."""
-        table = self._holders.get(namespace)
+        """Instances holding ``keys[0:run]`` contiguously, run >= 1, longest run first.
+
+        O(len(keys)): one dict probe and a few int operations per key.
+        """
+        table = self._tables.get(namespace)
         if not table or not keys:
             return []
-        active = table.get(keys[0], ())
+        get = table.get
+        active = get(keys[0], 0)
         runs: dict[int, int] = {}
-        for i in range(1, len(keys)):
-            if not active:
-                break
-            holders = table.get(keys[i], ())
-            still = tuple(h for h in active if h in holders)
-            for h in active:
-                if h not in still:
+        i = 1
+        n = len(keys)
+        while active and i < n:
+            still = active & get(keys[i], 0)
+            if still != active:
+                for h in _bits(active & ~still):
                     runs[h] = i
-            active = still
-        for h in active:
-            runs[h] = len(keys)
-        result = [Holder(self._by_handle[h].instance, self._by_handle[h].address, run)
-                  for h, run in runs.items()]
+                active = still
+            i += 1
+        for h in _bits(active):
+            runs[h] = i
+        members = self._by_handle
+        result = [Holder(members[h].instance, members[h].address, run) for h, run in runs.items()]
         result.sort(key=lambda holder: (-holder.run, holder.instance))
         return result
 
-    def _member(self, instance: InstanceId) -> _Member:
+    # -- views ------------------------------------------------------------------------------
+
+    def instances(self, now: float) -> list[InstanceInfo]:
+        """Every registration, sorted by instance id."""
+        return [InstanceInfo(instance=m.instance, namespace=m.namespace, address=m.address,
+                             epoch=m.epoch, chunks=len(m.keys), counters=dict(m.counters),
+                             probe=m.probe, capabilities=list(m.capabilities),
+                             lease_left_ms=int((m.expires_at - now) * 1000))
+                for _, m in sorted(self._members.items())]
+
+    def members(self) -> Iterator[Member]:
+        return iter(list(self._members.values()))
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _live(self, instance: InstanceId, epoch: int | None) -> Member:
         member = self._members.get(instance)
-        if member is None:
-            raise DirectoryIndexError(f"unknown instance {instance} (Register first)")
+        if member is None or (epoch is not None and epoch > member.epoch):
+            raise DirectoryIndexError(Status.UNKNOWN_INSTANCE,
+                                      f"unknown instance {instance} (Register first)")
+        if epoch is not None and epoch < member.epoch:
+            raise DirectoryIndexError(Status.STALE_EPOCH,
+                                      f"instance {instance} epoch {epoch} was replaced by "
+                                      f"epoch {member.epoch}")
         return member
 
-    def _add(self, member: _Member, keys: Iterable[ChunkKey]) -> None:
-        table = self._holders.setdefault(member.namespace, {})
-        for key in keys:
-            if key in member.keys:
-                continue
-            member.keys.add(key)
-            table[key] = table.get(key, ()) + (member.handle,)
+    def _take_handle(self) -> int:
+        if self._free_handles:
+            return heapq.heappop(self._free_handles)
+        self._next_handle += 1
+        return self._next_handle - 1
 
-    def _remove(self, member: _Member, keys: Iterable[ChunkKey]) -> None:
-        table = self._holders.get(member.namespace)
+    def _add(self, member: Member, keys: Iterable[ChunkKey]) -> None:
+        table = self._tables.setdefault(member.namespace, {})
+        bit = 1 << member.handle
+        mine = member.keys
+        for key in keys:
+            if key in mine:
+                continue
+            mine.add(key)
+            table[key] = table.get(key, 0) | bit
+
+    def _remove(self, member: Member, keys: Iterable[ChunkKey]) -> None:
+        table = self._tables.get(member.namespace)
         if table is None:
             return
+        clear = ~(1 << member.handle)
+        mine = member.keys
         for key in keys:
-            if key not in member.keys:
+            if key not in mine:
                 continue
-            member.keys.discard(key)
-            rest = tuple(h for h in table[key] if h != member.handle)
+            mine.discard(key)
+            rest = table[key] & clear
             if rest:
                 table[key] = rest
             else:
                 del table[key]
         if not table:
-            del self._holders[member.namespace]
+            del self._tables[member.namespace]
+
+
+def _bits(mask: int) -> Iterator[int]:
+    while mask:
+        low = mask & -mask
+        yield low.bit_length() - 1
+        mask ^= low

@@ -18,10 +18,14 @@ import msgspec
 
 from p2pkv.keys import MAX_KEY_BYTES, ChunkKey, InstanceId, Namespace
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 # History (bump on any change a peer of the other version would misread):
 #   1  walking skeleton: Register, Publish, Lookup, Report, Stats, Unregister;
 #      Ok, Error, LookupReply, StatsReply.
+#   2  leases and trust: Register carries probe + capabilities and is answered by
+#      RegisterReply (heartbeat interval); Publish carries a per-registration seq and a
+#      reset flag (snapshot); Heartbeat; Snapshot/SnapshotReply and the change-feed events;
+#      every reply has status + reason; StatsReply/InstanceInfo grew fields.
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """Largest encoded message either side accepts."""
@@ -35,6 +39,8 @@ MAX_NAME_CHARS = 256
 MAX_COUNTERS = 256
 """Most counters in one Report."""
 
+MAX_CAPABILITIES = 16
+
 _U63 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 _I64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 _Key = Annotated[ChunkKey, msgspec.Meta(min_length=1, max_length=MAX_KEY_BYTES)]
@@ -43,9 +49,29 @@ _Instance = Annotated[InstanceId, msgspec.Meta(min_length=1, max_length=MAX_NAME
 _Namespace = Annotated[Namespace, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
 # Data-plane address of an instance's transport server: "host:port" ("[v6]:port" works too).
 _Address = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS, pattern=r"^\S+:[0-9]{1,5}$")]
-_CounterName = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
-_Counters = Annotated[dict[_CounterName, _I64], msgspec.Meta(max_length=MAX_COUNTERS)]
+_Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
+_Probe = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
+_Counters = Annotated[dict[_Name, _I64], msgspec.Meta(max_length=MAX_COUNTERS)]
+_Capabilities = Annotated[list[_Name], msgspec.Meta(max_length=MAX_CAPABILITIES)]
 _Reason = Annotated[str, msgspec.Meta(max_length=4096)]
+
+
+class Status:
+    """Values of a reply's ``status``: ``OK`` or why the request was refused."""
+
+    OK = "ok"
+    BAD_REQUEST = "bad_request"
+    VERSION = "version_mismatch"
+    UNKNOWN_INSTANCE = "unknown_instance"
+    """Register first (or again: the lease expired or the directory restarted)."""
+    STALE_EPOCH = "stale_epoch"
+    """A newer process of the same instance is registered; this one is stale."""
+    SEQ_GAP = "seq_gap"
+    """Publishes were lost; resend the full key set (Publish with reset=True)."""
+    PROBE_MISMATCH = "probe_mismatch"
+    """The namespace's other members hash differently; this instance is refused."""
+    WRONG_NAMESPACE = "wrong_namespace"
+    INTERNAL = "internal_error"
 
 
 class ProtocolError(ValueError):
@@ -59,31 +85,57 @@ class _Message(msgspec.Struct, tag_field="t", kw_only=True, frozen=True):
 
 class _Reply(_Message, kw_only=True, frozen=True):
     directory_epoch: _U63 = 0
+    status: _Name = Status.OK
+    reason: _Reason = ""
 
 
 # --- requests (client -> directory) -------------------------------------------------------
 
 
 class Register(_Message, tag="reg", frozen=True):
-    """An instance announces itself; a new ``epoch`` (restarted process) drops its old keys."""
+    """An instance announces itself (answered by RegisterReply or Error).
+
+    One registration per instance id, with one data-plane address: a multi-rank instance
+    registers each rank under its own id (``engine/rank``), since each rank is its own
+    namespace anyway (the TP rank is part of the fingerprint). A higher ``epoch`` (a
+    restarted process) drops the old keys at once; a lower one is refused (STALE_EPOCH).
+    ``probe`` must equal the probe of every other member of the namespace (PROBE_MISMATCH).
+    """
 
     instance: _Instance
     epoch: _U63
     namespace: _Namespace
     address: _Address
+    probe: _Probe = ""
+    capabilities: _Capabilities = []
 
 
 class Publish(_Message, tag="pub", frozen=True):
-    """Keys an instance's store gained and lost since its last Publish."""
+    """Keys an instance's store gained and lost since its previous Publish.
+
+    ``seq`` counts the registration's publishes from 1; the directory answers a gap with
+    SEQ_GAP and ignores the message. ``reset=True`` (any seq) first drops every key the
+    instance held: the first message of a full snapshot.
+    """
 
     instance: _Instance
     namespace: _Namespace
     added: _Keys
     removed: _Keys
+    seq: _U63 = 0
+    reset: bool = False
 
     def __post_init__(self) -> None:
         if len(self.added) + len(self.removed) > MAX_KEYS_PER_MESSAGE:
             raise ValueError(f"Publish carries more than {MAX_KEYS_PER_MESSAGE} keys")
+
+
+class Heartbeat(_Message, tag="hb", frozen=True):
+    """Renews the lease; ``seq`` is the last Publish seq sent, so lost publishes show."""
+
+    instance: _Instance
+    epoch: _U63
+    seq: _U63 = 0
 
 
 class Lookup(_Message, tag="look", frozen=True):
@@ -110,6 +162,12 @@ class Unregister(_Message, tag="unreg", frozen=True):
     instance: _Instance
 
 
+class Snapshot(_Message, tag="snap", frozen=True):
+    """Ask for the whole state (the change feed's late-joiner path, as in ZeroMQ's Clone
+    pattern); answered by one or more SnapshotReply with the same rid, the last with
+    ``last=True``."""
+
+
 # --- replies (directory -> client) --------------------------------------------------------
 
 
@@ -121,15 +179,26 @@ class Holder(msgspec.Struct, frozen=True):
     run: _U63
 
 
-class InstanceInfo(msgspec.Struct, frozen=True):
-    """One registered instance as reported by Stats."""
+class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One registered instance as reported by Stats and Snapshot."""
 
     instance: _Instance
     namespace: _Namespace
     address: _Address
     epoch: _U63
     chunks: _U63
-    counters: _Counters
+    counters: _Counters = {}
+    probe: _Probe = ""
+    capabilities: _Capabilities = []
+    lease_left_ms: _I64 = 0
+
+
+class Holding(msgspec.Struct, frozen=True):
+    """Part of one instance's keys, in a SnapshotReply."""
+
+    instance: _Instance
+    namespace: _Namespace
+    keys: _Keys
 
 
 class Ok(_Reply, tag="ok", frozen=True):
@@ -137,9 +206,17 @@ class Ok(_Reply, tag="ok", frozen=True):
 
 
 class Error(_Reply, tag="err", frozen=True):
-    """The request was refused; ``reason`` is meant for a human (and a log line)."""
+    """The request was refused; ``status`` says why for programs, ``reason`` for humans."""
 
-    reason: _Reason
+    status: _Name = Status.BAD_REQUEST
+
+
+class RegisterReply(_Reply, tag="regr", frozen=True):
+    """Registered; renew the lease every ``heartbeat_ms`` (it expires after
+    ``heartbeat_ms * liveness``)."""
+
+    heartbeat_ms: _U63
+    liveness: _U63
 
 
 class LookupReply(_Reply, tag="lookr", frozen=True):
@@ -149,18 +226,72 @@ class LookupReply(_Reply, tag="lookr", frozen=True):
 
 
 class StatsReply(_Reply, tag="statsr", frozen=True):
-    """Members and lookup totals since the directory started."""
+    """Members and totals since the directory started."""
 
     instances: Annotated[list[InstanceInfo], msgspec.Meta(max_length=MAX_KEYS_PER_MESSAGE)]
     lookups: _U63
     keys_looked_up: _U63
     keys_hit: _U63
     rejected: _U63
+    chunks: _U63 = 0
+    expirations: _U63 = 0
+    heartbeats: _U63 = 0
+    publishes: _U63 = 0
+    feed_seq: _U63 = 0
+    feed_endpoint: str = ""
+    secure: bool = False
 
 
-Request = Union[Register, Publish, Lookup, Report, Stats, Unregister]
-Reply = Union[Ok, Error, LookupReply, StatsReply]
+class SnapshotReply(_Reply, tag="snapr", frozen=True):
+    """One part of the state as of change-feed event ``feed_seq``: apply feed events with a
+    higher seq on top. ``instances`` comes in the first part, ``holdings`` in all."""
+
+    feed_seq: _U63
+    feed_endpoint: str
+    instances: Annotated[list[InstanceInfo], msgspec.Meta(max_length=MAX_KEYS_PER_MESSAGE)]
+    holdings: Annotated[list[Holding], msgspec.Meta(max_length=MAX_KEYS_PER_MESSAGE)]
+    last: bool
+
+
+# --- change feed (directory PUB -> subscribers), one message per frame ---------------------
+
+
+class _Event(msgspec.Struct, tag_field="t", kw_only=True, frozen=True):
+    v: _U63 = PROTOCOL_VERSION
+    seq: _U63
+    """Consecutive from 1 per directory run (``directory_epoch``); a gap means events lost."""
+    directory_epoch: _U63
+
+
+class InstanceJoined(_Event, tag="joined", frozen=True):
+    instance: _Instance
+    epoch: _U63
+    namespace: _Namespace
+    address: _Address
+
+
+class InstanceLeft(_Event, tag="left", frozen=True):
+    """``why``: "unregistered", "expired" or "replaced" (a new epoch registered)."""
+
+    instance: _Instance
+    epoch: _U63
+    why: _Name
+
+
+class ChunksChanged(_Event, tag="chunks", frozen=True):
+    """``reset``: drop every key the instance held before applying ``added``/``removed``."""
+
+    instance: _Instance
+    namespace: _Namespace
+    added: _Keys
+    removed: _Keys
+    reset: bool = False
+
+
+Request = Union[Register, Publish, Heartbeat, Lookup, Report, Stats, Unregister, Snapshot]
+Reply = Union[Ok, Error, RegisterReply, LookupReply, StatsReply, SnapshotReply]
 Message = Union[Request, Reply]
+FeedEvent = Union[InstanceJoined, InstanceLeft, ChunksChanged]
 
 
 class _Header(msgspec.Struct):
@@ -174,9 +305,10 @@ class _Header(msgspec.Struct):
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Message)
 _HEADER_DECODER = msgspec.msgpack.Decoder(_Header)
+_EVENT_DECODER = msgspec.msgpack.Decoder(FeedEvent)
 
 
-def encode(msg: Message) -> bytes:
+def encode(msg: Message | FeedEvent) -> bytes:
     """Serialize one message (raises TypeError for values msgpack cannot carry)."""
     return _ENCODER.encode(msg)
 
@@ -214,3 +346,13 @@ def version_mismatch_reason(peer_version: int) -> str:
     """The Error reason sent to a peer that speaks another protocol version."""
     return (f"protocol version mismatch: message is v{peer_version}, "
             f"directory speaks v{PROTOCOL_VERSION}")
+
+
+def decode_event(data: bytes | memoryview) -> FeedEvent:
+    """Parse one change-feed message; raises :class:`ProtocolError`."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"event of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        return _EVENT_DECODER.decode(data)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"malformed event: {e}") from None

@@ -1,10 +1,15 @@
-"""The directory service: one ZeroMQ ROUTER socket and one loop in front of a DirectoryIndex.
+"""The directory service: one ZeroMQ ROUTER loop in front of a DirectoryIndex.
 
 Run by ``p2pkv directory`` (via :func:`run_directory`), by launch scripts and by tests
-(``python -m p2pkv.directory.server --bind tcp://127.0.0.1:0 --ready-file F``). The loop is
-``poll -> receive batch -> handle each -> reply``; the step that will purge expired leases and
-feed the change stream (a later issue) slots in after the batch. Bad input from the network is
-answered with an Error when a reply is possible, counted in ``rejected``, and never raises.
+(``python -m p2pkv.directory.server --bind tcp://127.0.0.1:0 --ready-file F``). One thread,
+one loop with named steps: ``poll -> handle requests -> answer ZAP -> track subscribers ->
+purge expired leases``. Every state change is also published on the change feed (an XPUB
+socket, events numbered from 1; a late subscriber asks for a Snapshot and applies events with
+a higher seq, as in the ZeroMQ guide's Clone pattern). Bad input from the network is answered
+with an Error when a reply is possible, counted, and never raises.
+
+Liveness constants derive from each other: an instance heartbeats every
+``heartbeat_interval_s`` and expires after ``heartbeat_interval_s * liveness`` of silence.
 """
 
 from __future__ import annotations
@@ -14,73 +19,161 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import FrameType
 
+import msgspec
 import zmq
 
-from p2pkv.directory import protocol
-from p2pkv.directory.index import DirectoryIndex, DirectoryIndexError
+from p2pkv.directory import auth, protocol
+from p2pkv.directory.index import DirectoryIndex, DirectoryIndexError, Member
 from p2pkv.directory.protocol import (
-    PROTOCOL_VERSION, Error, Lookup, LookupReply, Ok, ProtocolError, Publish, Register, Reply,
-    Report, Stats, StatsReply, Unregister,
+    MAX_KEYS_PER_MESSAGE, PROTOCOL_VERSION, ChunksChanged, Error, FeedEvent, Heartbeat, Holding,
+    InstanceJoined, InstanceLeft, Lookup, LookupReply, Ok, ProtocolError, Publish, Register,
+    RegisterReply, Reply, Report, Snapshot, SnapshotReply, Stats, StatsReply, Status, Unregister,
 )
+from p2pkv.errors import ConfigError
+from p2pkv.secret import ClusterSecret
 
 logger = logging.getLogger(__name__)
 
+HEARTBEAT_INTERVAL_S = 1.0
+HEARTBEAT_LIVENESS = 5
+"""Missed heartbeats before a lease expires (generous: a busy vLLM process can stall its
+heartbeat thread for a moment, and expiry costs a full republish)."""
+
 POLL_INTERVAL_MS = 100
-"""Longest the loop sleeps before it looks at its stop event again."""
+"""Longest the loop sleeps before it looks at its stop event and the leases again."""
 
 MAX_BATCH = 1000
-"""Most messages handled per poll wake-up, so a flood cannot starve the stop check."""
+"""Most messages handled per poll wake-up, so a flood cannot starve the other steps."""
 
 HARD_FRAME_LIMIT = 4 * protocol.MAX_MESSAGE_BYTES
 """ZeroMQ disconnects a peer sending a frame above this (uncounted: no reply is possible).
 Frames between MAX_MESSAGE_BYTES and this get a counted Error reply."""
 
+SNAPSHOT_KEYS_PER_PART = MAX_KEYS_PER_MESSAGE // 2
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+_BAD_INPUT = frozenset({Status.BAD_REQUEST, Status.VERSION, Status.INTERNAL})
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    bind: str = "tcp://127.0.0.1:0"
+    feed_bind: str = ""
+    """Change-feed endpoint; default: the bind host on a free port."""
+    secret: ClusterSecret | None = None
+    """With a secret: CURVE on both sockets, only members get in. Without: loopback only."""
+    insecure_any_address: bool = False
+    heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
+    liveness: int = HEARTBEAT_LIVENESS
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval_s <= 0 or self.liveness < 1:
+            raise ConfigError("heartbeat interval must be positive and liveness at least 1")
+        for endpoint in (self.bind, self.feed_bind or self.bind):
+            auth.check_bind(endpoint, self.secret, self.insecure_any_address)
+
+    @property
+    def lease_s(self) -> float:
+        return self.heartbeat_interval_s * self.liveness
+
+
+@dataclass(slots=True)
+class ServerCounters:
+    lookups: int = 0
+    keys_looked_up: int = 0
+    keys_hit: int = 0
+    publishes: int = 0
+    heartbeats: int = 0
+    expirations: int = 0
+    rejected: int = 0
+    """Bad input: undecodable, wrong version, wrong frame count, internal error."""
+    auth_refused: int = 0
+
 
 class DirectoryServer:
-    """Binds on construction (``.endpoint`` is the real address); :meth:`serve` runs the loop.
+    """Binds on construction (``.endpoint``, ``.feed_endpoint`` are the real addresses);
+    :meth:`serve` runs the loop.
 
     Not thread-safe: construct, then call :meth:`serve` from one thread and stop it through
-    the event; :meth:`close` after serve returns.
+    the event; :meth:`close` after serve returns. Counters may be read from other threads
+    (metrics): ints, replaced atomically under the GIL.
     """
 
-    def __init__(self, bind: str, *, context: zmq.Context | None = None,
+    def __init__(self, config: ServerConfig, *, clock: Callable[[], float] = time.monotonic,
                  directory_epoch: int | None = None) -> None:
-        self._own_context = context is None
-        self._context = context if context is not None else zmq.Context()
-        self._socket = self._context.socket(zmq.ROUTER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
+        self.config = config
+        self._clock = clock
+        self._context = zmq.Context()
+        self._zap: zmq.Socket | None = None
+        self._allowed_key: bytes | None = None
         try:
-            self._socket.bind(bind)
-        except zmq.ZMQError:
-            self.close()
+            if config.secret is not None:
+                self._zap = self._context.socket(zmq.REP)
+                self._zap.bind(ZAP_ENDPOINT)
+                self._allowed_key = zmq.utils.z85.decode(auth.client_keys(config.secret).public)
+            self._socket = self._bound(zmq.ROUTER, config.bind)
+            self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._feed = self._bound(zmq.XPUB, config.feed_bind or _port0(self.endpoint))
+            self.feed_endpoint: str = self._feed.getsockopt_string(zmq.LAST_ENDPOINT)
+        except (zmq.ZMQError, ConfigError):
+            self._context.destroy(linger=0)
             raise
-        self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         # Wall-clock nanoseconds: distinct across restarts and increasing, so a client can tell
         # that the directory it talks to lost its state.
         self.directory_epoch: int = (directory_epoch if directory_epoch is not None
                                      else time.time_ns())
-        self.index = DirectoryIndex()
-        self.lookups = 0
-        self.keys_looked_up = 0
-        self.keys_hit = 0
-        self.rejected = 0
+        self.index = DirectoryIndex(config.lease_s)
+        self.counters = ServerCounters()
+        self.refusals: Counter[str] = Counter()
+        self.feed_seq = 0
+        self._subscribers = 0
+        self._next_purge = 0.0
+
+    def _bound(self, kind: int, endpoint: str) -> zmq.Socket:
+        sock = self._context.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
+        if self.config.secret is not None:
+            auth.secure_server_socket(sock, self.config.secret)
+        sock.bind(endpoint)
+        return sock
+
+    @property
+    def secure(self) -> bool:
+        return self.config.secret is not None
 
     def serve(self, stop: threading.Event) -> None:
         """Answer requests until ``stop`` is set (checked at least every POLL_INTERVAL_MS)."""
-        logger.info("directory serving on %s (epoch %s)", self.endpoint, self.directory_epoch)
+        logger.info("directory serving on %s, feed %s (epoch %s, lease %.1f s = %g s x %d, %s)",
+                    self.endpoint, self.feed_endpoint, self.directory_epoch,
+                    self.config.lease_s, self.config.heartbeat_interval_s, self.config.liveness,
+                    "CURVE, members only" if self.secure else
+                    "UNAUTHENTICATED: anyone who can reach it may use it")
+        poller = zmq.Poller()
+        for sock in (self._socket, self._feed, self._zap):
+            if sock is not None:
+                poller.register(sock, zmq.POLLIN)
         while not stop.is_set():
-            if self._socket.poll(POLL_INTERVAL_MS, zmq.POLLIN):
+            ready = dict(poller.poll(POLL_INTERVAL_MS))
+            if self._zap is not None and self._zap in ready:
+                self._answer_zap()
+            if self._feed in ready:
+                self._track_subscribers()
+            if self._socket in ready:
                 self._handle_batch()
+            self._purge_expired()
         logger.info("directory on %s stopping", self.endpoint)
 
     def close(self) -> None:
-        """Close the socket (and the context if this server created it)."""
-        self._socket.close(linger=0)
-        if self._own_context:
-            self._context.term()
+        """Close the sockets and the context."""
+        self._context.destroy(linger=0)
+
+    # -- steps ------------------------------------------------------------------------------
 
     def _handle_batch(self) -> None:
         for _ in range(MAX_BATCH):
@@ -88,82 +181,202 @@ class DirectoryServer:
                 frames = self._socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            envelope, reply = self._handle_frames(frames)
-            if envelope:
+            envelope, replies = self._handle_frames(frames)
+            for reply in replies:
                 self._send(envelope, reply)
 
-    def _handle_frames(self, frames: list[bytes]) -> tuple[list[bytes], Reply]:
-        """Split the ROUTER envelope and answer the body; an empty envelope means no reply."""
+    def _answer_zap(self) -> None:
+        """ZAP (RFC 27) inside the loop: allow exactly the members' client key."""
+        assert self._zap is not None
+        while True:
+            try:
+                frames = self._zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            request_id = frames[1] if len(frames) > 1 else b""
+            mechanism = frames[5] if len(frames) > 5 else b""
+            ok = mechanism == b"CURVE" and len(frames) > 6 and frames[6] == self._allowed_key
+            if not ok:
+                self.counters.auth_refused += 1
+                address = frames[3].decode(errors="replace") if len(frames) > 3 else "?"
+                logger.warning("refused a %s connection from %s: not a cluster member "
+                               "(wrong or no secret)", mechanism.decode(errors="replace"),
+                               address)
+            self._zap.send_multipart([b"1.0", request_id, b"200" if ok else b"400",
+                                      b"OK" if ok else b"not a cluster member", b"", b""])
+
+    def _track_subscribers(self) -> None:
+        while True:
+            try:
+                msg = self._feed.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if msg[:1] == b"\x01":
+                self._subscribers += 1
+            elif msg[:1] == b"\x00":
+                self._subscribers = max(0, self._subscribers - 1)
+
+    def _purge_expired(self) -> None:
+        now = self._clock()
+        if now < self._next_purge:
+            return
+        self._next_purge = now + min(self.config.heartbeat_interval_s / 4, 0.25)
+        for member in self.index.expire(now):
+            self.counters.expirations += 1
+            logger.info("lease of %s epoch %s expired (%d keys dropped)", member.instance,
+                        member.epoch, len(member.keys))
+            self._left(member, "expired")
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _handle_frames(self, frames: list[bytes]) -> tuple[list[bytes], list[Reply]]:
+        """Split the ROUTER envelope and answer the body."""
         # DEALER peers send [body]; REQ peers send ["", body]. ROUTER prepends the identity.
         if len(frames) == 2:
             envelope, body = frames[:1], frames[1]
         elif len(frames) == 3 and frames[1] == b"":
             envelope, body = frames[:2], frames[2]
         else:
-            return frames[:1], self._reject(0, f"expected one message frame, got {len(frames) - 1}")
+            return frames[:1], [self._refuse(0, Status.BAD_REQUEST,
+                                             f"expected one message frame, got {len(frames) - 1}")]
         if len(body) > protocol.MAX_MESSAGE_BYTES:
-            return envelope, self._reject(
-                0, f"message of {len(body)} bytes exceeds {protocol.MAX_MESSAGE_BYTES}")
+            return envelope, [self._refuse(0, Status.BAD_REQUEST, f"message of {len(body)} "
+                                           f"bytes exceeds {protocol.MAX_MESSAGE_BYTES}")]
         try:
             return envelope, self._handle(body)
         except Exception:  # noqa: BLE001 - one bad message must never stop the directory
             logger.exception("internal error handling a message")
-            return envelope, self._reject(0, "internal error in the directory")
+            return envelope, [self._refuse(0, Status.INTERNAL, "internal error in the directory")]
 
-    def _handle(self, body: bytes) -> Reply:
+    def _handle(self, body: bytes) -> list[Reply]:
         try:
             msg = protocol.decode(body)
         except ProtocolError as e:
             header = protocol.peek_header(body)
             if header is None:
-                return self._reject(0, str(e))
+                return [self._refuse(0, Status.BAD_REQUEST, str(e))]
             v, rid = header
             rid = rid if 0 <= rid < 2**63 else 0
             if v != PROTOCOL_VERSION:
-                return self._reject(rid, protocol.version_mismatch_reason(v))
-            return self._reject(rid, str(e))
+                return [self._refuse(rid, Status.VERSION, protocol.version_mismatch_reason(v))]
+            return [self._refuse(rid, Status.BAD_REQUEST, str(e))]
         if msg.v != PROTOCOL_VERSION:
-            return self._reject(msg.rid, protocol.version_mismatch_reason(msg.v))
+            return [self._refuse(msg.rid, Status.VERSION, protocol.version_mismatch_reason(msg.v))]
         rid = msg.rid
+        now = self._clock()
         try:
             match msg:
-                case Register():
-                    self.index.register(msg.instance, msg.epoch, msg.namespace, msg.address)
-                case Publish():
-                    self.index.publish(msg.instance, msg.namespace, msg.added, msg.removed)
                 case Lookup():
-                    return self._lookup(msg)
+                    return [self._lookup(msg)]
+                case Publish():
+                    self.index.publish(msg.instance, msg.namespace, msg.seq, msg.reset,
+                                       msg.added, msg.removed, now)
+                    self.counters.publishes += 1
+                    if self._subscribers:
+                        self._emit(ChunksChanged(
+                            seq=0, directory_epoch=0, instance=msg.instance,
+                            namespace=msg.namespace, added=msg.added, removed=msg.removed,
+                            reset=msg.reset))
+                case Heartbeat():
+                    self.counters.heartbeats += 1
+                    self.index.heartbeat(msg.instance, msg.epoch, msg.seq, now)
+                case Register():
+                    return [self._register(msg, now)]
                 case Report():
-                    self.index.set_counters(msg.instance, msg.counters)
+                    self.index.set_counters(msg.instance, msg.counters, now)
                 case Stats():
-                    return self._stats(rid)
+                    return [self._stats(rid, now)]
+                case Snapshot():
+                    return self._snapshot(rid, now)
                 case Unregister():
-                    self.index.drop_instance(msg.instance)
+                    member = self.index.drop(msg.instance)
+                    if member is not None:
+                        self._left(member, "unregistered")
                 case _:
-                    return self._reject(rid, f"{type(msg).__name__} is not a request")
+                    return [self._refuse(rid, Status.BAD_REQUEST,
+                                         f"{type(msg).__name__} is not a request")]
         except DirectoryIndexError as e:
-            return self._reject(rid, str(e))
-        return Ok(rid=rid, directory_epoch=self.directory_epoch)
+            return [self._refuse(rid, e.status, str(e))]
+        return [Ok(rid=rid, directory_epoch=self.directory_epoch)]
+
+    def _register(self, msg: Register, now: float) -> RegisterReply:
+        outcome = self.index.register(msg.instance, msg.epoch, msg.namespace, msg.address,
+                                      msg.probe, msg.capabilities, now)
+        if outcome.replaced is not None:
+            self._left(outcome.replaced, "replaced")
+        if outcome.joined:
+            self._emit(InstanceJoined(seq=0, directory_epoch=0, instance=msg.instance,
+                                      epoch=msg.epoch, namespace=msg.namespace,
+                                      address=msg.address))
+        return RegisterReply(rid=msg.rid, directory_epoch=self.directory_epoch,
+                             heartbeat_ms=int(self.config.heartbeat_interval_s * 1000),
+                             liveness=self.config.liveness)
 
     def _lookup(self, msg: Lookup) -> LookupReply:
         holders = self.index.lookup(msg.namespace, msg.keys)
-        self.lookups += 1
-        self.keys_looked_up += len(msg.keys)
-        self.keys_hit += holders[0].run if holders else 0
-        logger.debug("lookup %s keys in %s: %s holders", len(msg.keys), msg.namespace,
-                     len(holders))
+        c = self.counters
+        c.lookups += 1
+        c.keys_looked_up += len(msg.keys)
+        c.keys_hit += holders[0].run if holders else 0
         return LookupReply(rid=msg.rid, directory_epoch=self.directory_epoch, holders=holders)
 
-    def _stats(self, rid: int) -> StatsReply:
+    def _stats(self, rid: int, now: float) -> StatsReply:
+        c = self.counters
         return StatsReply(rid=rid, directory_epoch=self.directory_epoch,
-                          instances=self.index.instances(), lookups=self.lookups,
-                          keys_looked_up=self.keys_looked_up, keys_hit=self.keys_hit,
-                          rejected=self.rejected)
+                          instances=self.index.instances(now), lookups=c.lookups,
+                          keys_looked_up=c.keys_looked_up, keys_hit=c.keys_hit,
+                          rejected=c.rejected, chunks=self.index.num_chunks,
+                          expirations=c.expirations, heartbeats=c.heartbeats,
+                          publishes=c.publishes, feed_seq=self.feed_seq,
+                          feed_endpoint=self.feed_endpoint, secure=self.secure)
 
-    def _reject(self, rid: int, reason: str) -> Error:
-        self.rejected += 1
-        logger.debug("rejected request %s: %s", rid, reason)
-        return Error(rid=rid, directory_epoch=self.directory_epoch, reason=reason[:4096])
+    def _snapshot(self, rid: int, now: float) -> list[Reply]:
+        """The whole state as parts of at most SNAPSHOT_KEYS_PER_PART keys."""
+        parts: list[list[Holding]] = [[]]
+        room = SNAPSHOT_KEYS_PER_PART
+        for member in self.index.members():
+            keys = list(member.keys)
+            start = 0
+            while start < len(keys) or start == 0:
+                if room == 0:
+                    parts.append([])
+                    room = SNAPSHOT_KEYS_PER_PART
+                take = keys[start:start + room]
+                parts[-1].append(Holding(member.instance, member.namespace, take))
+                room -= len(take)
+                start += max(1, len(take))
+        instances = self.index.instances(now)
+        return [SnapshotReply(rid=rid, directory_epoch=self.directory_epoch,
+                              feed_seq=self.feed_seq, feed_endpoint=self.feed_endpoint,
+                              instances=instances if i == 0 else [], holdings=part,
+                              last=i == len(parts) - 1)
+                for i, part in enumerate(parts)]
+
+    # -- feed and replies -------------------------------------------------------------------
+
+    def _left(self, member: Member, why: str) -> None:
+        self._emit(InstanceLeft(seq=0, directory_epoch=0, instance=member.instance,
+                                epoch=member.epoch, why=why))
+
+    def _emit(self, event: FeedEvent) -> None:
+        # NOTE: seq advances even with no subscriber, so a Snapshot's feed_seq always names
+        # the state it shows; encoding is skipped then (the costly part).
+        self.feed_seq += 1
+        if not self._subscribers:
+            return
+        event = _with_seq(event, self.feed_seq, self.directory_epoch)
+        try:
+            self._feed.send(protocol.encode(event), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # XPUB drops for slow subscribers; they see the seq gap and resync
+
+    def _refuse(self, rid: int, status: str, reason: str) -> Error:
+        self.refusals[status] += 1
+        if status in _BAD_INPUT:
+            self.counters.rejected += 1
+        logger.debug("refused request %s (%s): %s", rid, status, reason)
+        return Error(rid=rid, directory_epoch=self.directory_epoch, status=status,
+                     reason=reason[:4096])
 
     def _send(self, envelope: list[bytes], reply: Reply) -> None:
         try:
@@ -174,12 +387,25 @@ class DirectoryServer:
             logger.debug("dropped a reply to a slow or gone client")
 
 
-def run_directory(bind: str, ready_file: str | None = None) -> int:
+def _with_seq(event: FeedEvent, seq: int, epoch: int) -> FeedEvent:
+    return msgspec.structs.replace(event, seq=seq, directory_epoch=epoch)
+
+
+def _port0(endpoint: str) -> str:
+    """The same host as ``endpoint`` on a free port (for the feed's default)."""
+    if endpoint.startswith("tcp://"):
+        return endpoint.rsplit(":", 1)[0] + ":0"
+    return endpoint + ".feed"
+
+
+def run_directory(config: ServerConfig, ready_file: str | None = None,
+                  metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> int:
     """Serve until SIGINT/SIGTERM; the ``p2pkv directory`` command. Returns an exit code.
 
-    ``ready_file`` receives the real endpoint (one line) once bound, written atomically.
+    ``ready_file`` receives the real endpoint (one line) once bound, written atomically
+    (the feed endpoint is in every StatsReply and SnapshotReply). ``metrics_port`` starts a Prometheus endpoint.
     """
-    server = DirectoryServer(bind)
+    server = DirectoryServer(config)
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -190,12 +416,19 @@ def run_directory(bind: str, ready_file: str | None = None) -> int:
     previous = ({sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
                 if in_main_thread else {})
     try:
+        if metrics_port is not None:
+            from p2pkv.directory.metrics import start_metrics
+
+            port = start_metrics(server, metrics_host, metrics_port)
+            logger.info("Prometheus metrics on http://%s:%s/metrics", metrics_host, port)
         if ready_file:
             tmp = f"{ready_file}.tmp{os.getpid()}"
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(server.endpoint + "\n")
             os.replace(tmp, ready_file)
         logger.info("p2pkv directory listening on %s", server.endpoint)
+        if not server.secure:
+            logger.warning("p2pkv directory is UNAUTHENTICATED (no --secret-file)")
         server.serve(stop)
     finally:
         for sig, handler in previous.items():

@@ -11,6 +11,7 @@ WORKER in each worker process. Add to ``vllm serve``::
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -20,9 +21,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from p2pkv.affinity import unpin_current_thread
 from p2pkv.directory.client import DirectoryClient
 from p2pkv.errors import ConfigError
 from p2pkv.keys import InstanceId, Namespace, NamespaceSpec
+from p2pkv.secret import load_secret
 from p2pkv.transport.base import make_transport
 from p2pkv.vllm.config import ConnectorConfig
 from p2pkv.vllm.layout import KVLayout
@@ -70,6 +73,27 @@ def namespace_of(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig,
     return ns.fingerprint(), chunk_blocks
 
 
+def probe_hash(vllm_config: VllmConfig) -> str:
+    """A fingerprint of this process's NONE_HASH: the seed every vLLM block-hash chain starts
+    from. Two instances with different PYTHONHASHSEED (or a random per-process seed, which
+    vLLM uses for non-cryptographic algorithms without PYTHONHASHSEED) produce different block
+    hashes for the same prompt; the directory refuses an instance whose probe differs from its
+    namespace's, instead of letting it sit at a silent 0 % hit rate.
+
+    NOTE: NONE_HASH is set by ``init_none_hash`` in EngineCore; where it is not set yet in this
+    process it is computed the same way vLLM does (same algorithm, same seed resolution).
+    """
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core import kv_cache_utils
+
+    none_hash = getattr(kv_cache_utils, "NONE_HASH", None)
+    if none_hash is None:
+        hash_fn = get_hash_fn_by_name(vllm_config.cache_config.prefix_caching_hash_algo)
+        none_hash = hash_fn(kv_cache_utils.resolve_none_hash_seed(hash_fn))
+    # Hashed again so the directory never sees NONE_HASH itself (a secret seed's output).
+    return hashlib.sha256(b"p2pkv-probe/" + bytes(none_hash)).hexdigest()[:16]
+
+
 def _log_like_vllm(level: str) -> None:
     """Inside vLLM's processes, send p2pkv's log records to vLLM's handlers (once)."""
     ours, theirs = logging.getLogger("p2pkv"), logging.getLogger("vllm")
@@ -91,7 +115,11 @@ class P2PKVConnector(KVConnectorBase_V1):
             raise ConfigError("p2pkv does not support tensor_parallel_size > 1 yet")
         self._instance = InstanceId(str(ktc.engine_id))
         namespace, chunk_blocks = namespace_of(vllm_config, kv_cache_config, self._config, 0)
-        directory = DirectoryClient(self._config.directory)
+        secret = load_secret(self._config.secret_file) if self._config.secret_file else None
+        if secret is None:
+            logger.warning("p2pkv: no secret_file: directory traffic is unauthenticated")
+        directory = DirectoryClient(self._config.directory, secret=secret,
+                                    thread_init=unpin_current_thread)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
@@ -105,7 +133,8 @@ class P2PKVConnector(KVConnectorBase_V1):
                                        advertise_host=self._config.advertise_host or None)
             self._worker = WorkerSide(self._config, instance=self._instance,
                                       namespace=namespace, chunk_blocks=chunk_blocks,
-                                      transport=transport, directory=directory)
+                                      transport=transport, directory=directory,
+                                      probe=probe_hash(vllm_config))
         logger.info("p2pkv connector (%s) for instance %s, namespace %s, directory %s",
                     role.name, self._instance, namespace, self._config.directory)
 

@@ -1,7 +1,8 @@
 """Worker side of the connector (runs in each vLLM worker process).
 
-Owns this rank's chunk store and data-plane server, and a directory client used only from the
-worker's main thread (register, publish, report counters). Pulls run on a small thread pool,
+Owns this rank's chunk store and data-plane server, and a directory client that keeps this
+rank registered by itself (leases, re-registration, republishing: see
+``p2pkv.directory.client``); the worker only tells it what the store gained and lost. Pulls run on a small thread pool,
 straight into the blocks vLLM allocated; their outcomes are handed back to vLLM through
 ``get_finished`` / ``get_block_ids_with_load_errors`` (failed blocks are recomputed).
 Saves copy completed chunks out of the paged cache after the step's forward pass.
@@ -16,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from p2pkv.affinity import unpin_current_thread
-from p2pkv.directory.client import DirectoryClient
+from p2pkv.directory.client import DirectoryClient, Registration
 from p2pkv.keys import InstanceId, Namespace
 from p2pkv.store import ChunkStore
 from p2pkv.transport.base import Outcome, PullItem, Transport
@@ -41,7 +42,8 @@ class WorkerCounters:
 
 class WorkerSide:
     def __init__(self, config: ConnectorConfig, *, instance: InstanceId, namespace: Namespace,
-                 chunk_blocks: int, transport: Transport, directory: DirectoryClient) -> None:
+                 chunk_blocks: int, transport: Transport, directory: DirectoryClient,
+                 probe: str = "") -> None:
         self._config = config
         self._instance = instance
         self._namespace = namespace
@@ -57,19 +59,19 @@ class WorkerSide:
         self._failed_blocks: set[int] = set()
         self.counters = WorkerCounters()
         self._reported: dict[str, int] = {}
-        self._address = ""
-        self._epoch = time.time_ns()
-        self._need_register = True
-        self._registered_with: int | None = None  # directory_epoch our Register reached
+        self._probe = probe
+        self._epoch = time.time_ns()  # a restarted process registers a higher epoch
 
     def register_kv_caches(self, layout: KVLayout) -> None:
         self._layout = layout
         slot = layout.chunk_bytes(self._chunk_blocks)
         capacity = max(1, self._config.store_bytes // slot)
         self._store = ChunkStore(slot, capacity)
-        address = self._address = self._transport.serve(self._store)
-        self._directory.wait_connected(1.0)
-        self._sync_registration()
+        address = self._transport.serve(self._store)
+        self._directory.register(Registration(
+            instance=self._instance, epoch=self._epoch, namespace=self._namespace,
+            address=address, probe=self._probe,
+            capabilities=(type(self._transport).__name__,)), wait_connected_s=1.0)
         logger.info("p2pkv worker: %d layers, %d B per block, chunk %d B, store %d chunks, "
                     "serving on %s, namespace %s", layout.num_layers, layout.block_bytes,
                     slot, capacity, address, self._namespace)
@@ -161,26 +163,7 @@ class WorkerSide:
         removed = self._store.take_evicted()
         if added or removed:
             self.counters.chunks_saved += len(added)
-            if not self._sync_registration():  # a fresh registration republished everything
-                self._directory.publish(self._instance, self._namespace, added, removed)
-
-    def _sync_registration(self) -> bool:
-        """(Re-)register when never done or when the directory restarted, then republish the
-        whole store. Returns True if it did. Leases and heartbeats will replace this."""
-        seen = self._directory.directory_epoch
-        if self._registered_with is None and seen is not None and not self._need_register:
-            self._registered_with = seen
-        elif seen is not None and seen != self._registered_with:
-            self._need_register = True
-        if not self._need_register or self._store is None:
-            return False
-        if self._directory.register(self._instance, self._epoch, self._namespace,
-                                    self._address) < 0:
-            return False  # directory unreachable: try again at the next save or report
-        self._need_register = False
-        self._registered_with = seen
-        self._directory.publish(self._instance, self._namespace, self._store.keys())
-        return True
+            self._directory.publish(added, removed)
 
     # -- reporting ------------------------------------------------------------------------
 
@@ -189,12 +172,12 @@ class WorkerSide:
             if self._store is not None:
                 self.counters.chunks_served = self._store.counters.served
             now = asdict(self.counters)
-        self._sync_registration()
-        if now != self._reported and self._directory.report(self._instance, now) >= 0:
+        if now != self._reported:
+            self._directory.report(now)
             self._reported = now
 
     def shutdown(self) -> None:
-        self._directory.unregister(self._instance)
+        self._directory.unregister()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._transport.close()
         self._directory.close()
