@@ -117,16 +117,20 @@ def registered(*clients: DirectoryClient, timeout_s: float = 5.0) -> None:
         time.sleep(0.005)
 
 
-def lookup(client: DirectoryClient, keys: list[ChunkKey], ns: Namespace = NS) -> list[tuple]:
+def lookup(client: DirectoryClient, keys: list[ChunkKey], ns: Namespace = NS,
+           allow_none: bool = False) -> list[tuple] | None:
     reply = client.wait_lookup(client.start_lookup(ns, keys, timeout_s=5), max_wait_s=5)
+    if reply is None and allow_none:
+        return None
     assert isinstance(reply, LookupReply)
     return [(h.instance, h.address, h.run) for h in reply.holders]
 
 
 def wait_lookup_equals(client: DirectoryClient, keys: list[ChunkKey], want: list[tuple],
                        timeout_s: float = 5.0) -> None:
+    """Until a lookup answers ``want`` (lookups dropped while reconnecting are retried)."""
     deadline = time.monotonic() + timeout_s
-    while (got := lookup(client, keys)) != want:
+    while (got := lookup(client, keys, allow_none=True)) != want:
         assert time.monotonic() < deadline, got
         time.sleep(0.01)
 

@@ -15,6 +15,7 @@ import ipaddress
 from dataclasses import dataclass
 
 import zmq
+import zmq.utils.z85
 
 from p2pkv.errors import ConfigError
 from p2pkv.secret import ClusterSecret, derive

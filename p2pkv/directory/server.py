@@ -26,6 +26,7 @@ from types import FrameType
 
 import msgspec
 import zmq
+import zmq.utils.z85
 
 from p2pkv.directory import auth, protocol
 from p2pkv.directory.index import DirectoryIndex, DirectoryIndexError, Member
@@ -272,11 +273,10 @@ class DirectoryServer:
                     self.index.publish(msg.instance, msg.namespace, msg.seq, msg.reset,
                                        msg.added, msg.removed, now)
                     self.counters.publishes += 1
-                    if self._subscribers:
-                        self._emit(ChunksChanged(
-                            seq=0, directory_epoch=0, instance=msg.instance,
-                            namespace=msg.namespace, added=msg.added, removed=msg.removed,
-                            reset=msg.reset))
+                    self._emit(ChunksChanged(
+                        seq=0, directory_epoch=0, instance=msg.instance,
+                        namespace=msg.namespace, added=msg.added, removed=msg.removed,
+                        reset=msg.reset))
                 case Heartbeat():
                     self.counters.heartbeats += 1
                     self.index.heartbeat(msg.instance, msg.epoch, msg.seq, now)
