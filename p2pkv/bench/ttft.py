@@ -92,6 +92,7 @@ def run_config(name: str, requests: list[Request], model: Path, workdir: Path,
             cluster.start_directory()
         insts = [cluster.start_vllm(f"{name}-{i}", **CONFIGS[name]) for i in range(2)]
         wait_healthy(insts, timeout_s=600)
+        progress(0)
         records = []
         t0 = time.monotonic()
         for req in requests:
@@ -99,7 +100,7 @@ def run_config(name: str, requests: list[Request], model: Path, workdir: Path,
             c = complete(insts[req.instance].url, list(req.prompt))
             records.append(Record(name, req.workload, req.group, req.step, req.length,
                                   req.instance, c.ttft_s, c.total_s))
-            progress()
+            progress(1)
         wall = time.monotonic() - t0 - settle_s * len(requests)
         counters: dict = {}
         if CONFIGS[name]["connector"]:
@@ -110,21 +111,33 @@ def run_config(name: str, requests: list[Request], model: Path, workdir: Path,
     return records, {"busy_s": wall, **counters}
 
 
-def summarize(records: list[Record], extra: dict) -> dict:
-    def pct(xs, p):
-        xs = sorted(xs)
-        return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
+def kind(r) -> str:
+    """first: the document/conversation is new; other: it was last computed on the other
+    instance (a remote hit for p2pkv); same: it was computed on this instance before."""
+    if r.step == 0:
+        return "first"
+    if r.workload == "chat":
+        return "other"
+    return "other" if r.step == 1 else "same"
 
-    # The requests that can reuse KV from elsewhere: not the first touch of a document/user.
-    reuse = [r.ttft_s for r in records if r.step > 0]
+
+def _pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
+
+
+def summarize(records: list[Record], extra: dict) -> dict:
+    rows = {}
+    for r in records:
+        rows.setdefault(f"{r.workload}/{r.length if r.workload == 'qa' else 'all'}/{kind(r)}",
+                        []).append(r.ttft_s)
     return {
         "requests": len(records),
-        "ttft_p50_s": pct([r.ttft_s for r in records], 0.5),
-        "ttft_p90_s": pct([r.ttft_s for r in records], 0.9),
-        "ttft_p50_reuse_s": pct(reuse, 0.5),
-        "ttft_p50_first_s": pct([r.ttft_s for r in records if r.step == 0], 0.5),
-        "latency_p50_s": pct([r.total_s for r in records], 0.5),
+        "ttft_p50_s": _pct([r.ttft_s for r in records], 0.5),
+        "ttft_p90_s": _pct([r.ttft_s for r in records], 0.9),
+        "latency_p50_s": _pct([r.total_s for r in records], 0.5),
         "throughput_req_s": len(records) / max(extra.get("busy_s", 0.0), 1e-9),
+        "ttft_p50_by_row_s": {k: _pct(v, 0.5) for k, v in sorted(rows.items())},
         **{k: extra[k] for k in ("bytes_pulled", "chunks_pulled", "chunks_failed")
            if k in extra},
     }
@@ -168,8 +181,12 @@ def main(args: argparse.Namespace) -> int:
     with tqdm(total=len(requests) * len(configs), desc="requests", unit="req") as bar:
         for name in configs:
             bar.set_postfix_str(f"{name}: starting instances")
+            def progress(n: int, name: str = name) -> None:
+                bar.set_postfix_str(f"{name}: running")
+                bar.update(n)
+
             records, extra = run_config(name, requests, model, args.workdir, args.settle_s,
-                                        bar.update)
+                                        progress)
             results["configs"][name] = summarize(records, extra)
             results["records"] += [asdict(r) for r in records]
     _report(results, args.out)
@@ -179,18 +196,31 @@ def main(args: argparse.Namespace) -> int:
 def _report(results: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
-    cols = ["ttft_p50_s", "ttft_p90_s", "ttft_p50_first_s", "ttft_p50_reuse_s",
-            "latency_p50_s", "throughput_req_s"]
-    print(f"{'config':<8}" + "".join(f"{c:>18}" for c in cols) + f"{'MB pulled':>11}")
-    for name, s in results["configs"].items():
-        print(f"{name:<8}" + "".join(f"{s[c]:>18.3f}" for c in cols)
-              + f"{s.get('bytes_pulled', 0) / 1e6:>11.1f}")
-    reuse = {n: s["ttft_p50_reuse_s"] for n, s in results["configs"].items()}
-    if "p2pkv" in reuse:
-        for base in ("plain", "local"):
-            if base in reuse:
-                print(f"reuse TTFT p50: p2pkv is {reuse[base] / reuse['p2pkv']:.1f}x faster "
-                      f"than {base}")
+    configs = results["configs"]
+    names = list(configs)
+    print("TTFT p50 (s) by workload/length/kind "
+          "(first = new prefix, other = last computed on the other instance, same = on this one)")
+    print(f"{'row':<22}" + "".join(f"{n:>10}" for n in names))
+    for row in next(iter(configs.values()))["ttft_p50_by_row_s"]:
+        print(f"{row:<22}" + "".join(f"{configs[n]['ttft_p50_by_row_s'][row]:>10.3f}"
+                                      for n in names))
+    print(f"{'all: TTFT p50':<22}" + "".join(f"{configs[n]['ttft_p50_s']:>10.3f}" for n in names))
+    print(f"{'all: TTFT p90':<22}" + "".join(f"{configs[n]['ttft_p90_s']:>10.3f}" for n in names))
+    print(f"{'all: latency p50':<22}"
+          + "".join(f"{configs[n]['latency_p50_s']:>10.3f}" for n in names))
+    print(f"{'throughput req/s':<22}"
+          + "".join(f"{configs[n]['throughput_req_s']:>10.3f}" for n in names))
+    print(f"{'MB pulled':<22}"
+          + "".join(f"{configs[n].get('bytes_pulled', 0) / 1e6:>10.1f}" for n in names))
+    if "p2pkv" in configs:
+        p = configs["p2pkv"]["ttft_p50_by_row_s"]
+        for row in p:
+            if row.endswith("/other"):
+                for base in ("plain", "local"):
+                    if base in configs:
+                        b = configs[base]["ttft_p50_by_row_s"][row]
+                        print(f"{row}: p2pkv {p[row]:.3f} s vs {base} {b:.3f} s "
+                              f"({b / p[row]:.1f}x faster)")
     print(f"wrote {out}")
     _plot(results, out.with_suffix(".png"))
 
@@ -207,12 +237,12 @@ def _plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in results["configs"]:
         rows = [r for r in results["records"] if r["config"] == name and r["workload"] == "qa"
-                and r["step"] > 0]
+                and r["step"] == 1]
         lengths = sorted({r["length"] for r in rows})
         ax.plot(lengths, [statistics.median(r["ttft_s"] for r in rows if r["length"] == n)
                           for n in lengths], marker="o", label=name)
     ax.set_xlabel("document length (tokens)")
-    ax.set_ylabel("TTFT p50, questions 2+ (s)")
+    ax.set_ylabel("TTFT p50, question on the other instance (s)")
     ax.set_yscale("log")
     ax.legend()
     ax.set_title("Long-document QA on 2 vLLM CPU instances")
