@@ -7,12 +7,20 @@ under one lock; the bytes of a pinned slot are never rewritten.
 
 NOTE: a slot's ``generation`` grows each time the slot is handed out again, so a reader that
 holds a stale (slot, generation) pair can tell that the bytes are no longer its chunk.
+
+With ``shared=True`` the slab is an (already unlinked) file in /dev/shm that same-host peers
+map read-only: the shm transport copies straight out of it while the holder keeps the chunks
+pinned.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
+import os
+import secrets
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -71,16 +79,64 @@ class StoreCounters:
     served: int = 0
 
 
-class ChunkStore:
-    """``capacity`` slots of ``slot_bytes`` each, in one lazily-touched numpy slab."""
+SHM_DIR = "/dev/shm"
 
-    def __init__(self, slot_bytes: int, capacity: int) -> None:
+
+def shm_room() -> int:
+    """Bytes free in /dev/shm (0 where there is none): a slab bigger than this would fail with
+    SIGBUS when touched (e.g. Docker's default 64 MiB /dev/shm), so it must not be created."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+class _SharedSlab:
+    """A tmpfs file mapped read-write that only its open descriptor keeps alive.
+
+    NOTE: the file is unlinked as soon as it is created, so no crash can leak it; same-host
+    peers open it as ``/proc/PID/fd/FD`` (same user) and check its (device, inode) identity,
+    which the holder sends them, before trusting the mapping.
+    """
+
+    def __init__(self, nbytes: int) -> None:
+        name = os.path.join(SHM_DIR, f"p2pkv-slab-{os.getpid()}-{secrets.token_hex(8)}")
+        self._fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.unlink(name)
+            os.ftruncate(self._fd, nbytes)  # sparse: pages are allocated as slots are written
+            self.map = mmap.mmap(self._fd, nbytes, mmap.MAP_SHARED,
+                                 mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        st = os.fstat(self._fd)
+        self.path = f"/proc/{os.getpid()}/fd/{self._fd}"
+        self.ident = f"{st.st_dev}:{st.st_ino}"
+        self._finalizer = weakref.finalize(self, os.close, self._fd)
+
+    def close(self) -> None:
+        """Peers can no longer open the slab; the memory goes with the last mapping."""
+        self._finalizer()
+
+
+class ChunkStore:
+    """``capacity`` slots of ``slot_bytes`` each, in one lazily-touched numpy slab (in
+    /dev/shm with ``shared=True``; see the module docstring)."""
+
+    def __init__(self, slot_bytes: int, capacity: int, *, shared: bool = False) -> None:
         if slot_bytes <= 0 or capacity <= 0:
             raise ValueError("slot_bytes and capacity must be positive")
         self.slot_bytes = slot_bytes
         self.capacity = capacity
-        # NOTE: np.empty does not touch the pages; memory is committed as slots are used.
-        self._slab = np.empty((capacity, slot_bytes), dtype=np.uint8)
+        self._shared = _SharedSlab(slot_bytes * capacity) if shared else None
+        if self._shared is not None:
+            self._slab = np.frombuffer(self._shared.map, dtype=np.uint8).reshape(
+                capacity, slot_bytes)
+        else:
+            # NOTE: np.empty does not touch the pages; memory is committed as slots are used.
+            self._slab = np.empty((capacity, slot_bytes), dtype=np.uint8)
         self._slots = [_Slot(i) for i in range(capacity)]
         self._free: list[int] = list(range(capacity - 1, -1, -1))
         self._lru: OrderedDict[ChunkKey, int] = OrderedDict()  # committed key -> slot index
@@ -96,6 +152,25 @@ class ChunkStore:
     def __contains__(self, key: object) -> bool:
         with self._lock:
             return key in self._lru
+
+    @property
+    def shm_path(self) -> str:
+        """The slab's /dev/shm file, or "" for a private slab."""
+        return self._shared.path if self._shared is not None else ""
+
+    @property
+    def shm_ident(self) -> str:
+        """``device:inode`` of the slab file: what a peer checks after opening ``shm_path``."""
+        return self._shared.ident if self._shared is not None else ""
+
+    @property
+    def slab_bytes(self) -> int:
+        return self.slot_bytes * self.capacity
+
+    def close(self) -> None:
+        """Close the shared slab's file (peers that mapped it keep their mapping)."""
+        if self._shared is not None:
+            self._shared.close()
 
     def slot_view(self, index: int) -> memoryview:
         return memoryview(self._slab[index]).cast("B")

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from p2pkv.transport import wire
 from p2pkv.transport.base import Outcome, PullItem
 from p2pkv.transport.tcp import TcpTransport
 from tests.peer_process import chunk_bytes, key_of
@@ -91,15 +92,72 @@ def test_silent_peer_hits_the_deadline(transport):
         srv.close()
 
 
-def test_malformed_request_gets_an_error_and_server_keeps_serving(spawn, transport):
-    _, address = peer(spawn, 1024, 1)
+def _handshake(address: str, secret_key: bytes | None = None) -> socket.socket:
+    """A raw client that does the handshake itself (so tests can send anything after it)."""
     host, port = address.rsplit(":", 1)
-    for garbage in [b"\xff\xff\xff\xff", struct.pack("<I", 5) + b"hello", b"\x00"]:
+    s = socket.create_connection((host, int(port)), timeout=5)
+    s.settimeout(5)
+    _, nonce_s = wire.unpack_hello(_read(s, wire.HELLO_BYTES))
+    nonce_c = b"n" * wire.NONCE_BYTES
+    s.sendall(wire.pack_proof(nonce_c, wire.mac(secret_key, b"c", nonce_s, nonce_c)))
+    return s
+
+
+def _read(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        try:
+            got = s.recv(n - len(buf))
+        except ConnectionResetError:  # closed with our unread bytes in its buffer
+            break
+        if not got:
+            break
+        buf += got
+    return buf
+
+
+def _verdict(s: socket.socket) -> wire.PeerInfo | None:
+    status, _, n = wire.unpack_verdict(_read(s, wire.VERDICT_BYTES))
+    return wire.decode_info(_read(s, n)) if status == wire.Status.OK else None
+
+
+def test_wrong_secret_is_refused_before_any_chunk_byte(spawn):
+    import os
+    os.environ["P2PKV_TEST_SECRET"] = "the-right-secret-0123456789"
+    try:
+        _, address = peer(spawn, 1024, 1)
+    finally:
+        del os.environ["P2PKV_TEST_SECRET"]
+    with _handshake(address, b"w" * 32) as s:
+        assert _verdict(s) is None  # AUTH_FAILED
+        try:
+            s.sendall(wire.encode_request(wire.Pull([bytes(key_of(0))])))
+        except OSError:
+            pass
+        assert _read(s, 1024) == b""  # closed: not one byte of the chunk
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\xff\xff\xff\xff",  # absurd length
+    struct.pack("<I", 5) + b"hello",  # not msgpack
+    wire.encode_request(wire.Release([(0, 1)])),  # releases a pin it never took
+    wire.encode_request(wire.Pin([b"k" * 32])),  # same-host request to a tcp-only holder
+])
+def test_malformed_request_gets_an_error_and_server_keeps_serving(spawn, transport, garbage):
+    _, address = peer(spawn, 1024, 1)
+    for hello_garbage in [b"\x00", b"GET / HTTP/1.0\r\n\r\n" * 8]:  # not even a handshake
+        host, port = address.rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=5) as s:
-            s.sendall(garbage)
+            s.sendall(hello_garbage)
             s.shutdown(socket.SHUT_WR)
             s.settimeout(5)
-            s.recv(64)  # an error header or EOF, never a hang
+            _read(s, 4096)  # a hello, a refusal or EOF, never a hang
+    with _handshake(address) as s:
+        assert _verdict(s) is not None
+        s.sendall(garbage)
+        status, _, _ = wire.unpack_item(_read(s, wire.ITEM_HEADER_BYTES))
+        assert status is wire.Status.BAD_REQUEST
+        assert _read(s, 1) == b""
     buf, dest = split_dest(1024, 1)
     (r,) = transport.pull(address, [PullItem(key_of(0), dest)], 5)
     assert r.outcome is Outcome.OK

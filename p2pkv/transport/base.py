@@ -1,8 +1,10 @@
 """The Transport interface and the one function that picks an implementation from config.
 
-The worker side of the connector serves its ChunkStore through a transport and pulls peers'
-chunks through it. Implementations: ``tcp`` (everywhere, the fallback). ``auto`` resolves to
-the best available one and logs why.
+The worker side of the connector creates its ChunkStore through a transport (so that the slab
+lives where the transport can serve it from), serves it, and pulls peers' chunks through it.
+Implementations: ``tcp`` (everywhere, the fallback); ``shm`` (TCP, plus copies straight out of
+the slab of holders on the same host); ``ucx`` (not built yet). ``auto`` resolves to the best
+available one and logs why, once.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from dataclasses import dataclass
 
 from p2pkv.errors import ConfigError
 from p2pkv.keys import ChunkKey
+from p2pkv.secret import ClusterSecret, derive
 from p2pkv.store import ChunkStore
 
 logger = logging.getLogger(__name__)
 
-TRANSPORT_KINDS = ("auto", "tcp")
+TRANSPORT_KINDS = ("auto", "tcp", "shm", "ucx")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,10 @@ class Transport(abc.ABC):
 
     name: str
 
+    def create_store(self, slot_bytes: int, capacity: int) -> ChunkStore:
+        """The store this transport can serve best (closed by ``close``)."""
+        return ChunkStore(slot_bytes, capacity)
+
     @abc.abstractmethod
     def serve(self, store: ChunkStore) -> str:
         """Start serving ``store`` in the background; return the address peers pull from."""
@@ -68,13 +75,35 @@ class Transport(abc.ABC):
 
 
 def make_transport(kind: str, *, bind_host: str, advertise_host: str | None = None,
-                   connections_per_peer: int = 2) -> Transport:
-    """The one place that maps config to an implementation."""
+                   connections_per_peer: int = 2, secret: ClusterSecret | None = None,
+                   store_bytes: int = 0) -> Transport:
+    """The one place that maps config to an implementation.
+
+    ``secret``: the cluster secret; without one the data plane is unauthenticated (fine on
+    loopback, said once in the log). ``store_bytes``: how big the store will be, so that
+    ``auto`` does not put a slab into a /dev/shm too small for it.
+    """
     if kind not in TRANSPORT_KINDS:
         raise ConfigError(f"transport must be one of {TRANSPORT_KINDS}, not {kind!r}")
+    from p2pkv.store import shm_room
     from p2pkv.transport.tcp import TcpTransport
 
+    key = derive(secret, "data-plane") if secret is not None else None
+    if key is None:
+        logger.warning("p2pkv data plane: no cluster secret, peers are not authenticated "
+                       "(keep it on loopback or a private network)")
+    if kind == "ucx":
+        raise ConfigError("transport 'ucx' is not built yet; use auto, tcp or shm")
+    same_host = kind == "shm"
     if kind == "auto":
-        logger.info("transport auto: using tcp (UCX and same-host paths are not built yet)")
+        room = shm_room()
+        if room > store_bytes:
+            same_host = True
+            logger.info("p2pkv transport auto: shm for same-host peers, tcp for the others "
+                        "(ucx is not built yet)")
+        else:
+            logger.info("p2pkv transport auto: tcp only: /dev/shm has %d MiB free, the store "
+                        "needs %d MiB (ucx is not built yet)", room >> 20, store_bytes >> 20)
     return TcpTransport(bind_host=bind_host, advertise_host=advertise_host,
-                        connections_per_peer=connections_per_peer)
+                        connections_per_peer=connections_per_peer, key=key,
+                        same_host=same_host)

@@ -1,228 +1,123 @@
-"""TCP transport: plain sockets, zero-copy ``recv_into`` straight into destination memory.
+"""TCP transport: plain sockets, zero-copy ``recv_into`` straight into destination memory,
+and the same-host shared-memory path on the same connection.
 
-The server side runs an accept thread and one thread per connection, reading chunks from the
-store under a pin. The client side keeps a small pool of idle connections per peer and puts a
-deadline on every wait. Framing lives in :mod:`p2pkv.transport.wire`.
+The server side lives in :mod:`p2pkv.transport.server`. The client side keeps a small pool of
+authenticated connections per peer and puts a deadline on every wait. When the holder's
+``PeerInfo`` says it runs on this host and its slab file opens here (and ``same_host`` is on),
+chunks are copied straight out of the holder's slab (:mod:`p2pkv.transport.shm`); otherwise
+their bytes come over the socket. Framing lives in :mod:`p2pkv.transport.wire`.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import socket
-import struct
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from p2pkv.affinity import unpin_current_thread
 from p2pkv.errors import ChecksumMismatch, DeadlineExceeded, TransportError
 from p2pkv.store import ChunkStore, digest
 from p2pkv.transport import wire
 from p2pkv.transport.base import Outcome, PullItem, PullResult, Transport
+from p2pkv.transport.server import Server
+from p2pkv.transport.shm import MappedSlab, copy_and_digest, host_id
+from p2pkv.transport.sockio import (
+    make_blocking,
+    parse_address,
+    recv_exact,
+    recv_views,
+    send_views,
+)
 
 logger = logging.getLogger(__name__)
 
-SERVER_IDLE_S = 120.0  # a server closes a connection idle this long
 CLIENT_IDLE_S = 60.0  # a client reuses an idle connection only this long (< SERVER_IDLE_S)
-SEND_TIMEOUT_S = 30.0  # a server gives up on a peer that stops reading
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise TransportError(f"bad data-plane address {address!r} (want host:port)")
-    return host.strip("[]"), int(port)
+@dataclass(slots=True)
+class PathCounters:
+    """How many pulls went over each path (tests and the benchmark check which one ran)."""
+
+    tcp: int = 0
+    shm: int = 0
 
 
-_IOV_MAX = 1024  # buffers per recvmsg/sendmsg call (Linux's UIO_MAXIOV)
-_TIMEVAL = struct.Struct("@ll")
+class _Conn:
+    """One authenticated connection to a holder, with its slab mapped if it is on this host."""
 
-
-def _set_os_timeout(sock: socket.socket, option: int, seconds: float) -> None:
-    # NOTE: we use blocking sockets with kernel timeouts (SO_RCVTIMEO / SO_SNDTIMEO) rather
-    # than Python's socket timeouts: a Python timeout makes the socket non-blocking, so a big
-    # receive becomes hundreds of short recv calls, each re-acquiring the GIL. In a vLLM
-    # worker whose main thread is busy, that costs milliseconds per call (measured: a 47 MB
-    # pull took 5 s). One MSG_WAITALL call per chunk releases the GIL once.
-    seconds = max(seconds, 0.001)
-    sec = int(seconds)
-    sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(sec, int((seconds - sec) * 1e6)))
-
-
-def _recv_views(sock: socket.socket, views: Sequence[memoryview], deadline: float) -> None:
-    """Fill ``views`` in order from ``sock`` (scatter receive), or raise by ``deadline``."""
-    pending = [v for v in views if v.nbytes]
-    while pending:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise DeadlineExceeded("deadline passed while receiving")
-        _set_os_timeout(sock, socket.SO_RCVTIMEO, left)
-        try:
-            n = sock.recvmsg_into(pending[:_IOV_MAX], 0, socket.MSG_WAITALL)[0]
-        except (BlockingIOError, TimeoutError):
-            raise DeadlineExceeded("deadline passed while receiving") from None
-        if n == 0:
-            raise TransportError("peer closed the connection")
-        while n and pending:
-            if n >= pending[0].nbytes:
-                n -= pending.pop(0).nbytes
-            else:
-                pending[0], n = pending[0][n:], 0
-
-
-def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
-    buf = bytearray(n)
-    _recv_views(sock, [memoryview(buf)], deadline)
-    return bytes(buf)
-
-
-def _send_views(sock: socket.socket, views: Sequence[memoryview | bytes], timeout_s: float
-                ) -> None:
-    """Send ``views`` in order (gather send); raise OSError if the peer stops reading."""
-    pending = [memoryview(v).cast("B") for v in views if len(v)]
-    _set_os_timeout(sock, socket.SO_SNDTIMEO, timeout_s)
-    while pending:
-        n = sock.sendmsg(pending[:_IOV_MAX])
-        while n and pending:
-            if n >= pending[0].nbytes:
-                n -= pending.pop(0).nbytes
-            else:
-                pending[0], n = pending[0][n:], 0
-
-
-class _Server:
-    def __init__(self, store: ChunkStore, bind_host: str) -> None:
-        self._store = store
-        self._sock = socket.create_server((bind_host, 0))
-        self._sock.settimeout(0.2)
-        self.port = self._sock.getsockname()[1]
-        self._stop = threading.Event()
-        self._conns: set[socket.socket] = set()
-        self._conns_lock = threading.Lock()
-        self.rejected = 0
-        self._thread = threading.Thread(target=self._accept_loop, name="p2pkv-tcp-accept",
-                                        daemon=True)
-        self._thread.start()
+    def __init__(self, sock: socket.socket, info: wire.PeerInfo, slab: MappedSlab | None):
+        self.sock, self.info, self.slab = sock, info, slab
 
     def close(self) -> None:
-        """Stop accepting and cut every open connection: a closed server serves nothing."""
-        self._stop.set()
-        self._thread.join(timeout=2.0)
-        self._sock.close()
-        with self._conns_lock:
-            for conn in self._conns:
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def _accept_loop(self) -> None:
-        unpin_current_thread()
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stop.is_set():
-                    return
-                logger.exception("accept failed")
-                time.sleep(0.1)
-                continue
-            threading.Thread(target=self._serve_conn, args=(conn,), name="p2pkv-tcp-serve",
-                             daemon=True).start()
-
-    def _serve_conn(self, conn: socket.socket) -> None:
-        unpin_current_thread()
-        with self._conns_lock:
-            self._conns.add(conn)
-        try:
-            self._serve_requests(conn)
-        finally:
-            with self._conns_lock:
-                self._conns.discard(conn)
-            conn.close()
-
-    def _serve_requests(self, conn: socket.socket) -> None:
-        conn.settimeout(None)  # blocking, with kernel timeouts (see _set_os_timeout)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        while not self._stop.is_set():
-            try:
-                deadline = time.monotonic() + SERVER_IDLE_S
-                n = wire.request_length(_recv_exact(conn, wire.LEN_BYTES, deadline))
-                req = wire.decode_request(_recv_exact(conn, n, time.monotonic() + 5.0))
-            except wire.BadRequest as e:
-                self.rejected += 1
-                logger.warning("rejected a pull request: %s", e)
-                self._try_send(conn, wire.pack_item(wire.Status.BAD_REQUEST))
-                return
-            except (TransportError, OSError):
-                return  # idle timeout or peer gone: nothing to report
-            if not self._send_chunks(conn, req.keys):
-                return
-
-    def _send_chunks(self, conn: socket.socket, keys: list[bytes]) -> bool:
-        pinned = [self._store.pin(key) for key in keys]  # type: ignore[arg-type]
-        try:
-            headers = b"".join(
-                wire.pack_item(wire.Status.MISSING) if p is None
-                else wire.pack_item(wire.Status.OK, p.view.nbytes, p.digest) for p in pinned)
-            _send_views(conn, [headers, *(p.view for p in pinned if p is not None)],
-                        SEND_TIMEOUT_S)
-            return True
-        except OSError:
-            return False
-        finally:
-            for p in pinned:
-                if p is not None:
-                    self._store.unpin(p)
-
-    @staticmethod
-    def _try_send(conn: socket.socket, data: bytes) -> bool:
-        try:
-            _send_views(conn, [data], SEND_TIMEOUT_S)
-            return True
-        except OSError:
-            return False
+        self.sock.close()
+        if self.slab is not None:
+            self.slab.close()
 
 
 class TcpTransport(Transport):
     name = "tcp"
 
     def __init__(self, *, bind_host: str = "127.0.0.1", advertise_host: str | None = None,
-                 connections_per_peer: int = 2) -> None:
+                 connections_per_peer: int = 2, key: bytes | None = None,
+                 same_host: bool = False) -> None:
+        """``key``: the data-plane key derived from the cluster secret (None: no auth).
+        ``same_host``: serve from a shared slab and copy from same-host holders' slabs."""
         self._bind_host = bind_host
         self._advertise_host = advertise_host or bind_host
         self._max_idle = connections_per_peer
-        self._server: _Server | None = None
-        self._idle: dict[tuple[str, int], list[tuple[socket.socket, float]]] = {}
+        self._key = key
+        self._same_host = same_host
+        self._host_id = host_id()
+        self._server: Server | None = None
+        self._stores: list[ChunkStore] = []
+        self._idle: dict[tuple[str, int], list[tuple[_Conn, float]]] = {}
+        self._told: set[tuple[str, int]] = set()  # peers whose no-shm reason was logged
         self._lock = threading.Lock()
+        self.counters = PathCounters()
+        if same_host:
+            self.name = "shm"
+
+    def create_store(self, slot_bytes: int, capacity: int) -> ChunkStore:
+        store = ChunkStore(slot_bytes, capacity, shared=self._same_host)
+        self._stores.append(store)
+        return store
 
     def serve(self, store: ChunkStore) -> str:
         assert self._server is None, "serve() called twice"
-        self._server = _Server(store, self._bind_host)
+        info = wire.PeerInfo(host_id=self._host_id, shm_path=store.shm_path,
+                             shm_ident=store.shm_ident,
+                             slab_bytes=store.slab_bytes, slot_bytes=store.slot_bytes)
+        self._server = Server(store, self._bind_host, self._key, info)
         address = f"{self._advertise_host}:{self._server.port}"
-        logger.info("p2pkv tcp transport serving on %s", address)
+        logger.info("p2pkv %s transport serving on %s (%s)", self.name, address,
+                    "authenticated" if self._key else "UNAUTHENTICATED: no cluster secret")
         return address
 
     def pull(self, address: str, items: Sequence[PullItem], timeout_s: float) -> list[PullResult]:
         deadline = time.monotonic() + timeout_s
         try:
             peer = parse_address(address)
-            sock = self._checkout(peer, deadline)
+            conn = self._checkout(peer, deadline)
         except (OSError, TransportError) as e:
             return [PullResult(i.key, Outcome.FAILED, f"connect {address}: {e}") for i in items]
         t_connected = time.monotonic()
         try:
-            _send_views(sock, [wire.encode_request([bytes(i.key) for i in items])],
-                        max(deadline - time.monotonic(), 0.001))
-            results = self._receive(sock, items, deadline)
+            if conn.slab is not None:
+                self.counters.shm += 1
+                results = self._pull_shared(conn, items, deadline)
+            else:
+                self.counters.tcp += 1
+                results = self._pull_stream(conn.sock, items, deadline)
         except (OSError, TransportError) as e:
-            sock.close()
+            conn.close()
             return [PullResult(i.key, Outcome.FAILED, f"{address}: {e}") for i in items]
-        self._checkin(peer, sock)
-        logger.debug("pull of %d items from %s: connect %.1f ms, transfer %.1f ms", len(items),
-                     address, (t_connected - deadline + timeout_s) * 1000,
+        self._checkin(peer, conn)
+        logger.debug("pull of %d items from %s (%s): connect %.1f ms, transfer %.1f ms",
+                     len(items), address, "shm" if conn.slab else "tcp",
+                     (t_connected - deadline + timeout_s) * 1000,
                      (time.monotonic() - t_connected) * 1000)
         return results
 
@@ -230,62 +125,145 @@ class TcpTransport(Transport):
         if self._server is not None:
             self._server.close()
             self._server = None
+        for store in self._stores:
+            store.close()
         with self._lock:
             for conns in self._idle.values():
-                for sock, _ in conns:
-                    sock.close()
+                for conn, _ in conns:
+                    conn.close()
             self._idle.clear()
 
+    # -- the two ways bytes travel ----------------------------------------------------------
+
     @staticmethod
-    def _receive(sock: socket.socket, items: Sequence[PullItem], deadline: float
-                 ) -> list[PullResult]:
-        table = _recv_exact(sock, wire.ITEM_HEADER_BYTES * len(items), deadline)
-        headers = [wire.unpack_item(table[i * wire.ITEM_HEADER_BYTES:
-                                          (i + 1) * wire.ITEM_HEADER_BYTES])
-                   for i in range(len(items))]
+    def _pull_stream(sock: socket.socket, items: Sequence[PullItem], deadline: float
+                     ) -> list[PullResult]:
+        send_views(sock, [wire.encode_request(wire.Pull([bytes(i.key) for i in items]))],
+                   max(deadline - time.monotonic(), 0.001))
+        table = recv_exact(sock, wire.ITEM_HEADER_BYTES * len(items), deadline)
+        n = wire.ITEM_HEADER_BYTES
+        headers = [wire.unpack_item(table[i * n:(i + 1) * n]) for i in range(len(items))]
         for item, (status, nbytes, _) in zip(items, headers):
+            if status not in (wire.Status.OK, wire.Status.MISSING):
+                raise TransportError(f"holder answered {status.name}")
             if status is wire.Status.OK and nbytes != item.nbytes:
                 # NOTE: raising closes the connection: the stream cannot be resynchronised.
                 raise TransportError(f"chunk of {nbytes} bytes, expected {item.nbytes}")
-            if status not in (wire.Status.OK, wire.Status.MISSING):
-                raise TransportError(f"holder answered {status.name}")
-        for item, (status, _, _) in zip(items, headers):
-            # NOTE: one receive per chunk, not one for the whole response: measured faster
-            # (a single huge MSG_WAITALL receive ran at ~2/3 of the speed on loopback).
-            if status is wire.Status.OK:
-                _recv_views(sock, item.dest, deadline)
         results = []
         for item, (status, _, want) in zip(items, headers):
             if status is wire.Status.MISSING:
                 results.append(PullResult(item.key, Outcome.MISSING, "holder no longer has it"))
-            elif digest(list(item.dest)) != want:
-                results.append(PullResult(item.key, Outcome.FAILED,
-                                          str(ChecksumMismatch("checksum mismatch"))))
-            else:
-                results.append(PullResult(item.key, Outcome.OK))
+                continue
+            # NOTE: one receive per chunk, not one for the whole response: measured faster
+            # (a single huge MSG_WAITALL receive ran at ~2/3 of the speed on loopback). The
+            # digest is taken right after the receive, while the bytes are still in cache
+            # and the holder keeps filling the socket buffer with the next chunk.
+            recv_views(sock, item.dest, deadline)
+            results.append(_checked(item, digest(list(item.dest)), want))
         return results
 
-    def _checkout(self, peer: tuple[str, int], deadline: float) -> socket.socket:
+    @staticmethod
+    def _pull_shared(conn: _Conn, items: Sequence[PullItem], deadline: float
+                     ) -> list[PullResult]:
+        assert conn.slab is not None
+        sock, info = conn.sock, conn.info
+        send_views(sock, [wire.encode_request(wire.Pin([bytes(i.key) for i in items]))],
+                   max(deadline - time.monotonic(), 0.001))
+        table = recv_exact(sock, wire.PIN_HEADER_BYTES * len(items), deadline)
+        n = wire.PIN_HEADER_BYTES
+        headers = [wire.unpack_pin(table[i * n:(i + 1) * n]) for i in range(len(items))]
+        pinned = [(slot, gen) for status, _, _, slot, gen in headers
+                  if status is wire.Status.OK]
+        try:
+            results = []
+            for item, (status, nbytes, want, slot, _) in zip(items, headers):
+                if status is wire.Status.MISSING:
+                    results.append(PullResult(item.key, Outcome.MISSING,
+                                              "holder no longer has it"))
+                    continue
+                if status is not wire.Status.OK:
+                    raise TransportError(f"holder answered {status.name}")
+                if nbytes != item.nbytes or nbytes > info.slot_bytes or slot * info.slot_bytes \
+                        + nbytes > info.slab_bytes:
+                    raise TransportError(f"bad pin reply: slot {slot}, {nbytes} bytes, "
+                                         f"expected {item.nbytes}")
+                if time.monotonic() > deadline:
+                    raise DeadlineExceeded("deadline passed while copying")
+                off = slot * info.slot_bytes
+                got = copy_and_digest(conn.slab.array[off:off + nbytes], item.dest)
+                results.append(_checked(item, got, want))
+        finally:
+            if pinned:
+                send_views(sock, [wire.encode_request(wire.Release(pinned))],
+                           max(deadline - time.monotonic(), 0.001))
+        return results
+
+    # -- connections ------------------------------------------------------------------------
+
+    def _checkout(self, peer: tuple[str, int], deadline: float) -> _Conn:
         now = time.monotonic()
         with self._lock:
             conns = self._idle.get(peer, [])
             while conns:
-                sock, since = conns.pop()
+                conn, since = conns.pop()
                 if now - since < CLIENT_IDLE_S:
-                    return sock
-                sock.close()
+                    return conn
+                conn.close()
         left = deadline - now
         if left <= 0:
             raise DeadlineExceeded("deadline passed before connecting")
         sock = socket.create_connection(peer, timeout=left)
-        sock.settimeout(None)  # blocking, with kernel timeouts (see _set_os_timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+        try:
+            make_blocking(sock)
+            info = self._handshake(sock, deadline)
+            return _Conn(sock, info, self._map_slab(peer, info))
+        except BaseException:
+            sock.close()
+            raise
 
-    def _checkin(self, peer: tuple[str, int], sock: socket.socket) -> None:
+    def _handshake(self, sock: socket.socket, deadline: float) -> wire.PeerInfo:
+        auth, nonce_s = wire.unpack_hello(recv_exact(sock, wire.HELLO_BYTES, deadline))
+        if self._key is not None and not auth:
+            raise wire.AuthError("peer has no cluster secret: refusing an unauthenticated peer")
+        nonce_c = secrets.token_bytes(wire.NONCE_BYTES)
+        proof = wire.mac(self._key, b"c", nonce_s, nonce_c)
+        send_views(sock, [wire.pack_proof(nonce_c, proof)], max(deadline - time.monotonic(),
+                                                                 0.001))
+        status, proof_s, n = wire.unpack_verdict(recv_exact(sock, wire.VERDICT_BYTES, deadline))
+        if status != wire.Status.OK:
+            raise wire.AuthError("peer refused us: wrong or missing cluster secret")
+        if not secrets.compare_digest(proof_s, wire.mac(self._key, b"s", nonce_c, nonce_s)):
+            raise wire.AuthError("peer failed to prove it holds the cluster secret")
+        return wire.decode_info(recv_exact(sock, n, deadline))
+
+    def _map_slab(self, peer: tuple[str, int], info: wire.PeerInfo) -> MappedSlab | None:
+        if not self._same_host:
+            return None
+        reason = ""
+        if not info.shm_path:
+            reason = "it has no shared slab"
+        elif info.host_id != self._host_id:
+            reason = "it runs on another host"
+        else:
+            try:
+                return MappedSlab(info.shm_path, info.shm_ident, info.slab_bytes)
+            except (OSError, ValueError, TransportError) as e:
+                reason = f"its slab cannot be mapped here ({e})"
+        if peer not in self._told:
+            self._told.add(peer)
+            logger.info("p2pkv: pulling from %s:%s over tcp, not shm: %s", *peer, reason)
+        return None
+
+    def _checkin(self, peer: tuple[str, int], conn: _Conn) -> None:
         with self._lock:
             conns = self._idle.setdefault(peer, [])
             if len(conns) < self._max_idle:
-                conns.append((sock, time.monotonic()))
+                conns.append((conn, time.monotonic()))
                 return
-        sock.close()
+        conn.close()
+
+
+def _checked(item: PullItem, got: int, want: int) -> PullResult:
+    if got != want:
+        return PullResult(item.key, Outcome.FAILED, str(ChecksumMismatch("checksum mismatch")))
+    return PullResult(item.key, Outcome.OK)

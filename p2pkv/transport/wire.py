@@ -1,22 +1,33 @@
-"""Data-plane framing between peers (the TCP transport's whole wire format).
+"""Data-plane framing between peers (the whole wire format of the TCP control/data connection).
 
-A connection carries any number of request/response exchanges, one at a time:
+A connection starts with a handshake, then carries any number of request/response exchanges,
+one at a time::
 
-    request  : u32 length | msgpack PullRequest
-    response : one ItemHeader per requested key, in order
-               (24 bytes each: u8 status, 7 pad, u64 nbytes, u64 xxh3-64 digest),
-               then the payloads of the OK items, back to back, in the same order
+    server hello : "P2KV" | u16 version | u16 flags (bit 0: auth required) | 32 B nonce_s
+    client proof : u16 version | 6 pad | 32 B nonce_c | 32 B HMAC(key, "c" nonce_s nonce_c)
+    server reply : u8 status | 7 pad | 32 B HMAC(key, "s" nonce_c nonce_s) | u32 n | n B PeerInfo
+    request      : u32 length | msgpack Request (Pull | Pin | Release)
+    Pull reply   : one ItemHeader per key (u8 status, 7 pad, u64 nbytes, u64 xxh3-64 digest),
+                   then the payloads of the OK items, back to back, in the same order
+    Pin reply    : one PinHeader per key (ItemHeader + u64 slot + u64 generation); the server
+                   keeps those slots pinned until the client's Release (or the connection ends)
+    Release      : no reply
 
+Without a cluster secret both MACs are zeros and the hello says "no auth"; a side that has a
+secret refuses a peer that has none. A bad proof gets status AUTH_FAILED before any chunk byte.
 Headers first, bodies after, so that each side moves a whole response with one gather send
 and one scatter receive: few system calls and few GIL hand-offs, which is what decides the
-speed inside a busy vLLM worker.
-A malformed request gets one ItemHeader with status BAD_REQUEST and the connection is closed.
+speed inside a busy vLLM worker. A malformed request gets one ItemHeader with status
+BAD_REQUEST and the connection is closed.
 History: 1 — walking skeleton (whole chunks by key, per-chunk digest).
+         2 — handshake with HMAC challenge-response and PeerInfo; Pin/Release (same host).
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 import struct
 
 import msgspec
@@ -24,36 +35,126 @@ import msgspec
 from p2pkv.errors import TransportError
 from p2pkv.keys import MAX_KEY_BYTES
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 MAX_REQUEST_BYTES = 1 << 20
 MAX_KEYS_PER_REQUEST = 4096
+MAGIC = b"P2KV"
+NONCE_BYTES = 32
+MAC_BYTES = 32
+FLAG_AUTH = 1
 
 _LEN = struct.Struct("<I")
+_HELLO = struct.Struct("<4sHH32s")
+_PROOF = struct.Struct("<H6x32s32s")
+_VERDICT = struct.Struct("<B7x32sI")
 _ITEM = struct.Struct("<B7xQQ")
+_PIN = struct.Struct("<B7xQQQQ")
+LEN_BYTES = _LEN.size
+HELLO_BYTES = _HELLO.size
+PROOF_BYTES = _PROOF.size
+VERDICT_BYTES = _VERDICT.size
 ITEM_HEADER_BYTES = _ITEM.size
+PIN_HEADER_BYTES = _PIN.size
+MAX_INFO_BYTES = 64 << 10
 
 
 class Status(enum.IntEnum):
     OK = 0
     MISSING = 1
     BAD_REQUEST = 2
+    AUTH_FAILED = 3
 
 
-class PullRequest(msgspec.Struct, frozen=True):
-    v: int
+class Pull(msgspec.Struct, frozen=True, tag="pull"):
     keys: list[bytes]
 
 
+class Pin(msgspec.Struct, frozen=True, tag="pin"):
+    keys: list[bytes]
+
+
+class Release(msgspec.Struct, frozen=True, tag="release"):
+    pins: list[tuple[int, int]]  # (slot, generation) pairs from a Pin reply
+
+
+Request = Pull | Pin | Release
+
+
+class PeerInfo(msgspec.Struct, frozen=True):
+    """What a holder offers beyond TCP; sent once per connection, after authentication."""
+
+    host_id: str = ""  # boot id + hostname: equal only for processes on one host
+    shm_path: str = ""  # the store's slab file, mappable by same-host peers ("" = none)
+    shm_ident: str = ""  # its "device:inode", checked by the peer after opening it
+    slab_bytes: int = 0
+    slot_bytes: int = 0
+    ucx_address: bytes = b""
+
+
 class BadRequest(TransportError):
-    """A peer sent bytes that are not a valid PullRequest."""
+    """A peer sent bytes that are not a valid request."""
+
+
+class AuthError(TransportError):
+    """The peer failed (or refused) the shared-secret challenge-response."""
 
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(PullRequest)
+_decoder = msgspec.msgpack.Decoder(Request)
+_info_decoder = msgspec.msgpack.Decoder(PeerInfo)
 
 
-def encode_request(keys: list[bytes]) -> bytes:
-    body = _encoder.encode(PullRequest(WIRE_VERSION, keys))
+def mac(key: bytes | None, role: bytes, first: bytes, second: bytes) -> bytes:
+    if key is None:
+        return bytes(MAC_BYTES)
+    return hmac.new(key, role + first + second, hashlib.sha256).digest()
+
+
+def pack_hello(auth: bool, nonce: bytes) -> bytes:
+    return _HELLO.pack(MAGIC, WIRE_VERSION, FLAG_AUTH if auth else 0, nonce)
+
+
+def unpack_hello(data: bytes) -> tuple[bool, bytes]:
+    magic, version, flags, nonce = _HELLO.unpack(data)
+    if magic != MAGIC:
+        raise AuthError("peer is not a p2pkv data plane")
+    if version != WIRE_VERSION:
+        raise AuthError(f"peer speaks data-plane version {version}, we speak {WIRE_VERSION}")
+    return bool(flags & FLAG_AUTH), nonce
+
+
+def pack_proof(nonce: bytes, proof: bytes) -> bytes:
+    return _PROOF.pack(WIRE_VERSION, nonce, proof)
+
+
+def unpack_proof(data: bytes) -> tuple[int, bytes, bytes]:
+    return _PROOF.unpack(data)
+
+
+def pack_verdict(status: Status, proof: bytes, info: bytes) -> bytes:
+    return _VERDICT.pack(status, proof, len(info)) + info
+
+
+def unpack_verdict(data: bytes) -> tuple[int, bytes, int]:
+    status, proof, n = _VERDICT.unpack(data)
+    if n > MAX_INFO_BYTES:
+        raise BadRequest(f"peer info of {n} bytes")
+    return status, proof, n
+
+
+def encode_info(info: PeerInfo) -> bytes:
+    return _encoder.encode(info)
+
+
+def decode_info(data: bytes) -> PeerInfo:
+    try:
+        return _info_decoder.decode(data)
+    except msgspec.DecodeError as e:
+        raise BadRequest(f"undecodable peer info: {e}") from None
+
+
+def encode_request(req: Request) -> bytes:
+    body = _encoder.encode(req)
     return _LEN.pack(len(body)) + body
 
 
@@ -64,21 +165,17 @@ def request_length(prefix: bytes) -> int:
     return n
 
 
-def decode_request(body: bytes) -> PullRequest:
+def decode_request(body: bytes) -> Request:
     try:
         req = _decoder.decode(body)
     except msgspec.DecodeError as e:
         raise BadRequest(f"undecodable request: {e}") from None
-    if req.v != WIRE_VERSION:
-        raise BadRequest(f"wire version {req.v}, this peer speaks {WIRE_VERSION}")
-    if len(req.keys) > MAX_KEYS_PER_REQUEST:
-        raise BadRequest(f"{len(req.keys)} keys exceed {MAX_KEYS_PER_REQUEST}")
-    if any(len(k) > MAX_KEY_BYTES for k in req.keys):
+    items = req.pins if isinstance(req, Release) else req.keys
+    if len(items) > MAX_KEYS_PER_REQUEST:
+        raise BadRequest(f"{len(items)} items exceed {MAX_KEYS_PER_REQUEST}")
+    if not isinstance(req, Release) and any(len(k) > MAX_KEY_BYTES for k in req.keys):
         raise BadRequest("key longer than MAX_KEY_BYTES")
     return req
-
-
-LEN_BYTES = _LEN.size
 
 
 def pack_item(status: Status, nbytes: int = 0, digest: int = 0) -> bytes:
@@ -87,7 +184,21 @@ def pack_item(status: Status, nbytes: int = 0, digest: int = 0) -> bytes:
 
 def unpack_item(header: bytes) -> tuple[Status, int, int]:
     status, nbytes, digest = _ITEM.unpack(header)
+    return _status(status), nbytes, digest
+
+
+def pack_pin(status: Status, nbytes: int = 0, digest: int = 0, slot: int = 0,
+             generation: int = 0) -> bytes:
+    return _PIN.pack(status, nbytes, digest, slot, generation)
+
+
+def unpack_pin(header: bytes) -> tuple[Status, int, int, int, int]:
+    status, nbytes, digest, slot, generation = _PIN.unpack(header)
+    return _status(status), nbytes, digest, slot, generation
+
+
+def _status(value: int) -> Status:
     try:
-        return Status(status), nbytes, digest
+        return Status(value)
     except ValueError:
-        raise BadRequest(f"unknown item status {status}") from None
+        raise BadRequest(f"unknown item status {value}") from None

@@ -66,7 +66,7 @@ class WorkerSide:
         self._layout = layout
         slot = layout.chunk_bytes(self._chunk_blocks)
         capacity = max(1, self._config.store_bytes // slot)
-        self._store = ChunkStore(slot, capacity)
+        self._store = self._transport.create_store(slot, capacity)
         address = self._transport.serve(self._store)
         self._directory.register(Registration(
             instance=self._instance, epoch=self._epoch, namespace=self._namespace,

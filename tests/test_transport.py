@@ -1,0 +1,168 @@
+"""Every transport against a real peer process on loopback: round trips, auth, integrity,
+eviction, a peer dying mid-transfer. (Wire-level details of TCP: test_transport_tcp.py.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from p2pkv.secret import ClusterSecret
+from p2pkv.transport.base import Outcome, PullItem, make_transport
+from tests.peer_process import chunk_bytes, key_of
+
+SEED = 11
+KINDS = ["tcp", "shm"]
+SECRET = "a-cluster-secret-of-enough-bytes"
+
+
+def peer(spawn, size: int, n: int, kind: str, **env: str):
+    old = dict(os.environ)
+    os.environ.update({f"P2PKV_TEST_{k.upper()}": v for k, v in env.items()})
+    try:
+        return spawn(["-m", "tests.peer_process", "ready", str(size), str(n), str(SEED), kind],
+                     "ready")
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+def client(kind: str, secret: str | None = None):
+    return make_transport(kind, bind_host="127.0.0.1",
+                          secret=ClusterSecret(secret.encode()) if secret else None)
+
+
+def dests(size: int, n: int, pieces: int = 7):
+    bufs, items = [], []
+    for i in range(n):
+        buf = np.zeros(size, dtype=np.uint8)
+        bounds = np.linspace(0, size, min(size, pieces) + 1).astype(int)
+        bufs.append(buf)
+        items.append(PullItem(key_of(i), tuple(memoryview(buf[a:b])
+                                                for a, b in zip(bounds[:-1], bounds[1:]))))
+    return bufs, items
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("size", [1, 1000, 65_536, 196_608, 3 << 20])
+def test_round_trip_random_bytes(spawn, kind, size):
+    _, address = peer(spawn, size, 4, kind, secret=SECRET)
+    t = client(kind, SECRET)
+    try:
+        bufs, items = dests(size, 4)
+        for _ in range(2):  # the second pull reuses the connection
+            results = t.pull(address, items, timeout_s=10)
+            assert [r.outcome for r in results] == [Outcome.OK] * 4, results
+            for i, buf in enumerate(bufs):
+                assert np.array_equal(buf, chunk_bytes(SEED, i, size))
+        assert getattr(t.counters, kind) == 2  # the path we asked for is the one that ran
+    finally:
+        t.close()
+
+
+def test_shm_client_pulls_over_tcp_from_a_tcp_only_holder(spawn):
+    _, address = peer(spawn, 4096, 1, "tcp")
+    t = client("shm")
+    try:
+        bufs, items = dests(4096, 1)
+        assert t.pull(address, items, 5)[0].outcome is Outcome.OK
+        assert (t.counters.tcp, t.counters.shm) == (1, 0)
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("holder,puller", [(SECRET, SECRET[::-1]), (SECRET, None),
+                                           (None, SECRET)])
+def test_wrong_or_missing_secret_is_refused(spawn, kind, holder, puller):
+    env = {"secret": holder} if holder else {}
+    _, address = peer(spawn, 1024, 1, kind, **env)
+    t = client(kind, puller)
+    try:
+        bufs, items = dests(1024, 1)
+        (r,) = t.pull(address, items, 5)
+        assert r.outcome is Outcome.FAILED
+        assert "secret" in r.reason
+        assert not bufs[0].any()  # not one byte of the chunk arrived
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_flipped_byte_is_a_checksum_error(spawn, kind):
+    _, address = peer(spawn, 65_536, 3, kind, corrupt="1")
+    t = client(kind)
+    try:
+        bufs, items = dests(65_536, 3)
+        results = t.pull(address, items, 5)
+        assert [r.outcome for r in results] == [Outcome.OK, Outcome.FAILED, Outcome.OK]
+        assert "checksum" in results[1].reason
+        assert np.array_equal(bufs[2], chunk_bytes(SEED, 2, 65_536))
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_evicted_chunk_is_missing_never_stale(kind):
+    holder, puller = client(kind), client(kind)
+    try:
+        store = holder.create_store(4096, 2)
+        address = holder.serve(store)
+
+        def put(i: int) -> None:
+            w = store.reserve(key_of(i))
+            np.frombuffer(w.view, dtype=np.uint8)[:] = chunk_bytes(SEED, i, 4096)
+            store.commit(w)
+
+        put(0)
+        put(1)
+        bufs, items = dests(4096, 1)
+        assert puller.pull(address, items, 5)[0].outcome is Outcome.OK
+        deadline = time.monotonic() + 5
+        while any(s.pins for s in store._slots):  # the server unpins just after its send
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        put(2)  # evicts chunk 1, then chunk 0 is the oldest...
+        put(3)  # ...and goes too: its slot now holds chunk 3
+        bufs[0][:] = 0
+        (r,) = puller.pull(address, items, 5)
+        assert r.outcome is Outcome.MISSING
+        assert not bufs[0].any()
+        assert all(s.pins == 0 for s in store._slots)  # every pin was released
+    finally:
+        puller.close()
+        holder.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
+def test_peer_dying_or_stalling_mid_transfer(spawn, kind, sig):
+    size, n = 8 << 20, 24
+    proc, address = peer(spawn, size, n, kind)
+    t = client(kind)
+    try:
+        bufs, items = dests(size, n, pieces=1)
+        warm = t.pull(address, items[:1], 10)  # connect (and map) before the clock starts
+        assert warm[0].outcome is Outcome.OK
+        out: list = []
+        th = threading.Thread(target=lambda: out.extend(t.pull(address, items, 1.5)))
+        t0 = time.monotonic()
+        th.start()
+        time.sleep(0.03)
+        proc.send_signal(sig)
+        th.join(10)
+        assert not th.is_alive() and time.monotonic() - t0 < 4  # no hang past the deadline
+        assert len(out) == n
+        for i, r in enumerate(out):  # whatever is reported good is good
+            if r.outcome is Outcome.OK:
+                assert np.array_equal(bufs[i], chunk_bytes(SEED, i, size))
+        if sig == signal.SIGKILL and kind == "tcp":
+            assert any(r.outcome is Outcome.FAILED for r in out)
+    finally:
+        if sig == signal.SIGSTOP:
+            proc.send_signal(signal.SIGCONT)
+        t.close()
