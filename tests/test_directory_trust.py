@@ -308,3 +308,20 @@ def test_raw_register_reply_and_heartbeat_gap(directory: Directory, make) -> Non
     gap = c.call(Heartbeat(instance=A, epoch=1, seq=3), 5)
     assert isinstance(gap, protocol.Error) and gap.status == Status.SEQ_GAP
     assert lookup(c, K) == []
+
+
+def test_metrics_endpoint_reports_counters() -> None:
+    import urllib.request
+
+    from p2pkv.directory.metrics import start_metrics
+    from p2pkv.directory.server import DirectoryServer, ServerConfig
+
+    server = DirectoryServer(ServerConfig())
+    try:
+        server._handle(protocol.encode(Stats(v=99)))  # one rejected message
+        port = start_metrics(server, "127.0.0.1", 0)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        assert b"p2pkv_directory_instances 0.0" in text
+        assert b'p2pkv_directory_rejected_messages_total{status="version_mismatch"} 1.0' in text
+    finally:
+        server.close()
