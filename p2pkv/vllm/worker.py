@@ -71,7 +71,7 @@ class WorkerSide:
         self._directory.register(Registration(
             instance=self._instance, epoch=self._epoch, namespace=self._namespace,
             address=address, probe=self._probe,
-            capabilities=(type(self._transport).__name__,)), wait_connected_s=1.0)
+            capabilities=(self._transport.name,)), wait_connected_s=1.0)
         logger.info("p2pkv worker: %d layers, %d B per block, chunk %d B, store %d chunks, "
                     "serving on %s, namespace %s", layout.num_layers, layout.block_bytes,
                     slot, capacity, address, self._namespace)
