@@ -23,6 +23,17 @@ from p2pkv.directory.client import DirectoryClient
 from p2pkv.directory.protocol import Stats, StatsReply
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the process that started it dies, so that
+    nothing outlives a demo or test killed without a chance to clean up (Linux only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -102,7 +113,7 @@ class LocalCluster:
         with open(log, "wb") as f:
             popen = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})},
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         proc = Proc(name, popen, log)
         self.procs.append(proc)
         return proc
