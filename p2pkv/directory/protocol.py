@@ -318,12 +318,16 @@ def decode(data: bytes | memoryview) -> Message:
 
     The version is *not* checked here: the server answers a mismatch with an Error reply.
     """
+    return _decode_with(_DECODER, data, "message")
+
+
+def _decode_with(decoder: msgspec.msgpack.Decoder, data: bytes | memoryview, what: str):
     if len(data) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+        raise ProtocolError(f"{what} of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
-        return _DECODER.decode(data)
+        return decoder.decode(data)
     except msgspec.DecodeError as e:
-        raise ProtocolError(f"malformed message: {e}") from None
+        raise ProtocolError(f"malformed {what}: {e}") from None
 
 
 def peek_header(data: bytes | memoryview) -> tuple[int, int] | None:
@@ -350,9 +354,4 @@ def version_mismatch_reason(peer_version: int) -> str:
 
 def decode_event(data: bytes | memoryview) -> FeedEvent:
     """Parse one change-feed message; raises :class:`ProtocolError`."""
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"event of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
-    try:
-        return _EVENT_DECODER.decode(data)
-    except msgspec.DecodeError as e:
-        raise ProtocolError(f"malformed event: {e}") from None
+    return _decode_with(_EVENT_DECODER, data, "event")
