@@ -69,18 +69,31 @@ def test_remote_hit_beyond_local_prefix_plans_a_pull_into_the_new_blocks():
 
 def test_pending_lookup_asks_again_then_times_out_and_backs_off():
     now = [0.0]
-    d = FakeDirectory([PENDING, None])
+    d = FakeDirectory([PENDING, None, None, None])
     s = side(d, clock=lambda: now[0], directory_backoff_s=5.0)
     r = request("r", 4)
     assert s.get_num_new_matched_tokens(r, 0) == (None, False)
     assert s.get_num_new_matched_tokens(r, 0) == (0, False)  # None = failed or timed out
     assert s.counters.lookup_timeouts == 1
+    # one slow reply is not a dead directory: keep asking until 3 fail in a row
+    assert s.get_num_new_matched_tokens(request("r1", 4), 0) == (0, False)
     assert s.get_num_new_matched_tokens(request("r2", 4), 0) == (0, False)
-    assert len(d.asked) == 1  # backing off: the dead directory is not asked again
+    assert len(d.asked) == 3
+    assert s.get_num_new_matched_tokens(request("r3", 4), 0) == (0, False)
+    assert len(d.asked) == 3  # backing off: the dead directory is not asked again
     now[0] = 6.0
     d.replies = [LookupReply(holders=[])]
-    assert s.get_num_new_matched_tokens(request("r3", 4), 0) == (0, False)
-    assert len(d.asked) == 2
+    assert s.get_num_new_matched_tokens(request("r4", 4), 0) == (0, False)
+    assert len(d.asked) == 4
+
+
+def test_a_success_resets_the_failure_count():
+    d = FakeDirectory([None, None, LookupReply(holders=[]), None, None])
+    s = side(d)
+    for i in range(5):
+        s.get_num_new_matched_tokens(request(f"r{i}", 4), 0)
+    s.get_num_new_matched_tokens(request("r5", 4), 0)
+    assert len(d.asked) == 6  # never three failures in a row: never backed off
 
 
 def test_a_request_is_pulled_at_most_once():

@@ -26,6 +26,10 @@ from p2pkv.vllm.metadata import ChunkLoad, LoadPlan, P2PKVMetadata, SavePlan
 logger = logging.getLogger(__name__)
 
 
+DIRECTORY_FAILURES_BEFORE_BACKOFF = 3
+"""Lookups that must fail in a row before the scheduler stops asking for a while."""
+
+
 @dataclass(slots=True)
 class _Lookup:
     rid: int
@@ -72,6 +76,7 @@ class SchedulerSide:
         self._loaded: set[str] = set()
         self._pending_loads: list[LoadPlan] = []
         self._directory_down_until = 0.0
+        self._failures_in_a_row = 0
         self.counters = SchedulerCounters()
 
     # -- lookup ---------------------------------------------------------------------------
@@ -96,10 +101,19 @@ class SchedulerSide:
         self._lookups.pop(req_id, None)
         if reply is None:
             self.counters.lookup_timeouts += 1
-            self._directory_down_until = self._clock() + self._config.directory_backoff_s
-            logger.warning("p2pkv: directory lookup failed or timed out; treating as a miss "
-                           "and skipping lookups for %.1f s", self._config.directory_backoff_s)
+            self._failures_in_a_row += 1
+            # NOTE: one slow reply on a loaded host is not a dead directory (seen in CI: one
+            # 250 ms timeout, then 5 s without lookups cost a remote hit); back off only after
+            # DIRECTORY_FAILURES_BEFORE_BACKOFF timeouts in a row.
+            if self._failures_in_a_row >= DIRECTORY_FAILURES_BEFORE_BACKOFF:
+                self._directory_down_until = self._clock() + self._config.directory_backoff_s
+                logger.warning("p2pkv: %d directory lookups in a row failed or timed out; "
+                               "skipping lookups for %.1f s", self._failures_in_a_row,
+                               self._config.directory_backoff_s)
+            else:
+                logger.info("p2pkv: a directory lookup timed out; treating it as a miss")
             return 0, False
+        self._failures_in_a_row = 0
         if not reply.holders:
             return 0, False
         best = reply.holders[0]
