@@ -73,7 +73,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, model: Path, document: str, questions: list[str]
-         ) -> tuple[list[tuple[str, str, Completion]], dict[str, dict]]:
+         ) -> tuple[list[tuple[str, str, Completion]], dict[str, int]]:
     with LocalCluster(args.workdir, model) as cluster:
         cluster.start_directory()
         print(f"[demo] directory on {cluster.directory}; logs in {args.workdir}/")
@@ -97,21 +97,20 @@ def _run(args: argparse.Namespace, model: Path, document: str, questions: list[s
         return runs, _wait_for_counters(cluster)
 
 
-def _wait_for_counters(cluster: LocalCluster, timeout_s: float = 5.0) -> dict[str, dict]:
-    """Per-instance connector counters as the directory last heard them."""
+def _wait_for_counters(cluster: LocalCluster, timeout_s: float = 5.0) -> dict[str, int]:
+    """Connector counters summed over the instances, once a pull shows (or at the deadline)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        reply = cluster.stats()
-        counters = {i.instance: dict(i.counters) for i in reply.instances} if reply else {}
-        if any(c.get("chunks_pulled") for c in counters.values()) or time.monotonic() > deadline:
-            return counters
+        totals = cluster.counter_totals()
+        if totals.get("chunks_pulled") or time.monotonic() > deadline:
+            return totals
         time.sleep(0.2)
 
 
-def _print_report(runs: list[tuple[str, str, Completion]], counters: dict[str, dict]) -> None:
+def _print_report(runs: list[tuple[str, str, Completion]], counters: dict[str, int]) -> None:
     cold, remote, local = (r[2] for r in runs)
-    pulled = sum(c.get("bytes_pulled", 0) for c in counters.values())
-    chunks = sum(c.get("chunks_pulled", 0) for c in counters.values())
+    pulled = counters.get("bytes_pulled", 0)
+    chunks = counters.get("chunks_pulled", 0)
     print()
     print(f"document + question: {remote.prompt_tokens} prompt tokens")
     print(f"{'request':<34} {'TTFT':>9}  answer")

@@ -163,6 +163,16 @@ class LocalCluster:
             client.close()
         return reply if isinstance(reply, StatsReply) else None
 
+    def counter_totals(self) -> dict[str, int]:
+        """Connector counters summed over all instances, as the directory last heard them
+        (empty when it does not answer)."""
+        totals: dict[str, int] = {}
+        reply = self.stats()
+        for info in reply.instances if reply else ():
+            for key, value in info.counters.items():
+                totals[key] = totals.get(key, 0) + value
+        return totals
+
 
 def wait_healthy(instances: list[Instance], timeout_s: float, progress=None) -> None:
     """Wait until every instance answers /health; ``progress(elapsed_s, ready_names)``."""

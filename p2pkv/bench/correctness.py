@@ -25,11 +25,8 @@ def document_tokens(model: Path) -> list[int]:
 
 def cluster_endpoints(cluster: LocalCluster, holder: str, puller: str,
                       settle_s: float = 0.0) -> Endpoints:
-    def pulled() -> int:
-        reply = cluster.stats()
-        return sum(i.counters.get("chunks_pulled", 0) for i in reply.instances) if reply else 0
-
-    return Endpoints(holder, puller, pulled, lambda: time.sleep(settle_s))
+    return Endpoints(holder, puller, lambda: cluster.counter_totals().get("chunks_pulled", 0),
+                     lambda: time.sleep(settle_s))
 
 
 def run_suite(cluster: LocalCluster, cases: list[Case], model: Path,

@@ -102,12 +102,7 @@ def run_config(name: str, requests: list[Request], model: Path, workdir: Path,
                                   req.instance, c.ttft_s, c.total_s))
             progress(1)
         wall = time.monotonic() - t0 - settle_s * len(requests)
-        counters: dict = {}
-        if CONFIGS[name]["connector"]:
-            reply = cluster.stats()
-            for i in reply.instances if reply else []:
-                for k, v in i.counters.items():
-                    counters[k] = counters.get(k, 0) + v
+        counters = cluster.counter_totals() if CONFIGS[name]["connector"] else {}
     return records, {"busy_s": wall, **counters}
 
 
