@@ -172,6 +172,10 @@ class ChunkStore:
         if self._shared is not None:
             self._shared.close()
 
+    def slab_array(self) -> np.ndarray:
+        """The whole slab, [capacity, slot_bytes] (for page-locking it)."""
+        return self._slab
+
     def slot_view(self, index: int) -> memoryview:
         return memoryview(self._slab[index]).cast("B")
 

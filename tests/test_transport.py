@@ -13,10 +13,20 @@ import pytest
 
 from p2pkv.secret import ClusterSecret
 from p2pkv.transport.base import Outcome, PullItem, make_transport
+from p2pkv.transport.ucx import ucx_unavailable_reason
 from tests.peer_process import chunk_bytes, key_of
 
 SEED = 11
-KINDS = ["tcp", "shm"]
+UCX_MISSING = ucx_unavailable_reason()
+# NOTE: UCX runs over its tcp transport here (UCX_TLS=tcp, set below for both processes), as
+# between two hosts without RDMA; CI installs ucxx so these run there too.
+KINDS = ["tcp", "shm", pytest.param("ucx", marks=pytest.mark.skipif(
+    bool(UCX_MISSING), reason=UCX_MISSING or "-"))]
+
+
+@pytest.fixture(autouse=True)
+def _ucx_over_tcp(monkeypatch):
+    monkeypatch.setenv("UCX_TLS", "tcp")
 SECRET = "a-cluster-secret-of-enough-bytes"
 
 
@@ -160,7 +170,7 @@ def test_peer_dying_or_stalling_mid_transfer(spawn, kind, sig):
         for i, r in enumerate(out):  # whatever is reported good is good
             if r.outcome is Outcome.OK:
                 assert np.array_equal(bufs[i], chunk_bytes(SEED, i, size))
-        if sig == signal.SIGKILL and kind == "tcp":
+        if sig == signal.SIGKILL and kind in ("tcp", "ucx"):
             assert any(r.outcome is Outcome.FAILED for r in out)
     finally:
         if sig == signal.SIGSTOP:

@@ -75,7 +75,58 @@ def test_layers_inside_one_backing_tensor_with_a_block_stride():
 def test_unsupported_layouts_are_refused():
     with pytest.raises(ConfigError):
         KVLayout.from_kv_caches({})
-    with pytest.raises(ConfigError):
-        KVLayout.from_kv_caches({"a": torch.randn(2, 5, 3, 8)[0:2].transpose(1, 2)})
+    with pytest.raises(ConfigError):  # a broadcast (stride 0) cache is not memory we can copy
+        KVLayout.from_kv_caches({"a": torch.randn(5, 1, 8, 16).expand(5, 3, 8, 16)})
+    with pytest.raises(ConfigError):  # layers must agree
+        KVLayout.from_kv_caches({"a": torch.randn(5, 3, 8, 16), "b": torch.randn(5, 3, 8, 8)})
     with pytest.raises(ValueError):
         KVLayout.from_kv_caches(cpu_caches()).block_views(99)
+
+
+# GPU attention backends' layouts, as CPU tensors of the same shapes and strides. vLLM 0.32
+# hands every backend's cache as a logical [blocks, H, N, C] view of a physical layout.
+B, H, N, C = 6, 3, 16, 128  # C = K‖V of head_size 64
+
+
+def physical(order: str, layers: int = 2) -> tuple[dict, list]:
+    """Caches whose memory is laid out as ``order`` (e.g. "BNHC"), seen as [B, H, N, C]."""
+    sizes = {"B": B, "H": H, "N": N, "C": C}
+    raws = [torch.randn(*(sizes[d] for d in order)) for _ in range(layers)]
+    perm = [order.index(d) for d in "BHNC"]
+    return {f"layer.{i}": r.permute(*perm) for i, r in enumerate(raws)}, raws
+
+
+@pytest.mark.parametrize("order, segments", [
+    ("BHNC", 1),  # HND (FlashInfer), and the CPU layout
+    ("BNHC", 1),  # NHD (FlashAttention): K‖V per token and head
+    ("HBNC", H),  # heads outside blocks: one segment per head
+])
+def test_gpu_layouts_copy_whole_blocks_exactly(order, segments):
+    src, raws = physical(order)
+    layout = KVLayout.from_kv_caches(src)
+    assert len(layout.segments) == segments
+    assert layout.block_bytes == H * N * C * 4
+    slot = bytearray(layout.chunk_bytes(2))
+    layout.copy_out([5, 2], memoryview(slot))
+    # a second instance with the same layout receives the slot into other blocks
+    dst, _ = physical(order)
+    for t in dst.values():
+        t.zero_()
+    into = KVLayout.from_kv_caches(dst)
+    pieces = [v for b in (0, 3) for v in into.block_views(b)]
+    off = 0
+    for v in pieces:
+        v[:] = slot[off:off + v.nbytes]
+        off += v.nbytes
+    assert off == len(slot)
+    for name in src:
+        assert torch.equal(dst[name][0], src[name][5]) and torch.equal(dst[name][3], src[name][2])
+        assert torch.count_nonzero(dst[name][1]) == 0  # nothing outside the target blocks
+
+
+def test_layouts_that_do_not_copy_exactly_have_different_signatures():
+    sigs = {order: KVLayout.from_kv_caches(physical(order)[0]).signature
+            for order in ("BHNC", "BNHC", "HBNC")}
+    assert len(set(sigs.values())) == 3
+    assert sigs["BHNC"] == KVLayout.from_kv_caches(cpu_caches(blocks=B)).signature.replace(
+        "3x8x16", f"{H}x{N}x{C}")

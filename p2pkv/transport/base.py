@@ -3,8 +3,10 @@
 The worker side of the connector creates its ChunkStore through a transport (so that the slab
 lives where the transport can serve it from), serves it, and pulls peers' chunks through it.
 Implementations: ``tcp`` (everywhere, the fallback); ``shm`` (TCP, plus copies straight out of
-the slab of holders on the same host); ``ucx`` (not built yet). ``auto`` resolves to the best
-available one and logs why, once.
+the slab of holders on the same host); ``ucx`` (TCP control, bytes over UCX: GPU memory,
+RDMA; see ``transport/ucx.py``). ``auto`` resolves to the best available one and logs why,
+once. A pull's destination pieces are host memory (``memoryview``) or CUDA memory (1-D
+uint8 torch tensors), see ``transport/staging.py``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import enum
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from p2pkv.errors import ConfigError
 from p2pkv.keys import ChunkKey
@@ -27,10 +30,11 @@ TRANSPORT_KINDS = ("auto", "tcp", "shm", "ucx")
 
 @dataclass(frozen=True, slots=True)
 class PullItem:
-    """One chunk to pull: its bytes land, in order, in the ``dest`` pieces (zero-copy)."""
+    """One chunk to pull: its bytes land, in order, in the ``dest`` pieces: host memory
+    (``memoryview``, zero-copy over TCP) or CUDA memory (1-D uint8 torch tensors)."""
 
     key: ChunkKey
-    dest: tuple[memoryview, ...]
+    dest: tuple[Any, ...]
 
     @property
     def nbytes(self) -> int:
@@ -74,14 +78,29 @@ class Transport(abc.ABC):
         """Stop serving and drop connections."""
 
 
+def has_rdma() -> bool:
+    """An RDMA device (InfiniBand / RoCE) is visible here."""
+    import os
+
+    try:
+        return bool(os.listdir("/sys/class/infiniband"))
+    except OSError:
+        return False
+
+
 def make_transport(kind: str, *, bind_host: str, advertise_host: str | None = None,
                    connections_per_peer: int = 2, secret: ClusterSecret | None = None,
-                   store_bytes: int = 0) -> Transport:
+                   store_bytes: int = 0, cuda_device: int | None = None) -> Transport:
     """The one place that maps config to an implementation.
 
     ``secret``: the cluster secret; without one the data plane is unauthenticated (fine on
     loopback, said once in the log). ``store_bytes``: how big the store will be, so that
-    ``auto`` does not put a slab into a /dev/shm too small for it.
+    ``auto`` does not put a slab into a /dev/shm too small for it. ``cuda_device``: the GPU
+    whose KV cache the pulls land in (None: host memory).
+
+    ``auto`` uses UCX where it pays (KV on a GPU, or an RDMA device) and ucxx works; plain
+    sockets beat UCX's tcp transport 3-4x between CPU hosts (MEASURED.md), so a CPU-only
+    instance without RDMA stays on our TCP, plus shm for same-host peers.
     """
     if kind not in TRANSPORT_KINDS:
         raise ConfigError(f"transport must be one of {TRANSPORT_KINDS}, not {kind!r}")
@@ -92,18 +111,40 @@ def make_transport(kind: str, *, bind_host: str, advertise_host: str | None = No
     if key is None:
         logger.warning("p2pkv data plane: no cluster secret, peers are not authenticated "
                        "(keep it on loopback or a private network)")
-    if kind == "ucx":
-        raise ConfigError("transport 'ucx' is not built yet; use auto, tcp or shm")
+    tcp_args = dict(bind_host=bind_host, advertise_host=advertise_host,
+                    connections_per_peer=connections_per_peer, key=key)
     same_host = kind == "shm"
     if kind == "auto":
         room = shm_room()
-        if room > store_bytes:
-            same_host = True
-            logger.info("p2pkv transport auto: shm for same-host peers, tcp for the others "
-                        "(ucx is not built yet)")
-        else:
-            logger.info("p2pkv transport auto: tcp only: /dev/shm has %d MiB free, the store "
-                        "needs %d MiB (ucx is not built yet)", room >> 20, store_bytes >> 20)
-    return TcpTransport(bind_host=bind_host, advertise_host=advertise_host,
-                        connections_per_peer=connections_per_peer, key=key,
-                        same_host=same_host)
+        same_host = room > store_bytes
+        if not same_host:
+            logger.info("p2pkv transport auto: no shm path: /dev/shm has %d MiB free, the "
+                        "store needs %d MiB", room >> 20, store_bytes >> 20)
+    if kind in ("ucx", "auto"):
+        from p2pkv.transport.ucx import ucx_unavailable_reason
+
+        reason = ucx_unavailable_reason()
+        wanted = kind == "ucx" or cuda_device is not None or has_rdma()
+        if kind == "ucx" and reason:
+            raise ConfigError(f"transport 'ucx': {reason} (pip install 'p2pkv[ucx]')")
+        if wanted and not reason:
+            from p2pkv.transport.ucx import UcxTransport
+
+            try:
+                t = UcxTransport(cuda_device=cuda_device, host_over_ucx=kind == "ucx"
+                                 or has_rdma(), same_host=same_host, **tcp_args)
+            except Exception as e:  # noqa: BLE001 - UCX failing to start must not stop us
+                if kind == "ucx":
+                    raise ConfigError(f"transport 'ucx' failed to start: {e}") from e
+                reason = f"UCX failed to start ({e})"
+            else:
+                logger.info("p2pkv transport %s: ucx for %s, %s", kind,
+                            "every pull" if kind == "ucx" or has_rdma()
+                            else "pulls into GPU memory",
+                            "shm for same-host peers" if same_host else "no shm path")
+                return t
+        if kind == "auto":
+            logger.info("p2pkv transport auto: %s for same-host peers, tcp for the others "
+                        "(ucx: %s)", "shm" if same_host else "tcp",
+                        reason or "not worth it without a GPU or RDMA")
+    return TcpTransport(same_host=same_host, **tcp_args)

@@ -14,12 +14,16 @@ import secrets
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from p2pkv.affinity import unpin_current_thread
 from p2pkv.errors import TransportError
 from p2pkv.store import ChunkStore, PinnedChunk
 from p2pkv.transport import wire
 from p2pkv.transport.sockio import make_blocking, recv_exact, send_views
+
+if TYPE_CHECKING:
+    from p2pkv.transport.ucx import UcxEngine
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +35,9 @@ MAX_PINS_PER_CONN = wire.MAX_KEYS_PER_REQUEST
 
 class Server:
     def __init__(self, store: ChunkStore, bind_host: str, key: bytes | None,
-                 info: wire.PeerInfo) -> None:
+                 info: wire.PeerInfo, ucx: UcxEngine | None = None) -> None:
         self._store = store
+        self._ucx = ucx
         self._key = key
         self._info = wire.encode_info(info)
         self._sock = socket.create_server((bind_host, 0))
@@ -123,6 +128,8 @@ class Server:
                     self._send_chunks(conn, req.keys)
                 elif isinstance(req, wire.Pin):
                     self._pin_chunks(conn, req.keys, pins)
+                elif isinstance(req, wire.Send):
+                    self._send_over_ucx(conn, req)
                 else:
                     self._release(req.pins, pins)
             except wire.BadRequest as e:
@@ -143,6 +150,33 @@ class Server:
             for p in pinned:
                 if p is not None:
                     self._store.unpin(p)
+
+    def _send_over_ucx(self, conn: socket.socket, req: wire.Send) -> None:
+        if self._ucx is None:
+            raise wire.BadRequest("this holder has no UCX")
+        deadline = time.monotonic() + req.timeout_ms / 1000
+        pinned = [self._store.pin(key) for key in req.keys]  # type: ignore[arg-type]
+        held = [p for p in pinned if p is not None]
+
+        def release() -> None:
+            for p in held:
+                self._store.unpin(p)
+
+        try:
+            send_views(conn, [b"".join(
+                wire.pack_item(wire.Status.MISSING) if p is None
+                else wire.pack_item(wire.Status.OK, p.view.nbytes, p.digest) for p in pinned)],
+                SEND_TIMEOUT_S)
+        except BaseException:
+            release()
+            raise
+        try:
+            # NOTE: the engine calls release() once UCX no longer reads the slots, which
+            # after a timed-out send can be later than this call returns.
+            self._ucx.send(req.reply_to, [(req.tag + i, p.view) for i, p in enumerate(pinned)
+                                          if p is not None], deadline, release)
+        except TransportError as e:
+            logger.info("UCX send to a puller failed: %s", e)
 
     def _pin_chunks(self, conn: socket.socket, keys: list[bytes],
                     pins: list[PinnedChunk]) -> None:

@@ -51,8 +51,24 @@ class MappedSlab:
         finally:
             os.close(fd)
         self.array = np.frombuffer(self._map, dtype=np.uint8)
+        self._locked = False
+        self._lock_tried = False
+
+    def page_lock(self) -> None:
+        """Page-lock the mapping for the GPU once (copies from it become DMA); on failure the
+        copies still work, staged by the driver."""
+        if not self._lock_tried:
+            from p2pkv.transport.staging import page_lock
+
+            self._lock_tried = True
+            self._locked = page_lock(self.array.ctypes.data, self.array.nbytes, read_only=True)
 
     def close(self) -> None:
+        if self._locked:
+            from p2pkv.transport.staging import page_unlock
+
+            page_unlock(self.array.ctypes.data)
+            self._locked = False
         del self.array
         try:
             self._map.close()

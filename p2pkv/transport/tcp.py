@@ -26,6 +26,7 @@ from p2pkv.transport import wire
 from p2pkv.transport.base import Outcome, PullItem, PullResult, Transport
 from p2pkv.transport.server import Server
 from p2pkv.transport.shm import MappedSlab, copy_and_digest, host_id
+from p2pkv.transport.staging import host_pieces, pinned_host, scatter
 from p2pkv.transport.sockio import (
     make_blocking,
     parse_address,
@@ -62,6 +63,7 @@ class PathCounters:
 
     tcp: int = 0
     shm: int = 0
+    ucx: int = 0
 
 
 class _Conn:
@@ -109,11 +111,14 @@ class TcpTransport(Transport):
         info = wire.PeerInfo(host_id=self._host_id, shm_path=store.shm_path,
                              shm_ident=store.shm_ident,
                              slab_bytes=store.slab_bytes, slot_bytes=store.slot_bytes)
-        self._server = Server(store, self._bind_host, self._key, info)
+        self._server = self._make_server(store, info)
         address = f"{self._advertise_host}:{self._server.port}"
         logger.info("p2pkv %s transport serving on %s (%s)", self.name, address,
                     "authenticated" if self._key else "UNAUTHENTICATED: no cluster secret")
         return address
+
+    def _make_server(self, store: ChunkStore, info: wire.PeerInfo) -> Server:
+        return Server(store, self._bind_host, self._key, info)
 
     def pull(self, address: str, items: Sequence[PullItem], timeout_s: float) -> list[PullResult]:
         deadline = time.monotonic() + timeout_s
@@ -124,21 +129,24 @@ class TcpTransport(Transport):
             return [PullResult(i.key, Outcome.FAILED, f"connect {address}: {e}") for i in items]
         t_connected = time.monotonic()
         try:
-            if conn.slab is not None:
-                self.counters.shm += 1
-                results = self._pull_shared(conn, items, deadline)
-            else:
-                self.counters.tcp += 1
-                results = self._pull_stream(conn.sock, items, deadline)
+            path, results = self._pull_on(conn, items, deadline)
         except (OSError, TransportError) as e:
             conn.close()
             return [PullResult(i.key, Outcome.FAILED, f"{address}: {e}") for i in items]
         self._checkin(peer, conn)
         logger.debug("pull of %d items from %s (%s): connect %.1f ms, transfer %.1f ms",
-                     len(items), address, "shm" if conn.slab else "tcp",
-                     (t_connected - deadline + timeout_s) * 1000,
+                     len(items), address, path, (t_connected - deadline + timeout_s) * 1000,
                      (time.monotonic() - t_connected) * 1000)
         return results
+
+    def _pull_on(self, conn: _Conn, items: Sequence[PullItem], deadline: float
+                 ) -> tuple[str, list[PullResult]]:
+        """Move the bytes over the best path this connection offers; returns its name."""
+        if conn.slab is not None:
+            self.counters.shm += 1
+            return "shm", self._pull_shared(conn, items, deadline)
+        self.counters.tcp += 1
+        return "tcp", self._pull_stream(conn.sock, items, deadline)
 
     def close(self) -> None:
         if self._server is not None:
@@ -173,17 +181,21 @@ class TcpTransport(Transport):
             if status is wire.Status.MISSING:
                 results.append(PullResult(item.key, Outcome.MISSING, "holder no longer has it"))
                 continue
+            if not host_pieces(item.dest):
+                # GPU destination: into a pinned host buffer, checked, then one copy up
+                staging = pinned_host(item.nbytes)
+                got = _recv_hashed(sock, [memoryview(staging)], deadline)
+                result = _checked(item, got, want)
+                if result.outcome is Outcome.OK:
+                    scatter(staging, item.dest)
+                results.append(result)
+                continue
             # NOTE: one receive per chunk (per HASH_STEP of it), not one for the whole
             # response: measured faster (a single huge MSG_WAITALL receive ran at ~2/3 of the
             # speed on loopback). Each piece is hashed right after it lands, while it is still
             # in cache and while the kernel keeps receiving the next one: the digest then
             # overlaps the transfer instead of adding to it (~15 % of a 64 MiB pull).
-            h = xxhash.xxh3_64()
-            for group in _groups(item.dest, HASH_STEP):
-                recv_views(sock, group, deadline)
-                for v in group:
-                    h.update(v)
-            results.append(_checked(item, h.intdigest(), want))
+            results.append(_checked(item, _recv_hashed(sock, item.dest, deadline), want))
         return results
 
     @staticmethod
@@ -214,8 +226,17 @@ class TcpTransport(Transport):
                 if time.monotonic() > deadline:
                     raise DeadlineExceeded("deadline passed while copying")
                 off = slot * info.slot_bytes
-                got = copy_and_digest(conn.slab.array[off:off + nbytes], item.dest)
-                results.append(_checked(item, got, want))
+                src = conn.slab.array[off:off + nbytes]
+                if host_pieces(item.dest):
+                    results.append(_checked(item, copy_and_digest(src, item.dest), want))
+                    continue
+                # GPU destination: DMA straight from the mapped slab, hashed meanwhile
+                conn.slab.page_lock()
+                if scatter(src, item.dest, verify=lambda s=src, w=want:
+                           xxhash.xxh3_64_intdigest(s) == w):
+                    results.append(PullResult(item.key, Outcome.OK))
+                else:
+                    results.append(_checked(item, 0, 1))
         finally:
             if pinned:
                 send_views(sock, [wire.encode_request(wire.Release(pinned))],
@@ -285,6 +306,16 @@ class TcpTransport(Transport):
                 conns.append((conn, time.monotonic()))
                 return
         conn.close()
+
+
+def _recv_hashed(sock: socket.socket, dest: Sequence[memoryview], deadline: float) -> int:
+    """Receive into ``dest``; the xxh3-64 of what arrived."""
+    h = xxhash.xxh3_64()
+    for group in _groups(dest, HASH_STEP):
+        recv_views(sock, group, deadline)
+        for v in group:
+            h.update(v)
+    return h.intdigest()
 
 
 def _checked(item: PullItem, got: int, want: int) -> PullResult:

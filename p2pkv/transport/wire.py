@@ -6,12 +6,15 @@ one at a time::
     server hello : "P2KV" | u16 version | u16 flags (bit 0: auth required) | 32 B nonce_s
     client proof : u16 version | 6 pad | 32 B nonce_c | 32 B HMAC(key, "c" nonce_s nonce_c)
     server reply : u8 status | 7 pad | 32 B HMAC(key, "s" nonce_c nonce_s) | u32 n | n B PeerInfo
-    request      : u32 length | msgpack Request (Pull | Pin | Release)
+    request      : u32 length | msgpack Request (Pull | Pin | Release | Send)
     Pull reply   : one ItemHeader per key (u8 status, 7 pad, u64 nbytes, u64 xxh3-64 digest),
                    then the payloads of the OK items, back to back, in the same order
     Pin reply    : one PinHeader per key (ItemHeader + u64 slot + u64 generation); the server
                    keeps those slots pinned until the client's Release (or the connection ends)
     Release      : no reply
+    Send reply   : one ItemHeader per key; then the holder sends each OK chunk over UCX
+                   (tag + its index in the request) to the UCX worker at ``reply_to``, and
+                   keeps it pinned until UCX is done with it (see ``transport/ucx.py``)
 
 Without a cluster secret both MACs are zeros and the hello says "no auth"; a side that has a
 secret refuses a peer that has none. A bad proof gets status AUTH_FAILED before any chunk byte.
@@ -20,7 +23,9 @@ and one scatter receive: few system calls and few GIL hand-offs, which is what d
 speed inside a busy vLLM worker. A malformed request gets one ItemHeader with status
 BAD_REQUEST and the connection is closed.
 History: 1 — walking skeleton (whole chunks by key, per-chunk digest).
-         2 — handshake with HMAC challenge-response and PeerInfo; Pin/Release (same host).
+         2 — handshake with HMAC challenge-response and PeerInfo; Pin/Release (same host);
+             later in 2: Send (UCX bytes; offered only by holders whose PeerInfo carries a
+             ``ucx_address``, so older holders are never asked).
 """
 
 from __future__ import annotations
@@ -77,7 +82,16 @@ class Release(msgspec.Struct, frozen=True, tag="release"):
     pins: list[tuple[int, int]]  # (slot, generation) pairs from a Pin reply
 
 
-Request = Pull | Pin | Release
+class Send(msgspec.Struct, frozen=True, tag="send"):
+    keys: list[bytes]
+    tag: int  # item i goes with UCX tag ``tag + i``
+    reply_to: bytes  # the puller's UCX worker address
+    timeout_ms: int  # the holder gives up on the sends after this long
+
+
+Request = Pull | Pin | Release | Send
+MAX_UCX_ADDRESS_BYTES = 16 << 10
+MAX_SEND_TIMEOUT_MS = 600_000
 
 
 class PeerInfo(msgspec.Struct, frozen=True):
@@ -175,6 +189,11 @@ def decode_request(body: bytes) -> Request:
         raise BadRequest(f"{len(items)} items exceed {MAX_KEYS_PER_REQUEST}")
     if not isinstance(req, Release) and any(len(k) > MAX_KEY_BYTES for k in req.keys):
         raise BadRequest("key longer than MAX_KEY_BYTES")
+    if isinstance(req, Send):
+        if not 0 < len(req.reply_to) <= MAX_UCX_ADDRESS_BYTES:
+            raise BadRequest(f"UCX address of {len(req.reply_to)} bytes")
+        if not 0 <= req.tag < (1 << 63) or not 0 < req.timeout_ms <= MAX_SEND_TIMEOUT_MS:
+            raise BadRequest("tag or timeout out of range")
     return req
 
 

@@ -129,9 +129,15 @@ class P2PKVConnector(KVConnectorBase_V1):
                 can_load=ktc.kv_role != "kv_producer", can_save=ktc.kv_role != "kv_consumer",
                 directory=directory)
         else:
+            cuda_device = None
+            if vllm_config.device_config.device_type == "cuda":
+                import torch
+
+                cuda_device = torch.cuda.current_device()
             transport = make_transport(self._config.transport, bind_host=self._config.bind_host,
                                        advertise_host=self._config.advertise_host or None,
-                                       secret=secret, store_bytes=self._config.store_bytes)
+                                       secret=secret, store_bytes=self._config.store_bytes,
+                                       cuda_device=cuda_device)
             self._worker = WorkerSide(self._config, instance=self._instance,
                                       namespace=namespace, chunk_blocks=chunk_blocks,
                                       transport=transport, directory=directory,

@@ -10,11 +10,13 @@ Saves copy completed chunks out of the paged cache after the step's forward pass
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from p2pkv.affinity import unpin_current_thread
 from p2pkv.directory.client import DirectoryClient, Registration
@@ -24,6 +26,9 @@ from p2pkv.transport.base import Outcome, PullItem, Transport
 from p2pkv.vllm.config import ConnectorConfig
 from p2pkv.vllm.layout import KVLayout
 from p2pkv.vllm.metadata import LoadPlan, P2PKVMetadata
+
+if TYPE_CHECKING:
+    from p2pkv.vllm.gpu import AsyncSaver
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +57,7 @@ class WorkerSide:
         self._directory = directory
         self._layout: KVLayout | None = None
         self._store: ChunkStore | None = None
+        self._saver: AsyncSaver | None = None  # GPU caches: saves are async copies
         self._pool = ThreadPoolExecutor(config.pull_threads, thread_name_prefix="p2pkv-pull",
                                         initializer=unpin_current_thread)
         self._lock = threading.Lock()  # guards the three fields below (pull threads write)
@@ -67,18 +73,29 @@ class WorkerSide:
         slot = layout.chunk_bytes(self._chunk_blocks)
         capacity = max(1, self._config.store_bytes // slot)
         self._store = self._transport.create_store(slot, capacity)
+        if layout.on_gpu:
+            from p2pkv.vllm.gpu import AsyncSaver
+
+            self._saver = AsyncSaver(layout, self._store)
         address = self._transport.serve(self._store)
+        # NOTE: the physical block layout joins the hash probe: instances whose bytes would
+        # not copy exactly (another attention backend's layout) are refused by the directory.
+        probe = hashlib.sha256(f"{self._probe}/{layout.signature}".encode()).hexdigest()[:16]
         self._directory.register(Registration(
             instance=self._instance, epoch=self._epoch, namespace=self._namespace,
-            address=address, probe=self._probe,
+            address=address, probe=probe,
             capabilities=(self._transport.name,)), wait_connected_s=1.0)
-        logger.info("p2pkv worker: %d layers, %d B per block, chunk %d B, store %d chunks, "
-                    "serving on %s, namespace %s", layout.num_layers, layout.block_bytes,
-                    slot, capacity, address, self._namespace)
+        logger.info("p2pkv worker: %d layers on %s (%s), %d B per block, chunk %d B, store "
+                    "%d chunks, serving on %s, namespace %s", layout.num_layers, layout.device,
+                    layout.signature, layout.block_bytes, slot, capacity, address,
+                    self._namespace)
 
     # -- loads ----------------------------------------------------------------------------
 
     def start_loads(self, meta: P2PKVMetadata) -> None:
+        if self._saver is not None:
+            self._saver.fence()  # this step's kernels wait for last step's copies out
+            self._publish(self._saver.collect())
         for plan in meta.loads:
             self._pool.submit(self._run_load, plan)
 
@@ -123,11 +140,16 @@ class WorkerSide:
 
     def _dest(self, block_ids: tuple[int | None, ...]) -> list[memoryview]:
         assert self._layout is not None
-        views: list[memoryview] = []
+        views: list = []
         for b in block_ids:
             if b is None:  # computed locally: receive into scratch and drop
-                views.append(memoryview(bytearray(self._layout.block_bytes
-                                                  * self._layout.num_layers)))
+                n = self._layout.block_bytes * self._layout.num_layers
+                if self._layout.on_gpu:
+                    import torch
+
+                    views.append(torch.empty(n, dtype=torch.uint8, device=self._layout.device))
+                else:
+                    views.append(memoryview(bytearray(n)))
             else:
                 views.extend(self._layout.block_views(b))
         return views
@@ -149,6 +171,11 @@ class WorkerSide:
         if not meta.saves or self._store is None or self._layout is None:
             return
         added = []
+        if self._saver is not None:
+            for plan in meta.saves:
+                self._saver.save(plan.key, plan.block_ids)
+            self._publish(self._saver.collect())
+            return
         for plan in meta.saves:
             slot = self._store.reserve(plan.key)
             if slot is None:
@@ -160,6 +187,10 @@ class WorkerSide:
                 raise
             self._store.commit(slot)
             added.append(plan.key)
+        self._publish(added)
+
+    def _publish(self, added: list) -> None:
+        assert self._store is not None
         removed = self._store.take_evicted()
         if added or removed:
             self.counters.chunks_saved += len(added)
@@ -179,5 +210,7 @@ class WorkerSide:
     def shutdown(self) -> None:
         self._directory.unregister()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._saver is not None:
+            self._saver.close()
         self._transport.close()
         self._directory.close()

@@ -1,0 +1,378 @@
+"""UCX (through ``ucxx``) as the data plane's byte mover: host and CUDA memory, RDMA, cma.
+
+Control stays on the TCP connection of :mod:`p2pkv.transport.tcp` (handshake with the
+cluster secret, ``PeerInfo``, one request at a time); only the chunk bytes move over UCX::
+
+    puller                                   holder
+      Send(keys, tag, reply_to=my worker)  →   pin the chunks
+                                           ←   one ItemHeader per key (over TCP)
+      tag_recv(staging, tag+i) per OK item     tag_send(slot, tag+i) to reply_to
+      wait, deadline                           wait, deadline; unpin
+
+Choices (measured on the 2-core CPU VM, MEASURED.md):
+- Worker addresses travel over our control connection and endpoints are made from them with
+  UCX's endpoint error handling OFF (the listener path forces it on and costs ~10× on one
+  host). A dead peer is therefore not reported by UCX: our deadlines catch it.
+- Every pull thread has its own UCX worker, so a timed-out pull cancels its own receives only
+  (``cancel_inflight_requests`` is per worker). The holder closes its endpoint to a puller
+  whose sends time out (that cancels them) and keeps the chunks pinned until UCX lets go.
+- Bytes land in a staging buffer, not in vLLM's blocks: a receive that could not be cancelled
+  can then only ever write into a quarantined buffer, never into blocks handed back to vLLM.
+  The staging buffer is host memory for host destinations (digest checked before the copy
+  out) and device memory for CUDA destinations (one device-to-device copy per piece, at
+  HBM speed; no digest: UCX's links carry their own CRC).
+- UCX registers memory on first use and caches the registration (its rcache), so the store's
+  slab and the staging buffers are registered once, not per transfer.
+- ``thread`` progress with a 1 ms epoll timeout: the core API's progress thread hangs without
+  a timeout; polling mode collapsed on 2 cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+import numpy as np
+import xxhash
+
+from p2pkv.errors import DeadlineExceeded, TransportError
+from p2pkv.store import ChunkStore
+from p2pkv.transport import wire
+from p2pkv.transport.base import Outcome, PullItem, PullResult
+from p2pkv.transport.server import Server
+from p2pkv.transport.sockio import recv_exact, send_views
+from p2pkv.transport.staging import host_pieces, is_device, scatter
+from p2pkv.transport.tcp import TcpTransport
+
+logger = logging.getLogger(__name__)
+
+CANCEL_WAIT_S = 0.5  # after a cancel, how long to wait for UCX to let go of a buffer
+EPOLL_TIMEOUT_MS = 1
+
+
+def ucx_unavailable_reason() -> str:
+    """'' when ucxx imports here, else why not."""
+    try:
+        _api()
+    except Exception as e:  # noqa: BLE001 - any import failure means "no"
+        return f"ucxx is not usable here ({type(e).__name__}: {e})"
+    return ""
+
+
+def _api() -> Any:
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    from ucxx._lib import libucxx
+
+    return libucxx
+
+
+def _array(buf: Any) -> Any:
+    from ucxx._lib.arr import Array
+
+    return Array(buf)
+
+
+def _wait(requests: Sequence[Any], deadline: float) -> None:
+    """Until every request completes (then raise its error, if any) or the deadline."""
+    pause = 1e-5
+    while not all(r.completed for r in requests):
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded("UCX transfer did not finish before the deadline")
+        time.sleep(pause)
+        pause = min(pause * 2, 1e-3)
+    for r in requests:
+        try:
+            r.check_error()
+        except Exception as e:  # noqa: BLE001 - ucxx raises its own hierarchy
+            raise TransportError(f"UCX: {type(e).__name__}: {e}") from None
+
+
+def _settled(requests: Sequence[Any], seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if all(r.completed for r in requests):
+            return True
+        time.sleep(1e-3)
+    return all(r.completed for r in requests)
+
+
+def _nothing() -> None:
+    pass
+
+
+class _Worker:
+    """One UCX worker with its progress thread."""
+
+    def __init__(self, api: Any, context: Any, cuda_device: int | None) -> None:
+        self.worker = api.UCXWorker(context)
+        if cuda_device is not None:
+            from ucxx._cuda_context import ensure_cuda_context
+
+            self.worker.set_progress_thread_start_callback(ensure_cuda_context,
+                                                           cb_args=(cuda_device,))
+        self.worker.start_progress_thread(polling_mode=False, epoll_timeout=EPOLL_TIMEOUT_MS)
+        self.address = bytes(self.worker.address)
+
+    def close(self) -> None:
+        try:
+            self.worker.stop_progress_thread()
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            logger.debug("stopping a UCX progress thread failed", exc_info=True)
+
+
+class UcxEngine:
+    """The UCX side of one transport: a context, the holder's sending worker with its
+    endpoint cache, and one receiving worker per pull thread."""
+
+    def __init__(self, cuda_device: int | None = None,
+                 ucx_config: dict[str, str] | None = None) -> None:
+        """``ucx_config``: UCX options without the UCX_ prefix (e.g. {"TLS": "tcp"}); the
+        UCX_* environment applies otherwise."""
+        self._api = _api()
+        self._context = self._api.UCXContext(
+            config_dict=ucx_config or {},
+            feature_flags=(self._api.Feature.TAG, self._api.Feature.WAKEUP))
+        self._cuda_device = cuda_device
+        self._sender = _Worker(self._api, self._context, cuda_device)
+        self._endpoints: dict[bytes, Any] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._receivers: list[_Worker] = []
+        # requests UCX still owns after a failure, and what to do once it lets go of them
+        self._lingering: list[tuple[list[Any], Callable[[], None]]] = []
+        self.quarantined_bytes = 0
+        self.send_timeouts = 0
+
+    @property
+    def address(self) -> bytes:
+        """The holder's worker address (what peers put in ``PeerInfo.ucx_address``)."""
+        return self._sender.address
+
+    # -- holder side ----------------------------------------------------------------------
+
+    def send(self, reply_to: bytes, messages: Sequence[tuple[int, memoryview]],
+             deadline: float, release: Callable[[], None]) -> None:
+        """Send each ``(tag, bytes)`` to the worker at ``reply_to`` and wait until UCX is done
+        with them or the deadline. ``release()`` is called exactly once, when UCX no longer
+        reads the bytes: before this returns, or (a send that could not be cancelled) later."""
+        self._reap()
+        try:
+            ep = self._endpoint(reply_to)
+            requests = [ep.tag_send(_array(np.frombuffer(view, np.uint8)),
+                                    self._api.UCXXTag(tag)) for tag, view in messages]
+        except Exception as e:  # noqa: BLE001 - a bad address from the peer, UCX errors
+            release()
+            raise TransportError(f"UCX send: {type(e).__name__}: {e}") from None
+        try:
+            _wait(requests, deadline)
+        except TransportError:
+            self.send_timeouts += 1
+            with self._lock:
+                self._endpoints.pop(reply_to, None)
+            try:
+                ep.close()  # cancels what is still queued to that peer
+            except Exception:  # noqa: BLE001
+                logger.debug("closing a UCX endpoint failed", exc_info=True)
+            if not _settled(requests, CANCEL_WAIT_S):
+                with self._lock:
+                    self._lingering.append((requests, release))
+                release = _nothing
+            raise
+        finally:
+            release()
+
+    def _endpoint(self, reply_to: bytes) -> Any:
+        with self._lock:
+            ep = self._endpoints.get(reply_to)
+            if ep is None:
+                address = self._api.UCXAddress.create_from_buffer(reply_to)
+                ep = self._sender.worker.create_endpoint_from_worker_address(address, False)
+                self._endpoints[reply_to] = ep
+            return ep
+
+    # -- puller side ----------------------------------------------------------------------
+
+    def receiver(self) -> _Worker:
+        """This thread's receiving worker (created on first use)."""
+        w = getattr(self._local, "worker", None)
+        if w is None:
+            w = _Worker(self._api, self._context, self._cuda_device)
+            self._local.worker = w
+            with self._lock:
+                self._receivers.append(w)
+        return w
+
+    def receive(self, worker: _Worker, messages: Sequence[tuple[int, Any]],
+                deadline: float) -> None:
+        """Receive each ``(tag, buffer)`` on ``worker``; on any failure cancel them all and
+        make sure none can write afterwards (else the buffers are quarantined for good)."""
+        self._reap()
+        requests = [worker.worker.tag_recv(_array(buf), self._api.UCXXTag(tag))
+                    for tag, buf in messages]
+        try:
+            _wait(requests, deadline)
+        except TransportError:
+            worker.worker.cancel_inflight_requests(0, 1)
+            if not _settled(requests, CANCEL_WAIT_S):
+                bufs = [buf for _, buf in messages]
+                with self._lock:
+                    self._lingering.append((requests, bufs.clear))
+                    self.quarantined_bytes += sum(int(b.nbytes) for b in bufs)
+                logger.warning("p2pkv ucx: %d receives could not be cancelled; their "
+                               "buffers are quarantined", len(requests))
+            raise
+
+    def _reap(self) -> None:
+        with self._lock:
+            done = [f for r, f in self._lingering if all(x.completed for x in r)]
+            self._lingering = [(r, f) for r, f in self._lingering
+                               if not all(x.completed for x in r)]
+        for f in done:
+            f()
+
+    def close(self) -> None:
+        with self._lock:
+            endpoints, self._endpoints = list(self._endpoints.values()), {}
+            receivers, self._receivers = self._receivers, []
+        for ep in endpoints:
+            try:
+                ep.close()
+            except Exception:  # noqa: BLE001
+                pass
+        for w in [*receivers, self._sender]:
+            w.close()
+
+
+def new_tag() -> int:
+    """A random tag base; item ``i`` of a request uses ``base + i`` (no 64-bit overflow)."""
+    return secrets.randbits(62)
+
+
+class StagingPool:
+    """Per-thread reusable host staging buffers; device ones come from torch's allocator."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def host(self, nbytes: int) -> np.ndarray:
+        buf = getattr(self._local, "host", None)
+        if buf is None or buf.nbytes < nbytes:
+            buf = np.empty(max(nbytes, 1), np.uint8)
+            self._local.host = buf
+        return buf[:nbytes]
+
+    @staticmethod
+    def device(nbytes: int, like: Any) -> Any:
+        import torch
+
+        return torch.empty(nbytes, dtype=torch.uint8, device=like.device)
+
+    def drop_host(self) -> None:
+        """Forget this thread's host buffer (it may be quarantined)."""
+        self._local.host = None
+
+
+Headers = list[tuple[wire.Status, int, int]]
+
+
+def pull_items(engine: UcxEngine, pool: StagingPool,
+               send_request: Callable[[int, bytes], Headers], items: Sequence[Any],
+               deadline: float) -> list[tuple[str, str]]:
+    """The puller's half of one UCX pull. ``send_request(tag, reply_to)`` sends the Send
+    request on the control connection and returns the holder's item headers.
+
+    Returns one ``(outcome, reason)`` per item, outcome "ok", "missing" or "failed"; raises
+    TransportError when the whole pull failed.
+    """
+    worker = engine.receiver()
+    tag = new_tag()
+    headers = send_request(tag, worker.address)
+    for item, (status, nbytes, _) in zip(items, headers):
+        if status not in (wire.Status.OK, wire.Status.MISSING):
+            raise TransportError(f"holder answered {status.name}")
+        if status is wire.Status.OK and nbytes != item.nbytes:
+            raise TransportError(f"chunk of {nbytes} bytes, expected {item.nbytes}")
+    device_piece = next((p for i in items for p in i.dest if is_device(p)), None)
+    ok = [n for n, (status, _, _) in enumerate(headers) if status is wire.Status.OK]
+    total = sum(items[n].nbytes for n in ok)
+    staging = (pool.host(total) if device_piece is None
+               else pool.device(total, device_piece))
+    messages, offsets, off = [], {}, 0
+    for n in ok:
+        offsets[n] = off
+        messages.append((tag + n, staging[off:off + items[n].nbytes]))
+        off += items[n].nbytes
+    try:
+        engine.receive(worker, messages, deadline)
+    except TransportError:
+        pool.drop_host()
+        raise
+    out = []
+    for n, (item, (status, _, want)) in enumerate(zip(items, headers)):
+        if status is wire.Status.MISSING:
+            out.append(("missing", "holder no longer has it"))
+            continue
+        piece = staging[offsets[n]:offsets[n] + item.nbytes]
+        if device_piece is None and xxhash.xxh3_64_intdigest(piece) != want:
+            out.append(("failed", "checksum mismatch"))
+            continue
+        scatter(piece, item.dest)
+        out.append(("ok", ""))
+    return out
+
+
+class UcxTransport(TcpTransport):
+    """TCP control connections, UCX for the bytes (see the module docstring).
+
+    ``host_over_ucx``: also move bytes bound for host memory over UCX (worth it with RDMA,
+    or with cma on one host when the shm path is off); device-bound bytes always go over UCX
+    to holders that offer it. Same-host holders with a shared slab are still copied from
+    directly for host destinations.
+    """
+
+    name = "ucx"
+
+    def __init__(self, *, cuda_device: int | None = None, host_over_ucx: bool = True,
+                 ucx_config: dict[str, str] | None = None, **tcp_args: Any) -> None:
+        super().__init__(**tcp_args)
+        self.name = "ucx"
+        self._engine = UcxEngine(cuda_device, ucx_config)
+        self._staging = StagingPool()
+        self._host_over_ucx = host_over_ucx
+
+    def _make_server(self, store: ChunkStore, info: wire.PeerInfo) -> Server:
+        info = msgspec.structs.replace(info, ucx_address=self._engine.address)
+        return Server(store, self._bind_host, self._key, info, ucx=self._engine)
+
+    def _pull_on(self, conn: Any, items: Sequence[PullItem], deadline: float
+                 ) -> tuple[str, list[PullResult]]:
+        device = not all(host_pieces(i.dest) for i in items)
+        use = conn.info.ucx_address and (device or (self._host_over_ucx and conn.slab is None))
+        if not use:
+            return super()._pull_on(conn, items, deadline)
+        self.counters.ucx += 1
+
+        def send_request(tag: int, reply_to: bytes) -> Headers:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded("deadline passed before the UCX request")
+            send_views(conn.sock, [wire.encode_request(wire.Send(
+                [bytes(i.key) for i in items], tag, reply_to,
+                max(1, int(left * 1000))))], left)
+            table = recv_exact(conn.sock, wire.ITEM_HEADER_BYTES * len(items), deadline)
+            n = wire.ITEM_HEADER_BYTES
+            return [wire.unpack_item(table[k * n:(k + 1) * n]) for k in range(len(items))]
+
+        outcomes = pull_items(self._engine, self._staging, send_request, items, deadline)
+        return "ucx", [PullResult(i.key, Outcome(o), reason)
+                       for i, (o, reason) in zip(items, outcomes)]
+
+    def close(self) -> None:
+        super().close()
+        self._engine.close()

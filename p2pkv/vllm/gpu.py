@@ -1,0 +1,114 @@
+"""The GPU end of the worker: page-locking the store and saving chunks from CUDA blocks.
+
+Saves never block the forward pass: after the step's kernels are queued, the copies of its
+completed chunks (one gather kernel into a device buffer, one device-to-host DMA per chunk)
+are queued on a side stream that first waits for the compute
+stream (GPU-side, the CPU does not wait). A chunk is committed to the store, and published,
+only once its copy event has completed (polled every step). Until then the next step's
+compute stream waits for the copy event before it runs (again GPU-side only, and by then the
+copy is normally long done), so vLLM cannot overwrite blocks that are still being copied out.
+
+The store's slab is page-locked with ``cudaHostRegister`` so that the copies are real
+asynchronous DMA (and the TCP path's host-to-device copies too).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from p2pkv.keys import ChunkKey
+from p2pkv.store import ChunkStore, WritableSlot
+from p2pkv.transport.staging import gather_copy, page_lock, page_unlock
+from p2pkv.vllm.layout import KVLayout
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Pending:
+    key: ChunkKey
+    slot: WritableSlot
+    event: Any
+    staging: Any  # the device buffer the chunk was gathered into (alive until copied out)
+
+
+class AsyncSaver:
+    """Queues device-to-host copies of chunks into store slots; commits them when done."""
+
+    def __init__(self, layout: KVLayout, store: ChunkStore) -> None:
+        import torch
+
+        assert layout.on_gpu
+        self._layout = layout
+        self._store = store
+        self._device = torch.device(layout.device)
+        self._stream = torch.cuda.Stream(self._device)
+        self._pending: list[_Pending] = []
+        self._slab = store.slab_array()
+        self.page_locked = page_lock(self._slab.ctypes.data, self._slab.nbytes)
+        if not self.page_locked:
+            logger.warning("p2pkv: could not page-lock the store; saves from the GPU are "
+                           "synchronous copies")
+
+    def save(self, key: ChunkKey, block_ids: Sequence[int]) -> bool:
+        """Queue the copy of one chunk; False when the store had no room (or has it).
+
+        On the side stream, after the compute stream's work so far: one multi-tensor kernel
+        gathers the chunk's pieces into a device buffer, one DMA copies it into the slot.
+        """
+        import torch
+
+        slot = self._store.reserve(key)
+        if slot is None:
+            return False
+        dst = torch.from_numpy(np.frombuffer(slot.view, np.uint8))
+        self._stream.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(self._stream):
+            staging = torch.empty(dst.shape[0], dtype=torch.uint8, device=self._device)
+            pieces = [p for b in block_ids for p in self._layout.block_views(b)]
+            parts, off = [], 0
+            for p in pieces:
+                parts.append(staging[off:off + p.nbytes])
+                off += p.nbytes
+            gather_copy(parts, pieces)
+            dst[:off].copy_(staging[:off], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        self._pending.append(_Pending(key, slot, event, staging))
+        return True
+
+    def fence(self) -> None:
+        """Make the compute stream wait for the copies still in flight (GPU-side only)."""
+        import torch
+
+        compute = torch.cuda.current_stream(self._device)
+        for p in self._pending:
+            compute.wait_event(p.event)
+
+    def collect(self, wait: bool = False) -> list[ChunkKey]:
+        """Commit the chunks whose copies have finished; their keys."""
+        done, still = [], []
+        for p in self._pending:
+            if wait:
+                p.event.synchronize()
+            if p.event.query():
+                self._store.commit(p.slot)
+                done.append(p.key)
+            else:
+                still.append(p)
+        self._pending = still
+        return done
+
+    def close(self) -> None:
+        """Finish the copies in flight and unlock the slab (before the store goes)."""
+        import torch
+
+        self.collect(wait=True)
+        if self.page_locked:
+            page_unlock(self._slab.ctypes.data)
+            self.page_locked = False

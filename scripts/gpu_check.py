@@ -1,0 +1,276 @@
+"""GPU check: CUDA-memory chunks between two processes on one GPU, bytes verified, GB/s next
+to the copies that bound them, in a few minutes, on a host with torch and no network.
+
+    python scripts/gpu_check.py [--out DIR] [--layers 32 --heads 8 --head-size 128 ...]
+
+What it does (each step prints as it goes and lands in DIR/gpu_check.json):
+1. The limits, measured here on the same bytes: device-to-device copy, pinned host-to-device
+   and device-to-host copies.
+2. The layouts: KVLayout over real CUDA caches of the GPU attention backends' layouts
+   (NHD, HND, heads-outside-blocks), block pieces checked against the tensors.
+3. A holder process fills a paged "KV cache" on the GPU (bf16, vLLM 0.32's logical
+   [blocks, H, N, C] over an NHD layout), saves chunks with the connector's AsyncSaver
+   (async device-to-host into the page-locked store) and serves them over every transport it
+   has: tcp (pinned staging + one host-to-device copy), shm (same host: one DMA straight
+   from the holder's page-locked slab mapping, digest checked meanwhile) and ucx (if ucxx
+   imports: into a device staging buffer, then one gather kernel).
+4. This process pulls the chunks into other blocks of its own cache over each transport,
+   checks every byte against the holder's (regenerated from the seed, on the GPU), and times
+   it. Then the holder is killed and a pull must fail within its deadline.
+
+ucxx travels as wheels (ucxx-cu13, libucxx-cu13, libucx-cu13 1.21, rmm-cu13, librmm-cu13,
+rapids-logger; ~53 MB) plus msgspec and pyzmq; see docs/gpu.md for the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+RESULTS: dict = {}
+
+
+def say(key: str, value) -> None:
+    RESULTS[key] = value
+    print(f"{key}: {value}", flush=True)
+
+
+def make_cache(args, seed: int | None, device):
+    """Per-layer caches: logical [blocks, H, N, C] views of NHD memory [blocks, N, H, C]."""
+    import torch
+
+    g = torch.Generator(device=device if device != "cpu" else "cpu")
+    caches = {}
+    for i in range(args.layers):
+        raw = torch.empty(args.blocks, args.block_size, args.heads, 2 * args.head_size,
+                          dtype=torch.bfloat16, device=device)
+        if seed is None:
+            raw.zero_()
+        else:
+            g.manual_seed(seed * 1000 + i)
+            raw.copy_(torch.randn(raw.shape, generator=g, device=device, dtype=torch.float32))
+        caches[f"model.layers.{i}.self_attn"] = raw.permute(0, 2, 1, 3)
+    return caches
+
+
+def chunk_key(i: int):
+    from p2pkv.keys import ChunkKey
+
+    return ChunkKey(b"gpu-check-chunk-" + i.to_bytes(16, "little"))
+
+
+def timed(fn, reps: int, sync) -> float:
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / reps
+
+
+def limits(args) -> None:
+    import torch
+
+    dev = torch.device("cuda")
+    n = args.chunk_blocks * args.layers * args.block_size * args.heads * 2 * args.head_size * 2
+    a = torch.empty(n, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    h = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    sync = torch.cuda.synchronize
+    say("chunk_bytes", n)
+    say("limit_d2d_GBps", round(n / timed(lambda: b.copy_(a), 20, sync) / 1e9, 1))
+    say("limit_h2d_pinned_GBps", round(n / timed(lambda: a.copy_(h, non_blocking=True), 20,
+                                                  sync) / 1e9, 1))
+    say("limit_d2h_pinned_GBps", round(n / timed(lambda: h.copy_(a, non_blocking=True), 20,
+                                                  sync) / 1e9, 1))
+
+
+def layouts() -> None:
+    import torch
+
+    from p2pkv.vllm.layout import KVLayout
+
+    sizes = {"B": 6, "H": 4, "N": 16, "C": 128}
+    for order, segs in (("BNHC", 1), ("BHNC", 1), ("HBNC", 4)):
+        raw = torch.randn(*(sizes[d] for d in order), device="cuda")
+        t = raw.permute(*[order.index(d) for d in "BHNC"])
+        lay = KVLayout.from_kv_caches({"l0": t, "l1": t.clone()})
+        assert len(lay.segments) == segs and lay.on_gpu
+        pieces = lay.block_views(4)
+        got = torch.cat([p for p in pieces[:segs]]).cpu()
+        want = t[4].contiguous() if order != "BNHC" else raw[4].contiguous()
+        if order == "HBNC":
+            want = raw[:, 4].contiguous()
+        assert torch.equal(got, want.cpu().view(-1).view(torch.uint8)), order
+    say("layouts", "NHD, HND, HBNC: block pieces are the tensors' bytes on CUDA")
+
+
+def holder(args, pipe) -> None:
+    try:
+        import torch
+
+        from p2pkv.transport.base import make_transport
+        from p2pkv.vllm.gpu import AsyncSaver
+        from p2pkv.vllm.layout import KVLayout
+
+        if args.device == "cuda":
+            torch.cuda.set_device(0)
+        caches = make_cache(args, seed=7, device=args.device)
+        layout = KVLayout.from_kv_caches(caches)
+        kinds = ["tcp", "shm"] + (["ucx"] if args.ucx else [])
+        out = {}
+        keep = []
+        for kind in kinds:
+            t = make_transport(kind, bind_host="127.0.0.1", cuda_device=args.cuda_device)
+            store = t.create_store(layout.chunk_bytes(args.chunk_blocks), args.chunks)
+            saver = AsyncSaver(layout, store) if layout.on_gpu else None
+            if saver is not None:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for i in range(args.chunks):
+                blocks = list(range(i * args.chunk_blocks, (i + 1) * args.chunk_blocks))
+                if saver is not None:
+                    assert saver.save(chunk_key(i), blocks)
+                else:
+                    w = store.reserve(chunk_key(i))
+                    layout.copy_out(blocks, w.view)
+                    store.commit(w)
+            queued = time.perf_counter() - t0
+            saved = saver.collect(wait=True) if saver is not None else list(range(args.chunks))
+            total = time.perf_counter() - t0
+            assert len(saved) == args.chunks
+            out[kind] = {"address": t.serve(store), "transport": t.name,
+                         "save_queue_ms": round(queued * 1000, 2),
+                         "save_GBps": round(args.chunks * store.slot_bytes / total / 1e9, 2),
+                         "page_locked": bool(saver and saver.page_locked)}
+            keep.append((t, store, saver))
+        pipe.send(("ok", out, os.getpid()))
+        pipe.recv()
+    except BaseException:
+        pipe.send(("error", traceback.format_exc(), os.getpid()))
+
+
+def pulls(args) -> None:
+    import torch
+
+    from p2pkv.transport.base import Outcome, PullItem, make_transport
+    from p2pkv.vllm.layout import KVLayout
+
+    ctx = mp.get_context("spawn")
+    mine, theirs = ctx.Pipe()
+    proc = ctx.Process(target=holder, args=(args, theirs), daemon=True)
+    proc.start()
+    status, info, pid = mine.recv()
+    if status != "ok":
+        raise RuntimeError(f"holder failed:\n{info}")
+    for kind, d in info.items():
+        say(f"holder_{kind}", d)
+    expected = make_cache(args, seed=7, device=args.device)
+    caches = make_cache(args, seed=None, device=args.device)
+    layout = KVLayout.from_kv_caches(caches)
+    offset = args.chunks * args.chunk_blocks  # land in other blocks than the holder's
+    chunk_bytes = layout.chunk_bytes(args.chunk_blocks)
+    try:
+        for kind, d in info.items():
+            t = make_transport(kind, bind_host="127.0.0.1", cuda_device=args.cuda_device)
+            items = []
+            for i in range(args.chunks):
+                blocks = range(offset + i * args.chunk_blocks, offset + (i + 1) * args.chunk_blocks)
+                items.append(PullItem(chunk_key(i), tuple(p for b in blocks
+                                                          for p in layout.block_views(b))))
+            for c in caches.values():
+                c.zero_()
+            times = []
+            for rep in range(args.reps):
+                t0 = time.perf_counter()
+                res = t.pull(d["address"], items, 30.0)
+                times.append(time.perf_counter() - t0)
+                bad = [r for r in res if r.outcome is not Outcome.OK]
+                if bad:
+                    raise RuntimeError(f"{kind}: {bad[:2]}")
+            ok = all(torch.equal(caches[n][offset + b], expected[n][b])
+                     for n in caches for b in range(args.chunks * args.chunk_blocks))
+            untouched = all(int(torch.count_nonzero(c[:offset])) == 0 for c in caches.values())
+            best = min(times)
+            say(f"pull_{kind}", {
+                "bytes_verified": ok and untouched, "path": t.name,
+                "counters": dict(tcp=t.counters.tcp, shm=t.counters.shm,
+                                 ucx=t.counters.ucx),
+                "GBps_best": round(args.chunks * chunk_bytes / best / 1e9, 2),
+                "GBps_median": round(args.chunks * chunk_bytes / sorted(times)[len(times) // 2]
+                                     / 1e9, 2),
+                "ms_best": round(best * 1000, 2)})
+            if not (ok and untouched):
+                raise RuntimeError(f"{kind}: bytes differ")
+            t.close()
+        # a dead holder: the pull fails within its deadline, no hang
+        os.kill(pid, 9)
+        proc.join(5)
+        t = make_transport(next(reversed(info)), bind_host="127.0.0.1",
+                           cuda_device=args.cuda_device)
+        t0 = time.perf_counter()
+        res = t.pull(info[next(reversed(info))]["address"], items[:1], 2.0)
+        say("dead_holder", {"outcome": res[0].outcome.value,
+                            "seconds": round(time.perf_counter() - t0, 2)})
+        t.close()
+    finally:
+        if proc.is_alive():
+            proc.kill()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-size", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--chunk-blocks", type=int, default=16)
+    p.add_argument("--chunks", type=int, default=4)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--cpu", action="store_true",
+                   help="smoke-test the script's flow on a CPU-only host (no GPU numbers)")
+    args = p.parse_args()
+    args.blocks = 2 * args.chunks * args.chunk_blocks
+    args.device = "cpu" if args.cpu else "cuda"
+    args.cuda_device = None if args.cpu else 0
+    import torch
+
+    say("torch", torch.__version__)
+    say("gpu", "none (--cpu)" if args.cpu else torch.cuda.get_device_name(0))
+    from p2pkv.transport.ucx import ucx_unavailable_reason
+
+    reason = ucx_unavailable_reason()
+    args.ucx = not reason
+    if args.ucx:
+        from ucxx._lib import libucxx
+
+        say("ucx", f"ucxx ok, UCX {libucxx.get_ucx_version()}")
+    else:
+        say("ucx", reason)
+    failed = False
+    steps = [("limits", lambda: limits(args)), ("layouts", layouts),
+             ("pulls", lambda: pulls(args))]
+    for name, step in steps[2:] if args.cpu else steps:
+        try:
+            step()
+        except Exception:  # noqa: BLE001 - report every step, go on
+            failed = True
+            say(f"{name}_error", traceback.format_exc())
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1))
+    print("RESULT", "FAILED" if failed else "OK", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
