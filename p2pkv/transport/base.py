@@ -74,36 +74,60 @@ class Transport(abc.ABC):
         """Stop serving and drop connections."""
 
 
+@dataclass(frozen=True, slots=True)
+class TransportChoice:
+    """What a configured kind resolves to on this host, and why (logged by make_transport,
+    shown by ``p2pkv doctor``)."""
+
+    same_host: bool
+    """Serve from a shared slab and copy from same-host holders' slabs (the ``shm`` path)."""
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return "shm" if self.same_host else "tcp"
+
+
+def choose_transport(kind: str, store_bytes: int = 0) -> TransportChoice:
+    """The one decision of which implementation ``kind`` means here; raises ConfigError for
+    an unknown or unbuilt kind. ``store_bytes``: how big the store will be, so that ``auto``
+    does not put a slab into a /dev/shm too small for it."""
+    if kind not in TRANSPORT_KINDS:
+        raise ConfigError(f"transport must be one of {TRANSPORT_KINDS}, not {kind!r}")
+    if kind == "ucx":
+        raise ConfigError("transport 'ucx' is not built yet; use auto, tcp or shm")
+    if kind == "tcp":
+        return TransportChoice(False, "configured: tcp")
+    if kind == "shm":
+        return TransportChoice(True, "configured: shm for same-host peers, tcp for the others")
+    from p2pkv.store import shm_room
+
+    room = shm_room()
+    if room > store_bytes:
+        return TransportChoice(True, "auto: shm for same-host peers, tcp for the others "
+                                     "(ucx is not built yet)")
+    return TransportChoice(False, f"auto: tcp only: /dev/shm has {room >> 20} MiB free, the "
+                                  f"store needs {store_bytes >> 20} MiB (ucx is not built yet)")
+
+
 def make_transport(kind: str, *, bind_host: str, advertise_host: str | None = None,
                    connections_per_peer: int = 2, secret: ClusterSecret | None = None,
                    store_bytes: int = 0) -> Transport:
-    """The one place that maps config to an implementation.
+    """The one place that maps config to an implementation (the decision itself is
+    :func:`choose_transport`).
 
     ``secret``: the cluster secret; without one the data plane is unauthenticated (fine on
-    loopback, said once in the log). ``store_bytes``: how big the store will be, so that
-    ``auto`` does not put a slab into a /dev/shm too small for it.
+    loopback, said once in the log). ``store_bytes``: see :func:`choose_transport`.
     """
-    if kind not in TRANSPORT_KINDS:
-        raise ConfigError(f"transport must be one of {TRANSPORT_KINDS}, not {kind!r}")
-    from p2pkv.store import shm_room
+    choice = choose_transport(kind, store_bytes)
     from p2pkv.transport.tcp import TcpTransport
 
     key = derive(secret, "data-plane") if secret is not None else None
     if key is None:
         logger.warning("p2pkv data plane: no cluster secret, peers are not authenticated "
                        "(keep it on loopback or a private network)")
-    if kind == "ucx":
-        raise ConfigError("transport 'ucx' is not built yet; use auto, tcp or shm")
-    same_host = kind == "shm"
     if kind == "auto":
-        room = shm_room()
-        if room > store_bytes:
-            same_host = True
-            logger.info("p2pkv transport auto: shm for same-host peers, tcp for the others "
-                        "(ucx is not built yet)")
-        else:
-            logger.info("p2pkv transport auto: tcp only: /dev/shm has %d MiB free, the store "
-                        "needs %d MiB (ucx is not built yet)", room >> 20, store_bytes >> 20)
+        logger.info("p2pkv transport %s", choice.reason)
     return TcpTransport(bind_host=bind_host, advertise_host=advertise_host,
                         connections_per_peer=connections_per_peer, key=key,
-                        same_host=same_host)
+                        same_host=choice.same_host)
