@@ -159,6 +159,17 @@ def test_dead_directory_is_unreachable_within_the_deadline(tmp_path):
     assert wall < 10  # 1 s deadline + interpreter start-up
 
 
+def test_stalled_directory_is_a_timeout(directory, secret_file):
+    directory.proc.send_signal(signal.SIGSTOP)  # the kernel still accepts TCP connections
+    try:
+        code, report, wall = doctor("--directory", directory.endpoint, "--secret-file",
+                                    str(secret_file), "--timeout", "1")
+    finally:
+        directory.proc.send_signal(signal.SIGCONT)
+    assert code == 1 and report["findings"][0]["detail"].startswith("TIMEOUT"), report
+    assert "stalled" in report["findings"][0]["detail"] and wall < 10
+
+
 def _info(instance: str, probe: str, address: str = "10.0.0.1:1") -> InstanceInfo:
     return InstanceInfo(instance=InstanceId(instance), namespace=Namespace(NS), address=address,
                         epoch=1, chunks=0, probe=probe)

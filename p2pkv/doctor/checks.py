@@ -27,7 +27,7 @@ from p2pkv.doctor.probe import ask_directory, check_peer
 from p2pkv.doctor.report import DoctorReport, Finding, PeerCheck, TransportInfo
 from p2pkv.errors import ConfigError
 from p2pkv.secret import ClusterSecret, derive
-from p2pkv.transport.base import choose_transport
+from p2pkv.transport.base import TransportChoice, choose_transport
 from p2pkv.transport.shm import host_id
 
 MAX_PARALLEL_PEERS = 16
@@ -51,29 +51,36 @@ class DoctorConfig:
 
 
 def diagnose(config: DoctorConfig) -> DoctorReport:
-    """Run every check; the network waits are bounded by ``config.timeout_s`` each (peers are
-    checked in parallel, so the whole run takes about two timeouts at most)."""
+    """Run every check. Each network wait is bounded by ``config.timeout_s``; peers are
+    checked MAX_PARALLEL_PEERS at a time, so a run takes at most one timeout for the
+    directory plus one per MAX_PARALLEL_PEERS instances."""
     choice = choose_transport(config.transport, config.store_bytes)
     transport = TransportInfo(config.transport, choice.name, choice.reason)
     answer = ask_directory(config.directory, config.secret, config.timeout_s)
-    report = DoctorReport(directory=config.directory, secret=config.secret is not None,
-                          transport=transport, findings=[], peers=[])
+    findings: list[Finding] = []
+    peers: list[PeerCheck] = []
     if answer.stats is None:
-        report.findings.append(Finding("ERROR", "directory", config.directory, answer.problem))
-        return report
-    stats = answer.stats
-    report.findings.append(_directory_finding(config, stats, answer.elapsed_ms))
-    report.findings.extend(probe_findings(stats.instances, stats.refused))
-    report.findings.extend(address_findings(config.directory, stats.instances))
+        findings.append(Finding("ERROR", "directory", config.directory, answer.problem))
+    else:
+        stats = answer.stats
+        findings.append(_directory_finding(config, stats, answer.elapsed_ms))
+        findings.extend(probe_findings(stats.instances, stats.refused))
+        findings.extend(address_findings(config.directory, stats.instances))
+        peers = _check_peers(config, choice, stats.instances)
+        findings.extend(_peer_finding(p) for p in peers)
+    return DoctorReport(directory=config.directory, secret=config.secret is not None,
+                        transport=transport, findings=findings, peers=peers)
+
+
+def _check_peers(config: DoctorConfig, choice: TransportChoice,
+                 instances: Sequence[InstanceInfo]) -> list[PeerCheck]:
+    if not instances:
+        return []
     key = derive(config.secret, "data-plane") if config.secret is not None else None
     here = host_id()
-    if stats.instances:
-        with ThreadPoolExecutor(min(MAX_PARALLEL_PEERS, len(stats.instances))) as pool:
-            peers = list(pool.map(lambda i: check_peer(i, key, choice, here, config.timeout_s),
-                                  stats.instances))
-        report.peers.extend(peers)
-        report.findings.extend(_peer_finding(p) for p in peers)
-    return report
+    with ThreadPoolExecutor(min(MAX_PARALLEL_PEERS, len(instances))) as pool:
+        return list(pool.map(lambda i: check_peer(i, key, choice, here, config.timeout_s),
+                             instances))
 
 
 def _directory_finding(config: DoctorConfig, stats: StatsReply, elapsed_ms: float) -> Finding:
