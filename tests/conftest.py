@@ -36,9 +36,11 @@ def spawn(tmp_path: Path) -> Iterator:
     """spawn(args, ready_name) -> (proc, ready_text): a Python subprocess killed at teardown."""
     procs: list[subprocess.Popen] = []
 
-    def _spawn(args: list[str], ready_name: str, timeout_s: float = 30.0):
+    def _spawn(args: list[str], ready_name: str, timeout_s: float = 30.0,
+               env: dict[str, str] | None = None):
         ready = tmp_path / ready_name
-        proc = subprocess.Popen([sys.executable, *args], env=python_env(), cwd=tmp_path)
+        proc = subprocess.Popen([sys.executable, *args], env={**python_env(), **(env or {})},
+                                cwd=tmp_path)
         procs.append(proc)
         return proc, wait_for_file(ready, proc, timeout_s)
 

@@ -5,7 +5,10 @@ random chunks, serves it, writes its address to a ready file, and runs until kil
 
 KIND is tcp (default) or shm. Test hooks, from the environment (only this script reads them):
 P2PKV_TEST_SECRET (the cluster secret), P2PKV_TEST_CORRUPT=i (flip a byte of chunk i after
-it is committed, so its digest no longer matches).
+it is committed, so its digest no longer matches), P2PKV_TEST_BIND_HOST (default 127.0.0.1).
+With P2PKV_TEST_DIRECTORY=ENDPOINT the peer also registers there, as an instance would, and
+publishes its keys: P2PKV_TEST_INSTANCE (default peer-PID), P2PKV_TEST_NAMESPACE (default
+"test"), P2PKV_TEST_PROBE (the hash-seed probe, default "probe").
 """
 
 import os
@@ -14,7 +17,8 @@ import time
 
 import numpy as np
 
-from p2pkv.keys import ChunkKey
+from p2pkv.directory.client import DirectoryClient, Registration
+from p2pkv.keys import ChunkKey, InstanceId, Namespace
 from p2pkv.secret import ClusterSecret
 from p2pkv.transport.base import make_transport
 
@@ -30,9 +34,11 @@ def key_of(index: int) -> ChunkKey:
 def main() -> None:
     ready, size, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     kind = sys.argv[5] if len(sys.argv) > 5 else "tcp"
-    secret = os.environ.get("P2PKV_TEST_SECRET")
-    transport = make_transport(kind, bind_host="127.0.0.1",
-                               secret=ClusterSecret(secret.encode()) if secret else None)
+    env = os.environ
+    secret = ClusterSecret(env["P2PKV_TEST_SECRET"].encode()) if env.get("P2PKV_TEST_SECRET") \
+        else None
+    transport = make_transport(kind, bind_host=env.get("P2PKV_TEST_BIND_HOST", "127.0.0.1"),
+                               secret=secret)
     store = transport.create_store(size, n)
     for i in range(n):
         w = store.reserve(key_of(i))
@@ -44,6 +50,14 @@ def main() -> None:
         store.slot_view(p.index)[size // 2] ^= 0xFF
         store.unpin(p)
     address = transport.serve(store)
+    directory = None
+    if env.get("P2PKV_TEST_DIRECTORY"):
+        directory = DirectoryClient(env["P2PKV_TEST_DIRECTORY"], secret=secret)
+        directory.register(Registration(
+            InstanceId(env.get("P2PKV_TEST_INSTANCE", f"peer-{os.getpid()}")), time.time_ns(),
+            Namespace(env.get("P2PKV_TEST_NAMESPACE", "test")), address,
+            env.get("P2PKV_TEST_PROBE", "probe"), (transport.name,)))
+        directory.publish([key_of(i) for i in range(n)])
     with open(ready + ".tmp", "w") as f:
         f.write(address)
     os.replace(ready + ".tmp", ready)
@@ -51,6 +65,8 @@ def main() -> None:
         while True:
             time.sleep(1)
     finally:
+        if directory is not None:
+            directory.close()
         transport.close()
 
 

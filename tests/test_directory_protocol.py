@@ -9,8 +9,8 @@ from p2pkv.directory import protocol
 from p2pkv.directory.protocol import (
     MAX_KEYS_PER_MESSAGE, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ChunksChanged, Error, Heartbeat,
     Holder, Holding, InstanceInfo, InstanceJoined, InstanceLeft, Lookup, LookupReply, Ok,
-    ProtocolError, Publish, Register, RegisterReply, Report, Snapshot, SnapshotReply, Stats,
-    StatsReply, Status, Unregister,
+    ProtocolError, Publish, RefusedRegistration, Register, RegisterReply, Report, Snapshot,
+    SnapshotReply, Stats, StatsReply, Status, Unregister,
 )
 from p2pkv.keys import MAX_KEY_BYTES, ChunkKey, InstanceId, Namespace
 
@@ -40,6 +40,10 @@ MESSAGES = [
     StatsReply(rid=10, directory_epoch=2, lookups=3, keys_looked_up=9, keys_hit=4, rejected=1,
                instances=[InstanceInfo(instance=A, namespace=NS, address="h:1", epoch=7,
                                        chunks=2, counters={"chunks_pulled": 1})]),
+    StatsReply(lookups=0, keys_looked_up=0, keys_hit=0, rejected=0, instances=[],
+               refused=[RefusedRegistration(instance=A, namespace=NS, address="h:1", epoch=3,
+                                            probe="ff", status=Status.PROBE_MISMATCH,
+                                            reason="differs", count=2, age_ms=1500)]),
     SnapshotReply(rid=14, feed_seq=9, feed_endpoint="tcp://127.0.0.1:5", instances=[],
                   holdings=[Holding(A, NS, [K1])], last=True),
 ]
@@ -145,3 +149,11 @@ def test_every_reply_has_status_and_reason() -> None:
         if isinstance(msg, protocol.Reply.__args__):
             assert msg.status == (Status.OK if not isinstance(msg, Error) else msg.status)
             assert isinstance(msg.reason, str)
+
+
+def test_stats_reply_without_refused_decodes_as_empty() -> None:
+    # A directory from before StatsReply.refused: its replies still decode (compatible).
+    old = {"t": "statsr", "v": PROTOCOL_VERSION, "rid": 1, "instances": [], "lookups": 0,
+           "keys_looked_up": 0, "keys_hit": 0, "rejected": 0}
+    reply = protocol.decode(msgspec.msgpack.encode(old))
+    assert isinstance(reply, StatsReply) and reply.refused == []

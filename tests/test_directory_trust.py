@@ -148,7 +148,15 @@ def test_probe_mismatch_is_refused_with_a_reason(directory: Directory, make,
     assert "2222" in odd.refused_reason and "1111" in odd.refused_reason
     assert "PYTHONHASHSEED" in odd.refused_reason
     assert any("REFUSED" in r.message for r in caplog.records)
-    assert [i.instance for i in stats(a).instances] == ["a"]
+    s = stats(a)
+    assert [i.instance for i in s.instances] == ["a"]
+    (refused,) = s.refused  # listed for operators (p2pkv doctor) though not a member
+    assert (refused.instance, refused.probe, refused.status) == ("b", "2222",
+                                                                  Status.PROBE_MISMATCH)
+    assert refused.address == "127.0.0.1:7001" and "1111" in refused.reason
+    a.unregister()  # the odd one is now alone: its retry registers it, and it leaves the list
+    until(lambda: odd.state is RegState.REGISTERED, timeout_s=15)  # retry: 10 x 1 s
+    assert stats(odd).refused == []
 
 
 def test_feed_subscriber_follows_snapshot_and_events(directory: Directory, make) -> None:

@@ -19,7 +19,10 @@ from tests.peer_process import chunk_bytes, key_of
 SEED = 11
 UCX_MISSING = ucx_unavailable_reason()
 # NOTE: UCX runs over its tcp transport here (UCX_TLS=tcp, set below for both processes), as
-# between two hosts without RDMA; CI installs ucxx so these run there too.
+# between two hosts without RDMA. CI installs ucxx and sets P2PKV_REQUIRE_UCX=1, which turns
+# the skip into a failure.
+if UCX_MISSING and os.environ.get("P2PKV_REQUIRE_UCX") == "1":
+    raise RuntimeError(f"P2PKV_REQUIRE_UCX=1 but {UCX_MISSING}")
 KINDS = ["tcp", "shm", pytest.param("ucx", marks=pytest.mark.skipif(
     bool(UCX_MISSING), reason=UCX_MISSING or "-"))]
 

@@ -158,6 +158,9 @@ def print_status(reply: StatsReply, endpoint: str, out: TextIO) -> None:
         out.write("  ".join([*cells, row[-1]]) + "\n")
     if not rows:
         out.write("(no instances registered)\n")
+    for r in reply.refused:
+        out.write(f"REFUSED {r.instance} at {r.address} ({r.status}, {r.count}x, last "
+                  f"{r.age_ms / 1000:.1f}s ago): {r.reason}\n")
     ratio = reply.keys_hit / reply.keys_looked_up if reply.keys_looked_up else 0.0
     out.write(f"chunks {reply.chunks}  publishes {reply.publishes}  heartbeats "
               f"{reply.heartbeats}  expirations {reply.expirations}  feed seq {reply.feed_seq}\n")

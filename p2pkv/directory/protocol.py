@@ -26,6 +26,8 @@ PROTOCOL_VERSION = 2
 #      RegisterReply (heartbeat interval); Publish carries a per-registration seq and a
 #      reset flag (snapshot); Heartbeat; Snapshot/SnapshotReply and the change-feed events;
 #      every reply has status + reason; StatsReply/InstanceInfo grew fields.
+#      Compatible additions since (a peer without them ignores or defaults them):
+#      StatsReply.refused (recently refused registrations, for ``p2pkv doctor``).
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """Largest encoded message either side accepts."""
@@ -40,6 +42,9 @@ MAX_COUNTERS = 256
 """Most counters in one Report."""
 
 MAX_CAPABILITIES = 16
+
+MAX_REFUSED = 256
+"""Most refused registrations a StatsReply lists (the directory remembers no more)."""
 
 _U63 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 _I64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
@@ -193,6 +198,23 @@ class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):
     lease_left_ms: _I64 = 0
 
 
+class RefusedRegistration(msgspec.Struct, frozen=True, kw_only=True):
+    """A Register the directory refused recently (e.g. PROBE_MISMATCH), as reported by Stats:
+    a refused instance is in no member list, yet it is what an operator has to find."""
+
+    instance: _Instance
+    namespace: _Namespace
+    address: _Address
+    epoch: _U63
+    probe: _Probe = ""
+    status: _Name
+    reason: _Reason = ""
+    count: _U63 = 1
+    """Refusals of this instance since it was first refused (its client retries)."""
+    age_ms: _U63 = 0
+    """Since the latest refusal."""
+
+
 class Holding(msgspec.Struct, frozen=True):
     """Part of one instance's keys, in a SnapshotReply."""
 
@@ -240,6 +262,8 @@ class StatsReply(_Reply, tag="statsr", frozen=True):
     feed_seq: _U63 = 0
     feed_endpoint: str = ""
     secure: bool = False
+    refused: Annotated[list[RefusedRegistration], msgspec.Meta(max_length=MAX_REFUSED)] = []
+    """Registrations refused within the directory's memory of refusals, newest first."""
 
 
 class SnapshotReply(_Reply, tag="snapr", frozen=True):

@@ -88,23 +88,76 @@ def has_rdma() -> bool:
         return False
 
 
-def make_transport(kind: str, *, bind_host: str, advertise_host: str | None = None,
-                   connections_per_peer: int = 2, secret: ClusterSecret | None = None,
-                   store_bytes: int = 0, cuda_device: int | None = None) -> Transport:
-    """The one place that maps config to an implementation.
+@dataclass(frozen=True, slots=True)
+class TransportChoice:
+    """What a configured kind resolves to on this host, and why (logged by make_transport,
+    shown by ``p2pkv doctor``)."""
 
-    ``secret``: the cluster secret; without one the data plane is unauthenticated (fine on
-    loopback, said once in the log). ``store_bytes``: how big the store will be, so that
-    ``auto`` does not put a slab into a /dev/shm too small for it. ``cuda_device``: the GPU
-    whose KV cache the pulls land in (None: host memory).
+    same_host: bool
+    """Serve from a shared slab and copy from same-host holders' slabs (the ``shm`` path)."""
+    reason: str
+    ucx: bool = False
+    """Bytes bound for GPU memory move over UCX (to holders that offer it)."""
+    host_over_ucx: bool = False
+    """Bytes bound for host memory too (RDMA, or ``ucx`` configured)."""
 
-    ``auto`` uses UCX where it pays (KV on a GPU, or an RDMA device) and ucxx works; plain
+    @property
+    def name(self) -> str:
+        return "ucx" if self.ucx else "shm" if self.same_host else "tcp"
+
+
+def choose_transport(kind: str, store_bytes: int = 0, cuda_device: int | None = None
+                     ) -> TransportChoice:
+    """The one decision of which implementation ``kind`` means here; raises ConfigError for
+    an unknown kind, or ``ucx`` where ucxx does not work. ``store_bytes``: how big the store
+    will be, so that ``auto`` does not put a slab into a /dev/shm too small for it.
+    ``cuda_device``: the GPU whose KV cache pulls land in (None: host memory).
+
+    ``auto`` uses UCX where it pays (KV on a GPU, or an RDMA device) and ucxx works: plain
     sockets beat UCX's tcp transport 3-4x between CPU hosts (MEASURED.md), so a CPU-only
     instance without RDMA stays on our TCP, plus shm for same-host peers.
     """
     if kind not in TRANSPORT_KINDS:
         raise ConfigError(f"transport must be one of {TRANSPORT_KINDS}, not {kind!r}")
+    if kind == "tcp":
+        return TransportChoice(False, "configured: tcp")
+    if kind == "shm":
+        return TransportChoice(True, "configured: shm for same-host peers, tcp for the others")
+    from p2pkv.transport.ucx import ucx_unavailable_reason
+
+    rdma = has_rdma()
+    wanted = kind == "ucx" or cuda_device is not None or rdma
+    missing = ucx_unavailable_reason() if wanted else ""  # (importing ucxx costs ~0.5 s)
+    if kind == "ucx":
+        if missing:
+            raise ConfigError(f"transport 'ucx': {missing} (pip install 'p2pkv[ucx]')")
+        return TransportChoice(False, "configured: ucx for every pull", True, True)
     from p2pkv.store import shm_room
+
+    room = shm_room()
+    same_host = room > store_bytes
+    shm = ("shm for same-host peers" if same_host else
+           f"no shm path (/dev/shm has {room >> 20} MiB free, the store needs "
+           f"{store_bytes >> 20} MiB)")
+    if wanted and not missing:
+        what = "every pull (RDMA device present)" if rdma else "pulls into GPU memory"
+        return TransportChoice(same_host, f"auto: ucx for {what}, {shm}, tcp otherwise",
+                               True, rdma)
+    why = missing or "not worth it without a GPU or RDMA"
+    return TransportChoice(same_host, f"auto: {shm}, tcp for the others (ucx: {why})")
+
+
+def make_transport(kind: str, *, bind_host: str, advertise_host: str | None = None,
+                   connections_per_peer: int = 2, secret: ClusterSecret | None = None,
+                   store_bytes: int = 0, cuda_device: int | None = None) -> Transport:
+    """The one place that maps config to an implementation (the decision itself is
+    :func:`choose_transport`).
+
+    ``secret``: the cluster secret; without one the data plane is unauthenticated (fine on
+    loopback, said once in the log). ``store_bytes``, ``cuda_device``: see
+    :func:`choose_transport`.
+    """
+    choice = choose_transport(kind, store_bytes, cuda_device)
     from p2pkv.transport.tcp import TcpTransport
 
     key = derive(secret, "data-plane") if secret is not None else None
@@ -112,39 +165,22 @@ def make_transport(kind: str, *, bind_host: str, advertise_host: str | None = No
         logger.warning("p2pkv data plane: no cluster secret, peers are not authenticated "
                        "(keep it on loopback or a private network)")
     tcp_args = dict(bind_host=bind_host, advertise_host=advertise_host,
-                    connections_per_peer=connections_per_peer, key=key)
-    same_host = kind == "shm"
+                    connections_per_peer=connections_per_peer, key=key,
+                    same_host=choice.same_host)
+    if choice.ucx:
+        from p2pkv.transport.ucx import UcxTransport
+
+        try:
+            t = UcxTransport(cuda_device=cuda_device, host_over_ucx=choice.host_over_ucx,
+                             **tcp_args)
+        except Exception as e:  # noqa: BLE001 - UCX failing to start must not stop auto
+            if kind == "ucx":
+                raise ConfigError(f"transport 'ucx' failed to start: {e}") from e
+            logger.warning("p2pkv transport auto: UCX failed to start (%s); tcp%s instead", e,
+                           " and shm" if choice.same_host else "")
+        else:
+            logger.info("p2pkv transport %s", choice.reason)
+            return t
     if kind == "auto":
-        room = shm_room()
-        same_host = room > store_bytes
-        if not same_host:
-            logger.info("p2pkv transport auto: no shm path: /dev/shm has %d MiB free, the "
-                        "store needs %d MiB", room >> 20, store_bytes >> 20)
-    if kind in ("ucx", "auto"):
-        from p2pkv.transport.ucx import ucx_unavailable_reason
-
-        reason = ucx_unavailable_reason()
-        wanted = kind == "ucx" or cuda_device is not None or has_rdma()
-        if kind == "ucx" and reason:
-            raise ConfigError(f"transport 'ucx': {reason} (pip install 'p2pkv[ucx]')")
-        if wanted and not reason:
-            from p2pkv.transport.ucx import UcxTransport
-
-            try:
-                t = UcxTransport(cuda_device=cuda_device, host_over_ucx=kind == "ucx"
-                                 or has_rdma(), same_host=same_host, **tcp_args)
-            except Exception as e:  # noqa: BLE001 - UCX failing to start must not stop us
-                if kind == "ucx":
-                    raise ConfigError(f"transport 'ucx' failed to start: {e}") from e
-                reason = f"UCX failed to start ({e})"
-            else:
-                logger.info("p2pkv transport %s: ucx for %s, %s", kind,
-                            "every pull" if kind == "ucx" or has_rdma()
-                            else "pulls into GPU memory",
-                            "shm for same-host peers" if same_host else "no shm path")
-                return t
-        if kind == "auto":
-            logger.info("p2pkv transport auto: %s for same-host peers, tcp for the others "
-                        "(ucx: %s)", "shm" if same_host else "tcp",
-                        reason or "not worth it without a GPU or RDMA")
-    return TcpTransport(same_host=same_host, **tcp_args)
+        logger.info("p2pkv transport %s", choice.reason)
+    return TcpTransport(**tcp_args)

@@ -20,6 +20,7 @@ import numpy as np
 import xxhash
 
 from p2pkv.errors import TransportError
+from p2pkv.transport.wire import PeerInfo
 
 # Copy and hash in blocks that stay in L2: the hash then reads the bytes the copy just wrote
 # from cache instead of from memory (measured: ~1.5x faster than copy-then-hash for 64 MiB).
@@ -74,6 +75,24 @@ class MappedSlab:
             self._map.close()
         except BufferError:
             pass  # a view is still alive somewhere: the mapping goes when it does
+
+
+def open_peer_slab(info: PeerInfo, local_host_id: str) -> tuple[MappedSlab | None, str]:
+    """The holder's slab mapped here, or None and why not: the one per-peer shm-or-tcp
+    decision (used by ``TcpTransport`` and ``p2pkv doctor``).
+
+    NOTE: processes in different network namespaces of one kernel are one host here (same
+    boot id and, unless a UTS namespace says otherwise, hostname; same /proc and /dev/shm),
+    and the shared path works between them: it needs one memory, not one network.
+    """
+    if not info.shm_path:
+        return None, "it has no shared slab"
+    if info.host_id != local_host_id:
+        return None, "it runs on another host"
+    try:
+        return MappedSlab(info.shm_path, info.shm_ident, info.slab_bytes), ""
+    except (OSError, ValueError, TransportError) as e:
+        return None, f"its slab cannot be mapped here ({e})"
 
 
 def copy_and_digest(src: np.ndarray, dest: Sequence[memoryview]) -> int:

@@ -25,7 +25,7 @@ from p2pkv.store import ChunkStore
 from p2pkv.transport import wire
 from p2pkv.transport.base import Outcome, PullItem, PullResult, Transport
 from p2pkv.transport.server import Server
-from p2pkv.transport.shm import MappedSlab, copy_and_digest, host_id
+from p2pkv.transport.shm import MappedSlab, copy_and_digest, host_id, open_peer_slab
 from p2pkv.transport.staging import host_pieces, pinned_host, scatter
 from p2pkv.transport.sockio import (
     make_blocking,
@@ -254,50 +254,21 @@ class TcpTransport(Transport):
                 if now - since < CLIENT_IDLE_S:
                     return conn
                 conn.close()
-        left = deadline - now
-        if left <= 0:
-            raise DeadlineExceeded("deadline passed before connecting")
-        sock = socket.create_connection(peer, timeout=left)
+        sock, info = connect_peer(peer, self._key, deadline)
         try:
-            make_blocking(sock)
-            info = self._handshake(sock, deadline)
             return _Conn(sock, info, self._map_slab(peer, info))
         except BaseException:
             sock.close()
             raise
 
-    def _handshake(self, sock: socket.socket, deadline: float) -> wire.PeerInfo:
-        auth, nonce_s = wire.unpack_hello(recv_exact(sock, wire.HELLO_BYTES, deadline))
-        if self._key is not None and not auth:
-            raise wire.AuthError("peer has no cluster secret: refusing an unauthenticated peer")
-        nonce_c = secrets.token_bytes(wire.NONCE_BYTES)
-        proof = wire.mac(self._key, b"c", nonce_s, nonce_c)
-        send_views(sock, [wire.pack_proof(nonce_c, proof)], max(deadline - time.monotonic(),
-                                                                 0.001))
-        status, proof_s, n = wire.unpack_verdict(recv_exact(sock, wire.VERDICT_BYTES, deadline))
-        if status != wire.Status.OK:
-            raise wire.AuthError("peer refused us: wrong or missing cluster secret")
-        if not secrets.compare_digest(proof_s, wire.mac(self._key, b"s", nonce_c, nonce_s)):
-            raise wire.AuthError("peer failed to prove it holds the cluster secret")
-        return wire.decode_info(recv_exact(sock, n, deadline))
-
     def _map_slab(self, peer: tuple[str, int], info: wire.PeerInfo) -> MappedSlab | None:
         if not self._same_host:
             return None
-        reason = ""
-        if not info.shm_path:
-            reason = "it has no shared slab"
-        elif info.host_id != self._host_id:
-            reason = "it runs on another host"
-        else:
-            try:
-                return MappedSlab(info.shm_path, info.shm_ident, info.slab_bytes)
-            except (OSError, ValueError, TransportError) as e:
-                reason = f"its slab cannot be mapped here ({e})"
-        if peer not in self._told:
+        slab, reason = open_peer_slab(info, self._host_id)
+        if slab is None and peer not in self._told:
             self._told.add(peer)
             logger.info("p2pkv: pulling from %s:%s over tcp, not shm: %s", *peer, reason)
-        return None
+        return slab
 
     def _checkin(self, peer: tuple[str, int], conn: _Conn) -> None:
         with self._lock:
@@ -316,6 +287,41 @@ def _recv_hashed(sock: socket.socket, dest: Sequence[memoryview], deadline: floa
         for v in group:
             h.update(v)
     return h.intdigest()
+
+
+def connect_peer(peer: tuple[str, int], key: bytes | None, deadline: float
+                 ) -> tuple[socket.socket, wire.PeerInfo]:
+    """A new authenticated connection to the holder at ``peer`` and its PeerInfo, by
+    ``deadline``; raises ``wire.AuthError`` (not a member), DeadlineExceeded, OSError or
+    TransportError. Used by ``TcpTransport`` and ``p2pkv doctor``."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceeded("deadline passed before connecting")
+    sock = socket.create_connection(peer, timeout=left)
+    try:
+        make_blocking(sock)
+        return sock, client_handshake(sock, key, deadline)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def client_handshake(sock: socket.socket, key: bytes | None, deadline: float) -> wire.PeerInfo:
+    """The client half of the data-plane handshake (see ``wire``) on a connected blocking
+    socket; returns the holder's PeerInfo. Raises ``wire.AuthError`` when either side is not
+    a member, TransportError/OSError for the rest."""
+    auth, nonce_s = wire.unpack_hello(recv_exact(sock, wire.HELLO_BYTES, deadline))
+    if key is not None and not auth:
+        raise wire.AuthError("peer has no cluster secret: refusing an unauthenticated peer")
+    nonce_c = secrets.token_bytes(wire.NONCE_BYTES)
+    proof = wire.mac(key, b"c", nonce_s, nonce_c)
+    send_views(sock, [wire.pack_proof(nonce_c, proof)], max(deadline - time.monotonic(), 0.001))
+    status, proof_s, n = wire.unpack_verdict(recv_exact(sock, wire.VERDICT_BYTES, deadline))
+    if status != wire.Status.OK:
+        raise wire.AuthError("peer refused us: wrong or missing cluster secret")
+    if not secrets.compare_digest(proof_s, wire.mac(key, b"s", nonce_c, nonce_s)):
+        raise wire.AuthError("peer failed to prove it holds the cluster secret")
+    return wire.decode_info(recv_exact(sock, n, deadline))
 
 
 def _checked(item: PullItem, got: int, want: int) -> PullResult:

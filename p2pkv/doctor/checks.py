@@ -1,0 +1,150 @@
+"""The doctor's checks: ask the network (:mod:`p2pkv.doctor.probe`), judge the answers, and
+return one :class:`DoctorReport`. Called by ``p2pkv doctor`` and by tests.
+
+What is checked, because it is what breaks clusters in practice:
+
+* the directory answers, with the cluster secret as configured (auth failure, timeout and an
+  unreachable endpoint are told apart);
+* every namespace's instances agree on the hash-seed probe, and no instance was refused for
+  a different one (a refused instance is listed by the directory in ``StatsReply.refused``:
+  it is in no member list, yet it is the one with a 0 % hit rate);
+* every instance advertises an address other hosts can reach (not loopback in a cluster whose
+  directory is not on loopback);
+* every data plane accepts a connection and the HMAC challenge-response from this host within
+  the deadline, and which path (shm or tcp) a pull from here would take, and why.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from p2pkv.directory.auth import is_loopback_endpoint
+from p2pkv.directory.protocol import InstanceInfo, RefusedRegistration, Status, StatsReply
+from p2pkv.doctor.probe import ask_directory, check_peer
+from p2pkv.doctor.report import DoctorReport, Finding, PeerCheck, TransportInfo
+from p2pkv.errors import ConfigError
+from p2pkv.secret import ClusterSecret, derive
+from p2pkv.transport.base import TransportChoice, choose_transport
+from p2pkv.transport.shm import host_id
+
+MAX_PARALLEL_PEERS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class DoctorConfig:
+    directory: str
+    secret: ClusterSecret | None = None
+    transport: str = "auto"
+    """The transport kind this host's instances are configured with."""
+    store_bytes: int = 2 << 30
+    """Their store size (``auto`` picks shm only if /dev/shm has room for it)."""
+    timeout_s: float = 2.0
+    """Deadline of each network wait (the directory's answer; each peer's handshake)."""
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0:
+            raise ConfigError("timeout must be positive")
+        choose_transport(self.transport, self.store_bytes)  # raises ConfigError if unknown
+
+
+def diagnose(config: DoctorConfig) -> DoctorReport:
+    """Run every check. Each network wait is bounded by ``config.timeout_s``; peers are
+    checked MAX_PARALLEL_PEERS at a time, so a run takes at most one timeout for the
+    directory plus one per MAX_PARALLEL_PEERS instances."""
+    choice = choose_transport(config.transport, config.store_bytes)
+    transport = TransportInfo(config.transport, choice.name, choice.reason)
+    answer = ask_directory(config.directory, config.secret, config.timeout_s)
+    findings: list[Finding] = []
+    peers: list[PeerCheck] = []
+    if answer.stats is None:
+        findings.append(Finding("ERROR", "directory", config.directory, answer.problem))
+    else:
+        stats = answer.stats
+        findings.append(_directory_finding(config, stats, answer.elapsed_ms))
+        findings.extend(probe_findings(stats.instances, stats.refused))
+        findings.extend(address_findings(config.directory, stats.instances))
+        peers = _check_peers(config, choice, stats.instances)
+        findings.extend(_peer_finding(p) for p in peers)
+    return DoctorReport(directory=config.directory, secret=config.secret is not None,
+                        transport=transport, findings=findings, peers=peers)
+
+
+def _check_peers(config: DoctorConfig, choice: TransportChoice,
+                 instances: Sequence[InstanceInfo]) -> list[PeerCheck]:
+    if not instances:
+        return []
+    key = derive(config.secret, "data-plane") if config.secret is not None else None
+    here = host_id()
+    with ThreadPoolExecutor(min(MAX_PARALLEL_PEERS, len(instances))) as pool:
+        return list(pool.map(lambda i: check_peer(i, key, choice, here, config.timeout_s),
+                             instances))
+
+
+def _directory_finding(config: DoctorConfig, stats: StatsReply, elapsed_ms: float) -> Finding:
+    detail = (f"answered in {elapsed_ms:.1f} ms: protocol v{stats.v}, "
+              f"{'CURVE (members only)' if stats.secure else 'UNAUTHENTICATED'}, "
+              f"{len(stats.instances)} instance(s), {stats.chunks} chunk(s), "
+              f"{len(stats.refused)} refused registration(s)")
+    if not stats.secure and not is_loopback_endpoint(config.directory):
+        return Finding("WARN", "directory", config.directory,
+                       detail + "; anyone who can reach it may use it (give it a secret)")
+    return Finding("OK", "directory", config.directory, detail)
+
+
+def probe_findings(instances: Sequence[InstanceInfo],
+                   refused: Sequence[RefusedRegistration]) -> list[Finding]:
+    """Per namespace: do its members agree on the hash-seed probe? Per refused registration:
+    why, naming the instances it disagrees with. Pure (tests feed it structs)."""
+    by_ns: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for i in instances:
+        by_ns[i.namespace][i.probe].append(i.instance)
+    findings = []
+    for ns, probes in sorted(by_ns.items()):
+        if len(probes) == 1:
+            ((probe, names),) = probes.items()
+            findings.append(Finding("OK", "hash-probe", f"namespace {ns}",
+                                    f"{len(names)} instance(s) agree on probe "
+                                    f"{probe or '(none)'}: {', '.join(sorted(names))}"))
+        else:
+            groups = "; ".join(f"probe {p or '(none)'}: {', '.join(sorted(n))}"
+                               for p, n in sorted(probes.items()))
+            findings.append(Finding("ERROR", "hash-probe", f"namespace {ns}",
+                                    f"members hash differently ({groups}): their block hashes "
+                                    f"never match; start all with the same PYTHONHASHSEED"))
+    for r in refused:
+        level = "ERROR" if r.status == Status.PROBE_MISMATCH else "WARN"
+        detail = f"refused {r.count}x (last {r.age_ms / 1000:.1f} s ago, {r.status})"
+        if r.status == Status.PROBE_MISMATCH:
+            members = by_ns.get(r.namespace, {})
+            theirs = "; ".join(f"{p or '(none)'} of {', '.join(sorted(n))}"
+                               for p, n in sorted(members.items()))
+            detail += (f": its probe {r.probe or '(none)'} differs from "
+                       f"{theirs or 'the namespace members'} in namespace {r.namespace}: "
+                       f"different PYTHONHASHSEED or hash algorithm; it gets no hits")
+        else:
+            detail += f": {r.reason}"
+        findings.append(Finding(level, "hash-probe", f"{r.instance} ({r.address})", detail))
+    return findings
+
+
+def address_findings(directory: str, instances: Sequence[InstanceInfo]) -> list[Finding]:
+    """A loopback data-plane address in a cluster reached over the network is reachable only
+    from its own host: a common misconfiguration (``bind_host`` left at 127.0.0.1)."""
+    if is_loopback_endpoint(directory):
+        return []
+    return [Finding("WARN", "address", f"{i.instance} {i.address}",
+                    "advertises a loopback address: peers on other hosts cannot pull from it "
+                    "(set bind_host / advertise_host to this host's cluster address)")
+            for i in instances if is_loopback_endpoint(f"tcp://{i.address}")]
+
+
+def _peer_finding(peer: PeerCheck) -> Finding:
+    subject = f"{peer.instance} {peer.address}"
+    if not peer.reachable:
+        return Finding("ERROR", "data-plane", subject, peer.error)
+    return Finding("OK", "data-plane", subject,
+                   f"connect + auth {peer.handshake_ms:.1f} ms; pulls from here: "
+                   f"{peer.transport} ({peer.transport_reason})")

@@ -1,0 +1,192 @@
+"""``p2pkv doctor`` against a real directory and real peer processes on loopback: the
+all-good case, a mismatched hash probe, an unreachable data plane, wrong and missing secrets.
+The checks' pure parts (probe and address findings) are tested with structs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from p2pkv.directory.client import DirectoryClient
+from p2pkv.directory.protocol import InstanceInfo, RefusedRegistration, Stats, StatsReply, Status
+from p2pkv.doctor.checks import address_findings, probe_findings
+from p2pkv.keys import InstanceId, Namespace
+from p2pkv.secret import ClusterSecret
+from tests.conftest import python_env
+from tests.test_directory_service import Directory
+
+pytestmark = pytest.mark.timeout(120)
+
+SECRET = "a-cluster-secret-of-enough-bytes"
+NS = "test"
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    path = tmp_path / "secret"
+    path.write_text(SECRET + "\n")
+    return path
+
+
+@pytest.fixture
+def directory(tmp_path: Path, secret_file: Path):
+    d = Directory(tmp_path, "--secret-file", str(secret_file))
+    yield d
+    d.stop()
+
+
+def peer(spawn, directory: str | None, instance: str, probe: str = "p1", kind: str = "shm",
+         secret: str | None = SECRET):
+    env = {"P2PKV_TEST_INSTANCE": instance, "P2PKV_TEST_PROBE": probe,
+           "P2PKV_TEST_NAMESPACE": NS, "P2PKV_TEST_SECRET": secret or ""}
+    if directory:
+        env["P2PKV_TEST_DIRECTORY"] = directory
+    return spawn(["-m", "tests.peer_process", f"{instance}.ready", "4096", "2", "3", kind],
+                 f"{instance}.ready", env=env)
+
+
+def stats_until(endpoint: str, done, secret: str | None = SECRET, timeout_s: float = 15
+                ) -> StatsReply:
+    """Poll Stats until ``done(reply)`` (registration and refusal are asynchronous)."""
+    client = DirectoryClient(endpoint, secret=ClusterSecret(secret.encode()) if secret else None)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            reply = client.call(Stats(), 2)
+            if isinstance(reply, StatsReply) and done(reply):
+                return reply
+            assert time.monotonic() < deadline, f"directory never got there: {reply}"
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
+def doctor(*args: str, timeout_s: float = 30) -> tuple[int, dict, float]:
+    """Run ``p2pkv doctor --json``; (exit code, report, wall seconds)."""
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "p2pkv", "doctor", "--json", *args],
+                          env=python_env(), capture_output=True, text=True, timeout=timeout_s)
+    assert proc.stdout, proc.stderr
+    return proc.returncode, json.loads(proc.stdout), time.monotonic() - t0
+
+
+def table(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "p2pkv", "doctor", *args], env=python_env(),
+                          capture_output=True, text=True, timeout=30)
+    return proc.stdout
+
+
+def levels(report: dict, level: str) -> list[dict]:
+    return [f for f in report["findings"] if f["level"] == level]
+
+
+def test_all_good_exits_0_and_names_each_path(spawn, directory, secret_file):
+    peer(spawn, directory.endpoint, "inst-a", kind="shm")
+    peer(spawn, directory.endpoint, "inst-b", kind="tcp")
+    stats_until(directory.endpoint, lambda s: len(s.instances) == 2)
+    args = ("--directory", directory.endpoint, "--secret-file", str(secret_file),
+            "--transport", "shm")
+    code, report, _ = doctor(*args)
+    assert code == 0 and report["ok"] and report["errors"] == 0, report
+    assert {f["check"] for f in report["findings"]} == {"directory", "hash-probe", "data-plane"}
+    peers = {p["instance"]: p for p in report["peers"]}
+    assert all(p["reachable"] for p in peers.values())
+    # same host and a slab: shm; a tcp-only holder: tcp, and the doctor says why
+    assert (peers["inst-a"]["transport"], peers["inst-b"]["transport"]) == ("shm", "tcp")
+    assert peers["inst-b"]["transport_reason"] == "it has no shared slab"
+    code, report, _ = doctor(*args[:4], "--transport", "tcp")
+    assert code == 0 and {p["transport"] for p in report["peers"]} == {"tcp"}
+    print(table(*args))
+
+
+def test_mismatched_probe_is_an_error_naming_the_instances(spawn, directory, secret_file):
+    peer(spawn, directory.endpoint, "inst-a", probe="1111")
+    stats_until(directory.endpoint, lambda s: len(s.instances) == 1)
+    peer(spawn, directory.endpoint, "odd-one", probe="2222")  # e.g. another PYTHONHASHSEED
+    stats_until(directory.endpoint, lambda s: len(s.refused) == 1)
+    args = ("--directory", directory.endpoint, "--secret-file", str(secret_file))
+    code, report, _ = doctor(*args)
+    assert code == 1 and not report["ok"]
+    (error,) = levels(report, "ERROR")
+    assert error["check"] == "hash-probe" and error["subject"].startswith("odd-one ")
+    assert "2222" in error["detail"] and "1111 of inst-a" in error["detail"]
+    assert "PYTHONHASHSEED" in error["detail"]
+    print(table(*args))
+
+
+def test_unreachable_data_plane_is_an_error(spawn, directory, secret_file):
+    peer(spawn, directory.endpoint, "alive")
+    proc, address = peer(spawn, directory.endpoint, "dead")
+    stats_until(directory.endpoint, lambda s: len(s.instances) == 2)
+    proc.send_signal(signal.SIGKILL)  # its registration outlives it until the lease expires
+    proc.wait()
+    args = ("--directory", directory.endpoint, "--secret-file", str(secret_file),
+            "--timeout", "1")
+    code, report, wall = doctor(*args)
+    assert code == 1
+    (error,) = levels(report, "ERROR")
+    assert error["check"] == "data-plane" and error["subject"] == f"dead {address}"
+    assert error["detail"].startswith("UNREACHABLE")
+    assert [p["reachable"] for p in report["peers"]] == [True, False]  # sorted: alive, dead
+    print(table(*args))
+
+
+def test_wrong_or_missing_secret_is_a_clear_auth_error(directory, tmp_path):
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-cluster-secret-at-all")
+    code, report, wall = doctor("--directory", directory.endpoint, "--secret-file", str(wrong),
+                                "--timeout", "1.5")
+    (error,) = report["findings"]
+    assert code == 1 and error["check"] == "directory"
+    assert error["detail"].startswith("AUTH") and "another cluster secret" in error["detail"]
+    code, report, _ = doctor("--directory", directory.endpoint, "--timeout", "1.5")
+    assert code == 1 and "requires a cluster secret" in report["findings"][0]["detail"]
+    print(table("--directory", directory.endpoint, "--secret-file", str(wrong),
+                "--timeout", "1.5"))
+
+
+def test_dead_directory_is_unreachable_within_the_deadline(tmp_path):
+    d = Directory(tmp_path)  # learn a free port, then stop the directory behind it
+    d.stop()
+    code, report, wall = doctor("--directory", d.endpoint, "--timeout", "1")
+    assert code == 1 and report["findings"][0]["detail"].startswith("UNREACHABLE")
+    assert wall < 10  # 1 s deadline + interpreter start-up
+
+
+def test_stalled_directory_is_a_timeout(directory, secret_file):
+    directory.proc.send_signal(signal.SIGSTOP)  # the kernel still accepts TCP connections
+    try:
+        code, report, wall = doctor("--directory", directory.endpoint, "--secret-file",
+                                    str(secret_file), "--timeout", "1")
+    finally:
+        directory.proc.send_signal(signal.SIGCONT)
+    assert code == 1 and report["findings"][0]["detail"].startswith("TIMEOUT"), report
+    assert "stalled" in report["findings"][0]["detail"] and wall < 10
+
+
+def _info(instance: str, probe: str, address: str = "10.0.0.1:1") -> InstanceInfo:
+    return InstanceInfo(instance=InstanceId(instance), namespace=Namespace(NS), address=address,
+                        epoch=1, chunks=0, probe=probe)
+
+
+def test_probe_findings_name_every_group():
+    (f,) = probe_findings([_info("a", "1"), _info("b", "2"), _info("c", "1")], [])
+    assert f.level == "ERROR" and "probe 1: a, c; probe 2: b" in f.detail
+    refused = RefusedRegistration(instance=InstanceId("x"), namespace=Namespace(NS),
+                                  address="h:1", epoch=1, status=Status.STALE_EPOCH,
+                                  reason="older epoch")
+    ok, stale = probe_findings([_info("a", "1")], [refused])
+    assert ok.level == "OK" and stale.level == "WARN" and "older epoch" in stale.detail
+
+
+def test_loopback_address_in_a_networked_cluster_is_a_warning():
+    infos = [_info("a", "1", "127.0.0.1:5"), _info("b", "1", "10.0.0.2:5")]
+    assert address_findings("tcp://127.0.0.1:7420", infos) == []
+    (f,) = address_findings("tcp://10.0.0.1:7420", infos)
+    assert f.level == "WARN" and f.subject == "a 127.0.0.1:5"
