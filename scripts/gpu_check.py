@@ -90,6 +90,14 @@ def limits(args) -> None:
     say("limit_d2d_GBps", round(n / timed(lambda: b.copy_(a), 20, sync) / 1e9, 1))
     say("limit_h2d_pinned_GBps", round(n / timed(lambda: a.copy_(h, non_blocking=True), 20,
                                                   sync) / 1e9, 1))
+    import numpy as np
+    import xxhash
+
+    x = np.random.default_rng(0).integers(0, 256, n, dtype=np.uint8)
+    y = np.empty_like(x)
+    say("host_memcpy_GBps", round(n / timed(lambda: np.copyto(y, x), 5, lambda: None) / 1e9, 1))
+    say("host_xxh3_GBps", round(n / timed(lambda: xxhash.xxh3_64_intdigest(x), 5,
+                                          lambda: None) / 1e9, 1))
     say("limit_d2h_pinned_GBps", round(n / timed(lambda: h.copy_(a, non_blocking=True), 20,
                                                   sync) / 1e9, 1))
 
@@ -114,6 +122,54 @@ def layouts() -> None:
     say("layouts", "NHD, HND, HBNC: block pieces are the tensors' bytes on CUDA")
 
 
+def shm_phases(args) -> None:
+    """Where the time of a same-host pull into the GPU goes: host-to-device from a page-locked
+    read-only mapping of a /dev/shm file (how the shm path reads a holder's slab)."""
+    import mmap
+    import tempfile
+
+    import numpy as np
+    import torch
+    import xxhash
+
+    from p2pkv.transport.staging import page_lock, page_unlock, scatter
+
+    n = 4 * args.chunk_blocks * args.layers * args.block_size * args.heads * 2 \
+        * args.head_size * 2 // 4
+    with tempfile.TemporaryFile(dir="/dev/shm") as f:
+        f.write(np.random.default_rng(1).integers(0, 256, n, dtype=np.uint8).tobytes())
+        f.flush()
+        m = mmap.mmap(f.fileno(), n, mmap.MAP_SHARED, mmap.PROT_READ)
+        a = np.frombuffer(m, np.uint8)
+        dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+        out = {}
+        for mode in ("pageable", "locked"):
+            if mode == "locked":
+                out["lock_ok"] = page_lock(a.ctypes.data, n, read_only=True)
+            host = torch.from_numpy(a)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            dev.copy_(host, non_blocking=True)
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            out[mode] = {"enqueue_ms": round((t1 - t0) * 1e3, 2),
+                         "total_ms": round((t2 - t0) * 1e3, 2),
+                         "GBps": round(n / (t2 - t0) / 1e9, 1)}
+        t0 = time.perf_counter()
+        xxhash.xxh3_64_intdigest(a)
+        out["xxh3_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
+        pieces = [dev[i:i + 65536] for i in range(0, n, 65536)]
+        t0 = time.perf_counter()
+        scatter(a, pieces, verify=lambda: True)
+        out["scatter_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
+        out["bytes"] = n
+        del host, a
+        if out.get("lock_ok"):
+            page_unlock(np.frombuffer(m, np.uint8).ctypes.data)
+        say("shm_phases", out)
+
+
 def holder(args, pipe) -> None:
     try:
         import torch
@@ -136,10 +192,13 @@ def holder(args, pipe) -> None:
             if saver is not None:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
+            per_save = []
             for i in range(args.chunks):
                 blocks = list(range(i * args.chunk_blocks, (i + 1) * args.chunk_blocks))
                 if saver is not None:
+                    ts = time.perf_counter()
                     assert saver.save(chunk_key(i), blocks)
+                    per_save.append(round((time.perf_counter() - ts) * 1e3, 2))
                 else:
                     w = store.reserve(chunk_key(i))
                     layout.copy_out(blocks, w.view)
@@ -149,7 +208,7 @@ def holder(args, pipe) -> None:
             total = time.perf_counter() - t0
             assert len(saved) == args.chunks
             out[kind] = {"address": t.serve(store), "transport": t.name,
-                         "save_queue_ms": round(queued * 1000, 2),
+                         "save_queue_ms": round(queued * 1000, 2), "per_save_ms": per_save,
                          "save_GBps": round(args.chunks * store.slot_bytes / total / 1e9, 2),
                          "page_locked": bool(saver and saver.page_locked)}
             keep.append((t, store, saver))
@@ -185,8 +244,7 @@ def pulls(args) -> None:
             items = []
             for i in range(args.chunks):
                 blocks = range(offset + i * args.chunk_blocks, offset + (i + 1) * args.chunk_blocks)
-                items.append(PullItem(chunk_key(i), tuple(p for b in blocks
-                                                          for p in layout.block_views(b))))
+                items.append(PullItem(chunk_key(i), layout.chunk_dest(list(blocks))))
             for c in caches.values():
                 c.zero_()
             times = []
@@ -201,7 +259,12 @@ def pulls(args) -> None:
                      for n in caches for b in range(args.chunks * args.chunk_blocks))
             untouched = all(int(torch.count_nonzero(c[:offset])) == 0 for c in caches.values())
             best = min(times)
-            say(f"pull_{kind}", {
+            extra = {}
+            for conns in t._idle.values():  # diagnostics: how the shm path read the slab
+                for conn, _ in conns:
+                    if conn.slab is not None:
+                        extra["slab_dma_mode"] = conn.slab.dma_mode
+            say(f"pull_{kind}", {**extra,
                 "bytes_verified": ok and untouched, "path": t.name,
                 "counters": dict(tcp=t.counters.tcp, shm=t.counters.shm,
                                  ucx=t.counters.ucx),
@@ -259,8 +322,8 @@ def main() -> int:
         say("ucx", reason)
     failed = False
     steps = [("limits", lambda: limits(args)), ("layouts", layouts),
-             ("pulls", lambda: pulls(args))]
-    for name, step in steps[2:] if args.cpu else steps:
+             ("shm_phases", lambda: shm_phases(args)), ("pulls", lambda: pulls(args))]
+    for name, step in steps[3:] if args.cpu else steps:
         try:
             step()
         except Exception:  # noqa: BLE001 - report every step, go on

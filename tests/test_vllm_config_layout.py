@@ -130,3 +130,35 @@ def test_layouts_that_do_not_copy_exactly_have_different_signatures():
     assert len(set(sigs.values())) == 3
     assert sigs["BHNC"] == KVLayout.from_kv_caches(cpu_caches(blocks=B)).signature.replace(
         "3x8x16", f"{H}x{N}x{C}")
+
+
+@pytest.mark.parametrize("order", ["BHNC", "BNHC"])
+def test_whole_chunk_copies_match_the_piece_by_piece_slot_order(order):
+    """DeviceBlocks (GPU: one indexed copy per layer) reads and writes exactly the bytes, in
+    exactly the slot order, of the piece-by-piece path (run here on CPU tensors)."""
+    import dataclasses
+
+    from p2pkv.vllm.layout import DeviceBlocks
+
+    src, _ = physical(order, layers=3)
+    layout = KVLayout.from_kv_caches(src)
+    slot = bytearray(layout.chunk_bytes(3))
+    layout.copy_out([5, 0, 2], memoryview(slot))
+    as_torch = dataclasses.replace(layout, rows=tuple(
+        b.as_strided((B, layout.block_bytes), (layout.block_stride, 1), f)
+        for b, f in zip(layout.bases, layout.first)))
+    out = torch.zeros(len(slot), dtype=torch.uint8)
+    DeviceBlocks(as_torch, [5, 0, 2]).read_into(out)
+    assert bytes(out.numpy()) == bytes(slot)
+
+    dst, _ = physical(order, layers=3)
+    for t in dst.values():
+        t.zero_()
+    into = KVLayout.from_kv_caches(dst)
+    into = dataclasses.replace(into, rows=tuple(
+        b.as_strided((B, into.block_bytes), (into.block_stride, 1), f)
+        for b, f in zip(into.bases, into.first)))
+    DeviceBlocks(into, [1, None, 4]).write_from(torch.frombuffer(slot, dtype=torch.uint8))
+    for name in src:
+        assert torch.equal(dst[name][1], src[name][5]) and torch.equal(dst[name][4], src[name][2])
+        assert torch.count_nonzero(dst[name][0]) == 0  # the None block's bytes were dropped

@@ -41,40 +41,66 @@ class MappedSlab:
     """A read-only mapping of a same-host peer's slab file."""
 
     def __init__(self, path: str, ident: str, nbytes: int) -> None:
-        fd = os.open(path, os.O_RDONLY)
+        self._path, self._ident, self._nbytes = path, ident, nbytes
+        self._map = self._mmap(os.O_RDONLY, mmap.PROT_READ)
+        self.array = np.frombuffer(self._map, dtype=np.uint8)
+        self._dma: np.ndarray | None = None
+        self._dma_map: mmap.mmap | None = None
+        self.dma_mode = ""  # how GPU copies read it: "" (not asked yet), see device_array
+
+    def _mmap(self, flags: int, prot: int) -> mmap.mmap:
+        fd = os.open(self._path, flags)
         try:
             st = os.fstat(fd)
-            if f"{st.st_dev}:{st.st_ino}" != ident:
-                raise TransportError(f"{path} is not the holder's slab (another pid namespace?)")
-            if st.st_size != nbytes:
-                raise TransportError(f"slab {path} is not {nbytes} bytes")
-            self._map = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
+            if f"{st.st_dev}:{st.st_ino}" != self._ident:
+                raise TransportError(f"{self._path} is not the holder's slab "
+                                     "(another pid namespace?)")
+            if st.st_size != self._nbytes:
+                raise TransportError(f"slab {self._path} is not {self._nbytes} bytes")
+            return mmap.mmap(fd, self._nbytes, mmap.MAP_SHARED, prot)
         finally:
             os.close(fd)
-        self.array = np.frombuffer(self._map, dtype=np.uint8)
-        self._locked = False
-        self._lock_tried = False
 
-    def page_lock(self) -> None:
-        """Page-lock the mapping for the GPU once (copies from it become DMA); on failure the
-        copies still work, staged by the driver."""
-        if not self._lock_tried:
+    def device_array(self) -> np.ndarray:
+        """The slab as GPU copies should read it: page-locked, so that a host-to-device copy
+        is one DMA. Tried once: the read-only mapping registered read-only (where the driver
+        supports it), else a second, writable mapping of the same pages registered (p2pkv
+        only ever reads through it), else the plain mapping (the driver stages the copy)."""
+        if not self.dma_mode:
             from p2pkv.transport.staging import page_lock
 
-            self._lock_tried = True
-            self._locked = page_lock(self.array.ctypes.data, self.array.nbytes, read_only=True)
+            if page_lock(self.array.ctypes.data, self._nbytes, read_only=True):
+                self._dma, self.dma_mode = self.array, "page-locked read-only"
+            else:
+                try:
+                    m = self._mmap(os.O_RDWR, mmap.PROT_READ | mmap.PROT_WRITE)
+                except (OSError, TransportError):
+                    m = None
+                arr = np.frombuffer(m, dtype=np.uint8) if m is not None else None
+                if arr is not None and page_lock(arr.ctypes.data, self._nbytes):
+                    self._dma, self._dma_map, self.dma_mode = arr, m, "page-locked"
+                else:
+                    del arr
+                    if m is not None:
+                        m.close()
+                    self._dma, self.dma_mode = self.array, "pageable"
+        assert self._dma is not None
+        return self._dma
 
     def close(self) -> None:
-        if self._locked:
+        if self.dma_mode.startswith("page-locked"):
             from p2pkv.transport.staging import page_unlock
 
-            page_unlock(self.array.ctypes.data)
-            self._locked = False
+            assert self._dma is not None
+            page_unlock(self._dma.ctypes.data)
+        self._dma = None
+        maps = [self._map] + ([self._dma_map] if self._dma_map is not None else [])
         del self.array
-        try:
-            self._map.close()
-        except BufferError:
-            pass  # a view is still alive somewhere: the mapping goes when it does
+        for m in maps:
+            try:
+                m.close()
+            except BufferError:
+                pass  # a view is still alive somewhere: the mapping goes when it does
 
 
 def open_peer_slab(info: PeerInfo, local_host_id: str) -> tuple[MappedSlab | None, str]:

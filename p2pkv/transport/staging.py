@@ -10,6 +10,7 @@ when a device piece shows up, so host-only processes never load it here.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +20,8 @@ _local = threading.local()
 
 
 def is_device(piece: Any) -> bool:
+    """Anything but a memoryview: a CUDA tensor, or an object with ``nbytes``, ``device`` and
+    ``write_from(device_tensor)`` that places a whole chunk itself (``DeviceBlocks``)."""
     return not isinstance(piece, memoryview)
 
 
@@ -68,13 +71,19 @@ def scatter(src: Any, pieces: Sequence[Any], verify: Callable[[], bool] | None =
     stream = side_stream(device)
     with torch.cuda.stream(stream):
         if isinstance(src, np.ndarray):
-            src = torch.from_numpy(src).to(device, non_blocking=True)
+            with warnings.catch_warnings():  # a read-only mapping: torch only reads it here
+                warnings.simplefilter("ignore", UserWarning)
+                host = torch.from_numpy(src)
+            src = host.to(device, non_blocking=True)
         elif src.device != device:
             src = src.to(device, non_blocking=True)
     if verify is not None and not verify():
         stream.synchronize()  # the upload still reads ``src``: let it finish
         return False
     with torch.cuda.stream(stream):
+        if len(pieces) == 1 and hasattr(pieces[0], "write_from"):
+            pieces[0].write_from(src)
+            pieces = []
         dsts, srcs, off = [], [], 0
         for p in pieces:
             part = src[off:off + p.nbytes]

@@ -231,8 +231,8 @@ class TcpTransport(Transport):
                     results.append(_checked(item, copy_and_digest(src, item.dest), want))
                     continue
                 # GPU destination: DMA straight from the mapped slab, hashed meanwhile
-                conn.slab.page_lock()
-                if scatter(src, item.dest, verify=lambda s=src, w=want:
+                dma = conn.slab.device_array()[off:off + nbytes]
+                if scatter(dma, item.dest, verify=lambda s=src, w=want:
                            xxhash.xxh3_64_intdigest(s) == w):
                     results.append(PullResult(item.key, Outcome.OK))
                 else:

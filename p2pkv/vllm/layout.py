@@ -73,7 +73,9 @@ class KVLayout:
     num_blocks: int
     device: str  # "cpu" or "cuda:N"
     signature: str  # dtype, shape and stride order: equal layouts copy exactly
-    rows: tuple[np.ndarray, ...] = ()  # CPU only: per layer uint8 [num_blocks, block_stride]
+    # one dense segment per block: per layer a [num_blocks, block_bytes] uint8 view (numpy on
+    # CPU, torch on GPU) of the cache, for whole-chunk copies
+    rows: tuple[Any, ...] = ()
 
     @classmethod
     def from_kv_caches(cls, kv_caches: Mapping[str, Any]) -> KVLayout:
@@ -104,12 +106,16 @@ class KVLayout:
         order = "".join(str(i) for i in sorted(range(len(shape)), key=lambda d: -strides[d]))
         signature = f"{str(dtype).removeprefix('torch.')}/{'x'.join(map(str, shape[1:]))}/" \
                     f"order{order}/seg{len(segments)}"
-        rows: tuple[np.ndarray, ...] = ()
-        if device == "cpu" and len(segments) == 1 and segments[0][0] == 0:
+        rows: tuple[Any, ...] = ()
+        if len(segments) == 1 and segments[0][0] == 0:
             bb = segments[0][1]
-            rows = tuple(np.lib.stride_tricks.as_strided(
-                b.numpy()[f:], shape=(shape[0], bb), strides=(strides[0] * es, 1))
-                for b, f in zip(bases, first))
+            if device == "cpu":
+                rows = tuple(np.lib.stride_tricks.as_strided(
+                    b.numpy()[f:], shape=(shape[0], bb), strides=(strides[0] * es, 1))
+                    for b, f in zip(bases, first))
+            else:
+                rows = tuple(b.as_strided((shape[0], bb), (strides[0] * es, 1), f)
+                             for b, f in zip(bases, first))
         return cls(tuple(names), tuple(bases), tuple(first), strides[0] * es, segments,
                    int(shape[0]), device, signature, rows)
 
@@ -133,7 +139,7 @@ class KVLayout:
         """The destination pieces of one block, in slot order (layer, then segment)."""
         if not 0 <= block_id < self.num_blocks:
             raise ValueError(f"block id {block_id} out of range")
-        if self.rows:
+        if self.rows and not self.on_gpu:
             return [memoryview(r[block_id]) for r in self.rows]
         out = []
         for base, first in zip(self.bases, self.first):
@@ -143,14 +149,85 @@ class KVLayout:
                 out.append(piece if self.on_gpu else memoryview(piece.numpy()))
         return out
 
+    def chunk_dest(self, block_ids: Sequence[int | None]) -> tuple[Any, ...]:
+        """Where a pulled chunk goes: the pieces of its blocks (a ``None`` block: scratch that
+        is dropped), or on a GPU with one segment per block, one :class:`DeviceBlocks`."""
+        if self.on_gpu and self.rows:
+            return (DeviceBlocks(self, block_ids),)
+        pieces: list[Any] = []
+        for b in block_ids:
+            if b is not None:
+                pieces.extend(self.block_views(b))
+            elif self.on_gpu:
+                import torch
+
+                pieces.append(torch.empty(self.block_bytes * self.num_layers,
+                                          dtype=torch.uint8, device=self.device))
+            else:
+                pieces.append(memoryview(bytearray(self.block_bytes * self.num_layers)))
+        return tuple(pieces)
+
     def copy_out(self, block_ids: Sequence[int], slot: memoryview) -> None:
         """Copy the chunk made of ``block_ids`` from a CPU cache into a store slot."""
         assert not self.on_gpu, "GPU caches are saved with gpu.AsyncSaver"
         dst = np.frombuffer(slot, dtype=np.uint8)
         off = 0
         for b in block_ids:
-            for piece in ([r[b] for r in self.rows] if self.rows
+            for piece in ([r[b] for r in self.rows] if self.rows and not self.on_gpu
                           else [np.frombuffer(v, np.uint8) for v in self.block_views(b)]):
                 dst[off:off + piece.nbytes] = piece
                 off += piece.nbytes
         assert off <= dst.nbytes
+
+
+class DeviceBlocks:
+    """One chunk's blocks in a GPU cache with one segment per block, copied as a whole: one
+    indexed copy per layer instead of a copy per (block, layer) piece (a 16-block chunk of a
+    32-layer model is 512 pieces; slicing them alone cost milliseconds). The transports'
+    staging code (``transport/staging.py``) calls ``write_from``; ``AsyncSaver`` calls
+    ``read_into``. A ``None`` block id is a block computed locally: its bytes are dropped."""
+
+    def __init__(self, layout: KVLayout, block_ids: Sequence[int | None]) -> None:
+        import torch
+
+        assert layout.rows and isinstance(layout.rows[0], torch.Tensor)
+        self._rows = layout.rows
+        self._blocks = len(block_ids)
+        self._bb = layout.block_bytes
+        self.device = layout.rows[0].device
+        self.nbytes = self._blocks * layout.num_layers * self._bb
+        keep = [i for i, b in enumerate(block_ids) if b is not None]
+        self._all = len(keep) == len(block_ids)
+        pos = torch.tensor(keep, dtype=torch.long)
+        ids = torch.tensor([block_ids[i] for i in keep], dtype=torch.long)
+        if self.device.type == "cuda":
+            from p2pkv.transport.staging import side_stream
+
+            # NOTE: on p2pkv's side stream, never the default stream vLLM may compute on
+            with torch.cuda.stream(side_stream(self.device)):
+                pos, ids = pos.to(self.device), ids.to(self.device)
+        self._pos, self._ids = pos, ids
+
+    def _view(self, flat: Any) -> Any:
+        return flat.view(self._blocks, len(self._rows), self._bb)
+
+    def write_from(self, src: Any) -> None:
+        """Copy a chunk (a uint8 device tensor, slot order) into the blocks, on the current
+        stream."""
+        s3 = self._view(src)
+        if not self._all:
+            s3 = s3.index_select(0, self._pos)
+        for layer, rows in enumerate(self._rows):
+            rows.index_copy_(0, self._ids, s3[:, layer])
+
+    def read_into(self, dst: Any) -> None:
+        """Copy the blocks into a chunk buffer (a uint8 device tensor), on the current
+        stream."""
+        assert self._all
+        d3 = self._view(dst)
+        for layer, rows in enumerate(self._rows):
+            torch_index_select(rows, self._ids, d3[:, layer])
+
+
+def torch_index_select(rows: Any, ids: Any, out: Any) -> None:
+    out.copy_(rows.index_select(0, ids))

@@ -104,7 +104,7 @@ class WorkerSide:
         failed: set[int] = set()
         t0 = time.monotonic()
         try:
-            items = [PullItem(c.key, tuple(self._dest(c.block_ids))) for c in plan.chunks]
+            items = [PullItem(c.key, self._dest(c.block_ids)) for c in plan.chunks]
             results = self._transport.pull(plan.address, items, self._config.pull_timeout_s)
         except Exception:  # noqa: BLE001 - a bug here must still release the request
             logger.exception("p2pkv: pull for %s crashed; recomputing", plan.req_id)
@@ -138,21 +138,9 @@ class WorkerSide:
             c.chunks_failed += len(plan.chunks) - ok - missing
             c.pull_ms += int(elapsed * 1000)
 
-    def _dest(self, block_ids: tuple[int | None, ...]) -> list[memoryview]:
+    def _dest(self, block_ids: tuple[int | None, ...]) -> tuple:
         assert self._layout is not None
-        views: list = []
-        for b in block_ids:
-            if b is None:  # computed locally: receive into scratch and drop
-                n = self._layout.block_bytes * self._layout.num_layers
-                if self._layout.on_gpu:
-                    import torch
-
-                    views.append(torch.empty(n, dtype=torch.uint8, device=self._layout.device))
-                else:
-                    views.append(memoryview(bytearray(n)))
-            else:
-                views.extend(self._layout.block_views(b))
-        return views
+        return self._layout.chunk_dest(block_ids)
 
     def take_finished_recving(self) -> set[str]:
         with self._lock:
