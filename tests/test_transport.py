@@ -179,3 +179,39 @@ def test_peer_dying_or_stalling_mid_transfer(spawn, kind, sig):
         if sig == signal.SIGSTOP:
             proc.send_signal(signal.SIGCONT)
         t.close()
+
+
+@pytest.mark.skipif(bool(UCX_MISSING), reason=UCX_MISSING or "-")
+@pytest.mark.parametrize("reply_to", [b"", b"\x00" * 81, b"\x7f" + bytes(range(80)),
+                                      b"\x20" + bytes(range(80)), b"\x20" * 20000])
+def test_ucx_send_with_a_bad_reply_address_is_refused_and_the_holder_keeps_serving(
+        spawn, reply_to):
+    """UCX aborts the process on some malformed worker addresses; the holder must never
+    hand it one, and must keep serving."""
+    import socket as so
+
+    from p2pkv.transport import wire
+    from p2pkv.transport.sockio import parse_address, recv_exact, send_views
+    from p2pkv.transport.tcp import connect_peer
+
+    proc, address = peer(spawn, 4096, 2, "ucx")
+    sock, info = connect_peer(parse_address(address), None, time.monotonic() + 5)
+    try:
+        assert info.ucx_address
+        req = wire.Send([bytes(key_of(0))], 5, reply_to, 1000)
+        try:
+            send_views(sock, [wire.encode_request(req)], 5)
+            recv_exact(sock, wire.ITEM_HEADER_BYTES, time.monotonic() + 5)
+        except (OSError, so.timeout, Exception):  # noqa: BLE001 - closed for a bad request
+            pass
+        time.sleep(0.3)
+        assert proc.poll() is None, "the holder died"
+    finally:
+        sock.close()
+    t = client("ucx")
+    try:
+        bufs, items = dests(4096, 2)
+        assert [r.outcome for r in t.pull(address, items, 5)] == [Outcome.OK] * 2
+        assert np.array_equal(bufs[1], chunk_bytes(SEED, 1, 4096))
+    finally:
+        t.close()

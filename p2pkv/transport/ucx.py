@@ -148,6 +148,7 @@ class UcxEngine:
         self._lingering: list[tuple[list[Any], Callable[[], None]]] = []
         self.quarantined_bytes = 0
         self.send_timeouts = 0
+        self.bad_addresses = 0
 
     @property
     def address(self) -> bytes:
@@ -188,6 +189,15 @@ class UcxEngine:
             release()
 
     def _endpoint(self, reply_to: bytes) -> Any:
+        # NOTE: UCX asserts (aborts the process) on an address whose header names an unknown
+        # version, measured with random bytes; other damage is a clean error (invalid
+        # parameter, unreachable). So only addresses with our own header byte (same address
+        # version and flags, i.e. a compatible UCX) ever reach UCX.
+        if not 16 <= len(reply_to) <= wire.MAX_UCX_ADDRESS_BYTES or \
+                reply_to[0] != self.address[0]:
+            self.bad_addresses += 1
+            raise TransportError(f"not a UCX worker address this UCX can use "
+                                 f"({len(reply_to)} bytes, header {reply_to[:1].hex()})")
         with self._lock:
             ep = self._endpoints.get(reply_to)
             if ep is None:
