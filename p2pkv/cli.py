@@ -1,4 +1,4 @@
-"""The ``p2pkv`` command: ``directory``, ``status``, ``demo``, ``model``.
+"""The ``p2pkv`` command: ``directory``, ``status``, ``demo``, ``model``, ``bench``, ``launch``.
 
 The only place (with launch scripts) that reads argv and environment variables and calls
 ``logging.basicConfig``.
@@ -11,6 +11,7 @@ import logging
 import sys
 
 from p2pkv.directory.cli import add_directory_parser, add_status_parser
+from p2pkv.launch.cli import add_launch_parser
 
 
 def _add_model_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_parser(subparsers)
     _add_model_parser(subparsers)
     _add_bench_parser(subparsers)
+    add_launch_parser(subparsers)
     return parser
 
 
