@@ -208,7 +208,8 @@ def test_sbatch_dry_run_prints_the_plan_and_starts_nothing(tmp_path):
     assert out.returncode == 0, out.stderr
     job = tmp_path / "home" / ".cache" / "p2pkv" / "jobs" / "77"
     expected = render(make_plan(spec(
-        job_dir=str(job), secret_file=f"{job}/secret", p2pkv_command=(sys.executable, "-m", "p2pkv"),
+        job_dir=str(job), secret_file=f"{job}/secret",
+        p2pkv_command=(sys.executable, "-m", "p2pkv"),
         ucx_env={"UCX_TLS": "rc,cuda_copy", "UCX_NET_DEVICES": "mlx5_0:1"})))
     assert out.stdout == expected
     assert not (tmp_path / "home").exists()  # a dry run writes nothing
