@@ -1,4 +1,5 @@
-"""The ``p2pkv`` command: ``directory``, ``status``, ``doctor``, ``demo``, ``model``, ``bench``.
+"""The ``p2pkv`` command: ``directory``, ``status``, ``doctor``, ``demo``, ``model``, ``bench``,
+``launch``.
 
 The only place (with launch scripts) that reads argv and environment variables and calls
 ``logging.basicConfig``.
@@ -12,6 +13,7 @@ import sys
 
 from p2pkv.directory.cli import add_directory_parser, add_status_parser
 from p2pkv.doctor.cli import add_doctor_parser
+from p2pkv.launch.cli import add_launch_parser
 
 
 def _add_model_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -70,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_parser(subparsers)
     _add_model_parser(subparsers)
     _add_bench_parser(subparsers)
+    add_launch_parser(subparsers)
     return parser
 
 

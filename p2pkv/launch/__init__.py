@@ -1,0 +1,1 @@
+"""Cluster launchers: the plan (what runs where), the per-node runner, `p2pkv launch`."""
