@@ -4,7 +4,9 @@ The checks' pure parts (probe and address findings) are tested with structs."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -190,3 +192,31 @@ def test_loopback_address_in_a_networked_cluster_is_a_warning():
     assert address_findings("tcp://127.0.0.1:7420", infos) == []
     (f,) = address_findings("tcp://10.0.0.1:7420", infos)
     assert f.level == "WARN" and f.subject == "a 127.0.0.1:5"
+
+
+def _real_probe(seed: str) -> str:
+    """vLLM's own hash probe (p2pkv.vllm.connector.probe_hash) in a process whose
+    PYTHONHASHSEED is ``seed``, as an instance started with it computes it."""
+    code = ("from types import SimpleNamespace as N; from p2pkv.vllm.connector import probe_hash;"
+            "print(probe_hash(N(cache_config=N(prefix_caching_hash_algo='sha256'))))")
+    env = dict(os.environ, PYTHONHASHSEED=seed)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=180, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_a_deliberately_mismatched_hash_seed_is_an_error(spawn, directory, secret_file):
+    """Issue 7's check, with vLLM's real probe: PYTHONHASHSEED=1 vs 2 differ, doctor says so."""
+    p1, p2 = _real_probe("1"), _real_probe("2")
+    assert p1 != p2 and p1 == _real_probe("1")
+    peer(spawn, directory.endpoint, "seed-1", probe=p1)
+    stats_until(directory.endpoint, lambda s: len(s.instances) == 1)
+    peer(spawn, directory.endpoint, "seed-2", probe=p2)
+    stats_until(directory.endpoint, lambda s: len(s.refused) == 1)
+    args = ("--directory", directory.endpoint, "--secret-file", str(secret_file))
+    code, report, _ = doctor(*args)
+    assert code == 1
+    (error,) = levels(report, "ERROR")
+    assert error["subject"].startswith("seed-2 ") and p2 in error["detail"] and p1 in error["detail"]
+    print(table(*args))
