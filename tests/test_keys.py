@@ -51,7 +51,7 @@ def test_partial_chunk_key_names_the_tail_and_never_a_full_chunk():
     assert key is not None and key not in hashes
     assert partial_chunk_key(hashes, tokens + [99], 4, 1) != key  # longer tail
     assert partial_chunk_key(hashes, tokens[:-1] + [7], 4, 1) != key  # other tail token
-    other_prefix = [bytes([9]) * 32] + hashes[1:]
+    other_prefix = [hashes[0], bytes([9]) * 32, hashes[2]]  # chained: block 1 differs too
     assert partial_chunk_key(other_prefix, tokens, 4, 2) != partial_chunk_key(hashes, tokens, 4, 2)
     assert partial_chunk_key(hashes, tokens[:12], 4, 1) is None  # ends on a chunk boundary
     assert partial_chunk_key([], tokens[:3], 4, 1) is None  # shorter than a block
