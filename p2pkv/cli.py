@@ -1,4 +1,4 @@
-"""The ``p2pkv`` command: ``directory``, ``status``, ``demo``, ``model``.
+"""The ``p2pkv`` command: ``directory``, ``status``, ``router``, ``demo``, ``model``, ``bench``.
 
 The only place (with launch scripts) that reads argv and environment variables and calls
 ``logging.basicConfig``.
@@ -11,6 +11,7 @@ import logging
 import sys
 
 from p2pkv.directory.cli import add_directory_parser, add_status_parser
+from p2pkv.router.cli import add_router_parser
 
 
 def _add_model_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +39,7 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_demo)
 
 
-BENCHES = ("directory", "transport", "ttft", "correctness")
+BENCHES = ("directory", "transport", "ttft", "correctness", "router", "disagg")
 """Each is a module ``p2pkv.bench.NAME`` with ``add_args(parser)`` and ``main(args) -> int``."""
 
 
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_directory_parser(subparsers)
     add_status_parser(subparsers)
+    add_router_parser(subparsers)
     _add_demo_parser(subparsers)
     _add_model_parser(subparsers)
     _add_bench_parser(subparsers)
