@@ -84,7 +84,7 @@ def pd_cases(block: int = 128) -> list[Case]:
         Case("pd-one-block-plus-one", block + 1, offset=2100),
         Case("pd-shorter-than-a-block", block - 28, offset=2500, expect_pull=False),
         Case("pd-concurrent-x3", 2 * block + 70, offset=2900, concurrent=3),
-        Case("pd-other-tenant-salt", 2 * block + 9, offset=3300, holder_salt="tenant-a",
+        Case("pd-other-tenant-salt", 2 * block + 9, offset=1750, holder_salt="tenant-a",
              puller_salt="tenant-b", expect_pull=False),
     ]
 
