@@ -80,9 +80,10 @@ class Router:
         self.metrics = RouterMetrics()
         self.holdings = holdings
         self._keyer = keyer
-        mk = lambda role, specs: Pool(role, specs, holdings, config.policy, self.metrics)  # noqa: E731
-        self.pools = ([mk("prefill", config.prefill), mk("decode", config.decode)]
-                      if config.disaggregated else [mk("both", config.instances)])
+        groups = ([("prefill", config.prefill), ("decode", config.decode)]
+                  if config.disaggregated else [("both", config.instances)])
+        self.pools = [Pool(role, specs, holdings, config.policy, self.metrics)
+                      for role, specs in groups]
         self._client: httpx.AsyncClient | None = None
         self._health_task: asyncio.Task | None = None
 

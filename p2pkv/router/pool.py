@@ -69,7 +69,8 @@ class Pool:
         for b in self.backends:
             metrics.up.labels(b.id, role).set(1)
 
-    def choose(self, prompt: PromptKeys | None, exclude: set[InstanceId]) -> tuple[Backend, Choice] | None:
+    def choose(self, prompt: PromptKeys | None, exclude: set[InstanceId]
+               ) -> tuple[Backend, Choice] | None:
         live = sorted((b for b in self.backends if b.up and b.id not in exclude),
                       key=lambda b: b.last_chosen)
         candidates = []
