@@ -162,6 +162,10 @@ class Router:
                                     status_code=503)
             backend, choice = picked
             tried.add(backend.id)
+            if keys is not None:
+                # Hinted now, not when it answers: a concurrent request about the same
+                # document should follow this one (a failed instance's hints are dropped).
+                self.holdings.note_routed(backend.id, keys.keys)
             self._begin(backend)
             try:
                 if stream:
@@ -185,7 +189,6 @@ class Router:
                 logger.info("router: %s failed (%s); trying another instance", backend.id, e)
                 continue
             if keys is not None:
-                self.holdings.note_routed(backend.id, keys.keys)
                 self.metrics.prompt_tokens.labels(backend.id).inc(keys.num_tokens)
                 self.metrics.cached_tokens.labels(backend.id).inc(choice.cached_tokens)
             headers = {"x-p2pkv-instance": backend.id,

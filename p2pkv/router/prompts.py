@@ -13,6 +13,7 @@ instance's own ``/tokenize``.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,9 @@ class PromptKeyer:
         if block_size <= 0 or chunk_tokens <= 0:
             raise ValueError("block_size and chunk_tokens must be positive")
         self._tokenizer = AutoTokenizer.from_pretrained(str(model))
+        # NOTE: a fast tokenizer used from two threads at once can fail ("Already borrowed");
+        # the router tokenizes on a thread pool.
+        self._lock = threading.Lock()
         self.block_size = block_size
         self.chunk_blocks = max(1, chunk_tokens // block_size)
         hash_fn = get_hash_fn_by_name(hash_algorithm)
@@ -74,8 +78,9 @@ class PromptKeyer:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            return list(self._tokenizer(prompt, add_special_tokens=bool(
-                body.get("add_special_tokens", True)))["input_ids"])
+            with self._lock:
+                return list(self._tokenizer(prompt, add_special_tokens=bool(
+                    body.get("add_special_tokens", True)))["input_ids"])
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             return list(prompt)
         return None
@@ -97,11 +102,11 @@ class PromptKeyer:
         kwargs.setdefault("continue_final_message", body.get("continue_final_message", False))
         if body.get("chat_template"):
             kwargs["chat_template"] = body["chat_template"]
-        ids = self._tokenizer.apply_chat_template(conversation, tokenize=True,
-                                                  return_dict=False, **kwargs)
         if body.get("add_special_tokens"):
             return None  # vLLM then re-tokenizes the rendered text; not worth mirroring
-        return list(ids)
+        with self._lock:
+            return list(self._tokenizer.apply_chat_template(conversation, tokenize=True,
+                                                            return_dict=False, **kwargs))
 
     # -- keys -----------------------------------------------------------------------------
 
