@@ -1,5 +1,5 @@
-"""The ``p2pkv`` command: ``directory``, ``status``, ``doctor``, ``demo``, ``model``, ``bench``,
-``launch``.
+"""The ``p2pkv`` command: ``directory``, ``status``, ``doctor``, ``router``, ``demo``, ``model``,
+``bench``, ``launch``.
 
 The only place (with launch scripts) that reads argv and environment variables and calls
 ``logging.basicConfig``.
@@ -14,6 +14,7 @@ import sys
 from p2pkv.directory.cli import add_directory_parser, add_status_parser
 from p2pkv.doctor.cli import add_doctor_parser
 from p2pkv.launch.cli import add_launch_parser
+from p2pkv.router.cli import add_router_parser
 
 
 def _add_model_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -41,7 +42,7 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_demo)
 
 
-BENCHES = ("directory", "transport", "ttft", "correctness")
+BENCHES = ("directory", "transport", "ttft", "correctness", "router", "disagg")
 """Each is a module ``p2pkv.bench.NAME`` with ``add_args(parser)`` and ``main(args) -> int``."""
 
 
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_directory_parser(subparsers)
     add_status_parser(subparsers)
     add_doctor_parser(subparsers)
+    add_router_parser(subparsers)
     _add_demo_parser(subparsers)
     _add_model_parser(subparsers)
     _add_bench_parser(subparsers)

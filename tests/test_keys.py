@@ -40,3 +40,20 @@ def test_invalid_spec_is_refused():
         spec(tp_rank=1)
     with pytest.raises(ValueError):
         chunk_keys([], 0)
+
+
+def test_partial_chunk_key_names_the_tail_and_never_a_full_chunk():
+    from p2pkv.keys import partial_chunk_key, prompt_keys
+
+    hashes = [bytes([i]) * 32 for i in range(3)]
+    tokens = list(range(3 * 4 + 2))
+    key = partial_chunk_key(hashes, tokens, 4, 1)
+    assert key is not None and key not in hashes
+    assert partial_chunk_key(hashes, tokens + [99], 4, 1) != key  # longer tail
+    assert partial_chunk_key(hashes, tokens[:-1] + [7], 4, 1) != key  # other tail token
+    other_prefix = [hashes[0], bytes([9]) * 32, hashes[2]]  # chained: block 1 differs too
+    assert partial_chunk_key(other_prefix, tokens, 4, 2) != partial_chunk_key(hashes, tokens, 4, 2)
+    assert partial_chunk_key(hashes, tokens[:12], 4, 1) is None  # ends on a chunk boundary
+    assert partial_chunk_key([], tokens[:3], 4, 1) is None  # shorter than a block
+    assert prompt_keys(hashes, tokens, 4, 1, with_partial=True) == [*hashes, key]
+    assert prompt_keys(hashes, tokens, 4, 1, with_partial=False) == hashes

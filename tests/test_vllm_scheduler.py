@@ -11,7 +11,7 @@ pytest.importorskip("vllm", reason="p2pkv.vllm.metadata subclasses vLLM's metada
 
 from p2pkv.directory.client import PENDING  # noqa: E402
 from p2pkv.directory.protocol import Holder, LookupReply  # noqa: E402
-from p2pkv.keys import Namespace  # noqa: E402
+from p2pkv.keys import Namespace, partial_chunk_key  # noqa: E402
 from p2pkv.vllm.config import ConnectorConfig  # noqa: E402
 from p2pkv.vllm.scheduler import SchedulerSide  # noqa: E402
 
@@ -34,9 +34,10 @@ class FakeDirectory:
         return self.replies.pop(0) if self.replies else PENDING
 
 
-def request(req_id: str, blocks: int):
+def request(req_id: str, blocks: int, extra_tokens: int = 0):
     return SimpleNamespace(request_id=req_id,
-                           block_hashes=[bytes([i]) * 32 for i in range(blocks)])
+                           block_hashes=[bytes([i]) * 32 for i in range(blocks)],
+                           prompt_token_ids=list(range(blocks * BLOCK + extra_tokens)))
 
 
 def side(directory, chunk_blocks=1, clock=lambda: 0.0, **kw) -> SchedulerSide:
@@ -150,3 +151,70 @@ def test_producer_never_looks_up_and_consumer_never_saves():
                              chunk_blocks=1, can_load=False, can_save=True, directory=d)
     assert producer.get_num_new_matched_tokens(request("r", 3), 0) == (0, False)
     assert d.asked == []
+
+
+def _step(s, req_id, computed, scheduled, blocks, new=True):
+    out = SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id=req_id, num_computed_tokens=computed)]
+        if new else [],
+        scheduled_cached_reqs=SimpleNamespace(req_ids=[] if new else [req_id],
+                                              num_computed_tokens=[] if new else [computed]),
+        num_scheduled_tokens={req_id: scheduled})
+    return s.build_meta(out, lambda _: blocks).saves
+
+
+def test_prefill_saves_the_partial_chunk_once_the_prompt_is_computed():
+    config = ConnectorConfig(directory="tcp://127.0.0.1:1")
+    s = SchedulerSide(config, namespace=Namespace("ns"), block_size=BLOCK, chunk_blocks=2,
+                      can_load=False, can_save=True, directory=FakeDirectory(),
+                      save_partial=True)
+    r = request("r", 2, extra_tokens=BLOCK + 1)  # one full chunk, then 1 block + 1 token
+    s.get_num_new_matched_tokens(r, 0)
+    blocks = [30, 31, 32, 33]
+    first = _step(s, "r", 0, 2 * BLOCK, blocks)  # the full chunk, prompt not done yet
+    assert [p.key for p in first] == [r.block_hashes[1]]
+    saves = _step(s, "r", 2 * BLOCK, BLOCK + 1, blocks, new=False)
+    (partial,) = saves
+    assert partial.key == partial_chunk_key(r.block_hashes, r.prompt_token_ids, BLOCK, 2)
+    assert partial.block_ids == (32, 33)  # the tail's two blocks, already a whole chunk
+    assert _step(s, "r", 3 * BLOCK + 1, 1, blocks, new=False) == []  # once
+
+
+def test_partial_chunk_is_padded_with_its_last_block():
+    config = ConnectorConfig(directory="tcp://127.0.0.1:1")
+    s = SchedulerSide(config, namespace=Namespace("ns"), block_size=BLOCK, chunk_blocks=2,
+                      can_load=False, can_save=True, directory=FakeDirectory(),
+                      save_partial=True)
+    r = request("r", 2, extra_tokens=3)
+    s.get_num_new_matched_tokens(r, 0)
+    saves = _step(s, "r", 0, 2 * BLOCK + 3, [5, 6, 7])
+    assert [p.block_ids for p in saves] == [(5, 6), (7, 7)]
+
+
+def test_kv_both_never_saves_a_partial_chunk():
+    s = side(FakeDirectory([LookupReply(holders=[])]))
+    r = request("r", 1, extra_tokens=2)
+    s.get_num_new_matched_tokens(r, 0)
+    assert [p.key for p in _step(s, "r", 0, BLOCK + 2, [1, 2])] == [r.block_hashes[0]]
+
+
+def test_decode_pulls_the_partial_chunk_and_the_whole_prompt():
+    d = FakeDirectory([reply(3)])
+    s = side(d, chunk_blocks=2, chunk_tokens=2 * BLOCK)
+    r = request("r", 4, extra_tokens=3)  # two full chunks + 3 tokens
+    assert s.get_num_new_matched_tokens(r, 0) == (4 * BLOCK + 3, True)
+    partial = partial_chunk_key(r.block_hashes, r.prompt_token_ids, BLOCK, 2)
+    assert d.asked == [[r.block_hashes[1], r.block_hashes[3], partial]]
+    s.update_state_after_alloc(r, [10, 11, 12, 13, 14], 4 * BLOCK + 3)
+    (plan,) = s.build_meta(SimpleNamespace(scheduled_new_reqs=[], num_scheduled_tokens={},
+                                           scheduled_cached_reqs=SimpleNamespace(
+                                               req_ids=[], num_computed_tokens=[])),
+                           lambda _: []).loads
+    assert [c.block_ids for c in plan.chunks] == [(10, 11), (12, 13), (14, None)]
+
+
+def test_a_run_without_the_partial_chunk_stops_at_the_last_full_chunk():
+    d = FakeDirectory([reply(2)])
+    s = side(d)
+    r = request("r", 2, extra_tokens=3)
+    assert s.get_num_new_matched_tokens(r, 0) == (2 * BLOCK, True)

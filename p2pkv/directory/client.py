@@ -630,6 +630,13 @@ class FeedSubscriber:
             applied.append(event)
         return applied
 
+    def wait(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` until feed events are ready, without applying them (a
+        caller can then apply them with ``poll(0)`` under its own lock)."""
+        if self._sub is None:
+            return False
+        return bool(self._sub.poll(_ms(timeout_s), zmq.POLLIN))
+
     def holders(self, namespace: Namespace, key: ChunkKey) -> list[InstanceId]:
         return sorted(i for i, keys in self.holdings.items()
                       if key in keys and self.namespaces.get(i) == namespace)

@@ -124,7 +124,7 @@ class DirectoryIndex:
                     Status.PROBE_MISMATCH,
                     f"probe hash {probe or '(none)'} of instance {instance} differs from "
                     f"{other.probe or '(none)'} of instance {other_id} in namespace "
-                    f"{namespace}: different PYTHONHASHSEED or hash algorithm? Their block "
+                    f"{namespace}: different PYTHONHASHSEED, hash algorithm or KV layout? Their block "
                     f"hashes would never match, so {instance} is refused")
 
     def drop(self, instance: InstanceId) -> Member | None:

@@ -123,7 +123,7 @@ def probe_findings(instances: Sequence[InstanceInfo],
                                for p, n in sorted(members.items()))
             detail += (f": its probe {r.probe or '(none)'} differs from "
                        f"{theirs or 'the namespace members'} in namespace {r.namespace}: "
-                       f"different PYTHONHASHSEED or hash algorithm; it gets no hits")
+                       f"different PYTHONHASHSEED, hash algorithm or KV layout; it gets no hits")
         else:
             detail += f": {r.reason}"
         findings.append(Finding(level, "hash-probe", f"{r.instance} ({r.address})", detail))

@@ -159,31 +159,39 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def router_argv(spec: ClusterSpec, directory: str, instances: list[Launch]) -> list[str]:
-    """THE router invocation (keep it here only): all instances, or a prefill/decode split."""
-    urls = lambda pd: ",".join(i.url for i in instances if i.pd == pd)  # noqa: E731
-    base = [*spec.p2pkv_command, "router", "--port", str(spec.router_port)]
-    if spec.prefill:
-        return [*base, "--prefill", urls("prefill"), "--decode", urls("decode")]
-    return [*base, "--directory", directory, "--instances", urls(""),
+    """THE router invocation (keep it here only): all instances, or a prefill/decode split.
+    Instances are named ``ID=URL``, ID being the ``engine_id`` each registers with."""
+    ids = lambda pd: ",".join(f"{i.name}={i.url}" for i in instances if i.pd == pd)  # noqa: E731
+    base = [*spec.p2pkv_command, "router", "--model", spec.model, "--host", ADDR,
+            "--port", str(spec.router_port), "--directory", directory,
             "--secret-file", spec.secret_file]
+    if spec.prefill:
+        return [*base, "--prefill", ids("prefill"), "--decode", ids("decode")]
+    return [*base, "--instances", ids("")]
 
 
-def kv_transfer_config(spec: ClusterSpec, directory: str) -> str:
+KV_ROLES: dict[str, str] = {"": "kv_both", "prefill": "kv_producer", "decode": "kv_consumer"}
+
+
+def kv_transfer_config(spec: ClusterSpec, directory: str, engine_id: str = "",
+                       pd: str = "") -> str:
     extra: dict[str, object] = {"directory": directory, "secret_file": spec.secret_file,
                                 "transport": spec.transport, "bind_host": ADDR}
     if spec.store_gib:
         extra["store_gib"] = spec.store_gib
-    return json.dumps({"kv_connector": "P2PKVConnector",
-                       "kv_connector_module_path": "p2pkv.vllm.connector",
-                       "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-                       "kv_connector_extra_config": extra}, separators=(",", ":"))
+    config: dict[str, object] = {
+        "kv_connector": "P2PKVConnector", "kv_connector_module_path": "p2pkv.vllm.connector",
+        "kv_role": KV_ROLES[pd], "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": extra}
+    if engine_id:
+        config["engine_id"] = engine_id
+    return json.dumps(config, separators=(",", ":"))
 
 
 def make_plan(spec: ClusterSpec) -> Plan:
     """Directory and router on the first node, one vLLM per GPU (per TP group) everywhere."""
     head = spec.nodes[0]
     directory = f"tcp://{addr_of(head)}:{spec.directory_port}"
-    kv_config = kv_transfer_config(spec, directory)
     launches = [Launch(node=head, name="directory", role="directory", argv=(
         *spec.p2pkv_command, "directory", "--bind", f"tcp://{ADDR}:{spec.directory_port}",
         "--feed-bind", f"tcp://{ADDR}:{spec.feed_port}", "--secret-file", spec.secret_file))]
@@ -194,12 +202,13 @@ def make_plan(spec: ClusterSpec) -> Plan:
             pd: PDRole = ("" if not spec.prefill else
                           "prefill" if index < spec.prefill else "decode")
             port = spec.vllm_port + i
+            name = f"{pd or 'vllm'}-{index}"
             argv = (*spec.vllm_command, "--model", spec.model, "--host", ADDR,
                     "--port", str(port), "--served-model-name", spec.served_model_name,
-                    "--tensor-parallel-size", str(spec.tp), "--kv-transfer-config", kv_config,
-                    *spec.vllm_args)
+                    "--tensor-parallel-size", str(spec.tp), "--kv-transfer-config",
+                    kv_transfer_config(spec, directory, name, pd), *spec.vllm_args)
             instances.append(Launch(
-                node=node, name=f"{pd or 'vllm'}-{index}", role="vllm", argv=argv,
+                node=node, name=name, role="vllm", argv=argv,
                 env=dict(spec.ucx_env), gpus=tuple(range(i * spec.tp, (i + 1) * spec.tp)),
                 url=f"http://{addr_of(node)}:{port}", pd=pd))
     launches += instances

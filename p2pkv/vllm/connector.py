@@ -11,7 +11,6 @@ WORKER in each worker process. Add to ``vllm serve``::
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +23,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from p2pkv.affinity import unpin_current_thread
 from p2pkv.directory.client import DirectoryClient
 from p2pkv.errors import ConfigError
-from p2pkv.keys import InstanceId, Namespace, NamespaceSpec
+from p2pkv.keys import InstanceId, Namespace, NamespaceSpec, probe_of
 from p2pkv.secret import load_secret
 from p2pkv.transport.base import make_transport
 from p2pkv.vllm.config import ConnectorConfig
@@ -90,8 +89,7 @@ def probe_hash(vllm_config: VllmConfig) -> str:
     if none_hash is None:
         hash_fn = get_hash_fn_by_name(vllm_config.cache_config.prefix_caching_hash_algo)
         none_hash = hash_fn(kv_cache_utils.resolve_none_hash_seed(hash_fn))
-    # Hashed again so the directory never sees NONE_HASH itself (a secret seed's output).
-    return hashlib.sha256(b"p2pkv-probe/" + bytes(none_hash)).hexdigest()[:16]
+    return probe_of(none_hash)
 
 
 def _log_like_vllm(level: str) -> None:
@@ -127,7 +125,7 @@ class P2PKVConnector(KVConnectorBase_V1):
                 self._config, namespace=namespace,
                 block_size=vllm_config.cache_config.block_size, chunk_blocks=chunk_blocks,
                 can_load=ktc.kv_role != "kv_producer", can_save=ktc.kv_role != "kv_consumer",
-                directory=directory)
+                save_partial=ktc.kv_role == "kv_producer", directory=directory)
         else:
             cuda_device = None
             if vllm_config.device_config.device_type == "cuda":

@@ -4,7 +4,10 @@ Per request it (1) asks the directory which peers hold the chunks beyond vLLM's 
 hit, without stalling the engine: a lookup that has not answered within
 ``lookup_inline_wait_s`` makes vLLM ask again next step, and one that has not answered within
 ``lookup_timeout_s`` counts as a miss; (2) plans the pull into the blocks vLLM allocated;
-(3) plans, every step, the saving of chunks that became complete.
+(3) plans, every step, the saving of chunks that became complete. A prefill instance
+(``save_partial``, the ``kv_producer`` role) also saves each prompt's last, shorter chunk once
+the prompt is computed, and every loading instance looks that partial chunk up after the full
+ones, so a decode instance recomputes at most the prompt's last token (keys: ``keys.py``).
 
 It knows vLLM only through duck-typed ``request`` / ``scheduler_output`` fields and is driven
 by :class:`p2pkv.vllm.connector.P2PKVConnector`.
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from p2pkv.directory.client import PENDING, DirectoryClient
-from p2pkv.keys import ChunkKey, Namespace, chunk_keys
+from p2pkv.keys import ChunkKey, Namespace, chunk_keys, partial_chunk_key, prompt_keys
 from p2pkv.vllm.config import ConnectorConfig
 from p2pkv.vllm.metadata import ChunkLoad, LoadPlan, P2PKVMetadata, SavePlan
 
@@ -35,6 +38,8 @@ class _Lookup:
     rid: int
     first_chunk: int  # index of keys[0] among the request's chunks
     keys: list[ChunkKey]
+    full_chunks: int  # the request's full chunks; a key at this index is the partial chunk
+    prompt_tokens: int
 
 
 @dataclass(slots=True)
@@ -43,6 +48,7 @@ class _PlannedLoad:
     first_chunk: int
     keys: list[ChunkKey]
     num_local_tokens: int
+    end_tokens: int  # tokens present once the load is done
 
 
 @dataclass(slots=True)
@@ -57,7 +63,8 @@ class SchedulerCounters:
 class SchedulerSide:
     def __init__(self, config: ConnectorConfig, *, namespace: Namespace, block_size: int,
                  chunk_blocks: int, can_load: bool, can_save: bool,
-                 directory: DirectoryClient, clock: Callable[[], float] = time.monotonic) -> None:
+                 directory: DirectoryClient, clock: Callable[[], float] = time.monotonic,
+                 save_partial: bool = False) -> None:
         self._config = config
         self._namespace = namespace
         self._block_size = block_size
@@ -65,6 +72,8 @@ class SchedulerSide:
         self._chunk_tokens = block_size * chunk_blocks
         self._can_load = can_load
         self._can_save = can_save
+        self._save_partial = save_partial and can_save
+        self._partial_saved: set[str] = set()
         self._directory = directory
         self._clock = clock
         self._requests: dict[str, Any] = {}  # req_id -> vLLM Request (for block_hashes)
@@ -117,12 +126,15 @@ class SchedulerSide:
         if not reply.holders:
             return 0, False
         best = reply.holders[0]
-        end_tokens = (lookup.first_chunk + best.run) * self._chunk_tokens
+        covered = lookup.first_chunk + best.run
+        end_tokens = (lookup.prompt_tokens if covered > lookup.full_chunks
+                      else covered * self._chunk_tokens)
         external = end_tokens - num_computed_tokens
         if external <= 0:
             return 0, False
         self._planned[req_id] = _PlannedLoad(best.address, lookup.first_chunk,
-                                             lookup.keys[:best.run], num_computed_tokens)
+                                             lookup.keys[:best.run], num_computed_tokens,
+                                             end_tokens)
         self.counters.remote_hit_tokens += external
         logger.debug("p2pkv: %s remote hit of %d tokens at %s", req_id, external, best.address)
         return external, True
@@ -130,14 +142,21 @@ class SchedulerSide:
     def _start_lookup(self, request: Any, num_computed_tokens: int) -> _Lookup | None:
         if self._clock() < self._directory_down_until:
             return None
-        keys = chunk_keys(request.block_hashes, self._chunk_blocks)
+        prompt = request.prompt_token_ids
+        if prompt is None:  # prompt embeddings: full chunks only, named by block hashes
+            keys = chunk_keys(request.block_hashes, self._chunk_blocks)
+            prompt_tokens = len(keys) * self._chunk_tokens
+        else:
+            keys = prompt_keys(request.block_hashes, prompt, self._block_size,
+                               self._chunk_blocks, with_partial=True)
+            prompt_tokens = len(prompt)
         first = num_computed_tokens // self._chunk_tokens
         if first >= len(keys):
             return None
         self.counters.lookups += 1
         wanted = keys[first:]
         rid = self._directory.start_lookup(self._namespace, wanted, self._config.lookup_timeout_s)
-        return _Lookup(rid, first, wanted)
+        return _Lookup(rid, first, wanted, prompt_tokens // self._chunk_tokens, prompt_tokens)
 
     # -- allocation -> load plan ----------------------------------------------------------
 
@@ -147,10 +166,13 @@ class SchedulerSide:
         if planned is None or num_external_tokens <= 0:
             return
         local_blocks = planned.num_local_tokens // self._block_size
+        end_blocks = min(len(block_ids), -(-planned.end_tokens // self._block_size))
         chunks = []
         for i, key in enumerate(planned.keys):
             start = (planned.first_chunk + i) * self._chunk_blocks
-            ids = tuple(block_ids[b] if b >= local_blocks else None
+            # NOTE: a partial chunk's blocks past the prompt are None: the holder stored its
+            # chunk padded to full size, and those bytes are received and dropped.
+            ids = tuple(block_ids[b] if local_blocks <= b < end_blocks else None
                         for b in range(start, start + self._chunk_blocks))
             chunks.append(ChunkLoad(key, ids))
         self._pending_loads.append(LoadPlan(request.request_id, planned.address, tuple(chunks)))
@@ -177,7 +199,32 @@ class SchedulerSide:
             for req_id, computed in progress:
                 done = computed + scheduler_output.num_scheduled_tokens.get(req_id, 0)
                 meta.saves.extend(self._newly_complete(req_id, done, block_ids_of))
+                if self._save_partial:
+                    meta.saves.extend(self._partial_if_complete(req_id, done, block_ids_of))
         return meta
+
+    def _partial_if_complete(self, req_id: str, computed_tokens: int,
+                             block_ids_of: Callable[[str], list[int]]) -> list[SavePlan]:
+        """The prompt's partial chunk, once the whole prompt is computed (prefill role)."""
+        request = self._requests.get(req_id)
+        if request is None or req_id in self._partial_saved:
+            return []
+        prompt = request.prompt_token_ids
+        if prompt is None or computed_tokens < len(prompt):
+            return []
+        self._partial_saved.add(req_id)
+        key = partial_chunk_key(request.block_hashes, prompt, self._block_size,
+                                self._chunk_blocks)
+        if key is None:
+            return []
+        first = len(prompt) // self._chunk_tokens * self._chunk_blocks
+        ids = block_ids_of(req_id)[first:-(-len(prompt) // self._block_size)]
+        if not ids:
+            return []
+        # Padded to a whole chunk with its last block, so every stored chunk has one size.
+        ids = ids + [ids[-1]] * (self._chunk_blocks - len(ids))
+        self.counters.chunks_planned_for_save += 1
+        return [SavePlan(key, tuple(ids))]
 
     def _newly_complete(self, req_id: str, computed_tokens: int,
                         block_ids_of: Callable[[str], list[int]]) -> list[SavePlan]:
@@ -204,3 +251,4 @@ class SchedulerSide:
         self._planned.pop(req_id, None)
         self._saved_chunks.pop(req_id, None)
         self._loaded.discard(req_id)
+        self._partial_saved.discard(req_id)

@@ -78,9 +78,11 @@ class WorkerSide:
 
             self._saver = AsyncSaver(layout, self._store)
         address = self._transport.serve(self._store)
-        # NOTE: the physical block layout joins the hash probe: instances whose bytes would
-        # not copy exactly (another attention backend's layout) are refused by the directory.
-        probe = hashlib.sha256(f"{self._probe}/{layout.signature}".encode()).hexdigest()[:16]
+        # NOTE: the physical block layout joins the hash probe as "<seed probe>.<layout>":
+        # instances whose bytes would not copy exactly (another attention backend's layout)
+        # are refused by the directory like a hash-seed mismatch; the router compares the
+        # part before the dot (keys.seed_part) with the probe it computes itself.
+        probe = f"{self._probe}.{hashlib.sha256(layout.signature.encode()).hexdigest()[:8]}"
         self._directory.register(Registration(
             instance=self._instance, epoch=self._epoch, namespace=self._namespace,
             address=address, probe=probe,

@@ -1,0 +1,106 @@
+"""``p2pkv router``: argv to :class:`RouterConfig`, then serve on a socket bound here (port 0
+picks a free port; ``--ready-file`` receives the URL once it listens)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def _specs(values: list[str] | None):
+    from p2pkv.router.pool import InstanceSpec
+
+    out = []
+    for value in values or ():
+        out.extend(InstanceSpec.parse(v) for v in value.split(",") if v)
+    return tuple(out)
+
+
+def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("router", help="OpenAI-compatible KV-aware router and P/D proxy")
+    p.add_argument("--instances", action="append", metavar="ID=URL[,ID=URL]",
+                   help="instances to balance across (ID: the engine_id in its kv-transfer-config)")
+    p.add_argument("--prefill", action="append", metavar="ID=URL[,ID=URL]",
+                   help="prefill instances (kv_role kv_producer)")
+    p.add_argument("--decode", action="append", metavar="ID=URL[,ID=URL]",
+                   help="decode instances (kv_role kv_consumer)")
+    p.add_argument("--model", required=True, help="the model directory (for its tokenizer)")
+    p.add_argument("--directory", default=None,
+                   help="directory endpoint; without it the router balances by load only")
+    p.add_argument("--secret-file", default=os.environ.get("P2PKV_SECRET_FILE", ""))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--ready-file", type=Path, default=None)
+    p.add_argument("--block-size", type=int, default=128, help="the instances' block size")
+    p.add_argument("--chunk-tokens", type=int, default=128, help="the connector's chunk_tokens")
+    p.add_argument("--hash-algorithm", default="sha256",
+                   help="the instances' --prefix-caching-hash-algo")
+    p.add_argument("--tokens-per-request", type=int, default=1024,
+                   help="cached tokens one in-flight request beyond the slack is worth")
+    p.add_argument("--slack", type=int, default=2,
+                   help="extra in-flight requests a holder may have for free")
+    p.add_argument("--publish-wait-s", type=float, default=2.0)
+    p.add_argument("--health-interval-s", type=float, default=1.0)
+    p.add_argument("--request-timeout-s", type=float, default=600.0)
+    p.set_defaults(func=run_router)
+
+
+def run_router(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from p2pkv.router.app import Router, RouterConfig, build_app
+    from p2pkv.router.holdings import Holdings
+    from p2pkv.router.policy import Policy
+    from p2pkv.router.prompts import PromptKeyer
+    from p2pkv.secret import load_secret
+
+    config = RouterConfig(instances=_specs(args.instances), prefill=_specs(args.prefill),
+                          decode=_specs(args.decode),
+                          policy=Policy(args.tokens_per_request, args.slack),
+                          publish_wait_s=args.publish_wait_s,
+                          health_interval_s=args.health_interval_s,
+                          request_timeout_s=args.request_timeout_s)
+    keyer = PromptKeyer(args.model, block_size=args.block_size,
+                        chunk_tokens=args.chunk_tokens, hash_algorithm=args.hash_algorithm)
+    secret = load_secret(args.secret_file) if args.secret_file else None
+    holdings = Holdings(args.directory, secret=secret, probe=keyer.probe)
+    router = Router(config, keyer, holdings)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    sock.listen(1024)
+    url = f"http://{args.host}:{sock.getsockname()[1]}"
+    mode = ("%d prefill / %d decode" % (len(config.prefill), len(config.decode))
+            if config.disaggregated else "%d instances" % len(config.instances))
+    logger.info("p2pkv router on %s: %s, directory %s", url, mode, args.directory or "none")
+    server = uvicorn.Server(uvicorn.Config(build_app(router), log_level="warning",
+                                           access_log=False, timeout_graceful_shutdown=5))
+    if args.ready_file is not None:
+        # Written once the app's startup ran (the feed thread and health loop are going).
+        async def _announce() -> None:
+            import asyncio
+
+            while not server.started:
+                await asyncio.sleep(0.05)
+            args.ready_file.write_text(url)
+
+        _serve_and_announce(server, sock, _announce)
+    else:
+        server.run(sockets=[sock])
+    return 0
+
+
+def _serve_and_announce(server, sock: socket.socket, announce) -> None:
+    import asyncio
+
+    async def main() -> None:
+        task = asyncio.create_task(announce())
+        await server.serve(sockets=[sock])
+        task.cancel()
+
+    asyncio.run(main())

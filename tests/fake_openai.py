@@ -1,0 +1,61 @@
+"""A stand-in for a vLLM OpenAI server (router tests without vLLM): ``/health``,
+``/v1/models``, ``/v1/completions`` (streamed or not). Each answer names this server, so a
+test can tell where the router sent a request. Usage: fake_openai.py NAME READY_FILE."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+name, ready = sys.argv[1], Path(sys.argv[2])
+app = FastAPI()
+
+
+@app.get("/health")
+async def health():
+    return {}
+
+
+@app.get("/v1/models")
+async def models():
+    return {"object": "list", "data": [{"id": "model", "owned_by": name}]}
+
+
+@app.post("/v1/completions")
+async def completions(request: Request):
+    body = await request.json()
+    if body.get("stream"):
+        async def events():
+            for i in range(3):
+                chunk = {"choices": [{"index": 0, "text": f"{name}-{i} "}]}
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
+                await asyncio.sleep(0.01)
+            yield b"data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+    return JSONResponse({"choices": [{"index": 0, "text": name}],
+                         "max_tokens": body.get("max_tokens")})
+
+
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+sock.listen(64)
+server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+
+
+async def main():
+    async def announce():
+        while not server.started:
+            await asyncio.sleep(0.02)
+        ready.write_text(f"http://127.0.0.1:{sock.getsockname()[1]}")
+    task = asyncio.create_task(announce())
+    await server.serve(sockets=[sock])
+    task.cancel()
+
+asyncio.run(main())
