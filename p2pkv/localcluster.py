@@ -273,6 +273,16 @@ def complete(url: str, prompt: list[int] | str, *, max_tokens: int = 16,
     return _stream(url + "/v1/completions", body, lambda c: c.get("text") or "", timeout_s)
 
 
+def document_part(i: int, parts: int) -> str:
+    """Part ``i`` of ``parts`` equal slices of the bundled document (distinct documents for
+    tests and benches)."""
+    from importlib import resources
+
+    text = resources.files("p2pkv").joinpath("data", "document.txt").read_text()
+    n = len(text) // parts
+    return text[i * n:(i + 1) * n]
+
+
 def document_messages(document: str, question: str) -> list[dict[str, str]]:
     """A long-document QA prompt: the document first, so every question shares its prefix."""
     return [{"role": "system", "content": "Answer questions about the document below briefly."},

@@ -20,7 +20,7 @@ from p2pkv.directory import protocol
 from p2pkv.directory.cli import add_directory_parser, add_status_parser
 from p2pkv.directory.client import PENDING, DirectoryClient, RegState, Registration
 from p2pkv.directory.protocol import (
-    Error, LookupReply, Ok, Register, Report, Stats, StatsReply, Status, Unregister,
+    Error, LookupReply, Ok, Report, Stats, StatsReply, Status,
 )
 from p2pkv.keys import ChunkKey, InstanceId, Namespace
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import time
-from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 if os.environ.get("P2PKV_REQUIRE_E2E") != "1":
     pytest.importorskip("vllm", reason="vLLM is not installed (run scripts/setup.sh)")
 
+from p2pkv import localcluster  # noqa: E402
 from p2pkv.localcluster import (  # noqa: E402
     LocalCluster,
     chat,
@@ -33,9 +33,7 @@ MAX_TOKENS = 24
 
 
 def document_part(i: int, parts: int = 3) -> str:
-    text = resources.files("p2pkv").joinpath("data", "document.txt").read_text()
-    n = len(text) // parts
-    return text[i * n:(i + 1) * n]
+    return localcluster.document_part(i, parts)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import time
-from importlib import resources
 from pathlib import Path
 
 import httpx
@@ -24,15 +23,14 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 if os.environ.get("P2PKV_REQUIRE_E2E") != "1":
     pytest.importorskip("vllm", reason="vLLM is not installed (run scripts/setup.sh)")
 
+from p2pkv import localcluster  # noqa: E402
 from p2pkv.localcluster import LocalCluster, document_messages, wait_healthy  # noqa: E402
 
 MAX_TOKENS = 12
 
 
 def document_part(i: int, parts: int = 6) -> str:
-    text = resources.files("p2pkv").joinpath("data", "document.txt").read_text()
-    n = len(text) // parts
-    return text[i * n:(i + 1) * n]
+    return localcluster.document_part(i, parts)
 
 
 @pytest.fixture(scope="module")
