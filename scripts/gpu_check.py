@@ -300,6 +300,7 @@ def main() -> int:
     p.add_argument("--chunk-blocks", type=int, default=16)
     p.add_argument("--chunks", type=int, default=4)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--only", default="", help="comma-separated steps to run (default: all)")
     p.add_argument("--cpu", action="store_true",
                    help="smoke-test the script's flow on a CPU-only host (no GPU numbers)")
     args = p.parse_args()
@@ -323,6 +324,8 @@ def main() -> int:
     failed = False
     steps = [("limits", lambda: limits(args)), ("layouts", layouts),
              ("shm_phases", lambda: shm_phases(args)), ("pulls", lambda: pulls(args))]
+    if args.only:
+        steps = [st for st in steps if st[0] in args.only.split(",")]
     for name, step in steps[3:] if args.cpu else steps:
         try:
             step()

@@ -171,8 +171,7 @@ def make_transport(kind: str, *, bind_host: str, advertise_host: str | None = No
         from p2pkv.transport.ucx import UcxTransport
 
         try:
-            t = UcxTransport(cuda_device=cuda_device, host_over_ucx=choice.host_over_ucx,
-                             **tcp_args)
+            t = UcxTransport(host_over_ucx=choice.host_over_ucx, **tcp_args)
         except Exception as e:  # noqa: BLE001 - UCX failing to start must not stop auto
             if kind == "ucx":
                 raise ConfigError(f"transport 'ucx' failed to start: {e}") from e
