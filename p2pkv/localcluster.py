@@ -118,6 +118,12 @@ class LocalCluster:
         self.procs.append(proc)
         return proc
 
+    def start_process(self, name: str, argv: list[str], env: dict[str, str] | None = None
+                      ) -> Proc:
+        """Any other helper process (e.g. a comparison's cache server): logged to
+        ``workdir/NAME.log`` and stopped with the rest."""
+        return self._start(name, argv, env)
+
     def start_directory(self, timeout_s: float = 30.0) -> Proc:
         ready = self.workdir / "directory.endpoint"
         ready.unlink(missing_ok=True)
@@ -133,7 +139,8 @@ class LocalCluster:
 
     def start_vllm(self, name: str, *, max_model_len: int = 4096, kv_cache_gib: int = 1,
                    extra_config: dict[str, object] | None = None,
-                   extra_args: list[str] | None = None, connector: bool = True) -> Instance:
+                   extra_args: list[str] | None = None, connector: bool = True,
+                   extra_env: dict[str, str] | None = None) -> Instance:
         """A ``vllm serve`` CPU instance; ``connector=False`` makes it plain vLLM (baselines)."""
         port = free_port()
         kv = (["--kv-transfer-config", kv_transfer_config(self.directory, **(extra_config or {}))]
@@ -147,7 +154,7 @@ class LocalCluster:
                 *kv, *(extra_args or [])]
         env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "HF_HUB_OFFLINE": "1",
                "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-               "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
+               "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         proc = self._start(name, argv, env)
         return Instance(name, f"http://127.0.0.1:{port}", proc)
 
