@@ -1,8 +1,9 @@
 """``p2pkv bench correctness``: the correctness suite on a fresh local cluster.
 
-Starts a directory and two ``vllm serve`` CPU instances (the holder and the puller), runs the
-cases of :mod:`p2pkv.correctness` (``--full`` for all of them) and exits non-zero when any
-case fails.
+Starts a directory and two ``vllm serve`` CPU instances (the holder and the puller; with
+``--full``, also a puller with a tiny KV cache for the preemption case), runs the cases of
+:mod:`p2pkv.correctness` (``--full`` for all of them, ``--cases`` for some) and exits non-zero
+when any case fails.
 """
 
 from __future__ import annotations
