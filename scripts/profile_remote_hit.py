@@ -26,31 +26,40 @@ from p2pkv.bench.ttft import qa_requests
 from p2pkv.localcluster import LocalCluster, complete, wait_healthy
 from p2pkv.model import prepare
 
-# First match wins, tested against the whole stack (root to leaf, ';'-joined).
-CATEGORIES = [
-    ("pull: shm copy + digest into KV blocks", r"p2pkv/transport/(shm|staging)"),
-    ("pull: tcp / other transport", r"p2pkv/transport/"),
-    ("save: copy computed blocks out", r"p2pkv/vllm/.*\((save|copy_out)"),
-    ("lookup + scheduler side of the connector", r"p2pkv/(vllm/scheduler|directory)"),
+# The deepest frame that matches a rule names the sample (so a numpy copy inside a pull counts
+# as the pull, and a thread blocked in Event.wait counts as waiting).
+RULES = [
+    ("blocked (waits, polls, accept)",
+     r"Event\.wait|Condition\.wait|connection\.py.*wait|_accept_loop|selectors|\bpoll\b"),
+    ("vLLM engine<->worker IPC spin-wait", r"shm_broadcast"),
+    ("pull: transport (slab read / socket + digest)", r"p2pkv/transport/"),
+    ("pull: destination views (KVLayout)", r"p2pkv/vllm/layout"),
+    ("save: copy computed blocks out", r"p2pkv/vllm/worker\.py.*\b(save|copy_out)"),
+    ("lookup (scheduler side, directory client)", r"p2pkv/(vllm/scheduler|directory)"),
     ("connector, other", r"p2pkv/"),
-    ("model forward (prefill of the tail + decode)", r"model_executor|forward"),
-    ("vLLM scheduler / engine loop", r"vllm/v1/(core|engine)"),
-    ("API server, tokenizer, detokenizer", r"entrypoints|tokeniz|detokeniz|uvicorn|fastapi"),
+    ("model forward", r"model_executor|attn|_custom_ops|vllm/ir/"),
+    ("vLLM scheduler", r"vllm/v1/core"),
+    ("vLLM engine / worker loop", r"vllm/v1/(engine|executor|worker)"),
+    ("API server (HTTP, tokenizer, detokenizer)", r"entrypoints|uvloop|tokeniz|detokeniz"),
 ]
 
 
 def categorize(stack: str) -> str:
-    for name, pattern in CATEGORIES:
-        if re.search(pattern, stack):
-            return name
+    """``stack``: one py-spy raw line's frames, root first, ';'-separated."""
+    frames = [f for f in stack.split(";") if not f.startswith(("process ", "thread "))]
+    for frame in reversed(frames):
+        for name, pattern in RULES:
+            if re.search(pattern, frame):
+                return name
     return "other"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--docs", type=int, default=5)
+    parser.add_argument("--docs", type=int, default=6,
+                        help="half answered without py-spy (baseline TTFT), half with")
     parser.add_argument("--length", type=int, default=3000)
-    parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     parser.add_argument("--settle-s", type=float, default=1.5)
     parser.add_argument("--out", type=Path, default=Path(".p2pkv-run/profile"))
     args = parser.parse_args()
@@ -63,45 +72,49 @@ def main() -> int:
                        lambda t: tok(t, add_special_tokens=False)["input_ids"])
     firsts = [r for r in reqs if r.step == 0]
     remotes = [r for r in reqs if r.step == 1]
+    half = len(remotes) // 2
     raw = args.out / "remote-hit.pyspy.txt"
     with LocalCluster(args.out, model) as cluster:
         cluster.start_directory()
-        insts = [cluster.start_vllm(f"inst-{i}") for i in range(2)]
-        wait_healthy(insts, timeout_s=600)
+        holder, puller = (cluster.start_vllm(f"inst-{i}") for i in range(2))
+        wait_healthy([holder, puller], timeout_s=600)
         for r in firsts:
-            complete(insts[r.instance].url, list(r.prompt), max_tokens=1)
-        # NOTE: the puller of step 1 is the other instance than step 0's, per document.
-        ttfts = []
-        spies = {i: subprocess.Popen(
-            [pyspy, "record", "-p", str(insts[i].proc.popen.pid), "--subprocesses",
+            complete(holder.url, list(r.prompt), max_tokens=1)
+
+        def ask(reqs: list) -> list[float]:
+            out = []
+            for r in reqs:
+                time.sleep(args.settle_s)
+                out.append(complete(puller.url, list(r.prompt), max_tokens=1).ttft_s)
+            return out
+
+        baseline = ask(remotes[:half])
+        spy = subprocess.Popen(
+            [pyspy, "record", "-p", str(puller.proc.popen.pid), "--subprocesses",
              "--nonblocking", "--threads", "--rate", str(args.rate), "--format", "raw",
-             "-o", str(raw.with_suffix(f".{i}.txt"))],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT) for i in range(2)}
-        time.sleep(2.0)  # py-spy attaches
-        for r in remotes:
-            time.sleep(args.settle_s)
-            ttfts.append(complete(insts[r.instance].url, list(r.prompt), max_tokens=1).ttft_s)
-        for spy in spies.values():
-            spy.send_signal(signal.SIGINT)
-        for spy in spies.values():
-            spy.wait(timeout=60)
-        pulls = [float(m) for i in range(2) for m in re.findall(
-            r"p2pkv: pulled \d+/\d+ chunks .* in ([\d.]+) ms", insts[i].proc.log.read_text())]
+             "-o", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        time.sleep(3.0)  # py-spy attaches
+        ttfts = ask(remotes[half:])
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
+        pulls = [float(m) for m in re.findall(r"p2pkv: pulled \d+/\d+ chunks .* in ([\d.]+) ms",
+                                              puller.proc.log.read_text())]
     by_cat: collections.Counter[str] = collections.Counter()
-    for i in range(2):
-        path = raw.with_suffix(f".{i}.txt")
-        for line in path.read_text().splitlines() if path.exists() else ():
-            stack, _, count = line.rpartition(" ")
-            by_cat[categorize(stack)] += int(count)
+    for line in raw.read_text().splitlines() if raw.exists() else ():
+        stack, _, count = line.rpartition(" ")
+        by_cat[categorize(stack)] += int(count)
     ms = 1000.0 / args.rate
-    print(f"remote hits: {len(ttfts)}, TTFT p50 {sorted(ttfts)[len(ttfts) // 2]:.3f} s "
-          f"(all: {', '.join(f'{t:.3f}' for t in ttfts)})")
-    print(f"connector pull times (ms): {', '.join(f'{p:.1f}' for p in pulls)}")
-    total = sum(ttfts) * 1000
-    print(f"sampled CPU time on the pullers during {len(ttfts)} hits "
-          f"(sum of TTFTs {total:.0f} ms; threads run in parallel):")
+
+    def fmt(ts: list[float]) -> str:
+        return f"p50 {sorted(ts)[len(ts) // 2]:.3f} s ({', '.join(f'{t:.3f}' for t in ts)})"
+
+    print(f"remote-hit TTFT without py-spy: {fmt(baseline)}")
+    print(f"remote-hit TTFT with py-spy:    {fmt(ttfts)}")
+    print(f"connector pull times (ms), in order: {', '.join(f'{p:.1f}' for p in pulls)}")
+    print(f"sampled time in the puller's processes per profiled hit, all threads "
+          f"(settle gaps included; {args.rate} Hz):")
     for name, n in by_cat.most_common():
-        print(f"  {name:<48} {n * ms / len(ttfts):8.1f} ms per hit")
+        print(f"  {name:<48} {n * ms / len(ttfts):8.1f} ms")
     return 0
 
 
