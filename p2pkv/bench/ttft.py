@@ -296,7 +296,7 @@ def _report(results: dict, out: Path) -> None:
               + (f", {g['cold_over_remote']:.1f}x faster than a cold prefill (goal >= 30x)"
                  if "cold_over_remote" in g else ""))
         for name in names:
-            if f"{name}_remote_s" in g:
+            if name != "p2pkv" and f"{name}_remote_s" in g:
                 print(f"  {name} remote hit {g[f'{name}_remote_s']:.3f} s "
                       f"({g[f'{name}_remote_s'] / g['p2pkv_remote_s']:.1f}x p2pkv's)")
     print(f"wrote {out}")
