@@ -82,3 +82,8 @@ def test_preemption_case_prompts_are_distinct_and_end_before_a_block_boundary():
     starts = [case.offset + i * case.distinct_stride for i in range(case.concurrent)]
     assert len(set(starts)) == case.concurrent
     assert starts[-1] + case.num_tokens < 3500  # the bundled document has ~3,560 tokens
+
+
+def test_goals_need_a_local_hit_row():
+    records = [r for r in _records("p2pkv", 0.5, 0.45, 9.0) if r.step < 2]
+    assert goals({"p2pkv": summarize(records, {"busy_s": 1.0})}) == {}

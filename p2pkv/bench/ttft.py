@@ -260,7 +260,9 @@ def goals(configs: dict) -> dict:
     longest = max((int(r.split("/")[1]) for r in p if r.startswith("qa/")), default=None)
     if longest is None:
         return {}
-    other, same = p[f"qa/{longest}/other"], p[f"qa/{longest}/same"]
+    other, same = p.get(f"qa/{longest}/other"), p.get(f"qa/{longest}/same")
+    if other is None or same is None:
+        return {}  # fewer than three questions per document
     out: dict = {"length": longest, "p2pkv_remote_s": other,
                  "remote_over_local_hit": other / same}
     if "plain" in configs:
