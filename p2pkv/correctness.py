@@ -31,6 +31,12 @@ class Case:
     puller_salt: str | None = None
     concurrent: int = 1
     expect_pull: bool = True
+    distinct_stride: int = 0
+    """Non-zero: concurrent request ``i`` has its own prompt, starting ``i * distinct_stride``
+    tokens after ``offset`` (no shared blocks); zero: they all send the same prompt."""
+    small_cache: bool = False
+    """Pull into the puller with a tiny KV cache, so that the concurrent requests preempt each
+    other; the case fails unless vLLM preempted at least one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +54,10 @@ class Endpoints:
     puller: str
     chunks_pulled: Callable[[], int]
     settle: Callable[[], None] = field(default=lambda: None)
+    small_puller: str = ""
+    """A puller with a tiny KV cache, for ``small_cache`` cases (empty: they fail)."""
+    preemptions: Callable[[], int] = field(default=lambda: 0)
+    """How many requests the small puller has preempted so far."""
 
 
 def small_cases(block: int = 128) -> list[Case]:
@@ -71,6 +81,7 @@ def full_cases(block: int = 128) -> list[Case]:
         Case("exactly-one-chunk", block, offset=3000),
         Case("one-chunk-plus-one", block + 1, offset=3100),
         Case("concurrent-x12", 6 * block + 77, offset=1500, concurrent=12),
+        *preemption_cases(block),
     ]
 
 
@@ -89,6 +100,20 @@ def pd_cases(block: int = 128) -> list[Case]:
     ]
 
 
+def preemption_cases(block: int = 128) -> list[Case]:
+    """Eight different prompts that end 4 tokens before a block boundary, at once, into a
+    puller with ~23 usable blocks: about four fit, and their decodes need one more block each,
+    so vLLM preempts running requests (and a preempted request's KV is looked up, pulled or
+    recomputed again when it resumes)."""
+    return [Case("preempted-x8", 5 * block - 4, offset=200, concurrent=8, distinct_stride=97,
+                 small_cache=True)]
+
+
+SMALL_CACHE_BLOCKS = 24
+"""``--num-gpu-blocks-override`` for the small puller (one block is vLLM's null block)."""
+SMALL_CACHE_MAX_MODEL_LEN = 2048
+
+
 def complete(url: str, prompt: Sequence[int], salt: str | None, timeout_s: float = 600.0
              ) -> str:
     body: dict = {"model": "model", "prompt": list(prompt), "max_tokens": MAX_TOKENS,
@@ -101,26 +126,38 @@ def complete(url: str, prompt: Sequence[int], salt: str | None, timeout_s: float
 
 
 def run_case(case: Case, tokens: Sequence[int], ep: Endpoints) -> CaseResult:
-    prompt = list(tokens[case.offset:case.offset + case.num_tokens])
-    if len(prompt) != case.num_tokens:
+    starts = [case.offset + i * case.distinct_stride for i in range(case.concurrent)]
+    prompts = [list(tokens[s:s + case.num_tokens]) for s in starts]
+    if any(len(p) != case.num_tokens for p in prompts):
         return CaseResult(case, False, f"token source too short for {case.num_tokens} tokens")
+    puller = ep.small_puller if case.small_cache else ep.puller
+    if not puller:
+        return CaseResult(case, False, "no puller with a small KV cache was started")
+    references: dict[int, str] = {}
     ep.settle()
-    complete(ep.holder, prompt, case.holder_salt)  # the holder computes, saves, publishes
-    reference = complete(ep.holder, prompt, case.holder_salt)  # from its own prefix cache
-    before = ep.chunks_pulled()
+    for start, prompt in zip(starts, prompts):
+        if start not in references:
+            complete(ep.holder, prompt, case.holder_salt)  # computes, saves, publishes
+            references[start] = complete(ep.holder, prompt, case.holder_salt)  # own cache
+    before, preempted_before = ep.chunks_pulled(), ep.preemptions()
     ep.settle()
     with concurrent.futures.ThreadPoolExecutor(case.concurrent) as pool:
-        outputs = list(pool.map(lambda _: complete(ep.puller, prompt, case.puller_salt),
-                                range(case.concurrent)))
+        outputs = list(pool.map(lambda p: complete(puller, p, case.puller_salt), prompts))
     pulled = _pulled_since(ep, before, case.expect_pull)
-    wrong = [o for o in outputs if o != reference]
+    wrong = [(o, references[s]) for s, o in zip(starts, outputs) if o != references[s]]
     if wrong:
-        return CaseResult(case, False, f"puller said {wrong[0]!r}, holder said {reference!r}")
+        return CaseResult(case, False, f"puller said {wrong[0][0]!r}, holder said {wrong[0][1]!r}")
     if case.expect_pull and pulled == 0:
         return CaseResult(case, False, "no chunk was pulled")
     if not case.expect_pull and pulled:
         return CaseResult(case, False, f"{pulled} chunks were pulled where none may be")
-    return CaseResult(case, True, f"identical output, {pulled} chunks pulled")
+    detail = f"identical output, {pulled} chunks pulled"
+    if case.small_cache:
+        preempted = ep.preemptions() - preempted_before
+        if not preempted:
+            return CaseResult(case, False, f"{detail}, but vLLM preempted nothing")
+        detail += f", {preempted} preemptions"
+    return CaseResult(case, True, detail)
 
 
 def _pulled_since(ep: Endpoints, before: int, expect: bool, timeout_s: float = 5.0) -> int:

@@ -122,6 +122,12 @@ class LocalCluster:
         self.procs.append(proc)
         return proc
 
+    def start_process(self, name: str, argv: list[str], env: dict[str, str] | None = None
+                      ) -> Proc:
+        """Any other helper process (e.g. a comparison's cache server): logged to
+        ``workdir/NAME.log`` and stopped with the rest."""
+        return self._start(name, argv, env)
+
     def start_directory(self, timeout_s: float = 30.0) -> Proc:
         ready = self.workdir / "directory.endpoint"
         ready.unlink(missing_ok=True)
@@ -138,7 +144,8 @@ class LocalCluster:
     def start_vllm(self, name: str, *, max_model_len: int = 4096, kv_cache_gib: int = 1,
                    extra_config: dict[str, object] | None = None,
                    extra_args: list[str] | None = None, connector: bool = True,
-                   kv_role: str = "kv_both") -> Instance:
+                   kv_role: str = "kv_both", extra_env: dict[str, str] | None = None
+                   ) -> Instance:
         """A ``vllm serve`` CPU instance; ``connector=False`` makes it plain vLLM (baselines).
         Its connector registers under ``name`` (its engine_id), which a router refers to."""
         port = free_port()
@@ -154,7 +161,7 @@ class LocalCluster:
                 *kv, *(extra_args or [])]
         env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "HF_HUB_OFFLINE": "1",
                "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-               "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
+               "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         proc = self._start(name, argv, env)
         return Instance(name, f"http://127.0.0.1:{port}", proc)
 

@@ -9,29 +9,53 @@ Two workloads, the same requests for every configuration:
 - *Multi-round chat*: ``--users`` conversations of ``--rounds`` turns; each turn lands on the
   other instance than the one before.
 
+``--repeats`` runs the whole workload that many times with new documents and conversations, so
+every row has that many samples (p50 and p90 reported).
+
 Configurations (two ``vllm serve`` CPU instances each, started one configuration at a time so
 they never compete for the cores): ``plain`` (vLLM, no prefix caching), ``local`` (vLLM's own
-prefix cache), ``p2pkv`` (the connector). LMCache is compared only where it is installed
-(not yet wired: reported as skipped). Writes JSON and, with matplotlib, a PNG plot.
+prefix cache), ``p2pkv`` (the connector, same-host shared memory), ``p2pkv-tcp`` (the connector
+over TCP), and, only where LMCache is installed (:mod:`p2pkv.bench.lmcache`), ``lmcache``
+(LMCache's multiprocess server over TCP) and ``lmcache-shm`` (its same-host shared-memory mode).
+Writes JSON and, with matplotlib, a PNG plot.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from p2pkv.bench import lmcache
 from p2pkv.bench.correctness import document_tokens
-from p2pkv.localcluster import LocalCluster, complete, wait_healthy
+from p2pkv.localcluster import Instance, LocalCluster, complete, wait_healthy
 
-CONFIGS: dict[str, dict] = {
-    "plain": {"connector": False, "extra_args": ["--no-enable-prefix-caching"]},
-    "local": {"connector": False},
-    "p2pkv": {"connector": True},
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """How one configuration's two instances are started."""
+
+    prefix_caching: bool = True
+    connector: bool = False
+    """p2pkv's connector (and a directory)."""
+    transport: str = "auto"
+    """p2pkv's data plane (``auto`` is shared memory on one host)."""
+    lmcache: str = ""
+    """LMCache's mode (:data:`p2pkv.bench.lmcache.MODES`); empty: no LMCache."""
+
+
+CONFIGS: dict[str, Config] = {
+    "plain": Config(prefix_caching=False),
+    "local": Config(),
+    "p2pkv": Config(connector=True),
+    "p2pkv-tcp": Config(connector=True, transport="tcp"),
+    "lmcache": Config(lmcache="tcp"),
+    "lmcache-shm": Config(lmcache="shm"),
 }
 
 
@@ -57,6 +81,11 @@ class Record:
     total_s: float
 
 
+def _rotated(tokens: list[int], shift: int) -> list[int]:
+    shift %= len(tokens)
+    return tokens[shift:] + tokens[:shift]
+
+
 def qa_requests(tokens: list[int], lengths: list[int], docs: int, questions: int,
                 tokenize) -> list[Request]:
     asks = ["Who founded the cooperative?", "When was the lighthouse first lit?",
@@ -65,8 +94,7 @@ def qa_requests(tokens: list[int], lengths: list[int], docs: int, questions: int
     out = []
     for length in lengths:
         for d in range(docs):
-            shift = (d * 701 + length) % len(tokens)
-            doc = (tokens[shift:] + tokens[:shift])[:length]
+            doc = _rotated(tokens, d * 701 + length)[:length]
             for q in range(questions):
                 suffix = tokenize(f"\n\nQuestion: {asks[q % len(asks)]}\nAnswer:")
                 out.append(Request("qa", d + 100 * length, q, length, (d + q) % 2,
@@ -77,7 +105,7 @@ def qa_requests(tokens: list[int], lengths: list[int], docs: int, questions: int
 def chat_requests(tokens: list[int], users: int, rounds: int, tokenize) -> list[Request]:
     out = []
     for u in range(users):
-        history = tokens[u * 900:u * 900 + 800]
+        history = _rotated(tokens, u * 977)[:800]
         for r in range(rounds):
             history = history + tokenize(f"\nUser: tell me more about part {r + 1}.\nAssistant:")
             out.append(Request("chat", u, r, len(history), (u + r) % 2, tuple(history)))
@@ -85,12 +113,24 @@ def chat_requests(tokens: list[int], users: int, rounds: int, tokenize) -> list[
     return out
 
 
+def start_instances(cluster: LocalCluster, name: str) -> list[Instance]:
+    config = CONFIGS[name]
+    args = [] if config.prefix_caching else ["--no-enable-prefix-caching"]
+    env: dict[str, str] = {}
+    if config.connector:
+        cluster.start_directory()
+    if config.lmcache:
+        args += lmcache.start_server(cluster, config.lmcache).vllm_args()
+        env = lmcache.ENV
+    return [cluster.start_vllm(f"{name}-{i}", connector=config.connector, extra_args=args,
+                               extra_config={"transport": config.transport}, extra_env=env)
+            for i in range(2)]
+
+
 def run_config(name: str, requests: list[Request], model: Path, workdir: Path,
                settle_s: float, progress) -> tuple[list[Record], dict]:
     with LocalCluster(workdir / name, model) as cluster:
-        if CONFIGS[name]["connector"]:
-            cluster.start_directory()
-        insts = [cluster.start_vllm(f"{name}-{i}", **CONFIGS[name]) for i in range(2)]
+        insts = start_instances(cluster, name)
         wait_healthy(insts, timeout_s=600)
         progress(0)
         records = []
@@ -102,7 +142,7 @@ def run_config(name: str, requests: list[Request], model: Path, workdir: Path,
                                   req.instance, c.ttft_s, c.total_s))
             progress(1)
         wall = time.monotonic() - t0 - settle_s * len(requests)
-        counters = cluster.counter_totals() if CONFIGS[name]["connector"] else {}
+        counters = cluster.counter_totals() if CONFIGS[name].connector else {}
     return records, {"busy_s": wall, **counters}
 
 
@@ -132,7 +172,9 @@ def summarize(records: list[Record], extra: dict) -> dict:
         "ttft_p90_s": _pct([r.ttft_s for r in records], 0.9),
         "latency_p50_s": _pct([r.total_s for r in records], 0.5),
         "throughput_req_s": len(records) / max(extra.get("busy_s", 0.0), 1e-9),
+        "samples_by_row": {k: len(v) for k, v in sorted(rows.items())},
         "ttft_p50_by_row_s": {k: _pct(v, 0.5) for k, v in sorted(rows.items())},
+        "ttft_p90_by_row_s": {k: _pct(v, 0.9) for k, v in sorted(rows.items())},
         **{k: extra[k] for k in ("bytes_pulled", "chunks_pulled", "chunks_failed")
            if k in extra},
     }
@@ -145,7 +187,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--questions", type=int, default=3)
     parser.add_argument("--users", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--configs", default="plain,local,p2pkv")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="run the workload this many times with new documents and "
+                             "conversations (samples per row)")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help="comma-separated; the lmcache ones run only where LMCache is "
+                             "installed")
     parser.add_argument("--settle-s", type=float, default=1.5)
     parser.add_argument("--out", type=Path, default=Path("docs/bench/ttft.json"))
     parser.add_argument("--workdir", type=Path, default=Path(".p2pkv-run/bench-ttft"))
@@ -164,15 +211,22 @@ def main(args: argparse.Namespace) -> int:
         return tok(text, add_special_tokens=False)["input_ids"]
 
     tokens = document_tokens(model)
-    requests = (qa_requests(tokens, [int(x) for x in args.lengths.split(",")], args.docs,
-                            args.questions, tokenize)
-                + chat_requests(tokens, args.users, args.rounds, tokenize))
+    requests = (qa_requests(tokens, [int(x) for x in args.lengths.split(",")],
+                            args.docs * args.repeats, args.questions, tokenize)
+                + chat_requests(tokens, args.users * args.repeats, args.rounds, tokenize))
     configs = [c for c in args.configs.split(",") if c]
-    if importlib.util.find_spec("lmcache") is None:
-        print("lmcache: not installed; its comparison is skipped")
-    else:
-        print("lmcache: installed, but its configuration is not wired into this bench yet")
-    results: dict = {"requests_per_config": len(requests), "configs": {}, "records": []}
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown:
+        raise SystemExit(f"unknown configs {unknown}; known: {list(CONFIGS)}")
+    if not lmcache.installed():
+        skipped = [c for c in configs if CONFIGS[c].lmcache]
+        configs = [c for c in configs if not CONFIGS[c].lmcache]
+        if skipped:
+            print(f"lmcache: not installed; {', '.join(skipped)} skipped")
+    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "argv": sys.argv[1:],
+                     "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()[0],
+                     "repeats": args.repeats, "requests_per_config": len(requests),
+                     "configs": {}, "records": []}
     with tqdm(total=len(requests) * len(configs), desc="requests", unit="req") as bar:
         for name in configs:
             bar.set_postfix_str(f"{name}: starting instances")
@@ -188,34 +242,65 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _table(configs: dict, key: str, title: str) -> None:
+    names = list(configs)
+    rows = next(iter(configs.values()))[key]
+    print(title)
+    print(f"{'row':<18}{'n':>4}" + "".join(f"{n:>13}" for n in names))
+    for row in rows:
+        n = next(iter(configs.values()))["samples_by_row"][row]
+        print(f"{row:<18}{n:>4}" + "".join(f"{configs[c][key][row]:>13.3f}" for c in names))
+
+
+def goals(configs: dict) -> dict:
+    """Issue 6's goals at the longest document length, from the p50 rows: p2pkv's remote hit
+    against its own local hit, a cold prefill (plain vLLM asked the same question), and each
+    LMCache mode's remote hit."""
+    p = configs.get("p2pkv", {}).get("ttft_p50_by_row_s", {})
+    longest = max((int(r.split("/")[1]) for r in p if r.startswith("qa/")), default=None)
+    if longest is None:
+        return {}
+    other, same = p.get(f"qa/{longest}/other"), p.get(f"qa/{longest}/same")
+    if other is None or same is None:
+        return {}  # fewer than three questions per document
+    out: dict = {"length": longest, "p2pkv_remote_s": other,
+                 "remote_over_local_hit": other / same}
+    if "plain" in configs:
+        cold = configs["plain"]["ttft_p50_by_row_s"][f"qa/{longest}/other"]
+        out["cold_over_remote"] = cold / other
+    for name, c in configs.items():
+        if name != "p2pkv" and name.startswith(("lmcache", "p2pkv")):
+            out[f"{name}_remote_s"] = c["ttft_p50_by_row_s"][f"qa/{longest}/other"]
+    return out
+
+
 def _report(results: dict, out: Path) -> None:
+    configs = results["configs"]
+    results["goals"] = goals(configs)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
-    configs = results["configs"]
     names = list(configs)
-    print("TTFT p50 (s) by workload/length/kind "
-          "(first = new prefix, other = last computed on the other instance, same = on this one)")
-    print(f"{'row':<22}" + "".join(f"{n:>10}" for n in names))
-    for row in next(iter(configs.values()))["ttft_p50_by_row_s"]:
-        print(f"{row:<22}" + "".join(f"{configs[n]['ttft_p50_by_row_s'][row]:>10.3f}"
-                                      for n in names))
-    print(f"{'all: TTFT p50':<22}" + "".join(f"{configs[n]['ttft_p50_s']:>10.3f}" for n in names))
-    print(f"{'all: TTFT p90':<22}" + "".join(f"{configs[n]['ttft_p90_s']:>10.3f}" for n in names))
-    print(f"{'all: latency p50':<22}"
-          + "".join(f"{configs[n]['latency_p50_s']:>10.3f}" for n in names))
-    print(f"{'throughput req/s':<22}"
-          + "".join(f"{configs[n]['throughput_req_s']:>10.3f}" for n in names))
-    print(f"{'MB pulled':<22}"
-          + "".join(f"{configs[n].get('bytes_pulled', 0) / 1e6:>10.1f}" for n in names))
-    if "p2pkv" in configs:
-        p = configs["p2pkv"]["ttft_p50_by_row_s"]
-        for row in p:
-            if row.endswith("/other"):
-                for base in ("plain", "local"):
-                    if base in configs:
-                        b = configs[base]["ttft_p50_by_row_s"][row]
-                        print(f"{row}: p2pkv {p[row]:.3f} s vs {base} {b:.3f} s "
-                              f"({b / p[row]:.1f}x faster)")
+    legend = ("(first = new prefix, other = last computed on the other instance, "
+              "same = on this one; n = samples per row)")
+    _table(configs, "ttft_p50_by_row_s", f"TTFT p50 (s) by workload/length/kind {legend}")
+    _table(configs, "ttft_p90_by_row_s", "TTFT p90 (s)")
+    for label, key, scale in (("all: TTFT p50", "ttft_p50_s", 1),
+                              ("all: TTFT p90", "ttft_p90_s", 1),
+                              ("all: latency p50", "latency_p50_s", 1),
+                              ("throughput req/s", "throughput_req_s", 1),
+                              ("MB pulled", "bytes_pulled", 1e-6)):
+        print(f"{label:<22}" + "".join(f"{configs[n].get(key, 0) * scale:>13.3f}"
+                                        for n in names))
+    g = results["goals"]
+    if g:
+        print(f"goals at {g['length']} tokens: p2pkv remote hit {g['p2pkv_remote_s']:.3f} s = "
+              f"{g['remote_over_local_hit']:.2f}x its local hit (goal <= 1.3x)"
+              + (f", {g['cold_over_remote']:.1f}x faster than a cold prefill (goal >= 30x)"
+                 if "cold_over_remote" in g else ""))
+        for name in names:
+            if name != "p2pkv" and f"{name}_remote_s" in g:
+                print(f"  {name} remote hit {g[f'{name}_remote_s']:.3f} s "
+                      f"({g[f'{name}_remote_s'] / g['p2pkv_remote_s']:.1f}x p2pkv's)")
     print(f"wrote {out}")
     _plot(results, out.with_suffix(".png"))
 

@@ -1,0 +1,89 @@
+"""``p2pkv bench ttft`` without vLLM: the request plan, the per-row statistics, the goals, and
+the LMCache comparison's instance arguments."""
+
+from __future__ import annotations
+
+import json
+
+from p2pkv.bench import lmcache
+from p2pkv.bench.ttft import CONFIGS, Record, chat_requests, goals, kind, qa_requests, summarize
+from p2pkv.correctness import full_cases, preemption_cases
+
+
+def tokenize(text: str) -> list[int]:
+    return [ord(c) for c in text]
+
+
+TOKENS = list(range(5000, 8600))
+
+
+def test_qa_plan_alternates_instances_and_gives_each_doc_its_own_prefix():
+    reqs = qa_requests(TOKENS, [1000, 3000], docs=3, questions=3, tokenize=tokenize)
+    assert len(reqs) == 2 * 3 * 3
+    for r in reqs:
+        assert r.instance == (r.group % 100 + r.step) % 2
+    firsts = [r.prompt[:128] for r in reqs if r.step == 0]
+    assert len(set(firsts)) == len(firsts)  # no two documents share a first block
+    doc = [r for r in reqs if r.group == reqs[0].group]
+    assert all(r.prompt[:1000] == doc[0].prompt[:1000] for r in doc)
+
+
+def test_chat_plan_wraps_the_token_source_for_many_users():
+    reqs = chat_requests(TOKENS, users=6, rounds=3, tokenize=tokenize)
+    assert len(reqs) == 18
+    assert len({r.prompt[:800] for r in reqs if r.step == 0}) == 6
+    for a, b in zip(reqs, reqs[1:]):
+        if a.group == b.group:
+            assert b.prompt[:len(a.prompt)] == a.prompt and b.instance != a.instance
+
+
+def _records(config: str, other: float, same: float, first: float) -> list[Record]:
+    out = []
+    for g in range(3):
+        for step, t in enumerate((first, other, same)):
+            out.append(Record(config, "qa", g, step, 3000, (g + step) % 2, t + g * 0.01, t))
+    return out
+
+
+def test_summary_rows_have_samples_p50_p90_and_goals():
+    configs = {
+        "plain": summarize(_records("plain", 20.0, 20.0, 20.0), {"busy_s": 60.0}),
+        "p2pkv": summarize(_records("p2pkv", 0.5, 0.45, 9.0), {"busy_s": 10.0}),
+        "lmcache": summarize(_records("lmcache", 1.5, 0.45, 9.0), {"busy_s": 12.0}),
+    }
+    p = configs["p2pkv"]
+    assert p["samples_by_row"] == {"qa/3000/first": 3, "qa/3000/other": 3, "qa/3000/same": 3}
+    assert p["ttft_p50_by_row_s"]["qa/3000/other"] == 0.51
+    assert p["ttft_p90_by_row_s"]["qa/3000/other"] == 0.52
+    g = goals(configs)
+    assert g["length"] == 3000
+    assert abs(g["remote_over_local_hit"] - 0.51 / 0.46) < 1e-9
+    assert abs(g["cold_over_remote"] - 20.01 / 0.51) < 1e-9
+    assert g["lmcache_remote_s"] == 1.51
+    assert kind(Record("x", "chat", 0, 2, 900, 0, 0, 0)) == "other"
+
+
+def test_lmcache_configs_and_transfer_config():
+    assert {n for n, c in CONFIGS.items() if c.lmcache} == {"lmcache", "lmcache-shm"}
+    tcp = json.loads(lmcache.LMCacheServer(5555, "tcp").kv_transfer_config())
+    assert tcp["kv_connector"] == "LMCacheMPConnector"
+    assert tcp["kv_connector_extra_config"] == {"lmcache.mp.host": "tcp://127.0.0.1",
+                                                "lmcache.mp.port": 5555}
+    shm = lmcache.LMCacheServer(5555, "shm").vllm_args()
+    assert shm[0] == "--kv-transfer-config"
+    assert json.loads(shm[1])["kv_connector_extra_config"]["lmcache.mp.mp_transfer_mode"] == \
+        "lmcache_driven"
+
+
+def test_preemption_case_prompts_are_distinct_and_end_before_a_block_boundary():
+    (case,) = preemption_cases(128)
+    assert case in full_cases(128) and case.small_cache
+    assert case.num_tokens % 128 == 124
+    starts = [case.offset + i * case.distinct_stride for i in range(case.concurrent)]
+    assert len(set(starts)) == case.concurrent
+    assert starts[-1] + case.num_tokens < 3500  # the bundled document has ~3,560 tokens
+
+
+def test_goals_need_a_local_hit_row():
+    records = [r for r in _records("p2pkv", 0.5, 0.45, 9.0) if r.step < 2]
+    assert goals({"p2pkv": summarize(records, {"busy_s": 1.0})}) == {}
