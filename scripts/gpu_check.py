@@ -47,7 +47,7 @@ def make_cache(args, seed: int | None, device):
     """Per-layer caches: logical [blocks, H, N, C] views of NHD memory [blocks, N, H, C]."""
     import torch
 
-    g = torch.Generator(device=device if device != "cpu" else "cpu")
+    g = torch.Generator(device=device)
     caches = {}
     for i in range(args.layers):
         raw = torch.empty(args.blocks, args.block_size, args.heads, 2 * args.head_size,

@@ -24,7 +24,7 @@ from p2pkv.doctor.report import PeerCheck
 from p2pkv.errors import DeadlineExceeded, TransportError
 from p2pkv.secret import ClusterSecret
 from p2pkv.transport import wire
-from p2pkv.transport.base import TransportChoice
+from p2pkv.transport.base import TransportChoice, pulls_over_ucx
 from p2pkv.transport.shm import open_peer_slab
 from p2pkv.transport.sockio import parse_address
 from p2pkv.transport.tcp import connect_peer
@@ -172,13 +172,15 @@ def check_peer(info: InstanceInfo, key: bytes | None, choice: TransportChoice,
             path, why = "shm", "same host: its slab maps here"
         else:
             path, why = "tcp", reason
-    if choice.ucx:  # the same rule as UcxTransport._pull_on
-        if not peer_info.ucx_address:
-            why += "; it offers no UCX, so pulls into GPU memory stage through pinned memory"
-        elif choice.host_over_ucx and path != "shm":
+    if choice.ucx:
+        rule = dict(peer_offers_ucx=bool(peer_info.ucx_address),
+                    host_over_ucx=choice.host_over_ucx, slab_mapped=path == "shm")
+        if pulls_over_ucx(to_gpu=False, **rule):
             path, why = "ucx", f"it offers UCX ({choice.reason})"
-        else:
+        elif pulls_over_ucx(to_gpu=True, **rule):
             why += "; pulls into GPU memory: ucx (it offers UCX)"
+        else:
+            why += "; it offers no UCX, so pulls into GPU memory stage through pinned memory"
     return PeerCheck(**base, reachable=True, handshake_ms=round(handshake_ms, 2),
                      transport=path, transport_reason=why)
 

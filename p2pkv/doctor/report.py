@@ -33,7 +33,7 @@ class PeerCheck(msgspec.Struct, frozen=True, kw_only=True):
     """Connected and passed the HMAC challenge-response both ways within the deadline."""
     handshake_ms: float = 0.0
     transport: str = ""
-    """What a pull from here would use: ``tcp`` or ``shm`` ("" when unreachable)."""
+    """What a pull from here would use: ``tcp``, ``shm`` or ``ucx`` ("" when unreachable)."""
     transport_reason: str = ""
     error: str = ""
 

@@ -147,6 +147,15 @@ def choose_transport(kind: str, store_bytes: int = 0, cuda_device: int | None = 
     return TransportChoice(same_host, f"auto: {shm}, tcp for the others (ucx: {why})")
 
 
+def pulls_over_ucx(*, peer_offers_ucx: bool, to_gpu: bool, host_over_ucx: bool,
+                   slab_mapped: bool) -> bool:
+    """The one rule for whether a pull moves its bytes over UCX (``UcxTransport`` follows it,
+    ``p2pkv doctor`` reports it): into GPU memory whenever the holder offers UCX (it beats the
+    slab there, see ``transport/ucx.py``); into host memory only where UCX is wanted for host
+    pulls and no same-host slab is mapped."""
+    return peer_offers_ucx and (to_gpu or (host_over_ucx and not slab_mapped))
+
+
 def make_transport(kind: str, *, bind_host: str, advertise_host: str | None = None,
                    connections_per_peer: int = 2, secret: ClusterSecret | None = None,
                    store_bytes: int = 0, cuda_device: int | None = None) -> Transport:

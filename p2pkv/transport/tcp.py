@@ -165,21 +165,12 @@ class TcpTransport(Transport):
     @staticmethod
     def _pull_stream(sock: socket.socket, items: Sequence[PullItem], deadline: float
                      ) -> list[PullResult]:
-        send_views(sock, [wire.encode_request(wire.Pull([bytes(i.key) for i in items]))],
-                   max(deadline - time.monotonic(), 0.001))
-        table = recv_exact(sock, wire.ITEM_HEADER_BYTES * len(items), deadline)
-        n = wire.ITEM_HEADER_BYTES
-        headers = [wire.unpack_item(table[i * n:(i + 1) * n]) for i in range(len(items))]
-        for item, (status, nbytes, _) in zip(items, headers):
-            if status not in (wire.Status.OK, wire.Status.MISSING):
-                raise TransportError(f"holder answered {status.name}")
-            if status is wire.Status.OK and nbytes != item.nbytes:
-                # NOTE: raising closes the connection: the stream cannot be resynchronised.
-                raise TransportError(f"chunk of {nbytes} bytes, expected {item.nbytes}")
+        headers = request_items(sock, wire.Pull([bytes(i.key) for i in items]), items,
+                                deadline)
         results = []
         for item, (status, _, want) in zip(items, headers):
             if status is wire.Status.MISSING:
-                results.append(PullResult(item.key, Outcome.MISSING, "holder no longer has it"))
+                results.append(missing(item))
                 continue
             if not host_pieces(item.dest):
                 # GPU destination: into a pinned host buffer, checked, then one copy up
@@ -214,8 +205,7 @@ class TcpTransport(Transport):
             results = []
             for item, (status, nbytes, want, slot, _) in zip(items, headers):
                 if status is wire.Status.MISSING:
-                    results.append(PullResult(item.key, Outcome.MISSING,
-                                              "holder no longer has it"))
+                    results.append(missing(item))
                     continue
                 if status is not wire.Status.OK:
                     raise TransportError(f"holder answered {status.name}")
@@ -232,11 +222,9 @@ class TcpTransport(Transport):
                     continue
                 # GPU destination: DMA straight from the mapped slab, hashed meanwhile
                 dma = conn.slab.device_array()[off:off + nbytes]
-                if scatter(dma, item.dest, verify=lambda s=src, w=want:
-                           xxhash.xxh3_64_intdigest(s) == w):
-                    results.append(PullResult(item.key, Outcome.OK))
-                else:
-                    results.append(_checked(item, 0, 1))
+                good = scatter(dma, item.dest,
+                               verify=lambda s=src, w=want: xxhash.xxh3_64_intdigest(s) == w)
+                results.append(PullResult(item.key, Outcome.OK) if good else mismatch(item))
         finally:
             if pinned:
                 send_views(sock, [wire.encode_request(wire.Release(pinned))],
@@ -324,7 +312,31 @@ def client_handshake(sock: socket.socket, key: bytes | None, deadline: float) ->
     return wire.decode_info(recv_exact(sock, n, deadline))
 
 
+def request_items(sock: socket.socket, request: wire.Pull | wire.Send,
+                  items: Sequence[PullItem], deadline: float) -> list[tuple[wire.Status, int, int]]:
+    """Send a request that is answered with one ItemHeader per item (``Pull``, ``Send``) and
+    return the headers, checked against ``items``.
+
+    NOTE: raising closes the connection: the stream cannot be resynchronised."""
+    send_views(sock, [wire.encode_request(request)], max(deadline - time.monotonic(), 0.001))
+    table = recv_exact(sock, wire.ITEM_HEADER_BYTES * len(items), deadline)
+    n = wire.ITEM_HEADER_BYTES
+    headers = [wire.unpack_item(table[i * n:(i + 1) * n]) for i in range(len(items))]
+    for item, (status, nbytes, _) in zip(items, headers):
+        if status not in (wire.Status.OK, wire.Status.MISSING):
+            raise TransportError(f"holder answered {status.name}")
+        if status is wire.Status.OK and nbytes != item.nbytes:
+            raise TransportError(f"chunk of {nbytes} bytes, expected {item.nbytes}")
+    return headers
+
+
+def missing(item: PullItem) -> PullResult:
+    return PullResult(item.key, Outcome.MISSING, "holder no longer has it")
+
+
+def mismatch(item: PullItem) -> PullResult:
+    return PullResult(item.key, Outcome.FAILED, str(ChecksumMismatch("checksum mismatch")))
+
+
 def _checked(item: PullItem, got: int, want: int) -> PullResult:
-    if got != want:
-        return PullResult(item.key, Outcome.FAILED, str(ChecksumMismatch("checksum mismatch")))
-    return PullResult(item.key, Outcome.OK)
+    return mismatch(item) if got != want else PullResult(item.key, Outcome.OK)

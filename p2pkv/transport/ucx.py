@@ -44,11 +44,10 @@ import xxhash
 from p2pkv.errors import DeadlineExceeded, TransportError
 from p2pkv.store import ChunkStore
 from p2pkv.transport import wire
-from p2pkv.transport.base import Outcome, PullItem, PullResult
+from p2pkv.transport.base import Outcome, PullItem, PullResult, pulls_over_ucx
 from p2pkv.transport.server import Server
-from p2pkv.transport.sockio import recv_exact, send_views
 from p2pkv.transport.staging import host_pieces, is_device, scatter
-from p2pkv.transport.tcp import TcpTransport
+from p2pkv.transport.tcp import TcpTransport, mismatch, missing, request_items
 
 logger = logging.getLogger(__name__)
 
@@ -285,26 +284,17 @@ class StagingPool:
         self._local.host = None
 
 
-Headers = list[tuple[wire.Status, int, int]]
-
-
 def pull_items(engine: UcxEngine, pool: StagingPool,
-               send_request: Callable[[int, bytes], Headers], items: Sequence[Any],
-               deadline: float) -> list[tuple[str, str]]:
+               send_request: Callable[[int, bytes], list[tuple[wire.Status, int, int]]],
+               items: Sequence[PullItem], deadline: float) -> list[PullResult]:
     """The puller's half of one UCX pull. ``send_request(tag, reply_to)`` sends the Send
-    request on the control connection and returns the holder's item headers.
+    request on the control connection and returns the holder's checked item headers.
 
-    Returns one ``(outcome, reason)`` per item, outcome "ok", "missing" or "failed"; raises
-    TransportError when the whole pull failed.
+    Returns one result per item; raises TransportError when the whole pull failed.
     """
     worker = engine.receiver()
     tag = new_tag()
     headers = send_request(tag, worker.address)
-    for item, (status, nbytes, _) in zip(items, headers):
-        if status not in (wire.Status.OK, wire.Status.MISSING):
-            raise TransportError(f"holder answered {status.name}")
-        if status is wire.Status.OK and nbytes != item.nbytes:
-            raise TransportError(f"chunk of {nbytes} bytes, expected {item.nbytes}")
     device_piece = next((p for i in items for p in i.dest if is_device(p)), None)
     ok = [n for n, (status, _, _) in enumerate(headers) if status is wire.Status.OK]
     total = sum(items[n].nbytes for n in ok)
@@ -323,14 +313,14 @@ def pull_items(engine: UcxEngine, pool: StagingPool,
     out = []
     for n, (item, (status, _, want)) in enumerate(zip(items, headers)):
         if status is wire.Status.MISSING:
-            out.append(("missing", "holder no longer has it"))
+            out.append(missing(item))
             continue
         piece = staging[offsets[n]:offsets[n] + item.nbytes]
         if device_piece is None and xxhash.xxh3_64_intdigest(piece) != want:
-            out.append(("failed", "checksum mismatch"))
+            out.append(mismatch(item))
             continue
         scatter(piece, item.dest)
-        out.append(("ok", ""))
+        out.append(PullResult(item.key, Outcome.OK))
     return out
 
 
@@ -362,26 +352,22 @@ class UcxTransport(TcpTransport):
         # NOTE: into GPU memory UCX beats even a same-host holder's slab: measured on an H200
         # host (scripts/gpu_check.py), 18-20 GB/s over UCX vs 5 GB/s from the page-locked
         # slab mapping, where the CPU's digest check of the bytes (~8 GB/s) is the limit.
-        device = not all(host_pieces(i.dest) for i in items)
-        use = conn.info.ucx_address and (device or (self._host_over_ucx and conn.slab is None))
-        if not use:
+        if not pulls_over_ucx(peer_offers_ucx=bool(conn.info.ucx_address),
+                              to_gpu=not all(host_pieces(i.dest) for i in items),
+                              host_over_ucx=self._host_over_ucx,
+                              slab_mapped=conn.slab is not None):
             return super()._pull_on(conn, items, deadline)
         self.counters.ucx += 1
 
-        def send_request(tag: int, reply_to: bytes) -> Headers:
+        def send_request(tag: int, reply_to: bytes) -> list[tuple[wire.Status, int, int]]:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DeadlineExceeded("deadline passed before the UCX request")
-            send_views(conn.sock, [wire.encode_request(wire.Send(
-                [bytes(i.key) for i in items], tag, reply_to,
-                max(1, int(left * 1000))))], left)
-            table = recv_exact(conn.sock, wire.ITEM_HEADER_BYTES * len(items), deadline)
-            n = wire.ITEM_HEADER_BYTES
-            return [wire.unpack_item(table[k * n:(k + 1) * n]) for k in range(len(items))]
+            return request_items(conn.sock, wire.Send([bytes(i.key) for i in items], tag,
+                                                      reply_to, max(1, int(left * 1000))),
+                                 items, deadline)
 
-        outcomes = pull_items(self._engine, self._staging, send_request, items, deadline)
-        return "ucx", [PullResult(i.key, Outcome(o), reason)
-                       for i, (o, reason) in zip(items, outcomes)]
+        return "ucx", pull_items(self._engine, self._staging, send_request, items, deadline)
 
     def close(self) -> None:
         super().close()

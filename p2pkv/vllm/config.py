@@ -44,7 +44,8 @@ class ConnectorConfig:
 
     def __post_init__(self) -> None:
         if not self.directory.startswith(("tcp://", "ipc://")):
-            raise ConfigError(f"directory must be a tcp:// or ipc:// endpoint, not {self.directory!r}")
+            raise ConfigError("directory must be a tcp:// or ipc:// endpoint, not "
+                              f"{self.directory!r}")
         if self.transport not in TRANSPORT_KINDS:
             raise ConfigError(f"transport must be one of {TRANSPORT_KINDS}")
         for name in ("chunk_tokens", "pull_threads"):

@@ -29,7 +29,7 @@ import numpy as np
 from p2pkv.affinity import unpin_current_thread
 from p2pkv.keys import ChunkKey
 from p2pkv.store import ChunkStore, WritableSlot
-from p2pkv.transport.staging import gather_copy, page_lock, page_unlock
+from p2pkv.transport.staging import page_lock, page_unlock
 from p2pkv.vllm.layout import KVLayout
 
 logger = logging.getLogger(__name__)
@@ -82,19 +82,10 @@ class AsyncSaver:
         dst = torch.from_numpy(np.frombuffer(slot.view, np.uint8))
         self._stream.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(self._stream):
-            staging = torch.empty(dst.shape[0], dtype=torch.uint8, device=self._device)
-            (whole,) = self._layout.chunk_dest(block_ids) if self._layout.rows else (None,)
-            if whole is not None:
-                off = whole.nbytes
-                whole.read_into(staging[:off])
-            else:
-                pieces = [p for b in block_ids for p in self._layout.block_views(b)]
-                parts, off = [], 0
-                for p in pieces:
-                    parts.append(staging[off:off + p.nbytes])
-                    off += p.nbytes
-                gather_copy(parts, pieces)
-            dst[:off].copy_(staging[:off], non_blocking=True)
+            n = len(block_ids) * self._layout.num_layers * self._layout.block_bytes
+            staging = torch.empty(n, dtype=torch.uint8, device=self._device)
+            self._layout.gather_into(block_ids, staging)
+            dst[:n].copy_(staging, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self._stream)
         pending = _Pending(key, slot, event, staging)

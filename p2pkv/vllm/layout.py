@@ -167,6 +167,23 @@ class KVLayout:
                 pieces.append(memoryview(bytearray(self.block_bytes * self.num_layers)))
         return tuple(pieces)
 
+    def gather_into(self, block_ids: Sequence[int], dst: Any) -> None:
+        """Copy the chunk made of ``block_ids`` from a GPU cache into ``dst`` (a uint8 device
+        tensor, slot order), on the current stream: one indexed copy per layer, or one
+        multi-tensor copy of the pieces for layouts with several segments per block."""
+        from p2pkv.transport.staging import gather_copy
+
+        assert self.on_gpu
+        if self.rows:
+            DeviceBlocks(self, block_ids).read_into(dst)
+            return
+        pieces = [p for b in block_ids for p in self.block_views(b)]
+        parts, off = [], 0
+        for p in pieces:
+            parts.append(dst[off:off + p.nbytes])
+            off += p.nbytes
+        gather_copy(parts, pieces)
+
     def copy_out(self, block_ids: Sequence[int], slot: memoryview) -> None:
         """Copy the chunk made of ``block_ids`` from a CPU cache into a store slot."""
         assert not self.on_gpu, "GPU caches are saved with gpu.AsyncSaver"
@@ -184,8 +201,9 @@ class DeviceBlocks:
     """One chunk's blocks in a GPU cache with one segment per block, copied as a whole: one
     indexed copy per layer instead of a copy per (block, layer) piece (a 16-block chunk of a
     32-layer model is 512 pieces; slicing them alone cost milliseconds). The transports'
-    staging code (``transport/staging.py``) calls ``write_from``; ``AsyncSaver`` calls
-    ``read_into``. A ``None`` block id is a block computed locally: its bytes are dropped."""
+    staging code (``transport/staging.py``) calls ``write_from``; ``KVLayout.gather_into``
+    (the GPU saves) calls ``read_into``. A ``None`` block id is a block computed locally: its
+    bytes are dropped."""
 
     def __init__(self, layout: KVLayout, block_ids: Sequence[int | None]) -> None:
         import torch
@@ -226,8 +244,4 @@ class DeviceBlocks:
         assert self._all
         d3 = self._view(dst)
         for layer, rows in enumerate(self._rows):
-            torch_index_select(rows, self._ids, d3[:, layer])
-
-
-def torch_index_select(rows: Any, ids: Any, out: Any) -> None:
-    out.copy_(rows.index_select(0, ids))
+            d3[:, layer].copy_(rows.index_select(0, self._ids))

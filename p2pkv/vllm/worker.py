@@ -2,10 +2,11 @@
 
 Owns this rank's chunk store and data-plane server, and a directory client that keeps this
 rank registered by itself (leases, re-registration, republishing: see
-``p2pkv.directory.client``); the worker only tells it what the store gained and lost. Pulls run on a small thread pool,
-straight into the blocks vLLM allocated; their outcomes are handed back to vLLM through
-``get_finished`` / ``get_block_ids_with_load_errors`` (failed blocks are recomputed).
-Saves copy completed chunks out of the paged cache after the step's forward pass.
+``p2pkv.directory.client``); the worker only tells it what the store gained and lost. Pulls
+run on a small thread pool, straight into the blocks vLLM allocated; their outcomes are
+handed back to vLLM through ``get_finished`` / ``get_block_ids_with_load_errors`` (failed
+blocks are recomputed). Saves copy completed chunks out of the paged cache after the step's
+forward pass (from a GPU cache asynchronously: ``p2pkv.vllm.gpu.AsyncSaver``).
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class WorkerSide:
         failed: set[int] = set()
         t0 = time.monotonic()
         try:
-            items = [PullItem(c.key, self._dest(c.block_ids)) for c in plan.chunks]
+            items = [PullItem(c.key, self._layout.chunk_dest(c.block_ids)) for c in plan.chunks]
             results = self._transport.pull(plan.address, items, self._config.pull_timeout_s)
         except Exception:  # noqa: BLE001 - a bug here must still release the request
             logger.exception("p2pkv: pull for %s crashed; recomputing", plan.req_id)
@@ -139,10 +140,6 @@ class WorkerSide:
             c.chunks_missing += missing
             c.chunks_failed += len(plan.chunks) - ok - missing
             c.pull_ms += int(elapsed * 1000)
-
-    def _dest(self, block_ids: tuple[int | None, ...]) -> tuple:
-        assert self._layout is not None
-        return self._layout.chunk_dest(block_ids)
 
     def take_finished_recving(self) -> set[str]:
         with self._lock:
