@@ -25,7 +25,7 @@ def _add_model_parser(subparsers: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
-        from p2pkv.model import prepare
+        from p2pkv.harness.demo_model import prepare
 
         print(prepare(Path(args.cache_dir) if args.cache_dir else None))
         return 0

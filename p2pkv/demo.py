@@ -18,7 +18,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from p2pkv.localcluster import (
+from p2pkv.harness.cluster import (
     Completion,
     LocalCluster,
     chat,
@@ -55,7 +55,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from p2pkv.model import prepare
+    from p2pkv.harness.demo_model import prepare
 
     signal.signal(signal.SIGTERM, _raise_interrupt)  # stop the instances on kill, as on Ctrl-C
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from p2pkv.bench.correctness import document_tokens
 from p2pkv.bench.ttft import qa_requests
-from p2pkv.localcluster import LocalCluster, complete, wait_healthy
-from p2pkv.model import prepare
+from p2pkv.harness.cluster import LocalCluster, complete, wait_healthy
+from p2pkv.harness.demo_model import prepare
 
 # The deepest frame that matches a rule names the sample (so a numpy copy inside a pull counts
 # as the pull, and a thread blocked in Event.wait counts as waiting).

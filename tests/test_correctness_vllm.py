@@ -16,13 +16,13 @@ if os.environ.get("P2PKV_REQUIRE_E2E") != "1":
     pytest.importorskip("vllm", reason="vLLM is not installed (run scripts/setup.sh)")
 
 from p2pkv.bench.correctness import run_suite  # noqa: E402
-from p2pkv.correctness import small_cases  # noqa: E402
-from p2pkv.localcluster import LocalCluster  # noqa: E402
+from p2pkv.harness.correctness import small_cases  # noqa: E402
+from p2pkv.harness.cluster import LocalCluster  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from p2pkv.model import prepare
+    from p2pkv.harness.demo_model import prepare
 
     model = prepare()
     with LocalCluster(tmp_path_factory.mktemp("correctness"), model) as cluster:

@@ -21,7 +21,7 @@ from p2pkv.errors import ConfigError
 from p2pkv.launch.node import NodeRunner, check_secret_file, visible_gpus
 from p2pkv.launch.plan import (ADDR, ClusterSpec, Launch, Plan, addr_of, expand_hostlist, fill,
                                make_plan, referenced_nodes, render)
-from p2pkv.localcluster import free_port
+from p2pkv.harness.cluster import free_port
 from tests.conftest import python_env
 
 REPO = Path(__file__).resolve().parent.parent

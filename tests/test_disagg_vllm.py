@@ -25,15 +25,15 @@ if os.environ.get("P2PKV_REQUIRE_E2E") != "1":
     pytest.importorskip("vllm", reason="vLLM is not installed (run scripts/setup.sh)")
 
 from p2pkv.bench.correctness import cluster_endpoints, document_tokens  # noqa: E402
-from p2pkv.correctness import pd_cases, run_cases  # noqa: E402
-from p2pkv.localcluster import LocalCluster, document_messages, wait_healthy  # noqa: E402
+from p2pkv.harness.correctness import pd_cases, run_cases  # noqa: E402
+from p2pkv.harness.cluster import LocalCluster, document_messages, wait_healthy  # noqa: E402
 
 MAX_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from p2pkv.model import prepare
+    from p2pkv.harness.demo_model import prepare
 
     model = prepare()
     with LocalCluster(Path(tmp_path_factory.mktemp("disagg")), model) as c:

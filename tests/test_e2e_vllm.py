@@ -21,8 +21,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 if os.environ.get("P2PKV_REQUIRE_E2E") != "1":
     pytest.importorskip("vllm", reason="vLLM is not installed (run scripts/setup.sh)")
 
-from p2pkv import localcluster  # noqa: E402
-from p2pkv.localcluster import (  # noqa: E402
+from p2pkv.harness import cluster as localcluster  # noqa: E402
+from p2pkv.harness.cluster import (  # noqa: E402
     LocalCluster,
     chat,
     document_messages,
@@ -38,7 +38,7 @@ def document_part(i: int, parts: int = 3) -> str:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from p2pkv.model import prepare
+    from p2pkv.harness.demo_model import prepare
 
     workdir = Path(tmp_path_factory.mktemp("e2e"))
     with LocalCluster(workdir, prepare()) as c:

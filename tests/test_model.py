@@ -1,4 +1,4 @@
-"""Tests for p2pkv.model: the prepared SmolLM2 directory (default cache; slow only the first time,
+"""Tests for p2pkv.harness.demo_model: the prepared SmolLM2 directory (default cache; slow only the first time,
 ~1 min with the download) and the tiny random-weight model."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("torch")
 
-from p2pkv import model as m  # noqa: E402
+from p2pkv.harness import demo_model as m  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 if os.environ.get("P2PKV_REQUIRE_E2E") != "1":
     pytest.importorskip("vllm", reason="vLLM is not installed (run scripts/setup.sh)")
 
-from p2pkv import localcluster  # noqa: E402
-from p2pkv.localcluster import LocalCluster, document_messages, wait_healthy  # noqa: E402
+from p2pkv.harness import cluster as localcluster  # noqa: E402
+from p2pkv.harness.cluster import LocalCluster, document_messages, wait_healthy  # noqa: E402
 
 MAX_TOKENS = 12
 
@@ -35,7 +35,7 @@ def document_part(i: int, parts: int = 6) -> str:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from p2pkv.model import prepare
+    from p2pkv.harness.demo_model import prepare
 
     model = prepare()
     with LocalCluster(Path(tmp_path_factory.mktemp("router")), model) as c:

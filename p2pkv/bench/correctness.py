@@ -2,7 +2,7 @@
 
 Starts a directory and two ``vllm serve`` CPU instances (the holder and the puller; with
 ``--full``, also a puller with a tiny KV cache for the preemption case), runs the cases of
-:mod:`p2pkv.correctness` (``--full`` for all of them, ``--cases`` for some) and exits non-zero
+:mod:`p2pkv.harness.correctness` (``--full`` for all of them, ``--cases`` for some) and exits non-zero
 when any case fails.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import httpx
 
-from p2pkv.correctness import (SMALL_CACHE_BLOCKS, SMALL_CACHE_MAX_MODEL_LEN, Case, CaseResult,
+from p2pkv.harness.correctness import (SMALL_CACHE_BLOCKS, SMALL_CACHE_MAX_MODEL_LEN, Case, CaseResult,
                                Endpoints, full_cases, run_cases, small_cases)
-from p2pkv.localcluster import LocalCluster, wait_healthy
+from p2pkv.harness.cluster import LocalCluster, wait_healthy
 
 
 def document_tokens(model: Path) -> list[int]:
@@ -66,7 +66,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from p2pkv.model import prepare
+    from p2pkv.harness.demo_model import prepare
 
     model = prepare()
     cases = full_cases() if args.full or args.cases else small_cases()

@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 
 from p2pkv.bench.router import QUESTIONS, Streamed, documents, stream_chat
-from p2pkv.localcluster import LocalCluster, document_messages, wait_healthy
+from p2pkv.harness.cluster import LocalCluster, document_messages, wait_healthy
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +35,7 @@ def _progress(t: float, ready: list[str]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from p2pkv.model import prepare
+    from p2pkv.harness.demo_model import prepare
 
     model = prepare()
     docs = documents(max(args.requests, 1))

@@ -5,7 +5,7 @@ runs on a CPU (MEASURED.md, "Running LMCache on this CPU"): one ``lmcache server
 the KV every instance stores, and every instance loads from it, over ZMQ/TCP (``tcp``) or, on one
 host, through shared memory the server maps (``shm``, LMCache's ``lmcache_driven`` mode).
 
-:func:`start_server` starts that server inside a :class:`~p2pkv.localcluster.LocalCluster`
+:func:`start_server` starts that server inside a :class:`~p2pkv.harness.cluster.LocalCluster`
 (loopback, free ports, logged, stopped with the cluster) and returns the instance arguments.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from p2pkv.localcluster import LocalCluster, free_port
+from p2pkv.harness.cluster import LocalCluster, free_port
 
 MODES = ("tcp", "shm")
 ENV = {"LMCACHE_TRACK_USAGE": "false"}

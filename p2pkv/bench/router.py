@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from p2pkv.localcluster import LocalCluster, document_messages, wait_healthy
+from p2pkv.harness.cluster import LocalCluster, document_messages, wait_healthy
 
 QUESTIONS = ["Who founded the cooperative?", "When was the lighthouse first lit?",
              "How many steps does the staircase have?", "Who was the last keeper?",
@@ -100,7 +100,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from p2pkv.model import prepare
+    from p2pkv.harness.demo_model import prepare
 
     model = prepare()
     docs = documents(args.docs)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from p2pkv.bench import lmcache
 from p2pkv.bench.correctness import document_tokens
-from p2pkv.localcluster import Instance, LocalCluster, complete, wait_healthy
+from p2pkv.harness.cluster import Instance, LocalCluster, complete, wait_healthy
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +202,7 @@ def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from p2pkv.model import prepare
+    from p2pkv.harness.demo_model import prepare
 
     model = prepare()
     tok = AutoTokenizer.from_pretrained(str(model))

@@ -14,8 +14,8 @@ that need a real model layout but not real answers.
 
 Command line::
 
-    python -m p2pkv.model prepare [--cache-dir D]      # prints the model directory
-    python -m p2pkv.model tiny DEST [--source DIR]     # prints DEST
+    python -m p2pkv.harness.demo_model prepare [--cache-dir D]      # prints the model directory
+    python -m p2pkv.harness.demo_model tiny DEST [--source DIR]     # prints DEST
 
 The cache root defaults to ``$P2PKV_CACHE`` or ``~/.cache/p2pkv`` (the CLI reads the environment;
 the functions take explicit paths).
@@ -95,7 +95,7 @@ def tiny_model(dest: Path, source: Path | None = None, *, seed: int = 0) -> Path
     src = Path(source) if source is not None else model_dir(None)
     if not is_prepared(src):
         raise FileNotFoundError(
-            f"{src} is not a prepared model; run `python -m p2pkv.model prepare` first"
+            f"{src} is not a prepared model; run `python -m p2pkv.harness.demo_model prepare` first"
         )
     return _build_atomically(dest, lambda work: _build_tiny(work, src, seed))
 
@@ -239,7 +239,7 @@ def _cache_root_from_env() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m p2pkv.model", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m p2pkv.harness.demo_model", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="prepare SmolLM2-135M-Instruct; print its directory")
     p.add_argument("--cache-dir", type=Path, default=None,
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="[p2pkv.model] %(message)s")
+                        format="[p2pkv.harness.demo_model] %(message)s")
     if args.cmd == "prepare":
         path = prepare(args.cache_dir if args.cache_dir is not None else _cache_root_from_env())
     else:
