@@ -37,28 +37,26 @@ class NamespaceSpec:
     chunk*; instances chunking differently would name different extents with the same hash.
     The hash *seed* is deliberately not part of it: instances that claim one namespace but
     hash with different seeds must be caught loudly (by a probe hash), not split silently.
+    Nor is tensor or pipeline parallelism: instances at different TP name the same chunks,
+    and each worker rank holds a slice of a chunk (``p2pkv.slices``); ``num_kv_heads`` and
+    ``num_layers`` are the model's totals, not one rank's share.
     """
 
     model: str
     revision: str
     kv_dtype: str
-    kv_layout: str
+    device_type: str
     block_size: int
     chunk_blocks: int
     num_layers: int
     num_kv_heads: int
     head_size: int
-    tp_size: int
-    tp_rank: int
     hash_algorithm: str
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "chunk_blocks", "num_layers", "num_kv_heads", "head_size",
-                     "tp_size"):
+        for name in ("block_size", "chunk_blocks", "num_layers", "num_kv_heads", "head_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"NamespaceSpec.{name} must be positive")
-        if not 0 <= self.tp_rank < self.tp_size:
-            raise ValueError("NamespaceSpec.tp_rank must be in [0, tp_size)")
 
     def fingerprint(self) -> Namespace:
         text = "|".join(f"{k}={v}" for k, v in sorted(asdict(self).items()))

@@ -255,3 +255,31 @@ def test_matches_a_naive_model(ops, query) -> None:
     assert index.num_chunks == len(set().union(*model.values())) if model else True
     for inst, keys in model.items():
         assert index.member(inst).keys == keys
+
+
+def test_ranks_of_instances_at_different_tp_share_a_namespace(seq) -> None:
+    from p2pkv.slices import KVSlice, tp_slices
+
+    index = DirectoryIndex(LEASE)
+    tp2 = tp_slices(num_kv_heads=4, num_layers=2, tp_size=2)
+    for r, sl in enumerate(tp2):
+        index.register(InstanceId(f"e2/{r}"), 1, NS, f"h:{r + 1}", "p", (), 0.0,
+                       engine="e2", slice=sl)
+        pub(index, seq, InstanceId(f"e2/{r}"), K[:2 - r])
+    index.register(InstanceId("e1"), 1, NS, "h:9", "p", (), 0.0, engine="e1",
+                   slice=KVSlice.whole(4, 2))
+    pub(index, seq, InstanceId("e1"), K[:1])
+    holders = index.lookup(NS, K[:2])
+    assert [(h.instance, h.engine, h.slice, h.run) for h in holders] == [
+        ("e2/0", "e2", tp2[0], 2), ("e1", "e1", KVSlice.whole(4, 2), 1),
+        ("e2/1", "e2", tp2[1], 1)]
+    info = {i.instance: i for i in index.instances(0.0)}
+    assert info[InstanceId("e2/1")].slice == tp2[1] and info[InstanceId("e2/1")].engine == "e2"
+    # a slice of another model shape in the same namespace is a broken peer: refused
+    with pytest.raises(DirectoryIndexError) as e:
+        index.register(InstanceId("x"), 1, NS, "h:7", "p", (), 0.0, engine="x",
+                       slice=KVSlice.whole(8, 2))
+    assert e.value.status == Status.BAD_REQUEST
+    # the same registration with another slice is a new one (its keys are dropped)
+    index.register(InstanceId("e1"), 1, NS, "h:9", "p", (), 0.0, engine="e1", slice=tp2[0])
+    assert chunks(index, InstanceId("e1")) == 0

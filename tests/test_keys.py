@@ -6,9 +6,9 @@ from p2pkv.keys import NamespaceSpec, chunk_keys
 
 
 def spec(**over) -> NamespaceSpec:
-    base = dict(model="m", revision="", kv_dtype="torch.float32", kv_layout="cpu",
+    base = dict(model="m", revision="", kv_dtype="torch.float32", device_type="cpu",
                 block_size=128, chunk_blocks=1, num_layers=30, num_kv_heads=3, head_size=64,
-                tp_size=1, tp_rank=0, hash_algorithm="sha256")
+                hash_algorithm="sha256")
     base.update(over)
     return NamespaceSpec(**base)
 
@@ -26,18 +26,21 @@ def test_fingerprint_is_stable_and_sensitive_to_every_field():
     for f in dataclasses.fields(NamespaceSpec):
         value = getattr(a, f.name)
         changed = value + 1 if isinstance(value, int) else value + "x"
-        if f.name == "tp_rank":
-            changed_spec = spec(tp_size=2, tp_rank=1)
-        else:
-            changed_spec = spec(**{f.name: changed})
+        changed_spec = spec(**{f.name: changed})
         assert changed_spec.fingerprint() != a.fingerprint(), f.name
+
+
+def test_the_namespace_does_not_depend_on_parallelism():
+    # instances at different TP/PP share chunks: each rank holds a slice (p2pkv/slices.py)
+    names = {f.name for f in dataclasses.fields(NamespaceSpec)}
+    assert not names & {"tp_size", "tp_rank", "pp_size", "pp_rank"}
 
 
 def test_invalid_spec_is_refused():
     with pytest.raises(ValueError):
         spec(block_size=0)
     with pytest.raises(ValueError):
-        spec(tp_rank=1)
+        spec(num_kv_heads=0)
     with pytest.raises(ValueError):
         chunk_keys([], 0)
 

@@ -129,7 +129,39 @@ def test_layouts_that_do_not_copy_exactly_have_different_signatures():
             for order in ("BHNC", "BNHC", "HBNC")}
     assert len(set(sigs.values())) == 3
     assert sigs["BHNC"] == KVLayout.from_kv_caches(cpu_caches(blocks=B)).signature.replace(
-        "3x8x16", f"{H}x{N}x{C}")
+        "8x16", f"{N}x{C}")
+
+
+def test_the_signature_does_not_depend_on_this_ranks_head_count():
+    # the ranks of a TP 1 and a TP 2 instance (4 and 2 KV heads each) must agree (the probe)
+    whole = KVLayout.from_kv_caches({"l": torch.zeros(5, 4, 8, 16)})
+    half = KVLayout.from_kv_caches({"l": torch.zeros(5, 2, 8, 16)})
+    one = KVLayout.from_kv_caches({"l": torch.zeros(5, 1, 8, 16)})
+    assert whole.signature == half.signature == one.signature
+    assert (whole.heads, half.heads) == (4, 2)
+    assert whole.head_bytes == half.head_bytes == one.head_bytes == 8 * 16 * 4
+    assert KVLayout.from_kv_caches({"l": torch.zeros(5, 3, 8, 16)}).signature != \
+        KVLayout.from_kv_caches({"l": torch.zeros(5, 3, 8, 8)}).signature  # other head size
+
+
+def test_part_dest_is_the_parts_heads_in_every_block_and_layer():
+    from p2pkv.slices import KVSlice
+
+    caches = {f"l{i}": torch.zeros(5, 2, 8, 16) for i in range(3)}
+    layout = KVLayout.from_kv_caches(caches)
+    mine = KVSlice(2, 4, 4, 0, 3, 3)  # rank 1 of TP 2: heads 2-3 of 4
+    part = KVSlice(3, 4, 4, 0, 3, 3)  # head 3 only
+    pieces = layout.part_dest([4, None, 1], mine, part)
+    assert len(pieces) == 3 + 1 + 3 and pieces[3].nbytes == 3 * layout.head_bytes
+    for i, p in enumerate(pieces):
+        p[:] = bytes([i + 1]) * p.nbytes
+    for i, t in enumerate(caches.values()):
+        as_bytes = t.view(torch.uint8)  # [5, 2, 8, 64] bytes
+        assert torch.all(as_bytes[4, 1] == i + 1) and torch.all(as_bytes[1, 1] == 4 + i + 1)
+        assert torch.count_nonzero(as_bytes[:, 0]) == 0  # head 2 untouched
+    assert layout.part_dest([0], mine, mine) == layout.chunk_dest([0])
+    with pytest.raises(ValueError):
+        layout.part_dest([0], mine, KVSlice(0, 1, 4, 0, 3, 3))  # not this rank's head
 
 
 @pytest.mark.parametrize("order", ["BHNC", "BNHC"])

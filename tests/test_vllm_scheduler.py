@@ -63,7 +63,7 @@ def test_remote_hit_beyond_local_prefix_plans_a_pull_into_the_new_blocks():
                                             req_ids=[], num_computed_tokens=[])),
                         lambda _: [])
     (plan,) = meta.loads
-    assert plan.address == "127.0.0.1:9"
+    assert [s.address for s in plan.sources[0]] == ["127.0.0.1:9"]
     assert [c.block_ids for c in plan.chunks] == [(12,), (13,), (14,)]
     assert [c.key for c in plan.chunks] == r.block_hashes[2:5]
 

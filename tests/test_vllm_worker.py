@@ -14,8 +14,18 @@ from p2pkv.keys import ChunkKey, InstanceId, Namespace  # noqa: E402
 from p2pkv.transport.tcp import TcpTransport  # noqa: E402
 from p2pkv.vllm.config import ConnectorConfig  # noqa: E402
 from p2pkv.vllm.layout import KVLayout  # noqa: E402
+from p2pkv.slices import KVSlice, tp_slices  # noqa: E402
 from p2pkv.vllm.metadata import ChunkLoad, LoadPlan, P2PKVMetadata, SavePlan  # noqa: E402
+from p2pkv.vllm.sources import Source  # noqa: E402
 from p2pkv.vllm.worker import WorkerSide  # noqa: E402
+
+WHOLE = KVSlice.whole(2, 3)  # make_worker's caches: 2 KV heads, 3 layers
+
+
+def load(req_id, address, chunks, rank_sources=None) -> LoadPlan:
+    """A load from one whole-model holder (TP 1 to TP 1), or from ``rank_sources``."""
+    return LoadPlan(req_id, tuple(chunks), rank_sources or (
+        (Source(address, InstanceId("h"), WHOLE, WHOLE),),))
 
 
 @dataclass
@@ -23,12 +33,14 @@ class RecordingDirectory:
     """Stands in for DirectoryClient (which keeps the registration alive by itself)."""
 
     registered: list = field(default_factory=list)
+    registrations: list = field(default_factory=list)
     published: list = field(default_factory=list)
     reports: list = field(default_factory=list)
     unregistered: bool = False
 
     def register(self, registration, wait_connected_s=0.0):
         self.registered.append(registration.address)
+        self.registrations.append(registration)
 
     def publish(self, added=(), removed=()):
         self.published.append((list(added), list(removed)))
@@ -43,11 +55,11 @@ class RecordingDirectory:
         pass
 
 
-def make_worker(directory, blocks=8):
-    caches = {f"l{i}": torch.randn(blocks, 2, 4, 8) for i in range(3)}
+def make_worker(directory, blocks=8, heads=2, **kw):
+    caches = {f"l{i}": torch.randn(blocks, heads, 4, 8) for i in range(3)}
     config = ConnectorConfig(directory="tcp://127.0.0.1:1", store_gib=0.001, pull_timeout_s=2)
     w = WorkerSide(config, instance=InstanceId("i"), namespace=Namespace("ns"), chunk_blocks=2,
-                   transport=TcpTransport(), directory=directory)
+                   transport=TcpTransport(), directory=directory, **kw)
     w.register_kv_caches(KVLayout.from_kv_caches(caches))
     return w, caches
 
@@ -67,7 +79,7 @@ def test_saved_chunk_is_published_and_pulled_byte_exact_into_other_blocks():
     holder.save(P2PKVMetadata(saves=[SavePlan(key, (5, 2))]))
     assert d.published[-1] == ([key], [])
     address = d.registered[0]
-    puller.start_loads(P2PKVMetadata(loads=[LoadPlan("r", address, (ChunkLoad(key, (0, 7)),))]))
+    puller.start_loads(P2PKVMetadata(loads=[load("r", address, (ChunkLoad(key, (0, 7)),))]))
     wait_finished(puller, "r")
     assert puller.take_failed_blocks() == set()
     for name in h_caches:
@@ -84,12 +96,12 @@ def test_missing_chunk_and_dead_peer_report_their_blocks_as_failed():
     holder, _ = make_worker(d)
     puller, _ = make_worker(RecordingDirectory())
     missing = ChunkLoad(ChunkKey(b"m" * 32), (None, 3))  # first block was a local hit
-    puller.start_loads(P2PKVMetadata(loads=[LoadPlan("r1", d.registered[0], (missing,))]))
+    puller.start_loads(P2PKVMetadata(loads=[load("r1", d.registered[0], (missing,))]))
     wait_finished(puller, "r1")
     assert puller.take_failed_blocks() == {3}
     holder.shutdown()  # its server is gone: connection refused
     dead = ChunkLoad(ChunkKey(b"k" * 32), (4, 5))
-    puller.start_loads(P2PKVMetadata(loads=[LoadPlan("r2", d.registered[0], (dead,))]))
+    puller.start_loads(P2PKVMetadata(loads=[load("r2", d.registered[0], (dead,))]))
     wait_finished(puller, "r2")
     assert puller.take_failed_blocks() == {4, 5}
     assert puller.counters.chunks_failed == 1 and puller.counters.chunks_missing == 1
@@ -108,3 +120,91 @@ def test_worker_registers_once_publishes_deltas_and_unregisters():
     assert d.reports and d.reports[-1]["chunks_saved"] == 2
     w.shutdown()
     assert d.unregistered
+
+
+def tp_workers(tp: int, heads: int = 4, **kw):
+    """The worker ranks of one instance at TP ``tp`` (model: ``heads`` KV heads, 3 layers)."""
+    slices = tp_slices(num_kv_heads=heads, num_layers=3, tp_size=tp)
+    out = []
+    for rank, sl in enumerate(slices):
+        d = RecordingDirectory()
+        w, caches = make_worker(d, heads=sl.heads, rank=rank, slice=sl,
+                                saves=slices.index(sl) == rank, **kw)
+        out.append((w, caches, d, sl))
+    return out
+
+
+def sources_for(holders, wanted):
+    from p2pkv.vllm.sources import plan_sources
+
+    class H:  # a lookup's holder, as the directory returns it
+        def __init__(self, d, sl):
+            self.instance, self.address, self.run = InstanceId("h"), d.registered[0], 1
+            self.engine, self.slice = "e", sl
+
+    plan = plan_sources([H(d, sl) for _, _, d, sl in holders if d.registered],
+                        [sl for *_, sl in wanted])
+    assert plan is not None
+    return plan.per_rank
+
+
+@pytest.mark.parametrize("holder_tp, puller_tp", [(2, 1), (1, 2), (2, 2), (1, 4)])
+def test_heterogeneous_tp_puts_every_head_where_the_holder_had_it(holder_tp, puller_tp):
+    """A chunk saved by a TP ``holder_tp`` instance, pulled by each rank of a TP ``puller_tp``
+    one: puller head h of every (block, layer) equals the holder's head h."""
+    holders = tp_workers(holder_tp)
+    pullers = tp_workers(puller_tp)
+    key = ChunkKey(b"t" * 32)
+    for w, *_ in holders:
+        w.save(P2PKVMetadata(saves=[SavePlan(key, (5, 2))]))
+    sources = sources_for(holders, pullers)
+    for w, *_ in pullers:
+        w.start_loads(P2PKVMetadata(loads=[load("r", "", (ChunkLoad(key, (0, 7)),), sources)]))
+    for w, *_ in pullers:
+        wait_finished(w, "r")
+        assert w.take_failed_blocks() == set()
+    for _, p_caches, _, p_slice in pullers:
+        for _, h_caches, _, h_slice in holders:
+            common = p_slice.intersect(h_slice)
+            if common is None:
+                continue
+            ph = slice(common.head_start - p_slice.head_start, common.head_end - p_slice.head_start)
+            hh = slice(common.head_start - h_slice.head_start, common.head_end - h_slice.head_start)
+            for name in h_caches:
+                assert torch.equal(p_caches[name][0][ph], h_caches[name][5][hh])
+                assert torch.equal(p_caches[name][7][ph], h_caches[name][2][hh])
+    per_rank = 2 * 3 * 4 * 8 * 4  # blocks x layers x block_size x 2*head_size/2 x fp32, per head
+    assert [w.counters.bytes_pulled for w, *_ in pullers] == [per_rank * sl.heads
+                                                             for *_, sl in pullers]
+    for w, *_ in holders + pullers:
+        w.shutdown()
+
+
+def test_replicated_heads_only_the_lowest_rank_saves_and_registers():
+    ranks = tp_workers(4, heads=2)  # 2 KV heads at TP 4: ranks 0,1 hold head 0; 2,3 head 1
+    assert [sl.head_start for *_, sl in ranks] == [0, 0, 1, 1]
+    assert [bool(d.registered) for _, _, d, _ in ranks] == [True, False, True, False]
+    key = ChunkKey(b"r" * 32)
+    for w, *_ in ranks:
+        w.save(P2PKVMetadata(saves=[SavePlan(key, (1, 2))]))
+    assert [len(d.published) for _, _, d, _ in ranks] == [1, 0, 1, 0]
+    assert ranks[0][2].registrations[0].slice == ranks[0][3]
+    for w, *_ in ranks:
+        w.shutdown()
+
+
+def test_a_dead_holder_rank_fails_the_chunk_on_the_ranks_that_need_it():
+    holders = tp_workers(2)
+    puller = tp_workers(1)
+    key = ChunkKey(b"d" * 32)
+    for w, *_ in holders:
+        w.save(P2PKVMetadata(saves=[SavePlan(key, (5, 2))]))
+    sources = sources_for(holders, puller)
+    holders[1][0].shutdown()  # rank 1's server is gone: half of every chunk is unreachable
+    w = puller[0][0]
+    w.start_loads(P2PKVMetadata(loads=[load("r", "", (ChunkLoad(key, (0, 7)),), sources)]))
+    wait_finished(w, "r")
+    assert w.take_failed_blocks() == {0, 7}
+    assert w.counters.chunks_pulled == 0 and w.counters.chunks_failed == 1
+    holders[0][0].shutdown()
+    w.shutdown()

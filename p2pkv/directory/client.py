@@ -48,6 +48,7 @@ from p2pkv.directory.protocol import (
 )
 from p2pkv.keys import ChunkKey, InstanceId, Namespace
 from p2pkv.secret import ClusterSecret
+from p2pkv.slices import KVSlice
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,10 @@ class Registration:
     """Hash-seed probe (see ``p2pkv.vllm.connector.probe_hash``); must match the namespace's."""
     capabilities: tuple[str, ...] = ()
     """E.g. transport names the data plane speaks."""
+    engine: str = ""
+    """The vLLM engine this worker rank belongs to ("" = ``instance``)."""
+    slice: KVSlice | None = None
+    """What this rank holds of each chunk (None = the whole model)."""
 
 
 @dataclass(slots=True)
@@ -385,7 +390,8 @@ class DirectoryClient:
         reg = r.reg
         rid = self._send(Register(instance=reg.instance, epoch=reg.epoch,
                                   namespace=reg.namespace, address=reg.address,
-                                  probe=reg.probe, capabilities=list(reg.capabilities)))
+                                  probe=reg.probe, capabilities=list(reg.capabilities),
+                                  engine=reg.engine, slice=reg.slice))
         if rid >= 0:
             r.next_attempt = now + r.heartbeat_s
             r.rid = rid

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from p2pkv.directory.protocol import Holder, InstanceInfo, Status
 from p2pkv.keys import ChunkKey, InstanceId, Namespace
+from p2pkv.slices import KVSlice
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,10 @@ class Member:
     next_seq: int = 1
     keys: set[ChunkKey] = field(default_factory=set)
     counters: dict[str, int] = field(default_factory=dict)
+    engine: str = ""
+    """The vLLM engine this registration (one worker rank) belongs to; "" = ``instance``."""
+    slice: KVSlice | None = None
+    """The KV heads x layers it holds of each chunk; None = the whole model."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +96,8 @@ class DirectoryIndex:
     # -- registrations ----------------------------------------------------------------------
 
     def register(self, instance: InstanceId, epoch: int, namespace: Namespace, address: str,
-                 probe: str, capabilities: Sequence[str], now: float) -> Registered:
+                 probe: str, capabilities: Sequence[str], now: float, *, engine: str = "",
+                 slice: KVSlice | None = None) -> Registered:
         """Add, refresh or replace a registration; raises DirectoryIndexError on refusal."""
         old = self._members.get(instance)
         if old is not None and epoch < old.epoch:
@@ -99,16 +105,17 @@ class DirectoryIndex:
                 Status.STALE_EPOCH, f"instance {instance} epoch {epoch} is older than the "
                 f"registered epoch {old.epoch}: a newer process of it is running")
         if (old is not None and old.epoch == epoch and old.namespace == namespace
-                and old.probe == probe):
+                and old.probe == probe and old.engine == engine and old.slice == slice):
             old.address = address
             old.capabilities = tuple(capabilities)
             old.expires_at = now + self.lease_s
             return Registered(old, joined=False, replaced=None)
         self._check_probe(instance, namespace, probe)
+        self._check_slice(instance, namespace, slice)
         if old is not None:
             self.drop(instance)
         member = Member(instance, epoch, namespace, address, probe, tuple(capabilities),
-                        self._take_handle(), now + self.lease_s)
+                        self._take_handle(), now + self.lease_s, engine=engine, slice=slice)
         self._members[instance] = member
         self._by_handle[member.handle] = member
         self._ns_members.setdefault(namespace, set()).add(instance)
@@ -126,6 +133,17 @@ class DirectoryIndex:
                     f"{other.probe or '(none)'} of instance {other_id} in namespace "
                     f"{namespace}: different PYTHONHASHSEED, hash algorithm or KV layout? Their block "
                     f"hashes would never match, so {instance} is refused")
+
+    def _check_slice(self, instance: InstanceId, namespace: Namespace,
+                     slice: KVSlice | None) -> None:
+        """Slices in one namespace are of one model shape (its totals are in the namespace
+        fingerprint, so only a broken peer sends another)."""
+        for other_id in self._ns_members.get(namespace, ()):
+            other = self._members[other_id].slice
+            if other_id != instance and slice and other and not slice.same_model(other):
+                raise DirectoryIndexError(
+                    Status.BAD_REQUEST, f"slice {slice} of instance {instance} is of another "
+                    f"model shape than {other} of instance {other_id} in namespace {namespace}")
 
     def drop(self, instance: InstanceId) -> Member | None:
         """Forget an instance and all its keys; returns its registration (None if unknown)."""
@@ -210,7 +228,8 @@ class DirectoryIndex:
         for h in _bits(active):
             runs[h] = i
         members = self._by_handle
-        result = [Holder(members[h].instance, members[h].address, run) for h, run in runs.items()]
+        result = [Holder(m.instance, m.address, run, m.engine, m.slice)
+                  for h, run in runs.items() for m in (members[h],)]
         result.sort(key=lambda holder: (-holder.run, holder.instance))
         return result
 
@@ -221,7 +240,8 @@ class DirectoryIndex:
         return [InstanceInfo(instance=m.instance, namespace=m.namespace, address=m.address,
                              epoch=m.epoch, chunks=len(m.keys), counters=dict(m.counters),
                              probe=m.probe, capabilities=list(m.capabilities),
-                             lease_left_ms=int((m.expires_at - now) * 1000))
+                             lease_left_ms=int((m.expires_at - now) * 1000),
+                             engine=m.engine, slice=m.slice)
                 for _, m in sorted(self._members.items())]
 
     def members(self) -> Iterator[Member]:

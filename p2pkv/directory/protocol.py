@@ -17,8 +17,9 @@ from typing import Annotated, Union
 import msgspec
 
 from p2pkv.keys import MAX_KEY_BYTES, ChunkKey, InstanceId, Namespace
+from p2pkv.slices import KVSlice
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 # History (bump on any change a peer of the other version would misread):
 #   1  walking skeleton: Register, Publish, Lookup, Report, Stats, Unregister;
 #      Ok, Error, LookupReply, StatsReply.
@@ -28,6 +29,10 @@ PROTOCOL_VERSION = 2
 #      every reply has status + reason; StatsReply/InstanceInfo grew fields.
 #      Compatible additions since (a peer without them ignores or defaults them):
 #      StatsReply.refused (recently refused registrations, for ``p2pkv doctor``).
+#   3  tensor parallelism: a registration is one worker rank; Register, Holder, InstanceInfo
+#      and InstanceJoined carry ``engine`` (the vLLM engine the rank belongs to, "" = the
+#      instance id) and ``slice`` (the KV heads x layers it holds, None = the whole model).
+#      A v2 peer would take every rank for a whole instance, hence the bump.
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """Largest encoded message either side accepts."""
@@ -56,6 +61,7 @@ _Namespace = Annotated[Namespace, msgspec.Meta(min_length=1, max_length=MAX_NAME
 _Address = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS, pattern=r"^\S+:[0-9]{1,5}$")]
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
 _Probe = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
+_Engine = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
 _Counters = Annotated[dict[_Name, _I64], msgspec.Meta(max_length=MAX_COUNTERS)]
 _Capabilities = Annotated[list[_Name], msgspec.Meta(max_length=MAX_CAPABILITIES)]
 _Reason = Annotated[str, msgspec.Meta(max_length=4096)]
@@ -100,11 +106,12 @@ class _Reply(_Message, kw_only=True, frozen=True):
 class Register(_Message, tag="reg", frozen=True):
     """An instance announces itself (answered by RegisterReply or Error).
 
-    One registration per instance id, with one data-plane address: a multi-rank instance
-    registers each rank under its own id (``engine/rank``), since each rank is its own
-    namespace anyway (the TP rank is part of the fingerprint). A higher ``epoch`` (a
-    restarted process) drops the old keys at once; a lower one is refused (STALE_EPOCH).
-    ``probe`` must equal the probe of every other member of the namespace (PROBE_MISMATCH).
+    One registration per instance id, with one data-plane address: a vLLM instance at
+    tensor parallelism > 1 registers each worker rank that saves (the lowest rank of each
+    distinct ``slice``) under its own id, all with the same ``engine``; ranks of instances
+    at different TP share one namespace. A higher ``epoch`` (a restarted process) drops the
+    old keys at once; a lower one is refused (STALE_EPOCH). ``probe`` must equal the probe
+    of every other member of the namespace (PROBE_MISMATCH).
     """
 
     instance: _Instance
@@ -113,6 +120,8 @@ class Register(_Message, tag="reg", frozen=True):
     address: _Address
     probe: _Probe = ""
     capabilities: _Capabilities = []
+    engine: _Engine = ""
+    slice: KVSlice | None = None
 
 
 class Publish(_Message, tag="pub", frozen=True):
@@ -177,11 +186,14 @@ class Snapshot(_Message, tag="snap", frozen=True):
 
 
 class Holder(msgspec.Struct, frozen=True):
-    """One instance holding keys[0:run] of a Lookup contiguously (run >= 1)."""
+    """One instance (worker rank) holding its ``slice`` of keys[0:run] of a Lookup
+    contiguously (run >= 1); ``engine`` groups the ranks of one vLLM instance."""
 
     instance: _Instance
     address: _Address
     run: _U63
+    engine: _Engine = ""
+    slice: KVSlice | None = None
 
 
 class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -196,6 +208,8 @@ class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):
     probe: _Probe = ""
     capabilities: _Capabilities = []
     lease_left_ms: _I64 = 0
+    engine: _Engine = ""
+    slice: KVSlice | None = None
 
 
 class RefusedRegistration(msgspec.Struct, frozen=True, kw_only=True):
@@ -292,6 +306,8 @@ class InstanceJoined(_Event, tag="joined", frozen=True):
     epoch: _U63
     namespace: _Namespace
     address: _Address
+    engine: _Engine = ""
+    slice: KVSlice | None = None
 
 
 class InstanceLeft(_Event, tag="left", frozen=True):

@@ -328,7 +328,8 @@ class DirectoryServer:
     def _register(self, msg: Register, now: float) -> RegisterReply:
         try:
             outcome = self.index.register(msg.instance, msg.epoch, msg.namespace, msg.address,
-                                          msg.probe, msg.capabilities, now)
+                                          msg.probe, msg.capabilities, now,
+                                          engine=msg.engine, slice=msg.slice)
         except DirectoryIndexError as e:
             self._remember_refusal(msg, e.status, str(e), now)
             raise
@@ -338,7 +339,8 @@ class DirectoryServer:
         if outcome.joined:
             self._emit(InstanceJoined(seq=0, directory_epoch=0, instance=msg.instance,
                                       epoch=msg.epoch, namespace=msg.namespace,
-                                      address=msg.address))
+                                      address=msg.address, engine=msg.engine,
+                                      slice=msg.slice))
         return RegisterReply(rid=msg.rid, directory_epoch=self.directory_epoch,
                              heartbeat_ms=int(self.config.heartbeat_interval_s * 1000),
                              liveness=self.config.liveness)

@@ -144,10 +144,12 @@ class LocalCluster:
     def start_vllm(self, name: str, *, max_model_len: int = 4096, kv_cache_gib: int = 1,
                    extra_config: dict[str, object] | None = None,
                    extra_args: list[str] | None = None, connector: bool = True,
-                   kv_role: str = "kv_both", extra_env: dict[str, str] | None = None
-                   ) -> Instance:
+                   kv_role: str = "kv_both", extra_env: dict[str, str] | None = None,
+                   tensor_parallel_size: int = 1) -> Instance:
         """A ``vllm serve`` CPU instance; ``connector=False`` makes it plain vLLM (baselines).
-        Its connector registers under ``name`` (its engine_id), which a router refers to."""
+        Its connector registers under ``name`` (its engine_id), which a router refers to.
+        ``tensor_parallel_size`` > 1: one worker process per rank, rank i bound to core
+        i mod the cores this process may use (vLLM's CPU backend needs a core list per rank)."""
         port = free_port()
         kv = (["--kv-transfer-config", kv_transfer_config(
             self.directory, kv_role=kv_role, engine_id=name, **(extra_config or {}))]
@@ -162,6 +164,11 @@ class LocalCluster:
         env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "HF_HUB_OFFLINE": "1",
                "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
                "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        if tensor_parallel_size > 1:
+            argv += ["--tensor-parallel-size", str(tensor_parallel_size)]
+            cores = sorted(os.sched_getaffinity(0))
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(
+                str(cores[i % len(cores)]) for i in range(tensor_parallel_size)))
         proc = self._start(name, argv, env)
         return Instance(name, f"http://127.0.0.1:{port}", proc)
 

@@ -83,11 +83,13 @@ def prepare(cache_dir: Path | None = None) -> Path:
     return _build_atomically(final, _build_smollm2)
 
 
-def tiny_model(dest: Path, source: Path | None = None, *, seed: int = 0) -> Path:
-    """Write a tiny random-weight Llama (2 layers, hidden 128, 2 heads, 1 KV head, head size 64)
-    at ``dest`` using the tokenizer and chat template of ``source`` (a prepared SmolLM2
-    directory; default: the default cache, which must already be prepared). Cached like
-    ``prepare``: returns at once when ``dest`` is already complete.
+def tiny_model(dest: Path, source: Path | None = None, *, seed: int = 0,
+               num_layers: int = 2, num_heads: int = 2, num_kv_heads: int = 1) -> Path:
+    """Write a tiny random-weight Llama (default: 2 layers, hidden 128, 2 heads, 1 KV head,
+    head size 64) at ``dest`` using the tokenizer and chat template of ``source`` (a prepared
+    SmolLM2 directory; default: the default cache, which must already be prepared). Cached
+    like ``prepare``: returns at once when ``dest`` is already complete (so a ``dest`` names
+    one shape: give models of other shapes other paths).
     """
     dest = Path(dest).expanduser()
     if is_prepared(dest):
@@ -97,7 +99,9 @@ def tiny_model(dest: Path, source: Path | None = None, *, seed: int = 0) -> Path
         raise FileNotFoundError(
             f"{src} is not a prepared model; run `python -m p2pkv.harness.demo_model prepare` first"
         )
-    return _build_atomically(dest, lambda work: _build_tiny(work, src, seed))
+    shape = {"num_hidden_layers": num_layers, "num_attention_heads": num_heads,
+             "num_key_value_heads": num_kv_heads}
+    return _build_atomically(dest, lambda work: _build_tiny(work, src, seed, shape))
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,7 +204,8 @@ def _check_saved(path: Path) -> None:
                             add_generation_prompt=True)
 
 
-def _build_tiny(work: Path, src: Path, seed: int) -> None:
+def _build_tiny(work: Path, src: Path, seed: int, shape: dict[str, int] | None = None
+                ) -> None:
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -210,9 +215,8 @@ def _build_tiny(work: Path, src: Path, seed: int) -> None:
         vocab_size=src_cfg.vocab_size,
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        **{"num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+           **(shape or {})},
         head_dim=64,
         max_position_embeddings=2048,
         rms_norm_eps=src_cfg.rms_norm_eps,

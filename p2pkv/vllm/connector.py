@@ -25,6 +25,7 @@ from p2pkv.directory.client import DirectoryClient
 from p2pkv.errors import ConfigError
 from p2pkv.keys import InstanceId, Namespace, NamespaceSpec, probe_of
 from p2pkv.secret import load_secret
+from p2pkv.slices import KVSlice, is_lowest_replica, tp_slices
 from p2pkv.transport.base import make_transport
 from p2pkv.vllm.config import ConnectorConfig
 from p2pkv.vllm.layout import KVLayout
@@ -46,12 +47,10 @@ logger = logging.getLogger(__name__)
 
 
 def namespace_of(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig,
-                 config: ConnectorConfig, tp_rank: int) -> tuple[Namespace, int]:
-    """The namespace fingerprint and chunk size (in blocks) of this instance and rank."""
-    groups = kv_cache_config.kv_cache_groups
-    if len(groups) != 1:
-        raise ConfigError(f"p2pkv supports models with one KV cache group, not {len(groups)}")
-    spec = groups[0].kv_cache_spec
+                 config: ConnectorConfig) -> tuple[Namespace, int]:
+    """The namespace fingerprint and chunk size (in blocks) of this instance (the same for
+    every rank, and for instances of the model at any tensor parallelism)."""
+    spec = _only_group(kv_cache_config).kv_cache_spec
     block_size = spec.block_size
     chunk_blocks = max(1, config.chunk_tokens // block_size)
     model = vllm_config.model_config
@@ -59,17 +58,55 @@ def namespace_of(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig,
         model=config.model_id or str(model.model),
         revision=str(model.revision or ""),
         kv_dtype=str(spec.dtype),
-        kv_layout=str(vllm_config.device_config.device_type),
+        device_type=str(vllm_config.device_config.device_type),
         block_size=block_size,
         chunk_blocks=chunk_blocks,
-        num_layers=len(groups[0].layer_names),
-        num_kv_heads=int(spec.num_kv_heads),
+        num_layers=len(kv_cache_config.kv_cache_groups[0].layer_names),
+        num_kv_heads=_total_kv_heads(vllm_config),
         head_size=int(spec.head_size),
-        tp_size=vllm_config.parallel_config.tensor_parallel_size,
-        tp_rank=tp_rank,
         hash_algorithm=str(vllm_config.cache_config.prefix_caching_hash_algo),
     )
     return ns.fingerprint(), chunk_blocks
+
+
+def _only_group(kv_cache_config: KVCacheConfig):
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        # NOTE: vLLM 0.32 turns its hybrid allocator off for a connector that does not
+        # subclass SupportsHMA (config/vllm.py, VllmConfig.__post_init__: "Turning off hybrid
+        # kv cache manager because `--kv-transfer-config` selects a KV connector that does
+        # not support it"), which makes sliding-window layers full-attention ones
+        # (v1/core/kv_cache_utils.py, unify_hybrid_kv_cache_specs): one group. More than one
+        # group is left only where layers differ in shape or kind (e.g. Mamba), which p2pkv
+        # cannot save yet.
+        raise ConfigError(f"p2pkv supports models with one KV cache group, not {len(groups)}")
+    return groups[0]
+
+
+def _total_kv_heads(vllm_config: VllmConfig) -> int:
+    """The model's KV heads over all TP ranks (1 for MLA: its latent KV has no heads)."""
+    model = vllm_config.model_config
+    return 1 if model.use_mla else int(model.get_total_num_kv_heads())
+
+
+def rank_slices(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig
+                ) -> tuple[KVSlice, ...]:
+    """What each TP rank of this instance holds of a chunk (by rank); refuses what p2pkv
+    cannot do yet, naming why."""
+    parallel = vllm_config.parallel_config
+    if parallel.pipeline_parallel_size != 1:
+        raise ConfigError("p2pkv does not support pipeline_parallel_size > 1 yet (each stage "
+                          "would hold a layer range of every chunk; not built)")
+    group = _only_group(kv_cache_config)
+    slices = tp_slices(num_kv_heads=_total_kv_heads(vllm_config),
+                       num_layers=len(group.layer_names),
+                       tp_size=parallel.tensor_parallel_size,
+                       mla=vllm_config.model_config.use_mla)
+    per_rank = int(group.kv_cache_spec.num_kv_heads)
+    if any(s.heads != per_rank for s in slices):
+        raise ConfigError(f"p2pkv: vLLM gives each rank {per_rank} KV heads, p2pkv expected "
+                          f"{slices[0].heads}: unknown head split")
+    return slices
 
 
 def probe_hash(vllm_config: VllmConfig) -> str:
@@ -109,10 +146,18 @@ class P2PKVConnector(KVConnectorBase_V1):
         ktc = vllm_config.kv_transfer_config
         self._config = ConnectorConfig.from_extra_config(ktc.kv_connector_extra_config)
         _log_like_vllm(self._config.log_level)
-        if vllm_config.parallel_config.tensor_parallel_size != 1:
-            raise ConfigError("p2pkv does not support tensor_parallel_size > 1 yet")
-        self._instance = InstanceId(str(ktc.engine_id))
-        namespace, chunk_blocks = namespace_of(vllm_config, kv_cache_config, self._config, 0)
+        engine = str(ktc.engine_id)
+        slices = rank_slices(vllm_config, kv_cache_config)
+        namespace, chunk_blocks = namespace_of(vllm_config, kv_cache_config, self._config)
+        on_cpu = vllm_config.device_config.device_type == "cpu"
+        rank = 0
+        if role != KVConnectorRole.SCHEDULER and len(slices) > 1:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            rank = get_tensor_model_parallel_rank()
+        # NOTE: rank 0 registers under the engine id itself (what a router knows an instance
+        # by, and what a TP 1 instance always was), the others as "<engine_id>/<rank>".
+        self._instance = InstanceId(engine if rank == 0 else f"{engine}/{rank}")
         secret = load_secret(self._config.secret_file) if self._config.secret_file else None
         if secret is None:
             logger.warning("p2pkv: no secret_file: directory traffic is unauthenticated")
@@ -125,7 +170,13 @@ class P2PKVConnector(KVConnectorBase_V1):
                 self._config, namespace=namespace,
                 block_size=vllm_config.cache_config.block_size, chunk_blocks=chunk_blocks,
                 can_load=ktc.kv_role != "kv_producer", can_save=ktc.kv_role != "kv_consumer",
-                save_partial=ktc.kv_role == "kv_producer", directory=directory)
+                save_partial=ktc.kv_role == "kv_producer", directory=directory,
+                slices=slices, exact_slices_only=not on_cpu)
+            if not on_cpu:
+                logger.info("p2pkv: on %s, pulls only from instances at the same tensor "
+                            "parallelism (a head range is not one byte range in GPU KV "
+                            "layouts; heterogeneous TP runs on CPU only)",
+                            vllm_config.device_config.device_type)
         else:
             cuda_device = None
             if vllm_config.device_config.device_type == "cuda":
@@ -139,9 +190,13 @@ class P2PKVConnector(KVConnectorBase_V1):
             self._worker = WorkerSide(self._config, instance=self._instance,
                                       namespace=namespace, chunk_blocks=chunk_blocks,
                                       transport=transport, directory=directory,
-                                      probe=probe_hash(vllm_config))
-        logger.info("p2pkv connector (%s) for instance %s, namespace %s, directory %s",
-                    role.name, self._instance, namespace, self._config.directory)
+                                      probe=probe_hash(vllm_config), rank=rank,
+                                      slice=slices[rank],
+                                      saves=is_lowest_replica(slices, rank), engine=engine)
+        logger.info("p2pkv connector (%s) for instance %s (%s), namespace %s, directory %s",
+                    role.name, self._instance,
+                    slices[rank] if self._worker else f"TP {len(slices)}", namespace,
+                    self._config.directory)
 
     # -- worker side ------------------------------------------------------------------------
 

@@ -16,7 +16,16 @@ A chunk of ``chunk_blocks`` blocks is stored block-major, then layer, then segme
 
 Bytes are copied as they lie in memory, so instances must agree on the physical layout, not
 only the shape: :attr:`KVLayout.signature` names it, and goes into the hash probe that the
-directory compares between members of a namespace.
+directory compares between members of a namespace. It names the layout *per KV head* (dtype,
+the shape below the head dimension, stride order), never this rank's head count, so ranks of
+instances at different tensor parallelism agree.
+
+Tensor parallelism: a rank's blocks hold its KV heads only (its :class:`~p2pkv.slices.KVSlice`).
+Where the heads are the outermost dimension of a block and a block is one segment (CPU's
+``LBHNC``, GPU's HND), a range of heads inside one (block, layer) is one dense byte range of
+``heads * head_bytes``: :meth:`KVLayout.part_dest` gives those ranges as a pull's destination
+and :func:`part_selection` the bytes a holder rank sends for a part of its slice. Elsewhere
+(``head_bytes == 0``, e.g. FlashAttention's NHD) only equal slices are exchanged.
 
 The pieces are ``memoryview`` for a CPU cache and 1-D uint8 CUDA tensors for a GPU cache (the
 transports accept both; :mod:`p2pkv.transport.staging`). Saving from a GPU cache is an
@@ -32,6 +41,8 @@ from typing import Any
 import numpy as np
 
 from p2pkv.errors import ConfigError
+from p2pkv.slices import KVSlice
+from p2pkv.transport.selection import Selection
 
 
 def block_segments(shape: Sequence[int], strides: Sequence[int], itemsize: int
@@ -76,6 +87,8 @@ class KVLayout:
     # one dense segment per block: per layer a [num_blocks, block_bytes] uint8 view (numpy on
     # CPU, torch on GPU) of the cache, for whole-chunk copies
     rows: tuple[Any, ...] = ()
+    heads: int = 1  # this rank's KV heads (dimension 1 of a 4-D cache; 1 for MLA's 3-D one)
+    head_bytes: int = 0  # bytes of one head in one block where a head range is dense, else 0
 
     @classmethod
     def from_kv_caches(cls, kv_caches: Mapping[str, Any]) -> KVLayout:
@@ -104,8 +117,18 @@ class KVLayout:
         es = torch.empty(0, dtype=dtype).element_size()
         segments = block_segments(shape[1:], strides[1:], es)
         order = "".join(str(i) for i in sorted(range(len(shape)), key=lambda d: -strides[d]))
-        signature = f"{str(dtype).removeprefix('torch.')}/{'x'.join(map(str, shape[1:]))}/" \
-                    f"order{order}/seg{len(segments)}"
+        heads = int(shape[1]) if len(shape) == 4 else 1
+        per_head = shape[2:] if len(shape) == 4 else shape[1:]
+        segs = "1" if len(segments) == 1 else "head" if len(segments) == heads else \
+            f"{len(segments) // heads}xhead" if len(segments) % heads == 0 else str(len(segments))
+        # NOTE: nothing in the signature may depend on this rank's head count (shape[1]):
+        # instances at different TP must agree (see the module docstring).
+        signature = f"{str(dtype).removeprefix('torch.')}/{len(shape)}d/" \
+                    f"{'x'.join(map(str, per_head))}/order{order}/seg{segs}"
+        head_bytes = 0
+        if len(segments) == 1 and segments[0][0] == 0 and (
+                len(shape) == 3 or heads == 1 or strides[1] == max(strides[1:])):
+            head_bytes = segments[0][1] // heads
         rows: tuple[Any, ...] = ()
         if len(segments) == 1 and segments[0][0] == 0:
             bb = segments[0][1]
@@ -117,7 +140,7 @@ class KVLayout:
                 rows = tuple(b.as_strided((shape[0], bb), (strides[0] * es, 1), f)
                              for b, f in zip(bases, first))
         return cls(tuple(names), tuple(bases), tuple(first), strides[0] * es, segments,
-                   int(shape[0]), device, signature, rows)
+                   int(shape[0]), device, signature, rows, heads, head_bytes)
 
     @property
     def num_layers(self) -> int:
@@ -167,6 +190,35 @@ class KVLayout:
                 pieces.append(memoryview(bytearray(self.block_bytes * self.num_layers)))
         return tuple(pieces)
 
+    def part_dest(self, block_ids: Sequence[int | None], mine: KVSlice, part: KVSlice
+                  ) -> tuple[Any, ...]:
+        """Where ``part`` (heads x layers inside this rank's slice ``mine``) of a pulled chunk
+        goes: per block, per layer of the part, the byte range of the part's heads (a
+        ``None`` block: scratch). The whole slice is :meth:`chunk_dest`."""
+        if part == mine:
+            return self.chunk_dest(block_ids)
+        if not mine.contains(part):
+            raise ValueError(f"part {part} is not inside this rank's slice {mine}")
+        if mine.layers != self.num_layers or mine.heads != self.heads:
+            raise ValueError(f"slice {mine} does not match this cache ({self.heads} heads, "
+                             f"{self.num_layers} layers)")
+        if not self.head_bytes or self.on_gpu or not self.rows:
+            raise ValueError(f"p2pkv: a head range is not contiguous in this KV layout "
+                             f"({self.signature})")
+        off = (part.head_start - mine.head_start) * self.head_bytes
+        n = part.heads * self.head_bytes
+        layers = range(part.layer_start - mine.layer_start, part.layer_end - mine.layer_start)
+        pieces: list[Any] = []
+        for b in block_ids:
+            if b is None:
+                pieces.append(memoryview(bytearray(n * len(layers))))
+                continue
+            if not 0 <= b < self.num_blocks:
+                raise ValueError(f"block id {b} out of range")
+            for layer in layers:
+                pieces.append(memoryview(self.rows[layer][b, off:off + n]))
+        return tuple(pieces)
+
     def gather_into(self, block_ids: Sequence[int], dst: Any) -> None:
         """Copy the chunk made of ``block_ids`` from a GPU cache into ``dst`` (a uint8 device
         tensor, slot order), on the current stream: one indexed copy per layer, or one
@@ -195,6 +247,22 @@ class KVLayout:
                 dst[off:off + piece.nbytes] = piece
                 off += piece.nbytes
         assert off <= dst.nbytes
+
+
+def part_selection(holder: KVSlice, part: KVSlice, head_bytes: int) -> Selection | None:
+    """The bytes of a holder rank's stored chunk (slice ``holder``, slot order: block, layer,
+    heads) that make ``part``; None when the part is the whole slice. ``head_bytes``: bytes
+    of one head in one block (the same on every rank of a namespace: the probe says so)."""
+    if part == holder:
+        return None
+    if not holder.contains(part):
+        raise ValueError(f"part {part} is not inside the holder's slice {holder}")
+    if head_bytes <= 0:
+        raise ValueError("a head range is not contiguous in this KV layout")
+    return Selection(rows=holder.layers, row_bytes=holder.heads * head_bytes,
+                     first_row=part.layer_start - holder.layer_start, num_rows=part.layers,
+                     offset=(part.head_start - holder.head_start) * head_bytes,
+                     length=part.heads * head_bytes)
 
 
 class DeviceBlocks:

@@ -1,6 +1,8 @@
 """What the scheduler side tells the workers each step (pickled by vLLM).
 
-Typed, small, and free of vLLM objects so the worker needs nothing but these fields.
+Typed, small, and free of vLLM objects so the worker needs nothing but these fields. The same
+metadata goes to every worker rank; a load names each rank's sources and every rank takes
+its own (``LoadPlan.sources[rank]``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from dataclasses import dataclass, field
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
 from p2pkv.keys import ChunkKey
+from p2pkv.vllm.sources import Source
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,9 +26,12 @@ class ChunkLoad:
 
 @dataclass(frozen=True, slots=True)
 class LoadPlan:
+    """Pull ``chunks`` for request ``req_id``: worker rank ``r`` pulls from ``sources[r]``
+    (the holder ranks covering its slice, one engine's: ``p2pkv.vllm.sources``)."""
+
     req_id: str
-    address: str  # the holder's data-plane address
     chunks: tuple[ChunkLoad, ...]
+    sources: tuple[tuple[Source, ...], ...]
 
 
 @dataclass(frozen=True, slots=True)

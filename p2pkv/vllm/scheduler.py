@@ -23,8 +23,10 @@ from typing import Any
 
 from p2pkv.directory.client import PENDING, DirectoryClient
 from p2pkv.keys import ChunkKey, Namespace, chunk_keys, partial_chunk_key, prompt_keys
+from p2pkv.slices import KVSlice
 from p2pkv.vllm.config import ConnectorConfig
 from p2pkv.vllm.metadata import ChunkLoad, LoadPlan, P2PKVMetadata, SavePlan
+from p2pkv.vllm.sources import Source, plan_sources
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ class _Lookup:
 
 @dataclass(slots=True)
 class _PlannedLoad:
-    address: str
+    sources: tuple[tuple[Source, ...], ...]  # per worker rank
     first_chunk: int
     keys: list[ChunkKey]
     num_local_tokens: int
@@ -64,8 +66,15 @@ class SchedulerSide:
     def __init__(self, config: ConnectorConfig, *, namespace: Namespace, block_size: int,
                  chunk_blocks: int, can_load: bool, can_save: bool,
                  directory: DirectoryClient, clock: Callable[[], float] = time.monotonic,
-                 save_partial: bool = False) -> None:
+                 save_partial: bool = False,
+                 slices: tuple[KVSlice, ...] = (KVSlice.whole(1, 1),),
+                 exact_slices_only: bool = False) -> None:
+        """``slices``: what each of this instance's worker ranks holds (by TP rank; the
+        default is one rank holding everything). ``exact_slices_only``: pull only from
+        holder ranks with the same slices (layouts where a head range is not contiguous)."""
         self._config = config
+        self._slices = slices
+        self._exact_slices_only = exact_slices_only
         self._namespace = namespace
         self._block_size = block_size
         self._chunk_blocks = chunk_blocks
@@ -125,18 +134,23 @@ class SchedulerSide:
         self._failures_in_a_row = 0
         if not reply.holders:
             return 0, False
-        best = reply.holders[0]
+        best = plan_sources(reply.holders, self._slices, exact_only=self._exact_slices_only)
+        if best is None:
+            logger.debug("p2pkv: %s: no engine holds every slice this instance needs "
+                         "(holders: %s)", req_id, reply.holders)
+            return 0, False
         covered = lookup.first_chunk + best.run
         end_tokens = (lookup.prompt_tokens if covered > lookup.full_chunks
                       else covered * self._chunk_tokens)
         external = end_tokens - num_computed_tokens
         if external <= 0:
             return 0, False
-        self._planned[req_id] = _PlannedLoad(best.address, lookup.first_chunk,
+        self._planned[req_id] = _PlannedLoad(best.per_rank, lookup.first_chunk,
                                              lookup.keys[:best.run], num_computed_tokens,
                                              end_tokens)
         self.counters.remote_hit_tokens += external
-        logger.debug("p2pkv: %s remote hit of %d tokens at %s", req_id, external, best.address)
+        logger.debug("p2pkv: %s remote hit of %d tokens at %s (%s)", req_id, external,
+                     best.engine, ", ".join(best.addresses))
         return external, True
 
     def _start_lookup(self, request: Any, num_computed_tokens: int) -> _Lookup | None:
@@ -175,7 +189,7 @@ class SchedulerSide:
             ids = tuple(block_ids[b] if local_blocks <= b < end_blocks else None
                         for b in range(start, start + self._chunk_blocks))
             chunks.append(ChunkLoad(key, ids))
-        self._pending_loads.append(LoadPlan(request.request_id, planned.address, tuple(chunks)))
+        self._pending_loads.append(LoadPlan(request.request_id, tuple(chunks), planned.sources))
         self._loaded.add(request.request_id)
         # NOTE: pulled chunks are not saved again here: the copy would sit on the critical path
         # of exactly the request the pull was meant to speed up (measured: 27 chunks, ~0.2-0.4 s

@@ -1,12 +1,17 @@
-"""Worker side of the connector (runs in each vLLM worker process).
+"""Worker side of the connector (runs in each vLLM worker process, one per TP rank).
 
-Owns this rank's chunk store and data-plane server, and a directory client that keeps this
-rank registered by itself (leases, re-registration, republishing: see
-``p2pkv.directory.client``); the worker only tells it what the store gained and lost. Pulls
-run on a small thread pool, straight into the blocks vLLM allocated; their outcomes are
-handed back to vLLM through ``get_finished`` / ``get_block_ids_with_load_errors`` (failed
-blocks are recomputed). Saves copy completed chunks out of the paged cache after the step's
-forward pass (from a GPU cache asynchronously: ``p2pkv.vllm.gpu.AsyncSaver``).
+Each rank holds one :class:`~p2pkv.slices.KVSlice` of every chunk (its KV heads). The lowest
+rank of each distinct slice (every rank, unless KV heads are replicated or the model uses
+MLA) owns a chunk store and data-plane server, and a directory client that keeps the rank
+registered by itself (leases, re-registration, republishing: see ``p2pkv.directory.client``);
+the worker only tells it what the store gained and lost. Pulls run on a small thread pool,
+straight into the blocks vLLM allocated: a rank pulls its slice from the holder ranks the
+scheduler side chose for it (``LoadPlan.sources[rank]``), from several in parallel, each
+part written at its heads' offset in the blocks. Their outcomes are handed back to vLLM
+through ``get_finished`` / ``get_block_ids_with_load_errors``; vLLM waits for every rank to
+report a request and unions the ranks' failed blocks, so every rank recomputes the same
+blocks. Saves copy completed chunks out of the paged cache after the step's forward pass
+(from a GPU cache asynchronously: ``p2pkv.vllm.gpu.AsyncSaver``).
 """
 
 from __future__ import annotations
@@ -21,12 +26,15 @@ from typing import TYPE_CHECKING
 
 from p2pkv.affinity import unpin_current_thread
 from p2pkv.directory.client import DirectoryClient, Registration
+from p2pkv.errors import ConfigError
 from p2pkv.keys import InstanceId, Namespace
+from p2pkv.slices import KVSlice
 from p2pkv.store import ChunkStore
-from p2pkv.transport.base import Outcome, PullItem, Transport
+from p2pkv.transport.base import Outcome, PullItem, PullResult, Transport
 from p2pkv.vllm.config import ConnectorConfig
-from p2pkv.vllm.layout import KVLayout
+from p2pkv.vllm.layout import KVLayout, part_selection
 from p2pkv.vllm.metadata import LoadPlan, P2PKVMetadata
+from p2pkv.vllm.sources import Source
 
 if TYPE_CHECKING:
     from p2pkv.vllm.gpu import AsyncSaver
@@ -49,8 +57,16 @@ class WorkerCounters:
 class WorkerSide:
     def __init__(self, config: ConnectorConfig, *, instance: InstanceId, namespace: Namespace,
                  chunk_blocks: int, transport: Transport, directory: DirectoryClient,
-                 probe: str = "") -> None:
+                 probe: str = "", rank: int = 0, slice: KVSlice | None = None,
+                 saves: bool = True, engine: str = "") -> None:
+        """``rank``: this worker's TP rank (its entry in ``LoadPlan.sources``); ``slice``: what
+        it holds (None: the whole model, TP 1); ``saves``: it is the lowest rank holding its
+        slice, so it saves, serves and registers (the others only pull)."""
         self._config = config
+        self._rank = rank
+        self._slice = slice
+        self._saves = saves
+        self._engine = engine
         self._instance = instance
         self._namespace = namespace
         self._chunk_blocks = chunk_blocks
@@ -61,6 +77,10 @@ class WorkerSide:
         self._saver: AsyncSaver | None = None  # GPU caches: saves are async copies
         self._pool = ThreadPoolExecutor(config.pull_threads, thread_name_prefix="p2pkv-pull",
                                         initializer=unpin_current_thread)
+        # NOTE: a load's parts from several holder ranks run here, never on _pool, whose
+        # threads wait for them (a shared pool could deadlock).
+        self._parts = ThreadPoolExecutor(config.pull_threads, thread_name_prefix="p2pkv-part",
+                                         initializer=unpin_current_thread)
         self._lock = threading.Lock()  # guards the three fields below (pull threads write)
         self._finished_recving: set[str] = set()
         self._failed_blocks: set[int] = set()
@@ -71,7 +91,16 @@ class WorkerSide:
 
     def register_kv_caches(self, layout: KVLayout) -> None:
         self._layout = layout
+        if self._slice is None:
+            self._slice = KVSlice.whole(layout.heads, layout.num_layers)
+        if (self._slice.heads, self._slice.layers) != (layout.heads, layout.num_layers):
+            raise ConfigError(f"p2pkv: rank {self._rank} should hold {self._slice}, but vLLM "
+                              f"gave it {layout.heads} KV heads in {layout.num_layers} layers")
         slot = layout.chunk_bytes(self._chunk_blocks)
+        if not self._saves:
+            logger.info("p2pkv worker rank %d: %s, the same as a lower rank's: pulls only "
+                        "(that rank saves and serves)", self._rank, self._slice)
+            return
         capacity = max(1, self._config.store_bytes // slot)
         self._store = self._transport.create_store(slot, capacity)
         if layout.on_gpu:
@@ -86,12 +115,12 @@ class WorkerSide:
         probe = f"{self._probe}.{hashlib.sha256(layout.signature.encode()).hexdigest()[:8]}"
         self._directory.register(Registration(
             instance=self._instance, epoch=self._epoch, namespace=self._namespace,
-            address=address, probe=probe,
-            capabilities=(self._transport.name,)), wait_connected_s=1.0)
-        logger.info("p2pkv worker: %d layers on %s (%s), %d B per block, chunk %d B, store "
-                    "%d chunks, serving on %s, namespace %s", layout.num_layers, layout.device,
-                    layout.signature, layout.block_bytes, slot, capacity, address,
-                    self._namespace)
+            address=address, probe=probe, capabilities=(self._transport.name,),
+            engine=self._engine, slice=self._slice), wait_connected_s=1.0)
+        logger.info("p2pkv worker rank %d: %s, %d layers on %s (%s), %d B per block, chunk "
+                    "%d B, store %d chunks, serving on %s, namespace %s", self._rank,
+                    self._slice, layout.num_layers, layout.device, layout.signature,
+                    layout.block_bytes, slot, capacity, address, self._namespace)
 
     # -- loads ----------------------------------------------------------------------------
 
@@ -106,27 +135,39 @@ class WorkerSide:
         assert self._layout is not None
         failed: set[int] = set()
         t0 = time.monotonic()
+        sources = plan.sources[self._rank] if self._rank < len(plan.sources) else ()
         try:
-            items = [PullItem(c.key, self._layout.chunk_dest(c.block_ids)) for c in plan.chunks]
-            results = self._transport.pull(plan.address, items, self._config.pull_timeout_s)
+            if not sources:
+                raise ValueError(f"the plan names no sources for rank {self._rank}")
+            if len(sources) == 1:
+                per_source = [self._pull_part(plan, sources[0])]
+            else:
+                per_source = [f.result() for f in [self._parts.submit(self._pull_part, plan, s)
+                                                   for s in sources]]
         except Exception:  # noqa: BLE001 - a bug here must still release the request
             logger.exception("p2pkv: pull for %s crashed; recomputing", plan.req_id)
-            results = []
+            per_source = [[]]
         ok = 0
-        for chunk, result in zip(plan.chunks, results):
-            if result.outcome is Outcome.OK:
+        missing = 0
+        for i, chunk in enumerate(plan.chunks):
+            # NOTE: a chunk is good only when every part of it arrived
+            results = [r[i] if i < len(r) else None for r in per_source]
+            if all(r is not None and r.outcome is Outcome.OK for r in results):
                 ok += 1
                 continue
             failed.update(b for b in chunk.block_ids if b is not None)
-            logger.info("p2pkv: chunk of %s not pulled (%s: %s); recomputing from there",
-                        plan.req_id, result.outcome.value, result.reason)
-        for chunk in plan.chunks[len(results):]:
-            failed.update(b for b in chunk.block_ids if b is not None)
+            bad = next(r for r in results if r is None or r.outcome is not Outcome.OK)
+            if bad is not None:
+                missing += bad.outcome is Outcome.MISSING
+                logger.info("p2pkv: chunk of %s not pulled (%s: %s); recomputing from there",
+                            plan.req_id, bad.outcome.value, bad.reason)
+        assert self._slice is not None
         chunk_bytes = self._layout.chunk_bytes(self._chunk_blocks)
+        nbytes = sum(ok * chunk_bytes * s.part.area // self._slice.area for s in sources)
         elapsed = time.monotonic() - t0
-        logger.info("p2pkv: pulled %d/%d chunks (%.1f MB) for %s from %s in %.1f ms",
-                    ok, len(plan.chunks), ok * chunk_bytes / 1e6, plan.req_id, plan.address,
-                    elapsed * 1000)
+        logger.info("p2pkv: rank %d pulled %d/%d chunks (%.1f MB) for %s from %s in %.1f ms",
+                    self._rank, ok, len(plan.chunks), nbytes / 1e6, plan.req_id,
+                    ", ".join(s.address for s in sources), elapsed * 1000)
         with self._lock:
             # NOTE: errors are recorded before the request is marked finished, so vLLM sees
             # them no later than the pass that reports the request (base.py contract).
@@ -135,11 +176,36 @@ class WorkerSide:
             c = self.counters
             c.loads += 1
             c.chunks_pulled += ok
-            c.bytes_pulled += ok * chunk_bytes
-            missing = sum(r.outcome is Outcome.MISSING for r in results)
+            c.bytes_pulled += nbytes
             c.chunks_missing += missing
             c.chunks_failed += len(plan.chunks) - ok - missing
             c.pull_ms += int(elapsed * 1000)
+
+    def _pull_part(self, plan: LoadPlan, source: Source) -> list[PullResult]:
+        """Pull ``source.part`` of every chunk of ``plan`` from one holder rank, into the part's
+        byte ranges of this rank's blocks."""
+        assert self._layout is not None and self._slice is not None
+        layout = self._layout
+        select = part_selection(source.holder, source.part, layout.head_bytes)
+        items = [PullItem(c.key, layout.part_dest(c.block_ids, self._slice, source.part))
+                 for c in plan.chunks]
+        if select is None:
+            return self._transport.pull(source.address, items, self._config.pull_timeout_s)
+        # The holder's whole chunk into scratch, then the selected bytes into the blocks.
+        held = self._chunk_blocks * source.holder.area * layout.head_bytes
+        scratch = [memoryview(bytearray(held)) for _ in items]
+        results = self._transport.pull(
+            source.address, [PullItem(i.key, (s,)) for i, s in zip(items, scratch)],
+            self._config.pull_timeout_s)
+        for item, buf, result in zip(items, scratch, results):
+            if result.outcome is Outcome.OK:
+                picked = b"".join(buf[off:off + n] for off, n in select.ranges(held))
+                at = 0
+                for dst in item.dest:
+                    dst.cast("B")[:] = picked[at:at + dst.nbytes]
+                    at += dst.nbytes
+                assert at == len(picked)
+        return results
 
     def take_finished_recving(self) -> set[str]:
         with self._lock:
@@ -197,6 +263,7 @@ class WorkerSide:
     def shutdown(self) -> None:
         self._directory.unregister()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._parts.shutdown(wait=True, cancel_futures=True)
         if self._saver is not None:
             self._saver.close()
         self._transport.close()

@@ -1,0 +1,60 @@
+"""A part of a stored chunk: the bytes a pull asks a holder for, when not all of them.
+
+A holder's chunk is ``groups`` of ``rows`` rows of ``row_bytes`` each (for the connector: the
+chunk's blocks, each one row per layer the holder rank holds, a row being its KV heads'
+bytes of that block and layer). A :class:`Selection` takes rows ``[first_row, first_row +
+num_rows)`` of every group and bytes ``[offset, offset + length)`` of each such row: a range
+of heads and layers. The holder sends only those bytes (``transport/wire.py``), so a puller
+rank at a higher TP than the holder receives its own heads only.
+
+Pure byte arithmetic, shared by the holder (what to send), the puller (what to expect) and
+the same-host path (what to copy out of a peer's slab).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import msgspec
+
+
+class Selection(msgspec.Struct, frozen=True):
+    rows: int
+    row_bytes: int
+    first_row: int
+    num_rows: int
+    offset: int
+    length: int
+
+    def check(self, chunk_bytes: int) -> str:
+        """Why this selection does not fit a chunk of ``chunk_bytes`` ("" when it does)."""
+        if min(self.rows, self.row_bytes, self.num_rows, self.length) <= 0:
+            return f"empty selection {self}"
+        if self.first_row < 0 or self.first_row + self.num_rows > self.rows:
+            return f"rows {self.first_row}+{self.num_rows} outside {self.rows}"
+        if self.offset < 0 or self.offset + self.length > self.row_bytes:
+            return f"bytes {self.offset}+{self.length} outside a row of {self.row_bytes}"
+        if chunk_bytes % (self.rows * self.row_bytes):
+            return (f"a chunk of {chunk_bytes} bytes is not made of groups of {self.rows} rows "
+                    f"of {self.row_bytes} bytes")
+        return ""
+
+    def groups(self, chunk_bytes: int) -> int:
+        return chunk_bytes // (self.rows * self.row_bytes)
+
+    def nbytes(self, chunk_bytes: int) -> int:
+        """Bytes selected out of a chunk of ``chunk_bytes``."""
+        return self.groups(chunk_bytes) * self.num_rows * self.length
+
+    def ranges(self, chunk_bytes: int) -> Iterator[tuple[int, int]]:
+        """``(offset, length)`` of every selected byte range of the chunk, in order; ranges
+        that touch are merged (a whole-row selection is one range per group)."""
+        group = self.rows * self.row_bytes
+        whole_rows = self.offset == 0 and self.length == self.row_bytes
+        for g in range(self.groups(chunk_bytes)):
+            base = g * group + self.first_row * self.row_bytes + self.offset
+            if whole_rows:
+                yield base, self.num_rows * self.row_bytes
+                continue
+            for r in range(self.num_rows):
+                yield base + r * self.row_bytes, self.length
