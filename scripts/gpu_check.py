@@ -4,14 +4,14 @@ to the copies that bound them, in a few minutes, on a host with torch and no net
     python scripts/gpu_check.py [--out DIR] [--layers 32 --heads 8 --head-size 128 ...]
 
 What it does (each step prints as it goes and lands in DIR/gpu_check.json):
-1. The limits, measured here on the same bytes: device-to-device copy, pinned host-to-device
+1. The limits, measured here on the same bytes: device-to-device copy, page-locked host-to-device
    and device-to-host copies.
 2. The layouts: KVLayout over real CUDA caches of the GPU attention backends' layouts
    (NHD, HND, heads-outside-blocks), block pieces checked against the tensors.
 3. A holder process fills a paged "KV cache" on the GPU (bf16, vLLM 0.32's logical
    [blocks, H, N, C] over an NHD layout), saves chunks with the connector's AsyncSaver
    (async device-to-host into the page-locked store) and serves them over every transport it
-   has: tcp (pinned staging + one host-to-device copy), shm (same host: one DMA straight
+   has: tcp (page-locked staging + one host-to-device copy), shm (same host: one DMA straight
    from the holder's page-locked slab mapping, digest checked meanwhile) and ucx (if ucxx
    imports: into a device staging buffer, then one gather kernel).
 4. This process pulls the chunks into other blocks of its own cache over each transport,

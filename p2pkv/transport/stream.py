@@ -47,8 +47,8 @@ def pull(sock: socket.socket, items: Sequence[PullItem], deadline: float,
         # speed on loopback). Each piece is hashed right after it lands, while it is still
         # in cache and while the kernel keeps receiving the next one: the digest then
         # overlaps the transfer instead of adding to it (~15 % of a 64 MiB pull).
-        results.append(checked(item, recv_hashed(sock, item.dest, deadline),  # type: ignore[arg-type]
-                               h.digest))
+        got = recv_hashed(sock, item.dest, deadline)  # type: ignore[arg-type]
+        results.append(checked(item, got, h.digest))
     return results
 
 
