@@ -222,11 +222,11 @@ class UcxEngine:
             worker.worker.cancel_inflight_requests(0, 1)
             if not _settled(requests, CANCEL_WAIT_S):
                 bufs = [buf for _, buf in messages]
+                nbytes = sum(int(b.nbytes) for b in bufs)
                 with self._lock:
                     self._lingering.append((requests, bufs.clear))
                 logger.warning("p2pkv ucx: %d receives could not be cancelled; their "
-                               "buffers (%d bytes) are quarantined", len(requests),
-                               sum(int(b.nbytes) for b in bufs))
+                               "buffers (%d bytes) are quarantined", len(requests), nbytes)
             raise
 
     def _reap(self) -> None:
