@@ -8,7 +8,9 @@ one at a time::
     server reply : u8 status | 7 pad | 32 B HMAC(key, "s" nonce_c nonce_s) | u32 n | n B PeerInfo
     request      : u32 length | msgpack Request (Pull | Pin | Release | Send)
     Pull reply   : one ItemHeader per key (u8 status, 7 pad, u64 nbytes, u64 xxh3-64 digest),
-                   then the payloads of the OK items, back to back, in the same order
+                   then the payloads of the OK items, back to back, in the same order; with
+                   ``select`` (a ``selection.Selection``) each payload is only the selected
+                   bytes of its chunk, and the digest is the holder's xxh3-64 of those
     Pin reply    : one PinHeader per key (ItemHeader + u64 slot + u64 generation); the server
                    keeps those slots pinned until the client's Release (or the connection ends)
     Release      : no reply
@@ -26,6 +28,9 @@ History: 1 — walking skeleton (whole chunks by key, per-chunk digest).
          2 — handshake with HMAC challenge-response and PeerInfo; Pin/Release (same host);
              later in 2: Send (UCX bytes; offered only by holders whose PeerInfo carries a
              ``ucx_address``, so older holders are never asked).
+         3 — ``Pull.select``: part of each chunk (a range of KV heads and layers, for a
+             puller at a higher tensor parallelism than the holder). A v2 holder would
+             ignore the field and send whole chunks, hence the bump.
 """
 
 from __future__ import annotations
@@ -34,13 +39,15 @@ import enum
 import hashlib
 import hmac
 import struct
+from typing import NamedTuple
 
 import msgspec
 
-from p2pkv.errors import TransportError
+from p2pkv.errors import AuthError, BadRequest
 from p2pkv.keys import MAX_KEY_BYTES
+from p2pkv.transport.selection import Selection
 
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 MAX_REQUEST_BYTES = 1 << 20
 MAX_KEYS_PER_REQUEST = 4096
 MAGIC = b"P2KV"
@@ -64,14 +71,21 @@ MAX_INFO_BYTES = 64 << 10
 
 
 class Status(enum.IntEnum):
+    """Values of a header's ``status`` (one byte on the wire): ``OK`` or why not. (The same
+    style as the directory protocol's ``Status``; the values here are fixed by the framing.)"""
+
     OK = 0
     MISSING = 1
+    """The holder does not have the chunk (evicted, or never had it)."""
     BAD_REQUEST = 2
+    """The request was malformed; the holder closes the connection after this header."""
     AUTH_FAILED = 3
+    """The handshake's proof was wrong (or the versions differ); nothing else follows."""
 
 
 class Pull(msgspec.Struct, frozen=True, tag="pull"):
     keys: list[bytes]
+    select: Selection | None = None  # the same part of every chunk (None: whole chunks)
 
 
 class Pin(msgspec.Struct, frozen=True, tag="pin"):
@@ -105,12 +119,22 @@ class PeerInfo(msgspec.Struct, frozen=True):
     ucx_address: bytes = b""
 
 
-class BadRequest(TransportError):
-    """A peer sent bytes that are not a valid request."""
+class ItemHeader(NamedTuple):
+    """One chunk's header in a Pull or Send reply."""
+
+    status: Status
+    nbytes: int
+    digest: int  # xxh3-64 of the chunk's bytes
 
 
-class AuthError(TransportError):
-    """The peer failed (or refused) the shared-secret challenge-response."""
+class PinHeader(NamedTuple):
+    """One chunk's header in a Pin reply: where it lies in the holder's slab."""
+
+    status: Status
+    nbytes: int
+    digest: int
+    slot: int
+    generation: int
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -201,9 +225,9 @@ def pack_item(status: Status, nbytes: int = 0, digest: int = 0) -> bytes:
     return _ITEM.pack(status, nbytes, digest)
 
 
-def unpack_item(header: bytes) -> tuple[Status, int, int]:
+def unpack_item(header: bytes) -> ItemHeader:
     status, nbytes, digest = _ITEM.unpack(header)
-    return _status(status), nbytes, digest
+    return ItemHeader(_status(status), nbytes, digest)
 
 
 def pack_pin(status: Status, nbytes: int = 0, digest: int = 0, slot: int = 0,
@@ -211,9 +235,9 @@ def pack_pin(status: Status, nbytes: int = 0, digest: int = 0, slot: int = 0,
     return _PIN.pack(status, nbytes, digest, slot, generation)
 
 
-def unpack_pin(header: bytes) -> tuple[Status, int, int, int, int]:
+def unpack_pin(header: bytes) -> PinHeader:
     status, nbytes, digest, slot, generation = _PIN.unpack(header)
-    return _status(status), nbytes, digest, slot, generation
+    return PinHeader(_status(status), nbytes, digest, slot, generation)
 
 
 def _status(value: int) -> Status:

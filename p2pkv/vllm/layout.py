@@ -27,9 +27,10 @@ Where the heads are the outermost dimension of a block and a block is one segmen
 and :func:`part_selection` the bytes a holder rank sends for a part of its slice. Elsewhere
 (``head_bytes == 0``, e.g. FlashAttention's NHD) only equal slices are exchanged.
 
-The pieces are ``memoryview`` for a CPU cache and 1-D uint8 CUDA tensors for a GPU cache (the
-transports accept both; :mod:`p2pkv.transport.staging`). Saving from a GPU cache is an
-asynchronous device-to-host copy (:mod:`p2pkv.vllm.gpu`).
+The pieces are ``memoryview`` for a CPU cache and 1-D uint8 CUDA tensors for a GPU cache, or
+one :class:`DeviceBlocks` per chunk (the transport's destination pieces:
+``transport.base.Piece``). Saving from a GPU cache is an asynchronous device-to-host copy
+(:mod:`p2pkv.vllm.gpu`); the CUDA helpers both use live in :mod:`p2pkv.cuda`.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ from typing import Any
 
 import numpy as np
 
+from p2pkv.cuda import gather_copy, side_stream
 from p2pkv.errors import ConfigError
 from p2pkv.slices import KVSlice
+from p2pkv.transport.base import DeviceChunk, Piece
 from p2pkv.transport.selection import Selection
 
 
@@ -172,12 +175,12 @@ class KVLayout:
                 out.append(piece if self.on_gpu else memoryview(piece.numpy()))
         return out
 
-    def chunk_dest(self, block_ids: Sequence[int | None]) -> tuple[Any, ...]:
+    def chunk_dest(self, block_ids: Sequence[int | None]) -> tuple[Piece, ...]:
         """Where a pulled chunk goes: the pieces of its blocks (a ``None`` block: scratch that
         is dropped), or on a GPU with one segment per block, one :class:`DeviceBlocks`."""
         if self.on_gpu and self.rows:
             return (DeviceBlocks(self, block_ids),)
-        pieces: list[Any] = []
+        pieces: list[Piece] = []
         for b in block_ids:
             if b is not None:
                 pieces.extend(self.block_views(b))
@@ -223,8 +226,6 @@ class KVLayout:
         """Copy the chunk made of ``block_ids`` from a GPU cache into ``dst`` (a uint8 device
         tensor, slot order), on the current stream: one indexed copy per layer, or one
         multi-tensor copy of the pieces for layouts with several segments per block."""
-        from p2pkv.transport.staging import gather_copy
-
         assert self.on_gpu
         if self.rows:
             DeviceBlocks(self, block_ids).read_into(dst)
@@ -265,12 +266,12 @@ def part_selection(holder: KVSlice, part: KVSlice, head_bytes: int) -> Selection
                      length=part.heads * head_bytes)
 
 
-class DeviceBlocks:
+class DeviceBlocks(DeviceChunk):
     """One chunk's blocks in a GPU cache with one segment per block, copied as a whole: one
     indexed copy per layer instead of a copy per (block, layer) piece (a 16-block chunk of a
-    32-layer model is 512 pieces; slicing them alone cost milliseconds). The transports'
-    staging code (``transport/staging.py``) calls ``write_from``; ``KVLayout.gather_into``
-    (the GPU saves) calls ``read_into``. A ``None`` block id is a block computed locally: its
+    32-layer model is 512 pieces; slicing them alone cost milliseconds). The transport calls
+    ``write_from`` (``transport/land.py``); ``KVLayout.gather_into`` (the GPU saves) calls
+    ``read_into``. A ``None`` block id is a block computed locally: its
     bytes are dropped."""
 
     def __init__(self, layout: KVLayout, block_ids: Sequence[int | None]) -> None:
@@ -287,8 +288,6 @@ class DeviceBlocks:
         pos = torch.tensor(keep, dtype=torch.long)
         ids = torch.tensor([block_ids[i] for i in keep], dtype=torch.long)
         if self.device.type == "cuda":
-            from p2pkv.transport.staging import side_stream
-
             # NOTE: on p2pkv's side stream, never the default stream vLLM may compute on
             with torch.cuda.stream(side_stream(self.device)):
                 pos, ids = pos.to(self.device), ids.to(self.device)

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from p2pkv.affinity import unpin_current_thread
+from p2pkv.affinity import widen_cpu_affinity
 from p2pkv.directory.client import DirectoryClient, Registration
 from p2pkv.errors import ConfigError
 from p2pkv.keys import InstanceId, Namespace
@@ -76,11 +76,11 @@ class WorkerSide:
         self._store: ChunkStore | None = None
         self._saver: AsyncSaver | None = None  # GPU caches: saves are async copies
         self._pool = ThreadPoolExecutor(config.pull_threads, thread_name_prefix="p2pkv-pull",
-                                        initializer=unpin_current_thread)
+                                        initializer=widen_cpu_affinity)
         # NOTE: a load's parts from several holder ranks run here, never on _pool, whose
         # threads wait for them (a shared pool could deadlock).
         self._parts = ThreadPoolExecutor(config.pull_threads, thread_name_prefix="p2pkv-part",
-                                         initializer=unpin_current_thread)
+                                         initializer=widen_cpu_affinity)
         self._lock = threading.Lock()  # guards the three fields below (pull threads write)
         self._finished_recving: set[str] = set()
         self._failed_blocks: set[int] = set()
@@ -186,26 +186,12 @@ class WorkerSide:
         byte ranges of this rank's blocks."""
         assert self._layout is not None and self._slice is not None
         layout = self._layout
+        # NOTE: when the part is only some of the holder rank's heads (a puller at a higher
+        # TP), the selection makes the holder send just those bytes, under their own digest.
         select = part_selection(source.holder, source.part, layout.head_bytes)
-        items = [PullItem(c.key, layout.part_dest(c.block_ids, self._slice, source.part))
-                 for c in plan.chunks]
-        if select is None:
-            return self._transport.pull(source.address, items, self._config.pull_timeout_s)
-        # The holder's whole chunk into scratch, then the selected bytes into the blocks.
-        held = self._chunk_blocks * source.holder.area * layout.head_bytes
-        scratch = [memoryview(bytearray(held)) for _ in items]
-        results = self._transport.pull(
-            source.address, [PullItem(i.key, (s,)) for i, s in zip(items, scratch)],
-            self._config.pull_timeout_s)
-        for item, buf, result in zip(items, scratch, results):
-            if result.outcome is Outcome.OK:
-                picked = b"".join(buf[off:off + n] for off, n in select.ranges(held))
-                at = 0
-                for dst in item.dest:
-                    dst.cast("B")[:] = picked[at:at + dst.nbytes]
-                    at += dst.nbytes
-                assert at == len(picked)
-        return results
+        items = [PullItem(c.key, layout.part_dest(c.block_ids, self._slice, source.part),
+                          select) for c in plan.chunks]
+        return self._transport.pull(source.address, items, self._config.pull_timeout_s)
 
     def take_finished_recving(self) -> set[str]:
         with self._lock:
