@@ -58,9 +58,13 @@ class NamespaceSpec:
             if getattr(self, name) <= 0:
                 raise ValueError(f"NamespaceSpec.{name} must be positive")
 
+    def describe(self) -> str:
+        """The fields as ``k=v|k=v`` (sorted): what the fingerprint hashes, and what a
+        registration carries so that ``p2pkv doctor`` can say *why* two namespaces differ."""
+        return "|".join(f"{k}={v}" for k, v in sorted(asdict(self).items()))
+
     def fingerprint(self) -> Namespace:
-        text = "|".join(f"{k}={v}" for k, v in sorted(asdict(self).items()))
-        return Namespace(hashlib.sha256(text.encode()).hexdigest()[:32])
+        return Namespace(hashlib.sha256(self.describe().encode()).hexdigest()[:32])
 
 
 def chunk_keys(block_hashes: Sequence[bytes], chunk_blocks: int) -> list[ChunkKey]:

@@ -17,7 +17,7 @@ import pytest
 
 from p2pkv.directory.client import DirectoryClient
 from p2pkv.directory.protocol import InstanceInfo, RefusedRegistration, Stats, StatsReply, Status
-from p2pkv.doctor.checks import address_findings, probe_findings
+from p2pkv.doctor.checks import address_findings, namespace_findings, probe_findings
 from p2pkv.keys import InstanceId, Namespace
 from p2pkv.secret import ClusterSecret
 from tests.conftest import python_env
@@ -96,7 +96,8 @@ def test_all_good_exits_0_and_names_each_path(spawn, directory, secret_file):
             "--transport", "shm")
     code, report, _ = doctor(*args)
     assert code == 0 and report["ok"] and report["errors"] == 0, report
-    assert {f["check"] for f in report["findings"]} == {"directory", "hash-probe", "data-plane"}
+    assert {f["check"] for f in report["findings"]} == {"directory", "hash-probe", "namespace",
+                                                       "data-plane"}
     peers = {p["instance"]: p for p in report["peers"]}
     assert all(p["reachable"] for p in peers.values())
     # same host and a slab: shm; a tcp-only holder: tcp, and the doctor says why
@@ -185,6 +186,34 @@ def test_probe_findings_name_every_group():
                                   reason="older epoch")
     ok, stale = probe_findings([_info("a", "1")], [refused])
     assert ok.level == "OK" and stale.level == "WARN" and "older epoch" in stale.detail
+
+
+def test_namespaces_accept_other_tp_and_name_what_keeps_one_model_apart():
+    from p2pkv.keys import NamespaceSpec
+    from p2pkv.slices import tp_slices
+
+    base = dict(model="m", revision="", kv_dtype="torch.float32", device_type="cpu",
+                block_size=128, chunk_blocks=1, num_layers=2, num_kv_heads=4, head_size=64,
+                hash_algorithm="sha256")
+    fp32, bf16 = NamespaceSpec(**base), NamespaceSpec(**{**base, "kv_dtype": "torch.bfloat16"})
+
+    def member(instance, engine, spec, sl):
+        return InstanceInfo(instance=InstanceId(instance), namespace=spec.fingerprint(),
+                            address="10.0.0.1:1", epoch=1, chunks=0, engine=engine, slice=sl,
+                            spec=spec.describe())
+
+    tp2 = tp_slices(num_kv_heads=4, num_layers=2, tp_size=2)
+    (tp1,) = tp_slices(num_kv_heads=4, num_layers=2, tp_size=1)
+    same = [member("A", "A", fp32, tp2[0]), member("A/1", "A", fp32, tp2[1]),
+            member("B", "B", fp32, tp1)]
+    (ok,) = namespace_findings(same)
+    assert ok.level == "OK" and "A (2 registered rank(s), 2 of 4 KV heads per rank)" in ok.detail
+    assert "B (1 registered rank(s), 4 of 4" in ok.detail and "different tensor parallelism" \
+        in ok.detail
+    findings = namespace_findings(same + [member("C", "C", bf16, tp1)])
+    (error,) = [f for f in findings if f.level == "ERROR"]
+    assert error.subject == "model m" and "kv_dtype torch." in error.detail
+    assert "torch.bfloat16" in error.detail and "torch.float32" in error.detail
 
 
 def test_loopback_address_in_a_networked_cluster_is_a_warning():

@@ -216,3 +216,35 @@ def test_ucx_send_with_a_bad_reply_address_is_refused_and_the_holder_keeps_servi
         assert np.array_equal(bufs[1], chunk_bytes(SEED, 1, 4096))
     finally:
         t.close()
+
+
+@pytest.mark.parametrize("kind", ["tcp", "shm"])
+def test_a_selection_pulls_only_those_bytes_of_each_chunk(spawn, kind):
+    """A puller at a higher TP than the holder asks for some heads of each (block, layer):
+    the holder sends only those bytes (tcp) or they are copied out of its slab (shm), under a
+    digest that is checked; a selection that does not fit is refused, and the connection
+    closed, without harming the holder."""
+    from p2pkv.transport.selection import Selection
+
+    size = 4 * 3 * 1000  # 4 blocks x 3 layers x rows of 1000 bytes (say 4 heads of 250)
+    _, address = peer(spawn, size, 2, kind, secret=SECRET)
+    t = client(kind, SECRET)
+    try:
+        select = Selection(rows=3, row_bytes=1000, first_row=0, num_rows=3, offset=500,
+                           length=250)  # head 2 of 4, every layer
+        bufs, items = dests(select.nbytes(size), 2, pieces=12)  # one piece per (block, layer)
+        items = [PullItem(i.key, i.dest, select) for i in items]
+        results = t.pull(address, items, timeout_s=10)
+        assert [r.outcome for r in results] == [Outcome.OK] * 2, results
+        for i, buf in enumerate(bufs):
+            whole = chunk_bytes(SEED, i, size)
+            want = np.concatenate([whole[a:a + n] for a, n in select.ranges(size)])
+            assert np.array_equal(buf, want)
+        assert getattr(t.counters, kind) == 1
+        bad = Selection(rows=7, row_bytes=1000, first_row=0, num_rows=1, offset=0, length=10)
+        (r,) = t.pull(address, [PullItem(key_of(0), (memoryview(bytearray(40)),), bad)], 10)
+        assert r.outcome is Outcome.FAILED
+        results = t.pull(address, items, timeout_s=10)  # the holder still serves
+        assert [r.outcome for r in results] == [Outcome.OK] * 2, results
+    finally:
+        t.close()

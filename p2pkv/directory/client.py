@@ -115,6 +115,8 @@ class Registration:
     """The vLLM engine this worker rank belongs to ("" = ``instance``)."""
     slice: KVSlice | None = None
     """What this rank holds of each chunk (None = the whole model)."""
+    spec: str = ""
+    """The namespace's fields in clear (``NamespaceSpec.describe``)."""
 
 
 @dataclass(slots=True)
@@ -391,7 +393,7 @@ class DirectoryClient:
         rid = self._send(Register(instance=reg.instance, epoch=reg.epoch,
                                   namespace=reg.namespace, address=reg.address,
                                   probe=reg.probe, capabilities=list(reg.capabilities),
-                                  engine=reg.engine, slice=reg.slice))
+                                  engine=reg.engine, slice=reg.slice, spec=reg.spec))
         if rid >= 0:
             r.next_attempt = now + r.heartbeat_s
             r.rid = rid

@@ -54,6 +54,8 @@ class Member:
     """The vLLM engine this registration (one worker rank) belongs to; "" = ``instance``."""
     slice: KVSlice | None = None
     """The KV heads x layers it holds of each chunk; None = the whole model."""
+    spec: str = ""
+    """The namespace's fields in clear, as the instance sent them (for ``p2pkv doctor``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +99,7 @@ class DirectoryIndex:
 
     def register(self, instance: InstanceId, epoch: int, namespace: Namespace, address: str,
                  probe: str, capabilities: Sequence[str], now: float, *, engine: str = "",
-                 slice: KVSlice | None = None) -> Registered:
+                 slice: KVSlice | None = None, spec: str = "") -> Registered:
         """Add, refresh or replace a registration; raises DirectoryIndexError on refusal."""
         old = self._members.get(instance)
         if old is not None and epoch < old.epoch:
@@ -108,6 +110,7 @@ class DirectoryIndex:
                 and old.probe == probe and old.engine == engine and old.slice == slice):
             old.address = address
             old.capabilities = tuple(capabilities)
+            old.spec = spec
             old.expires_at = now + self.lease_s
             return Registered(old, joined=False, replaced=None)
         self._check_probe(instance, namespace, probe)
@@ -115,7 +118,8 @@ class DirectoryIndex:
         if old is not None:
             self.drop(instance)
         member = Member(instance, epoch, namespace, address, probe, tuple(capabilities),
-                        self._take_handle(), now + self.lease_s, engine=engine, slice=slice)
+                        self._take_handle(), now + self.lease_s, engine=engine, slice=slice,
+                        spec=spec)
         self._members[instance] = member
         self._by_handle[member.handle] = member
         self._ns_members.setdefault(namespace, set()).add(instance)
@@ -241,7 +245,7 @@ class DirectoryIndex:
                              epoch=m.epoch, chunks=len(m.keys), counters=dict(m.counters),
                              probe=m.probe, capabilities=list(m.capabilities),
                              lease_left_ms=int((m.expires_at - now) * 1000),
-                             engine=m.engine, slice=m.slice)
+                             engine=m.engine, slice=m.slice, spec=m.spec)
                 for _, m in sorted(self._members.items())]
 
     def members(self) -> Iterator[Member]:

@@ -31,7 +31,8 @@ PROTOCOL_VERSION = 3
 #      StatsReply.refused (recently refused registrations, for ``p2pkv doctor``).
 #   3  tensor parallelism: a registration is one worker rank; Register, Holder, InstanceInfo
 #      and InstanceJoined carry ``engine`` (the vLLM engine the rank belongs to, "" = the
-#      instance id) and ``slice`` (the KV heads x layers it holds, None = the whole model).
+#      instance id) and ``slice`` (the KV heads x layers it holds, None = the whole model);
+#      Register and InstanceInfo carry ``spec``, the namespace's fields in clear.
 #      A v2 peer would take every rank for a whole instance, hence the bump.
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -62,6 +63,7 @@ _Address = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS, pattern=r"^\S+
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
 _Probe = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
 _Engine = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
+_Spec = Annotated[str, msgspec.Meta(max_length=4096)]
 _Counters = Annotated[dict[_Name, _I64], msgspec.Meta(max_length=MAX_COUNTERS)]
 _Capabilities = Annotated[list[_Name], msgspec.Meta(max_length=MAX_CAPABILITIES)]
 _Reason = Annotated[str, msgspec.Meta(max_length=4096)]
@@ -122,6 +124,8 @@ class Register(_Message, tag="reg", frozen=True):
     capabilities: _Capabilities = []
     engine: _Engine = ""
     slice: KVSlice | None = None
+    spec: _Spec = ""
+    """The namespace's fields in clear (``NamespaceSpec.describe``), for ``p2pkv doctor``."""
 
 
 class Publish(_Message, tag="pub", frozen=True):
@@ -210,6 +214,7 @@ class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):
     lease_left_ms: _I64 = 0
     engine: _Engine = ""
     slice: KVSlice | None = None
+    spec: _Spec = ""
 
 
 class RefusedRegistration(msgspec.Struct, frozen=True, kw_only=True):

@@ -329,7 +329,8 @@ class DirectoryServer:
         try:
             outcome = self.index.register(msg.instance, msg.epoch, msg.namespace, msg.address,
                                           msg.probe, msg.capabilities, now,
-                                          engine=msg.engine, slice=msg.slice)
+                                          engine=msg.engine, slice=msg.slice,
+                                          spec=msg.spec)
         except DirectoryIndexError as e:
             self._remember_refusal(msg, e.status, str(e), now)
             raise

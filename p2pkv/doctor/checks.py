@@ -66,6 +66,7 @@ def diagnose(config: DoctorConfig) -> DoctorReport:
         stats = answer.stats
         findings.append(_directory_finding(config, stats, answer.elapsed_ms))
         findings.extend(probe_findings(stats.instances, stats.refused))
+        findings.extend(namespace_findings(stats.instances))
         findings.extend(address_findings(config.directory, stats.instances))
         peers = _check_peers(config, choice, stats.instances)
         findings.extend(_peer_finding(p) for p in peers)
@@ -128,6 +129,51 @@ def probe_findings(instances: Sequence[InstanceInfo],
         else:
             detail += f": {r.reason}"
         findings.append(Finding(level, "hash-probe", f"{r.instance} ({r.address})", detail))
+    return findings
+
+
+def _fields(spec: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in spec.split("|") if "=" in part)
+
+
+def namespace_findings(instances: Sequence[InstanceInfo]) -> list[Finding]:
+    """Which engines share each namespace, at which tensor parallelism (OK: instances at
+    different TP share KV); and namespaces that serve one model but can never share KV
+    because another field differs (ERROR, naming the fields: KV dtype, head size, block
+    size, ...). Pure (tests feed it structs)."""
+    by_ns: dict[str, list[InstanceInfo]] = defaultdict(list)
+    for i in instances:
+        by_ns[i.namespace].append(i)
+    findings = []
+    specs: dict[str, dict[str, str]] = {}
+    for ns, members in sorted(by_ns.items()):
+        engines: dict[str, list[InstanceInfo]] = defaultdict(list)
+        for i in members:
+            engines[i.engine or i.instance].append(i)
+        parts = []
+        for engine, ranks in sorted(engines.items()):
+            sl = ranks[0].slice
+            width = f"{sl.heads} of {sl.num_heads} KV heads per rank" if sl else "whole model"
+            parts.append(f"{engine} ({len(ranks)} registered rank(s), {width})")
+        shapes = {(i.slice.heads if i.slice else 0) for i in members}
+        tail = "; compatible at different tensor parallelism" if len(shapes) > 1 else ""
+        findings.append(Finding("OK", "namespace", f"namespace {ns}",
+                                f"{', '.join(parts)}{tail}"))
+        spec = next((i.spec for i in members if i.spec), "")
+        if spec:
+            specs[ns] = _fields(spec)
+    by_model: dict[str, list[str]] = defaultdict(list)
+    for ns, fields in specs.items():
+        by_model[fields.get("model", "?")].append(ns)
+    for model, namespaces in sorted(by_model.items()):
+        for a, b in zip(namespaces, namespaces[1:]):
+            fa, fb = specs[a], specs[b]
+            diff = ", ".join(f"{k} {fa.get(k)} vs {fb.get(k)}" for k in sorted(set(fa) | set(fb))
+                             if fa.get(k) != fb.get(k))
+            findings.append(Finding(
+                "ERROR", "namespace", f"model {model}",
+                f"namespaces {a} and {b} serve the same model but can never share KV "
+                f"({diff}): start them alike, or give them different model_id on purpose"))
     return findings
 
 

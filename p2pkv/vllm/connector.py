@@ -23,7 +23,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from p2pkv.affinity import widen_cpu_affinity
 from p2pkv.directory.client import DirectoryClient
 from p2pkv.errors import ConfigError
-from p2pkv.keys import InstanceId, Namespace, NamespaceSpec, probe_of
+from p2pkv.keys import InstanceId, NamespaceSpec, probe_of
 from p2pkv.secret import load_secret
 from p2pkv.slices import KVSlice, is_lowest_replica, tp_slices
 from p2pkv.transport.choose import make_transport
@@ -47,9 +47,9 @@ logger = logging.getLogger(__name__)
 
 
 def namespace_of(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig,
-                 config: ConnectorConfig) -> tuple[Namespace, int]:
-    """The namespace fingerprint and chunk size (in blocks) of this instance (the same for
-    every rank, and for instances of the model at any tensor parallelism)."""
+                 config: ConnectorConfig) -> tuple[NamespaceSpec, int]:
+    """The namespace and chunk size (in blocks) of this instance (the same for every rank,
+    and for instances of the model at any tensor parallelism)."""
     spec = _only_group(kv_cache_config).kv_cache_spec
     block_size = spec.block_size
     chunk_blocks = max(1, config.chunk_tokens // block_size)
@@ -66,7 +66,7 @@ def namespace_of(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig,
         head_size=int(spec.head_size),
         hash_algorithm=str(vllm_config.cache_config.prefix_caching_hash_algo),
     )
-    return ns.fingerprint(), chunk_blocks
+    return ns, chunk_blocks
 
 
 def _only_group(kv_cache_config: KVCacheConfig):
@@ -148,7 +148,8 @@ class P2PKVConnector(KVConnectorBase_V1):
         _log_like_vllm(self._config.log_level)
         engine = str(ktc.engine_id)
         slices = rank_slices(vllm_config, kv_cache_config)
-        namespace, chunk_blocks = namespace_of(vllm_config, kv_cache_config, self._config)
+        spec, chunk_blocks = namespace_of(vllm_config, kv_cache_config, self._config)
+        namespace = spec.fingerprint()
         on_cpu = vllm_config.device_config.device_type == "cpu"
         rank = 0
         if role != KVConnectorRole.SCHEDULER and len(slices) > 1:
@@ -192,7 +193,8 @@ class P2PKVConnector(KVConnectorBase_V1):
                                       transport=transport, directory=directory,
                                       probe=probe_hash(vllm_config), rank=rank,
                                       slice=slices[rank],
-                                      saves=is_lowest_replica(slices, rank), engine=engine)
+                                      saves=is_lowest_replica(slices, rank), engine=engine,
+                                      spec=spec.describe())
         logger.info("p2pkv connector (%s) for instance %s (%s), namespace %s, directory %s",
                     role.name, self._instance,
                     slices[rank] if self._worker else f"TP {len(slices)}", namespace,

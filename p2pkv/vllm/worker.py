@@ -58,7 +58,7 @@ class WorkerSide:
     def __init__(self, config: ConnectorConfig, *, instance: InstanceId, namespace: Namespace,
                  chunk_blocks: int, transport: Transport, directory: DirectoryClient,
                  probe: str = "", rank: int = 0, slice: KVSlice | None = None,
-                 saves: bool = True, engine: str = "") -> None:
+                 saves: bool = True, engine: str = "", spec: str = "") -> None:
         """``rank``: this worker's TP rank (its entry in ``LoadPlan.sources``); ``slice``: what
         it holds (None: the whole model, TP 1); ``saves``: it is the lowest rank holding its
         slice, so it saves, serves and registers (the others only pull)."""
@@ -67,6 +67,7 @@ class WorkerSide:
         self._slice = slice
         self._saves = saves
         self._engine = engine
+        self._spec = spec
         self._instance = instance
         self._namespace = namespace
         self._chunk_blocks = chunk_blocks
@@ -116,7 +117,7 @@ class WorkerSide:
         self._directory.register(Registration(
             instance=self._instance, epoch=self._epoch, namespace=self._namespace,
             address=address, probe=probe, capabilities=(self._transport.name,),
-            engine=self._engine, slice=self._slice), wait_connected_s=1.0)
+            engine=self._engine, slice=self._slice, spec=self._spec), wait_connected_s=1.0)
         logger.info("p2pkv worker rank %d: %s, %d layers on %s (%s), %d B per block, chunk "
                     "%d B, store %d chunks, serving on %s, namespace %s", self._rank,
                     self._slice, layout.num_layers, layout.device, layout.signature,
