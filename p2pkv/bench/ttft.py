@@ -17,6 +17,10 @@ they never compete for the cores): ``plain`` (vLLM, no prefix caching), ``local`
 prefix cache), ``p2pkv`` (the connector, same-host shared memory), ``p2pkv-tcp`` (the connector
 over TCP), and, only where LMCache is installed (:mod:`p2pkv.bench.lmcache`), ``lmcache``
 (LMCache's multiprocess server over TCP) and ``lmcache-shm`` (its same-host shared-memory mode).
+Tensor parallelism, run only when named in ``--configs`` and with a ``--model`` whose KV heads
+split over 2 ranks (the demo model's 3 do not): ``p2pkv-tp2`` (both instances at TP 2) and
+``p2pkv-tp2-tp1`` (instance 0 at TP 2, instance 1 at TP 1; its rows say which instance's TP
+served them, ``@tp2``/``@tp1``). Their JSON has each worker rank's bytes pulled.
 Writes JSON and, with matplotlib, a PNG plot.
 """
 
@@ -47,6 +51,8 @@ class Config:
     """p2pkv's data plane (``auto`` is shared memory on one host)."""
     lmcache: str = ""
     """LMCache's mode (:data:`p2pkv.bench.lmcache.MODES`); empty: no LMCache."""
+    tp: tuple[int, int] = (1, 1)
+    """Tensor parallelism of instance 0 and instance 1."""
 
 
 CONFIGS: dict[str, Config] = {
@@ -56,7 +62,10 @@ CONFIGS: dict[str, Config] = {
     "p2pkv-tcp": Config(connector=True, transport="tcp"),
     "lmcache": Config(lmcache="tcp"),
     "lmcache-shm": Config(lmcache="shm"),
+    "p2pkv-tp2": Config(connector=True, tp=(2, 2)),
+    "p2pkv-tp2-tp1": Config(connector=True, tp=(2, 1)),
 }
+DEFAULT_CONFIGS = [name for name, c in CONFIGS.items() if c.tp == (1, 1)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +132,8 @@ def start_instances(cluster: LocalCluster, name: str) -> list[Instance]:
         args += lmcache.start_server(cluster, config.lmcache).vllm_args()
         env = lmcache.ENV
     return [cluster.start_vllm(f"{name}-{i}", connector=config.connector, extra_args=args,
-                               extra_config={"transport": config.transport}, extra_env=env)
+                               extra_config={"transport": config.transport}, extra_env=env,
+                               tensor_parallel_size=config.tp[i])
             for i in range(2)]
 
 
@@ -143,7 +153,13 @@ def run_config(name: str, requests: list[Request], model: Path, workdir: Path,
             progress(1)
         wall = time.monotonic() - t0 - settle_s * len(requests)
         counters = cluster.counter_totals() if CONFIGS[name].connector else {}
-    return records, {"busy_s": wall, **counters}
+        stats = cluster.stats() if CONFIGS[name].tp != (1, 1) else None
+        per_rank = {i.instance: i.counters.get("bytes_pulled", 0)
+                    for i in (stats.instances if stats else ())}
+    extra = {"busy_s": wall, "tp": CONFIGS[name].tp, **counters}
+    if per_rank:
+        extra["bytes_pulled_by_rank"] = per_rank
+    return records, extra
 
 
 def kind(r) -> str:
@@ -163,9 +179,11 @@ def _pct(xs: list[float], p: float) -> float:
 
 def summarize(records: list[Record], extra: dict) -> dict:
     rows = {}
+    tp = extra.get("tp", (1, 1))
     for r in records:
-        rows.setdefault(f"{r.workload}/{r.length if r.workload == 'qa' else 'all'}/{kind(r)}",
-                        []).append(r.ttft_s)
+        at = f"@tp{tp[r.instance]}" if tp[0] != tp[1] else ""
+        rows.setdefault(f"{r.workload}/{r.length if r.workload == 'qa' else 'all'}/{kind(r)}"
+                        f"{at}", []).append(r.ttft_s)
     return {
         "requests": len(records),
         "ttft_p50_s": _pct([r.ttft_s for r in records], 0.5),
@@ -175,8 +193,8 @@ def summarize(records: list[Record], extra: dict) -> dict:
         "samples_by_row": {k: len(v) for k, v in sorted(rows.items())},
         "ttft_p50_by_row_s": {k: _pct(v, 0.5) for k, v in sorted(rows.items())},
         "ttft_p90_by_row_s": {k: _pct(v, 0.9) for k, v in sorted(rows.items())},
-        **{k: extra[k] for k in ("bytes_pulled", "chunks_pulled", "chunks_failed")
-           if k in extra},
+        **{k: extra[k] for k in ("bytes_pulled", "chunks_pulled", "chunks_failed",
+                                 "bytes_pulled_by_rank") if k in extra},
     }
 
 
@@ -190,7 +208,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="run the workload this many times with new documents and "
                              "conversations (samples per row)")
-    parser.add_argument("--configs", default=",".join(CONFIGS),
+    parser.add_argument("--model", type=Path, default=None,
+                        help="model directory (default: the demo model, SmolLM2-135M)")
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                         help="comma-separated; the lmcache ones run only where LMCache is "
                              "installed")
     parser.add_argument("--settle-s", type=float, default=1.5)
@@ -204,7 +224,7 @@ def main(args: argparse.Namespace) -> int:
 
     from p2pkv.harness.demo_model import prepare
 
-    model = prepare()
+    model = args.model or prepare()
     tok = AutoTokenizer.from_pretrained(str(model))
 
     def tokenize(text: str) -> list[int]:
@@ -244,12 +264,13 @@ def main(args: argparse.Namespace) -> int:
 
 def _table(configs: dict, key: str, title: str) -> None:
     names = list(configs)
-    rows = next(iter(configs.values()))[key]
+    rows = sorted({row for c in configs.values() for row in c[key]})
     print(title)
-    print(f"{'row':<18}{'n':>4}" + "".join(f"{n:>13}" for n in names))
+    print(f"{'row':<24}" + "".join(f"{n:>15}" for n in names))
     for row in rows:
-        n = next(iter(configs.values()))["samples_by_row"][row]
-        print(f"{row:<18}{n:>4}" + "".join(f"{configs[c][key][row]:>13.3f}" for c in names))
+        cells = "".join(f"{configs[c][key][row]:>11.3f} n={configs[c]['samples_by_row'][row]}"
+                        if row in configs[c][key] else f"{'-':>15}" for c in names)
+        print(f"{row:<24}{cells}")
 
 
 def goals(configs: dict) -> dict:
