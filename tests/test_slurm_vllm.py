@@ -33,7 +33,7 @@ from tests.slurm_cluster import SlurmCluster, cmdline, unavailable
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 SBATCH = REPO / "launch" / "slurm" / "p2pkv.sbatch"
-ROUTER_PORT, DIRECTORY_PORT = 9000, 7420  # inside the cluster's own namespaces: no clash
+ROUTER_PORT, DIRECTORY_PORT, VLLM_PORT = 9000, 7420, 8000  # in the cluster's own netns
 
 
 def required() -> bool:
@@ -109,15 +109,17 @@ def test_sbatch_two_nodes_remote_hit_across_nodes_then_scancel_cleans_up(slurm: 
     job = slurm.sbatch([
         "--gpus-per-node=0", f"--chdir={slurm.base}", str(SBATCH), "--cpu-instances", "1",
         "--prefill", "1", "--model", str(model), "--router-port", str(ROUTER_PORT),
-        "--directory-port", str(DIRECTORY_PORT), "--",
+        "--directory-port", str(DIRECTORY_PORT), "--vllm-port", str(VLLM_PORT), "--",
         "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096"], env)
     node1, node2 = slurm.names
     router = f"http://{slurm.address(node1)}:{ROUTER_PORT}"
     directory = f"tcp://{slurm.address(node1)}:{DIRECTORY_PORT}"
 
-    # -- the job runs: wait for the router to see both pools healthy (vLLM starts in ~1 min)
+    # -- the job runs: wait for both instances, then the router (vLLM starts in ~1-2 min;
+    # the router answers /health 200 before its first probes of the instances failed)
     deadline = time.monotonic() + 600
-    while client(slurm, "health", router)["status"] != 200:
+    urls = [f"http://{slurm.address(n)}:{VLLM_PORT}" for n in (node1, node2)] + [router]
+    while not all(client(slurm, "health", url)["status"] == 200 for url in urls):
         state = slurm.job_state(job)
         assert state in ("PENDING", "RUNNING"), (
             f"job {job} is {state or 'gone'}\n{job_report(slurm, job, job_dir)}")
