@@ -283,7 +283,7 @@ PartitionName=test Nodes={','.join(self.names)} Default=YES MaxTime=INFINITE Sta
             proc = self.daemons.get(name)
             if proc is not None:
                 forced += _stop(name, proc)
-        for host, ns in self.netns.items():
+        for host in list(self.netns):
             for pid in self.pids(host):
                 forced.append(f"killed leftover pid {pid} on {host}: {cmdline(pid)[:120]}")
                 try:
