@@ -100,3 +100,14 @@ def test_loaded_holder_means_reroute():
 def test_ewma():
     e = Ewma(alpha=0.5)
     assert e.update(10) == 10 and e.update(20) == 15 and e.count == 2
+
+
+def test_spread_prefers_the_less_loaded_of_near_equal_candidates():
+    cost = _cost()
+    holder = RouteCandidate("holder", local_tokens=6144, queue_s=0.0, in_flight=3)
+    idle = RouteCandidate("idle", local_tokens=0, queue_s=0.0, remote=RemoteRun("holder", 6144))
+    assert choose_route(cost, PROMPT, [holder, idle]).instance == "holder"
+    choice = choose_route(cost, PROMPT, [holder, idle], spread=0.1)
+    assert (choice.instance, choice.reason) == ("idle", "reroute")  # a 20 ms pull is < 10 %
+    far = RouteCandidate("far", local_tokens=0, queue_s=0.0)  # recompute: not within 10 %
+    assert choose_route(cost, PROMPT, [holder, far], spread=0.1).instance == "holder"

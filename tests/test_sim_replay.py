@@ -106,7 +106,7 @@ def test_fleet_registers_publishes_looks_up_and_keeps_leases(directory):
 
 
 def test_bench_trace_small_replay(tmp_path):
-    """20 instances, 200 requests, five policies, a real directory: the normal suite's
+    """20 instances, 200 requests, six policies, a real directory: the normal suite's
     end-to-end run of ``p2pkv bench trace``."""
     parser = argparse.ArgumentParser()
     bench_trace.add_args(parser)
@@ -115,7 +115,8 @@ def test_bench_trace_small_replay(tmp_path):
     assert bench_trace.main(args) == 0
     report = json.loads((tmp_path / "trace.json").read_text())
     res = {r["policy"]: r for r in report["run"]["results"]}
-    assert list(res) == ["round-robin", "kv-aware", "p2pkv", "p2pkv+planner", "global-pool"]
+    assert list(res) == ["round-robin", "kv-aware", "p2pkv", "p2pkv+planner", "p2pkv+multi",
+                         "global-pool"]
     reusable = res["global-pool"]["reusable_tokens"]
     assert reusable > 0 and res["global-pool"]["reuse_captured"] == 1.0
     for r in res.values():
@@ -123,11 +124,11 @@ def test_bench_trace_small_replay(tmp_path):
         assert 0 <= r["saved_tokens"] <= reusable == r["reusable_tokens"]
     assert res["p2pkv"]["pulled_tokens"] > 0
     assert res["p2pkv"]["saved_tokens"] > res["round-robin"]["saved_tokens"]
-    for name in ("p2pkv", "p2pkv+planner"):
+    for name in ("p2pkv", "p2pkv+planner", "p2pkv+multi"):
         client = res[name]["directory_client"]
         assert client["registrations"] == 20 and client["lookups_failed"] == 0
         assert client["lookups"] > 0 and client["errors"] == {}
     d = report["run"]["directory"]
-    assert d["instances"] == 40 and d["chunks"] > 0 and d["lookups"] > 0
+    assert d["instances"] == 60 and d["chunks"] > 0 and d["lookups"] > 0
     assert [p["instances"] for p in report["sweep"]] == [10, 20]
     assert (tmp_path / "trace.png").stat().st_size > 0

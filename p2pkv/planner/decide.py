@@ -73,6 +73,8 @@ class RouteCandidate:
     queue_s: float
     host_tokens: int = 0
     remote: RemoteRun | None = None
+    in_flight: int = 0
+    """Requests it is serving (prefill or decode): the spread's tie-break after the queue."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,14 +89,25 @@ class RouteChoice:
     """Every candidate's expected time to first token, in the order given."""
 
 
-def choose_route(cost: CostModel, prompt_tokens: int,
-                 candidates: Sequence[RouteCandidate]) -> RouteChoice | None:
-    """The candidate with the lowest expected time to first token (ties: listed first)."""
+def choose_route(cost: CostModel, prompt_tokens: int, candidates: Sequence[RouteCandidate],
+                 *, spread: float = 0.0) -> RouteChoice | None:
+    """The candidate with the lowest expected time to first token (ties: listed first; a
+    caller lists them least recently chosen first).
+
+    ``spread`` > 0: of the candidates expected within that fraction of the best, the one
+    with the shortest queue, then the fewest requests in flight. Where pulls are cheap this spreads load instead of piling
+    every request that shares a popular prefix onto its holder, whose cache would then
+    churn through everything else it holds.
+    """
     if not candidates:
         return None
     plans = [plan_load(cost, prompt_tokens, c.local_tokens, c.remote, host_tokens=c.host_tokens,
                        queue_s=c.queue_s) for c in candidates]
     best = min(range(len(candidates)), key=lambda i: (plans[i].expected_s, i))
+    if spread > 0:
+        limit = plans[best].expected_s * (1 + spread)
+        best = min((i for i in range(len(candidates)) if plans[i].expected_s <= limit),
+                   key=lambda i: (candidates[i].queue_s, candidates[i].in_flight, i))
     most_local = max(c.local_tokens for c in candidates)
     chosen = candidates[best]
     reason = ("reroute" if most_local > 0 and chosen.local_tokens < most_local

@@ -6,9 +6,11 @@
 3. ``p2pkv``: the same scorer over the router's view (change feed + hints); the instance
    asks the real directory for the rest of the prompt and always pulls, from one holder as
    the connector does (``max_holders > 1``: also the next holders' runs, a Lookup each).
-4. ``p2pkv+planner``: the planner routes (lowest expected TTFT) and the instance pulls only
-   when the pull is expected to beat recomputing (``planner/decide.py``), learning each
-   peer's link from its pulls.
+4. ``p2pkv+planner``: the planner routes (lowest expected TTFT, spreading over candidates
+   within ``PLANNER_SPREAD`` of it) and the instance pulls only when the pull is expected
+   to beat recomputing (``planner/decide.py``), learning each peer's link from its pulls.
+   ``p2pkv+multi``: the same with two connector changes not built yet: pulls from up to
+   4 holders (one Lookup each) and pulled chunks saved to the puller's store.
 5. ``global-pool``: one LRU with the whole cluster's capacity, free transfers, least-queued
    routing: an upper bound (Mooncake Store with an ideal network).
 """
@@ -28,8 +30,11 @@ from p2pkv.sim.directory_view import BlockKeys, FeedView
 from p2pkv.sim.fleet import Fleet
 from p2pkv.sim.trace import TraceRequest
 
-NAMES = ("round-robin", "kv-aware", "p2pkv", "p2pkv+planner", "global-pool")
-DIRECTORY_POLICIES = ("p2pkv", "p2pkv+planner")
+NAMES = ("round-robin", "kv-aware", "p2pkv", "p2pkv+planner", "p2pkv+multi", "global-pool")
+DIRECTORY_POLICIES = ("p2pkv", "p2pkv+planner", "p2pkv+multi")
+
+PLANNER_SPREAD = 0.1
+"""The planner's router spreads over candidates expected within 10 % of the best."""
 
 HINT_TTL_S = 30.0
 """How long the router trusts that an instance holds what it just sent there (trace time)."""
@@ -114,20 +119,23 @@ class GlobalPool(SimPolicy):
 class P2pkv(SimPolicy):
     """Policies 3 and 4: the router's view from the feed, real Lookups and Publishes."""
 
-    def __init__(self, spec: ClusterSpec, *, planner: bool, endpoint: str,
+    def __init__(self, spec: ClusterSpec, *, name: str, planner: bool, endpoint: str,
                  keys: BlockKeys, lookup_timeout_s: float = 0.5,
-                 max_holders: int = 1, policy: Policy = Policy(),
+                 max_holders: int = 1, save_pulled: bool = False, spread: float = 0.0,
+                 policy: Policy = Policy(),
                  fleet_factory: Callable[..., Fleet] = Fleet) -> None:
         super().__init__(spec)
-        self.name = "p2pkv+planner" if planner else "p2pkv"
+        self.name = name
         self._planner = planner
         self._policy = policy
         self._keys = keys
         self._timeout = lookup_timeout_s
         self._max_holders = max_holders
+        self._save_pulled = save_pulled
+        self._spread = spread
         self.namespace = Namespace(f"trace-{self.name}")
-        prefix = "pp" if planner else "p"
-        self.ids = [InstanceId(f"{prefix}{i}") for i in range(spec.instances)]
+        prefix = name.replace("p2pkv", "p").replace("+", "")
+        self.ids = [InstanceId(f"{prefix}-{i}") for i in range(spec.instances)]
         self._index = {iid: i for i, iid in enumerate(self.ids)}
         self.fleet = fleet_factory(endpoint, self.namespace, self.ids, keys_of=self._keys_of,
                                    address_of=lambda i: f"10.{i >> 16 & 255}.{i >> 8 & 255}."
@@ -190,6 +198,7 @@ class P2pkv(SimPolicy):
         if idle not in {i for i, _ in picks}:
             picks.append((idle, 0))
         longest = picks[0] if picks and picks[0][1] > 0 else None
+        picks.sort(key=lambda pick: c.last_chosen[pick[0]])
         cands = []
         for i, run in picks:
             remote = None
@@ -197,8 +206,9 @@ class P2pkv(SimPolicy):
                 remote = RemoteRun(self.ids[longest[0]],
                                    req.prefix_tokens(longest[1], bt) - req.prefix_tokens(run, bt))
             cands.append(RouteCandidate(self.ids[i], req.prefix_tokens(run, bt),
-                                        c.queue_s(i, now), remote=remote))
-        choice = choose_route(self.router_cost, req.input_tokens, cands)
+                                        c.queue_s(i, now), remote=remote,
+                                        in_flight=c.in_flight[i]))
+        choice = choose_route(self.router_cost, req.input_tokens, cands, spread=self._spread)
         assert choice is not None
         if choice.reason == "reroute":
             c.tally.decisions["reroute"] += 1
@@ -216,7 +226,8 @@ class P2pkv(SimPolicy):
                     else "local" if hit.blocks else "recompute")
         cached = c.count_hit(req, hit, pulled)
         c.run(i, req, now, cached, max(c.host_load_s(hit), lookup_s + pull_s), decision)
-        added, evicted = c.store(i, req.blocks, hit.blocks + pulled)
+        added, evicted = c.store(i, req.blocks,
+                                 hit.blocks + (0 if self._save_pulled else pulled))
         if added or evicted:
             self.fleet.publish(i, self._keys.flat(added), self._keys.flat(evicted))
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from p2pkv.sim.cluster import ClusterSpec
 from p2pkv.sim.directory_view import BlockKeys
 from p2pkv.sim.policies import (
-    DIRECTORY_POLICIES, GlobalPool, KvAware, P2pkv, RoundRobin, SimPolicy,
+    DIRECTORY_POLICIES, PLANNER_SPREAD, GlobalPool, KvAware, P2pkv, RoundRobin, SimPolicy,
 )
 from p2pkv.sim.trace import TraceRequest
 
@@ -37,6 +37,8 @@ class ReplayConfig:
     keys_per_block: int = 4
     lookup_timeout_s: float = 0.5
     max_holders: int = 1
+    save_pulled: bool = False
+    """Save pulled chunks to the puller's store too (the connector does not)."""
     local_host_tier: bool = True
     """Round-robin and kv-aware get each instance's host store as a local tier."""
     start_timeout_s: float = 60.0
@@ -77,10 +79,13 @@ def make_policies(config: ReplayConfig) -> list[SimPolicy]:
             made.append(GlobalPool(config.spec))
         elif name in DIRECTORY_POLICIES:
             assert config.endpoint is not None
-            made.append(P2pkv(config.spec, planner=name == "p2pkv+planner",
+            multi = name == "p2pkv+multi"
+            made.append(P2pkv(config.spec, name=name, planner=name != "p2pkv",
                               endpoint=config.endpoint, keys=keys,
                               lookup_timeout_s=config.lookup_timeout_s,
-                              max_holders=config.max_holders))
+                              max_holders=4 if multi else config.max_holders,
+                              save_pulled=multi or config.save_pulled,
+                              spread=0.0 if name == "p2pkv" else PLANNER_SPREAD))
         else:
             raise ValueError(f"unknown policy {name!r}")
     return made
