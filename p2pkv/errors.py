@@ -23,3 +23,20 @@ class DeadlineExceeded(TransportError):
 
 class ChecksumMismatch(TransportError):
     """Received bytes do not match the digest the holder sent."""
+
+
+# -- directory -------------------------------------------------------------------------------
+
+
+class ProtocolError(P2PKVError, ValueError):
+    """Bytes that are not a valid directory message (the reason says why); raised by
+    ``p2pkv.directory.protocol.decode``."""
+
+
+class DirectoryIndexError(P2PKVError, ValueError):
+    """A request the directory's index refuses; ``status`` is a
+    ``p2pkv.directory.protocol.Status`` value for the reply."""
+
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status

@@ -1,8 +1,8 @@
 """The directory service: one ZeroMQ ROUTER loop in front of a DirectoryIndex.
 
-Run by ``p2pkv directory`` (via :func:`run_directory`), by launch scripts and by tests
-(``python -m p2pkv.directory.server --bind tcp://127.0.0.1:0 --ready-file F``). One thread,
-one loop with named steps: ``poll -> handle requests -> answer ZAP -> track subscribers ->
+Run by ``p2pkv directory`` and ``python -m p2pkv.directory`` (``cli.run_directory`` owns the
+process: signals, ready file, metrics) and in-process by tests and benches. One thread, one
+loop with named steps: ``poll -> handle requests -> answer ZAP -> track subscribers ->
 purge expired leases``. Every state change is also published on the change feed (an XPUB
 socket, events numbered from 1; a late subscriber asks for a Snapshot and applies events with
 a higher seq, as in the ZeroMQ guide's Clone pattern). Bad input from the network is answered
@@ -15,37 +15,29 @@ Liveness constants derive from each other: an instance heartbeats every
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import FrameType
 
 import msgspec
 import zmq
 import zmq.utils.z85
 
 from p2pkv.directory import auth, protocol
-from p2pkv.directory.index import DirectoryIndex, DirectoryIndexError, Member
+from p2pkv.directory.index import DirectoryIndex, Member
 from p2pkv.directory.protocol import (
     MAX_KEYS_PER_MESSAGE, PROTOCOL_VERSION, ChunksChanged, Error, FeedEvent, Heartbeat, Holding,
     InstanceJoined, InstanceLeft, Lookup, LookupReply, Ok, ProtocolError, Publish,
     RefusedRegistration, Register, RegisterReply, Reply, Report, Snapshot, SnapshotReply, Stats,
     StatsReply, Status, Unregister,
 )
-from p2pkv.errors import ConfigError
+from p2pkv.errors import ConfigError, DirectoryIndexError
 from p2pkv.keys import InstanceId
 from p2pkv.secret import ClusterSecret
 
 logger = logging.getLogger(__name__)
-
-HEARTBEAT_INTERVAL_S = 1.0
-HEARTBEAT_LIVENESS = 5
-"""Missed heartbeats before a lease expires (generous: a busy vLLM process can stall its
-heartbeat thread for a moment, and expiry costs a full republish)."""
 
 POLL_INTERVAL_MS = 100
 """Longest the loop sleeps before it looks at its stop event and the leases again."""
@@ -77,8 +69,8 @@ class ServerConfig:
     secret: ClusterSecret | None = None
     """With a secret: CURVE on both sockets, only members get in. Without: loopback only."""
     insecure_any_address: bool = False
-    heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
-    liveness: int = HEARTBEAT_LIVENESS
+    heartbeat_interval_s: float = protocol.HEARTBEAT_INTERVAL_S
+    liveness: int = protocol.HEARTBEAT_LIVENESS
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0 or self.liveness < 1:
@@ -247,7 +239,7 @@ class DirectoryServer:
         now = self._clock()
         if now < self._next_purge:
             return
-        self._next_purge = now + min(self.config.heartbeat_interval_s / 4, 0.25)
+        self._next_purge = now + protocol.tick_s(self.config.heartbeat_interval_s)
         for member in self.index.expire(now):
             self.counters.expirations += 1
             logger.info("lease of %s epoch %s expired (%d keys dropped)", member.instance,
@@ -448,48 +440,3 @@ def _port0(endpoint: str) -> str:
     if endpoint.startswith("tcp://"):
         return endpoint.rsplit(":", 1)[0] + ":0"
     return endpoint + ".feed"
-
-
-def run_directory(config: ServerConfig, ready_file: str | None = None,
-                  metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> int:
-    """Serve until SIGINT/SIGTERM; the ``p2pkv directory`` command. Returns an exit code.
-
-    ``ready_file`` receives the real endpoint (one line) once bound, written atomically
-    (the feed endpoint is in every StatsReply and SnapshotReply). ``metrics_port`` starts a Prometheus endpoint.
-    """
-    server = DirectoryServer(config)
-    stop = threading.Event()
-
-    def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        logger.info("directory got signal %s", signum)
-        stop.set()
-
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = ({sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-                if in_main_thread else {})
-    try:
-        if metrics_port is not None:
-            from p2pkv.directory.metrics import start_metrics
-
-            port = start_metrics(server, metrics_host, metrics_port)
-            logger.info("Prometheus metrics on http://%s:%s/metrics", metrics_host, port)
-        if ready_file:
-            tmp = f"{ready_file}.tmp{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(server.endpoint + "\n")
-            os.replace(tmp, ready_file)
-        logger.info("p2pkv directory listening on %s", server.endpoint)
-        if not server.secure:
-            logger.warning("p2pkv directory is UNAUTHENTICATED (no --secret-file)")
-        server.serve(stop)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        server.close()
-    return 0
-
-
-if __name__ == "__main__":
-    from p2pkv.directory.cli import directory_main
-
-    raise SystemExit(directory_main())
