@@ -2,8 +2,8 @@
 
 It stores *who has what*, never KV bytes. ``protocol`` is the wire format (and the liveness
 constants), ``index`` the server's pure data structure, ``server`` the ROUTER loop, ``client``
-the DEALER used by the connector, ``p2pkv status`` and ``feed``; ``registration`` the client's
-pure registration state machine; ``feed`` the change-feed replica the router keeps; ``cli`` the
+the DEALER used by the connector, ``p2pkv status`` and ``feed``; ``registration`` and ``lookups``
+the client's pure state (registration state machine, lookups in flight); ``feed`` the change-feed replica the router keeps; ``cli`` the
 subcommands and the directory's process (``python -m p2pkv.directory``). Nothing is imported
 here so that importing one piece stays cheap.
 """

@@ -27,16 +27,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Final, Union
 
 import msgspec
 import zmq
 
 from p2pkv.directory import auth, protocol
+from p2pkv.directory.lookups import PENDING, LookupResult, Lookups, Pending
 from p2pkv.directory.protocol import (
-    HEARTBEAT_INTERVAL_S, MAX_KEYS_PER_MESSAGE, Error, Lookup, LookupReply, ProtocolError,
-    Reply, Request, SnapshotReply, Status,
+    HEARTBEAT_INTERVAL_S, MAX_KEYS_PER_MESSAGE, Error, Lookup, ProtocolError, Reply, Request,
+    SnapshotReply, Status,
 )
 from p2pkv.directory.registration import RegistrationMachine, Registration, RegState
 from p2pkv.keys import ChunkKey, Namespace
@@ -46,20 +45,6 @@ __all__ = ["PENDING", "DirectoryClient", "LookupResult", "Pending", "RegState", 
            "poll_ms"]
 
 logger = logging.getLogger(__name__)
-
-
-class Pending:
-    """Type of :data:`PENDING`: the lookup is still in flight, ask again later."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "PENDING"
-
-
-PENDING: Final = Pending()
-
-LookupResult = Union[LookupReply, Pending, None]
 
 SEND_HWM = 1000
 """Messages queued towards a connected directory before further sends are dropped."""
@@ -71,20 +56,9 @@ ZMTP_HEARTBEAT_TIMEOUT_MS = 3 * ZMTP_HEARTBEAT_IVL_MS
 RECONNECT_IVL_MAX_MS = 250
 """Reconnect attempts back off to this; bounds how soon a restarted directory is found."""
 
-RESULT_GRACE_S = 30.0
-"""How long an arrived but never polled lookup reply is kept after its deadline."""
-
-_PURGE_ABOVE = 1024
 _MAX_WARNED_REASONS = 128
 _CALL_SLICE_S = 0.05
 _DEFAULT_TICK_S = protocol.tick_s(HEARTBEAT_INTERVAL_S)
-
-
-@dataclass(slots=True)
-class _Lookup:
-    deadline: float
-    done: bool = False
-    reply: LookupReply | None = None
 
 
 class DirectoryClient:
@@ -115,7 +89,7 @@ class DirectoryClient:
         self._socket.connect(endpoint)
         self._lock = threading.Lock()
         self._rids = itertools.count(1)
-        self._lookups: dict[int, _Lookup] = {}
+        self._lookups = Lookups()
         self._warned: set[str] = set()
         self._reg: RegistrationMachine | None = None
         self._keeper: threading.Thread | None = None
@@ -202,15 +176,13 @@ class DirectoryClient:
         """
         with self._lock:
             now = self._clock()
-            if len(self._lookups) > _PURGE_ABOVE:
-                self._purge(now)
             self._drain()
             rid = self._send(Lookup(namespace=namespace, keys=list(keys[:MAX_KEYS_PER_MESSAGE])))
             if rid < 0:
                 rid = next(self._rids)
-                self._lookups[rid] = _Lookup(deadline=now, done=True)
+                self._lookups.dropped(rid, now)
             else:
-                self._lookups[rid] = _Lookup(deadline=now + timeout_s)
+                self._lookups.start(rid, now + timeout_s, now)
             return rid
 
     def poll_lookup(self, rid: int) -> LookupResult:
@@ -221,7 +193,7 @@ class DirectoryClient:
         """
         with self._lock:
             self._drain()
-            return self._lookup_result(rid)
+            return self._lookups.result(rid, self._clock())
 
     def wait_lookup(self, rid: int, max_wait_s: float) -> LookupResult:
         """Like :meth:`poll_lookup` but waits up to ``max_wait_s`` for the reply."""
@@ -229,27 +201,15 @@ class DirectoryClient:
             give_up = self._clock() + max_wait_s
             while True:
                 self._drain()
-                result = self._lookup_result(rid)
+                now = self._clock()
+                result = self._lookups.result(rid, now)
                 if result is not PENDING:
                     return result
-                now = self._clock()
                 if now >= give_up:
                     return PENDING
                 # Waking at the lookup's deadline lets the next round report None.
-                wake = min(give_up, self._lookups[rid].deadline)
+                wake = min(give_up, self._lookups.deadline(rid))
                 self._socket.poll(poll_ms(wake - now), zmq.POLLIN)
-
-    def _lookup_result(self, rid: int) -> LookupResult:
-        entry = self._lookups.get(rid)
-        if entry is None:
-            return None
-        if entry.done:
-            del self._lookups[rid]
-            return entry.reply
-        if self._clock() >= entry.deadline:
-            del self._lookups[rid]
-            return None
-        return PENDING
 
     # -- blocking calls (CLI, tests, FeedSubscriber) ----------------------------------------
 
@@ -364,13 +324,10 @@ class DirectoryClient:
             replies.append(reply)
 
     def _dispatch(self, reply: Reply) -> None:
-        entry = self._lookups.get(reply.rid)
-        if entry is not None and not entry.done:
-            if self._clock() < entry.deadline:
-                entry.done = True
-                entry.reply = reply if isinstance(reply, LookupReply) else None
+        now = self._clock()
+        self._lookups.on_reply(reply, now)
         if self._reg is not None:
-            self._send_all(self._reg.on_reply(reply, self._clock()))
+            self._send_all(self._reg.on_reply(reply, now))
         if isinstance(reply, Error) and reply.status not in (Status.SEQ_GAP,
                                                              Status.UNKNOWN_INSTANCE):
             self._warn_once(f"directory refused a request ({reply.status}): {reply.reason}")
@@ -389,13 +346,6 @@ class DirectoryClient:
             return
         self._warned.add(message)
         logger.warning("%s", message)
-
-    def _purge(self, now: float) -> None:
-        """Forget lookups nobody will poll: in flight past their deadline, or answered and
-        unpolled well past it."""
-        for rid, entry in list(self._lookups.items()):
-            if now >= entry.deadline + (RESULT_GRACE_S if entry.done else 0.0):
-                del self._lookups[rid]
 
 
 def poll_ms(seconds: float) -> int:
