@@ -10,12 +10,11 @@ import msgspec
 import pytest
 
 from p2pkv.directory.protocol import (
-    HEARTBEAT_INTERVAL_S, MAX_KEYS_PER_MESSAGE, Error, Heartbeat, LookupReply, Ok, Publish,
-    Register, RegisterReply, Report, Request, Status, Unregister, tick_s,
+    HEARTBEAT_INTERVAL_S, MAX_KEYS_PER_MESSAGE, REFUSED_RETRY_INTERVALS, Error, Heartbeat,
+    LookupReply, Ok, Publish, Register, RegisterReply, Report, Request, Status, Unregister,
+    tick_s,
 )
-from p2pkv.directory.registration import (
-    REFUSED_RETRY_INTERVALS, RegistrationMachine, Registration, RegState,
-)
+from p2pkv.directory.registration import RegistrationMachine, Registration, RegState
 from p2pkv.keys import ChunkKey, InstanceId, Namespace
 
 pytestmark = pytest.mark.timeout(60)

@@ -57,6 +57,9 @@ HEARTBEAT_LIVENESS = 5
 heartbeat thread for a moment, and expiry costs a full republish)."""
 MIN_HEARTBEAT_S = 0.01
 """Shortest interval a client honours from a RegisterReply."""
+REFUSED_RETRY_INTERVALS = 10
+"""A client refused for PROBE_MISMATCH retries this many intervals later (the odd one out
+may leave the namespace)."""
 
 
 def tick_s(heartbeat_interval_s: float) -> float:

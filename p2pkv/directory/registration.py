@@ -29,16 +29,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from p2pkv.directory.protocol import (
-    HEARTBEAT_INTERVAL_S, MAX_KEYS_PER_MESSAGE, MIN_HEARTBEAT_S, Error, Heartbeat, Publish,
-    Register, RegisterReply, Reply, Report, Request, Status, Unregister, tick_s,
+    HEARTBEAT_INTERVAL_S, MAX_KEYS_PER_MESSAGE, MIN_HEARTBEAT_S, REFUSED_RETRY_INTERVALS, Error,
+    Heartbeat, Publish, Register, RegisterReply, Reply, Report, Request, Status, Unregister,
+    tick_s,
 )
 from p2pkv.keys import ChunkKey, InstanceId, Namespace
 
 logger = logging.getLogger(__name__)
-
-REFUSED_RETRY_INTERVALS = 10
-"""A probe-mismatch refusal is retried this many heartbeat intervals later (the odd one out
-may leave the namespace)."""
 
 _MAX_WARNED_REASONS = 128
 

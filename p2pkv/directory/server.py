@@ -29,12 +29,11 @@ from p2pkv.directory import auth, protocol
 from p2pkv.directory.index import DirectoryIndex, Member
 from p2pkv.directory.protocol import (
     MAX_KEYS_PER_MESSAGE, PROTOCOL_VERSION, ChunksChanged, Error, FeedEvent, Heartbeat, Holding,
-    InstanceJoined, InstanceLeft, Lookup, LookupReply, Ok, ProtocolError, Publish,
-    RefusedRegistration, Register, RegisterReply, Reply, Report, Snapshot, SnapshotReply, Stats,
-    StatsReply, Status, Unregister,
+    InstanceJoined, InstanceLeft, Lookup, LookupReply, Ok, ProtocolError, Publish, Register,
+    RegisterReply, Reply, Report, Snapshot, SnapshotReply, Stats, StatsReply, Status, Unregister,
 )
+from p2pkv.directory.refusals import RecentRefusals
 from p2pkv.errors import ConfigError, DirectoryIndexError
-from p2pkv.keys import InstanceId
 from p2pkv.secret import ClusterSecret
 
 logger = logging.getLogger(__name__)
@@ -51,7 +50,7 @@ Frames between MAX_MESSAGE_BYTES and this get a counted Error reply."""
 
 SNAPSHOT_KEYS_PER_PART = MAX_KEYS_PER_MESSAGE // 2
 
-REFUSAL_MEMORY_INTERVALS = 30
+REFUSAL_MEMORY_INTERVALS = 3 * protocol.REFUSED_RETRY_INTERVALS
 """A refused registration is listed in Stats this many heartbeat intervals (at least
 MIN_REFUSAL_MEMORY_S) after its latest refusal: longer than a refused client's retry period,
 so an instance that keeps trying stays visible, and one that gave up drops out."""
@@ -85,17 +84,6 @@ class ServerConfig:
     @property
     def refusal_memory_s(self) -> float:
         return max(MIN_REFUSAL_MEMORY_S, self.heartbeat_interval_s * REFUSAL_MEMORY_INTERVALS)
-
-
-@dataclass(slots=True)
-class _Refusal:
-    """The latest refused Register of one instance, and how often it was refused."""
-
-    msg: Register
-    status: str
-    reason: str
-    at: float
-    count: int = 1
 
 
 @dataclass(slots=True)
@@ -146,9 +134,8 @@ class DirectoryServer:
         self.index = DirectoryIndex(config.lease_s)
         self.counters = ServerCounters()
         self.refusals: Counter[str] = Counter()
-        # NOTE: insertion order is refusal order (an entry is re-inserted when refused again),
-        # so the first entry is the oldest: purged by age, capped at MAX_REFUSED.
-        self._refused: dict[InstanceId, _Refusal] = {}
+        """Error replies by status (metrics)."""
+        self._refused = RecentRefusals(config.refusal_memory_s)
         self.feed_seq = 0
         self._subscribers = 0
         self._next_purge = 0.0
@@ -322,9 +309,10 @@ class DirectoryServer:
             outcome = self.index.register(msg.instance, msg.epoch, msg.namespace, msg.address,
                                           msg.probe, msg.capabilities, now)
         except DirectoryIndexError as e:
-            self._remember_refusal(msg, e.status, str(e), now)
+            if self._refused.remember(msg, e.status, str(e), now):
+                logger.warning("refused to register %s at %s: %s", msg.instance, msg.address, e)
             raise
-        self._refused.pop(msg.instance, None)
+        self._refused.forget(msg.instance)
         if outcome.replaced is not None:
             self._left(outcome.replaced, "replaced")
         if outcome.joined:
@@ -334,26 +322,6 @@ class DirectoryServer:
         return RegisterReply(rid=msg.rid, directory_epoch=self.directory_epoch,
                              heartbeat_ms=int(self.config.heartbeat_interval_s * 1000),
                              liveness=self.config.liveness)
-
-    def _remember_refusal(self, msg: Register, status: str, reason: str, now: float) -> None:
-        old = self._refused.pop(msg.instance, None)
-        if old is None or old.status != status:
-            logger.warning("refused to register %s at %s: %s", msg.instance, msg.address,
-                           reason)
-        self._refused[msg.instance] = _Refusal(msg, status, reason, now,
-                                               old.count + 1 if old is not None else 1)
-        while len(self._refused) > protocol.MAX_REFUSED:
-            del self._refused[next(iter(self._refused))]
-
-    def _recent_refusals(self, now: float) -> list[RefusedRegistration]:
-        horizon = now - self.config.refusal_memory_s
-        while self._refused and next(iter(self._refused.values())).at < horizon:
-            del self._refused[next(iter(self._refused))]
-        return [RefusedRegistration(instance=r.msg.instance, namespace=r.msg.namespace,
-                                    address=r.msg.address, epoch=r.msg.epoch, probe=r.msg.probe,
-                                    status=r.status, reason=r.reason[:4096], count=r.count,
-                                    age_ms=int((now - r.at) * 1000))
-                for r in reversed(self._refused.values())]
 
     def _lookup(self, msg: Lookup) -> LookupReply:
         holders = self.index.lookup(msg.namespace, msg.keys)
@@ -372,7 +340,7 @@ class DirectoryServer:
                           expirations=c.expirations, heartbeats=c.heartbeats,
                           publishes=c.publishes, feed_seq=self.feed_seq,
                           feed_endpoint=self.feed_endpoint, secure=self.secure,
-                          refused=self._recent_refusals(now))
+                          refused=self._refused.recent(now))
 
     def _snapshot(self, rid: int, now: float) -> list[Reply]:
         """The whole state as parts of at most SNAPSHOT_KEYS_PER_PART keys."""
