@@ -129,6 +129,27 @@ def test_bench_trace_small_replay(tmp_path):
         assert client["registrations"] == 20 and client["lookups_failed"] == 0
         assert client["lookups"] > 0 and client["errors"] == {}
     d = report["run"]["directory"]
-    assert d["instances"] == 60 and d["chunks"] > 0 and d["lookups"] > 0
+    [proc] = d["processes"]
+    assert proc["instances"] == 60 and proc["chunks"] > 0 and proc["lookups"] > 0
+    assert d["lookups_failed"] == 0 and d["messages_per_s"] > 0
     assert [p["instances"] for p in report["sweep"]] == [10, 20]
     assert (tmp_path / "trace.png").stat().st_size > 0
+
+
+def test_bench_trace_kill_a_shard_under_the_replay(tmp_path):
+    """Two shards with replicas; s0's primary is killed mid-replay and restarted: no lookup
+    fails, and the restarted process resyncs."""
+    parser = argparse.ArgumentParser()
+    bench_trace.add_args(parser)
+    args = parser.parse_args(["--trace", str(SAMPLE), "--limit", "200", "--instances", "20",
+                              "--speedup", "12", "--policies", "p2pkv,p2pkv+planner",
+                              "--shards", "2", "--replica", "--kill-shard-after", "1",
+                              "--restart-after", "1", "--out", str(tmp_path)])
+    assert bench_trace.main(args) == 0
+    run = json.loads((tmp_path / "trace.json").read_text())["run"]
+    d = run["directory"]
+    assert d["lookups_failed"] == 0
+    assert [e["event"] for e in d["events"]][:2] == ["killed", "restarted"]
+    assert len(d["processes"]) == 4
+    for r in run["results"]:
+        assert r["requests"] == 200 and r["directory_client"]["lookups_failed"] == 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class BlockLRU:
@@ -88,7 +88,6 @@ class SimInstance:
     """Simulated time its prefill queue is busy until."""
     requests: int = 0
     busy_s: float = 0.0
-    extra: dict[str, int] = field(default_factory=dict)
 
     def local_hit(self, blocks: Sequence[int]) -> LocalHit:
         device, host = self.device, self.host

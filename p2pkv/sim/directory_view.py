@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 
-from p2pkv.directory.client import FeedSubscriber
-from p2pkv.directory.protocol import ChunksChanged, InstanceJoined, InstanceLeft
+from p2pkv.directory.feed import FeedSubscriber
+from p2pkv.directory.protocol import ChunksChanged, InstanceLeft
 from p2pkv.keys import ChunkKey, InstanceId, Namespace
 from p2pkv.secret import ClusterSecret
 
@@ -45,55 +45,67 @@ class BlockKeys:
         return self._block_of.get(key)
 
 
-class FeedView:
-    """block -> instances whose stores hold it, replicated from the change feed (a real
-    :class:`FeedSubscriber`: snapshot, then events; resyncs on a gap)."""
+class _Follower:
+    """One shard's feed and what it contributed to the shared index."""
 
-    def __init__(self, endpoint: str, namespace: Namespace, instance_index: dict[InstanceId, int],
-                 keys: BlockKeys, *, secret: ClusterSecret | None = None) -> None:
-        self._sub = FeedSubscriber(endpoint, secret=secret)
+    def __init__(self, endpoint: str, secret: ClusterSecret | None) -> None:
+        self.sub = FeedSubscriber(endpoint, secret=secret)
+        self.by_instance: dict[int, set[int]] = {}
+        self.resyncs = 0
+
+
+class FeedView:
+    """block -> instances whose stores hold it, replicated from the change feed of each
+    directory shard (a real :class:`FeedSubscriber` each: snapshot, then events; resyncs on
+    a gap). NOTE: a block's first key lives on exactly one shard, and only first keys are
+    indexed, so the shards' contributions never overlap."""
+
+    def __init__(self, endpoints: Sequence[str], namespace: Namespace,
+                 instance_index: dict[InstanceId, int], keys: BlockKeys, *,
+                 secret: ClusterSecret | None = None) -> None:
+        self._followers = [_Follower(e, secret) for e in endpoints]
         self._namespace = namespace
         self._index = instance_index
         self._keys = keys
         self.holders: dict[int, set[int]] = {}
-        self._by_instance: dict[int, set[int]] = {}
-        self._resyncs = 0
         self.events = 0
 
     def start(self, timeout_s: float) -> bool:
-        ok = self._sub.sync(timeout_s)
-        self._rebuild()
+        ok = True
+        for f in self._followers:
+            ok = f.sub.sync(timeout_s) and ok
+            self._rebuild(f)
         return ok
 
     def poll(self) -> None:
-        events = self._sub.poll(0)
-        if self._sub.resyncs != self._resyncs:
-            self._rebuild()
-            return
-        for event in events:
-            self.events += 1
-            if isinstance(event, ChunksChanged):
-                if event.namespace != self._namespace:
-                    continue
-                i = self._index.get(event.instance)
-                if i is None:
-                    continue
-                if event.reset:
-                    self._drop(i)
-                self._apply(i, event.added, add=True)
-                self._apply(i, event.removed, add=False)
-            elif isinstance(event, InstanceLeft):
-                i = self._index.get(event.instance)
-                if i is not None:
-                    self._drop(i)
-            elif isinstance(event, InstanceJoined):
-                pass
+        for f in self._followers:
+            events = f.sub.poll(0)
+            if f.sub.resyncs != f.resyncs:
+                self._rebuild(f)
+                continue
+            for event in events:
+                self.events += 1
+                if isinstance(event, ChunksChanged):
+                    if event.namespace != self._namespace:
+                        continue
+                    i = self._index.get(event.instance)
+                    if i is None:
+                        continue
+                    if event.reset:
+                        self._drop(f, i)
+                    self._apply(f, i, event.added, add=True)
+                    self._apply(f, i, event.removed, add=False)
+                elif isinstance(event, InstanceLeft):
+                    i = self._index.get(event.instance)
+                    if i is not None:
+                        self._drop(f, i)
 
     def close(self) -> None:
-        self._sub.close()
+        for f in self._followers:
+            f.sub.close()
 
-    def _apply(self, i: int, keys: Sequence[ChunkKey], add: bool) -> None:
-        mine = self._by_instance.setdefault(i, set())
+    def _apply(self, f: _Follower, i: int, keys: Sequence[ChunkKey], add: bool) -> None:
+        mine = f.by_instance.setdefault(i, set())
         holders = self.holders
         for key in keys:
             block = self._keys.block_of(key)
@@ -102,29 +114,26 @@ class FeedView:
             if add:
                 holders.setdefault(block, set()).add(i)
                 mine.add(block)
-            else:
-                s = holders.get(block)
-                if s is not None:
-                    s.discard(i)
-                    if not s:
-                        del holders[block]
+            elif block in mine:
                 mine.discard(block)
+                self._unhold(block, i)
 
-    def _drop(self, i: int) -> None:
-        self._apply_blocks_removed(i, self._by_instance.pop(i, set()))
+    def _unhold(self, block: int, i: int) -> None:
+        s = self.holders.get(block)
+        if s is not None:
+            s.discard(i)
+            if not s:
+                del self.holders[block]
 
-    def _apply_blocks_removed(self, i: int, blocks: set[int]) -> None:
-        for block in blocks:
-            s = self.holders.get(block)
-            if s is not None:
-                s.discard(i)
-                if not s:
-                    del self.holders[block]
+    def _drop(self, f: _Follower, i: int) -> None:
+        for block in f.by_instance.pop(i, set()):
+            self._unhold(block, i)
 
-    def _rebuild(self) -> None:
-        self._resyncs = self._sub.resyncs
-        self.holders, self._by_instance = {}, {}
-        for instance, keys in self._sub.holdings.items():
+    def _rebuild(self, f: _Follower) -> None:
+        f.resyncs = f.sub.resyncs
+        for i in list(f.by_instance):
+            self._drop(f, i)
+        for instance, keys in f.sub.holdings.items():
             i = self._index.get(instance)
-            if i is not None and self._sub.namespaces.get(instance) == self._namespace:
-                self._apply(i, list(keys), add=True)
+            if i is not None and f.sub.namespaces.get(instance) == self._namespace:
+                self._apply(f, i, list(keys), add=True)

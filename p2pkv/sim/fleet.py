@@ -100,7 +100,10 @@ class Fleet:
         self._unregistered: set[int] = set(range(len(self._members)))
         self._retry_at = 0.0
         self.directory_epoch = 0
+        self.restarted_at = float("-inf")
+        """When a reply first showed a new directory epoch (the directory restarted empty)."""
         self.stats = FleetStats()
+        self.last_lookup_s = 0.0
 
     def __len__(self) -> int:
         return len(self._members)
@@ -166,23 +169,46 @@ class Fleet:
         """Who holds the leading run of ``keys``; None at the deadline. Services the fleet
         while it waits; the round trip is recorded in ``stats.lookup_rtts``."""
         t0 = time.perf_counter()
-        rid = self._send(Lookup(namespace=self.namespace, keys=list(keys[:MAX_KEYS_PER_MESSAGE])))
+        rid = self.start_lookup(keys)
         if rid < 0:
             self.stats.lookups_failed += 1
             return None
         deadline = self._clock() + timeout_s
-        self._lookups[rid] = None
         while True:
-            self._drain()
-            if self._lookups.get(rid) is not None:
-                self.stats.lookup_rtts.append(time.perf_counter() - t0)
-                return self._lookups.pop(rid)
+            reply = self.poll_lookup(rid)
+            if reply is not None:
+                self.last_lookup_s = time.perf_counter() - t0
+                self.stats.lookup_rtts.append(self.last_lookup_s)
+                return reply
             left = deadline - self._clock()
             if left <= 0:
-                self._lookups.pop(rid, None)
+                self.cancel_lookup(rid)
                 self.stats.lookups_failed += 1
                 return None
             self._socket.poll(max(1, int(left * 1000)), zmq.POLLIN)
+
+    def start_lookup(self, keys: Sequence[ChunkKey]) -> int:
+        """Send a Lookup; its rid, or -1 if it could not be sent (directory unreachable)."""
+        rid = self._send(Lookup(namespace=self.namespace, keys=list(keys[:MAX_KEYS_PER_MESSAGE])))
+        if rid >= 0:
+            self._lookups[rid] = None
+        return rid
+
+    def poll_lookup(self, rid: int) -> LookupReply | None:
+        """The reply if it arrived (then forgotten), else None. Never blocks."""
+        self._drain()
+        reply = self._lookups.get(rid)
+        if reply is not None:
+            del self._lookups[rid]
+        return reply
+
+    def cancel_lookup(self, rid: int) -> None:
+        self._lookups.pop(rid, None)
+
+    @property
+    def socket(self) -> zmq.Socket:
+        """For a caller's poller only (waiting on several fleets)."""
+        return self._socket
 
     # -- internals --------------------------------------------------------------------------
 
@@ -223,6 +249,7 @@ class Fleet:
     def _on_reply(self, reply) -> None:
         if reply.directory_epoch != self.directory_epoch:
             if self.directory_epoch:
+                self.restarted_at = self._clock()
                 logger.info("directory %s restarted: registering %d instances again",
                             self.endpoint, len(self._members))
                 for idx in range(len(self._members)):

@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from p2pkv.keys import InstanceId, Namespace
 from p2pkv.planner.cost import CostModel
@@ -28,6 +28,7 @@ from p2pkv.sim.cache import BlockLRU, LocalHit
 from p2pkv.sim.cluster import Cluster, ClusterSpec, best_per_run, leading_runs
 from p2pkv.sim.directory_view import BlockKeys, FeedView
 from p2pkv.sim.fleet import Fleet
+from p2pkv.sim.sharded_fleet import ShardedFleet, ShardEndpoints
 from p2pkv.sim.trace import TraceRequest
 
 NAMES = ("round-robin", "kv-aware", "p2pkv", "p2pkv+planner", "p2pkv+multi", "global-pool")
@@ -121,6 +122,7 @@ class P2pkv(SimPolicy):
 
     def __init__(self, spec: ClusterSpec, *, name: str, planner: bool, endpoint: str,
                  keys: BlockKeys, lookup_timeout_s: float = 0.5,
+                 shards: Sequence[ShardEndpoints] = (),
                  max_holders: int = 1, save_pulled: bool = False, spread: float = 0.0,
                  policy: Policy = Policy(),
                  fleet_factory: Callable[..., Fleet] = Fleet) -> None:
@@ -137,10 +139,20 @@ class P2pkv(SimPolicy):
         prefix = name.replace("p2pkv", "p").replace("+", "")
         self.ids = [InstanceId(f"{prefix}-{i}") for i in range(spec.instances)]
         self._index = {iid: i for i, iid in enumerate(self.ids)}
-        self.fleet = fleet_factory(endpoint, self.namespace, self.ids, keys_of=self._keys_of,
-                                   address_of=lambda i: f"10.{i >> 16 & 255}.{i >> 8 & 255}."
-                                                        f"{i & 255}:7000")
-        self.feed = FeedView(endpoint, self.namespace, self._index, keys)
+        def address_of(i: int) -> str:
+            return f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:7000"
+
+        self.fleet: Fleet | ShardedFleet
+        if shards:
+            self.fleet = ShardedFleet(shards, self.namespace, self.ids, keys_of=self._keys_of,
+                                      address_of=address_of,
+                                      failover_s=min(0.05, lookup_timeout_s / 4))
+            feeds = [s.primary for s in shards]
+        else:
+            self.fleet = fleet_factory(endpoint, self.namespace, self.ids,
+                                       keys_of=self._keys_of, address_of=address_of)
+            feeds = [endpoint]
+        self.feed = FeedView(feeds, self.namespace, self._index, keys)
         self._hints: dict[int, dict[int, float]] = {}
         self.router_cost = CostModel(spec.profile)
         self.costs = [CostModel(spec.profile) for _ in range(spec.instances)] if planner else []
@@ -242,7 +254,7 @@ class P2pkv(SimPolicy):
             if reply is None:
                 lookup_s += self._timeout
                 break
-            lookup_s += self.fleet.stats.lookup_rtts[-1]
+            lookup_s += self.fleet.last_lookup_s
             found = None
             for h in reply.holders:
                 j = self._index.get(h.instance)

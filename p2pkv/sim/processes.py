@@ -26,17 +26,22 @@ WORKER_TIMEOUT_S = 3600.0
 
 @dataclass
 class DirectoryProcess:
-    """``python -m p2pkv.directory.server`` on loopback, port 0."""
+    """``python -m p2pkv.directory`` on loopback, port 0."""
 
     proc: subprocess.Popen
     endpoint: str
+    heartbeat_s: float = 1.0
+    liveness: int = 5
+    feed: str = ""
 
     @classmethod
-    def start(cls, *, heartbeat_s: float = 1.0, liveness: int = 5,
-              timeout_s: float = 30.0) -> DirectoryProcess:
+    def start(cls, *, heartbeat_s: float = 1.0, liveness: int = 5, timeout_s: float = 30.0,
+              bind: str = "tcp://127.0.0.1:0", feed_bind: str = "") -> DirectoryProcess:
+        """``bind``/``feed_bind``: a restarted shard takes its old addresses again."""
         ready = Path(tempfile.mkdtemp(prefix="p2pkv-trace-")) / "ready"
-        proc = subprocess.Popen([sys.executable, "-m", "p2pkv.directory.server", "--bind",
-                                 "tcp://127.0.0.1:0", "--ready-file", str(ready),
+        extra = ["--feed-bind", feed_bind] if feed_bind else []
+        proc = subprocess.Popen([sys.executable, "-m", "p2pkv.directory", "--bind",
+                                 bind, *extra, "--ready-file", str(ready),
                                  "--heartbeat-interval", str(heartbeat_s), "--liveness",
                                  str(liveness), "--log-level", "ERROR"])
         deadline = time.monotonic() + timeout_s
@@ -45,7 +50,29 @@ class DirectoryProcess:
                 proc.kill()
                 raise RuntimeError("directory did not start")
             time.sleep(0.02)
-        return cls(proc, ready.read_text().strip())
+        return cls(proc, ready.read_text().strip(), heartbeat_s, liveness)
+
+    def feed_endpoint(self) -> str:
+        from p2pkv.directory.client import DirectoryClient
+        from p2pkv.directory.protocol import Stats, StatsReply
+
+        client = DirectoryClient(self.endpoint)
+        try:
+            reply = client.call(Stats(), 10)
+        finally:
+            client.close()
+        if not isinstance(reply, StatsReply):
+            raise RuntimeError(f"directory {self.endpoint} did not answer Stats")
+        return reply.feed_endpoint
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def restarted(self) -> DirectoryProcess:
+        """A new process on the same endpoints (after :meth:`kill`)."""
+        return DirectoryProcess.start(heartbeat_s=self.heartbeat_s, liveness=self.liveness,
+                                      bind=self.endpoint, feed_bind=self.feed)
 
     def rss_bytes(self) -> tuple[int, int]:
         """(VmRSS, VmHWM) of the process."""
@@ -122,7 +149,7 @@ def _worker(config: ReplayConfig, trace_path: str, limit: int | None, ready: mp.
 
 
 def run_workers(config: ReplayConfig, trace_path: str, limit: int | None,
-                monitor=None, monitor_every_s: float = 1.0, at_end=None) -> dict:
+                monitor=None, monitor_every_s: float = 0.25, at_end=None) -> dict:
     """Replay in one worker per policy group; returns {"wall_s", "workers": [...],
     "results": [...]} once all are done. ``monitor()`` is called while they run,
     ``at_end()`` after they finished and before they unregister."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 from p2pkv.sim.cluster import ClusterSpec
 from p2pkv.sim.directory_view import BlockKeys
+from p2pkv.sim.sharded_fleet import ShardEndpoints
 from p2pkv.sim.policies import (
     DIRECTORY_POLICIES, PLANNER_SPREAD, GlobalPool, KvAware, P2pkv, RoundRobin, SimPolicy,
 )
@@ -39,6 +40,8 @@ class ReplayConfig:
     max_holders: int = 1
     save_pulled: bool = False
     """Save pulled chunks to the puller's store too (the connector does not)."""
+    shards: tuple[ShardEndpoints, ...] = ()
+    """A sharded directory (empty: the one ``endpoint``)."""
     local_host_tier: bool = True
     """Round-robin and kv-aware get each instance's host store as a local tier."""
     start_timeout_s: float = 60.0
@@ -46,7 +49,8 @@ class ReplayConfig:
     def __post_init__(self) -> None:
         if self.speedup < 0:
             raise ValueError("speedup must not be negative (0: as fast as possible)")
-        if any(p in DIRECTORY_POLICIES for p in self.policies) and not self.endpoint:
+        if (any(p in DIRECTORY_POLICIES for p in self.policies) and not self.endpoint
+                and not self.shards):
             raise ValueError(f"policies {DIRECTORY_POLICIES} need a directory endpoint")
 
 
@@ -78,10 +82,9 @@ def make_policies(config: ReplayConfig) -> list[SimPolicy]:
         elif name == "global-pool":
             made.append(GlobalPool(config.spec))
         elif name in DIRECTORY_POLICIES:
-            assert config.endpoint is not None
             multi = name == "p2pkv+multi"
             made.append(P2pkv(config.spec, name=name, planner=name != "p2pkv",
-                              endpoint=config.endpoint, keys=keys,
+                              endpoint=config.endpoint or "", keys=keys, shards=config.shards,
                               lookup_timeout_s=config.lookup_timeout_s,
                               max_holders=4 if multi else config.max_holders,
                               save_pulled=multi or config.save_pulled,
@@ -175,5 +178,6 @@ def summarize(policy: SimPolicy, duration_s: float) -> dict:
             "lookup_rtt_ms": {"p50": _pct(rtts, 0.5) * 1e3, "p99": _pct(rtts, 0.99) * 1e3,
                               "max": max(rtts, default=float("nan")) * 1e3},
             "registrations": s.registrations, "snapshots": s.snapshots,
-            "feed_events": policy.feed.events, "pulls_missing": policy.pull_failed}
+            "feed_events": policy.feed.events, "pulls_missing": policy.pull_failed,
+            "failovers": getattr(policy.fleet, "failovers", 0)}
     return out
