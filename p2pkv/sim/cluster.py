@@ -19,6 +19,10 @@ from p2pkv.sim.cache import BlockLRU, LocalHit, SimInstance
 from p2pkv.sim.trace import TraceRequest
 
 
+WINDOW_S = 30.0
+"""Trace seconds per window of the hit-rate time series."""
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterSpec:
     instances: int
@@ -61,6 +65,8 @@ class Tally:
     pulled_tokens: int = 0
     decisions: Counter = field(default_factory=Counter)
     ttfts: list[float] = field(default_factory=list)
+    windows: dict[int, list[int]] = field(default_factory=dict)
+    """Trace-time window -> [prompt tokens, tokens from cache] (``WINDOW_S`` each)."""
 
     @property
     def saved_tokens(self) -> int:
@@ -161,6 +167,9 @@ class Cluster:
         t.local_tokens += local_tokens
         t.host_tokens += host
         t.pulled_tokens += cached - local_tokens
+        w = t.windows.setdefault(int(req.arrival_s // WINDOW_S), [0, 0])
+        w[0] += req.input_tokens
+        w[1] += cached
         return cached
 
     def store(self, i: int, blocks: Sequence[int], computed_from: int) -> tuple[list[int], list[int]]:

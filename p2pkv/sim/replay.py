@@ -161,6 +161,8 @@ def summarize(policy: SimPolicy, duration_s: float) -> dict:
                    "p99": _pct(t.ttfts, 0.99),
                    "mean": statistics.fmean(t.ttfts) if t.ttfts else float("nan")},
         "decisions": dict(t.decisions),
+        "saved_share_by_window": [round(saved / max(1, prompt), 4) for _, (prompt, saved)
+                                  in sorted(t.windows.items())],
         "load": {"requests_per_instance_max": max(per_inst),
                  "requests_per_instance_mean": round(statistics.fmean(per_inst), 2),
                  "requests_per_instance_p99": _pct(per_inst, 0.99),
