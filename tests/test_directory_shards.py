@@ -131,3 +131,29 @@ def test_parse_shards():
         with pytest.raises(ConfigError):
             parse_shards(bad)
     assert LookupReply(holders=[]).holders == []
+
+
+def test_auth_works_per_shard(tmp_path):
+    """With a cluster secret every shard process is a CURVE server: a sharded client with the
+    secret registers, publishes and looks up; one with a wrong secret gets no answer."""
+    from p2pkv.secret import ClusterSecret
+    from tests.test_directory_service import Directory
+
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("correct horse battery staple 42\n")
+    procs = [Directory(tmp_path, "--secret-file", str(secret_file), name=f"d{i}")
+             for i in range(4)]
+    specs = [ShardSpec(ShardId("s0"), procs[0].endpoint, procs[1].endpoint),
+             ShardSpec(ShardId("s1"), procs[2].endpoint, procs[3].endpoint)]
+    good = ShardedClient(specs, secret=ClusterSecret(b"correct horse battery staple 42"))
+    wrong = ShardedClient(specs, secret=ClusterSecret(b"a wrong secret of enough bytes"))
+    try:
+        good.register(Registration(InstanceId("a"), 1, NS, "127.0.0.1:1"), wait_connected_s=2)
+        good.publish(K)
+        _until(lambda: _runs(good, K) == [("a", 40)], 5)
+        assert _runs(wrong, K, timeout_s=0.3) is None
+    finally:
+        good.close()
+        wrong.close()
+        for d in procs:
+            d.stop()
