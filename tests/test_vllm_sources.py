@@ -144,3 +144,15 @@ def test_part_selection_names_the_heads_and_layers_of_the_holders_chunk():
     assert list(Selection(2, 40, 1, 1, 0, 40).ranges(160)) == [(40, 40), (120, 40)]
     assert "outside" in Selection(2, 40, 0, 2, 30, 20).check(160)
     assert "groups" in Selection(2, 40, 0, 2, 0, 20).check(100)
+
+
+def test_a_sharded_lookup_keeps_each_holder_ranks_engine_and_slice():
+    from p2pkv.directory.ring import ShardAnswer, ShardId, merge_runs
+
+    a0, a1 = ranks("a", 2)
+    answers = {ShardId("s0"): ShardAnswer([0, 2], [a0, a1]),  # keys 0 and 2 live on s0
+               ShardId("s1"): ShardAnswer([1], [msgspec.structs.replace(a0, run=1)])}
+    merged = merge_runs(3, answers)
+    by_instance = {h.instance: h for h in merged}
+    assert by_instance[a0.instance].run == 3 and by_instance[a1.instance].run == 1
+    assert by_instance[a0.instance].slice == a0.slice and by_instance[a1.instance].engine == "a"
