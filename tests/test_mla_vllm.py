@@ -1,0 +1,95 @@
+"""MLA on real vLLM (CPU): a DeepSeek-V2-shaped random-weight model, holder at TP 2, puller at
+TP 1.
+
+MLA's latent KV is the same on every TP rank, so the TP 2 holder has one slice: only its rank
+0 saves, serves and registers (its store holds each chunk once), and the puller pulls rank 0's
+bytes. On a CPU without AMX vLLM turns prefix caching off for MLA (``platforms/cpu.py``), so the
+reference is the holder's own answer served from p2pkv's store (its second request pulls its
+own chunks back): the bytes it computed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
+
+if os.environ.get("P2PKV_REQUIRE_E2E") != "1":
+    pytest.importorskip("vllm", reason="vLLM is not installed (run scripts/setup.sh)")
+
+import httpx  # noqa: E402
+
+from p2pkv.harness.cluster import LocalCluster, wait_healthy  # noqa: E402
+
+CHUNK_TOKENS = 128  # chunk_tokens default (8 of MLA's 16-token CPU blocks)
+
+
+def mla_model(dest: Path) -> Path:
+    """A 2-layer DeepSeek-V2 with the latent size vLLM's CPU MLA kernel takes (kv_lora_rank
+    512 + rope 64 = 576), no MoE layer, random weights, the demo model's tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, DeepseekV2Config, DeepseekV2ForCausalLM
+
+    from p2pkv.harness.demo_model import prepare
+
+    if (dest / "config.json").exists():
+        return dest
+    src = prepare()
+    tok = AutoTokenizer.from_pretrained(src)
+    cfg = DeepseekV2Config(
+        vocab_size=AutoConfig.from_pretrained(src).vocab_size, hidden_size=128,
+        intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
+        qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=2, n_routed_experts=2,
+        num_experts_per_tok=1, moe_intermediate_size=64, max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    DeepseekV2ForCausalLM(cfg).to(torch.float32).save_pretrained(dest, safe_serialization=True)
+    tok.save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    workdir = Path(tmp_path_factory.mktemp("mla"))
+    with LocalCluster(workdir, mla_model(workdir / "tiny-mla")) as c:
+        c.start_directory()
+        a = c.start_vllm("A", tensor_parallel_size=2, max_model_len=2048)
+        b = c.start_vllm("B", max_model_len=2048)
+        wait_healthy([a, b], timeout_s=900)
+        yield c, a, b
+
+
+def generate(url: str, tokens: list[int]) -> str:
+    r = httpx.post(url + "/v1/completions", json={"model": "model", "prompt": tokens,
+                                                  "max_tokens": 12, "temperature": 0.0},
+                   timeout=600)
+    r.raise_for_status()
+    return r.json()["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("length", [3 * CHUNK_TOKENS + 40, 4 * CHUNK_TOKENS])
+def test_mla_chunks_are_stored_once_and_pulled_into_tp1_unchanged(cluster, length):
+    c, a, b = cluster
+    tokens = [random.Random(length).randrange(1000, 40000) for _ in range(length)]
+    generate(a.url, tokens)  # A computes; only its rank 0 saves
+    reference = generate(a.url, tokens)  # from A's own store (no vLLM prefix cache here)
+    before = c.counter_totals().get("chunks_pulled", 0)
+    pulled = generate(b.url, tokens)
+    assert pulled == reference, (pulled, reference)
+    reply = c.stats()
+    assert reply is not None
+    ids = {i.instance for i in reply.instances}
+    assert "A" in ids and "A/1" not in ids, ids  # one slice: rank 1 neither saves nor serves
+    by_id = {i.instance: i for i in reply.instances}
+    assert by_id["A"].slice is not None and by_id["A"].slice.num_heads == 1
+    deadline = time.monotonic() + 15  # counters reach the directory asynchronously
+    while c.counter_totals().get("chunks_pulled", 0) <= before:
+        assert time.monotonic() < deadline, "B did not pull"
+        time.sleep(0.2)
