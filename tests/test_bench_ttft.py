@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from p2pkv.bench import lmcache
 from p2pkv.bench.ttft import CONFIGS, Record, chat_requests, goals, kind, qa_requests, summarize
+from p2pkv.harness import lmcache
 from p2pkv.harness.correctness import full_cases, preemption_cases
 
 

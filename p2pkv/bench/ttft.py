@@ -15,7 +15,7 @@ every row has that many samples (p50 and p90 reported).
 Configurations (two ``vllm serve`` CPU instances each, started one configuration at a time so
 they never compete for the cores): ``plain`` (vLLM, no prefix caching), ``local`` (vLLM's own
 prefix cache), ``p2pkv`` (the connector, same-host shared memory), ``p2pkv-tcp`` (the connector
-over TCP), and, only where LMCache is installed (:mod:`p2pkv.bench.lmcache`), ``lmcache``
+over TCP), and, only where LMCache is installed (:mod:`p2pkv.harness.lmcache`), ``lmcache``
 (LMCache's multiprocess server over TCP) and ``lmcache-shm`` (its same-host shared-memory mode).
 Tensor parallelism, run only when named in ``--configs`` and with a ``--model`` whose KV heads
 split over 2 ranks (the demo model's 3 do not): ``p2pkv-tp2`` (both instances at TP 2) and
@@ -29,15 +29,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from p2pkv.bench import lmcache
-from p2pkv.bench.correctness import document_tokens
-from p2pkv.harness.cluster import Instance, LocalCluster, complete, wait_healthy
+from p2pkv.bench.report import Column, median, pct, plot_lines, table
+from p2pkv.harness import lmcache
+from p2pkv.harness.cluster import Instance, LocalCluster, wait_healthy
+from p2pkv.harness.documents import QUESTIONS, document_tokens
+from p2pkv.harness.openai_client import complete
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +51,7 @@ class Config:
     transport: str = "auto"
     """p2pkv's data plane (``auto`` is shared memory on one host)."""
     lmcache: str = ""
-    """LMCache's mode (:data:`p2pkv.bench.lmcache.MODES`); empty: no LMCache."""
+    """LMCache's mode (:data:`p2pkv.harness.lmcache.MODES`); empty: no LMCache."""
     tp: tuple[int, int] = (1, 1)
     """Tensor parallelism of instance 0 and instance 1."""
 
@@ -97,9 +98,7 @@ def _rotated(tokens: list[int], shift: int) -> list[int]:
 
 def qa_requests(tokens: list[int], lengths: list[int], docs: int, questions: int,
                 tokenize) -> list[Request]:
-    asks = ["Who founded the cooperative?", "When was the lighthouse first lit?",
-            "How many steps does the staircase have?", "Who was the last keeper?",
-            "Where was the granite quarried?"]
+    asks = QUESTIONS[:5]  # the five that every published run asked
     out = []
     for length in lengths:
         for d in range(docs):
@@ -172,11 +171,6 @@ def kind(r) -> str:
     return "other" if r.step == 1 else "same"
 
 
-def _pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
-
-
 def summarize(records: list[Record], extra: dict) -> dict:
     rows = {}
     tp = extra.get("tp", (1, 1))
@@ -186,13 +180,13 @@ def summarize(records: list[Record], extra: dict) -> dict:
                         f"{at}", []).append(r.ttft_s)
     return {
         "requests": len(records),
-        "ttft_p50_s": _pct([r.ttft_s for r in records], 0.5),
-        "ttft_p90_s": _pct([r.ttft_s for r in records], 0.9),
-        "latency_p50_s": _pct([r.total_s for r in records], 0.5),
+        "ttft_p50_s": pct([r.ttft_s for r in records], 0.5),
+        "ttft_p90_s": pct([r.ttft_s for r in records], 0.9),
+        "latency_p50_s": pct([r.total_s for r in records], 0.5),
         "throughput_req_s": len(records) / max(extra.get("busy_s", 0.0), 1e-9),
         "samples_by_row": {k: len(v) for k, v in sorted(rows.items())},
-        "ttft_p50_by_row_s": {k: _pct(v, 0.5) for k, v in sorted(rows.items())},
-        "ttft_p90_by_row_s": {k: _pct(v, 0.9) for k, v in sorted(rows.items())},
+        "ttft_p50_by_row_s": {k: pct(v, 0.5) for k, v in sorted(rows.items())},
+        "ttft_p90_by_row_s": {k: pct(v, 0.9) for k, v in sorted(rows.items())},
         **{k: extra[k] for k in ("bytes_pulled", "chunks_pulled", "chunks_failed",
                                  "bytes_pulled_by_rank") if k in extra},
     }
@@ -262,17 +256,6 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(configs: dict, key: str, title: str) -> None:
-    names = list(configs)
-    rows = sorted({row for c in configs.values() for row in c[key]})
-    print(title)
-    print(f"{'row':<24}" + "".join(f"{n:>15}" for n in names))
-    for row in rows:
-        cells = "".join(f"{configs[c][key][row]:>11.3f} n={configs[c]['samples_by_row'][row]}"
-                        if row in configs[c][key] else f"{'-':>15}" for c in names)
-        print(f"{row:<24}{cells}")
-
-
 def goals(configs: dict) -> dict:
     """Issue 6's goals at the longest document length, from the p50 rows: p2pkv's remote hit
     against its own local hit, a cold prefill (plain vLLM asked the same question), and each
@@ -303,15 +286,26 @@ def _report(results: dict, out: Path) -> None:
     names = list(configs)
     legend = ("(first = new prefix, other = last computed on the other instance, "
               "same = on this one; n = samples per row)")
-    _table(configs, "ttft_p50_by_row_s", f"TTFT p50 (s) by workload/length/kind {legend}")
-    _table(configs, "ttft_p90_by_row_s", "TTFT p90 (s)")
-    for label, key, scale in (("all: TTFT p50", "ttft_p50_s", 1),
-                              ("all: TTFT p90", "ttft_p90_s", 1),
-                              ("all: latency p50", "latency_p50_s", 1),
-                              ("throughput req/s", "throughput_req_s", 1),
-                              ("MB pulled", "bytes_pulled", 1e-6)):
-        print(f"{label:<22}" + "".join(f"{configs[n].get(key, 0) * scale:>13.3f}"
-                                        for n in names))
+    columns = [Column("row", 20, align="<"), Column("n", 4),
+               *(Column(n, max(13, len(n) + 2), ".3f") for n in names)]
+    # NOTE: configs may have rows of their own (the TP ones split rows by the instance's TP):
+    # every row any config has, nan where a config has none.
+    rows = sorted({row for c in configs.values() for row in c["samples_by_row"]})
+    samples = {row: next(c["samples_by_row"][row] for c in configs.values()
+                         if row in c["samples_by_row"]) for row in rows}
+    for key, title in (("ttft_p50_by_row_s", f"TTFT p50 (s) by workload/length/kind {legend}"),
+                       ("ttft_p90_by_row_s", "TTFT p90 (s)")):
+        print(title)
+        print(table(columns, ([row, samples[row],
+                               *(configs[n][key].get(row, float("nan")) for n in names)]
+                              for row in rows), sep=""))
+    print(table(columns, ([label, "", *(configs[n].get(key, 0) * scale for n in names)]
+                          for label, key, scale in (("all: TTFT p50", "ttft_p50_s", 1),
+                                                    ("all: TTFT p90", "ttft_p90_s", 1),
+                                                    ("all: latency p50", "latency_p50_s", 1),
+                                                    ("throughput req/s", "throughput_req_s", 1),
+                                                    ("MB pulled", "bytes_pulled", 1e-6))),
+                sep="", header=False))
     g = results["goals"]
     if g:
         print(f"goals at {g['length']} tokens: p2pkv remote hit {g['p2pkv_remote_s']:.3f} s = "
@@ -323,30 +317,19 @@ def _report(results: dict, out: Path) -> None:
                 print(f"  {name} remote hit {g[f'{name}_remote_s']:.3f} s "
                       f"({g[f'{name}_remote_s'] / g['p2pkv_remote_s']:.1f}x p2pkv's)")
     print(f"wrote {out}")
-    _plot(results, out.with_suffix(".png"))
+    plot_lines(out.with_suffix(".png"), _remote_hit_series(results),
+               xlabel="document length (tokens)",
+               ylabel="TTFT p50, question on the other instance (s)",
+               title="Long-document QA on 2 vLLM CPU instances", log_y=True)
 
 
-def _plot(results: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
+def _remote_hit_series(results: dict) -> dict[str, tuple[list[int], list[float]]]:
+    """Per configuration: document lengths and the median TTFT of the second question."""
+    series = {}
     for name in results["configs"]:
         rows = [r for r in results["records"] if r["config"] == name and r["workload"] == "qa"
                 and r["step"] == 1]
         lengths = sorted({r["length"] for r in rows})
-        ax.plot(lengths, [statistics.median(r["ttft_s"] for r in rows if r["length"] == n)
-                          for n in lengths], marker="o", label=name)
-    ax.set_xlabel("document length (tokens)")
-    ax.set_ylabel("TTFT p50, question on the other instance (s)")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.set_title("Long-document QA on 2 vLLM CPU instances")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    print(f"wrote {path}")
+        series[name] = (lengths, [median(r["ttft_s"] for r in rows if r["length"] == n)
+                                  for n in lengths])
+    return series
