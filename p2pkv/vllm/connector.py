@@ -125,7 +125,8 @@ class P2PKVConnector(KVConnectorBase_V1):
                 self._config, namespace=namespace,
                 block_size=vllm_config.cache_config.block_size, chunk_blocks=chunk_blocks,
                 can_load=ktc.kv_role != "kv_producer", can_save=ktc.kv_role != "kv_consumer",
-                save_partial=ktc.kv_role == "kv_producer", directory=directory)
+                save_partial=ktc.kv_role == "kv_producer",
+                load_partial=ktc.kv_role == "kv_consumer", directory=directory)
         else:
             cuda_device = None
             if vllm_config.device_config.device_type == "cuda":
