@@ -65,6 +65,7 @@ def test_saved_chunk_is_published_and_pulled_byte_exact_into_other_blocks():
     puller, p_caches = make_worker(RecordingDirectory())
     key = ChunkKey(b"k" * 32)
     holder.save(P2PKVMetadata(saves=[SavePlan(key, (5, 2))]))
+    assert holder.wait_saved(5.0)
     assert d.published[-1] == ([key], [])
     address = d.registered[0]
     puller.start_loads(P2PKVMetadata(loads=[LoadPlan("r", address, (ChunkLoad(key, (0, 7)),))]))
@@ -102,9 +103,34 @@ def test_worker_registers_once_publishes_deltas_and_unregisters():
     keys = [ChunkKey(bytes([i]) * 32) for i in range(2)]
     w.save(P2PKVMetadata(saves=[SavePlan(keys[0], (0, 1))]))
     w.save(P2PKVMetadata(saves=[SavePlan(keys[1], (2, 3))]))
+    assert w.wait_saved(5.0)
     assert len(d.registered) == 1
     assert d.published == [([keys[0]], []), ([keys[1]], [])]
     w.take_finished_recving()
     assert d.reports and d.reports[-1]["chunks_saved"] == 2
     w.shutdown()
     assert d.unregistered
+
+
+def test_saves_leave_the_step_at_once_and_the_fence_makes_reused_blocks_safe():
+    """Issue 17: save() only queues the copies (off the step's critical path); once fence()
+    returns, vLLM may overwrite the blocks (a reused block) without changing what is stored."""
+    d = RecordingDirectory()
+    holder, h_caches = make_worker(d)
+    puller, p_caches = make_worker(RecordingDirectory())
+    key = ChunkKey(b"f" * 32)
+    before = {name: t[4].clone() for name, t in h_caches.items()}
+    holder.save(P2PKVMetadata(saves=[SavePlan(key, (4, 1))]))
+    holder.fence()  # what the connector does at the start of the next execute_model
+    for t in h_caches.values():
+        t[4].zero_()  # the next step reuses block 4
+    assert holder.wait_saved(5.0)
+    assert d.published[-1] == ([key], [])
+    puller.start_loads(P2PKVMetadata(loads=[LoadPlan("r", d.registered[0],
+                                                     (ChunkLoad(key, (6, 7)),))]))
+    wait_finished(puller, "r")
+    assert puller.take_failed_blocks() == set()
+    for name in h_caches:
+        assert torch.equal(p_caches[name][6], before[name])
+    holder.shutdown()
+    puller.shutdown()

@@ -150,6 +150,12 @@ class P2PKVConnector(KVConnectorBase_V1):
         assert self._worker is not None
         self._worker.register_kv_caches(KVLayout.from_kv_caches(kv_caches))
 
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        # vLLM's first connector call in every execute_model, before the step zeroes or
+        # writes any block: saves still copying out of reused blocks must finish first.
+        assert self._worker is not None
+        self._worker.fence()
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self._worker is not None
         meta = self._get_connector_metadata()
