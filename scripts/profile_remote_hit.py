@@ -59,13 +59,14 @@ def categorize(stack: str) -> str:
 
 
 def process_names(root: int) -> dict[str, str]:
-    """pid -> name for ``root`` and its descendants (vLLM names its processes' threads, e.g.
-    ``VLLM::EngineCor``, in /proc/PID/comm)."""
+    """pid -> name for ``root`` and its descendants (vLLM retitles its processes, e.g.
+    ``VLLM::EngineCore``, in /proc/PID/cmdline; the API server stays ``python``)."""
     names, todo = {}, [root]
     while todo:
         pid = todo.pop()
         try:
-            names[str(pid)] = Path(f"/proc/{pid}/comm").read_text().strip()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+            names[str(pid)] = cmd.decode(errors="replace").rsplit("/", 1)[-1]
             for task in Path(f"/proc/{pid}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
         except OSError:
