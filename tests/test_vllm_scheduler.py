@@ -131,8 +131,8 @@ def test_saves_each_chunk_once_as_it_completes():
 
     def step(new, cached, scheduled):
         out = SimpleNamespace(
-            scheduled_new_reqs=[SimpleNamespace(req_id="r", num_computed_tokens=c)
-                                for c in new],
+            scheduled_new_reqs=[SimpleNamespace(req_id="r", num_computed_tokens=c,
+                                                block_ids=(blocks,)) for c in new],
             scheduled_cached_reqs=SimpleNamespace(req_ids=["r"] * len(cached),
                                                   num_computed_tokens=cached),
             num_scheduled_tokens={"r": scheduled})
@@ -157,7 +157,8 @@ def test_producer_never_looks_up_and_consumer_never_saves():
 
 def _step(s, req_id, computed, scheduled, blocks, new=True):
     out = SimpleNamespace(
-        scheduled_new_reqs=[SimpleNamespace(req_id=req_id, num_computed_tokens=computed)]
+        scheduled_new_reqs=[SimpleNamespace(req_id=req_id, num_computed_tokens=computed,
+                                            block_ids=(blocks,))]
         if new else [],
         scheduled_cached_reqs=SimpleNamespace(req_ids=[] if new else [req_id],
                                               num_computed_tokens=[] if new else [computed]),
@@ -286,3 +287,18 @@ def test_the_chunks_of_a_local_hit_are_not_saved_again():
     s.get_num_new_matched_tokens(r2, 2 * BLOCK)  # chunk 0 local, chunks 1-3 computed
     assert [p.key for p in _step(s, "r2", 2 * BLOCK, 6 * BLOCK, blocks)] == [
         r2.block_hashes[3], r2.block_hashes[5], r2.block_hashes[7]]
+
+
+def test_the_step_names_the_blocks_it_may_write_for_the_save_fence():
+    from p2pkv.vllm.scheduler import new_blocks
+
+    out = SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id="a", num_computed_tokens=0,
+                                            block_ids=([1, 2],))],
+        scheduled_cached_reqs=SimpleNamespace(req_ids=["b", "c"], num_computed_tokens=[4, 4],
+                                              new_block_ids=[([7],), None]),
+        new_block_ids_to_zero=[9], kv_cache_block_copies=[SimpleNamespace(dst_block_id=11)],
+        num_scheduled_tokens={})
+    assert new_blocks(out) == {1, 2, 7, 9, 11}
+    s = side(CountingDirectory())
+    assert s.build_meta(out, lambda _: []).new_blocks == {1, 2, 7, 9, 11}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import pytest
 
@@ -121,7 +123,8 @@ def test_saves_leave_the_step_at_once_and_the_fence_makes_reused_blocks_safe():
     key = ChunkKey(b"f" * 32)
     before = {name: t[4].clone() for name, t in h_caches.items()}
     holder.save(P2PKVMetadata(saves=[SavePlan(key, (4, 1))]))
-    holder.fence()  # what the connector does at the start of the next execute_model
+    # what the connector does at the start of the next execute_model, whose step reuses 4
+    holder.fence(P2PKVMetadata(new_blocks=frozenset({4, 6})))
     for t in h_caches.values():
         t[4].zero_()  # the next step reuses block 4
     assert holder.wait_saved(5.0)
@@ -134,3 +137,31 @@ def test_saves_leave_the_step_at_once_and_the_fence_makes_reused_blocks_safe():
         assert torch.equal(p_caches[name][6], before[name])
     holder.shutdown()
     puller.shutdown()
+
+
+def test_the_fence_waits_only_for_copies_of_blocks_the_step_writes():
+    from p2pkv.store import ChunkStore
+    from p2pkv.vllm.saver import HostSaver
+
+    caches = {f"l{i}": torch.randn(8, 2, 4, 8) for i in range(3)}
+    layout = KVLayout.from_kv_caches(caches)
+    store = ChunkStore(layout.chunk_bytes(2), 4)
+    gate = threading.Event()
+    saved = []
+
+    def on_saved(keys):
+        saved.extend(keys)
+
+    saver = HostSaver(layout, store, on_saved)
+    real_copy = layout.copy_out
+    # hold the copy until the gate opens (KVLayout is frozen: wrap the saver's reference)
+    saver._layout = SimpleNamespace(copy_out=lambda ids, view: (gate.wait(5), real_copy(ids, view)))
+    assert saver.save([(ChunkKey(b"a" * 32), (0, 1))]) == 1
+    assert saver.fence({5, 6}) is False  # the step writes other blocks: no wait
+    threading.Timer(0.2, gate.set).start()
+    t0 = time.monotonic()
+    assert saver.fence({1}) is True  # block 1 is still being read
+    assert time.monotonic() - t0 >= 0.15
+    assert saver.wait_saved(5.0) and saved == [ChunkKey(b"a" * 32)]
+    assert saver.fence({1}) is False
+    saver.close()

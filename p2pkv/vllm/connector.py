@@ -154,7 +154,8 @@ class P2PKVConnector(KVConnectorBase_V1):
         # vLLM's first connector call in every execute_model, before the step zeroes or
         # writes any block: saves still copying out of reused blocks must finish first.
         assert self._worker is not None
-        self._worker.fence()
+        assert isinstance(kv_connector_metadata, P2PKVMetadata)
+        self._worker.fence(kv_connector_metadata)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self._worker is not None

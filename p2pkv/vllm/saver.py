@@ -6,12 +6,14 @@ store slots, then commits them (digest) and publishes them. A synchronous copy s
 critical path of exactly the request that computed the prefix (measured, issue 17: 22 chunks
 of a 2.9k-token prompt, 0.1-0.3 s on a 2-core host, before its first token).
 
-NOTE (ownership): vLLM may reuse a block as soon as it schedules the next step (a finished or
-preempted request's blocks are freed), and the next step writes into blocks before its forward
-pass (zeroing, then attention). The copies therefore must be over before the next step touches
-the cache: :meth:`HostSaver.fence` waits for them, and the connector calls it from
-``handle_preemptions``, vLLM's first connector call of every ``execute_model``. The digest and
-the publish run after the copy and need only the store slot, so they may overlap that step.
+NOTE (ownership): the blocks of a completed chunk are never written again while their request
+holds them, but vLLM may hand a freed block (a finished, aborted or preempted request's, freed
+at once or later) to a request in any later step, which then zeroes and writes it. So before
+a step touches the cache, the connector (``handle_preemptions``, vLLM's first connector call
+in every ``execute_model``) calls :meth:`HostSaver.fence` with the blocks the scheduler handed
+out for that step (``P2PKVMetadata.new_blocks``): it waits only if a copy still reads one of
+them. Otherwise the copies overlap the next step too (a chunked prefill's next part). The
+digest and the publish need only the store slot.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from p2pkv.affinity import unpin_current_thread
@@ -54,9 +57,11 @@ class HostSaver:
         self._on_saved = on_saved
         self._queue: queue.SimpleQueue[list[_Copy] | None] = queue.SimpleQueue()
         self._copying = 0  # chunks queued whose bytes are not copied out yet
+        self._reading: Counter[int] = Counter()  # blocks those copies still read
         self._batches = 0  # batches queued, not published yet
         self._cond = threading.Condition()
         self.copy_s = 0.0  # seconds spent copying (the part a fence may wait for)
+        self.fence_waits = 0  # fences that had to wait for a copy
         self._thread = threading.Thread(target=self._loop, name="p2pkv-save", daemon=True)
         self._thread.start()
 
@@ -71,18 +76,27 @@ class HostSaver:
         if batch:
             with self._cond:
                 self._copying += len(batch)
+                for c in batch:
+                    self._reading.update(c.block_ids)
                 self._batches += 1
             self._queue.put(batch)
         return len(batch)
 
-    def fence(self) -> None:
-        """Return once every queued chunk's bytes are copied out of the cache."""
+    def fence(self, blocks: Collection[int] | None = None) -> bool:
+        """Return once no queued copy reads any of ``blocks`` (None: once every queued chunk
+        is copied out). Returns whether it had to wait."""
         with self._cond:
             t0 = time.monotonic()
-            while self._copying:
+            waited = False
+            while self._copying and (blocks is None
+                                     or any(b in self._reading for b in blocks)):
+                waited = True
                 if not self._cond.wait(timeout=FENCE_WARN_S):
                     logger.warning("p2pkv: saves still copying after %.0f s",
                                    time.monotonic() - t0)
+            if waited:
+                self.fence_waits += 1
+            return waited
 
     def _loop(self) -> None:
         unpin_current_thread()
@@ -100,6 +114,8 @@ class HostSaver:
                 with self._cond:
                     self.copy_s += time.monotonic() - t0
                     self._copying -= 1
+                    self._reading.subtract(c.block_ids)
+                    self._reading = +self._reading  # drops blocks no copy reads
                     self._cond.notify_all()
                 if copied:
                     self._store.commit(c.slot)  # the digest: no longer reads the cache

@@ -67,6 +67,22 @@ class SchedulerCounters:
     chunks_planned_for_save: int = 0
 
 
+def new_blocks(scheduler_output: Any) -> frozenset[int]:
+    """The blocks handed to requests in this step (new requests' blocks, running and resumed
+    requests' new blocks, blocks to zero): the ones this step may write, maybe freed blocks
+    that a save is still copying out of."""
+    out: set[int] = set(getattr(scheduler_output, "new_block_ids_to_zero", None) or ())
+    for r in scheduler_output.scheduled_new_reqs:
+        for group in r.block_ids:
+            out.update(group)
+    for groups in getattr(scheduler_output.scheduled_cached_reqs, "new_block_ids", ()):
+        for group in groups or ():
+            out.update(group)
+    for copy in getattr(scheduler_output, "kv_cache_block_copies", None) or ():
+        out.add(copy.dst_block_id)
+    return frozenset(out)
+
+
 class SchedulerSide:
     def __init__(self, config: ConnectorConfig, *, namespace: Namespace, block_size: int,
                  chunk_blocks: int, can_load: bool, can_save: bool,
@@ -208,6 +224,7 @@ class SchedulerSide:
         meta = P2PKVMetadata(loads=self._pending_loads)
         self._pending_loads = []
         if self._can_save:
+            meta.new_blocks = new_blocks(scheduler_output)
             progress = [(r.req_id, r.num_computed_tokens)
                         for r in scheduler_output.scheduled_new_reqs]
             cached = scheduler_output.scheduled_cached_reqs

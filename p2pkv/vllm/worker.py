@@ -100,11 +100,11 @@ class WorkerSide:
                     layout.signature, layout.block_bytes, slot, capacity, address,
                     self._namespace)
 
-    def fence(self) -> None:
-        """Before a step touches the cache (vLLM may have reused freed blocks): wait until
-        the previous steps' saves have copied their blocks out."""
+    def fence(self, meta: P2PKVMetadata) -> None:
+        """Before a step touches the cache: wait until no save still reads a block the step
+        may write (``meta.new_blocks``: freed blocks vLLM handed out again)."""
         if self._host_saver is not None:
-            self._host_saver.fence()
+            self._host_saver.fence(meta.new_blocks)
         if self._saver is not None:
             self._saver.fence()
 
