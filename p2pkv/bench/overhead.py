@@ -68,6 +68,8 @@ def measure(pairs: Sequence[DocumentPair], instances: dict[str, Instance], settl
     """Interleaved samples: per document, the cold miss on every setup, then the local hit on
     every setup; the order of the setups rotates with the document."""
     names = list(instances)
+    for name in names:  # an instance's first request is slower (not what is measured)
+        complete(instances[name].url, "Warm-up: say hello.", max_tokens=2)
     samples = []
     for i, pair in enumerate(pairs):
         order = names[i % len(names):] + names[:i % len(names)]
@@ -105,10 +107,15 @@ def summarize(samples: Sequence[Sample]) -> dict:
         table[setup] = {k: {"n": len(v), "p50_s": _p50(v), "min_s": min(v), "max_s": max(v)}
                         for k, v in kinds.items()}
     base = table.get("vllm", {})
+    by_key = {(s.setup, s.kind, s.index): s.ttft_s for s in samples}
     for setup, kinds in table.items():
         for k, row in kinds.items():
             if k in base:
                 row["over_vllm"] = row["p50_s"] / base[k]["p50_s"]
+                # the same document's sample next to vLLM's: less sensitive to load drifts
+                pairs = [t / by_key[("vllm", kk, i)] for (st, kk, i), t in by_key.items()
+                         if st == setup and kk == k and ("vllm", kk, i) in by_key]
+                row["paired_over_vllm_p50"] = _p50(pairs)
     goals = {f"p2pkv_{k}_over_vllm": table["p2pkv"][k]["over_vllm"]
              for k in KINDS if "p2pkv" in table and "over_vllm" in table["p2pkv"].get(k, {})}
     return {"table": table, "goals": goals, "goal_ratio": GOAL_RATIO}
@@ -134,8 +141,10 @@ def render(summary: dict, placement: str) -> list[str]:
         if key in summary["goals"]:
             ratio = summary["goals"][key]
             met = "met" if ratio <= summary["goal_ratio"] else "NOT met"
+            paired = table["p2pkv"][k]["paired_over_vllm_p50"]
             lines.append(f"  goal p2pkv {labels[k].split(' (')[0]} <= "
-                         f"{summary['goal_ratio']:.2f}x vLLM: {ratio:.3f}x ({met})")
+                         f"{summary['goal_ratio']:.2f}x vLLM (p50s): {ratio:.3f}x ({met}); "
+                         f"median of per-document ratios {paired:.3f}x")
     if "lmcache" not in table:
         lines.append("  lmcache: not installed (scripts/install_lmcache.sh adds the column)")
     return lines
