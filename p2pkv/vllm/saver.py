@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
-from p2pkv.affinity import unpin_current_thread
+from p2pkv.affinity import widen_cpu_affinity
 from p2pkv.keys import ChunkKey
 from p2pkv.store import ChunkStore, WritableSlot
 from p2pkv.vllm.layout import KVLayout
@@ -99,7 +99,7 @@ class HostSaver:
             return waited
 
     def _loop(self) -> None:
-        unpin_current_thread()
+        widen_cpu_affinity()
         while (batch := self._queue.get()) is not None:
             saved = []
             for c in batch:
