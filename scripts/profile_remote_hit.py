@@ -36,9 +36,9 @@ RULES = [
     ("blocked (waits, polls, accept)",
      r"Event\.wait|Condition\.wait|connection\.py.*wait|_accept_loop|selectors|\bpoll\b"),
     ("vLLM engine<->worker IPC spin-wait", r"shm_broadcast"),
+    ("save: copy computed blocks out", r"copy_out|p2pkv/vllm/saver|p2pkv/vllm/worker\.py.*\bsave"),
     ("pull: transport (slab read / socket + digest)", r"p2pkv/transport/"),
     ("pull: destination views (KVLayout)", r"p2pkv/vllm/layout"),
-    ("save: copy computed blocks out", r"p2pkv/vllm/worker\.py.*\b(save|copy_out)"),
     ("lookup (scheduler side, directory client)", r"p2pkv/(vllm/scheduler|directory)"),
     ("connector, other", r"p2pkv/"),
     ("model forward", r"model_executor|attn|_custom_ops|vllm/ir/"),
@@ -58,29 +58,15 @@ def categorize(stack: str) -> str:
     return "other"
 
 
-def process_names(root: int) -> dict[str, str]:
-    """pid -> name for ``root`` and its descendants (vLLM retitles its processes, e.g.
-    ``VLLM::EngineCore``, in /proc/PID/cmdline; the API server stays ``python``)."""
-    names, todo = {}, [root]
-    while todo:
-        pid = todo.pop()
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-            names[str(pid)] = cmd.decode(errors="replace").rsplit("/", 1)[-1]
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return names
-
-
-def process_of(stack: str, names: dict[str, str]) -> str:
-    """The sampled process's name, from py-spy's ``process PID:"cmdline"`` root frame."""
-    first = stack.split(";", 1)[0]
-    if not first.startswith("process "):
+def process_of(stack: str) -> str:
+    """The sampled process: with ``--subprocesses`` py-spy nests each child's
+    ``process PID:"cmdline"`` frame under its parent's; vLLM retitles its processes
+    (``VLLM::EngineCore``, ``VLLM::Worker``), the API server stays ``python``."""
+    procs = [f for f in stack.split(";") if f.startswith("process ")]
+    if not procs:
         return "?"
-    pid = first.removeprefix("process ").partition(":")[0].strip()
-    return names.get(pid, pid)
+    cmd = procs[-1].partition(":")[2].strip('"').split()
+    return cmd[0].rsplit("/", 1)[-1] if cmd else "?"
 
 
 def main() -> int:
@@ -136,7 +122,6 @@ def main() -> int:
              "--nonblocking", "--threads", "--rate", str(args.rate), "--format", "raw",
              "-o", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         time.sleep(3.0)  # py-spy attaches
-        names = process_names(puller.proc.popen.pid)
         ttfts = ask(remotes[half:])
         spy.send_signal(signal.SIGINT)
         spy.wait(timeout=60)
@@ -147,7 +132,7 @@ def main() -> int:
     for line in raw.read_text().splitlines() if raw.exists() else ():
         stack, _, count = line.rpartition(" ")
         by_cat[categorize(stack)] += int(count)
-        by_proc[process_of(stack, names), categorize(stack)] += int(count)
+        by_proc[process_of(stack), categorize(stack)] += int(count)
     ms = 1000.0 / args.rate
 
     def fmt(ts: list[float]) -> str:
