@@ -48,6 +48,8 @@ class WorkerCounters:
     pull_ms: int = 0
     chunks_saved: int = 0
     chunks_served: int = 0
+    save_copy_ms: int = 0  # CPU caches: time the save thread spent copying out of the cache
+    save_fence_waits: int = 0  # steps that had to wait for a save's copy (issue 17)
 
 
 class WorkerSide:
@@ -200,6 +202,9 @@ class WorkerSide:
         with self._lock:
             if self._store is not None:
                 self.counters.chunks_served = self._store.counters.served
+            if self._host_saver is not None:
+                self.counters.save_copy_ms = int(self._host_saver.copy_s * 1000)
+                self.counters.save_fence_waits = self._host_saver.fence_waits
             now = asdict(self.counters)
         if now != self._reported:
             self._directory.report(now)
