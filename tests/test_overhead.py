@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from p2pkv.bench import overhead
-from p2pkv.bench.overhead import DocumentPair, Sample
+from p2pkv.harness import overhead
+from p2pkv.harness.overhead import DocumentPair, Sample
 from p2pkv.harness.cluster import Instance, Proc
 
 

@@ -1,4 +1,5 @@
-"""The overhead table of ``p2pkv bench ttft``: what a cache connector costs where it cannot help.
+"""The overhead measurement of ``p2pkv bench ttft``: what a cache connector costs where it
+cannot help.
 
 One ``vllm serve`` CPU instance per setup, all started together so the samples can be
 interleaved: ``vllm`` (its own prefix cache, no connector), ``p2pkv`` (the connector, with a
@@ -10,7 +11,8 @@ from sample to sample, and each request starts on an idle machine (``settle_s``)
 instance runs with the same placement of vLLM's threads
 (:func:`p2pkv.harness.cluster.reserved_cpus`).
 
-Called by :mod:`p2pkv.bench.ttft`; ``prompts`` come from its request plan.
+Called by :mod:`p2pkv.bench.ttft`, which prints :func:`render`'s lines; the prompts come from its
+request plan.
 """
 
 from __future__ import annotations
