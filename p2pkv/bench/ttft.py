@@ -197,9 +197,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help="comma-separated; the lmcache ones run only where LMCache is "
                              "installed")
-    parser.add_argument("--overhead-samples", type=int, default=5,
+    parser.add_argument("--overhead-samples", type=int, default=6,
                         help="documents for the overhead table (cold miss and local hit "
-                             "with and without a connector, interleaved)")
+                             "with and without a connector, interleaved); a multiple of the "
+                             "setups (2 or 3) gives each setup each place in the order equally")
     parser.add_argument("--settle-s", type=float, default=1.5)
     parser.add_argument("--out", type=Path, default=Path("docs/bench/ttft.json"))
     parser.add_argument("--workdir", type=Path, default=Path(".p2pkv-run/bench-ttft"))

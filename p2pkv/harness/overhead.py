@@ -7,7 +7,9 @@ directory and no peer), and ``lmcache`` (LMCache's multiprocess server, only whe
 installed). For each sample, a new document is asked about on every setup in turn (a *cold
 miss*: nothing anywhere holds it), then a second question about it on every setup in turn (a
 *local hit*: the instance's own prefix cache holds the document). The setups' order rotates
-from sample to sample, and each request starts on an idle machine (``settle_s``). Every
+from sample to sample (measured: the first request of a round was up to 2x faster than the
+second on this 2-core host, so a number of samples that is a multiple of the number of setups
+keeps the comparison fair), and each request starts on an idle machine (``settle_s``). Every
 instance runs with the same placement of vLLM's threads
 (:func:`p2pkv.harness.cluster.reserved_cpus`).
 
