@@ -12,7 +12,7 @@ partial chunk up after the full ones, so it recomputes at most the prompt's last
 hold them.
 
 NOTE (issue 17): a request whose local hit leaves nothing worth loading (no chunk beyond it, or
-less than one block to gain) never contacts the directory and is answered at once, so it never
+one block or less to gain) never contacts the directory and is answered at once, so it never
 waits an engine step; the chunks of a local hit are not planned for saving again (whoever
 computed them saved them; pulled ones stay with their holder).
 
