@@ -40,11 +40,13 @@ def request(req_id: str, blocks: int, extra_tokens: int = 0):
                            prompt_token_ids=list(range(blocks * BLOCK + extra_tokens)))
 
 
-def side(directory, chunk_blocks=1, clock=lambda: 0.0, **kw) -> SchedulerSide:
+def side(directory, chunk_blocks=1, clock=lambda: 0.0, load_partial=False,
+         **kw) -> SchedulerSide:
+    """A ``kv_both`` scheduler side (``load_partial``: as a ``kv_consumer`` looks up)."""
     config = ConnectorConfig(directory="tcp://127.0.0.1:1", **kw)
     return SchedulerSide(config, namespace=Namespace("ns"), block_size=BLOCK,
                          chunk_blocks=chunk_blocks, can_load=True, can_save=True,
-                         directory=directory, clock=clock)
+                         directory=directory, clock=clock, load_partial=load_partial)
 
 
 def reply(run: int, address="127.0.0.1:9") -> LookupReply:
@@ -129,8 +131,8 @@ def test_saves_each_chunk_once_as_it_completes():
 
     def step(new, cached, scheduled):
         out = SimpleNamespace(
-            scheduled_new_reqs=[SimpleNamespace(req_id="r", num_computed_tokens=c)
-                                for c in new],
+            scheduled_new_reqs=[SimpleNamespace(req_id="r", num_computed_tokens=c,
+                                                block_ids=(blocks,)) for c in new],
             scheduled_cached_reqs=SimpleNamespace(req_ids=["r"] * len(cached),
                                                   num_computed_tokens=cached),
             num_scheduled_tokens={"r": scheduled})
@@ -155,7 +157,8 @@ def test_producer_never_looks_up_and_consumer_never_saves():
 
 def _step(s, req_id, computed, scheduled, blocks, new=True):
     out = SimpleNamespace(
-        scheduled_new_reqs=[SimpleNamespace(req_id=req_id, num_computed_tokens=computed)]
+        scheduled_new_reqs=[SimpleNamespace(req_id=req_id, num_computed_tokens=computed,
+                                            block_ids=(blocks,))]
         if new else [],
         scheduled_cached_reqs=SimpleNamespace(req_ids=[] if new else [req_id],
                                               num_computed_tokens=[] if new else [computed]),
@@ -200,7 +203,7 @@ def test_kv_both_never_saves_a_partial_chunk():
 
 def test_decode_pulls_the_partial_chunk_and_the_whole_prompt():
     d = FakeDirectory([reply(3)])
-    s = side(d, chunk_blocks=2, chunk_tokens=2 * BLOCK)
+    s = side(d, chunk_blocks=2, chunk_tokens=2 * BLOCK, load_partial=True)  # kv_consumer
     r = request("r", 4, extra_tokens=3)  # two full chunks + 3 tokens
     assert s.get_num_new_matched_tokens(r, 0) == (4 * BLOCK + 3, True)
     partial = partial_chunk_key(r.block_hashes, r.prompt_token_ids, BLOCK, 2)
@@ -218,3 +221,84 @@ def test_a_run_without_the_partial_chunk_stops_at_the_last_full_chunk():
     s = side(d)
     r = request("r", 2, extra_tokens=3)
     assert s.get_num_new_matched_tokens(r, 0) == (2 * BLOCK, True)
+
+
+@dataclass
+class CountingDirectory:
+    """Counts every call of the interface the scheduler side uses; answers "no holders"."""
+
+    calls: list = field(default_factory=list)
+
+    def start_lookup(self, namespace, keys, timeout_s):
+        self.calls.append(("start_lookup", list(keys)))
+        return len(self.calls)
+
+    def wait_lookup(self, rid, max_wait_s):
+        self.calls.append(("wait_lookup", rid))
+        return PENDING
+
+    def poll_lookup(self, rid):
+        self.calls.append(("poll_lookup", rid))
+        return LookupReply(holders=[])
+
+
+def _local_hit(blocks: int, extra_tokens: int) -> int:
+    """vLLM's local hit on a fully cached prompt: its full blocks, short of its last token."""
+    return (blocks * BLOCK + extra_tokens - 1) // BLOCK * BLOCK
+
+
+@pytest.mark.parametrize("chunk_blocks", [1, 2, 4])
+@pytest.mark.parametrize("extra_tokens", [0, 1, 3])
+@pytest.mark.parametrize("load_partial", [False, True])
+def test_a_fully_local_prefix_never_contacts_the_directory_nor_waits_a_step(
+        chunk_blocks, extra_tokens, load_partial):
+    """Issue 17: a local hit covering every full block (the tail past the last full chunk
+    is at most a partial chunk) is answered at once: (0, False), never None (an engine step),
+    and the directory is not asked anything (kv_both, and a kv_consumer for its partial)."""
+    d = CountingDirectory()
+    s = side(d, chunk_blocks=chunk_blocks, chunk_tokens=chunk_blocks * BLOCK,
+             load_partial=load_partial)
+    r = request("r", 8, extra_tokens=extra_tokens)
+    assert s.get_num_new_matched_tokens(r, _local_hit(8, extra_tokens)) == (0, False)
+    assert d.calls == []
+    assert s.counters.lookups == 0
+
+
+def test_a_local_hit_short_of_a_chunk_still_asks_once_and_cold_misses_ask():
+    """The counterpart: where a peer could add more than a block, the directory is asked."""
+    d = CountingDirectory()
+    s = side(d, chunk_blocks=2, chunk_tokens=2 * BLOCK)
+    assert s.get_num_new_matched_tokens(request("cold", 8), 0) == (None, False)
+    assert [c[0] for c in d.calls] == ["start_lookup", "wait_lookup"]
+    assert s.get_num_new_matched_tokens(request("cold", 8), 0) == (0, False)
+    d.calls.clear()
+    r = request("part", 8, extra_tokens=1)
+    assert s.get_num_new_matched_tokens(r, 4 * BLOCK)[0] is None  # chunks 2-3 beyond the hit
+    assert d.calls[0] == ("start_lookup", [r.block_hashes[5], r.block_hashes[7]])
+
+
+def test_the_chunks_of_a_local_hit_are_not_saved_again():
+    s = side(CountingDirectory(), chunk_blocks=2, chunk_tokens=2 * BLOCK)
+    r = request("r", 8, extra_tokens=1)
+    s.get_num_new_matched_tokens(r, _local_hit(8, 1))  # all 4 chunks local
+    blocks = list(range(20, 29))
+    assert _step(s, "r", _local_hit(8, 1), 1, blocks) == []
+    r2 = request("r2", 8)
+    s.get_num_new_matched_tokens(r2, 2 * BLOCK)  # chunk 0 local, chunks 1-3 computed
+    assert [p.key for p in _step(s, "r2", 2 * BLOCK, 6 * BLOCK, blocks)] == [
+        r2.block_hashes[3], r2.block_hashes[5], r2.block_hashes[7]]
+
+
+def test_the_step_names_the_blocks_it_may_write_for_the_save_fence():
+    from p2pkv.vllm.scheduler import new_blocks
+
+    out = SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id="a", num_computed_tokens=0,
+                                            block_ids=([1, 2],))],
+        scheduled_cached_reqs=SimpleNamespace(req_ids=["b", "c"], num_computed_tokens=[4, 4],
+                                              new_block_ids=[([7],), None]),
+        new_block_ids_to_zero=[9], kv_cache_block_copies=[SimpleNamespace(dst_block_id=11)],
+        num_scheduled_tokens={})
+    assert new_blocks(out) == {1, 2, 7, 9, 11}
+    s = side(CountingDirectory())
+    assert s.build_meta(out, lambda _: []).new_blocks == {1, 2, 7, 9, 11}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import pytest
 
@@ -77,6 +79,7 @@ def test_saved_chunk_is_published_and_pulled_byte_exact_into_other_blocks():
     puller, p_caches = make_worker(RecordingDirectory())
     key = ChunkKey(b"k" * 32)
     holder.save(P2PKVMetadata(saves=[SavePlan(key, (5, 2))]))
+    assert holder.wait_saved(5.0)
     assert d.published[-1] == ([key], [])
     address = d.registered[0]
     puller.start_loads(P2PKVMetadata(loads=[load("r", address, (ChunkLoad(key, (0, 7)),))]))
@@ -114,6 +117,7 @@ def test_worker_registers_once_publishes_deltas_and_unregisters():
     keys = [ChunkKey(bytes([i]) * 32) for i in range(2)]
     w.save(P2PKVMetadata(saves=[SavePlan(keys[0], (0, 1))]))
     w.save(P2PKVMetadata(saves=[SavePlan(keys[1], (2, 3))]))
+    assert w.wait_saved(5.0)
     assert len(d.registered) == 1
     assert d.published == [([keys[0]], []), ([keys[1]], [])]
     w.take_finished_recving()
@@ -157,6 +161,7 @@ def test_heterogeneous_tp_puts_every_head_where_the_holder_had_it(holder_tp, pul
     key = ChunkKey(b"t" * 32)
     for w, *_ in holders:
         w.save(P2PKVMetadata(saves=[SavePlan(key, (5, 2))]))
+        assert w.wait_saved(5.0)
     sources = sources_for(holders, pullers)
     for w, *_ in pullers:
         w.start_loads(P2PKVMetadata(loads=[load("r", "", (ChunkLoad(key, (0, 7)),), sources)]))
@@ -187,6 +192,7 @@ def test_replicated_heads_only_the_lowest_rank_saves_and_registers():
     key = ChunkKey(b"r" * 32)
     for w, *_ in ranks:
         w.save(P2PKVMetadata(saves=[SavePlan(key, (1, 2))]))
+        assert w.wait_saved(5.0)
     assert [len(d.published) for _, _, d, _ in ranks] == [1, 0, 1, 0]
     assert ranks[0][2].registrations[0].slice == ranks[0][3]
     for w, *_ in ranks:
@@ -199,6 +205,7 @@ def test_a_dead_holder_rank_fails_the_chunk_on_the_ranks_that_need_it():
     key = ChunkKey(b"d" * 32)
     for w, *_ in holders:
         w.save(P2PKVMetadata(saves=[SavePlan(key, (5, 2))]))
+        assert w.wait_saved(5.0)
     sources = sources_for(holders, puller)
     holders[1][0].shutdown()  # rank 1's server is gone: half of every chunk is unreachable
     w = puller[0][0]
@@ -208,3 +215,56 @@ def test_a_dead_holder_rank_fails_the_chunk_on_the_ranks_that_need_it():
     assert w.counters.chunks_pulled == 0 and w.counters.chunks_failed == 1
     holders[0][0].shutdown()
     w.shutdown()
+
+
+def test_saves_leave_the_step_at_once_and_the_fence_makes_reused_blocks_safe():
+    """Issue 17: save() only queues the copies (off the step's critical path); once fence()
+    returns, vLLM may overwrite the blocks (a reused block) without changing what is stored."""
+    d = RecordingDirectory()
+    holder, h_caches = make_worker(d)
+    puller, p_caches = make_worker(RecordingDirectory())
+    key = ChunkKey(b"f" * 32)
+    before = {name: t[4].clone() for name, t in h_caches.items()}
+    holder.save(P2PKVMetadata(saves=[SavePlan(key, (4, 1))]))
+    # what the connector does at the start of the next execute_model, whose step reuses 4
+    holder.fence(P2PKVMetadata(new_blocks=frozenset({4, 6})))
+    for t in h_caches.values():
+        t[4].zero_()  # the next step reuses block 4
+    assert holder.wait_saved(5.0)
+    assert d.published[-1] == ([key], [])
+    puller.start_loads(P2PKVMetadata(loads=[load("r", d.registered[0],
+                                                 (ChunkLoad(key, (6, 7)),))]))
+    wait_finished(puller, "r")
+    assert puller.take_failed_blocks() == set()
+    for name in h_caches:
+        assert torch.equal(p_caches[name][6], before[name])
+    holder.shutdown()
+    puller.shutdown()
+
+
+def test_the_fence_waits_only_for_copies_of_blocks_the_step_writes():
+    from p2pkv.store import ChunkStore
+    from p2pkv.vllm.saver import HostSaver
+
+    caches = {f"l{i}": torch.randn(8, 2, 4, 8) for i in range(3)}
+    layout = KVLayout.from_kv_caches(caches)
+    store = ChunkStore(layout.chunk_bytes(2), 4)
+    gate = threading.Event()
+    saved = []
+
+    def on_saved(keys):
+        saved.extend(keys)
+
+    saver = HostSaver(layout, store, on_saved)
+    real_copy = layout.copy_out
+    # hold the copy until the gate opens (KVLayout is frozen: wrap the saver's reference)
+    saver._layout = SimpleNamespace(copy_out=lambda ids, view: (gate.wait(5), real_copy(ids, view)))
+    assert saver.save([(ChunkKey(b"a" * 32), (0, 1))]) == 1
+    assert saver.fence({5, 6}) is False  # the step writes other blocks: no wait
+    threading.Timer(0.2, gate.set).start()
+    t0 = time.monotonic()
+    assert saver.fence({1}) is True  # block 1 is still being read
+    assert time.monotonic() - t0 >= 0.15
+    assert saver.wait_saved(5.0) and saved == [ChunkKey(b"a" * 32)]
+    assert saver.fence({1}) is False
+    saver.close()

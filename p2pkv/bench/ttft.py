@@ -21,7 +21,10 @@ Tensor parallelism, run only when named in ``--configs`` and with a ``--model`` 
 split over 2 ranks (the demo model's 3 do not): ``p2pkv-tp2`` (both instances at TP 2) and
 ``p2pkv-tp2-tp1`` (instance 0 at TP 2, instance 1 at TP 1; its rows say which instance's TP
 served them, ``@tp2``/``@tp1``). Their JSON has each worker rank's bytes pulled.
-Writes JSON and, with matplotlib, a PNG plot.
+Every run ends with the *overhead table* (:mod:`p2pkv.harness.overhead`): a cold miss and a
+local hit on plain vLLM, on p2pkv and (where installed) on LMCache, one instance each, started
+together and measured interleaved (``--overhead-samples`` documents), all with the same
+placement of vLLM's threads. Writes JSON and, with matplotlib, a PNG plot.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from p2pkv.bench.report import Column, median, pct, plot_lines, table
-from p2pkv.harness import lmcache
-from p2pkv.harness.cluster import Instance, LocalCluster, wait_healthy
+from p2pkv.harness import lmcache, overhead
+from p2pkv.harness.cluster import Instance, LocalCluster, reserved_cpus, wait_healthy
 from p2pkv.harness.documents import QUESTIONS, document_tokens
 from p2pkv.harness.openai_client import complete
 
@@ -207,6 +210,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                         help="comma-separated; the lmcache ones run only where LMCache is "
                              "installed")
+    parser.add_argument("--overhead-samples", type=int, default=6,
+                        help="documents for the overhead table (cold miss and local hit "
+                             "with and without a connector, interleaved); a multiple of the "
+                             "setups (2 or 3) gives each setup each place in the order equally")
     parser.add_argument("--settle-s", type=float, default=1.5)
     parser.add_argument("--out", type=Path, default=Path("docs/bench/ttft.json"))
     parser.add_argument("--workdir", type=Path, default=Path(".p2pkv-run/bench-ttft"))
@@ -241,7 +248,10 @@ def main(args: argparse.Namespace) -> int:
                      "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()[0],
                      "repeats": args.repeats, "requests_per_config": len(requests),
                      "configs": {}, "records": []}
-    with tqdm(total=len(requests) * len(configs), desc="requests", unit="req") as bar:
+    setups = overhead.setups_available()
+    samples = max(1, args.overhead_samples)
+    total = len(requests) * len(configs) + samples * len(setups) * len(overhead.KINDS)
+    with tqdm(total=total, desc="requests", unit="req") as bar:
         for name in configs:
             bar.set_postfix_str(f"{name}: starting instances")
             def progress(n: int, name: str = name) -> None:
@@ -252,8 +262,32 @@ def main(args: argparse.Namespace) -> int:
                                         progress)
             results["configs"][name] = summarize(records, extra)
             results["records"] += [asdict(r) for r in records]
+        bar.set_postfix_str("overhead: starting instances")
+        results["overhead"] = run_overhead(tokens, max(int(x) for x in args.lengths.split(",")),
+                                           samples, tokenize, model, args.workdir,
+                                           args.settle_s, bar.update)
     _report(results, args.out)
     return 0
+
+
+def placement() -> str:
+    """What every instance of the run gets (the harness sets it for all alike)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"VLLM_CPU_NUM_OF_RESERVED_CPU={reserved_cpus()} on {cpus} CPUs"
+
+
+def run_overhead(tokens: list[int], length: int, samples: int, tokenize, model: Path,
+                 workdir: Path, settle_s: float, progress) -> dict:
+    """The overhead table's samples: new documents of ``length`` tokens, two questions each."""
+    reqs = qa_requests(tokens, [length], samples, 2, tokenize)
+    pairs = [overhead.DocumentPair(a.prompt, b.prompt) for a, b in zip(reqs[0::2], reqs[1::2])]
+    load = os.getloadavg()[0]
+    with LocalCluster(workdir / "overhead", model) as cluster:
+        measured = overhead.run(pairs, cluster, settle_s, progress)
+        counters = cluster.counter_totals()
+    return {"length": length, "placement": placement(), "load_avg_at_start": load,
+            **overhead.summarize(measured), "p2pkv_counters": counters,
+            "samples": [asdict(m) for m in measured]}
 
 
 def goals(configs: dict) -> dict:
@@ -283,6 +317,9 @@ def _report(results: dict, out: Path) -> None:
     results["goals"] = goals(configs)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
+    if not configs:
+        _report_overhead(results, out)
+        return
     names = list(configs)
     legend = ("(first = new prefix, other = last computed on the other instance, "
               "same = on this one; n = samples per row)")
@@ -316,11 +353,22 @@ def _report(results: dict, out: Path) -> None:
             if name != "p2pkv" and f"{name}_remote_s" in g:
                 print(f"  {name} remote hit {g[f'{name}_remote_s']:.3f} s "
                       f"({g[f'{name}_remote_s'] / g['p2pkv_remote_s']:.1f}x p2pkv's)")
-    print(f"wrote {out}")
+    _report_overhead(results, out)
     plot_lines(out.with_suffix(".png"), _remote_hit_series(results),
                xlabel="document length (tokens)",
                ylabel="TTFT p50, question on the other instance (s)",
                title="Long-document QA on 2 vLLM CPU instances", log_y=True)
+
+
+def _report_overhead(results: dict, out: Path) -> None:
+    o = results.get("overhead")
+    if o:
+        print("\n".join(overhead.render(o, o["placement"])))
+        c = o.get("p2pkv_counters", {})
+        if "save_copy_ms" in c:
+            print(f"  p2pkv's save thread: {c.get('chunks_saved', 0)} chunks copied in "
+                  f"{c['save_copy_ms']} ms, {c.get('save_fence_waits', 0)} steps waited for it")
+    print(f"wrote {out}")
 
 
 def _remote_hit_series(results: dict) -> dict[str, tuple[list[int], list[float]]]:

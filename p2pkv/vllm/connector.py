@@ -171,7 +171,8 @@ class P2PKVConnector(KVConnectorBase_V1):
                 self._config, namespace=namespace,
                 block_size=vllm_config.cache_config.block_size, chunk_blocks=chunk_blocks,
                 can_load=ktc.kv_role != "kv_producer", can_save=ktc.kv_role != "kv_consumer",
-                save_partial=ktc.kv_role == "kv_producer", directory=directory,
+                save_partial=ktc.kv_role == "kv_producer",
+                load_partial=ktc.kv_role == "kv_consumer", directory=directory,
                 slices=slices, exact_slices_only=not on_cpu)
             if not on_cpu:
                 logger.info("p2pkv: on %s, pulls only from instances at the same tensor "
@@ -205,6 +206,13 @@ class P2PKVConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self._worker is not None
         self._worker.register_kv_caches(KVLayout.from_kv_caches(kv_caches))
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        # vLLM's first connector call in every execute_model, before the step zeroes or
+        # writes any block: saves still copying out of reused blocks must finish first.
+        assert self._worker is not None
+        assert isinstance(kv_connector_metadata, P2PKVMetadata)
+        self._worker.fence(kv_connector_metadata)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self._worker is not None

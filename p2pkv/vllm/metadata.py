@@ -46,3 +46,6 @@ class SavePlan:
 class P2PKVMetadata(KVConnectorMetadata):
     loads: list[LoadPlan] = field(default_factory=list)
     saves: list[SavePlan] = field(default_factory=list)
+    new_blocks: frozenset[int] = frozenset()
+    """Blocks vLLM handed to requests this step (this step may zero and write them): the
+    worker's saves must be done reading them first (``p2pkv.vllm.saver``). Set by savers."""

@@ -6,8 +6,15 @@ hit, without stalling the engine: a lookup that has not answered within
 ``lookup_timeout_s`` counts as a miss; (2) plans the pull into the blocks vLLM allocated;
 (3) plans, every step, the saving of chunks that became complete. A prefill instance
 (``save_partial``, the ``kv_producer`` role) also saves each prompt's last, shorter chunk once
-the prompt is computed, and every loading instance looks that partial chunk up after the full
-ones, so a decode instance recomputes at most the prompt's last token (keys: ``keys.py``).
+the prompt is computed, and a decode instance (``load_partial``, ``kv_consumer``) looks that
+partial chunk up after the full ones, so it recomputes at most the prompt's last token (keys:
+``keys.py``). ``kv_both`` instances neither save nor look up partial chunks: only producers
+hold them.
+
+NOTE (issue 17): a request whose local hit leaves nothing worth loading (no chunk beyond it, or
+one block or less to gain) never contacts the directory and is answered at once, so it never
+waits an engine step; the chunks of a local hit are not planned for saving again (whoever
+computed them saved them; pulled ones stay with their holder).
 
 It knows vLLM only through duck-typed ``request`` / ``scheduler_output`` fields and is driven
 by :class:`p2pkv.vllm.connector.P2PKVConnector`.
@@ -62,11 +69,27 @@ class SchedulerCounters:
     chunks_planned_for_save: int = 0
 
 
+def new_blocks(scheduler_output: Any) -> frozenset[int]:
+    """The blocks handed to requests in this step (new requests' blocks, running and resumed
+    requests' new blocks, blocks to zero): the ones this step may write, maybe freed blocks
+    that a save is still copying out of."""
+    out: set[int] = set(getattr(scheduler_output, "new_block_ids_to_zero", None) or ())
+    for r in scheduler_output.scheduled_new_reqs:
+        for group in r.block_ids:
+            out.update(group)
+    for groups in getattr(scheduler_output.scheduled_cached_reqs, "new_block_ids", ()):
+        for group in groups or ():
+            out.update(group)
+    for copy in getattr(scheduler_output, "kv_cache_block_copies", None) or ():
+        out.add(copy.dst_block_id)
+    return frozenset(out)
+
+
 class SchedulerSide:
     def __init__(self, config: ConnectorConfig, *, namespace: Namespace, block_size: int,
                  chunk_blocks: int, can_load: bool, can_save: bool,
                  directory: DirectoryClient, clock: Callable[[], float] = time.monotonic,
-                 save_partial: bool = False,
+                 save_partial: bool = False, load_partial: bool = False,
                  slices: tuple[KVSlice, ...] = (KVSlice.whole(1, 1),),
                  exact_slices_only: bool = False) -> None:
         """``slices``: what each of this instance's worker ranks holds (by TP rank; the
@@ -82,6 +105,7 @@ class SchedulerSide:
         self._can_load = can_load
         self._can_save = can_save
         self._save_partial = save_partial and can_save
+        self._load_partial = load_partial and can_load
         self._partial_saved: set[str] = set()
         self._directory = directory
         self._clock = clock
@@ -103,6 +127,10 @@ class SchedulerSide:
                                    ) -> tuple[int | None, bool]:
         req_id = request.request_id
         self._requests[req_id] = request
+        # Chunks of the local hit were saved by whoever computed them: never copied again.
+        local_chunks = num_computed_tokens // self._chunk_tokens
+        if local_chunks > self._saved_chunks.get(req_id, 0):
+            self._saved_chunks[req_id] = local_chunks
         if not self._can_load or req_id in self._loaded:
             return 0, False
         lookup = self._lookups.get(req_id)
@@ -162,10 +190,14 @@ class SchedulerSide:
             prompt_tokens = len(keys) * self._chunk_tokens
         else:
             keys = prompt_keys(request.block_hashes, prompt, self._block_size,
-                               self._chunk_blocks, with_partial=True)
+                               self._chunk_blocks, with_partial=self._load_partial)
             prompt_tokens = len(prompt)
         first = num_computed_tokens // self._chunk_tokens
-        if first >= len(keys):
+        reachable = min(prompt_tokens, len(keys) * self._chunk_tokens)
+        # NOTE: vLLM computes a prompt's last token itself, so a local hit ends at most one
+        # block short of the prompt; a load that gains one block or less is not worth a
+        # directory round trip (and maybe an engine step) plus a whole chunk's pull.
+        if first >= len(keys) or reachable - num_computed_tokens <= self._block_size:
             return None
         self.counters.lookups += 1
         wanted = keys[first:]
@@ -206,6 +238,7 @@ class SchedulerSide:
         meta = P2PKVMetadata(loads=self._pending_loads)
         self._pending_loads = []
         if self._can_save:
+            meta.new_blocks = new_blocks(scheduler_output)
             progress = [(r.req_id, r.num_computed_tokens)
                         for r in scheduler_output.scheduled_new_reqs]
             cached = scheduler_output.scheduled_cached_reqs

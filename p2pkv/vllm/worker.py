@@ -10,8 +10,11 @@ scheduler side chose for it (``LoadPlan.sources[rank]``), from several in parall
 part written at its heads' offset in the blocks. Their outcomes are handed back to vLLM
 through ``get_finished`` / ``get_block_ids_with_load_errors``; vLLM waits for every rank to
 report a request and unions the ranks' failed blocks, so every rank recomputes the same
-blocks. Saves copy completed chunks out of the paged cache after the step's forward pass
-(from a GPU cache asynchronously: ``p2pkv.vllm.gpu.AsyncSaver``).
+blocks. Saves copy completed chunks out of the paged cache after the step's forward pass,
+never on the step's critical path: from a CPU cache on a save thread
+(``p2pkv.vllm.saver.HostSaver``), from a GPU cache as asynchronous copies
+(``p2pkv.vllm.gpu.AsyncSaver``); :meth:`WorkerSide.fence`, called before the next step
+touches the cache, waits for the copies.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from p2pkv.vllm.config import ConnectorConfig
 from p2pkv.vllm.layout import KVLayout, part_selection
 from p2pkv.vllm.metadata import LoadPlan, P2PKVMetadata
 from p2pkv.vllm.sources import Source
+from p2pkv.vllm.saver import HostSaver
 
 if TYPE_CHECKING:
     from p2pkv.vllm.gpu import AsyncSaver
@@ -52,6 +56,8 @@ class WorkerCounters:
     pull_ms: int = 0
     chunks_saved: int = 0
     chunks_served: int = 0
+    save_copy_ms: int = 0  # CPU caches: time the save thread spent copying out of the cache
+    save_fence_waits: int = 0  # steps that had to wait for a save's copy (issue 17)
 
 
 class WorkerSide:
@@ -76,6 +82,7 @@ class WorkerSide:
         self._layout: KVLayout | None = None
         self._store: ChunkStore | None = None
         self._saver: AsyncSaver | None = None  # GPU caches: saves are async copies
+        self._host_saver: HostSaver | None = None  # CPU caches: saves on a save thread
         self._pool = ThreadPoolExecutor(config.pull_threads, thread_name_prefix="p2pkv-pull",
                                         initializer=widen_cpu_affinity)
         # NOTE: a load's parts from several holder ranks run here, never on _pool, whose
@@ -108,6 +115,8 @@ class WorkerSide:
             from p2pkv.vllm.gpu import AsyncSaver
 
             self._saver = AsyncSaver(layout, self._store)
+        else:
+            self._host_saver = HostSaver(layout, self._store, self._publish)
         address = self._transport.serve(self._store)
         # NOTE: the physical block layout joins the hash probe as "<seed probe>.<layout>":
         # instances whose bytes would not copy exactly (another attention backend's layout)
@@ -122,6 +131,18 @@ class WorkerSide:
                     "%d B, store %d chunks, serving on %s, namespace %s", self._rank,
                     self._slice, layout.num_layers, layout.device, layout.signature,
                     layout.block_bytes, slot, capacity, address, self._namespace)
+
+    def fence(self, meta: P2PKVMetadata) -> None:
+        """Before a step touches the cache: wait until no save still reads a block the step
+        may write (``meta.new_blocks``: freed blocks vLLM handed out again)."""
+        if self._host_saver is not None:
+            self._host_saver.fence(meta.new_blocks)
+        if self._saver is not None:
+            self._saver.fence()
+
+    def wait_saved(self, timeout_s: float) -> bool:
+        """Wait until the saves handed over so far are stored and published (CPU caches)."""
+        return self._host_saver is None or self._host_saver.wait_saved(timeout_s)
 
     # -- loads ----------------------------------------------------------------------------
 
@@ -210,30 +231,22 @@ class WorkerSide:
     def save(self, meta: P2PKVMetadata) -> None:
         if not meta.saves or self._store is None or self._layout is None:
             return
-        added = []
         if self._saver is not None:
             for plan in meta.saves:
                 self._saver.save(plan.key, plan.block_ids)
             self._publish(self._saver.collect())
             return
-        for plan in meta.saves:
-            slot = self._store.reserve(plan.key)
-            if slot is None:
-                continue
-            try:
-                self._layout.copy_out(plan.block_ids, slot.view)
-            except Exception:
-                self._store.abort(slot)
-                raise
-            self._store.commit(slot)
-            added.append(plan.key)
-        self._publish(added)
+        assert self._host_saver is not None
+        self._host_saver.save([(plan.key, plan.block_ids) for plan in meta.saves])
 
     def _publish(self, added: list) -> None:
+        """Tell the directory what the store gained and lost (the main thread and the save
+        thread both call it; the directory client is thread-safe)."""
         assert self._store is not None
         removed = self._store.take_evicted()
         if added or removed:
-            self.counters.chunks_saved += len(added)
+            with self._lock:
+                self.counters.chunks_saved += len(added)
             self._directory.publish(added, removed)
 
     # -- reporting ------------------------------------------------------------------------
@@ -242,15 +255,21 @@ class WorkerSide:
         with self._lock:
             if self._store is not None:
                 self.counters.chunks_served = self._store.counters.served
+            if self._host_saver is not None:
+                self.counters.save_copy_ms = int(self._host_saver.copy_s * 1000)
+                self.counters.save_fence_waits = self._host_saver.fence_waits
             now = asdict(self.counters)
         if now != self._reported:
             self._directory.report(now)
             self._reported = now
 
     def shutdown(self) -> None:
+        self.wait_saved(5.0)
         self._directory.unregister()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._parts.shutdown(wait=True, cancel_futures=True)
+        if self._host_saver is not None:
+            self._host_saver.close()
         if self._saver is not None:
             self._saver.close()
         self._transport.close()
