@@ -108,3 +108,13 @@ def test_worker_registers_once_publishes_deltas_and_unregisters():
     assert d.reports and d.reports[-1]["chunks_saved"] == 2
     w.shutdown()
     assert d.unregistered
+
+
+def test_the_servers_health_is_reported_with_the_counters():
+    d = RecordingDirectory()
+    w, _ = make_worker(d)
+    try:
+        w.take_finished_recving()
+        assert d.reports[-1]["server_alive"] == 1 and d.reports[-1]["server_saturated"] == 0
+    finally:
+        w.shutdown()

@@ -50,7 +50,16 @@ def client_handshake(sock: socket.socket, key: bytes | None, deadline: float) ->
     """The client half of the data-plane handshake (see ``wire``) on a connected blocking
     socket; returns the holder's PeerInfo. Raises AuthError when either side is not a member,
     TransportError/OSError for the rest."""
-    auth, nonce_s = wire.unpack_hello(recv_exact(sock, wire.HELLO_BYTES, deadline))
+    try:
+        hello = recv_exact(sock, wire.HELLO_BYTES, deadline)
+    except (ConnectionResetError, TransportError) as e:
+        if isinstance(e, DeadlineExceeded):
+            raise
+        # NOTE: a holder over its connection cap accepts and resets at once (accept.py)
+        raise TransportError("holder closed the connection before its hello: it is over "
+                             "its connection cap (saturated), or not a p2pkv data plane"
+                             ) from None
+    auth, nonce_s = wire.unpack_hello(hello)
     if key is not None and not auth:
         raise AuthError("peer has no cluster secret: refusing an unauthenticated peer")
     nonce_c = secrets.token_bytes(wire.NONCE_BYTES)

@@ -26,11 +26,13 @@ from p2pkv.transport.base import (
     PathName,
     PullItem,
     PullResult,
+    ServerHealth,
     Transport,
     TransportChoice,
     failed,
     host_pieces,
 )
+from p2pkv.transport.accept import ServerLimits
 from p2pkv.transport.conn import Conn, ConnPool
 from p2pkv.transport.server import Server
 from p2pkv.transport.sockio import parse_address
@@ -54,7 +56,8 @@ class PeerTransport(Transport):
 
     def __init__(self, choice: TransportChoice = TCP_ONLY, *, bind_host: str = "127.0.0.1",
                  advertise_host: str | None = None, connections_per_peer: int = 2,
-                 key: bytes | None = None, ucx_engine: ucx.UcxEngine | None = None) -> None:
+                 key: bytes | None = None, ucx_engine: ucx.UcxEngine | None = None,
+                 server_limits: ServerLimits = ServerLimits()) -> None:
         """``key``: the data-plane key derived from the cluster secret (None: no auth).
         ``ucx_engine``: required when ``choice.ucx`` (this transport closes it)."""
         assert choice.ucx == (ucx_engine is not None), "choice.ucx needs a UcxEngine"
@@ -68,6 +71,7 @@ class PeerTransport(Transport):
                               same_host=choice.same_host, local_host_id=self._host_id)
         self._staging = StagingPool()
         self._server: Server | None = None
+        self._server_limits = server_limits
         self._stores: list[ChunkStore] = []
         self.counters = PathCounters()
 
@@ -91,11 +95,15 @@ class PeerTransport(Transport):
                              slab_bytes=store.slab_bytes, slot_bytes=store.slot_bytes)
         if self._ucx is not None:
             info = msgspec.structs.replace(info, ucx_address=self._ucx.address)
-        self._server = Server(store, self._bind_host, self._key, info, ucx=self._ucx)
+        self._server = Server(store, self._bind_host, self._key, info, ucx=self._ucx,
+                              limits=self._server_limits)
         address = f"{self._advertise_host}:{self._server.port}"
         logger.info("p2pkv %s transport serving on %s (%s)", self.name, address,
                     "authenticated" if self._key else "UNAUTHENTICATED: no cluster secret")
         return address
+
+    def health(self) -> ServerHealth | None:
+        return self._server.health() if self._server is not None else None
 
     def pull(self, address: str, items: Sequence[PullItem], timeout_s: float) -> list[PullResult]:
         deadline = time.monotonic() + timeout_s

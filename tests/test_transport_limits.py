@@ -1,0 +1,295 @@
+"""The data-plane server under hostile load: caps on connections (waiting for a handshake and
+authenticated), handshake and response deadlines, an accept loop that survives failures,
+pin caps, health. Real sockets on loopback; the flood comes from another process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from p2pkv.store import ChunkStore
+from p2pkv.transport import wire
+from p2pkv.transport.accept import ServerLimits
+from p2pkv.transport.base import Outcome, PullItem
+from p2pkv.transport.peer import PeerTransport
+from p2pkv.transport.server import Server
+from tests.conftest import wait_for_file
+from tests.peer_process import chunk_bytes, key_of
+
+SEED = 5
+FLOOD = 600  # sockets that never handshake: more than ServerLimits().max_handshaking
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _dest(size: int):
+    buf = np.zeros(size, dtype=np.uint8)
+    return buf, (memoryview(buf),)
+
+
+def _pull_and_check(transport: PeerTransport, address: str, size: int, n: int,
+                    timeout_s: float) -> float:
+    bufs, items = [], []
+    for i in range(n):
+        buf, dest = _dest(size)
+        bufs.append(buf)
+        items.append(PullItem(key_of(i), dest))
+    t0 = time.monotonic()
+    results = transport.pull(address, items, timeout_s)
+    elapsed = time.monotonic() - t0
+    assert [r.outcome for r in results] == [Outcome.OK] * n, [r.reason for r in results]
+    for i, buf in enumerate(bufs):
+        assert np.array_equal(buf, chunk_bytes(SEED, i, size))
+    return elapsed
+
+
+def test_unauthenticated_flood_does_not_stop_a_real_puller(spawn, tmp_path: Path):
+    size, n = 65_536, 4
+    holder, address = spawn(["-m", "tests.peer_process", "ready", str(size), str(n),
+                             str(SEED)], "ready")
+    baseline = _fds(holder.pid)
+    pooled = PeerTransport(bind_host="127.0.0.1")
+    try:
+        _pull_and_check(pooled, address, size, n, 5.0)  # its connection is made before
+        # from another loopback address, as from another host (same-address floods: below)
+        flooder, _ = spawn(["-m", "tests.flood_process", "flood", address, str(FLOOD),
+                            "127.0.0.2"], "flood")
+        worst, peak = 0.0, 0
+        t_end = time.monotonic() + 8.0
+        pulls = 0
+        while time.monotonic() < t_end:
+            worst = max(worst, _pull_and_check(pooled, address, size, n, 5.0))
+            if pulls % 4 == 0:  # and a new connection through the flood, now and then
+                fresh = PeerTransport(bind_host="127.0.0.1")
+                try:
+                    worst = max(worst, _pull_and_check(fresh, address, size, n, 5.0))
+                finally:
+                    fresh.close()
+            peak = max(peak, _fds(holder.pid))
+            pulls += 1
+            time.sleep(0.05)
+        opened = int(wait_for_file(tmp_path / "flood.opened", flooder))
+        assert opened > FLOOD  # the server did close flood sockets, and they came back
+        assert holder.poll() is None
+        assert worst < 5.0
+        # bounded: at most max_handshaking sockets in their handshake, plus a few
+        assert peak <= baseline + ServerLimits().max_handshaking + 16, (baseline, peak)
+        flooder.kill()
+        flooder.wait()
+        deadline = time.monotonic() + ServerLimits().handshake_s + 5
+        while _fds(holder.pid) > baseline + 8 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _fds(holder.pid) <= baseline + 8
+        _pull_and_check(pooled, address, size, n, 5.0)
+    finally:
+        pooled.close()
+
+
+# -- in-process servers with small limits -------------------------------------------------
+
+
+def _store(n: int, size: int = 1024, shared: bool = False) -> ChunkStore:
+    store = ChunkStore(size, max(n, 1), shared=shared)
+    for i in range(n):
+        w = store.reserve(key_of(i))
+        np.frombuffer(w.view, dtype=np.uint8)[:] = chunk_bytes(SEED, i, size)
+        store.commit(w)
+    return store
+
+
+@pytest.fixture
+def serve():
+    made: list = []
+
+    def _serve(store: ChunkStore, **kw) -> tuple[Server, str]:
+        info = wire.PeerInfo(shm_path=store.shm_path, shm_ident=store.shm_ident,
+                             slab_bytes=store.slab_bytes, slot_bytes=store.slot_bytes)
+        server = Server(store, "127.0.0.1", None, info, **kw)
+        made.append((server, store))
+        return server, f"127.0.0.1:{server.port}"
+
+    yield _serve
+    for server, store in made:
+        server.close()
+        store.close()
+
+
+def _raw(address: str, source: str = "") -> socket.socket:
+    host, port = address.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=5,
+                                 source_address=(source, 0) if source else None)
+    s.settimeout(5)
+    return s
+
+
+def _read(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        try:
+            got = s.recv(n - len(buf))
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not got:
+            break
+        buf += got
+    return buf
+
+
+def _authenticated(address: str) -> socket.socket:
+    s = _raw(address)
+    _, nonce_s = wire.unpack_hello(_read(s, wire.HELLO_BYTES))
+    s.sendall(wire.pack_proof(b"n" * wire.NONCE_BYTES, bytes(wire.MAC_BYTES)))
+    status, _, n = wire.unpack_verdict(_read(s, wire.VERDICT_BYTES))
+    assert status == wire.Status.OK
+    _read(s, n)
+    return s
+
+
+def _wait(cond, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+def test_handshake_caps_drop_the_flood_and_a_real_peer_gets_through(serve):
+    limits = ServerLimits(max_handshaking=4, handshaking_per_address=3, max_connections=8,
+                          handshake_s=30)
+    server, address = serve(_store(1), limits=limits)
+    silent = [_raw(address, source="127.0.0.3") for _ in range(10)]
+    assert _wait(lambda: server.health().refused >= 7)  # one address: 3 at most
+    assert server.health().handshaking == 3
+    client = PeerTransport()
+    try:
+        buf, dest = _dest(1024)
+        (r,) = client.pull(address, [PullItem(key_of(0), dest)], 5)
+        assert r.outcome is Outcome.OK
+        # from the puller's own address too: the oldest handshakes go, the new one stays
+        silent += [_raw(address) for _ in range(6)]
+        assert _wait(lambda: server.health().refused >= 12)
+        assert server.health().handshaking == 4
+        fresh = PeerTransport()
+        try:
+            (r,) = fresh.pull(address, [PullItem(key_of(0), dest)], 5)
+            assert r.outcome is Outcome.OK and np.array_equal(buf,
+                                                              chunk_bytes(SEED, 0, 1024))
+            assert _wait(lambda: server.health().connections == 2)  # both pools' idle ones
+            h = server.health()
+            assert h.alive and h.saturated
+        finally:
+            fresh.close()
+    finally:
+        client.close()
+        for s in silent:
+            s.close()
+
+
+def test_connection_cap_accepts_and_closes(serve):
+    server, address = serve(_store(1), limits=ServerLimits(max_handshaking=2,
+                                                           max_connections=3))
+    held = [_authenticated(address) for _ in range(3)]
+    assert _wait(lambda: server.health().connections == 3)
+    try:  # accepted, then reset at once: no hello (or the reset beats connect() itself)
+        assert _read(_raw(address), wire.HELLO_BYTES) == b""
+    except ConnectionResetError:
+        pass
+    assert _wait(lambda: server.health().refused == 1)
+    assert server.health().saturated
+    held.pop().close()
+    assert _wait(lambda: server.health().connections == 2)
+    _authenticated(address).close()  # room again
+    for s in held:
+        s.close()
+
+
+def test_silent_connection_is_cut_at_the_handshake_deadline(serve):
+    server, address = serve(_store(1), limits=ServerLimits(handshake_s=0.5))
+    s = _raw(address)
+    assert len(_read(s, wire.HELLO_BYTES)) == wire.HELLO_BYTES
+    t0 = time.monotonic()
+    assert _read(s, 1) == b""
+    assert time.monotonic() - t0 < 3
+    assert _wait(lambda: server.health().expired == 1 and server.health().handshaking == 0)
+
+
+def test_accept_loop_survives_failing_thread_starts(serve):
+    failures = []
+
+    def start_thread(target):
+        if len(failures) < 3:
+            failures.append(1)
+            raise RuntimeError("can't start new thread")
+        import threading
+        threading.Thread(target=target, daemon=True).start()
+
+    server, address = serve(_store(1), start_thread=start_thread)
+    for _ in range(3):
+        client = PeerTransport()
+        try:
+            _, dest = _dest(1024)
+            (r,) = client.pull(address, [PullItem(key_of(0), dest)], 5)
+            assert r.outcome is Outcome.FAILED
+        finally:
+            client.close()
+    client = PeerTransport()
+    try:
+        buf, dest = _dest(1024)
+        (r,) = client.pull(address, [PullItem(key_of(0), dest)], 5)
+        assert r.outcome is Outcome.OK and np.array_equal(buf, chunk_bytes(SEED, 0, 1024))
+    finally:
+        client.close()
+    h = server.health()
+    assert h.alive and h.thread_failures == 3 and h.loop_errors == 0
+
+
+def _pin(s: socket.socket, keys: list[int]) -> list[wire.PinHeader]:
+    s.sendall(wire.encode_request(wire.Pin([bytes(key_of(i)) for i in keys])))
+    table = _read(s, wire.PIN_HEADER_BYTES * len(keys))
+    n = wire.PIN_HEADER_BYTES
+    return [wire.unpack_pin(table[i * n:(i + 1) * n]) for i in range(len(keys))]
+
+
+def test_pins_are_capped_per_peer_and_per_connection(serve):
+    server, address = serve(_store(8, shared=True),
+                            limits=ServerLimits(pins_per_peer=3, pins_per_conn=4))
+    a, b = _authenticated(address), _authenticated(address)
+    got = _pin(a, [0, 1, 2, 3, 4][:4])
+    assert [h.status for h in got] == [wire.Status.OK] * 3 + [wire.Status.MISSING]
+    assert [h.status for h in _pin(b, [5])] == [wire.Status.MISSING]  # the peer's cap
+    assert server.health().pins_refused == 2
+    a.sendall(wire.encode_request(wire.Release([(got[0].slot, got[0].generation)])))
+    assert _wait(lambda: _pin(b, [5])[0].status is wire.Status.OK)
+    # over the per-connection cap: a bad request, and the connection is closed
+    b.sendall(wire.encode_request(wire.Pin([bytes(key_of(i)) for i in range(4)])))
+    status, _, _ = wire.unpack_item(_read(b, wire.ITEM_HEADER_BYTES))
+    assert status is wire.Status.BAD_REQUEST
+    assert _read(b, 1) == b""
+    a.close()  # every pin of a closed connection goes back: all of the peer's cap is free
+    c = _authenticated(address)
+    assert _wait(lambda: server.health().connections == 1)
+    assert [h.status for h in _pin(c, [0, 1, 2])] == [wire.Status.OK] * 3
+    c.close()
+
+
+def test_a_reader_that_stops_is_cut_at_the_response_deadline(serve):
+    size = 32 << 20  # far more than the socket buffers hold
+    store = _store(1, size=size)
+    server, address = serve(store, limits=ServerLimits(response_s=1.0))
+    s = _authenticated(address)
+    assert _wait(lambda: server.health().connections == 1)
+    s.sendall(wire.encode_request(wire.Pull([bytes(key_of(0))])))  # and never reads
+    t0 = time.monotonic()
+    assert _wait(lambda: server.health().connections == 0, 5.0)
+    assert time.monotonic() - t0 < 4
+    # the chunk was unpinned: a new key can evict it from the one-slot store
+    assert store.reserve(key_of(1)) is not None
+    s.close()
