@@ -293,3 +293,65 @@ def test_a_reader_that_stops_is_cut_at_the_response_deadline(serve):
     # the chunk was unpinned: a new key can evict it from the one-slot store
     assert store.reserve(key_of(1)) is not None
     s.close()
+
+
+# -- same host: the slab a PeerInfo names ---------------------------------------------------
+
+
+def _fifo_fd(tmp_path: Path) -> int:
+    """A FIFO nobody writes to, open here (so /proc/<us>/fd/<n> names it): opening that
+    path for reading without O_NONBLOCK would block for ever."""
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+
+
+def test_a_peer_info_naming_a_fifo_or_any_other_path_is_refused_without_blocking(tmp_path):
+    from p2pkv.transport.shm import host_id, open_peer_slab
+
+    fifo = _fifo_fd(tmp_path)
+    zero = os.open("/dev/zero", os.O_RDONLY)
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"\0" * 4096)
+    try:
+        st = os.stat(plain)
+        cases = {
+            f"/proc/{os.getpid()}/fd/{fifo}": "not a regular file",
+            f"/proc/{os.getpid()}/fd/{zero}": "not a regular file",
+            str(plain): "is not /proc/<pid>/fd/<n>",
+            f"/proc/{os.getpid()}/fd/../../self/environ": "is not /proc/<pid>/fd/<n>",
+        }
+        for path, why in cases.items():
+            info = wire.PeerInfo(host_id=host_id(), shm_path=path,
+                                 shm_ident=f"{st.st_dev}:{st.st_ino}", slab_bytes=4096,
+                                 slot_bytes=1024)
+            t0 = time.monotonic()
+            slab, reason = open_peer_slab(info, host_id())
+            assert slab is None and why in reason, (path, reason)
+            assert time.monotonic() - t0 < 1
+    finally:
+        os.close(fifo)
+        os.close(zero)
+
+
+def test_a_holder_naming_a_fifo_is_pulled_from_over_tcp_within_the_deadline(tmp_path):
+    from p2pkv.transport.choose import make_transport
+    from p2pkv.transport.shm import host_id
+
+    fifo = _fifo_fd(tmp_path)
+    store = _store(2)
+    info = wire.PeerInfo(host_id=host_id(), shm_path=f"/proc/{os.getpid()}/fd/{fifo}",
+                         shm_ident="0:0", slab_bytes=2048, slot_bytes=1024)
+    server = Server(store, "127.0.0.1", None, info)
+    puller = make_transport("shm", bind_host="127.0.0.1")
+    try:
+        buf, dest = _dest(1024)
+        t0 = time.monotonic()
+        (r,) = puller.pull(f"127.0.0.1:{server.port}", [PullItem(key_of(1), dest)], 3)
+        assert r.outcome is Outcome.OK and np.array_equal(buf, chunk_bytes(SEED, 1, 1024))
+        assert time.monotonic() - t0 < 3 and puller.counters.tcp == 1
+    finally:
+        puller.close()
+        server.close()
+        store.close()
+        os.close(fifo)
