@@ -33,6 +33,7 @@ NS = "test"
 def secret_file(tmp_path: Path) -> Path:
     path = tmp_path / "secret"
     path.write_text(SECRET + "\n")
+    path.chmod(0o600)
     return path
 
 
@@ -142,6 +143,7 @@ def test_unreachable_data_plane_is_an_error(spawn, directory, secret_file):
 def test_wrong_or_missing_secret_is_a_clear_auth_error(directory, tmp_path):
     wrong = tmp_path / "wrong"
     wrong.write_text("not-the-cluster-secret-at-all")
+    wrong.chmod(0o600)
     code, report, wall = doctor("--directory", directory.endpoint, "--secret-file", str(wrong),
                                 "--timeout", "1.5")
     (error,) = report["findings"]
