@@ -355,3 +355,18 @@ def test_a_holder_naming_a_fifo_is_pulled_from_over_tcp_within_the_deadline(tmp_
         server.close()
         store.close()
         os.close(fifo)
+
+
+# -- binding ------------------------------------------------------------------------------
+
+
+def test_no_secret_means_loopback_only_like_the_directory():
+    from p2pkv.errors import ConfigError
+    from p2pkv.transport.choose import is_loopback_host, make_transport
+
+    assert all(map(is_loopback_host, ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"]))
+    assert not any(map(is_loopback_host, ["0.0.0.0", "", "10.0.0.1", "::", "node-1"]))
+    for host in ("0.0.0.0", "10.0.0.1"):
+        with pytest.raises(ConfigError, match="without a cluster secret"):
+            make_transport("tcp", bind_host=host)  # refused before anything binds
+    make_transport("tcp", bind_host="127.0.0.1").close()
