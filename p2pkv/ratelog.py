@@ -15,7 +15,10 @@ from collections.abc import Callable
 
 class RateLimitedLog:
     """``log(reason, msg, *args)`` emits at most one record per ``reason`` every
-    ``interval_s``; the next one that is emitted says how many were suppressed since."""
+    ``interval_s``; the next one that is emitted says how many were suppressed since.
+
+    NOTE: ``reason`` must come from a small fixed set (a constant per call site), never from
+    peer input: each distinct reason is a line of its own and an entry kept here."""
 
     def __init__(self, logger: logging.Logger, interval_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:

@@ -370,3 +370,44 @@ def test_no_secret_means_loopback_only_like_the_directory():
         with pytest.raises(ConfigError, match="without a cluster secret"):
             make_transport("tcp", bind_host=host)  # refused before anything binds
     make_transport("tcp", bind_host="127.0.0.1").close()
+
+
+# -- logs under a flood -------------------------------------------------------------------
+
+
+def test_refusals_are_logged_rate_limited_whatever_the_peer_sends(serve, caplog):
+    import secrets
+
+    server, address = serve(_store(1))
+    caplog.set_level("WARNING", logger="p2pkv.transport.accept")
+    for _ in range(40):  # each with another random "version" and MAC
+        s = _raw(address)
+        _read(s, wire.HELLO_BYTES)
+        s.sendall(secrets.token_bytes(wire.PROOF_BYTES))
+        _read(s, 1)
+        s.close()
+    assert _wait(lambda: server.health().failed_handshakes == 40)
+    refused = [r for r in caplog.records if "refused a data-plane peer" in r.getMessage()]
+    assert 1 <= len(refused) <= 2, [r.getMessage() for r in refused]
+
+
+def test_rate_limited_log_counts_what_it_held_back(caplog):
+    import logging
+
+    from p2pkv.ratelog import RateLimitedLog
+
+    now = [0.0]
+    log = RateLimitedLog(logging.getLogger("p2pkv.test"), interval_s=10, clock=lambda: now[0])
+    caplog.set_level("INFO", logger="p2pkv.test")
+    assert log.info("a", "one %s", 1) and not log.info("a", "two") and log.info("b", "other")
+    now[0] = 11
+    assert log.info("a", "three")
+    assert [r.getMessage() for r in caplog.records] == [
+        "one 1", "other", "three (and 1 more like it in the last 10 s)"]
+
+
+def test_fault_bench_catches_a_corrupted_chunk_and_returns_no_wrong_bytes():
+    from p2pkv.bench.faults import _case
+
+    row = _case("corrupt", 1.0, None, corrupt=3)
+    assert row.sent > 0 and row.caught > 0 and row.wrong == 0 and row.failed == 0

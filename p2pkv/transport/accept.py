@@ -276,8 +276,11 @@ class Acceptor:
             self.counters.failed += 1
             why = (f"wire version {version}" if version != wire.WIRE_VERSION
                    else "wrong or missing cluster secret")
-            self._log.warning("auth:" + why, "p2pkv: refused a data-plane peer %s: %s",
-                              _peer_name(hs.sock), why)
+            # NOTE: one reason per kind of refusal, never per value: a flood of random
+            # versions must not make each line a reason of its own
+            self._log.warning("auth-version" if version != wire.WIRE_VERSION else "auth",
+                              "p2pkv: refused a data-plane peer %s: %s", _peer_name(hs.sock),
+                              why)
             verdict = wire.pack_verdict(wire.Status.AUTH_FAILED, bytes(wire.MAC_BYTES), b"")
         hs.out = memoryview(verdict)
 
