@@ -1,11 +1,13 @@
 """``p2pkv bench faults``: the fault suite (issue 13), real processes on loopback, a table.
 
-So far the data-plane cases only: a holder process serves seeded chunks over TCP while this
-process pulls them and checks every byte, and for each case the holder is put under one
-fault. Per case: pulls sent, pulls that came back byte-exact, pulls that failed (vLLM would
-recompute those blocks: slower, never wrong), pulls that came back "OK" with wrong bytes
-(the figure that must be 0), the slowest pull, the time until the holder is back to its
-baseline file descriptors after the fault stops, and the holder's RSS before and after.
+The data-plane cases: a holder process serves seeded chunks over TCP while this process
+pulls them and checks every byte, and for each case the holder is put under one fault. Per
+case: pulls sent ("sent"; for the router's cases: requests), pulls that came back byte-exact
+("correct"; "caught": of those, pulls of a corrupted chunk refused, as they must be), pulls
+that failed (vLLM would recompute those blocks: slower, never wrong), pulls that came back
+"OK" with wrong bytes (the figure that must be 0), the slowest pull, the time until the
+holder is back to its baseline file descriptors after the fault stops, and the holder's RSS
+(the router's, for its cases) before and after.
 
     baseline          no fault
     flood             600 sockets that never handshake, from another loopback address
@@ -13,9 +15,11 @@ baseline file descriptors after the fault stops, and the holder's RSS before and
                       (pulls go on until all of them were sent)
     corrupt           a byte flipped in one stored chunk (pulls of it must fail)
 
-The cases of the issue that need vLLM, the router or the directory (64 clients through the
-router, a holder SIGKILLed/SIGSTOPped, the directory restarted, a forged registration, a
-1 GB body) are listed as not run: no figures are made up for them.
+The router's cases (a flood on its port, malformed requests, a 1 GB body, under 16
+concurrent clients: ``faults_router.py``) follow. The cases of the issue that need vLLM or the
+directory (64 clients through the router over 2 vLLM instances, a holder SIGKILLed or
+SIGSTOPped, the directory restarted, a forged registration) are listed as not run: no figures
+are made up for them.
 """
 
 from __future__ import annotations
@@ -45,10 +49,9 @@ NOT_RUN = {
     "router load (64 clients, 60 s, 2 vLLM)": "needs vLLM instances",
     "holder SIGKILL / SIGSTOP under load": "needs vLLM instances",
     "directory killed and restarted": "needs the directory and vLLM",
-    "flood on the directory and router ports": "only the data plane so far",
-    "malformed frames to directory and router": "only the data plane so far",
+    "flood on the directory port": "directory cases not built yet",
+    "malformed frames to the directory": "directory cases not built yet",
     "forged registration": "directory identity (issue 13) not built yet",
-    "1 GB request body": "router: tests/test_router_limits.py checks the 413, no figure here",
 }
 
 
@@ -238,9 +241,9 @@ def _case(name: str, seconds: float,
     return row
 
 
-def run(seconds: float) -> list[Row]:
+def run(seconds: float, router: bool = True) -> list[Row]:
     ctx = mp.get_context("spawn")
-    return [
+    rows = [
         _case("baseline", seconds, None),
         _case("flood", seconds, lambda a, stop, n: ctx.Process(
             target=_flooder, args=(a, 600, "127.0.0.2", stop, n), daemon=True),
@@ -250,17 +253,23 @@ def run(seconds: float) -> list[Row]:
             finish=True),
         _case("corrupt", seconds, None, corrupt=3),
     ]
+    if router:
+        from p2pkv.bench import faults_router
+
+        rows += faults_router.run(seconds)
+    return rows
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=10.0,
-                        help="pulling time per case (with its fault on)")
+                        help="pulling (or requesting) time per case, with its fault on")
+    parser.add_argument("--no-router", action="store_true", help="the data-plane cases only")
 
 
 def main(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
-    rows = run(args.seconds)
-    print(f"{'case':<10} {'pulls':>6} {'correct':>7} {'caught':>6} {'failed':>6} "
+    rows = run(args.seconds, router=not args.no_router)
+    print(f"{'case':<10} {'sent':>6} {'correct':>7} {'caught':>6} {'failed':>6} "
           f"{'wrong':>5} {'slowest':>9} {'recover':>8} {'RSS before':>10} {'after':>7}  fault")
     for r in rows:
         recover = f"{r.recover_s:.1f} s" if r.recover_s is not None else "never"
