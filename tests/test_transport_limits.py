@@ -411,3 +411,30 @@ def test_fault_bench_catches_a_corrupted_chunk_and_returns_no_wrong_bytes():
 
     row = _case("corrupt", 1.0, None, corrupt=3)
     assert row.sent > 0 and row.caught > 0 and row.wrong == 0 and row.failed == 0
+
+
+# -- a reused address ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("served, ours, ok", [
+    ("model-b", "model-a", False),  # the address is now another namespace's instance
+    ("model-a", "model-a", True),
+    ("", "model-a", True),  # a holder from before PeerInfo.namespace: not checked
+])
+def test_a_holder_of_another_namespace_is_refused(served, ours, ok):
+    from p2pkv.keys import Namespace
+
+    store = _store(1)
+    server = Server(store, "127.0.0.1", None, wire.PeerInfo(namespace=served))
+    puller = PeerTransport(namespace=Namespace(ours))
+    try:
+        buf, dest = _dest(1024)
+        (r,) = puller.pull(f"127.0.0.1:{server.port}", [PullItem(key_of(0), dest)], 3)
+        if ok:
+            assert r.outcome is Outcome.OK and np.array_equal(buf, chunk_bytes(SEED, 0, 1024))
+        else:
+            assert r.outcome is Outcome.FAILED and "serves namespace model-b" in r.reason
+    finally:
+        puller.close()
+        server.close()
+        store.close()

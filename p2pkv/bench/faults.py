@@ -33,10 +33,10 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
+from p2pkv.bench.fault_row import Row, fds, rss_mib
 from p2pkv.keys import ChunkKey
 from p2pkv.transport import wire
 from p2pkv.transport.base import Outcome, PullItem
@@ -135,33 +135,6 @@ def _malformed(address: str, frames: int, stop, count) -> None:
             pass
 
 
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def _fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-@dataclass(slots=True)
-class Row:
-    case: str
-    sent: int = 0
-    correct: int = 0
-    caught: int = 0  # of the correct ones: a corrupted chunk refused, as it must be
-    failed: int = 0
-    wrong: int = 0
-    slowest_ms: float = 0.0
-    recover_s: float | None = None
-    rss_before: float = 0.0
-    rss_after: float = 0.0
-    fault: str = "-"
-
-
 def _pull_loop(address: str, seconds: float, row: Row, expect_bad: int = -1) -> None:
     """Pull every chunk, one pull each, over and over for ``seconds``; a new connection
     every fourth round."""
@@ -207,7 +180,7 @@ def _case(name: str, seconds: float,
         address, pid = mine.recv()
         _pull_loop(address, 0.5, Row("warm-up"))
         time.sleep(0.5)
-        baseline_fds, row.rss_before = _fds(pid), _rss_mib(pid)
+        baseline_fds, row.rss_before = fds(pid), rss_mib(pid)
         stop, count = ctx.Event(), ctx.Value("q", 0)
         proc = fault(address, stop, count) if fault is not None else None
         if proc is not None:
@@ -227,10 +200,10 @@ def _case(name: str, seconds: float,
         if corrupt >= 0:
             row.fault = f"chunk {corrupt} corrupted"
         t0 = time.monotonic()
-        while _fds(pid) > baseline_fds + 4 and time.monotonic() - t0 < 30:
+        while fds(pid) > baseline_fds + 4 and time.monotonic() - t0 < 30:
             time.sleep(0.05)
-        row.recover_s = time.monotonic() - t0 if _fds(pid) <= baseline_fds + 4 else None
-        row.rss_after = _rss_mib(pid)
+        row.recover_s = time.monotonic() - t0 if fds(pid) <= baseline_fds + 4 else None
+        row.rss_after = rss_mib(pid)
         if not holder.is_alive():
             row.failed += 1  # counted as a failure of the case: the holder died
     finally:

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from p2pkv.bench.faults import Row, _rss_mib
+from p2pkv.bench.fault_row import Row, rss_mib
 
 CLIENTS = 16
 MALFORMED = [
@@ -195,7 +195,7 @@ def case(name: str, seconds: float, fault: Callable | None,
     row = Row(name)
     try:
         _load(url, 0.5, Row("warm-up"))
-        row.rss_before = _rss_mib(pid)
+        row.rss_before = rss_mib(pid)
         stop, count, other = ctx.Event(), ctx.Value("q", 0), ctx.Value("q", 0)
         proc = ctx.Process(target=fault, args=(url, stop, count, other), daemon=True) \
             if fault else None
@@ -211,7 +211,7 @@ def case(name: str, seconds: float, fault: Callable | None,
             proc.join(5)
             row.fault = describe(count.value, other.value)
         time.sleep(1.0)
-        row.rss_after = _rss_mib(pid)
+        row.rss_after = rss_mib(pid)
         row.recover_s = 0.0 if router.is_alive() else None
     finally:
         for proc in [router, *(b[0] for b in backends)]:

@@ -14,6 +14,7 @@ import logging
 import os
 
 from p2pkv.errors import ConfigError
+from p2pkv.keys import Namespace
 from p2pkv.secret import ClusterSecret, derive
 from p2pkv.store import shm_room
 from p2pkv.transport.base import TransportChoice
@@ -85,13 +86,15 @@ def make_transport(kind: str, *, bind_host: str, advertise_host: str | None = No
                    connections_per_peer: int = 2, secret: ClusterSecret | None = None,
                    store_bytes: int = 0, cuda_device: int | None = None,
                    ucx_config: dict[str, str] | None = None,
-                   insecure_any_address: bool = False) -> PeerTransport:
+                   insecure_any_address: bool = False,
+                   namespace: Namespace = Namespace("")) -> PeerTransport:
     """The one place that maps config to a transport (the decision itself is
     :func:`choose_transport`).
 
     ``secret``: the cluster secret; without one the data plane is unauthenticated, and,
     like the directory, it refuses (ConfigError) to bind anything but loopback unless
-    ``insecure_any_address`` (a trusted private network). ``store_bytes``, ``cuda_device``: see
+    ``insecure_any_address`` (a trusted private network). ``namespace``: this instance's; a
+    holder that serves another is refused (see ``PeerTransport``). ``store_bytes``, ``cuda_device``: see
     :func:`choose_transport`. ``ucx_config``: UCX options without the UCX_ prefix (e.g.
     {"TLS": "tcp"}; the UCX_* environment applies otherwise).
     """
@@ -109,7 +112,7 @@ def make_transport(kind: str, *, bind_host: str, advertise_host: str | None = No
     def build(choice: TransportChoice, engine: UcxEngine | None = None) -> PeerTransport:
         return PeerTransport(choice, bind_host=bind_host, advertise_host=advertise_host,
                              connections_per_peer=connections_per_peer, key=key,
-                             ucx_engine=engine)
+                             ucx_engine=engine, namespace=namespace)
 
     if choice.ucx:
         try:
