@@ -109,9 +109,11 @@ class DirectoryServer:
     """
 
     def __init__(self, config: ServerConfig, *, clock: Callable[[], float] = time.monotonic,
-                 directory_epoch: int | None = None) -> None:
+                 directory_epoch: int | None = None,
+                 wall_clock_ns: Callable[[], int] = time.time_ns) -> None:
         self.config = config
         self._clock = clock
+        self._wall_clock_ns = wall_clock_ns
         self._context = zmq.Context()
         self._zap: zmq.Socket | None = None
         self._allowed_key: bytes | None = None
@@ -121,6 +123,10 @@ class DirectoryServer:
                 self._zap.bind(ZAP_ENDPOINT)
                 self._allowed_key = zmq.utils.z85.decode(auth.client_keys(config.secret).public)
             self._socket = self._bound(zmq.ROUTER, config.bind)
+            # NOTE: clients choose a random routing id and keep it across reconnects; the
+            # id that registered an instance owns it (index.Member.owner), and a reconnect
+            # must hand the id over to the new connection, not refuse it.
+            self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
             self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
             self._feed = self._bound(zmq.XPUB, config.feed_bind or _port0(self.endpoint))
             self.feed_endpoint: str = self._feed.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -249,12 +255,13 @@ class DirectoryServer:
             return envelope, [self._refuse(0, Status.BAD_REQUEST, f"message of {len(body)} "
                                            f"bytes exceeds {protocol.MAX_MESSAGE_BYTES}")]
         try:
-            return envelope, self._handle(body)
+            return envelope, self._handle(body, owner=frames[0])
         except Exception:  # noqa: BLE001 - one bad message must never stop the directory
             logger.exception("internal error handling a message")
             return envelope, [self._refuse(0, Status.INTERNAL, "internal error in the directory")]
 
-    def _handle(self, body: bytes) -> list[Reply]:
+    def _handle(self, body: bytes, owner: bytes = b"") -> list[Reply]:
+        """Answer one message from the connection whose ROUTER identity is ``owner``."""
         try:
             msg = protocol.decode(body)
         except ProtocolError as e:
@@ -276,7 +283,8 @@ class DirectoryServer:
                     return [self._lookup(msg)]
                 case Publish():
                     self.index.publish(msg.instance, msg.namespace, msg.seq, msg.reset,
-                                       msg.added, msg.removed, now)
+                                       msg.added, msg.removed, now, epoch=msg.epoch,
+                                       owner=owner)
                     self.counters.publishes += 1
                     self._emit(ChunksChanged(
                         seq=0, directory_epoch=0, instance=msg.instance,
@@ -284,30 +292,37 @@ class DirectoryServer:
                         reset=msg.reset))
                 case Heartbeat():
                     self.counters.heartbeats += 1
-                    self.index.heartbeat(msg.instance, msg.epoch, msg.seq, now)
+                    self.index.heartbeat(msg.instance, msg.epoch, msg.seq, now, owner=owner)
                 case Register():
-                    return [self._register(msg, now)]
+                    return [self._register(msg, now, owner)]
                 case Report():
-                    self.index.set_counters(msg.instance, msg.counters, now)
+                    self.index.set_counters(msg.instance, msg.counters, now, epoch=msg.epoch,
+                                            owner=owner)
                 case Stats():
                     return [self._stats(rid, now)]
                 case Snapshot():
                     return self._snapshot(rid, now)
                 case Unregister():
-                    member = self.index.drop(msg.instance)
+                    member = self.index.unregister(msg.instance, msg.epoch, now, owner=owner)
                     if member is not None:
                         self._left(member, "unregistered")
                 case _:
                     return [self._refuse(rid, Status.BAD_REQUEST,
                                          f"{type(msg).__name__} is not a request")]
         except DirectoryIndexError as e:
-            return [self._refuse(rid, e.status, str(e))]
+            return [self._refuse(rid, e.status, str(e), e.retry_after_s)]
         return [Ok(rid=rid, directory_epoch=self.directory_epoch)]
 
-    def _register(self, msg: Register, now: float) -> RegisterReply:
+    def _register(self, msg: Register, now: float, owner: bytes) -> RegisterReply:
         try:
+            ahead_s = (msg.epoch - self._wall_clock_ns()) / 1e9
+            if ahead_s > protocol.MAX_EPOCH_AHEAD_S:
+                raise DirectoryIndexError(
+                    Status.BAD_REQUEST, f"epoch {msg.epoch} is {ahead_s:.0f} s ahead of the "
+                    f"directory's clock (at most {protocol.MAX_EPOCH_AHEAD_S:.0f} s): epochs "
+                    "are wall-clock nanoseconds (time.time_ns())")
             outcome = self.index.register(msg.instance, msg.epoch, msg.namespace, msg.address,
-                                          msg.probe, msg.capabilities, now)
+                                          msg.probe, msg.capabilities, now, owner=owner)
         except DirectoryIndexError as e:
             if self._refused.remember(msg, e.status, str(e), now):
                 logger.warning("refused to register %s at %s: %s", msg.instance, msg.address, e)
@@ -382,13 +397,14 @@ class DirectoryServer:
         except zmq.Again:
             pass  # XPUB drops for slow subscribers; they see the seq gap and resync
 
-    def _refuse(self, rid: int, status: str, reason: str) -> Error:
+    def _refuse(self, rid: int, status: str, reason: str, retry_after_s: float = 0.0
+                ) -> Error:
         self.refusals[status] += 1
         if status in _BAD_INPUT:
             self.counters.rejected += 1
         logger.debug("refused request %s (%s): %s", rid, status, reason)
         return Error(rid=rid, directory_epoch=self.directory_epoch, status=status,
-                     reason=reason[:4096])
+                     reason=reason[:4096], retry_after_ms=max(0, int(retry_after_s * 1000)))
 
     def _send(self, envelope: list[bytes], reply: Reply) -> None:
         try:
