@@ -3,7 +3,8 @@
 Run by ``p2pkv directory`` and ``python -m p2pkv.directory`` (``cli.run_directory`` owns the
 process: signals, ready file, metrics) and in-process by tests and benches. One thread, one
 loop with named steps: ``poll -> handle requests -> answer ZAP -> track subscribers ->
-purge expired leases``. Every state change is also published on the change feed (an XPUB
+send a snapshot part -> purge expired leases``. A Snapshot is answered one part per loop
+turn, between request batches, so that a huge one never holds lookups back. Every state change is also published on the change feed (an XPUB
 socket, events numbered from 1; a late subscriber asks for a Snapshot and applies events with
 a higher seq, as in the ZeroMQ guide's Clone pattern). Bad input from the network is answered
 with an Error when a reply is possible, counted, and never raises.
@@ -17,9 +18,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 import zmq
@@ -29,11 +30,12 @@ from p2pkv.directory import auth, protocol
 from p2pkv.directory.index import DirectoryIndex, Member
 from p2pkv.directory.protocol import (
     MAX_KEYS_PER_MESSAGE, PROTOCOL_VERSION, ChunksChanged, Error, FeedEvent, Heartbeat, Holding,
-    InstanceJoined, InstanceLeft, Lookup, LookupReply, Ok, ProtocolError, Publish, Register,
+    InstanceInfo, InstanceJoined, InstanceLeft, Lookup, LookupReply, Ok, ProtocolError, Publish, Register,
     RegisterReply, Reply, Report, Snapshot, SnapshotReply, Stats, StatsReply, Status, Unregister,
 )
 from p2pkv.directory.refusals import RecentRefusals
 from p2pkv.errors import ConfigError, DirectoryIndexError
+from p2pkv.keys import ChunkKey, InstanceId
 from p2pkv.secret import ClusterSecret
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,8 @@ HARD_FRAME_LIMIT = 4 * protocol.MAX_MESSAGE_BYTES
 Frames between MAX_MESSAGE_BYTES and this get a counted Error reply."""
 
 SNAPSHOT_KEYS_PER_PART = MAX_KEYS_PER_MESSAGE // 2
+MAX_SNAPSHOTS_IN_FLIGHT = 16
+"""Snapshots being sent at once; more are refused (OVER_QUOTA: the subscriber retries)."""
 
 REFUSAL_MEMORY_INTERVALS = 3 * protocol.REFUSED_RETRY_INTERVALS
 """A refused registration is listed in Stats this many heartbeat intervals (at least
@@ -145,6 +149,7 @@ class DirectoryServer:
         self.feed_seq = 0
         self._subscribers = 0
         self._next_purge = 0.0
+        self._snapshots: deque[_SnapshotJob] = deque()
 
     def _bound(self, kind: int, endpoint: str) -> zmq.Socket:
         sock = self._context.socket(kind)
@@ -171,13 +176,14 @@ class DirectoryServer:
             if sock is not None:
                 poller.register(sock, zmq.POLLIN)
         while not stop.is_set():
-            ready = dict(poller.poll(POLL_INTERVAL_MS))
+            ready = dict(poller.poll(0 if self._snapshots else POLL_INTERVAL_MS))
             if self._zap is not None and self._zap in ready:
                 self._answer_zap()
             if self._feed in ready:
                 self._track_subscribers()
             if self._socket in ready:
                 self._handle_batch()
+            self._send_snapshot_part()
             self._purge_expired()
         logger.info("directory on %s stopping", self.endpoint)
 
@@ -255,12 +261,13 @@ class DirectoryServer:
             return envelope, [self._refuse(0, Status.BAD_REQUEST, f"message of {len(body)} "
                                            f"bytes exceeds {protocol.MAX_MESSAGE_BYTES}")]
         try:
-            return envelope, self._handle(body, owner=frames[0])
+            return envelope, self._handle(body, owner=frames[0], envelope=envelope)
         except Exception:  # noqa: BLE001 - one bad message must never stop the directory
             logger.exception("internal error handling a message")
             return envelope, [self._refuse(0, Status.INTERNAL, "internal error in the directory")]
 
-    def _handle(self, body: bytes, owner: bytes = b"") -> list[Reply]:
+    def _handle(self, body: bytes, owner: bytes = b"", envelope: list[bytes] | None = None
+                ) -> list[Reply]:
         """Answer one message from the connection whose ROUTER identity is ``owner``."""
         try:
             msg = protocol.decode(body)
@@ -301,7 +308,7 @@ class DirectoryServer:
                 case Stats():
                     return [self._stats(rid, now)]
                 case Snapshot():
-                    return self._snapshot(rid, now)
+                    return self._snapshot(envelope or [owner], rid, now)
                 case Unregister():
                     member = self.index.unregister(msg.instance, msg.epoch, now, owner=owner)
                     if member is not None:
@@ -357,27 +364,52 @@ class DirectoryServer:
                           feed_endpoint=self.feed_endpoint, secure=self.secure,
                           refused=self._refused.recent(now))
 
-    def _snapshot(self, rid: int, now: float) -> list[Reply]:
-        """The whole state as parts of at most SNAPSHOT_KEYS_PER_PART keys."""
-        parts: list[list[Holding]] = [[]]
+    def _snapshot(self, envelope: list[bytes], rid: int, now: float) -> list[Reply]:
+        """Queue a snapshot: its parts go out one per loop turn (``_send_snapshot_part``)."""
+        if len(self._snapshots) >= MAX_SNAPSHOTS_IN_FLIGHT:
+            return [self._refuse(rid, Status.OVER_QUOTA, f"{len(self._snapshots)} snapshots "
+                                 "are being sent; ask again")]
+        self._snapshots.append(_SnapshotJob(envelope, rid, self.feed_seq,
+                                            self.index.instances(now),
+                                            deque((m.instance, m.epoch)
+                                                  for m in self.index.members())))
+        return []
+
+    def _send_snapshot_part(self) -> None:
+        """One part (at most SNAPSHOT_KEYS_PER_PART keys) of the oldest snapshot in flight.
+
+        NOTE: parts after the first show the state when they are built, not as of the
+        snapshot's ``feed_seq``: the subscriber applies every event after ``feed_seq`` on
+        top, and applying joins, leaves and key changes again is idempotent, so the replica
+        ends up the same. A member gone or replaced since is skipped (its events say so)."""
+        if not self._snapshots:
+            return
+        job = self._snapshots[0]
+        holdings: list[Holding] = []
         room = SNAPSHOT_KEYS_PER_PART
-        for member in self.index.members():
-            keys = list(member.keys)
-            start = 0
-            while start < len(keys) or start == 0:
-                if room == 0:
-                    parts.append([])
-                    room = SNAPSHOT_KEYS_PER_PART
-                take = keys[start:start + room]
-                parts[-1].append(Holding(member.instance, member.namespace, take))
-                room -= len(take)
-                start += max(1, len(take))
-        instances = self.index.instances(now)
-        return [SnapshotReply(rid=rid, directory_epoch=self.directory_epoch,
-                              feed_seq=self.feed_seq, feed_endpoint=self.feed_endpoint,
-                              instances=instances if i == 0 else [], holdings=part,
-                              last=i == len(parts) - 1)
-                for i, part in enumerate(parts)]
+        while room and (job.keys or job.members):
+            if not job.keys:
+                instance, epoch = job.members.popleft()
+                member = self.index.member(instance)
+                if member is None or member.epoch != epoch:
+                    continue
+                job.current = member
+                job.keys = list(member.keys)
+                if not job.keys:
+                    holdings.append(Holding(member.instance, member.namespace, []))
+                    continue
+            assert job.current is not None
+            take, job.keys = job.keys[:room], job.keys[room:]
+            holdings.append(Holding(job.current.instance, job.current.namespace, take))
+            room -= len(take)
+        last = not job.keys and not job.members
+        self._send(job.envelope, SnapshotReply(
+            rid=job.rid, directory_epoch=self.directory_epoch, feed_seq=job.feed_seq,
+            feed_endpoint=self.feed_endpoint, instances=job.instances if job.first else [],
+            holdings=holdings, last=last))
+        job.first = False
+        if last:
+            self._snapshots.popleft()
 
     # -- feed and replies -------------------------------------------------------------------
 
@@ -413,6 +445,21 @@ class DirectoryServer:
             self._socket.send_multipart([*envelope, protocol.encode(reply)], zmq.NOBLOCK)
         except zmq.Again:
             logger.debug("dropped a reply to a slow or gone client")
+
+
+@dataclass(slots=True)
+class _SnapshotJob:
+    """A Snapshot being answered part by part: who asked, the state's head (as of
+    ``feed_seq``), the members still to send and the keys left of the current one."""
+
+    envelope: list[bytes]
+    rid: int
+    feed_seq: int
+    instances: list[InstanceInfo]
+    members: deque[tuple[InstanceId, int]]
+    keys: list[ChunkKey] = field(default_factory=list)
+    current: Member | None = None
+    first: bool = True
 
 
 def _with_seq(event: FeedEvent, seq: int, epoch: int) -> FeedEvent:
