@@ -16,10 +16,11 @@ holder is back to its baseline file descriptors after the fault stops, and the h
     corrupt           a byte flipped in one stored chunk (pulls of it must fail)
 
 The router's cases (a flood on its port, malformed requests, a 1 GB body, under 16
-concurrent clients: ``faults_router.py``) follow. The cases of the issue that need vLLM or the
-directory (64 clients through the router over 2 vLLM instances, a holder SIGKILLed or
-SIGSTOPped, the directory restarted, a forged registration) are listed as not run: no figures
-are made up for them.
+concurrent clients: ``faults_router.py``) and the directory's (a flood on its port,
+malformed frames, a member forging the holder's registration, while lookups run:
+``faults_directory.py``) follow. The cases of the issue that need vLLM (64 clients through
+the router over 2 vLLM instances, a holder SIGKILLed or SIGSTOPped, the directory restarted
+under that load) are listed as not run: no figures are made up for them.
 """
 
 from __future__ import annotations
@@ -49,9 +50,6 @@ NOT_RUN = {
     "router load (64 clients, 60 s, 2 vLLM)": "needs vLLM instances",
     "holder SIGKILL / SIGSTOP under load": "needs vLLM instances",
     "directory killed and restarted": "needs the directory and vLLM",
-    "flood on the directory port": "directory cases not built yet",
-    "malformed frames to the directory": "directory cases not built yet",
-    "forged registration": "directory identity (issue 13) not built yet",
 }
 
 
@@ -214,7 +212,7 @@ def _case(name: str, seconds: float,
     return row
 
 
-def run(seconds: float, router: bool = True) -> list[Row]:
+def run(seconds: float, router: bool = True, directory: bool = True) -> list[Row]:
     ctx = mp.get_context("spawn")
     rows = [
         _case("baseline", seconds, None),
@@ -230,18 +228,24 @@ def run(seconds: float, router: bool = True) -> list[Row]:
         from p2pkv.bench import faults_router
 
         rows += faults_router.run(seconds)
+    if directory:
+        from p2pkv.bench import faults_directory
+
+        rows += faults_directory.run(seconds)
     return rows
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=10.0,
                         help="pulling (or requesting) time per case, with its fault on")
-    parser.add_argument("--no-router", action="store_true", help="the data-plane cases only")
+    parser.add_argument("--no-router", action="store_true", help="skip the router's cases")
+    parser.add_argument("--no-directory", action="store_true",
+                        help="skip the directory's cases")
 
 
 def main(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
-    rows = run(args.seconds, router=not args.no_router)
+    rows = run(args.seconds, router=not args.no_router, directory=not args.no_directory)
     print(f"{'case':<10} {'sent':>6} {'correct':>7} {'caught':>6} {'failed':>6} "
           f"{'wrong':>5} {'slowest':>9} {'recover':>8} {'RSS before':>10} {'after':>7}  fault")
     for r in rows:
