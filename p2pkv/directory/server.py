@@ -74,10 +74,14 @@ class ServerConfig:
     insecure_any_address: bool = False
     heartbeat_interval_s: float = protocol.HEARTBEAT_INTERVAL_S
     liveness: int = protocol.HEARTBEAT_LIVENESS
+    max_registrations_per_connection: int = protocol.MAX_REGISTRATIONS_PER_CONNECTION
+    """A member's quota of instance ids (a simulated fleet on one socket needs more)."""
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0 or self.liveness < 1:
             raise ConfigError("heartbeat interval must be positive and liveness at least 1")
+        if self.max_registrations_per_connection < 1:
+            raise ConfigError("max_registrations_per_connection must be at least 1")
         for endpoint in (self.bind, self.feed_bind or self.bind):
             auth.check_bind(endpoint, self.secret, self.insecure_any_address)
 
@@ -141,7 +145,8 @@ class DirectoryServer:
         # that the directory it talks to lost its state.
         self.directory_epoch: int = (directory_epoch if directory_epoch is not None
                                      else time.time_ns())
-        self.index = DirectoryIndex(config.lease_s)
+        self.index = DirectoryIndex(
+            config.lease_s, max_registrations=config.max_registrations_per_connection)
         self.counters = ServerCounters()
         self.refusals: Counter[str] = Counter()
         """Error replies by status (metrics)."""
