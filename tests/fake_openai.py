@@ -2,8 +2,8 @@
 ``/v1/models``, ``/v1/completions`` (streamed or not). Each answer names this server, so a
 test can tell where the router sent a request. Usage: fake_openai.py NAME READY_FILE.
 
-Test hooks, by prompt: ``sleep:S`` answers after S seconds, ``die`` exits at once without an
-answer (after reading the whole request), ``status:N`` answers HTTP N. A JSON answer carries
+Test hooks, by prompt: ``sleep:S`` answers after S seconds, ``die:NAME`` makes the stand-in
+NAME exit at once without an answer (after reading the whole request), ``status:N`` answers HTTP N. A JSON answer carries
 the ``Authorization`` header it got, if any; ``/count`` says how many completions arrived."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ async def completions(request: Request):
     prompt = str(body.get("prompt", ""))
     if prompt.startswith("sleep:"):
         await asyncio.sleep(float(prompt[6:]))
-    elif prompt == "die":
+    elif prompt == f"die:{name}":
         os._exit(1)
     elif prompt.startswith("status:"):
         return JSONResponse({"error": name}, status_code=int(prompt[7:]))

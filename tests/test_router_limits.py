@@ -98,23 +98,20 @@ def test_a_sent_request_is_never_run_twice_and_a_slow_instance_stays_in_rotation
     assert 'p2pkv_router_instance_up{instance="b",role="both"} 1.0' in metrics
 
 
-def test_an_instance_dying_after_the_request_is_sent_is_a_502_not_a_retry(fakes):
+def test_an_instance_dying_with_the_request_is_retried_and_statuses_are_passed_on(fakes):
     procs = fakes(["a", "b"])
     router = _router(RouterConfig(instances=specs(procs, ["a", "b"])))
 
     async def run(client):
-        died = await client.post("/v1/completions", json={"prompt": "die"})
+        died = await client.post("/v1/completions", json={"prompt": "die:a"})
         busy = await client.post("/v1/completions", json={"prompt": "status:503"})
         failed = await client.post("/v1/completions", json={"prompt": "status:500"})
         return died, busy, failed
 
     died, busy, failed = asyncio.run(_with_client(router, run))
-    assert died.status_code == 502
-    dead = [n for n in ("a", "b") if procs[n][0].poll() is not None]
-    assert len(dead) == 1
-    alive = "b" if dead == ["a"] else "a"
-    assert _count(procs, alive) == 2  # the two status requests, and not the "die" one again
-    # 503 (did not run) was retried on the other instance: the dead one, so 503 in the end;
+    # a died with the request (or never got it): it runs nowhere else, so b ran it, once
+    assert died.status_code == 200 and died.json()["choices"][0]["text"] == "b"
+    # 503 (did not run) is retried on the other instance, and in the end answered 503;
     # a 500 is the instance's answer, passed on
     assert busy.status_code == 503 and failed.status_code == 500
-    assert json.loads(failed.content)["error"] == alive
+    assert json.loads(failed.content)["error"] in ("a", "b")

@@ -5,10 +5,11 @@ Per request: name the prompt's chunks (:mod:`p2pkv.router.prompts`), choose an i
 to a prefill instance with ``max_tokens=1``; the router waits (bounded) until the
 directory's feed shows that instance holding the prompt's last chunk, then sends the
 original request to a decode instance, which pulls the prompt's KV. A request is retried on
-another instance only while it cannot have run: the connection failed (the instance is then
-taken out of rotation until its ``/health`` answers again), the body could not be written,
-or the instance answered 503; once a request was fully sent, a failure is the client's answer
-(502, or 504 for a timeout), never a second run. Bodies are bounded (413) and must be JSON
+another instance only while it is not running anywhere: the connection failed (the instance
+is then taken out of rotation until its ``/health`` answers again), the body could not be
+written, the instance answered 503, or its connection died before any answer reached the
+client (killed: the request died with it); a timeout is the client's answer (504), never a
+second run of a request that may still be running. Bodies are bounded (413) and must be JSON
 objects (400; ``router/body.py``); the client's ``Authorization`` goes to the instance (vLLM
 with ``--api-key``), and a router with its own API key checks it first. Response headers
 ``x-p2pkv-instance``, ``x-p2pkv-cached-tokens``, ``x-p2pkv-route`` (and
@@ -91,6 +92,13 @@ class _Retry(Exception):
 # out of rotation either (a slow answer is not a dead instance; its /health decides).
 _NOT_CONNECTED = (httpx.ConnectError, httpx.ConnectTimeout)
 _NOT_SENT = (httpx.WriteError, httpx.WriteTimeout, httpx.PoolTimeout)
+# NOTE: one exception: the connection died before any answer reached the client (the
+# instance was killed, or dropped it). Then the request is not running there any more
+# (uvicorn cancels a request whose connection closed, vLLM aborts it), so running it
+# elsewhere runs it once, not twice: retried (the instance stays in rotation until a
+# connect error or its /health says otherwise). A timeout is never retried: the request may
+# still be running.
+_CONNECTION_DIED = (httpx.ReadError, httpx.RemoteProtocolError)
 KEEPALIVE_S = 2.0  # below uvicorn's (vLLM's) 5 s, so a reused connection is never one it
                    # is closing: that would fail a sent request that must not be retried
 
@@ -212,7 +220,7 @@ class Router:
                     first = await anext(chunks, b"")  # bytes before the client sees any
                 else:
                     first = await upstream.aread()
-            except (*_NOT_CONNECTED, *_NOT_SENT, _Retry) as e:
+            except (*_NOT_CONNECTED, *_NOT_SENT, *_CONNECTION_DIED, _Retry) as e:
                 if upstream is not None:
                     await upstream.aclose()
                 self._end(backend, pool, "retried")
