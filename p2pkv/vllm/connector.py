@@ -136,7 +136,9 @@ class P2PKVConnector(KVConnectorBase_V1):
             transport = make_transport(self._config.transport, bind_host=self._config.bind_host,
                                        advertise_host=self._config.advertise_host or None,
                                        secret=secret, store_bytes=self._config.store_bytes,
-                                       cuda_device=cuda_device)
+                                       cuda_device=cuda_device,
+                                       insecure_any_address=self._config.insecure_any_address,
+                                       namespace=namespace)
             self._worker = WorkerSide(self._config, instance=self._instance,
                                       namespace=namespace, chunk_blocks=chunk_blocks,
                                       transport=transport, directory=directory,

@@ -206,6 +206,12 @@ class WorkerSide:
                 self.counters.save_copy_ms = int(self._host_saver.copy_s * 1000)
                 self.counters.save_fence_waits = self._host_saver.fence_waits
             now = asdict(self.counters)
+        health = self._transport.health()
+        if health is not None:
+            now.update(health.counters())  # p2pkv status / doctor show a dead or busy server
+            if not health.alive and self._reported.get("server_alive", 1):
+                logger.error("p2pkv worker: the data-plane server stopped accepting "
+                             "connections: peers can no longer pull from this instance")
         if now != self._reported:
             self._directory.report(now)
             self._reported = now
