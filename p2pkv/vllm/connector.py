@@ -3,10 +3,12 @@
 vLLM builds one instance with role SCHEDULER in the EngineCore process and one with role
 WORKER in each worker process. Add to ``vllm serve``::
 
-    --kv-transfer-config '{"kv_connector":"P2PKVConnector",
-      "kv_connector_module_path":"p2pkv.vllm.connector","kv_role":"kv_both",
+    --kv-transfer-config '{"kv_connector":"P2PKVConnector","kv_role":"kv_both",
       "kv_load_failure_policy":"recompute",
       "kv_connector_extra_config":{"directory":"tcp://HOST:PORT"}}'
+
+(the name resolves through p2pkv's vLLM plugin, ``p2pkv.vllm.plugin``; the long form with
+``"kv_connector_module_path":"p2pkv.vllm.connector"`` works too).
 """
 
 from __future__ import annotations
