@@ -15,7 +15,8 @@ import os
 logger = logging.getLogger(__name__)
 
 
-def unpin_current_thread() -> None:
+def widen_cpu_affinity() -> None:
+    """Let the calling thread run on every CPU the process may use."""
     if not hasattr(os, "sched_setaffinity"):
         return
     try:

@@ -23,3 +23,11 @@ class DeadlineExceeded(TransportError):
 
 class ChecksumMismatch(TransportError):
     """Received bytes do not match the digest the holder sent."""
+
+
+class BadRequest(TransportError):
+    """A peer sent data-plane bytes that are not a valid request or reply."""
+
+
+class AuthError(TransportError):
+    """A data-plane peer failed (or refused) the shared-secret challenge-response."""

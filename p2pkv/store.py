@@ -3,7 +3,8 @@
 The worker side of the connector writes chunks into it after a prefill (``reserve`` →
 copy → ``commit``); the transport server reads from it while serving peers (``pin`` →
 send → ``unpin``). Both sides run on different threads, so every metadata change happens
-under one lock; the bytes of a pinned slot are never rewritten.
+under one lock; the bytes of a pinned slot are never rewritten. ("Pin" here is a reference
+count: a pinned chunk cannot be evicted. Page-locked memory is another thing: p2pkv.cuda.)
 
 NOTE: a slot's ``generation`` grows each time the slot is handed out again, so a reader that
 holds a stale (slot, generation) pair can tell that the bytes are no longer its chunk.
@@ -33,7 +34,10 @@ logger = logging.getLogger(__name__)
 
 
 def digest(views: list[memoryview] | memoryview) -> int:
-    """xxh3-64 over the concatenation of ``views``; what store and transport agree on."""
+    """xxh3-64 over the concatenation of ``views``: the digest ``commit`` records with each
+    chunk. The holder sends it with the chunk, and the puller hashes what arrived the same
+    way (xxh3-64 of the chunk's bytes in slot order, incrementally as they land) and
+    compares."""
     h = xxhash.xxh3_64()
     for v in (views if isinstance(views, list) else [views]):
         h.update(v)
@@ -73,10 +77,8 @@ class PinnedChunk:
 
 @dataclass(slots=True)
 class StoreCounters:
-    stored: int = 0
-    evicted: int = 0
-    full: int = 0
-    served: int = 0
+    full: int = 0  # reserves refused: every slot pinned or being written
+    served: int = 0  # reads by peers that completed (unpins)
 
 
 SHM_DIR = "/dev/shm"
@@ -203,7 +205,6 @@ class ChunkStore:
             del self._writing[w.key]
             slot.digest, slot.ready = d, True
             self._lru[w.key] = w.index
-            self.counters.stored += 1
 
     def abort(self, w: WritableSlot) -> None:
         with self._lock:
@@ -237,10 +238,6 @@ class ChunkStore:
             out, self._evicted = self._evicted, []
             return out
 
-    def keys(self) -> list[ChunkKey]:
-        with self._lock:
-            return list(self._lru)
-
     def _take_slot(self) -> int | None:
         if self._free:
             return self._free.pop()
@@ -248,6 +245,5 @@ class ChunkStore:
             if self._slots[index].pins == 0:
                 del self._lru[key]
                 self._evicted.append(key)
-                self.counters.evicted += 1
                 return index
         return None

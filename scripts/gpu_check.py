@@ -4,14 +4,14 @@ to the copies that bound them, in a few minutes, on a host with torch and no net
     python scripts/gpu_check.py [--out DIR] [--layers 32 --heads 8 --head-size 128 ...]
 
 What it does (each step prints as it goes and lands in DIR/gpu_check.json):
-1. The limits, measured here on the same bytes: device-to-device copy, pinned host-to-device
+1. The limits, measured here on the same bytes: device-to-device copy, page-locked host-to-device
    and device-to-host copies.
 2. The layouts: KVLayout over real CUDA caches of the GPU attention backends' layouts
    (NHD, HND, heads-outside-blocks), block pieces checked against the tensors.
 3. A holder process fills a paged "KV cache" on the GPU (bf16, vLLM 0.32's logical
    [blocks, H, N, C] over an NHD layout), saves chunks with the connector's AsyncSaver
    (async device-to-host into the page-locked store) and serves them over every transport it
-   has: tcp (pinned staging + one host-to-device copy), shm (same host: one DMA straight
+   has: tcp (page-locked staging + one host-to-device copy), shm (same host: one DMA straight
    from the holder's page-locked slab mapping, digest checked meanwhile) and ucx (if ucxx
    imports: into a device staging buffer, then one gather kernel).
 4. This process pulls the chunks into other blocks of its own cache over each transport,
@@ -132,7 +132,8 @@ def shm_phases(args) -> None:
     import torch
     import xxhash
 
-    from p2pkv.transport.staging import page_lock, page_unlock, scatter
+    from p2pkv.cuda import page_lock, page_unlock
+    from p2pkv.transport.land import scatter
 
     n = 4 * args.chunk_blocks * args.layers * args.block_size * args.heads * 2 \
         * args.head_size * 2 // 4
@@ -174,7 +175,7 @@ def holder(args, pipe) -> None:
     try:
         import torch
 
-        from p2pkv.transport.base import make_transport
+        from p2pkv.transport.choose import make_transport
         from p2pkv.vllm.gpu import AsyncSaver
         from p2pkv.vllm.layout import KVLayout
 
@@ -221,7 +222,8 @@ def holder(args, pipe) -> None:
 def pulls(args) -> None:
     import torch
 
-    from p2pkv.transport.base import Outcome, PullItem, make_transport
+    from p2pkv.transport.base import Outcome, PullItem
+    from p2pkv.transport.choose import make_transport
     from p2pkv.vllm.layout import KVLayout
 
     ctx = mp.get_context("spawn")
@@ -260,10 +262,9 @@ def pulls(args) -> None:
             untouched = all(int(torch.count_nonzero(c[:offset])) == 0 for c in caches.values())
             best = min(times)
             extra = {}
-            for conns in t._idle.values():  # diagnostics: how the shm path read the slab
-                for conn, _ in conns:
-                    if conn.slab is not None:
-                        extra["slab_dma_mode"] = conn.slab.dma_mode
+            for conn in t.pool.idle():  # diagnostics: how the shm path read the slab
+                if conn.slab is not None:
+                    extra["slab_dma_mode"] = conn.slab.dma_mode
             say(f"pull_{kind}", {**extra,
                 "bytes_verified": ok and untouched, "path": t.name,
                 "counters": dict(tcp=t.counters.tcp, shm=t.counters.shm,

@@ -20,7 +20,7 @@ import numpy as np
 from p2pkv.directory.client import DirectoryClient, Registration
 from p2pkv.keys import ChunkKey, InstanceId, Namespace
 from p2pkv.secret import ClusterSecret
-from p2pkv.transport.base import make_transport
+from p2pkv.transport.choose import make_transport
 
 
 def chunk_bytes(seed: int, index: int, size: int) -> np.ndarray:

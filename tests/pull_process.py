@@ -15,7 +15,8 @@ import sys
 import numpy as np
 
 from p2pkv.secret import ClusterSecret
-from p2pkv.transport.base import Outcome, PullItem, make_transport
+from p2pkv.transport.base import Outcome, PullItem
+from p2pkv.transport.choose import make_transport
 from tests.peer_process import chunk_bytes, key_of
 
 TIMEOUT_S = 10.0

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from p2pkv.secret import ClusterSecret
-from p2pkv.transport.base import Outcome, PullItem, make_transport
+from p2pkv.transport.base import Outcome, PullItem
+from p2pkv.transport.choose import make_transport
 from p2pkv.transport.ucx import ucx_unavailable_reason
 from tests.peer_process import chunk_bytes, key_of
 
@@ -192,7 +193,7 @@ def test_ucx_send_with_a_bad_reply_address_is_refused_and_the_holder_keeps_servi
 
     from p2pkv.transport import wire
     from p2pkv.transport.sockio import parse_address, recv_exact, send_views
-    from p2pkv.transport.tcp import connect_peer
+    from p2pkv.transport.conn import connect_peer
 
     proc, address = peer(spawn, 4096, 2, "ucx")
     sock, info = connect_peer(parse_address(address), None, time.monotonic() + 5)

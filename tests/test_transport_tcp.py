@@ -11,7 +11,7 @@ import pytest
 
 from p2pkv.transport import wire
 from p2pkv.transport.base import Outcome, PullItem
-from p2pkv.transport.tcp import TcpTransport
+from p2pkv.transport.peer import PeerTransport
 from tests.peer_process import chunk_bytes, key_of
 
 SEED = 7
@@ -19,7 +19,7 @@ SEED = 7
 
 @pytest.fixture
 def transport():
-    t = TcpTransport(bind_host="127.0.0.1")
+    t = PeerTransport(bind_host="127.0.0.1")
     yield t
     t.close()
 

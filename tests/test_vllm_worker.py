@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("vllm", reason="p2pkv.vllm.metadata subclasses vLLM's metadata type")
 
 from p2pkv.keys import ChunkKey, InstanceId, Namespace  # noqa: E402
-from p2pkv.transport.tcp import TcpTransport  # noqa: E402
+from p2pkv.transport.peer import PeerTransport  # noqa: E402
 from p2pkv.vllm.config import ConnectorConfig  # noqa: E402
 from p2pkv.vllm.layout import KVLayout  # noqa: E402
 from p2pkv.vllm.metadata import ChunkLoad, LoadPlan, P2PKVMetadata, SavePlan  # noqa: E402
@@ -47,7 +47,7 @@ def make_worker(directory, blocks=8):
     caches = {f"l{i}": torch.randn(blocks, 2, 4, 8) for i in range(3)}
     config = ConnectorConfig(directory="tcp://127.0.0.1:1", store_gib=0.001, pull_timeout_s=2)
     w = WorkerSide(config, instance=InstanceId("i"), namespace=Namespace("ns"), chunk_blocks=2,
-                   transport=TcpTransport(), directory=directory)
+                   transport=PeerTransport(), directory=directory)
     w.register_kv_caches(KVLayout.from_kv_caches(caches))
     return w, caches
 

@@ -28,7 +28,8 @@ from collections.abc import Callable
 import numpy as np
 
 from p2pkv.keys import ChunkKey
-from p2pkv.transport.base import Outcome, PullItem, make_transport
+from p2pkv.transport.base import Outcome, PullItem
+from p2pkv.transport.choose import make_transport
 
 MiB = 1 << 20
 KEY = ChunkKey(b"bench-transport-chunk-key-000000")
@@ -52,9 +53,7 @@ UCX_PATHS = {"ucx-tcp": {"TLS": "tcp"}, "ucx": {}}  # path -> UCX options
 
 
 def _ucx(config: dict[str, str]):
-    from p2pkv.transport.ucx import UcxTransport
-
-    return UcxTransport(bind_host="127.0.0.1", ucx_config=config)
+    return make_transport("ucx", bind_host="127.0.0.1", ucx_config=config)
 
 
 def _holder(sizes: list[int], with_ucx: bool, pipe) -> None:

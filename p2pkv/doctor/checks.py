@@ -27,7 +27,8 @@ from p2pkv.doctor.probe import ask_directory, check_peer
 from p2pkv.doctor.report import DoctorReport, Finding, PeerCheck, TransportInfo
 from p2pkv.errors import ConfigError
 from p2pkv.secret import ClusterSecret, derive
-from p2pkv.transport.base import TransportChoice, choose_transport
+from p2pkv.transport.base import TransportChoice
+from p2pkv.transport.choose import choose_transport
 from p2pkv.transport.shm import host_id
 
 MAX_PARALLEL_PEERS = 16

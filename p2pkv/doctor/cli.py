@@ -10,7 +10,7 @@ from typing import Any
 
 from p2pkv.errors import ConfigError
 from p2pkv.secret import load_secret
-from p2pkv.transport.base import TRANSPORT_KINDS
+from p2pkv.transport.choose import TRANSPORT_KINDS
 
 
 def add_doctor_parser(subparsers: Any) -> argparse.ArgumentParser:

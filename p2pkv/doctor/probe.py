@@ -6,7 +6,8 @@ ZeroMQ monitor attached: CURVE failures are silent to a socket's user, but the m
 events tell "nothing accepts TCP connections" from "TCP connected, handshake refused" (wrong
 or missing secret) from "authenticated, no answer" (a stuck directory). The data plane is
 checked with the transport's own connect + HMAC challenge-response (``connect_peer``) and its
-own shm-or-tcp decision (``open_peer_slab``), so the doctor cannot disagree with a real pull.
+own shm-or-tcp decision (``open_peer_slab``) and path rule (``TransportChoice.path``), so the
+doctor cannot disagree with a real pull.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ from zmq.utils.monitor import recv_monitor_message
 from p2pkv.directory import auth, protocol
 from p2pkv.directory.protocol import Error, InstanceInfo, ProtocolError, Stats, StatsReply
 from p2pkv.doctor.report import PeerCheck
-from p2pkv.errors import DeadlineExceeded, TransportError
+from p2pkv.errors import AuthError, DeadlineExceeded, TransportError
 from p2pkv.secret import ClusterSecret
-from p2pkv.transport import wire
-from p2pkv.transport.base import TransportChoice, pulls_over_ucx
+from p2pkv.transport.base import TransportChoice
+from p2pkv.transport.conn import connect_peer
 from p2pkv.transport.shm import open_peer_slab
 from p2pkv.transport.sockio import parse_address
-from p2pkv.transport.tcp import connect_peer
 
 _SLICE_MS = 50
 
@@ -152,7 +152,7 @@ def check_peer(info: InstanceInfo, key: bytes | None, choice: TransportChoice,
     t0 = time.monotonic()
     try:
         sock, peer_info = connect_peer(parse_address(info.address), key, t0 + timeout_s)
-    except wire.AuthError as e:
+    except AuthError as e:
         return PeerCheck(**base, reachable=False, error=f"AUTH: {e}")
     except (DeadlineExceeded, socket.timeout, TimeoutError):
         return PeerCheck(**base, reachable=False,
@@ -173,14 +173,14 @@ def check_peer(info: InstanceInfo, key: bytes | None, choice: TransportChoice,
         else:
             path, why = "tcp", reason
     if choice.ucx:
-        rule = dict(peer_offers_ucx=bool(peer_info.ucx_address),
-                    host_over_ucx=choice.host_over_ucx, slab_mapped=path == "shm")
-        if pulls_over_ucx(to_gpu=False, **rule):
+        rule = dict(peer_offers_ucx=bool(peer_info.ucx_address), slab_mapped=path == "shm")
+        if choice.path(to_gpu=False, **rule) == "ucx":
             path, why = "ucx", f"it offers UCX ({choice.reason})"
-        elif pulls_over_ucx(to_gpu=True, **rule):
+        elif choice.path(to_gpu=True, **rule) == "ucx":
             why += "; pulls into GPU memory: ucx (it offers UCX)"
         else:
-            why += "; it offers no UCX, so pulls into GPU memory stage through pinned memory"
+            why += ("; it offers no UCX, so pulls into GPU memory stage through page-locked "
+                    "memory")
     return PeerCheck(**base, reachable=True, handshake_ms=round(handshake_ms, 2),
                      transport=path, transport_reason=why)
 

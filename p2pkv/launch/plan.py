@@ -20,7 +20,7 @@ from typing import Literal
 import msgspec
 
 from p2pkv.errors import ConfigError
-from p2pkv.transport.base import TRANSPORT_KINDS
+from p2pkv.transport.choose import TRANSPORT_KINDS
 
 ADDR = "@ADDR@"
 """Placeholder: the cluster address of the node that runs the process."""

@@ -1,10 +1,13 @@
 """The data plane's server: serves one ChunkStore to authenticated peers over TCP.
 
-An accept thread and one thread per connection. Each connection first runs the handshake
-(HMAC challenge-response, then this holder's ``PeerInfo``), then answers requests one at a
-time: ``Pull`` streams the chunks' bytes, ``Pin``/``Release`` let a same-host peer copy them
-out of the shared slab itself (see ``transport/shm.py``). Pins a connection holds are released
-when it ends, however it ends.
+Made and owned by ``PeerTransport.serve``. An accept thread and one thread per connection.
+Each connection first runs the handshake (HMAC challenge-response, then this holder's
+``PeerInfo``), then answers requests one at a time: ``Pull`` streams the chunks' bytes
+(``transport/stream.py``), ``Pin``/``Release`` let a same-host peer copy them out of the shared
+slab itself (``transport/shm.py``), ``Send`` answers the headers here and sends the bytes over
+UCX to the puller's worker (``transport/ucx.py``; only when this holder has a ``UcxEngine``).
+Every chunk being read stays pinned in the store (its refcount) until the read is done; pins
+a connection holds are released when it ends, however it ends.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from p2pkv.affinity import unpin_current_thread
-from p2pkv.errors import TransportError
+from p2pkv.affinity import widen_cpu_affinity
+from p2pkv.errors import BadRequest, TransportError
 from p2pkv.store import ChunkStore, PinnedChunk
 from p2pkv.transport import wire
 from p2pkv.transport.sockio import make_blocking, recv_exact, send_views
@@ -46,8 +49,6 @@ class Server:
         self._stop = threading.Event()
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
-        self.rejected = 0
-        self.auth_failures = 0
         self._thread = threading.Thread(target=self._accept_loop, name="p2pkv-tcp-accept",
                                         daemon=True)
         self._thread.start()
@@ -65,7 +66,7 @@ class Server:
                     pass
 
     def _accept_loop(self) -> None:
-        unpin_current_thread()
+        widen_cpu_affinity()
         while not self._stop.is_set():
             try:
                 conn, _ = self._sock.accept()
@@ -81,7 +82,7 @@ class Server:
                              daemon=True).start()
 
     def _serve_conn(self, conn: socket.socket) -> None:
-        unpin_current_thread()
+        widen_cpu_affinity()
         with self._conns_lock:
             self._conns.add(conn)
         pins: list[PinnedChunk] = []
@@ -105,7 +106,6 @@ class Server:
         version, nonce_c, proof = wire.unpack_proof(recv_exact(conn, wire.PROOF_BYTES, deadline))
         good = secrets.compare_digest(proof, wire.mac(self._key, b"c", nonce_s, nonce_c))
         if version != wire.WIRE_VERSION or not good:
-            self.auth_failures += 1
             logger.warning("refused a data-plane peer %s: %s", _peer_name(conn),
                            f"wire version {version}" if version != wire.WIRE_VERSION
                            else "wrong or missing cluster secret")
@@ -132,8 +132,7 @@ class Server:
                     self._send_over_ucx(conn, req)
                 else:
                     self._release(req.pins, pins)
-            except wire.BadRequest as e:
-                self.rejected += 1
+            except BadRequest as e:
                 logger.warning("rejected a data-plane request from %s: %s", _peer_name(conn), e)
                 send_views(conn, [wire.pack_item(wire.Status.BAD_REQUEST)], SEND_TIMEOUT_S)
                 return
@@ -153,7 +152,7 @@ class Server:
 
     def _send_over_ucx(self, conn: socket.socket, req: wire.Send) -> None:
         if self._ucx is None:
-            raise wire.BadRequest("this holder has no UCX")
+            raise BadRequest("this holder has no UCX")
         deadline = time.monotonic() + req.timeout_ms / 1000
         pinned = [self._store.pin(key) for key in req.keys]  # type: ignore[arg-type]
         held = [p for p in pinned if p is not None]
@@ -181,9 +180,9 @@ class Server:
     def _pin_chunks(self, conn: socket.socket, keys: list[bytes],
                     pins: list[PinnedChunk]) -> None:
         if not self._store.shm_path:
-            raise wire.BadRequest("this holder has no shared slab")
+            raise BadRequest("this holder has no shared slab")
         if len(pins) + len(keys) > MAX_PINS_PER_CONN:
-            raise wire.BadRequest(f"more than {MAX_PINS_PER_CONN} pins on one connection")
+            raise BadRequest(f"more than {MAX_PINS_PER_CONN} pins on one connection")
         headers = []
         for key in keys:
             p = self._store.pin(key)  # type: ignore[arg-type]
@@ -204,7 +203,7 @@ class Server:
                     self._store.unpin(pins.pop(i))
                     break
             else:
-                raise wire.BadRequest(f"release of slot {slot} generation {generation}, "
+                raise BadRequest(f"release of slot {slot} generation {generation}, "
                                       "which this connection has not pinned")
 
 

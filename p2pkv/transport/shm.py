@@ -1,12 +1,13 @@
 """Same-host path: copy chunks straight out of a same-host holder's shared slab.
 
 The holder's store lives in a /dev/shm file (``ChunkStore(shared=True)``). Over the TCP control
-connection the puller asks the holder to pin the chunks (``wire.Pin``); the reply gives each
-chunk's slot, generation, size and digest. The puller copies from its read-only mapping of the
-slab into the destination views, checks the digest, and releases the pins with one message
-(``wire.Release``). A pinned slot is never rewritten, so the bytes copied are the chunk's; an
-evicted chunk cannot be pinned and is reported missing. Used by ``TcpTransport`` when the
-holder's ``PeerInfo`` says it runs on this host and its slab file can be opened here.
+connection the puller asks the holder to pin the chunks (``wire.Pin``: the store's refcount,
+not page-locking); the reply gives each chunk's slot, generation, size and digest. The puller
+copies from its read-only mapping of the slab into the destination pieces, checks the digest,
+and releases the pins with one message (``wire.Release``). A pinned slot is never rewritten,
+so the bytes copied are the chunk's; an evicted chunk cannot be pinned and is reported
+missing. Used by ``PeerTransport`` when the holder's ``PeerInfo`` says it runs on this host
+and its slab file can be opened here (the connection pool maps it: ``conn.py``).
 """
 
 from __future__ import annotations
@@ -14,12 +15,18 @@ from __future__ import annotations
 import mmap
 import os
 import socket
+import time
 from collections.abc import Sequence
 
 import numpy as np
 import xxhash
 
-from p2pkv.errors import TransportError
+from p2pkv.cuda import page_lock, page_unlock
+from p2pkv.errors import DeadlineExceeded, TransportError
+from p2pkv.transport import wire
+from p2pkv.transport.base import PullItem, PullResult, checked, host_pieces, mismatch, missing, ok
+from p2pkv.transport.land import scatter
+from p2pkv.transport.sockio import recv_exact, send_views
 from p2pkv.transport.wire import PeerInfo
 
 # Copy and hash in blocks that stay in L2: the hash then reads the bytes the copy just wrote
@@ -38,10 +45,12 @@ def host_id() -> str:
 
 
 class MappedSlab:
-    """A read-only mapping of a same-host peer's slab file."""
+    """A read-only mapping of a same-host peer's slab file (``nbytes``, in slots of
+    ``slot_bytes``)."""
 
-    def __init__(self, path: str, ident: str, nbytes: int) -> None:
-        self._path, self._ident, self._nbytes = path, ident, nbytes
+    def __init__(self, path: str, ident: str, nbytes: int, slot_bytes: int) -> None:
+        self._path, self._ident, self.nbytes = path, ident, nbytes
+        self.slot_bytes = slot_bytes
         self._map = self._mmap(os.O_RDONLY, mmap.PROT_READ)
         self.array = np.frombuffer(self._map, dtype=np.uint8)
         self._dma: np.ndarray | None = None
@@ -55,9 +64,9 @@ class MappedSlab:
             if f"{st.st_dev}:{st.st_ino}" != self._ident:
                 raise TransportError(f"{self._path} is not the holder's slab "
                                      "(another pid namespace?)")
-            if st.st_size != self._nbytes:
-                raise TransportError(f"slab {self._path} is not {self._nbytes} bytes")
-            return mmap.mmap(fd, self._nbytes, mmap.MAP_SHARED, prot)
+            if st.st_size != self.nbytes:
+                raise TransportError(f"slab {self._path} is not {self.nbytes} bytes")
+            return mmap.mmap(fd, self.nbytes, mmap.MAP_SHARED, prot)
         finally:
             os.close(fd)
 
@@ -67,9 +76,7 @@ class MappedSlab:
         supports it), else a second, writable mapping of the same pages registered (p2pkv
         only ever reads through it), else the plain mapping (the driver stages the copy)."""
         if not self.dma_mode:
-            from p2pkv.transport.staging import page_lock
-
-            if page_lock(self.array.ctypes.data, self._nbytes, read_only=True):
+            if page_lock(self.array.ctypes.data, self.nbytes, read_only=True):
                 self._dma, self.dma_mode = self.array, "page-locked read-only"
             else:
                 try:
@@ -77,7 +84,7 @@ class MappedSlab:
                 except (OSError, TransportError):
                     m = None
                 arr = np.frombuffer(m, dtype=np.uint8) if m is not None else None
-                if arr is not None and page_lock(arr.ctypes.data, self._nbytes):
+                if arr is not None and page_lock(arr.ctypes.data, self.nbytes):
                     self._dma, self._dma_map, self.dma_mode = arr, m, "page-locked"
                 else:
                     del arr
@@ -89,8 +96,6 @@ class MappedSlab:
 
     def close(self) -> None:
         if self.dma_mode.startswith("page-locked"):
-            from p2pkv.transport.staging import page_unlock
-
             assert self._dma is not None
             page_unlock(self._dma.ctypes.data)
         self._dma = None
@@ -105,7 +110,7 @@ class MappedSlab:
 
 def open_peer_slab(info: PeerInfo, local_host_id: str) -> tuple[MappedSlab | None, str]:
     """The holder's slab mapped here, or None and why not: the one per-peer shm-or-tcp
-    decision (used by ``TcpTransport`` and ``p2pkv doctor``).
+    decision (used by the connection pool and ``p2pkv doctor``).
 
     NOTE: processes in different network namespaces of one kernel are one host here (same
     boot id and, unless a UTS namespace says otherwise, hostname; same /proc and /dev/shm),
@@ -116,7 +121,7 @@ def open_peer_slab(info: PeerInfo, local_host_id: str) -> tuple[MappedSlab | Non
     if info.host_id != local_host_id:
         return None, "it runs on another host"
     try:
-        return MappedSlab(info.shm_path, info.shm_ident, info.slab_bytes), ""
+        return MappedSlab(info.shm_path, info.shm_ident, info.slab_bytes, info.slot_bytes), ""
     except (OSError, ValueError, TransportError) as e:
         return None, f"its slab cannot be mapped here ({e})"
 
@@ -133,3 +138,44 @@ def copy_and_digest(src: np.ndarray, dest: Sequence[memoryview]) -> int:
             h.update(out[a:b])
         off += out.nbytes
     return h.intdigest()
+
+
+def pull(sock: socket.socket, slab: MappedSlab, items: Sequence[PullItem], deadline: float
+         ) -> list[PullResult]:
+    """Pin ``items`` on the holder over ``sock``, copy them out of ``slab`` (checking each
+    digest), release the pins. Raises TransportError/OSError when the whole pull failed
+    (the connection is then unusable)."""
+    send_views(sock, [wire.encode_request(wire.Pin([bytes(i.key) for i in items]))],
+               max(deadline - time.monotonic(), 0.001))
+    table = recv_exact(sock, wire.PIN_HEADER_BYTES * len(items), deadline)
+    n = wire.PIN_HEADER_BYTES
+    headers = [wire.unpack_pin(table[i * n:(i + 1) * n]) for i in range(len(items))]
+    pinned = [(h.slot, h.generation) for h in headers if h.status is wire.Status.OK]
+    try:
+        return [_copy_out(slab, item, h, deadline) for item, h in zip(items, headers)]
+    finally:
+        if pinned:
+            send_views(sock, [wire.encode_request(wire.Release(pinned))],
+                       max(deadline - time.monotonic(), 0.001))
+
+
+def _copy_out(slab: MappedSlab, item: PullItem, h: wire.PinHeader, deadline: float
+              ) -> PullResult:
+    if h.status is wire.Status.MISSING:
+        return missing(item)
+    if h.status is not wire.Status.OK:
+        raise TransportError(f"holder answered {h.status.name}")
+    if h.nbytes != item.nbytes or h.nbytes > slab.slot_bytes or \
+            h.slot * slab.slot_bytes + h.nbytes > slab.nbytes:
+        raise TransportError(f"bad pin reply: slot {h.slot}, {h.nbytes} bytes, "
+                             f"expected {item.nbytes}")
+    if time.monotonic() > deadline:
+        raise DeadlineExceeded("deadline passed while copying")
+    off = h.slot * slab.slot_bytes
+    src = slab.array[off:off + h.nbytes]
+    if host_pieces(item.dest):
+        return checked(item, copy_and_digest(src, item.dest), h.digest)  # type: ignore[arg-type]
+    # GPU destination: DMA straight from the mapped slab, hashed meanwhile
+    dma = slab.device_array()[off:off + h.nbytes]
+    good = scatter(dma, item.dest, verify=lambda: xxhash.xxh3_64_intdigest(src) == h.digest)
+    return ok(item) if good else mismatch(item)

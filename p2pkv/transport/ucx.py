@@ -1,13 +1,15 @@
-"""UCX (through ``ucxx``) as the data plane's byte mover: host and CUDA memory, RDMA, cma.
+"""UCX path (through ``ucxx``): the data plane's byte mover for host and CUDA memory, RDMA, cma.
 
-Control stays on the TCP connection of :mod:`p2pkv.transport.tcp` (handshake with the
-cluster secret, ``PeerInfo``, one request at a time); only the chunk bytes move over UCX::
+``UcxEngine`` is the UCX side of one transport (the holder's server sends with it, pulls
+receive with it); :func:`pull` is the puller's half. Control stays on the TCP connection of
+:mod:`p2pkv.transport.conn` (handshake with the cluster secret, ``PeerInfo``, one request at a
+time); only the chunk bytes move over UCX::
 
     puller                                   holder
       Send(keys, tag, reply_to=my worker)  →   pin the chunks
                                            ←   one ItemHeader per key (over TCP)
       tag_recv(staging, tag+i) per OK item     tag_send(slot, tag+i) to reply_to
-      wait, deadline                           wait, deadline; unpin
+      wait, deadline                           wait, deadline; unpin (store refcount)
 
 Choices (measured on the 2-core CPU VM, MEASURED.md):
 - Worker addresses travel over our control connection and endpoints are made from them with
@@ -15,7 +17,8 @@ Choices (measured on the 2-core CPU VM, MEASURED.md):
   host). A dead peer is therefore not reported by UCX: our deadlines catch it.
 - Every pull thread has its own UCX worker, so a timed-out pull cancels its own receives only
   (``cancel_inflight_requests`` is per worker). The holder closes its endpoint to a puller
-  whose sends time out (that cancels them) and keeps the chunks pinned until UCX lets go.
+  whose sends time out (that cancels them) and keeps the chunks pinned (in the store) until
+  UCX lets go.
 - Bytes land in a staging buffer, not in vLLM's blocks: a receive that could not be cancelled
   can then only ever write into a quarantined buffer, never into blocks handed back to vLLM.
   The staging buffer is host memory for host destinations (digest checked before the copy
@@ -32,22 +35,21 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import msgspec
 import numpy as np
 import xxhash
 
+from p2pkv.cuda import StagingPool
 from p2pkv.errors import DeadlineExceeded, TransportError
-from p2pkv.store import ChunkStore
 from p2pkv.transport import wire
-from p2pkv.transport.base import Outcome, PullItem, PullResult, pulls_over_ucx
-from p2pkv.transport.server import Server
-from p2pkv.transport.staging import host_pieces, is_device, scatter
-from p2pkv.transport.tcp import TcpTransport, mismatch, missing, request_items
+from p2pkv.transport.base import PullItem, PullResult, is_device, mismatch, missing, ok
+from p2pkv.transport.conn import request_items
+from p2pkv.transport.land import scatter
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +103,6 @@ def _settled(requests: Sequence[Any], seconds: float) -> bool:
     return all(r.completed for r in requests)
 
 
-def _nothing() -> None:
-    pass
-
-
 class _Worker:
     """One UCX worker with its progress thread."""
 
@@ -142,9 +140,6 @@ class UcxEngine:
         self._receivers: list[_Worker] = []
         # requests UCX still owns after a failure, and what to do once it lets go of them
         self._lingering: list[tuple[list[Any], Callable[[], None]]] = []
-        self.quarantined_bytes = 0
-        self.send_timeouts = 0
-        self.bad_addresses = 0
 
     @property
     def address(self) -> bytes:
@@ -166,10 +161,10 @@ class UcxEngine:
         except Exception as e:  # noqa: BLE001 - a bad address from the peer, UCX errors
             release()
             raise TransportError(f"UCX send: {type(e).__name__}: {e}") from None
+        released_later = False  # by _reap, once UCX lets go of sends it could not cancel
         try:
             _wait(requests, deadline)
         except TransportError:
-            self.send_timeouts += 1
             with self._lock:
                 self._endpoints.pop(reply_to, None)
             try:
@@ -179,10 +174,11 @@ class UcxEngine:
             if not _settled(requests, CANCEL_WAIT_S):
                 with self._lock:
                     self._lingering.append((requests, release))
-                release = _nothing
+                released_later = True
             raise
         finally:
-            release()
+            if not released_later:
+                release()
 
     def _endpoint(self, reply_to: bytes) -> Any:
         # NOTE: UCX asserts (aborts the process) on an address whose header names an unknown
@@ -191,7 +187,6 @@ class UcxEngine:
         # version and flags, i.e. a compatible UCX) ever reach UCX.
         if not 16 <= len(reply_to) <= wire.MAX_UCX_ADDRESS_BYTES or \
                 reply_to[0] != self.address[0]:
-            self.bad_addresses += 1
             raise TransportError(f"not a UCX worker address this UCX can use "
                                  f"({len(reply_to)} bytes, header {reply_to[:1].hex()})")
         with self._lock:
@@ -227,11 +222,11 @@ class UcxEngine:
             worker.worker.cancel_inflight_requests(0, 1)
             if not _settled(requests, CANCEL_WAIT_S):
                 bufs = [buf for _, buf in messages]
+                nbytes = sum(int(b.nbytes) for b in bufs)
                 with self._lock:
                     self._lingering.append((requests, bufs.clear))
-                    self.quarantined_bytes += sum(int(b.nbytes) for b in bufs)
                 logger.warning("p2pkv ucx: %d receives could not be cancelled; their "
-                               "buffers are quarantined", len(requests))
+                               "buffers (%d bytes) are quarantined", len(requests), nbytes)
             raise
 
     def _reap(self) -> None:
@@ -260,115 +255,45 @@ def new_tag() -> int:
     return secrets.randbits(62)
 
 
-class StagingPool:
-    """Per-thread reusable host staging buffers; device ones come from torch's allocator."""
+def pull(engine: UcxEngine, staging: StagingPool, sock: socket.socket,
+         items: Sequence[PullItem], deadline: float) -> list[PullResult]:
+    """The puller's half of one UCX pull: ``Send`` on the control connection ``sock``, the
+    bytes into a staging buffer over UCX, then checked (host) and scattered into place.
 
-    def __init__(self) -> None:
-        self._local = threading.local()
-
-    def host(self, nbytes: int) -> np.ndarray:
-        buf = getattr(self._local, "host", None)
-        if buf is None or buf.nbytes < nbytes:
-            buf = np.empty(max(nbytes, 1), np.uint8)
-            self._local.host = buf
-        return buf[:nbytes]
-
-    @staticmethod
-    def device(nbytes: int, like: Any) -> Any:
-        import torch
-
-        return torch.empty(nbytes, dtype=torch.uint8, device=like.device)
-
-    def drop_host(self) -> None:
-        """Forget this thread's host buffer (it may be quarantined)."""
-        self._local.host = None
-
-
-def pull_items(engine: UcxEngine, pool: StagingPool,
-               send_request: Callable[[int, bytes], list[tuple[wire.Status, int, int]]],
-               items: Sequence[PullItem], deadline: float) -> list[PullResult]:
-    """The puller's half of one UCX pull. ``send_request(tag, reply_to)`` sends the Send
-    request on the control connection and returns the holder's checked item headers.
-
-    Returns one result per item; raises TransportError when the whole pull failed.
+    Returns one result per item; raises TransportError/OSError when the whole pull failed.
     """
     worker = engine.receiver()
     tag = new_tag()
-    headers = send_request(tag, worker.address)
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceeded("deadline passed before the UCX request")
+    request = wire.Send([bytes(i.key) for i in items], tag, worker.address,
+                        max(1, int(left * 1000)))
+    headers = request_items(sock, request, items, deadline)
     device_piece = next((p for i in items for p in i.dest if is_device(p)), None)
-    ok = [n for n, (status, _, _) in enumerate(headers) if status is wire.Status.OK]
-    total = sum(items[n].nbytes for n in ok)
-    staging = (pool.host(total) if device_piece is None
-               else pool.device(total, device_piece))
+    ok_items = [n for n, h in enumerate(headers) if h.status is wire.Status.OK]
+    total = sum(items[n].nbytes for n in ok_items)
+    buf = (staging.host(total) if device_piece is None
+           else staging.device(total, device_piece.device))
     messages, offsets, off = [], {}, 0
-    for n in ok:
+    for n in ok_items:
         offsets[n] = off
-        messages.append((tag + n, staging[off:off + items[n].nbytes]))
+        messages.append((tag + n, buf[off:off + items[n].nbytes]))
         off += items[n].nbytes
     try:
         engine.receive(worker, messages, deadline)
     except TransportError:
-        pool.drop_host()
+        staging.drop_host()
         raise
     out = []
-    for n, (item, (status, _, want)) in enumerate(zip(items, headers)):
-        if status is wire.Status.MISSING:
+    for n, (item, h) in enumerate(zip(items, headers)):
+        if h.status is wire.Status.MISSING:
             out.append(missing(item))
             continue
-        piece = staging[offsets[n]:offsets[n] + item.nbytes]
-        if device_piece is None and xxhash.xxh3_64_intdigest(piece) != want:
+        piece = buf[offsets[n]:offsets[n] + item.nbytes]
+        if device_piece is None and xxhash.xxh3_64_intdigest(piece) != h.digest:
             out.append(mismatch(item))
             continue
         scatter(piece, item.dest)
-        out.append(PullResult(item.key, Outcome.OK))
+        out.append(ok(item))
     return out
-
-
-class UcxTransport(TcpTransport):
-    """TCP control connections, UCX for the bytes (see the module docstring).
-
-    ``host_over_ucx``: also move bytes bound for host memory over UCX (worth it with RDMA,
-    or with cma on one host when the shm path is off); device-bound bytes always go over UCX
-    to holders that offer it. Same-host holders with a shared slab are still copied from
-    directly for host destinations.
-    """
-
-    name = "ucx"
-
-    def __init__(self, *, host_over_ucx: bool = True,
-                 ucx_config: dict[str, str] | None = None, **tcp_args: Any) -> None:
-        super().__init__(**tcp_args)
-        self.name = "ucx"
-        self._engine = UcxEngine(ucx_config)
-        self._staging = StagingPool()
-        self._host_over_ucx = host_over_ucx
-
-    def _make_server(self, store: ChunkStore, info: wire.PeerInfo) -> Server:
-        info = msgspec.structs.replace(info, ucx_address=self._engine.address)
-        return Server(store, self._bind_host, self._key, info, ucx=self._engine)
-
-    def _pull_on(self, conn: Any, items: Sequence[PullItem], deadline: float
-                 ) -> tuple[str, list[PullResult]]:
-        # NOTE: into GPU memory UCX beats even a same-host holder's slab: measured on an H200
-        # host (scripts/gpu_check.py), 18-20 GB/s over UCX vs 5 GB/s from the page-locked
-        # slab mapping, where the CPU's digest check of the bytes (~8 GB/s) is the limit.
-        if not pulls_over_ucx(peer_offers_ucx=bool(conn.info.ucx_address),
-                              to_gpu=not all(host_pieces(i.dest) for i in items),
-                              host_over_ucx=self._host_over_ucx,
-                              slab_mapped=conn.slab is not None):
-            return super()._pull_on(conn, items, deadline)
-        self.counters.ucx += 1
-
-        def send_request(tag: int, reply_to: bytes) -> list[tuple[wire.Status, int, int]]:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise DeadlineExceeded("deadline passed before the UCX request")
-            return request_items(conn.sock, wire.Send([bytes(i.key) for i in items], tag,
-                                                      reply_to, max(1, int(left * 1000))),
-                                 items, deadline)
-
-        return "ucx", pull_items(self._engine, self._staging, send_request, items, deadline)
-
-    def close(self) -> None:
-        super().close()
-        self._engine.close()

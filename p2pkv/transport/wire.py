@@ -34,10 +34,11 @@ import enum
 import hashlib
 import hmac
 import struct
+from typing import NamedTuple
 
 import msgspec
 
-from p2pkv.errors import TransportError
+from p2pkv.errors import AuthError, BadRequest
 from p2pkv.keys import MAX_KEY_BYTES
 
 WIRE_VERSION = 2
@@ -64,10 +65,16 @@ MAX_INFO_BYTES = 64 << 10
 
 
 class Status(enum.IntEnum):
+    """Values of a header's ``status`` (one byte on the wire): ``OK`` or why not. (The same
+    style as the directory protocol's ``Status``; the values here are fixed by the framing.)"""
+
     OK = 0
     MISSING = 1
+    """The holder does not have the chunk (evicted, or never had it)."""
     BAD_REQUEST = 2
+    """The request was malformed; the holder closes the connection after this header."""
     AUTH_FAILED = 3
+    """The handshake's proof was wrong (or the versions differ); nothing else follows."""
 
 
 class Pull(msgspec.Struct, frozen=True, tag="pull"):
@@ -105,12 +112,22 @@ class PeerInfo(msgspec.Struct, frozen=True):
     ucx_address: bytes = b""
 
 
-class BadRequest(TransportError):
-    """A peer sent bytes that are not a valid request."""
+class ItemHeader(NamedTuple):
+    """One chunk's header in a Pull or Send reply."""
+
+    status: Status
+    nbytes: int
+    digest: int  # xxh3-64 of the chunk's bytes
 
 
-class AuthError(TransportError):
-    """The peer failed (or refused) the shared-secret challenge-response."""
+class PinHeader(NamedTuple):
+    """One chunk's header in a Pin reply: where it lies in the holder's slab."""
+
+    status: Status
+    nbytes: int
+    digest: int
+    slot: int
+    generation: int
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -201,9 +218,9 @@ def pack_item(status: Status, nbytes: int = 0, digest: int = 0) -> bytes:
     return _ITEM.pack(status, nbytes, digest)
 
 
-def unpack_item(header: bytes) -> tuple[Status, int, int]:
+def unpack_item(header: bytes) -> ItemHeader:
     status, nbytes, digest = _ITEM.unpack(header)
-    return _status(status), nbytes, digest
+    return ItemHeader(_status(status), nbytes, digest)
 
 
 def pack_pin(status: Status, nbytes: int = 0, digest: int = 0, slot: int = 0,
@@ -211,9 +228,9 @@ def pack_pin(status: Status, nbytes: int = 0, digest: int = 0, slot: int = 0,
     return _PIN.pack(status, nbytes, digest, slot, generation)
 
 
-def unpack_pin(header: bytes) -> tuple[Status, int, int, int, int]:
+def unpack_pin(header: bytes) -> PinHeader:
     status, nbytes, digest, slot, generation = _PIN.unpack(header)
-    return _status(status), nbytes, digest, slot, generation
+    return PinHeader(_status(status), nbytes, digest, slot, generation)
 
 
 def _status(value: int) -> Status:

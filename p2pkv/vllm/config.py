@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from p2pkv.errors import ConfigError
-from p2pkv.transport.base import TRANSPORT_KINDS
+from p2pkv.transport.choose import TRANSPORT_KINDS
 
 
 @dataclass(frozen=True, slots=True)

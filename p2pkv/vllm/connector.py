@@ -22,12 +22,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from p2pkv.affinity import unpin_current_thread
+from p2pkv.affinity import widen_cpu_affinity
 from p2pkv.directory.client import DirectoryClient
 from p2pkv.errors import ConfigError
 from p2pkv.keys import InstanceId, Namespace, NamespaceSpec, probe_of
 from p2pkv.secret import load_secret
-from p2pkv.transport.base import make_transport
+from p2pkv.transport.choose import make_transport
 from p2pkv.vllm.config import ConnectorConfig
 from p2pkv.vllm.layout import KVLayout
 from p2pkv.vllm.metadata import P2PKVMetadata
@@ -124,7 +124,7 @@ class P2PKVConnector(KVConnectorBase_V1):
         if secret is None:
             logger.warning("p2pkv: no secret_file: directory traffic is unauthenticated")
         directory = DirectoryClient(self._config.directory, secret=secret,
-                                    thread_init=unpin_current_thread)
+                                    thread_init=widen_cpu_affinity)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from p2pkv.affinity import unpin_current_thread
+from p2pkv.affinity import widen_cpu_affinity
+from p2pkv.cuda import page_lock, page_unlock
 from p2pkv.keys import ChunkKey
 from p2pkv.store import ChunkStore, WritableSlot
-from p2pkv.transport.staging import page_lock, page_unlock
 from p2pkv.vllm.layout import KVLayout
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class AsyncSaver:
         return True
 
     def _commit_loop(self) -> None:
-        unpin_current_thread()
+        widen_cpu_affinity()
         while (p := self._queue.get()) is not None:
             try:
                 p.event.synchronize()  # releases the GIL while it waits

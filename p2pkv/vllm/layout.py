@@ -18,9 +18,10 @@ Bytes are copied as they lie in memory, so instances must agree on the physical 
 only the shape: :attr:`KVLayout.signature` names it, and goes into the hash probe that the
 directory compares between members of a namespace.
 
-The pieces are ``memoryview`` for a CPU cache and 1-D uint8 CUDA tensors for a GPU cache (the
-transports accept both; :mod:`p2pkv.transport.staging`). Saving from a GPU cache is an
-asynchronous device-to-host copy (:mod:`p2pkv.vllm.gpu`).
+The pieces are ``memoryview`` for a CPU cache and 1-D uint8 CUDA tensors for a GPU cache, or
+one :class:`DeviceBlocks` per chunk (the transport's destination pieces:
+``transport.base.Piece``). Saving from a GPU cache is an asynchronous device-to-host copy
+(:mod:`p2pkv.vllm.gpu`); the CUDA helpers both use live in :mod:`p2pkv.cuda`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from p2pkv.cuda import gather_copy, side_stream
 from p2pkv.errors import ConfigError
+from p2pkv.transport.base import DeviceChunk, Piece
 
 
 def block_segments(shape: Sequence[int], strides: Sequence[int], itemsize: int
@@ -149,12 +152,12 @@ class KVLayout:
                 out.append(piece if self.on_gpu else memoryview(piece.numpy()))
         return out
 
-    def chunk_dest(self, block_ids: Sequence[int | None]) -> tuple[Any, ...]:
+    def chunk_dest(self, block_ids: Sequence[int | None]) -> tuple[Piece, ...]:
         """Where a pulled chunk goes: the pieces of its blocks (a ``None`` block: scratch that
         is dropped), or on a GPU with one segment per block, one :class:`DeviceBlocks`."""
         if self.on_gpu and self.rows:
             return (DeviceBlocks(self, block_ids),)
-        pieces: list[Any] = []
+        pieces: list[Piece] = []
         for b in block_ids:
             if b is not None:
                 pieces.extend(self.block_views(b))
@@ -171,8 +174,6 @@ class KVLayout:
         """Copy the chunk made of ``block_ids`` from a GPU cache into ``dst`` (a uint8 device
         tensor, slot order), on the current stream: one indexed copy per layer, or one
         multi-tensor copy of the pieces for layouts with several segments per block."""
-        from p2pkv.transport.staging import gather_copy
-
         assert self.on_gpu
         if self.rows:
             DeviceBlocks(self, block_ids).read_into(dst)
@@ -197,12 +198,12 @@ class KVLayout:
         assert off <= dst.nbytes
 
 
-class DeviceBlocks:
+class DeviceBlocks(DeviceChunk):
     """One chunk's blocks in a GPU cache with one segment per block, copied as a whole: one
     indexed copy per layer instead of a copy per (block, layer) piece (a 16-block chunk of a
-    32-layer model is 512 pieces; slicing them alone cost milliseconds). The transports'
-    staging code (``transport/staging.py``) calls ``write_from``; ``KVLayout.gather_into``
-    (the GPU saves) calls ``read_into``. A ``None`` block id is a block computed locally: its
+    32-layer model is 512 pieces; slicing them alone cost milliseconds). The transport calls
+    ``write_from`` (``transport/land.py``); ``KVLayout.gather_into`` (the GPU saves) calls
+    ``read_into``. A ``None`` block id is a block computed locally: its
     bytes are dropped."""
 
     def __init__(self, layout: KVLayout, block_ids: Sequence[int | None]) -> None:
@@ -219,8 +220,6 @@ class DeviceBlocks:
         pos = torch.tensor(keep, dtype=torch.long)
         ids = torch.tensor([block_ids[i] for i in keep], dtype=torch.long)
         if self.device.type == "cuda":
-            from p2pkv.transport.staging import side_stream
-
             # NOTE: on p2pkv's side stream, never the default stream vLLM may compute on
             with torch.cuda.stream(side_stream(self.device)):
                 pos, ids = pos.to(self.device), ids.to(self.device)

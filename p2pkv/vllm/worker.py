@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from p2pkv.affinity import unpin_current_thread
+from p2pkv.affinity import widen_cpu_affinity
 from p2pkv.directory.client import DirectoryClient, Registration
 from p2pkv.keys import InstanceId, Namespace
 from p2pkv.store import ChunkStore
@@ -61,7 +61,7 @@ class WorkerSide:
         self._store: ChunkStore | None = None
         self._saver: AsyncSaver | None = None  # GPU caches: saves are async copies
         self._pool = ThreadPoolExecutor(config.pull_threads, thread_name_prefix="p2pkv-pull",
-                                        initializer=unpin_current_thread)
+                                        initializer=widen_cpu_affinity)
         self._lock = threading.Lock()  # guards the four fields below (pull threads write)
         self._finished_recving: set[str] = set()
         self._failed_blocks: set[int] = set()

@@ -1,0 +1,159 @@
+"""The puller's control connections: connect, the handshake, the header exchange, the pool.
+
+Every path (``stream.py``, ``shm.py``, ``ucx.py``) talks to the holder over one of these
+authenticated TCP connections, one request at a time. The pool keeps a few idle connections
+per peer and, when the holder runs on this host and same-host copies are on, the holder's slab
+mapped alongside (:func:`p2pkv.transport.shm.open_peer_slab`). ``connect_peer`` is also what
+``p2pkv doctor`` checks a data plane with.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Sequence
+
+from p2pkv.errors import AuthError, DeadlineExceeded, TransportError
+from p2pkv.transport import wire
+from p2pkv.transport.base import PullItem
+from p2pkv.transport.shm import MappedSlab, open_peer_slab
+from p2pkv.transport.sockio import make_blocking, recv_exact, send_views
+
+logger = logging.getLogger(__name__)
+
+CLIENT_IDLE_S = 60.0  # a client reuses an idle connection only this long (< SERVER_IDLE_S)
+
+Peer = tuple[str, int]  # (host, port) of a holder's data-plane server
+
+
+def connect_peer(peer: Peer, key: bytes | None, deadline: float
+                 ) -> tuple[socket.socket, wire.PeerInfo]:
+    """A new authenticated connection to the holder at ``peer`` and its PeerInfo, by
+    ``deadline``; raises AuthError (not a member), DeadlineExceeded, OSError or
+    TransportError. Used by the pool and ``p2pkv doctor``."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceeded("deadline passed before connecting")
+    sock = socket.create_connection(peer, timeout=left)
+    try:
+        make_blocking(sock)
+        return sock, client_handshake(sock, key, deadline)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def client_handshake(sock: socket.socket, key: bytes | None, deadline: float) -> wire.PeerInfo:
+    """The client half of the data-plane handshake (see ``wire``) on a connected blocking
+    socket; returns the holder's PeerInfo. Raises AuthError when either side is not a member,
+    TransportError/OSError for the rest."""
+    auth, nonce_s = wire.unpack_hello(recv_exact(sock, wire.HELLO_BYTES, deadline))
+    if key is not None and not auth:
+        raise AuthError("peer has no cluster secret: refusing an unauthenticated peer")
+    nonce_c = secrets.token_bytes(wire.NONCE_BYTES)
+    proof = wire.mac(key, b"c", nonce_s, nonce_c)
+    send_views(sock, [wire.pack_proof(nonce_c, proof)], max(deadline - time.monotonic(), 0.001))
+    status, proof_s, n = wire.unpack_verdict(recv_exact(sock, wire.VERDICT_BYTES, deadline))
+    if status != wire.Status.OK:
+        raise AuthError("peer refused us: wrong or missing cluster secret")
+    if not secrets.compare_digest(proof_s, wire.mac(key, b"s", nonce_c, nonce_s)):
+        raise AuthError("peer failed to prove it holds the cluster secret")
+    return wire.decode_info(recv_exact(sock, n, deadline))
+
+
+def request_items(sock: socket.socket, request: wire.Pull | wire.Send,
+                  items: Sequence[PullItem], deadline: float) -> list[wire.ItemHeader]:
+    """Send a request that is answered with one ItemHeader per item (``Pull``, ``Send``) and
+    return the headers, checked against ``items``.
+
+    NOTE: raising closes the connection: the stream cannot be resynchronised."""
+    send_views(sock, [wire.encode_request(request)], max(deadline - time.monotonic(), 0.001))
+    table = recv_exact(sock, wire.ITEM_HEADER_BYTES * len(items), deadline)
+    n = wire.ITEM_HEADER_BYTES
+    headers = [wire.unpack_item(table[i * n:(i + 1) * n]) for i in range(len(items))]
+    for item, h in zip(items, headers):
+        if h.status not in (wire.Status.OK, wire.Status.MISSING):
+            raise TransportError(f"holder answered {h.status.name}")
+        if h.status is wire.Status.OK and h.nbytes != item.nbytes:
+            raise TransportError(f"chunk of {h.nbytes} bytes, expected {item.nbytes}")
+    return headers
+
+
+class Conn:
+    """One authenticated connection to a holder, with its slab mapped if it is on this host."""
+
+    def __init__(self, sock: socket.socket, info: wire.PeerInfo, slab: MappedSlab | None):
+        self.sock, self.info, self.slab = sock, info, slab
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.slab is not None:
+            self.slab.close()
+
+
+class ConnPool:
+    """Idle connections per peer, at most ``max_idle`` each, reused for CLIENT_IDLE_S.
+
+    ``same_host``: map the slab of holders on this host (``local_host_id``) when connecting;
+    why a holder's cannot be mapped is logged once per peer."""
+
+    def __init__(self, *, key: bytes | None, max_idle: int, same_host: bool,
+                 local_host_id: str) -> None:
+        self._key = key
+        self._max_idle = max_idle
+        self._same_host = same_host
+        self._host_id = local_host_id
+        self._idle: dict[Peer, list[tuple[Conn, float]]] = {}
+        self._logged_no_shm: set[Peer] = set()
+        self._lock = threading.Lock()
+
+    def checkout(self, peer: Peer, deadline: float) -> Conn:
+        """An idle connection to ``peer``, or a new one by ``deadline`` (raises as
+        :func:`connect_peer`)."""
+        now = time.monotonic()
+        with self._lock:
+            conns = self._idle.get(peer, [])
+            while conns:
+                conn, since = conns.pop()
+                if now - since < CLIENT_IDLE_S:
+                    return conn
+                conn.close()
+        sock, info = connect_peer(peer, self._key, deadline)
+        try:
+            return Conn(sock, info, self._map_slab(peer, info))
+        except BaseException:
+            sock.close()
+            raise
+
+    def checkin(self, peer: Peer, conn: Conn) -> None:
+        """Give back a connection whose last exchange completed (else close it instead)."""
+        with self._lock:
+            conns = self._idle.setdefault(peer, [])
+            if len(conns) < self._max_idle:
+                conns.append((conn, time.monotonic()))
+                return
+        conn.close()
+
+    def idle(self) -> list[Conn]:
+        """The idle connections (diagnostics: ``scripts/gpu_check.py``)."""
+        with self._lock:
+            return [c for conns in self._idle.values() for c, _ in conns]
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._idle = self._idle, {}
+        for idle in conns.values():
+            for conn, _ in idle:
+                conn.close()
+
+    def _map_slab(self, peer: Peer, info: wire.PeerInfo) -> MappedSlab | None:
+        if not self._same_host:
+            return None
+        slab, reason = open_peer_slab(info, self._host_id)
+        if slab is None and peer not in self._logged_no_shm:
+            self._logged_no_shm.add(peer)
+            logger.info("p2pkv: pulling from %s:%s over tcp, not shm: %s", *peer, reason)
+        return slab

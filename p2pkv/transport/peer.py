@@ -1,0 +1,144 @@
+"""``PeerTransport``: the one :class:`~p2pkv.transport.base.Transport`. It serves this
+process's store and, per pull, picks the path the bytes take.
+
+Composition, not inheritance: a connection pool (``conn.py``), the server (``server.py``),
+and the paths, each a module of its own: ``stream.py`` (bytes over the TCP connection),
+``shm.py`` (copied out of a same-host holder's slab), ``ucx.py`` (over UCX, with the
+``UcxEngine`` this transport was given). Which path a pull takes is
+:meth:`TransportChoice.path`, the rule ``p2pkv doctor`` reports. Made by
+``choose.make_transport``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import msgspec
+
+from p2pkv.cuda import StagingPool
+from p2pkv.errors import TransportError
+from p2pkv.store import ChunkStore
+from p2pkv.transport import shm, stream, ucx, wire
+from p2pkv.transport.base import (
+    PathName,
+    PullItem,
+    PullResult,
+    Transport,
+    TransportChoice,
+    failed,
+    host_pieces,
+)
+from p2pkv.transport.conn import Conn, ConnPool
+from p2pkv.transport.server import Server
+from p2pkv.transport.sockio import parse_address
+
+logger = logging.getLogger(__name__)
+
+TCP_ONLY = TransportChoice(False, "tcp")
+
+
+@dataclass(slots=True)
+class PathCounters:
+    """How many pulls went over each path (tests and the benchmark check which one ran)."""
+
+    tcp: int = 0
+    shm: int = 0
+    ucx: int = 0
+
+
+class PeerTransport(Transport):
+    """Serves one store and pulls from peers over the path ``choice`` says, per pull."""
+
+    def __init__(self, choice: TransportChoice = TCP_ONLY, *, bind_host: str = "127.0.0.1",
+                 advertise_host: str | None = None, connections_per_peer: int = 2,
+                 key: bytes | None = None, ucx_engine: ucx.UcxEngine | None = None) -> None:
+        """``key``: the data-plane key derived from the cluster secret (None: no auth).
+        ``ucx_engine``: required when ``choice.ucx`` (this transport closes it)."""
+        assert choice.ucx == (ucx_engine is not None), "choice.ucx needs a UcxEngine"
+        self._choice = choice
+        self._bind_host = bind_host
+        self._advertise_host = advertise_host or bind_host
+        self._key = key
+        self._host_id = shm.host_id()
+        self._ucx = ucx_engine
+        self._pool = ConnPool(key=key, max_idle=connections_per_peer,
+                              same_host=choice.same_host, local_host_id=self._host_id)
+        self._staging = StagingPool()
+        self._server: Server | None = None
+        self._stores: list[ChunkStore] = []
+        self.counters = PathCounters()
+
+    @property
+    def name(self) -> str:
+        return self._choice.name
+
+    @property
+    def pool(self) -> ConnPool:
+        return self._pool
+
+    def create_store(self, slot_bytes: int, capacity: int) -> ChunkStore:
+        store = ChunkStore(slot_bytes, capacity, shared=self._choice.same_host)
+        self._stores.append(store)
+        return store
+
+    def serve(self, store: ChunkStore) -> str:
+        assert self._server is None, "serve() called twice"
+        info = wire.PeerInfo(host_id=self._host_id, shm_path=store.shm_path,
+                             shm_ident=store.shm_ident,
+                             slab_bytes=store.slab_bytes, slot_bytes=store.slot_bytes)
+        if self._ucx is not None:
+            info = msgspec.structs.replace(info, ucx_address=self._ucx.address)
+        self._server = Server(store, self._bind_host, self._key, info, ucx=self._ucx)
+        address = f"{self._advertise_host}:{self._server.port}"
+        logger.info("p2pkv %s transport serving on %s (%s)", self.name, address,
+                    "authenticated" if self._key else "UNAUTHENTICATED: no cluster secret")
+        return address
+
+    def pull(self, address: str, items: Sequence[PullItem], timeout_s: float) -> list[PullResult]:
+        deadline = time.monotonic() + timeout_s
+        try:
+            peer = parse_address(address)
+            conn = self._pool.checkout(peer, deadline)
+        except (OSError, TransportError) as e:
+            return failed(items, f"connect {address}: {e}")
+        t_connected = time.monotonic()
+        try:
+            path, results = self._pull_on(conn, items, deadline)
+        except (OSError, TransportError) as e:
+            conn.close()
+            return failed(items, f"{address}: {e}")
+        self._pool.checkin(peer, conn)
+        logger.debug("pull of %d items from %s (%s): connect %.1f ms, transfer %.1f ms",
+                     len(items), address, path, (t_connected - deadline + timeout_s) * 1000,
+                     (time.monotonic() - t_connected) * 1000)
+        return results
+
+    def _pull_on(self, conn: Conn, items: Sequence[PullItem], deadline: float
+                 ) -> tuple[PathName, list[PullResult]]:
+        """Move the bytes over the path the choice's rule picks for this holder."""
+        path = self._choice.path(peer_offers_ucx=bool(conn.info.ucx_address),
+                                 slab_mapped=conn.slab is not None,
+                                 to_gpu=not all(host_pieces(i.dest) for i in items))
+        if path == "ucx":
+            assert self._ucx is not None
+            self.counters.ucx += 1
+            return path, ucx.pull(self._ucx, self._staging, conn.sock, items, deadline)
+        if path == "shm":
+            assert conn.slab is not None
+            self.counters.shm += 1
+            return path, shm.pull(conn.sock, conn.slab, items, deadline)
+        self.counters.tcp += 1
+        return path, stream.pull(conn.sock, items, deadline, self._staging)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for store in self._stores:
+            store.close()
+        self._pool.close()
+        if self._ucx is not None:
+            self._ucx.close()
