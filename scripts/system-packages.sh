@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install the Debian packages that end-to-end tests drive for real (today: prometheus), where
-# this process can: as root, or with passwordless sudo, on a system with apt-get. Where it
+# Install the Debian packages that tests and benches drive for real (prometheus; nginx, the
+# round-robin baseline of `p2pkv bench serve`), where this process can: as root, or with passwordless sudo, on a system with apt-get. Where it
 # cannot, it says why and exits 0: the tests that need a package then skip with that reason,
 # except under CI (CI=true, P2PKV_REQUIRE_E2E=1), where they fail.
 # A package whose binary is already on PATH is skipped, so a second run costs nothing.
@@ -12,7 +12,7 @@ set -euo pipefail
 log() { echo "[system-packages] $*"; }
 
 # package:binary pairs
-PACKAGES=("prometheus:prometheus")
+PACKAGES=("prometheus:prometheus" "nginx-light:nginx")
 
 if [[ "${P2PKV_SKIP_APT:-0}" == "1" ]]; then
     log "P2PKV_SKIP_APT=1: skipping"; exit 0
