@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install the Debian packages that tests and benches drive for real (prometheus; nginx, the
 # round-robin baseline of `p2pkv bench serve`), where this process can: as root, or with
-# passwordless sudo, on a system with apt-get. Where it cannot, it says why and exits 0: the tests that need a package then skip with that reason,
-# except under CI (CI=true, P2PKV_REQUIRE_E2E=1), where they fail.
+# passwordless sudo, on a system with apt-get. Where it cannot, it says why and exits 0: the
+# tests that need a package then skip with that reason, except under CI (CI=true,
+# P2PKV_REQUIRE_E2E=1), where they fail.
 # A package whose binary is already on PATH is skipped, so a second run costs nothing.
 # Services are never started by the install (policy-rc.d denies it): the tests start their own
 # processes on loopback with ports of their own.
