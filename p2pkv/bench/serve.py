@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -131,7 +132,9 @@ def main(args: argparse.Namespace) -> int:
                 results[name] = {"error": str(e).splitlines()[0]}
                 print(f"{name}: not run: {results[name]['error']}", flush=True)
                 continue
-            print(f"\n=== {name}: vllm bench serve -> {front.url} ===", flush=True)
+            load = os.getloadavg()[0]
+            print(f"\n=== {name}: vllm bench serve -> {front.url} (load average {load:.2f})"
+                  " ===", flush=True)
             rc = run_client(client_argv(args, front.url, model, args.workdir, name),
                             args.workdir / f"{name}-client.log")
             out = args.workdir / f"{name}.json"
@@ -140,6 +143,7 @@ def main(args: argparse.Namespace) -> int:
                                           f"{args.workdir / f'{name}-client.log'})"}
                 continue
             results[name] = json.loads(out.read_text())
+            results[name]["load_avg_at_start"] = load
             if name == "p2pkv":
                 results[name]["p2pkv_counters"] = cluster.counter_totals()
                 results[name]["router_choices"] = router_choices(front.url)
@@ -156,7 +160,8 @@ def print_summary(results: dict[str, dict]) -> None:
             print(f"{name:<7} not run: {r['error']}")
             continue
         print(f"{name:<7}" + "".join(f"{r.get(k, float('nan')):>16.2f}" for k, _ in SUMMARY)
-              + f"   ({r.get('completed', 0)}/{r.get('num_prompts', '?')} completed)")
+              + f"   ({r.get('completed', 0)}/{r.get('num_prompts', '?')} completed, load "
+              f"{r.get('load_avg_at_start', float('nan')):.2f})")
     counters = results.get("p2pkv", {}).get("p2pkv_counters")
     if counters:
         keys = ("loads", "chunks_pulled", "bytes_pulled", "chunks_failed", "chunks_missing")
