@@ -16,7 +16,10 @@ Configurations (two ``vllm serve`` CPU instances each, started one configuration
 they never compete for the cores): ``plain`` (vLLM, no prefix caching), ``local`` (vLLM's own
 prefix cache), ``p2pkv`` (the connector, same-host shared memory), ``p2pkv-tcp`` (the connector
 over TCP), and, only where LMCache is installed (:mod:`p2pkv.bench.lmcache`), ``lmcache``
-(LMCache's multiprocess server over TCP) and ``lmcache-shm`` (its same-host shared-memory mode).
+(LMCache's multiprocess server over TCP) and ``lmcache-shm`` (its same-host shared-memory mode),
+and ``vllm-p2p``: vLLM's own P2P tier (:mod:`p2pkv.bench.vllm_p2p`), each request naming the
+other instance as its source; where vLLM cannot start it (its CPU backend), the run records
+why (``not_run``: vLLM's exception and the source line that raised it).
 Writes JSON and, with matplotlib, a PNG plot.
 """
 
@@ -31,9 +34,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from p2pkv.bench import lmcache
+from p2pkv.bench import lmcache, vllm_p2p
 from p2pkv.bench.correctness import document_tokens
-from p2pkv.harness.cluster import Instance, LocalCluster, complete, wait_healthy
+from p2pkv.harness.cluster import Instance, LocalCluster, complete, free_port, wait_healthy
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,9 @@ class Config:
     """p2pkv's data plane (``auto`` is shared memory on one host)."""
     lmcache: str = ""
     """LMCache's mode (:data:`p2pkv.bench.lmcache.MODES`); empty: no LMCache."""
+    vllm_p2p: bool = False
+    """vLLM's own P2P tier (:mod:`p2pkv.bench.vllm_p2p`); where it cannot start, the row says
+    why."""
 
 
 CONFIGS: dict[str, Config] = {
@@ -56,6 +62,7 @@ CONFIGS: dict[str, Config] = {
     "p2pkv-tcp": Config(connector=True, transport="tcp"),
     "lmcache": Config(lmcache="tcp"),
     "lmcache-shm": Config(lmcache="shm"),
+    "vllm-p2p": Config(vllm_p2p=True),
 }
 
 
@@ -113,10 +120,18 @@ def chat_requests(tokens: list[int], users: int, rounds: int, tokenize) -> list[
     return out
 
 
-def start_instances(cluster: LocalCluster, name: str) -> list[Instance]:
+def start_instances(cluster: LocalCluster, name: str,
+                    tiers: dict[int, vllm_p2p.TierAddress] | None = None) -> list[Instance]:
     config = CONFIGS[name]
     args = [] if config.prefix_caching else ["--no-enable-prefix-caching"]
     env: dict[str, str] = {}
+    if config.vllm_p2p:
+        assert tiers is not None
+        for i in range(2):
+            tiers[i] = vllm_p2p.TierAddress("127.0.0.1", free_port())
+        return [cluster.start_vllm(f"{name}-{i}", connector=False, extra_args=[
+            *args, "--kv-transfer-config",
+            vllm_p2p.kv_transfer_config(tiers[i], engine_id=f"{name}-{i}")]) for i in range(2)]
     if config.connector:
         cluster.start_directory()
     if config.lmcache:
@@ -130,14 +145,24 @@ def start_instances(cluster: LocalCluster, name: str) -> list[Instance]:
 def run_config(name: str, requests: list[Request], model: Path, workdir: Path,
                settle_s: float, progress) -> tuple[list[Record], dict]:
     with LocalCluster(workdir / name, model) as cluster:
-        insts = start_instances(cluster, name)
-        wait_healthy(insts, timeout_s=600)
+        tiers: dict[int, vllm_p2p.TierAddress] = {}
+        insts = start_instances(cluster, name, tiers)
+        try:
+            wait_healthy(insts, timeout_s=600)
+        except RuntimeError:
+            if not tiers:
+                raise
+            dead = next(i for i in insts if not i.proc.alive())
+            raise vllm_p2p.NotRunnable(vllm_p2p.start_failure(dead.proc.log)) from None
         progress(0)
         records = []
         t0 = time.monotonic()
-        for req in requests:
+        for n, req in enumerate(requests):
             time.sleep(settle_s)  # each request starts on an idle machine (see demo.py)
-            c = complete(insts[req.instance].url, list(req.prompt))
+            # vLLM's P2P tier pulls only from the peer the request names: the other instance
+            extra = ({"kv_transfer_params": vllm_p2p.source_params(
+                tiers[1 - req.instance], f"{name}-{n}")} if tiers and req.step else None)
+            c = complete(insts[req.instance].url, list(req.prompt), extra_body=extra)
             records.append(Record(name, req.workload, req.group, req.step, req.length,
                                   req.instance, c.ttft_s, c.total_s))
             progress(1)
@@ -234,8 +259,13 @@ def main(args: argparse.Namespace) -> int:
                 bar.set_postfix_str(f"{name}: running")
                 bar.update(n)
 
-            records, extra = run_config(name, requests, model, args.workdir, args.settle_s,
-                                        progress)
+            try:
+                records, extra = run_config(name, requests, model, args.workdir,
+                                            args.settle_s, progress)
+            except vllm_p2p.NotRunnable as e:
+                results.setdefault("not_run", {})[name] = str(e)
+                print(f"{name}: not run: {e}", flush=True)
+                continue
             results["configs"][name] = summarize(records, extra)
             results["records"] += [asdict(r) for r in records]
     _report(results, args.out)
@@ -301,6 +331,8 @@ def _report(results: dict, out: Path) -> None:
             if name != "p2pkv" and f"{name}_remote_s" in g:
                 print(f"  {name} remote hit {g[f'{name}_remote_s']:.3f} s "
                       f"({g[f'{name}_remote_s'] / g['p2pkv_remote_s']:.1f}x p2pkv's)")
+    for name, why in results.get("not_run", {}).items():
+        print(f"{name}: not run: {why}")
     print(f"wrote {out}")
     _plot(results, out.with_suffix(".png"))
 

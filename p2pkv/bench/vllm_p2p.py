@@ -31,7 +31,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from p2pkv.errors import P2PKVError
+
 CPU_TIER_BYTES = 1 << 30
+
+
+class NotRunnable(P2PKVError):
+    """The configuration cannot run here; the message says why (vLLM's own error)."""
 
 
 @dataclass(frozen=True, slots=True)

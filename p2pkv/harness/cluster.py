@@ -273,10 +273,11 @@ def _stream(url: str, body: dict, text_of, timeout_s: float) -> Completion:
 
 
 def complete(url: str, prompt: list[int] | str, *, max_tokens: int = 16,
-             timeout_s: float = 600.0) -> Completion:
-    """Greedy completion of a prompt (text or token ids), streamed to time the first token."""
+             timeout_s: float = 600.0, extra_body: dict | None = None) -> Completion:
+    """Greedy completion of a prompt (text or token ids), streamed to time the first token.
+    ``extra_body``: more request fields (e.g. vLLM's ``kv_transfer_params``)."""
     body = {"model": "model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-            "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}, **(extra_body or {})}
     return _stream(url + "/v1/completions", body, lambda c: c.get("text") or "", timeout_s)
 
 
