@@ -312,8 +312,9 @@ def _report(results: dict, out: Path) -> None:
     names = list(configs)
     legend = ("(first = new prefix, other = last computed on the other instance, "
               "same = on this one; n = samples per row)")
-    _table(configs, "ttft_p50_by_row_s", f"TTFT p50 (s) by workload/length/kind {legend}")
-    _table(configs, "ttft_p90_by_row_s", "TTFT p90 (s)")
+    if configs:
+        _table(configs, "ttft_p50_by_row_s", f"TTFT p50 (s) by workload/length/kind {legend}")
+        _table(configs, "ttft_p90_by_row_s", "TTFT p90 (s)")
     for label, key, scale in (("all: TTFT p50", "ttft_p50_s", 1),
                               ("all: TTFT p90", "ttft_p90_s", 1),
                               ("all: latency p50", "latency_p50_s", 1),
