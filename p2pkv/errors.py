@@ -31,3 +31,20 @@ class BadRequest(TransportError):
 
 class AuthError(TransportError):
     """A data-plane peer failed (or refused) the shared-secret challenge-response."""
+
+
+# -- directory -------------------------------------------------------------------------------
+
+
+class ProtocolError(P2PKVError, ValueError):
+    """Bytes that are not a valid directory message (the reason says why); raised by
+    ``p2pkv.directory.protocol.decode``."""
+
+
+class DirectoryIndexError(P2PKVError, ValueError):
+    """A request the directory's index refuses; ``status`` is a
+    ``p2pkv.directory.protocol.Status`` value for the reply."""
+
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status

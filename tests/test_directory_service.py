@@ -44,7 +44,7 @@ class Directory:
                                                             os.environ.get("PYTHONPATH")])))
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "p2pkv.directory.server", "--bind", bind,
+                [sys.executable, "-m", "p2pkv.directory", "--bind", bind,
                  "--ready-file", str(ready), *args], cwd=REPO, env=env, stdout=log, stderr=log)
         deadline = time.monotonic() + 15
         while not ready.exists():

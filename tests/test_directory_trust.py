@@ -15,7 +15,8 @@ import pytest
 import zmq
 
 from p2pkv.directory import auth, protocol
-from p2pkv.directory.client import DirectoryClient, FeedSubscriber, RegState, Registration
+from p2pkv.directory.client import DirectoryClient, RegState, Registration
+from p2pkv.directory.feed import FeedSubscriber
 from p2pkv.directory.protocol import (
     Heartbeat, Publish, Register, RegisterReply, Stats, StatsReply, Status,
 )

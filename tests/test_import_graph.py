@@ -9,13 +9,6 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "p2pkv"
 
-# NOTE: circles known when this test was written, being removed by the directory/ part of
-# issue 12 in a parallel branch. The integrator deletes this allowlist once that is merged;
-# nothing may be added to it.
-KNOWN_DIRECTORY_CYCLES: list[set[str]] = [
-    {"p2pkv.directory.cli", "p2pkv.directory.server", "p2pkv.directory.metrics"},
-]
-
 # (importer prefix, imported prefix) pairs that must never occur
 FORBIDDEN = [
     ("p2pkv.transport", "p2pkv.vllm"),
@@ -117,8 +110,7 @@ def test_the_graph_is_read():
 
 def test_no_import_circles():
     found = cycles(import_graph())
-    unexpected = [c for c in found if c not in KNOWN_DIRECTORY_CYCLES]
-    assert not unexpected, f"import circles: {[sorted(c) for c in unexpected]}"
+    assert not found, f"import circles: {[sorted(c) for c in found]}"
 
 
 def test_layers_point_one_way():

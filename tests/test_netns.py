@@ -131,7 +131,7 @@ def hosts(tmp_path: Path) -> Iterator[TwoHosts]:
 
 def start_cluster(hosts: TwoHosts) -> tuple[str, dict[str, str]]:
     """Directory + instance A on host a, instance B on host b; (endpoint, data addresses)."""
-    endpoint = hosts.spawn("a", ["-m", "p2pkv.directory.server", "--bind",
+    endpoint = hosts.spawn("a", ["-m", "p2pkv.directory", "--bind",
                                  f"tcp://{ADDRESSES['a']}:0", "--secret-file", "secret",
                                  "--ready-file", "directory.ready"], "directory.ready")
     data = {}

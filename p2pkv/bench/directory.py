@@ -168,7 +168,7 @@ def main(args: argparse.Namespace) -> int:
     per = args.chunks // args.instances
     workdir = Path(tempfile.mkdtemp(prefix="p2pkv-bench-dir-"))
     ready = workdir / "ready"
-    proc = subprocess.Popen([sys.executable, "-m", "p2pkv.directory.server", "--bind",
+    proc = subprocess.Popen([sys.executable, "-m", "p2pkv.directory", "--bind",
                              "tcp://127.0.0.1:0", "--ready-file", str(ready),
                              "--heartbeat-interval", "1", "--liveness", "600",
                              "--log-level", "WARNING"])

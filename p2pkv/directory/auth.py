@@ -2,8 +2,8 @@
 
 Every member derives the same two key pairs from the secret: the server's
 (``directory-curve-server``) and one shared client pair (``directory-curve-client``). The
-server allows exactly that client public key (see ``server.ZapHandler``), so holding the secret
-is what makes a process a member. Without a secret nothing is authenticated or encrypted, and
+server allows exactly that client public key (its ZAP handler, inside the server loop), so
+holding the secret is what makes a process a member. Without a secret nothing is authenticated or encrypted, and
 the server refuses to bind anywhere but loopback unless told otherwise.
 
 Used by ``server`` (bind side: ROUTER and feed XPUB) and ``client`` (DEALER, feed SUB).

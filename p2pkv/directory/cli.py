@@ -1,8 +1,10 @@
-"""The ``p2pkv directory`` and ``p2pkv status`` subcommands.
+"""The ``p2pkv directory`` and ``p2pkv status`` subcommands, and the directory's process.
 
 ``p2pkv/cli.py`` calls :func:`add_directory_parser` and :func:`add_status_parser` on its
 argparse subparsers; each sets ``func`` (args -> exit code). :func:`directory_main` runs the
-directory alone, for ``python -m p2pkv.directory.server`` (tests, launch scripts).
+directory alone, for ``python -m p2pkv.directory`` (tests). :func:`run_directory` owns the
+process around a ``DirectoryServer``: signals, the ready file, the metrics endpoint; the
+server itself knows nothing of them.
 """
 
 from __future__ import annotations
@@ -10,16 +12,26 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
-from typing import Any, TextIO
+import threading
+from types import FrameType
+from typing import TYPE_CHECKING, Any, TextIO
 
-from p2pkv.directory.protocol import Error, Stats, StatsReply
-from p2pkv.directory.server import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
+from p2pkv.directory.protocol import (
+    HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, Error, Stats, StatsReply,
+)
 from p2pkv.errors import ConfigError
 from p2pkv.secret import ClusterSecret, load_secret
 
+if TYPE_CHECKING:
+    from p2pkv.directory.server import ServerConfig
+
+logger = logging.getLogger(__name__)
+
 DEFAULT_BIND = "tcp://127.0.0.1:7420"
-"""User-facing default; tests and launch scripts pass port 0 and read --ready-file."""
+"""User-facing default, also the port ``launch/plan.py`` gives the directory; tests pass
+port 0 and read --ready-file."""
 
 
 def add_directory_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -43,7 +55,7 @@ def add_status_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def directory_main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: ``python -m p2pkv.directory.server [--bind ...]``."""
+    """Standalone entry point: ``python -m p2pkv.directory [--bind ...]``."""
     parser = argparse.ArgumentParser(prog="p2pkv-directory",
                                      description="run the p2pkv directory service")
     _add_directory_args(parser)
@@ -102,7 +114,7 @@ def _secret(args: argparse.Namespace) -> ClusterSecret | None:
 
 
 def _run_directory(args: argparse.Namespace) -> int:
-    from p2pkv.directory.server import ServerConfig, run_directory
+    from p2pkv.directory.server import ServerConfig
 
     try:
         config = ServerConfig(bind=args.bind, feed_bind=args.feed_bind, secret=_secret(args),
@@ -114,6 +126,53 @@ def _run_directory(args: argparse.Namespace) -> int:
         return 2
     return run_directory(config, ready_file=args.ready_file, metrics_port=args.metrics_port,
                          metrics_host=args.metrics_host)
+
+
+def run_directory(config: ServerConfig, ready_file: str | None = None,
+                  metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> int:
+    """Serve until SIGINT/SIGTERM; the ``p2pkv directory`` command. Returns an exit code.
+
+    ``ready_file`` receives the real endpoint (one line) once bound, written atomically
+    (the feed endpoint is in every StatsReply and SnapshotReply). ``metrics_port`` starts a
+    Prometheus endpoint.
+    """
+    from p2pkv.directory.server import DirectoryServer
+
+    server = DirectoryServer(config)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        logger.info("directory got signal %s", signum)
+        stop.set()
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = ({sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+                if in_main_thread else {})
+    try:
+        if metrics_port is not None:
+            from p2pkv.directory.metrics import start_metrics
+
+            port = start_metrics(server, metrics_host, metrics_port)
+            logger.info("Prometheus metrics on http://%s:%s/metrics", metrics_host, port)
+        if ready_file:
+            _write_ready_file(ready_file, server.endpoint)
+        logger.info("p2pkv directory listening on %s", server.endpoint)
+        if not server.secure:
+            logger.warning("p2pkv directory is UNAUTHENTICATED (no --secret-file)")
+        server.serve(stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.close()
+    return 0
+
+
+def _write_ready_file(path: str, endpoint: str) -> None:
+    """Atomically: a reader polling for the file never sees it half written."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(endpoint + "\n")
+    os.replace(tmp, path)
 
 
 def _run_status(args: argparse.Namespace) -> int:

@@ -19,17 +19,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from p2pkv.directory.protocol import Holder, InstanceInfo, Status
+from p2pkv.errors import DirectoryIndexError
 from p2pkv.keys import ChunkKey, InstanceId, Namespace
 
 logger = logging.getLogger(__name__)
-
-
-class DirectoryIndexError(ValueError):
-    """A request the index refuses; ``status`` is a :class:`Status` value for the reply."""
-
-    def __init__(self, status: str, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
 
 
 @dataclass(slots=True)

@@ -16,6 +16,7 @@ from typing import Annotated, Union
 
 import msgspec
 
+from p2pkv.errors import ProtocolError
 from p2pkv.keys import MAX_KEY_BYTES, ChunkKey, InstanceId, Namespace
 
 PROTOCOL_VERSION = 2
@@ -45,6 +46,26 @@ MAX_CAPABILITIES = 16
 
 MAX_REFUSED = 256
 """Most refused registrations a StatsReply lists (the directory remembers no more)."""
+
+# Liveness (Majordomo style: each constant derives from the interval). The directory sends
+# its interval and liveness in every RegisterReply; these are the defaults.
+HEARTBEAT_INTERVAL_S = 1.0
+"""A registered client renews its lease this often; until a RegisterReply says otherwise it
+is also the client's Register retry interval."""
+HEARTBEAT_LIVENESS = 5
+"""Missed heartbeats before a lease expires (generous: a busy vLLM process can stall its
+heartbeat thread for a moment, and expiry costs a full republish)."""
+MIN_HEARTBEAT_S = 0.01
+"""Shortest interval a client honours from a RegisterReply."""
+REFUSED_RETRY_INTERVALS = 10
+"""A client refused for PROBE_MISMATCH retries this many intervals later (the odd one out
+may leave the namespace)."""
+
+
+def tick_s(heartbeat_interval_s: float) -> float:
+    """How often a loop driven by heartbeat deadlines looks at them (the client's keeper, the
+    server's lease purge): a quarter interval, within 10-250 ms."""
+    return min(max(heartbeat_interval_s / 4, 0.01), 0.25)
 
 _U63 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 _I64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
@@ -77,10 +98,6 @@ class Status:
     """The namespace's other members hash differently; this instance is refused."""
     WRONG_NAMESPACE = "wrong_namespace"
     INTERNAL = "internal_error"
-
-
-class ProtocolError(ValueError):
-    """Bytes that are not a valid message of this protocol (the reason says why)."""
 
 
 class _Message(msgspec.Struct, tag_field="t", kw_only=True, frozen=True):

@@ -1,8 +1,8 @@
 """The directory service: one ZeroMQ ROUTER loop in front of a DirectoryIndex.
 
-Run by ``p2pkv directory`` (via :func:`run_directory`), by launch scripts and by tests
-(``python -m p2pkv.directory.server --bind tcp://127.0.0.1:0 --ready-file F``). One thread,
-one loop with named steps: ``poll -> handle requests -> answer ZAP -> track subscribers ->
+Run by ``p2pkv directory`` and ``python -m p2pkv.directory`` (``cli.run_directory`` owns the
+process: signals, ready file, metrics) and in-process by tests and benches. One thread, one
+loop with named steps: ``poll -> handle requests -> answer ZAP -> track subscribers ->
 purge expired leases``. Every state change is also published on the change feed (an XPUB
 socket, events numbered from 1; a late subscriber asks for a Snapshot and applies events with
 a higher seq, as in the ZeroMQ guide's Clone pattern). Bad input from the network is answered
@@ -15,37 +15,28 @@ Liveness constants derive from each other: an instance heartbeats every
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import FrameType
 
 import msgspec
 import zmq
 import zmq.utils.z85
 
 from p2pkv.directory import auth, protocol
-from p2pkv.directory.index import DirectoryIndex, DirectoryIndexError, Member
+from p2pkv.directory.index import DirectoryIndex, Member
 from p2pkv.directory.protocol import (
     MAX_KEYS_PER_MESSAGE, PROTOCOL_VERSION, ChunksChanged, Error, FeedEvent, Heartbeat, Holding,
-    InstanceJoined, InstanceLeft, Lookup, LookupReply, Ok, ProtocolError, Publish,
-    RefusedRegistration, Register, RegisterReply, Reply, Report, Snapshot, SnapshotReply, Stats,
-    StatsReply, Status, Unregister,
+    InstanceJoined, InstanceLeft, Lookup, LookupReply, Ok, ProtocolError, Publish, Register,
+    RegisterReply, Reply, Report, Snapshot, SnapshotReply, Stats, StatsReply, Status, Unregister,
 )
-from p2pkv.errors import ConfigError
-from p2pkv.keys import InstanceId
+from p2pkv.directory.refusals import RecentRefusals
+from p2pkv.errors import ConfigError, DirectoryIndexError
 from p2pkv.secret import ClusterSecret
 
 logger = logging.getLogger(__name__)
-
-HEARTBEAT_INTERVAL_S = 1.0
-HEARTBEAT_LIVENESS = 5
-"""Missed heartbeats before a lease expires (generous: a busy vLLM process can stall its
-heartbeat thread for a moment, and expiry costs a full republish)."""
 
 POLL_INTERVAL_MS = 100
 """Longest the loop sleeps before it looks at its stop event and the leases again."""
@@ -59,7 +50,7 @@ Frames between MAX_MESSAGE_BYTES and this get a counted Error reply."""
 
 SNAPSHOT_KEYS_PER_PART = MAX_KEYS_PER_MESSAGE // 2
 
-REFUSAL_MEMORY_INTERVALS = 30
+REFUSAL_MEMORY_INTERVALS = 3 * protocol.REFUSED_RETRY_INTERVALS
 """A refused registration is listed in Stats this many heartbeat intervals (at least
 MIN_REFUSAL_MEMORY_S) after its latest refusal: longer than a refused client's retry period,
 so an instance that keeps trying stays visible, and one that gave up drops out."""
@@ -77,8 +68,8 @@ class ServerConfig:
     secret: ClusterSecret | None = None
     """With a secret: CURVE on both sockets, only members get in. Without: loopback only."""
     insecure_any_address: bool = False
-    heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
-    liveness: int = HEARTBEAT_LIVENESS
+    heartbeat_interval_s: float = protocol.HEARTBEAT_INTERVAL_S
+    liveness: int = protocol.HEARTBEAT_LIVENESS
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0 or self.liveness < 1:
@@ -93,17 +84,6 @@ class ServerConfig:
     @property
     def refusal_memory_s(self) -> float:
         return max(MIN_REFUSAL_MEMORY_S, self.heartbeat_interval_s * REFUSAL_MEMORY_INTERVALS)
-
-
-@dataclass(slots=True)
-class _Refusal:
-    """The latest refused Register of one instance, and how often it was refused."""
-
-    msg: Register
-    status: str
-    reason: str
-    at: float
-    count: int = 1
 
 
 @dataclass(slots=True)
@@ -154,9 +134,8 @@ class DirectoryServer:
         self.index = DirectoryIndex(config.lease_s)
         self.counters = ServerCounters()
         self.refusals: Counter[str] = Counter()
-        # NOTE: insertion order is refusal order (an entry is re-inserted when refused again),
-        # so the first entry is the oldest: purged by age, capped at MAX_REFUSED.
-        self._refused: dict[InstanceId, _Refusal] = {}
+        """Error replies by status (metrics)."""
+        self._refused = RecentRefusals(config.refusal_memory_s)
         self.feed_seq = 0
         self._subscribers = 0
         self._next_purge = 0.0
@@ -247,7 +226,7 @@ class DirectoryServer:
         now = self._clock()
         if now < self._next_purge:
             return
-        self._next_purge = now + min(self.config.heartbeat_interval_s / 4, 0.25)
+        self._next_purge = now + protocol.tick_s(self.config.heartbeat_interval_s)
         for member in self.index.expire(now):
             self.counters.expirations += 1
             logger.info("lease of %s epoch %s expired (%d keys dropped)", member.instance,
@@ -330,9 +309,10 @@ class DirectoryServer:
             outcome = self.index.register(msg.instance, msg.epoch, msg.namespace, msg.address,
                                           msg.probe, msg.capabilities, now)
         except DirectoryIndexError as e:
-            self._remember_refusal(msg, e.status, str(e), now)
+            if self._refused.remember(msg, e.status, str(e), now):
+                logger.warning("refused to register %s at %s: %s", msg.instance, msg.address, e)
             raise
-        self._refused.pop(msg.instance, None)
+        self._refused.forget(msg.instance)
         if outcome.replaced is not None:
             self._left(outcome.replaced, "replaced")
         if outcome.joined:
@@ -342,26 +322,6 @@ class DirectoryServer:
         return RegisterReply(rid=msg.rid, directory_epoch=self.directory_epoch,
                              heartbeat_ms=int(self.config.heartbeat_interval_s * 1000),
                              liveness=self.config.liveness)
-
-    def _remember_refusal(self, msg: Register, status: str, reason: str, now: float) -> None:
-        old = self._refused.pop(msg.instance, None)
-        if old is None or old.status != status:
-            logger.warning("refused to register %s at %s: %s", msg.instance, msg.address,
-                           reason)
-        self._refused[msg.instance] = _Refusal(msg, status, reason, now,
-                                               old.count + 1 if old is not None else 1)
-        while len(self._refused) > protocol.MAX_REFUSED:
-            del self._refused[next(iter(self._refused))]
-
-    def _recent_refusals(self, now: float) -> list[RefusedRegistration]:
-        horizon = now - self.config.refusal_memory_s
-        while self._refused and next(iter(self._refused.values())).at < horizon:
-            del self._refused[next(iter(self._refused))]
-        return [RefusedRegistration(instance=r.msg.instance, namespace=r.msg.namespace,
-                                    address=r.msg.address, epoch=r.msg.epoch, probe=r.msg.probe,
-                                    status=r.status, reason=r.reason[:4096], count=r.count,
-                                    age_ms=int((now - r.at) * 1000))
-                for r in reversed(self._refused.values())]
 
     def _lookup(self, msg: Lookup) -> LookupReply:
         holders = self.index.lookup(msg.namespace, msg.keys)
@@ -380,7 +340,7 @@ class DirectoryServer:
                           expirations=c.expirations, heartbeats=c.heartbeats,
                           publishes=c.publishes, feed_seq=self.feed_seq,
                           feed_endpoint=self.feed_endpoint, secure=self.secure,
-                          refused=self._recent_refusals(now))
+                          refused=self._refused.recent(now))
 
     def _snapshot(self, rid: int, now: float) -> list[Reply]:
         """The whole state as parts of at most SNAPSHOT_KEYS_PER_PART keys."""
@@ -448,48 +408,3 @@ def _port0(endpoint: str) -> str:
     if endpoint.startswith("tcp://"):
         return endpoint.rsplit(":", 1)[0] + ":0"
     return endpoint + ".feed"
-
-
-def run_directory(config: ServerConfig, ready_file: str | None = None,
-                  metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> int:
-    """Serve until SIGINT/SIGTERM; the ``p2pkv directory`` command. Returns an exit code.
-
-    ``ready_file`` receives the real endpoint (one line) once bound, written atomically
-    (the feed endpoint is in every StatsReply and SnapshotReply). ``metrics_port`` starts a Prometheus endpoint.
-    """
-    server = DirectoryServer(config)
-    stop = threading.Event()
-
-    def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        logger.info("directory got signal %s", signum)
-        stop.set()
-
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = ({sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-                if in_main_thread else {})
-    try:
-        if metrics_port is not None:
-            from p2pkv.directory.metrics import start_metrics
-
-            port = start_metrics(server, metrics_host, metrics_port)
-            logger.info("Prometheus metrics on http://%s:%s/metrics", metrics_host, port)
-        if ready_file:
-            tmp = f"{ready_file}.tmp{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(server.endpoint + "\n")
-            os.replace(tmp, ready_file)
-        logger.info("p2pkv directory listening on %s", server.endpoint)
-        if not server.secure:
-            logger.warning("p2pkv directory is UNAUTHENTICATED (no --secret-file)")
-        server.serve(stop)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        server.close()
-    return 0
-
-
-if __name__ == "__main__":
-    from p2pkv.directory.cli import directory_main
-
-    raise SystemExit(directory_main())

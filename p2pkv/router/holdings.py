@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from p2pkv.directory.client import FeedSubscriber
+from p2pkv.directory.feed import FeedSubscriber
 from p2pkv.keys import ChunkKey, InstanceId, seed_part
 from p2pkv.secret import ClusterSecret
 
