@@ -107,16 +107,21 @@ def test_vllm_p2p_start_failure_is_the_exception_and_its_vllm_line(tmp_path):
     from p2pkv.bench import vllm_p2p
 
     log = tmp_path / "a.log"
+    w = "(Worker pid=7) ERROR 12-02 02:25:06 [multiproc_executor.py:1063] "
+    e = "(EngineCore pid=6) ERROR 12-02 02:25:06 [core.py:1510] "
     log.write_text(
-        "(EngineCore pid=7) Traceback (most recent call last):\n"
-        '(EngineCore pid=7)   File "/venv/site-packages/vllm/v1/engine/core.py", line 9, in run\n'
-        '(EngineCore pid=7)   File "/venv/site-packages/vllm/v1/kv_offload/cpu/spec.py", '
-        "line 200, in get_worker\n"
-        "(EngineCore pid=7)     raise Exception(\n"
-        "(EngineCore pid=7) Exception: CPU Offloading is currently only supported on "
-        "CUDA-alike and XPU GPUs\n"
-        "(APIServer pid=6) RuntimeError: Engine core initialization failed. See root cause "
-        "above. Failed core proc(s): {}\n")
+        "(APIServer pid=5) WARNING 12-02 02:24:29 [system_utils.py:255] can cause `OSError: "
+        "[Errno 24] Too many open files`\n"
+        f"{w}Traceback (most recent call last):\n"
+        f'{w}  File "/venv/site-packages/vllm/v1/engine/core.py", line 9, in run\n'
+        f'{w}  File "/venv/site-packages/vllm/v1/kv_offload/cpu/spec.py", line 200, in '
+        "get_worker\n"
+        f"{w}    raise Exception(\n"
+        f"{w}Exception: CPU Offloading is currently only supported on CUDA-alike and XPU "
+        "GPUs\n"
+        f'{e}  File "/venv/site-packages/vllm/v1/executor/multiproc_executor.py", line 444, '
+        "in get_response\n"
+        f"{e}RuntimeError: Worker failed with error 'CPU Offloading ...'\n")
     assert vllm_p2p.start_failure(log) == (
         "Exception: CPU Offloading is currently only supported on CUDA-alike and XPU GPUs "
         "(raised at vllm/v1/kv_offload/cpu/spec.py:200 in get_worker)")

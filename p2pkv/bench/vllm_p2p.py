@@ -74,16 +74,19 @@ def nixl_installed() -> bool:
 
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception)|Exception): (.+)$")
 _FRAME = re.compile(r'File "([^"]*/vllm/[^"]+)", line (\d+), in (\w+)')
+# vLLM's log prefix: "(Worker pid=7) ERROR 12-02 02:25:06 [multiproc_executor.py:1063] "
+_PREFIX = re.compile(r"^\(\w+ pid=\d+\)\s*(?:[A-Z]+ \S+ \S+ \[[^\]]+\]\s?)?")
 
 
 def start_failure(log: Path) -> str:
-    """Why an instance died at start-up, from its log: the last exception raised and the
-    innermost vLLM frame of its traceback (``vllm/...py:LINE in FUNC``)."""
-    lines = log.read_text(errors="replace").splitlines()
-    for i in range(len(lines) - 1, -1, -1):
-        text = re.sub(r"^\(\w+ pid=\d+\)\s*", "", lines[i].strip())  # vLLM's process prefix
-        m = _EXCEPTION.match(text)
-        if not m or "Engine core initialization failed" in text:  # the API server's echo
+    """Why an instance died at start-up, from its log: the root cause (the first exception
+    raised; the wrappers vLLM's processes re-raise come after it) and the innermost vLLM frame
+    of its traceback (``vllm/...py:LINE in FUNC``)."""
+    lines = [_PREFIX.sub("", line.rstrip()) for line in
+             log.read_text(errors="replace").splitlines()]
+    for i, text in enumerate(lines):
+        m = _EXCEPTION.match(text.strip())
+        if not m:
             continue
         where = ""
         for j in range(i - 1, max(-1, i - 60), -1):
@@ -92,6 +95,6 @@ def start_failure(log: Path) -> str:
                 path = f.group(1)[f.group(1).rindex("/vllm/") + 1:]
                 where = f" (raised at {path}:{f.group(2)} in {f.group(3)})"
                 break
-        return f"{text}{where}"
+        return f"{text.strip()}{where}"
     tail = " | ".join(lines[-3:])
     return f"no exception in the log; last lines: {tail}"
