@@ -20,6 +20,11 @@ FORBIDDEN = [
     ("p2pkv.directory", "p2pkv.vllm"),
     ("p2pkv.directory", "p2pkv.transport"),
     ("p2pkv.transport", "p2pkv.directory"),
+    # the cost model and planner are pure; the trace simulation sits on top of everything
+    ("p2pkv.planner", "p2pkv.directory"),
+    ("p2pkv.planner", "p2pkv.sim"),
+    ("p2pkv.directory", "p2pkv.planner"),
+    ("p2pkv.directory", "p2pkv.sim"),
 ]
 
 

@@ -1,0 +1,302 @@
+"""Cluster-scale replay of a production trace against the real directory (no vLLM).
+
+``p2pkv bench trace [--trace F] [--instances 1000] [--speedup 10] [--sweep 10,100,1000]``.
+The trace's requests are replayed in time order, sped up, through five policies side by
+side (``sim/policies.py``), each on its own simulated cluster of ``--instances`` instances
+whose KV capacity, prefill speed and links come from ``--profile``
+(``planner/profiles.py``). The two p2pkv policies register every simulated instance with a
+real directory process (leases, publishes, lookups, change feed: real traffic, from one
+worker process each). ``--shards S --replica`` puts the directory on S shards with a replica
+each (``directory/ring.py``); ``--kill-shard-after T`` kills shard s0's primary T seconds into
+the replay and restarts it ``--restart-after`` later. Output: a table, ``--out
+DIR/trace.json`` and ``DIR/trace.png`` (share of prompt tokens served from cache and TTFT
+against cluster size, with ``--sweep``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from p2pkv.directory.client import DirectoryClient
+from p2pkv.directory.protocol import Stats, StatsReply
+from p2pkv.planner.profiles import PROFILES
+from p2pkv.sim.cluster import ClusterSpec
+from p2pkv.sim.policies import NAMES
+from p2pkv.directory.ring import ShardId
+from p2pkv.sim.processes import DirectoryProcess, run_workers
+from p2pkv.sim.replay import ReplayConfig
+from p2pkv.sim.sharded_fleet import ShardEndpoints
+
+DEFAULT_TRACE = Path("../shared/traces/mooncake_conversation.jsonl")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE,
+                        help=f"Mooncake-format JSONL (default {DEFAULT_TRACE})")
+    parser.add_argument("--limit", type=int, default=None, help="first N requests only")
+    parser.add_argument("--instances", type=int, default=1000)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="llama3.1-8b-h100")
+    parser.add_argument("--speedup", type=float, default=10.0,
+                        help="trace seconds per wall second (0: as fast as possible)")
+    parser.add_argument("--policies", default=",".join(NAMES))
+    parser.add_argument("--keys-per-block", type=int, default=4,
+                        help="chunk keys per 512-token trace block (128-token chunks: 4)")
+    parser.add_argument("--max-holders", type=int, default=1,
+                        help="holders one request pulls from (the connector: 1)")
+    parser.add_argument("--slow-fraction", type=float, default=0.1,
+                        help="share of instances with a slow link")
+    parser.add_argument("--slow-factor", type=float, default=0.05,
+                        help="their bandwidth relative to the profile's")
+    parser.add_argument("--no-host-tier", action="store_true",
+                        help="no host store for round-robin and kv-aware (vLLM alone)")
+    parser.add_argument("--sweep", default="",
+                        help="also replay at these cluster sizes for the plot, e.g. 10,30,100,300")
+    parser.add_argument("--sweep-speedup", type=float, default=0.0)
+    parser.add_argument("--shards", type=int, default=1,
+                        help="directory shards (consistent hashing of keys; 1: one directory)")
+    parser.add_argument("--replica", action="store_true",
+                        help="a replica process per shard (publishes to both, lookups fail over)")
+    parser.add_argument("--kill-shard-after", type=float, default=None, metavar="SECONDS",
+                        help="kill shard s0's primary this long into the replay")
+    parser.add_argument("--restart-after", type=float, default=5.0, metavar="SECONDS",
+                        help="restart it (same endpoints) this long after the kill")
+    parser.add_argument("--out", type=Path, default=None, help="write trace.json, trace.png")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _start_directories(args: argparse.Namespace) -> tuple[dict[str, DirectoryProcess],
+                                                         tuple[ShardEndpoints, ...]]:
+    """role -> process ("directory", or "s0/primary", "s0/replica", ...), and the shards."""
+    if args.shards == 1 and not args.replica:
+        return {"directory": DirectoryProcess.start()}, ()
+    procs: dict[str, DirectoryProcess] = {}
+    shards = []
+    for i in range(args.shards):
+        ends = []
+        for role in ("primary", "replica") if args.replica else ("primary",):
+            d = DirectoryProcess.start()
+            d.feed = d.feed_endpoint()
+            procs[f"s{i}/{role}"] = d
+            ends.append(d.endpoint)
+        shards.append(ShardEndpoints(ShardId(f"s{i}"), ends[0], ends[1] if len(ends) > 1 else None))
+    return procs, tuple(shards)
+
+
+def run_once(args: argparse.Namespace, instances: int, speedup: float) -> dict:
+    """One replay at one cluster size with fresh directories; results plus the directories'
+    load as measured while the workers ran (and the kill/restart of a shard, if asked)."""
+    spec = ClusterSpec(instances, PROFILES[args.profile], slow_fraction=args.slow_fraction,
+                       slow_factor=args.slow_factor)
+    procs, shards = _start_directories(args)
+    events: list[dict] = []
+    final: dict = {}
+    try:
+        base = {role: (d.rss_bytes()[0], d.cpu_s()) for role, d in procs.items()}
+        config = ReplayConfig(spec, tuple(p for p in args.policies.split(",") if p),
+                              speedup=speedup,
+                              endpoint=None if shards else procs["directory"].endpoint,
+                              shards=shards,
+                              keys_per_block=args.keys_per_block, max_holders=args.max_holders,
+                              local_host_tier=not args.no_host_tier)
+        clock: dict = {}
+
+        def monitor() -> None:
+            now = clock.setdefault("t0", time.monotonic())
+            elapsed = time.monotonic() - now
+            victim = "s0/primary"
+            if (args.kill_shard_after is not None and victim in procs
+                    and "killed" not in clock and elapsed >= args.kill_shard_after):
+                procs[victim].kill()
+                clock["killed"] = elapsed
+                events.append({"event": "killed", "role": victim, "at_s": round(elapsed, 2)})
+            if ("killed" in clock and "restarted" not in clock
+                    and elapsed >= clock["killed"] + args.restart_after):
+                procs[victim] = procs[victim].restarted()
+                clock["restarted"] = elapsed
+                events.append({"event": "restarted", "role": victim, "at_s": round(elapsed, 2)})
+            if "restarted" in clock and "resynced" not in clock:
+                chunks = {r: _stats(d) for r, d in procs.items() if r.startswith("s0/")}
+                got = [c.chunks for c in chunks.values() if c is not None]
+                if len(got) == 2 and got[0] == got[1]:
+                    clock["resynced"] = elapsed
+                    events.append({"event": "resynced", "role": victim, "at_s": round(elapsed, 2),
+                                   "after_restart_s": round(elapsed - clock["restarted"], 2)})
+
+        def at_end() -> None:
+            for role, d in procs.items():
+                final[role] = (_stats(d), d.rss_bytes(), d.cpu_s())
+
+        load0 = os.getloadavg()[0]
+        run = run_workers(config, str(args.trace), args.limit, monitor=monitor, at_end=at_end)
+    finally:
+        for d in procs.values():
+            d.stop()
+    run["directory"] = _directory_report(run, final, base)
+    run["directory"]["events"] = events
+    run["instances"] = instances
+    run["speedup"] = speedup
+    run["shards"] = len(shards) or 1
+    run["load_avg_1m"] = {"start": load0, "end": os.getloadavg()[0]}
+    return run
+
+
+def _stats(d: DirectoryProcess) -> StatsReply | None:
+    client = DirectoryClient(d.endpoint)
+    try:
+        reply = client.call(Stats(), 5)
+    finally:
+        client.close()
+    return reply if isinstance(reply, StatsReply) else None
+
+
+def _directory_report(run: dict, final: dict, base: dict) -> dict:
+    wall = run["wall_s"]
+    named = [(r["policy"], r["directory_client"]) for r in run["results"]
+             if "directory_client" in r]
+    clients = [c for _, c in named]
+    sent = sum(c["messages_sent"] for c in clients)
+    recv = sum(c["messages_received"] for c in clients)
+    nbytes = sum(c["bytes_sent"] + c["bytes_received"] for c in clients)
+    processes = []
+    for role, (stats, (rss, hwm), cpu) in final.items():
+        rss0, cpu0 = base.get(role, (0, 0.0))
+        entry = {"role": role, "rss_bytes": rss, "peak_rss_bytes": hwm,
+                 "cpu_share": round((cpu - cpu0) / wall, 3)}
+        if stats is not None:
+            entry.update(chunks=stats.chunks, instances=len(stats.instances),
+                         lookups=stats.lookups, keys_looked_up=stats.keys_looked_up,
+                         publishes=stats.publishes, heartbeats=stats.heartbeats,
+                         expirations=stats.expirations,
+                         key_lookups_per_s=round(stats.keys_looked_up / wall),
+                         rss_bytes_per_chunk=(round((rss - rss0) / stats.chunks, 1)
+                                              if stats.chunks else None))
+        processes.append(entry)
+    first = processes[0] if processes else {}
+    return {"messages_per_s": round((sent + recv) / wall, 1),
+            "bytes_per_s": round(nbytes / wall), "requests_per_s": round(sent / wall, 1),
+            "lookups_per_s": round(sum(c["lookups"] for c in clients) / wall, 1),
+            "lookups_failed": sum(c["lookups_failed"] for c in clients),
+            "failovers": sum(c.get("failovers", 0) for c in clients),
+            "lookup_rtt_ms": {name: c["lookup_rtt_ms"] for name, c in named},
+            "processes": processes,
+            # the single directory's (or first shard primary's) figures, for the table
+            "rss_bytes": first.get("rss_bytes", 0), "chunks": first.get("chunks"),
+            "rss_bytes_per_chunk": first.get("rss_bytes_per_chunk"),
+            "key_lookups_per_s": first.get("key_lookups_per_s", 0),
+            "cpu_share": first.get("cpu_share", 0.0)}
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.shards < 1 or (args.kill_shard_after is not None and not args.replica):
+        print("--shards must be >= 1; --kill-shard-after needs --replica", file=sys.stderr)
+        return 2
+    if not args.trace.exists():
+        print(f"trace {args.trace} not found (--trace)", file=sys.stderr)
+        return 2
+    t0 = time.monotonic()
+    headline = run_once(args, args.instances, args.speedup)
+    report = {"trace": str(args.trace), "limit": args.limit, "profile": args.profile,
+              "profile_sources": dict(PROFILES[args.profile].sources),
+              "host_cpus": os.cpu_count(), "keys_per_block": args.keys_per_block,
+              "max_holders": args.max_holders, "slow_fraction": args.slow_fraction,
+              "local_host_tier": not args.no_host_tier, "shards": args.shards,
+              "replica": args.replica,
+              "slow_factor": args.slow_factor, "run": headline, "sweep": []}
+    _say(args, table(headline))
+    sizes = sorted({int(s) for s in args.sweep.split(",") if s.strip()})
+    for n in sizes:
+        point = headline if n == args.instances else run_once(args, n, args.sweep_speedup)
+        report["sweep"].append({"instances": n, "wall_s": point["wall_s"],
+                                "results": point["results"]})
+        _say(args, f"sweep: {n} instances in {point['wall_s']:.1f} s")
+    report["total_wall_s"] = time.monotonic() - t0
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "trace.json").write_text(json.dumps(report, indent=1, default=_nan_none))
+        if report["sweep"]:
+            plotted = plot(report, args.out / "trace.png")
+            _say(args, f"wrote {args.out / 'trace.json'}"
+                       + (f", {args.out / 'trace.png'}" if plotted else " (no matplotlib: no plot)"))
+    if args.json:
+        print(json.dumps(report, default=_nan_none))
+    return 0
+
+
+def table(run: dict) -> str:
+    """The per-policy table and the directory's line."""
+    lines = [f"{run['instances']} instances, speedup {run['speedup']:g}: replay took "
+             f"{run['wall_s']:.1f} s (load avg {run['load_avg_1m']['start']:.1f} -> "
+             f"{run['load_avg_1m']['end']:.1f})",
+             f"{'policy':<15}{'saved':>7}{'of reuse':>9}{'local Mtok':>11}{'pulled':>8}"
+             f"{'recomp':>8}{'TTFT p50':>9}{'p90':>7}{'p99':>7}{'max req/inst':>13}"
+             f"{'max busy':>9}"]
+    for r in run["results"]:
+        t = r["ttft_s"]
+        lines.append(f"{r['policy']:<15}{r['saved_share']:>7.1%}{r['reuse_captured']:>9.1%}"
+                     f"{r['local_tokens'] / 1e6:>11.2f}{r['pulled_tokens'] / 1e6:>8.2f}"
+                     f"{r['recomputed_tokens'] / 1e6:>8.2f}{t['p50']:>9.3f}{t['p90']:>7.2f}"
+                     f"{t['p99']:>7.2f}{r['load']['requests_per_instance_max']:>13}"
+                     f"{r['load']['busy_share_max']:>9.1%}")
+    d = run["directory"]
+    rtt = "; ".join(f"{k} p50 {v['p50']:.2f} p99 {v['p99']:.2f} ms"
+                    for k, v in d["lookup_rtt_ms"].items())
+    lines.append(f"directory ({run['shards']} shard(s), {len(d['processes'])} process(es)): "
+                 f"{d['messages_per_s']:.0f} msg/s, {d['bytes_per_s'] / 1e6:.2f} MB/s, "
+                 f"{d['lookups_failed']} lookups failed, {d['failovers']} failovers; "
+                 f"lookup RTT {rtt}")
+    for p in d["processes"]:
+        lines.append(f"  {p['role']:<11} {p.get('key_lookups_per_s', 0):>8.0f} key lookups/s, "
+                     f"RSS {p['rss_bytes'] / 1e6:.0f} MB ({p.get('rss_bytes_per_chunk')} B/chunk "
+                     f"of {p.get('chunks')}), CPU {p['cpu_share']:.0%}, "
+                     f"{p.get('expirations', 0)} expirations")
+    for e in d.get("events", []):
+        lines.append(f"  {e}")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    sweep = report["sweep"]
+    sizes = [p["instances"] for p in sweep]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in [r["policy"] for r in sweep[0]["results"]]:
+        rows = [next(r for r in p["results"] if r["policy"] == name) for p in sweep]
+        ax1.plot(sizes, [100 * r["saved_share"] for r in rows], marker="o", label=name)
+        line, = ax2.plot(sizes, [r["ttft_s"]["p50"] for r in rows], marker="o", label=f"{name} p50")
+        ax2.plot(sizes, [r["ttft_s"]["p90"] for r in rows], marker="x", linestyle="--",
+                 color=line.get_color())
+    for ax in (ax1, ax2):
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("instances")
+        ax.grid(True, alpha=0.3)
+    ax1.set_ylabel("prompt tokens served from cache (%)")
+    ax2.set_ylabel("estimated TTFT (s): p50 solid, p90 dashed")
+    ax1.legend(fontsize=8)
+    ax1.set_title(f"{Path(report['trace']).name}, {report['profile']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _nan_none(value):
+    return None if isinstance(value, float) and math.isnan(value) else str(value)
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.json:
+        print(text, file=sys.stderr, flush=True)

@@ -1,0 +1,185 @@
+"""Replaying a trace through a group of policies in one process, in time order, sped up.
+
+Called by ``p2pkv bench trace`` (one worker process per group, see ``bench/trace.py``) and by
+the tests. With ``speedup > 0`` request ``r`` is served at wall time
+``start + r.arrival_s / speedup`` and the policies' network state (leases, feed) is serviced
+while waiting; with ``speedup == 0`` the replay runs as fast as it can.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from p2pkv.sim.cluster import ClusterSpec
+from p2pkv.sim.directory_view import BlockKeys
+from p2pkv.sim.sharded_fleet import ShardEndpoints
+from p2pkv.sim.policies import (
+    DIRECTORY_POLICIES, PLANNER_SPREAD, GlobalPool, KvAware, P2pkv, RoundRobin, SimPolicy,
+)
+from p2pkv.sim.trace import TraceRequest
+
+logger = logging.getLogger(__name__)
+
+SERVICE_EVERY = 8
+"""Unpaced replays service network state every this many requests."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayConfig:
+    spec: ClusterSpec
+    policies: tuple[str, ...]
+    speedup: float = 10.0
+    endpoint: str | None = None
+    """The directory (needed by the p2pkv policies)."""
+    keys_per_block: int = 4
+    lookup_timeout_s: float = 0.5
+    max_holders: int = 1
+    save_pulled: bool = False
+    """Save pulled chunks to the puller's store too (the connector does not)."""
+    shards: tuple[ShardEndpoints, ...] = ()
+    """A sharded directory (empty: the one ``endpoint``)."""
+    local_host_tier: bool = True
+    """Round-robin and kv-aware get each instance's host store as a local tier."""
+    start_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.speedup < 0:
+            raise ValueError("speedup must not be negative (0: as fast as possible)")
+        if (any(p in DIRECTORY_POLICIES for p in self.policies) and not self.endpoint
+                and not self.shards):
+            raise ValueError(f"policies {DIRECTORY_POLICIES} need a directory endpoint")
+
+
+def reusable_blocks(trace: Sequence[TraceRequest]) -> list[int]:
+    """Per request: its leading blocks that an earlier request had (any instance could
+    have cached them; nothing else can be a hit)."""
+    seen: set[int] = set()
+    out = []
+    for req in trace:
+        n = 0
+        for b in req.blocks:
+            if b not in seen:
+                break
+            n += 1
+        out.append(n)
+        seen.update(req.blocks)
+    return out
+
+
+def make_policies(config: ReplayConfig) -> list[SimPolicy]:
+    keys = BlockKeys(config.keys_per_block)
+    made: list[SimPolicy] = []
+    local_spec = config.spec if config.local_host_tier else replace(config.spec, host_tier=False)
+    for name in config.policies:
+        if name == "round-robin":
+            made.append(RoundRobin(local_spec))
+        elif name == "kv-aware":
+            made.append(KvAware(local_spec))
+        elif name == "global-pool":
+            made.append(GlobalPool(config.spec))
+        elif name in DIRECTORY_POLICIES:
+            multi = name == "p2pkv+multi"
+            made.append(P2pkv(config.spec, name=name, planner=name != "p2pkv",
+                              endpoint=config.endpoint or "", keys=keys, shards=config.shards,
+                              lookup_timeout_s=config.lookup_timeout_s,
+                              max_holders=4 if multi else config.max_holders,
+                              save_pulled=multi or config.save_pulled,
+                              spread=0.0 if name == "p2pkv" else PLANNER_SPREAD))
+        else:
+            raise ValueError(f"unknown policy {name!r}")
+    return made
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayRun:
+    wall_s: float
+    max_lag_s: float
+    """Longest the replay ran behind its schedule (0 when unpaced)."""
+
+
+def replay(trace: Sequence[TraceRequest], policies: Sequence[SimPolicy], speedup: float,
+           reusable: Sequence[int] | None = None) -> ReplayRun:
+    reusable = reusable_blocks(trace) if reusable is None else reusable
+    t0 = time.monotonic()
+    max_lag = 0.0
+    for k, req in enumerate(trace):
+        if speedup > 0:
+            target = t0 + req.arrival_s / speedup
+            while True:
+                left = target - time.monotonic()
+                if left <= 0:
+                    max_lag = max(max_lag, -left)
+                    break
+                _service(policies, min(left, 0.02))
+            if k % SERVICE_EVERY == 0:
+                _service(policies, 0.0)
+        elif k % SERVICE_EVERY == 0:
+            _service(policies, 0.0)
+        for p in policies:
+            p.serve(req, reusable[k])
+    _service(policies, 0.0)
+    return ReplayRun(time.monotonic() - t0, max_lag)
+
+
+def _service(policies: Sequence[SimPolicy], wait_s: float) -> None:
+    networked = [p for p in policies if isinstance(p, P2pkv)]
+    if not networked:
+        if wait_s > 0:
+            time.sleep(wait_s)
+        return
+    share = wait_s / len(networked)
+    for p in networked:
+        p.service(share)
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summarize(policy: SimPolicy, duration_s: float) -> dict:
+    """One policy's result as plain data (for JSON and the table)."""
+    t = policy.cluster.tally
+    insts = policy.cluster.instances
+    per_inst = [inst.requests for inst in insts]
+    busy = [inst.busy_s / duration_s for inst in insts] if duration_s > 0 else [0.0]
+    out = {
+        "policy": policy.name, "instances": len(insts), "requests": t.requests,
+        "prompt_tokens": t.prompt_tokens, "reusable_tokens": t.reusable_tokens,
+        "local_tokens": t.local_tokens, "host_tokens": t.host_tokens,
+        "pulled_tokens": t.pulled_tokens, "recomputed_tokens": t.recomputed_tokens,
+        "saved_tokens": t.saved_tokens,
+        "saved_share": round(t.saved_tokens / max(1, t.prompt_tokens), 4),
+        "reuse_captured": round(t.saved_tokens / max(1, t.reusable_tokens), 4),
+        "ttft_s": {"p50": _pct(t.ttfts, 0.5), "p90": _pct(t.ttfts, 0.9),
+                   "p99": _pct(t.ttfts, 0.99),
+                   "mean": statistics.fmean(t.ttfts) if t.ttfts else float("nan")},
+        "decisions": dict(t.decisions),
+        "saved_share_by_window": [round(saved / max(1, prompt), 4) for _, (prompt, saved)
+                                  in sorted(t.windows.items())],
+        "load": {"requests_per_instance_max": max(per_inst),
+                 "requests_per_instance_mean": round(statistics.fmean(per_inst), 2),
+                 "requests_per_instance_p99": _pct(per_inst, 0.99),
+                 "busy_share_max": round(max(busy), 4),
+                 "busy_share_mean": round(statistics.fmean(busy), 4)},
+    }
+    if isinstance(policy, P2pkv):
+        s = policy.fleet.stats
+        rtts = s.lookup_rtts
+        out["directory_client"] = {
+            "messages_sent": s.sent, "bytes_sent": s.sent_bytes,
+            "messages_received": s.received, "bytes_received": s.received_bytes,
+            "by_kind": dict(s.by_kind), "errors": dict(s.errors),
+            "lookups": len(rtts), "lookups_failed": s.lookups_failed,
+            "lookup_rtt_ms": {"p50": _pct(rtts, 0.5) * 1e3, "p99": _pct(rtts, 0.99) * 1e3,
+                              "max": max(rtts, default=float("nan")) * 1e3},
+            "registrations": s.registrations, "snapshots": s.snapshots,
+            "feed_events": policy.feed.events, "pulls_missing": policy.pull_failed,
+            "failovers": getattr(policy.fleet, "failovers", 0)}
+    return out
