@@ -57,8 +57,6 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
             module = importlib.import_module(f"p2pkv.bench.{name}")
         except ImportError:
             continue  # a bench whose optional dependencies are missing is not offered
-        if not (hasattr(module, "add_args") and hasattr(module, "main")):
-            continue
         sub = benches.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
         module.add_args(sub)
         sub.set_defaults(func=module.main)

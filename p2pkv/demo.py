@@ -15,16 +15,11 @@ from __future__ import annotations
 import argparse
 import signal
 import time
-from importlib import resources
 from pathlib import Path
 
-from p2pkv.harness.cluster import (
-    Completion,
-    LocalCluster,
-    chat,
-    document_messages,
-    wait_healthy,
-)
+from p2pkv.harness.cluster import LocalCluster, wait_healthy
+from p2pkv.harness.documents import demo_questions, document, document_messages
+from p2pkv.harness.openai_client import Completion, chat
 
 
 def add_demo_args(parser: argparse.ArgumentParser) -> None:
@@ -38,10 +33,6 @@ def add_demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     parser.add_argument("--settle-s", type=float, default=2.0,
                         help="idle time before each timed request (see below)")
-
-
-def _bundled(name: str) -> str:
-    return resources.files("p2pkv").joinpath("data", name).read_text()
 
 
 def _progress(elapsed: float, ready: list[str]) -> None:
@@ -59,12 +50,12 @@ def run_demo(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _raise_interrupt)  # stop the instances on kill, as on Ctrl-C
 
-    document = args.document.read_text() if args.document else _bundled("document.txt")
-    questions = [q for q in _bundled("questions.txt").splitlines() if q.strip()]
+    text = args.document.read_text() if args.document else document()
+    questions = demo_questions()
     print("[demo] preparing the model (cached after the first run)")
     model = args.model or prepare()
     try:
-        runs, stats = _run(args, model, document, questions)
+        runs, stats = _run(args, model, text, questions)
     except KeyboardInterrupt:
         print("\n[demo] interrupted; everything it started has been stopped")
         return 130

@@ -21,10 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-from p2pkv.bench.correctness import document_tokens
 from p2pkv.bench.ttft import qa_requests
-from p2pkv.harness.cluster import LocalCluster, complete, wait_healthy
+from p2pkv.harness.cluster import LocalCluster, wait_healthy
 from p2pkv.harness.demo_model import prepare
+from p2pkv.harness.documents import document_tokens
+from p2pkv.harness.openai_client import complete
 
 # The deepest frame that matches a rule names the sample (so a numpy copy inside a pull counts
 # as the pull, and a thread blocked in Event.wait counts as waiting).

@@ -7,6 +7,8 @@
 #   - the SmolLM2-135M-Instruct model prepared for vLLM (python -m p2pkv.harness.demo_model prepare),
 #   - Debian packages the end-to-end tests drive (scripts/system-packages.sh: prometheus, nginx),
 #     where it runs as root with apt-get (P2PKV_SKIP_APT=1 skips them).
+#   - Debian's slurm-wlm and munge for the real-Slurm test (scripts/install_slurm.sh: only as
+#     root with apt-get, skipped elsewhere or with P2PKV_SKIP_APT=1; never fails the setup).
 # Idempotent: the installing is skipped when the stamp in the venv matches a hash of
 # pyproject.toml + this script, so a second run takes seconds. Runs from any cwd.
 # Env: P2PKV_VENV (venv path), P2PKV_PYTHON (interpreter used to create the venv, default python3),
@@ -146,6 +148,7 @@ fi
 # Debian packages some end-to-end tests drive for real (prometheus, nginx): installed where this runs
 # as root (or with passwordless sudo) and has apt-get; otherwise skipped with a message.
 "$REPO/scripts/system-packages.sh"
+"$REPO/scripts/install_slurm.sh"
 
 t=$SECONDS
 log "preparing the model (cached after the first run)"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from p2pkv.bench import lmcache
 from p2pkv.bench.ttft import CONFIGS, Record, chat_requests, goals, kind, qa_requests, summarize
+from p2pkv.harness import lmcache
 from p2pkv.harness.correctness import full_cases, preemption_cases
 
 
@@ -90,7 +90,7 @@ def test_goals_need_a_local_hit_row():
 
 
 def test_vllm_p2p_config_names_the_p2p_tier_and_each_request_its_source():
-    from p2pkv.bench import vllm_p2p
+    from p2pkv.harness import vllm_p2p
 
     assert CONFIGS["vllm-p2p"].vllm_p2p and not CONFIGS["vllm-p2p"].connector
     tier = vllm_p2p.TierAddress("127.0.0.1", 5711)
@@ -104,7 +104,7 @@ def test_vllm_p2p_config_names_the_p2p_tier_and_each_request_its_source():
 
 
 def test_vllm_p2p_start_failure_is_the_exception_and_its_vllm_line(tmp_path):
-    from p2pkv.bench import vllm_p2p
+    from p2pkv.harness import vllm_p2p
 
     log = tmp_path / "a.log"
     w = "(Worker pid=7) ERROR 12-02 02:25:06 [multiproc_executor.py:1063] "

@@ -1,7 +1,7 @@
 """The correctness suite's CI set on real vLLM (CPU): pulled KV never changes an answer.
 
-See p2pkv/correctness.py for what each case checks. Skipped only where vLLM is not installed;
-CI sets P2PKV_REQUIRE_E2E=1, which turns that skip into a failure.
+See p2pkv/harness/correctness.py for what each case checks. Skipped only where vLLM is not
+installed; CI sets P2PKV_REQUIRE_E2E=1, which turns that skip into a failure.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 if os.environ.get("P2PKV_REQUIRE_E2E") != "1":
     pytest.importorskip("vllm", reason="vLLM is not installed (run scripts/setup.sh)")
 
-from p2pkv.bench.correctness import run_suite  # noqa: E402
-from p2pkv.harness.correctness import small_cases  # noqa: E402
 from p2pkv.harness.cluster import LocalCluster  # noqa: E402
+from p2pkv.harness.correctness import run_suite, small_cases  # noqa: E402
 
 
 @pytest.fixture(scope="module")

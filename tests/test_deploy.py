@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 SBATCH = REPO / "launch" / "slurm" / "p2pkv.sbatch"
 K8S = REPO / "launch" / "k8s"
 SHELL_SCRIPTS = [SBATCH, REPO / "launch" / "laptop.sh", REPO / "scripts" / "setup.sh",
-                 REPO / "scripts" / "test.sh", REPO / "scripts" / "system-packages.sh",
+                 REPO / "scripts" / "test.sh", REPO / "scripts" / "install_slurm.sh",
+                 REPO / "scripts" / "system-packages.sh",
                  REPO / ".ci" / "run"]
 
 
@@ -110,6 +111,31 @@ def test_plan_prefill_decode_split_goes_to_the_router():
     build_parser().parse_args(router[router.index("router"):])
 
 
+def test_plan_cpu_instances_have_no_gpus():
+    plan = make_plan(spec(gpus_per_node=0, cpu_instances=2, prefill=1))
+    instances = [launch for launch in plan.launches if launch.role == "vllm"]
+    assert [(i.node, i.name, i.gpus, i.url) for i in instances] == [
+        ("gpu01", "prefill-0", (), f"http://{addr_of('gpu01')}:8000"),
+        ("gpu01", "decode-1", (), f"http://{addr_of('gpu01')}:8001"),
+        ("gpu02", "decode-2", (), f"http://{addr_of('gpu02')}:8000"),
+        ("gpu02", "decode-3", (), f"http://{addr_of('gpu02')}:8001")]
+    lines = render(plan).splitlines()
+    assert lines[0] == ("p2pkv plan: 2 node(s) x 2 vLLM CPU instance(s), 4 in all, "
+                        "1 prefill + 3 decode")
+    assert "  decode-2     CPU        http://<gpu02>:8000" in lines
+    assert not any("CUDA_VISIBLE_DEVICES" in line for line in lines)
+
+
+def test_plan_cli_cpu_instances(tmp_path):
+    from p2pkv.cli import build_parser
+    from p2pkv.launch.cli import spec_from_args
+
+    args = build_parser().parse_args(["launch", "plan", "--nodes", "n[1-2]", "--cpu-instances",
+                                      "1", "--model", "m", "--job-dir", str(tmp_path)])
+    made = spec_from_args(args, {"SLURM_GPUS_PER_NODE": "0"})
+    assert (made.cpu_instances, made.per_node, made.instance_count) == (1, 1, 2)
+
+
 @pytest.mark.parametrize("kw,words", [
     (dict(tp=2), "refuses tensor_parallel_size"),
     (dict(tp=3), "must divide"),
@@ -117,6 +143,9 @@ def test_plan_prefill_decode_split_goes_to_the_router():
     (dict(router_port=8002), "ports clash"),
     (dict(transport="carrier-pigeon"), "transport"),
     (dict(nodes=()), "no nodes"),
+    (dict(gpus_per_node=0), "cpu_instances"),
+    (dict(cpu_instances=1, tp=2), "run with tp 1"),
+    (dict(cpu_instances=-1), "must not be negative"),
 ])
 def test_plan_refuses_bad_specs(kw, words):
     with pytest.raises(ConfigError, match=words):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-from importlib import resources
 from pathlib import Path
 
 import httpx
@@ -24,9 +23,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 if os.environ.get("P2PKV_REQUIRE_E2E") != "1":
     pytest.importorskip("vllm", reason="vLLM is not installed (run scripts/setup.sh)")
 
-from p2pkv.bench.correctness import cluster_endpoints, document_tokens  # noqa: E402
-from p2pkv.harness.correctness import pd_cases, run_cases  # noqa: E402
-from p2pkv.harness.cluster import LocalCluster, document_messages, wait_healthy  # noqa: E402
+from p2pkv.harness.cluster import LocalCluster, wait_healthy  # noqa: E402
+from p2pkv.harness.correctness import cluster_endpoints, pd_cases, run_cases  # noqa: E402
+from p2pkv.harness.documents import document, document_messages, document_tokens  # noqa: E402
+from p2pkv.harness.openai_client import CHAT, chat_body, post  # noqa: E402
 
 MAX_TOKENS = 24
 
@@ -53,18 +53,16 @@ def test_decode_answers_exactly_as_the_prefill_instance(cluster):
     from p2pkv.router.prompts import PromptKeyer
 
     c, p, d, router, model = cluster
-    text = resources.files("p2pkv").joinpath("data", "document.txt").read_text()[:2500]
-    body = {"model": "model", "messages": document_messages(text, "Who founded it?"),
-            "max_tokens": MAX_TOKENS, "temperature": 0.0}
+    body = chat_body(document_messages(document()[:2500], "Who founded it?"),
+                     max_tokens=MAX_TOKENS)
     keys = PromptKeyer(model, block_size=128, chunk_tokens=128).keys(
         PromptKeyer(model, block_size=128, chunk_tokens=128).chat_tokens(body))
     assert keys.num_tokens % 128, "the prompt must end in a partial chunk"
     before = pulled(c)
-    r = httpx.post(router.url + "/v1/chat/completions", json=body, timeout=300)
-    r.raise_for_status()
+    r = post(router.url, CHAT, body, timeout_s=300)
     assert (r.headers["x-p2pkv-prefill-instance"], r.headers["x-p2pkv-instance"]) == ("P", "D")
     decoded = r.json()["choices"][0]["message"]["content"]
-    reference = httpx.post(p.url + "/v1/chat/completions", json=body, timeout=300).json()
+    reference = post(p.url, CHAT, body, timeout_s=300).json()
     assert decoded == reference["choices"][0]["message"]["content"]
     deadline = time.monotonic() + 10
     while pulled(c) - before < len(keys.keys) and time.monotonic() < deadline:

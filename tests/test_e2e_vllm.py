@@ -21,19 +21,16 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 if os.environ.get("P2PKV_REQUIRE_E2E") != "1":
     pytest.importorskip("vllm", reason="vLLM is not installed (run scripts/setup.sh)")
 
-from p2pkv.harness import cluster as localcluster  # noqa: E402
-from p2pkv.harness.cluster import (  # noqa: E402
-    LocalCluster,
-    chat,
-    document_messages,
-    wait_healthy,
-)
+from p2pkv.harness import documents  # noqa: E402
+from p2pkv.harness.cluster import LocalCluster, wait_healthy  # noqa: E402
+from p2pkv.harness.documents import document_messages  # noqa: E402
+from p2pkv.harness.openai_client import chat  # noqa: E402
 
 MAX_TOKENS = 24
 
 
 def document_part(i: int, parts: int = 3) -> str:
-    return localcluster.document_part(i, parts)
+    return documents.document_part(i, parts)
 
 
 @pytest.fixture(scope="module")

@@ -123,3 +123,18 @@ def test_layers_point_one_way():
            for a, b in FORBIDDEN if (m == a or m.startswith(a + "."))
            and (t == b or t.startswith(b + "."))]
     assert not bad, f"imports against the layering: {bad}"
+
+
+def test_the_harness_serves_only_tests_benches_and_the_demo():
+    """Nothing that runs in production imports ``harness/`` or ``bench/``, and no bench imports
+    another (what they share lives in ``harness/`` and ``bench/report``)."""
+    users = ("p2pkv.harness", "p2pkv.bench", "p2pkv.demo", "p2pkv.cli")
+    graph = import_graph()
+    bad = [(m, t) for m, targets in graph.items() for t in targets
+           if t.startswith(("p2pkv.harness", "p2pkv.bench")) and not m.startswith(users)]
+    bad += [(m, t) for m, targets in graph.items() for t in targets
+            if m.startswith("p2pkv.bench.") and t.startswith("p2pkv.bench.")
+            and t != "p2pkv.bench.report"]
+    bad += [(m, t) for m, targets in graph.items() for t in targets
+            if m.startswith("p2pkv.harness") and t.startswith("p2pkv.bench")]
+    assert not bad, f"imports against the harness layering: {bad}"

@@ -1,5 +1,5 @@
-"""Tests for p2pkv.harness.demo_model: the prepared SmolLM2 directory (default cache; slow only the first time,
-~1 min with the download) and the tiny random-weight model."""
+"""Tests for p2pkv.harness.demo_model: the prepared SmolLM2 directory (default cache; slow only
+the first time, ~1 min with the download) and the tiny random-weight model."""
 
 from __future__ import annotations
 

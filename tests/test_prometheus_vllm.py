@@ -28,13 +28,12 @@ if not REQUIRED:
 
 from p2pkv.harness.cluster import (  # noqa: E402
     LocalCluster,
-    chat,
-    document_messages,
-    document_part,
     free_port,
     kv_transfer_config,
     wait_healthy,
 )
+from p2pkv.harness.documents import document_messages, document_part  # noqa: E402
+from p2pkv.harness.openai_client import chat  # noqa: E402
 from p2pkv.harness.prometheus import find_prometheus, start_prometheus  # noqa: E402
 
 if find_prometheus() is None:

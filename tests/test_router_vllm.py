@@ -23,14 +23,16 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 if os.environ.get("P2PKV_REQUIRE_E2E") != "1":
     pytest.importorskip("vllm", reason="vLLM is not installed (run scripts/setup.sh)")
 
-from p2pkv.harness import cluster as localcluster  # noqa: E402
-from p2pkv.harness.cluster import LocalCluster, document_messages, wait_healthy  # noqa: E402
+from p2pkv.harness import documents  # noqa: E402
+from p2pkv.harness.cluster import LocalCluster, wait_healthy  # noqa: E402
+from p2pkv.harness.documents import document_messages  # noqa: E402
+from p2pkv.harness.openai_client import CHAT, chat_body, post  # noqa: E402
 
 MAX_TOKENS = 12
 
 
 def document_part(i: int, parts: int = 6) -> str:
-    return localcluster.document_part(i, parts)
+    return documents.document_part(i, parts)
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +51,9 @@ def cluster(tmp_path_factory):
 
 
 def ask(url: str, doc: int, question: str, stream: bool = False) -> httpx.Response:
-    body = {"model": "model", "messages": document_messages(document_part(doc), question),
-            "max_tokens": MAX_TOKENS, "temperature": 0.0, "stream": stream}
-    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=300)
-    r.raise_for_status()
-    return r
+    body = chat_body(document_messages(document_part(doc), question), max_tokens=MAX_TOKENS,
+                     stream=stream)
+    return post(url, CHAT, body, timeout_s=300)
 
 
 def test_router_token_ids_match_the_instances(cluster):

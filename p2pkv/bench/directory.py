@@ -23,6 +23,7 @@ from pathlib import Path
 
 import zmq
 
+from p2pkv.bench.report import pct
 from p2pkv.directory import protocol
 from p2pkv.directory.client import DirectoryClient, RegState, Registration
 from p2pkv.directory.protocol import Lookup, Stats, StatsReply
@@ -159,11 +160,6 @@ def _handler_only(width: int, seconds: float = 2.0) -> dict[str, float]:
             "key_lookups_per_s": round(n * width / elapsed)}
 
 
-def _pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
 def main(args: argparse.Namespace) -> int:
     per = args.chunks // args.instances
     workdir = Path(tempfile.mkdtemp(prefix="p2pkv-bench-dir-"))
@@ -243,7 +239,7 @@ def main(args: argparse.Namespace) -> int:
         result["latency"] = {
             "clients": args.clients, "kind": "processes", "target_rate": args.rate,
             "achieved_rate": round(len(rtts) / args.latency_s),
-            "p50_ms": round(_pct(rtts, 0.50) * 1000, 3), "p99_ms": round(_pct(rtts, 0.99) * 1000, 3),
+            "p50_ms": round(pct(rtts, 0.50) * 1000, 3), "p99_ms": round(pct(rtts, 0.99) * 1000, 3),
             "max_ms": round(max(rtts) * 1000, 3), "failed": sum(p["failed"] for p in parts)}
         lat = result["latency"]
         _say(args, f"round trip at {lat['achieved_rate']} req/s from {args.clients} processes: "

@@ -15,11 +15,12 @@ interference isolation P/D buys on separate machines.
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
-from p2pkv.bench.router import QUESTIONS, Streamed, documents, stream_chat
-from p2pkv.harness.cluster import LocalCluster, document_messages, wait_healthy
+from p2pkv.bench.report import Column, median, table
+from p2pkv.harness.cluster import LocalCluster, wait_healthy
+from p2pkv.harness.documents import QUESTIONS, document_messages, document_parts
+from p2pkv.harness.openai_client import Completion, chat
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +39,7 @@ def main(args: argparse.Namespace) -> int:
     from p2pkv.harness.demo_model import prepare
 
     model = prepare()
-    docs = documents(max(args.requests, 1))
+    docs = document_parts(max(args.requests, 1))
     prompts = [document_messages(docs[i], QUESTIONS[i % len(QUESTIONS)])
                for i in range(args.requests)]
     with LocalCluster(args.workdir / "pd", model) as cluster:
@@ -49,31 +50,36 @@ def main(args: argparse.Namespace) -> int:
                   for i in range(args.decode)]
         wait_healthy(prefill + decode, timeout_s=900, progress=_progress)
         router = cluster.start_router(model, prefill=prefill, decode=decode)
-        stream_chat(router.url, document_messages("warm-up", "Hi?"), 4)
-        pd = [stream_chat(router.url, m, args.max_tokens) for m in prompts]
+        chat(router.url, document_messages("warm-up", "Hi?"), max_tokens=4)
+        pd = [chat(router.url, m, max_tokens=args.max_tokens) for m in prompts]
         pulled = cluster.counter_totals().get("chunks_pulled", 0)
     with LocalCluster(args.workdir / "single", model) as cluster:
         single = cluster.start_vllm("S", connector=False)
         wait_healthy([single], timeout_s=900, progress=_progress)
-        stream_chat(single.url, document_messages("warm-up", "Hi?"), 4)
-        one = [stream_chat(single.url, m, args.max_tokens) for m in prompts]
+        chat(single.url, document_messages("warm-up", "Hi?"), max_tokens=4)
+        one = [chat(single.url, m, max_tokens=args.max_tokens) for m in prompts]
     return report(args, pd, one, pulled)
 
 
-def report(args: argparse.Namespace, pd: list[Streamed], one: list[Streamed],
+def report(args: argparse.Namespace, pd: list[Completion], one: list[Completion],
            pulled: int) -> int:
     label = f"{args.prefill}P{args.decode}D"
-    print(f"\n{'config':<10} {'req':>3} {'ttft_s':>7} {'itl_ms':>7} {'tokens':>6} via")
-    for name, rows in ((label, pd), ("single", one)):
-        for i, r in enumerate(rows):
+    rows = []
+    for name, answers in ((label, pd), ("single", one)):
+        for i, r in enumerate(answers):
             via = (f"{r.headers.get('x-p2pkv-prefill-instance', '')}->"
                    f"{r.headers.get('x-p2pkv-instance', '')}" if name == label else "")
-            print(f"{name:<10} {i:>3} {r.ttft_s:>7.2f} {r.itl_s * 1000:>7.1f} "
-                  f"{r.completion_tokens:>6} {via}")
-    print(f"\n{'config':<10} {'TTFT median s':>14} {'ITL median ms':>14}")
-    for name, rows in ((label, pd), ("single", one)):
-        print(f"{name:<10} {statistics.median(r.ttft_s for r in rows):>14.2f} "
-              f"{statistics.median(r.itl_s for r in rows) * 1000:>14.1f}")
+            rows.append([name, i, r.ttft_s, r.itl_s * 1000, r.completion_tokens, via])
+    print()
+    print(table([Column("config", 10, align="<"), Column("req", 3), Column("ttft_s", 7, ".2f"),
+                 Column("itl_ms", 7, ".1f"), Column("tokens", 6), Column("via", align="<")],
+                rows))
+    print()
+    print(table([Column("config", 10, align="<"), Column("TTFT median s", 14, ".2f"),
+                 Column("ITL median ms", 14, ".1f")],
+                ([name, median(r.ttft_s for r in answers),
+                  median(r.itl_s for r in answers) * 1000]
+                 for name, answers in ((label, pd), ("single", one)))))
     same = sum(a.text == b.text for a, b in zip(pd, one))
     print(f"\nchunks pulled by decode: {pulled}; answers equal to the single instance's: "
           f"{same}/{len(pd)} (a cold single prefill may round differently; the identity "

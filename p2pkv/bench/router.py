@@ -12,68 +12,16 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import random
-import statistics
 import time
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import httpx
 
-from p2pkv.harness.cluster import LocalCluster, document_messages, wait_healthy
-
-QUESTIONS = ["Who founded the cooperative?", "When was the lighthouse first lit?",
-             "How many steps does the staircase have?", "Who was the last keeper?",
-             "Where was the granite quarried?", "What happened in the storm?"]
-
-
-@dataclass(frozen=True, slots=True)
-class Streamed:
-    """One streamed OpenAI request as a client sees it."""
-
-    text: str
-    ttft_s: float
-    total_s: float
-    completion_tokens: int
-    headers: dict[str, str]
-
-    @property
-    def itl_s(self) -> float:
-        """Mean inter-token latency after the first token."""
-        return (self.total_s - self.ttft_s) / max(1, self.completion_tokens - 1)
-
-
-def stream_chat(url: str, messages: list[dict[str, str]], max_tokens: int,
-                timeout_s: float = 600.0) -> Streamed:
-    body = {"model": "model", "messages": messages, "max_tokens": max_tokens,
-            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
-    t0 = time.monotonic()
-    ttft = None
-    parts: list[str] = []
-    tokens = 0
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=timeout_s) as r:
-        r.raise_for_status()
-        headers = dict(r.headers)
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"].get("completion_tokens", 0)
-            text = ((chunk.get("choices") or [{}])[0].get("delta") or {}).get("content") or ""
-            if text and ttft is None:
-                ttft = time.monotonic() - t0
-            parts.append(text)
-    total = time.monotonic() - t0
-    return Streamed("".join(parts), ttft if ttft is not None else total, total, tokens, headers)
-
-
-def documents(n: int) -> list[str]:
-    text = resources.files("p2pkv").joinpath("data", "document.txt").read_text()
-    size = len(text) // n
-    return [text[i * size:(i + 1) * size] for i in range(n)]
+from p2pkv.bench.report import Column, median, table
+from p2pkv.harness.cluster import LocalCluster, wait_healthy
+from p2pkv.harness.documents import QUESTIONS, document_messages, document_parts
+from p2pkv.harness.openai_client import Completion, chat
 
 
 def schedule(docs: int, requests: int, seed: int) -> list[tuple[int, int]]:
@@ -103,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
     from p2pkv.harness.demo_model import prepare
 
     model = prepare()
-    docs = documents(args.docs)
+    docs = document_parts(args.docs)
     plan = schedule(args.docs, args.requests, args.seed)
     with LocalCluster(args.workdir, model) as cluster:
         cluster.start_directory()
@@ -114,10 +62,10 @@ def main(args: argparse.Namespace) -> int:
         router = cluster.start_router(model, instances=instances)
         print(f"router {router.url} in front of {[i.name for i in instances]}", flush=True)
 
-        def one(job: tuple[int, int]) -> Streamed:
+        def one(job: tuple[int, int]) -> Completion:
             d, q = job
-            return stream_chat(router.url, document_messages(docs[d], QUESTIONS[q]),
-                               args.max_tokens)
+            return chat(router.url, document_messages(docs[d], QUESTIONS[q]),
+                        max_tokens=args.max_tokens)
 
         t0 = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
@@ -127,12 +75,12 @@ def main(args: argparse.Namespace) -> int:
     return report(plan, results, wall, metrics)
 
 
-def report(plan: list[tuple[int, int]], results: list[Streamed], wall: float,
+def report(plan: list[tuple[int, int]], results: list[Completion], wall: float,
            metrics: str) -> int:
     served: dict[int, set[str]] = {}
     repeats = hits = 0
     first_ttft, repeat_ttft = [], []
-    print(f"{'#':>3} {'doc':>3} {'instance':>8} {'route':>6} {'cached':>6} {'ttft_s':>7} holder")
+    rows = []
     for i, ((d, _q), r) in enumerate(zip(plan, results)):
         where = r.headers.get("x-p2pkv-instance", "?")
         before = served.setdefault(d, set())
@@ -145,13 +93,15 @@ def report(plan: list[tuple[int, int]], results: list[Streamed], wall: float,
         else:
             first_ttft.append(r.ttft_s)
         before.add(where)
-        print(f"{i:>3} {d:>3} {where:>8} {r.headers.get('x-p2pkv-route', '?'):>6} "
-              f"{r.headers.get('x-p2pkv-cached-tokens', '?'):>6} {r.ttft_s:>7.2f} {mark}")
+        rows.append([i, d, where, r.headers.get("x-p2pkv-route", "?"),
+                     r.headers.get("x-p2pkv-cached-tokens", "?"), r.ttft_s, mark])
+    print(table([Column("#", 3), Column("doc", 3), Column("instance", 8), Column("route", 6),
+                 Column("cached", 6), Column("ttft_s", 7, ".2f"), Column("holder", align="<")],
+                rows))
     share = hits / repeats if repeats else 1.0
-    med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
     print(f"\nrepeated-document requests sent to a holder: {hits}/{repeats} = {share:.0%}")
-    print(f"TTFT median: first question {med(first_ttft):.2f} s, "
-          f"repeats {med(repeat_ttft):.2f} s; wall {wall:.1f} s")
+    print(f"TTFT median: first question {median(first_ttft):.2f} s, "
+          f"repeats {median(repeat_ttft):.2f} s; wall {wall:.1f} s")
     for line in metrics.splitlines():
         if line.startswith("p2pkv_router_choices_total"):
             print(line)

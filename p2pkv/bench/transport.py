@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from p2pkv.bench.report import Column, table
 from p2pkv.keys import ChunkKey
 from p2pkv.transport.base import Outcome, PullItem
 from p2pkv.transport.choose import make_transport
@@ -162,22 +163,28 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="bytes moved per path and size (sets the number of reps)")
 
 
+def _goal(path: str, ratio: float) -> str:
+    if path not in GOALS:
+        return "-"
+    return f">= {GOALS[path]:.0%} " + ("met" if ratio >= GOALS[path] else "MISSED")
+
+
 def main(args: argparse.Namespace) -> int:
     from p2pkv.transport.ucx import ucx_unavailable_reason
 
     t0 = time.monotonic()
     missing = ucx_unavailable_reason()
     rows = run([int(s) for s in args.sizes.split(",")], args.budget_mib, not missing)
-    print(f"{'chunk':>7}  {'path':<7} {'GB/s':>6}   {'limit':<11} {'GB/s':>6}  {'ratio':>6}  goal")
-    for size, path, ours, limit, base in rows:
-        ratio = ours / base
-        goal = (f">= {GOALS[path]:.0%} " + ("met" if ratio >= GOALS[path] else "MISSED")
-                if path in GOALS else "-")
-        print(f"{size // MiB:>4} MiB  {path:<7} {ours:6.2f}   {limit:<11} {base:6.2f}  "
-              f"{ratio:6.0%}  {goal}")
+    print(table([Column("chunk", 8), Column("path", 7, align="<"), Column("GB/s", 6, ".2f"),
+                 Column("limit", 11, align="<"), Column("GB/s", 6, ".2f"),
+                 Column("ratio", 6, ".0%"), Column("goal", align="<")],
+                ([f"{size // MiB} MiB", path, ours, limit, base, ours / base,
+                  _goal(path, ours / base)] for size, path, ours, limit, base in rows),
+                sep="  "))
     if missing:
         print(f"ucx rows: none ({missing})")
-    print(f"(medians of interleaved reps, two processes on loopback; {time.monotonic() - t0:.0f} s)")
+    print(f"(medians of interleaved reps, two processes on loopback; "
+          f"{time.monotonic() - t0:.0f} s)")
     return 0
 
 

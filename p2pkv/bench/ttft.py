@@ -15,9 +15,9 @@ every row has that many samples (p50 and p90 reported).
 Configurations (two ``vllm serve`` CPU instances each, started one configuration at a time so
 they never compete for the cores): ``plain`` (vLLM, no prefix caching), ``local`` (vLLM's own
 prefix cache), ``p2pkv`` (the connector, same-host shared memory), ``p2pkv-tcp`` (the connector
-over TCP), and, only where LMCache is installed (:mod:`p2pkv.bench.lmcache`), ``lmcache``
+over TCP), and, only where LMCache is installed (:mod:`p2pkv.harness.lmcache`), ``lmcache``
 (LMCache's multiprocess server over TCP) and ``lmcache-shm`` (its same-host shared-memory mode),
-and ``vllm-p2p``: vLLM's own P2P tier (:mod:`p2pkv.bench.vllm_p2p`), each request naming the
+and ``vllm-p2p``: vLLM's own P2P tier (:mod:`p2pkv.harness.vllm_p2p`), each request naming the
 other instance as its source; where vLLM cannot start it (its CPU backend), the run records
 why (``not_run``: vLLM's exception and the source line that raised it).
 Writes JSON and, with matplotlib, a PNG plot.
@@ -28,15 +28,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from p2pkv.bench import lmcache, vllm_p2p
-from p2pkv.bench.correctness import document_tokens
-from p2pkv.harness.cluster import Instance, LocalCluster, complete, free_port, wait_healthy
+from p2pkv.bench.report import Column, median, pct, plot_lines, table
+from p2pkv.harness import lmcache, vllm_p2p
+from p2pkv.harness.cluster import Instance, LocalCluster, free_port, wait_healthy
+from p2pkv.harness.documents import QUESTIONS, document_tokens
+from p2pkv.harness.openai_client import complete
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +50,9 @@ class Config:
     transport: str = "auto"
     """p2pkv's data plane (``auto`` is shared memory on one host)."""
     lmcache: str = ""
-    """LMCache's mode (:data:`p2pkv.bench.lmcache.MODES`); empty: no LMCache."""
+    """LMCache's mode (:data:`p2pkv.harness.lmcache.MODES`); empty: no LMCache."""
     vllm_p2p: bool = False
-    """vLLM's own P2P tier (:mod:`p2pkv.bench.vllm_p2p`); where it cannot start, the row says
+    """vLLM's own P2P tier (:mod:`p2pkv.harness.vllm_p2p`); where it cannot start, the row says
     why."""
 
 
@@ -95,9 +96,7 @@ def _rotated(tokens: list[int], shift: int) -> list[int]:
 
 def qa_requests(tokens: list[int], lengths: list[int], docs: int, questions: int,
                 tokenize) -> list[Request]:
-    asks = ["Who founded the cooperative?", "When was the lighthouse first lit?",
-            "How many steps does the staircase have?", "Who was the last keeper?",
-            "Where was the granite quarried?"]
+    asks = QUESTIONS[:5]  # the five that every published run asked
     out = []
     for length in lengths:
         for d in range(docs):
@@ -181,11 +180,6 @@ def kind(r) -> str:
     return "other" if r.step == 1 else "same"
 
 
-def _pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
-
-
 def summarize(records: list[Record], extra: dict) -> dict:
     rows = {}
     for r in records:
@@ -193,13 +187,13 @@ def summarize(records: list[Record], extra: dict) -> dict:
                         []).append(r.ttft_s)
     return {
         "requests": len(records),
-        "ttft_p50_s": _pct([r.ttft_s for r in records], 0.5),
-        "ttft_p90_s": _pct([r.ttft_s for r in records], 0.9),
-        "latency_p50_s": _pct([r.total_s for r in records], 0.5),
+        "ttft_p50_s": pct([r.ttft_s for r in records], 0.5),
+        "ttft_p90_s": pct([r.ttft_s for r in records], 0.9),
+        "latency_p50_s": pct([r.total_s for r in records], 0.5),
         "throughput_req_s": len(records) / max(extra.get("busy_s", 0.0), 1e-9),
         "samples_by_row": {k: len(v) for k, v in sorted(rows.items())},
-        "ttft_p50_by_row_s": {k: _pct(v, 0.5) for k, v in sorted(rows.items())},
-        "ttft_p90_by_row_s": {k: _pct(v, 0.9) for k, v in sorted(rows.items())},
+        "ttft_p50_by_row_s": {k: pct(v, 0.5) for k, v in sorted(rows.items())},
+        "ttft_p90_by_row_s": {k: pct(v, 0.9) for k, v in sorted(rows.items())},
         **{k: extra[k] for k in ("bytes_pulled", "chunks_pulled", "chunks_failed")
            if k in extra},
     }
@@ -272,16 +266,6 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(configs: dict, key: str, title: str) -> None:
-    names = list(configs)
-    rows = next(iter(configs.values()))[key]
-    print(title)
-    print(f"{'row':<18}{'n':>4}" + "".join(f"{n:>13}" for n in names))
-    for row in rows:
-        n = next(iter(configs.values()))["samples_by_row"][row]
-        print(f"{row:<18}{n:>4}" + "".join(f"{configs[c][key][row]:>13.3f}" for c in names))
-
-
 def goals(configs: dict) -> dict:
     """Issue 6's goals at the longest document length, from the p50 rows: p2pkv's remote hit
     against its own local hit, a cold prefill (plain vLLM asked the same question), and each
@@ -313,15 +297,22 @@ def _report(results: dict, out: Path) -> None:
     legend = ("(first = new prefix, other = last computed on the other instance, "
               "same = on this one; n = samples per row)")
     if configs:
-        _table(configs, "ttft_p50_by_row_s", f"TTFT p50 (s) by workload/length/kind {legend}")
-        _table(configs, "ttft_p90_by_row_s", "TTFT p90 (s)")
-    for label, key, scale in (("all: TTFT p50", "ttft_p50_s", 1),
-                              ("all: TTFT p90", "ttft_p90_s", 1),
-                              ("all: latency p50", "latency_p50_s", 1),
-                              ("throughput req/s", "throughput_req_s", 1),
-                              ("MB pulled", "bytes_pulled", 1e-6)):
-        print(f"{label:<22}" + "".join(f"{configs[n].get(key, 0) * scale:>13.3f}"
-                                        for n in names))
+        columns = [Column("row", 18, align="<"), Column("n", 4),
+                   *(Column(n, 13, ".3f") for n in names)]
+        first = next(iter(configs.values()))
+        for key, title in (("ttft_p50_by_row_s",
+                            f"TTFT p50 (s) by workload/length/kind {legend}"),
+                           ("ttft_p90_by_row_s", "TTFT p90 (s)")):
+            print(title)
+            print(table(columns, ([row, first["samples_by_row"][row],
+                                   *(configs[n][key][row] for n in names)]
+                                  for row in first[key]), sep=""))
+        totals = (("all: TTFT p50", "ttft_p50_s", 1), ("all: TTFT p90", "ttft_p90_s", 1),
+                  ("all: latency p50", "latency_p50_s", 1),
+                  ("throughput req/s", "throughput_req_s", 1),
+                  ("MB pulled", "bytes_pulled", 1e-6))
+        print(table(columns, ([label, "", *(configs[n].get(key, 0) * scale for n in names)]
+                              for label, key, scale in totals), sep="", header=False))
     g = results["goals"]
     if g:
         print(f"goals at {g['length']} tokens: p2pkv remote hit {g['p2pkv_remote_s']:.3f} s = "
@@ -335,30 +326,19 @@ def _report(results: dict, out: Path) -> None:
     for name, why in results.get("not_run", {}).items():
         print(f"{name}: not run: {why}")
     print(f"wrote {out}")
-    _plot(results, out.with_suffix(".png"))
+    plot_lines(out.with_suffix(".png"), _remote_hit_series(results),
+               xlabel="document length (tokens)",
+               ylabel="TTFT p50, question on the other instance (s)",
+               title="Long-document QA on 2 vLLM CPU instances", log_y=True)
 
 
-def _plot(results: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
+def _remote_hit_series(results: dict) -> dict[str, tuple[list[int], list[float]]]:
+    """Per configuration: document lengths and the median TTFT of the second question."""
+    series = {}
     for name in results["configs"]:
         rows = [r for r in results["records"] if r["config"] == name and r["workload"] == "qa"
                 and r["step"] == 1]
         lengths = sorted({r["length"] for r in rows})
-        ax.plot(lengths, [statistics.median(r["ttft_s"] for r in rows if r["length"] == n)
-                          for n in lengths], marker="o", label=name)
-    ax.set_xlabel("document length (tokens)")
-    ax.set_ylabel("TTFT p50, question on the other instance (s)")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.set_title("Long-document QA on 2 vLLM CPU instances")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    print(f"wrote {path}")
+        series[name] = (lengths, [median(r["ttft_s"] for r in rows if r["length"] == n)
+                                  for n in lengths])
+    return series

@@ -1,6 +1,7 @@
 """Start a directory and ``vllm serve`` instances with the connector on this machine.
 
-Used by the laptop demo and the end-to-end tests. Every process gets a log file, every wait a
+Used by the laptop demo, the benches and the end-to-end tests (which talk to what it starts
+through :mod:`p2pkv.harness.openai_client`). Every process gets a log file, every wait a
 deadline, and :class:`LocalCluster` stops everything it started (also on Ctrl-C, through its
 context manager).
 """
@@ -231,67 +232,3 @@ def wait_healthy(instances: list[Instance], timeout_s: float, progress=None) -> 
             if elapsed > timeout_s:
                 raise TimeoutError(f"instances not healthy after {timeout_s:.0f} s")
             time.sleep(2.0)
-
-
-@dataclass(frozen=True, slots=True)
-class Completion:
-    text: str
-    ttft_s: float
-    total_s: float
-    prompt_tokens: int
-
-
-def chat(url: str, messages: list[dict[str, str]], *, max_tokens: int = 32,
-         timeout_s: float = 600.0) -> Completion:
-    """Greedy chat completion over the OpenAI API, streamed so the first token can be timed."""
-    body = {"model": "model", "messages": messages, "max_tokens": max_tokens,
-            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
-    return _stream(url + "/v1/chat/completions", body,
-                   lambda c: (c.get("delta") or {}).get("content") or "", timeout_s)
-
-
-def _stream(url: str, body: dict, text_of, timeout_s: float) -> Completion:
-    """POST a streaming OpenAI request; time to the first non-empty text is the TTFT."""
-    t0 = time.monotonic()
-    ttft = None
-    parts: list[str] = []
-    prompt_tokens = 0
-    with httpx.stream("POST", url, json=body, timeout=timeout_s) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
-            text = text_of((chunk.get("choices") or [{}])[0])
-            if ttft is None and text:
-                ttft = time.monotonic() - t0
-            parts.append(text)
-    total = time.monotonic() - t0
-    return Completion("".join(parts), ttft if ttft is not None else total, total, prompt_tokens)
-
-
-def complete(url: str, prompt: list[int] | str, *, max_tokens: int = 16,
-             timeout_s: float = 600.0, extra_body: dict | None = None) -> Completion:
-    """Greedy completion of a prompt (text or token ids), streamed to time the first token.
-    ``extra_body``: more request fields (e.g. vLLM's ``kv_transfer_params``)."""
-    body = {"model": "model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-            "stream": True, "stream_options": {"include_usage": True}, **(extra_body or {})}
-    return _stream(url + "/v1/completions", body, lambda c: c.get("text") or "", timeout_s)
-
-
-def document_part(i: int, parts: int) -> str:
-    """Part ``i`` of ``parts`` equal slices of the bundled document (distinct documents for
-    tests and benches)."""
-    from importlib import resources
-
-    text = resources.files("p2pkv").joinpath("data", "document.txt").read_text()
-    n = len(text) // parts
-    return text[i * n:(i + 1) * n]
-
-
-def document_messages(document: str, question: str) -> list[dict[str, str]]:
-    """A long-document QA prompt: the document first, so every question shares its prefix."""
-    return [{"role": "system", "content": "Answer questions about the document below briefly."},
-            {"role": "user", "content": f"{document}\n\nQuestion: {question}"}]

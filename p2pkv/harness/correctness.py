@@ -7,7 +7,10 @@ token. The holder computed those bytes, so a corrupted or misplaced pull shows u
 different answer. Each case also checks whether chunks were pulled when they should (and were
 not when they must not be, e.g. across ``cache_salt`` tenants).
 
-Used by ``p2pkv bench correctness`` (full set) and by the end-to-end tests (small set).
+:func:`run_suite` starts the holder and the pullers in a :class:`LocalCluster`;
+:func:`run_cases` runs cases against instances someone else started (the P/D test's).
+``p2pkv bench correctness`` (:mod:`p2pkv.bench.correctness`) is the command line over this
+module; the end-to-end tests run its small set and its P/D set.
 """
 
 from __future__ import annotations
@@ -16,8 +19,13 @@ import concurrent.futures
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
+
+from p2pkv.harness.cluster import LocalCluster, wait_healthy
+from p2pkv.harness.documents import document_tokens
+from p2pkv.harness.openai_client import complete
 
 MAX_TOKENS = 16
 
@@ -46,14 +54,13 @@ class CaseResult:
     detail: str
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class Endpoints:
     """Where the holder and the puller answer, and how to read the cluster's pulled chunks."""
 
     holder: str
     puller: str
     chunks_pulled: Callable[[], int]
-    settle: Callable[[], None] = field(default=lambda: None)
     small_puller: str = ""
     """A puller with a tiny KV cache, for ``small_cache`` cases (empty: they fail)."""
     preemptions: Callable[[], int] = field(default=lambda: 0)
@@ -114,15 +121,8 @@ SMALL_CACHE_BLOCKS = 24
 SMALL_CACHE_MAX_MODEL_LEN = 2048
 
 
-def complete(url: str, prompt: Sequence[int], salt: str | None, timeout_s: float = 600.0
-             ) -> str:
-    body: dict = {"model": "model", "prompt": list(prompt), "max_tokens": MAX_TOKENS,
-                  "temperature": 0.0}
-    if salt is not None:
-        body["cache_salt"] = salt
-    r = httpx.post(url + "/v1/completions", json=body, timeout=timeout_s)
-    r.raise_for_status()
-    return r.json()["choices"][0]["text"]
+def _answer(url: str, prompt: Sequence[int], salt: str | None) -> str:
+    return complete(url, prompt, max_tokens=MAX_TOKENS, stream=False, cache_salt=salt).text
 
 
 def run_case(case: Case, tokens: Sequence[int], ep: Endpoints) -> CaseResult:
@@ -134,15 +134,13 @@ def run_case(case: Case, tokens: Sequence[int], ep: Endpoints) -> CaseResult:
     if not puller:
         return CaseResult(case, False, "no puller with a small KV cache was started")
     references: dict[int, str] = {}
-    ep.settle()
     for start, prompt in zip(starts, prompts):
         if start not in references:
-            complete(ep.holder, prompt, case.holder_salt)  # computes, saves, publishes
-            references[start] = complete(ep.holder, prompt, case.holder_salt)  # own cache
+            _answer(ep.holder, prompt, case.holder_salt)  # computes, saves, publishes
+            references[start] = _answer(ep.holder, prompt, case.holder_salt)  # own cache
     before, preempted_before = ep.chunks_pulled(), ep.preemptions()
-    ep.settle()
     with concurrent.futures.ThreadPoolExecutor(case.concurrent) as pool:
-        outputs = list(pool.map(lambda p: complete(puller, p, case.puller_salt), prompts))
+        outputs = list(pool.map(lambda p: _answer(puller, p, case.puller_salt), prompts))
     pulled = _pulled_since(ep, before, case.expect_pull)
     wrong = [(o, references[s]) for s, o in zip(starts, outputs) if o != references[s]]
     if wrong:
@@ -180,3 +178,34 @@ def run_cases(cases: Sequence[Case], tokens: Sequence[int], ep: Endpoints,
         if progress is not None:
             progress(result)
     return results
+
+
+def preemptions(url: str, timeout_s: float = 5.0) -> int:
+    """vLLM's ``vllm:num_preemptions_total`` from an instance's Prometheus metrics."""
+    text = httpx.get(url + "/metrics", timeout=timeout_s).text
+    return int(sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("vllm:num_preemptions_total")))
+
+
+def cluster_endpoints(cluster: LocalCluster, holder: str, puller: str, small_puller: str = ""
+                      ) -> Endpoints:
+    """The instances' URLs, with the pulled chunks as ``cluster``'s directory counts them."""
+    return Endpoints(holder, puller, lambda: cluster.counter_totals().get("chunks_pulled", 0),
+                     small_puller,
+                     (lambda: preemptions(small_puller)) if small_puller else (lambda: 0))
+
+
+def run_suite(cluster: LocalCluster, cases: list[Case], model: Path) -> list[CaseResult]:
+    """Start the holder and the puller (and, for ``small_cache`` cases, a puller with a tiny
+    KV cache) and run the cases in order."""
+    insts = [cluster.start_vllm("holder"), cluster.start_vllm("puller")]
+    if any(c.small_cache for c in cases):
+        insts.append(cluster.start_vllm(
+            "small-puller", max_model_len=SMALL_CACHE_MAX_MODEL_LEN,
+            extra_args=["--num-gpu-blocks-override", str(SMALL_CACHE_BLOCKS)]))
+    wait_healthy(insts, timeout_s=600)
+    ep = cluster_endpoints(cluster, insts[0].url, insts[1].url,
+                           insts[2].url if len(insts) > 2 else "")
+    return run_cases(cases, document_tokens(model), ep,
+                     progress=lambda r: print(f"  {'ok  ' if r.ok else 'FAIL'} "
+                                              f"{r.case.name:<22} {r.detail}", flush=True))

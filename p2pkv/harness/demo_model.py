@@ -239,7 +239,8 @@ def _cache_root_from_env() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m p2pkv.harness.demo_model", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m p2pkv.harness.demo_model",
+                                     description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="prepare SmolLM2-135M-Instruct; print its directory")
     p.add_argument("--cache-dir", type=Path, default=None,

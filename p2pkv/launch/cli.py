@@ -61,6 +61,9 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-node", type=int, default=_slurm_gpus(dict(env)),
                    help="default $SLURM_GPUS_ON_NODE or $SLURM_GPUS_PER_NODE")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size per instance")
+    p.add_argument("--cpu-instances", type=int, default=0, metavar="N",
+                   help="vLLM's CPU backend: N instances per node, no GPUs (submit with "
+                        "sbatch --gpus-per-node=0 on a cluster without GPUs)")
     p.add_argument("--prefill", type=int, default=0,
                    help="P/D: the first N instances prefill, the rest decode (default 0: off)")
     p.add_argument("--job-dir", default=env.get("P2PKV_JOB_DIR", ""),
@@ -96,6 +99,7 @@ def spec_from_args(args: argparse.Namespace, env: dict[str, str]) -> ClusterSpec
         nodes=tuple(expand_hostlist(args.nodes)) if args.nodes else (),
         gpus_per_node=args.gpus_per_node, model=args.model, job_dir=job_dir,
         secret_file=args.secret_file or f"{job_dir}/secret", tp=args.tp,
+        cpu_instances=args.cpu_instances,
         prefill=args.prefill, served_model_name=args.served_model_name,
         transport=args.transport, store_gib=args.store_gib,
         vllm_command=tuple(shlex.split(args.vllm_command)), vllm_args=tuple(extra),

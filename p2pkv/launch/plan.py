@@ -60,6 +60,9 @@ class ClusterSpec(msgspec.Struct, frozen=True, kw_only=True):
     job_dir: str
     secret_file: str
     tp: int = 1
+    cpu_instances: int = 0
+    """vLLM's CPU backend: this many instances per node and no GPUs (``gpus_per_node`` is then
+    not used, no ``CUDA_VISIBLE_DEVICES`` is set). 0: one instance per GPU (TP group)."""
     prefill: int = 0
     """P/D: the first ``prefill`` instances prefill, the rest decode (0: no P/D split)."""
     served_model_name: str = "model"
@@ -82,9 +85,14 @@ class ClusterSpec(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError("no nodes: pass --nodes or run inside a Slurm allocation")
         if len(set(self.nodes)) != len(self.nodes):
             raise ConfigError(f"nodes listed twice: {self.nodes}")
-        if self.gpus_per_node <= 0:
-            raise ConfigError("gpus_per_node must be positive")
-        if self.tp <= 0 or self.gpus_per_node % self.tp:
+        if self.cpu_instances < 0:
+            raise ConfigError("cpu_instances must not be negative")
+        if self.cpu_instances and self.tp != 1:
+            raise ConfigError(f"tp={self.tp}: CPU instances (cpu_instances) run with tp 1")
+        if not self.cpu_instances and self.gpus_per_node <= 0:
+            raise ConfigError("gpus_per_node must be positive (or set cpu_instances for "
+                              "vLLM's CPU backend)")
+        if self.tp <= 0 or (not self.cpu_instances and self.gpus_per_node % self.tp):
             raise ConfigError(f"tp={self.tp} must divide gpus_per_node={self.gpus_per_node}")
         if self.tp > CONNECTOR_MAX_TP:
             raise ConfigError(f"tp={self.tp}: the p2pkv connector refuses tensor_parallel_size "
@@ -112,7 +120,7 @@ class ClusterSpec(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def per_node(self) -> int:
-        return self.gpus_per_node // self.tp
+        return self.cpu_instances or self.gpus_per_node // self.tp
 
     @property
     def instance_count(self) -> int:
@@ -128,7 +136,8 @@ class Launch(msgspec.Struct, frozen=True, kw_only=True):
     argv: tuple[str, ...]
     env: dict[str, str] = {}
     gpus: tuple[int, ...] = ()
-    """Indices into the GPUs the node's job step sees (CUDA_VISIBLE_DEVICES is set from them)."""
+    """Indices into the GPUs the node's job step sees (CUDA_VISIBLE_DEVICES is set from them);
+    empty for CPU instances and for the directory and the router."""
     url: str = ""
     pd: PDRole = ""
 
@@ -189,7 +198,8 @@ def kv_transfer_config(spec: ClusterSpec, directory: str, engine_id: str = "",
 
 
 def make_plan(spec: ClusterSpec) -> Plan:
-    """Directory and router on the first node, one vLLM per GPU (per TP group) everywhere."""
+    """Directory and router on the first node, one vLLM per GPU (per TP group) everywhere, or
+    ``cpu_instances`` vLLM CPU instances per node."""
     head = spec.nodes[0]
     directory = f"tcp://{addr_of(head)}:{spec.directory_port}"
     launches = [Launch(node=head, name="directory", role="directory", argv=(
@@ -207,9 +217,9 @@ def make_plan(spec: ClusterSpec) -> Plan:
                     "--port", str(port), "--served-model-name", spec.served_model_name,
                     "--tensor-parallel-size", str(spec.tp), "--kv-transfer-config",
                     kv_transfer_config(spec, directory, name, pd), *spec.vllm_args)
+            gpus = () if spec.cpu_instances else tuple(range(i * spec.tp, (i + 1) * spec.tp))
             instances.append(Launch(
-                node=node, name=name, role="vllm", argv=argv,
-                env=dict(spec.ucx_env), gpus=tuple(range(i * spec.tp, (i + 1) * spec.tp)),
+                node=node, name=name, role="vllm", argv=argv, env=dict(spec.ucx_env), gpus=gpus,
                 url=f"http://{addr_of(node)}:{port}", pd=pd))
     launches += instances
     launches.append(Launch(node=head, name="router", role="router",
@@ -228,9 +238,12 @@ def render(plan: Plan) -> str:
     """The human-readable plan (what ``--dry-run`` prints)."""
     spec = plan.spec
     ucx = "  ".join(f"{k}={v}" for k, v in sorted(spec.ucx_env.items())) or "(UCX defaults)"
+    shape = (f"{len(spec.nodes)} node(s) x {spec.cpu_instances} vLLM CPU instance(s), "
+             f"{spec.instance_count} in all" if spec.cpu_instances else
+             f"{len(spec.nodes)} node(s) x {spec.gpus_per_node} GPU(s), "
+             f"{spec.instance_count} vLLM instance(s) of TP {spec.tp}")
     lines = [
-        f"p2pkv plan: {len(spec.nodes)} node(s) x {spec.gpus_per_node} GPU(s), "
-        f"{spec.instance_count} vLLM instance(s) of TP {spec.tp}"
+        f"p2pkv plan: {shape}"
         + (f", {spec.prefill} prefill + {spec.instance_count - spec.prefill} decode"
            if spec.prefill else ""),
         f"model      {spec.model} (served as {spec.served_model_name!r})",
@@ -244,7 +257,8 @@ def render(plan: Plan) -> str:
     for node in spec.nodes:
         lines.append(f"node {node} (address <{node}>)")
         for launch in plan.on(node):
-            where = f"GPU {','.join(map(str, launch.gpus))}" if launch.gpus else "-"
+            where = (f"GPU {','.join(map(str, launch.gpus))}" if launch.gpus else
+                     "CPU" if launch.role == "vllm" else "-")
             lines.append(f"  {launch.name:<12} {where:<10} {_shown(launch.url) or '-'}")
     lines += ["", "commands (<node> is that node's address, resolved on the node at start):"]
     for launch in plan.launches:

@@ -1,4 +1,5 @@
-"""LMCache as a side-by-side comparison in ``p2pkv bench ttft`` (never a p2pkv dependency).
+"""LMCache's server in a local cluster, the comparison in ``p2pkv bench ttft`` (never a p2pkv
+dependency).
 
 LMCache 0.5.6's multiprocess server with vLLM's ``LMCacheMPConnector`` is the LMCache mode that
 runs on a CPU (MEASURED.md, "Running LMCache on this CPU"): one ``lmcache server`` process holds

@@ -1,0 +1,73 @@
+"""How the benches report: percentiles, aligned text tables and line plots.
+
+Every ``p2pkv bench`` module prints through :func:`table` and takes its statistics from
+:func:`pct` and :func:`median`; plots need matplotlib (optional: without it, none is drawn).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def pct(xs: Iterable[float], p: float) -> float:
+    """The ``p`` quantile (0..1) of ``xs`` as the nearest sample at or above it (NaN when
+    there is none)."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
+
+
+def median(xs: Iterable[float]) -> float:
+    """The median of ``xs`` (NaN when there is none)."""
+    xs = list(xs)
+    return statistics.median(xs) if xs else float("nan")
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    header: str
+    width: int = 0
+    """Characters the column takes (0: as many as each value needs, for a last column)."""
+    fmt: str = ""
+    """The values' format spec after alignment and width, e.g. ``.3f`` or ``.0%``."""
+    align: str = ">"
+
+
+def table(columns: Sequence[Column], rows: Iterable[Sequence[object]], *, sep: str = " ",
+          header: bool = True) -> str:
+    """``rows`` as aligned text, under a line of the columns' headers unless ``header`` is
+    false (rows that continue a table printed before)."""
+    def line(values: Iterable[object], fmts: Iterable[str]) -> str:
+        return sep.join(format(v, f"{c.align}{c.width or ''}{f}")
+                        for c, v, f in zip(columns, values, fmts)).rstrip()
+
+    out = [line((c.header for c in columns), ("" for _ in columns))] if header else []
+    out += [line(row, (c.fmt for c in columns)) for row in rows]
+    return "\n".join(out)
+
+
+def plot_lines(path: Path, series: dict[str, tuple[Sequence[float], Sequence[float]]], *,
+               xlabel: str, ylabel: str, title: str, log_y: bool = False) -> None:
+    """One line per ``name: (xs, ys)``, saved as a PNG at ``path``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if log_y:
+        ax.set_yscale("log")
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
