@@ -31,6 +31,7 @@ from p2pkv.vllm.config import ConnectorConfig
 from p2pkv.vllm.layout import KVLayout
 from p2pkv.vllm.metadata import LoadPlan, P2PKVMetadata
 from p2pkv.vllm.saver import HostSaver
+from p2pkv.vllm.stats import DeltaTracker, StatsDelta
 
 if TYPE_CHECKING:
     from p2pkv.vllm.gpu import AsyncSaver
@@ -68,10 +69,11 @@ class WorkerSide:
         self._host_saver: HostSaver | None = None  # CPU caches: saves on a save thread
         self._pool = ThreadPoolExecutor(config.pull_threads, thread_name_prefix="p2pkv-pull",
                                         initializer=widen_cpu_affinity)
-        self._lock = threading.Lock()  # guards the three fields below (pull threads write)
+        self._lock = threading.Lock()  # guards the four fields below (pull threads write)
         self._finished_recving: set[str] = set()
         self._failed_blocks: set[int] = set()
         self.counters = WorkerCounters()
+        self._stats = DeltaTracker()
         self._reported: dict[str, int] = {}
         self._probe = probe
         self._epoch = time.time_ns()  # a restarted process registers a higher epoch
@@ -161,6 +163,7 @@ class WorkerSide:
             c.chunks_missing += missing
             c.chunks_failed += len(plan.chunks) - ok - missing
             c.pull_ms += int(elapsed * 1000)
+            self._stats.observe("pull_seconds", elapsed)
 
     def take_finished_recving(self) -> set[str]:
         with self._lock:
@@ -215,6 +218,13 @@ class WorkerSide:
         if now != self._reported:
             self._directory.report(now)
             self._reported = now
+
+    def take_stats(self) -> StatsDelta:
+        """What the counters gained, and the pull durations seen, since the last call."""
+        with self._lock:
+            if self._store is not None:
+                self.counters.chunks_served = self._store.counters.served
+            return self._stats.take(asdict(self.counters))
 
     def shutdown(self) -> None:
         self.wait_saved(5.0)
