@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from p2pkv.bench.faults.row import Row, rss_mib
+from p2pkv.bench.faults.row import Row, hold_silent_sockets, rss_mib
 
 LOOKUP_DEADLINE_S = 0.25  # the connector's default lookup_timeout_s
 NS = "bench-faults"
@@ -52,20 +51,7 @@ def _start_directory(tmp: Path) -> tuple[subprocess.Popen, str]:
 
 def _flood(endpoint: str, stop, count) -> None:
     host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
-    socks = []
-    for _ in range(600):
-        s = socket.socket()
-        s.bind(("127.0.0.2", 0))
-        s.settimeout(2)
-        try:
-            s.connect((host, int(port)))
-            socks.append(s)
-        except OSError:
-            s.close()
-    count.value = len(socks)
-    stop.wait()
-    for s in socks:
-        s.close()
+    hold_silent_sockets(host, int(port), stop, count)
 
 
 def _malformed(endpoint: str, stop, count) -> None:

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from p2pkv.bench.faults.row import Row, rss_mib
+from p2pkv.bench.faults.row import Row, hold_silent_sockets, rss_mib
 
 CLIENTS = 16
 MALFORMED = [
@@ -124,20 +124,7 @@ def _load(url: str, seconds: float, row: Row) -> None:
 
 def _flood(url: str, stop, count, other) -> None:
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    socks = []
-    for _ in range(600):
-        s = socket.socket()
-        s.bind(("127.0.0.2", 0))
-        s.settimeout(2)
-        try:
-            s.connect((host, int(port)))
-            socks.append(s)
-        except OSError:
-            s.close()
-    count.value = len(socks)
-    stop.wait()
-    for s in socks:
-        s.close()
+    hold_silent_sockets(host, int(port), stop, count)
 
 
 def _malformed(url: str, stop, count, other) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 
@@ -32,3 +33,22 @@ class Row:
     rss_before: float = 0.0
     rss_after: float = 0.0
     fault: str = "-"
+
+
+def hold_silent_sockets(host: str, port: int, stop, count, n: int = 600) -> None:
+    """Open ``n`` connections from another loopback address that never send a byte, hold them
+    until ``stop`` is set (``count`` = how many connected), then close them."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.2", 0))
+        s.settimeout(2)
+        try:
+            s.connect((host, port))
+            socks.append(s)
+        except OSError:
+            s.close()
+    count.value = len(socks)
+    stop.wait()
+    for s in socks:
+        s.close()
