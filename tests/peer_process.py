@@ -7,7 +7,8 @@ KIND is tcp (default) or shm. Test hooks, from the environment (only this script
 P2PKV_TEST_SECRET (the cluster secret), P2PKV_TEST_CORRUPT=i (flip a byte of chunk i after
 it is committed, so its digest no longer matches), P2PKV_TEST_BIND_HOST (default 127.0.0.1).
 With P2PKV_TEST_DIRECTORY=ENDPOINT the peer also registers there, as an instance would, and
-publishes its keys: P2PKV_TEST_INSTANCE (default peer-PID), P2PKV_TEST_NAMESPACE (default
+publishes its keys, then reports its server's health (``ServerHealth.counters``) every
+0.2 s: P2PKV_TEST_INSTANCE (default peer-PID), P2PKV_TEST_NAMESPACE (default
 "test"), P2PKV_TEST_PROBE (the hash-seed probe, default "probe").
 """
 
@@ -63,7 +64,9 @@ def main() -> None:
     os.replace(ready + ".tmp", ready)
     try:
         while True:
-            time.sleep(1)
+            if directory is not None:  # as the worker does: its server's health
+                directory.report(transport.health().counters())
+            time.sleep(0.2)
     finally:
         if directory is not None:
             directory.close()

@@ -22,7 +22,7 @@ def health(url: str) -> dict:
 
 
 def ask(url: str, parts: int, max_tokens: int) -> dict:
-    from p2pkv.harness.cluster import document_messages, document_part
+    from p2pkv.harness.documents import document_messages, document_part
 
     document = document_part(0, parts)  # a 1/PARTS slice of the bundled document
     body = {"model": "model", "messages": document_messages(document, "What is it about?"),

@@ -87,3 +87,41 @@ def test_preemption_case_prompts_are_distinct_and_end_before_a_block_boundary():
 def test_goals_need_a_local_hit_row():
     records = [r for r in _records("p2pkv", 0.5, 0.45, 9.0) if r.step < 2]
     assert goals({"p2pkv": summarize(records, {"busy_s": 1.0})}) == {}
+
+
+def test_vllm_p2p_config_names_the_p2p_tier_and_each_request_its_source():
+    from p2pkv.harness import vllm_p2p
+
+    assert CONFIGS["vllm-p2p"].vllm_p2p and not CONFIGS["vllm-p2p"].connector
+    tier = vllm_p2p.TierAddress("127.0.0.1", 5711)
+    config = json.loads(vllm_p2p.kv_transfer_config(tier, engine_id="A"))
+    assert config["kv_connector"] == "OffloadingConnector" and config["engine_id"] == "A"
+    extra = config["kv_connector_extra_config"]
+    assert extra["spec_name"] == "TieringOffloadingSpec" and extra["cpu_bytes_to_use"] > 0
+    assert extra["secondary_tiers"] == [{"type": "p2p", "host": "127.0.0.1", "port": 5711}]
+    assert vllm_p2p.source_params(tier, "r1") == {"remote_kv_source": {
+        "kv_request_id": "r1", "remote_host": "127.0.0.1", "remote_port": 5711}}
+
+
+def test_vllm_p2p_start_failure_is_the_exception_and_its_vllm_line(tmp_path):
+    from p2pkv.harness import vllm_p2p
+
+    log = tmp_path / "a.log"
+    w = "(Worker pid=7) ERROR 12-02 02:25:06 [multiproc_executor.py:1063] "
+    e = "(EngineCore pid=6) ERROR 12-02 02:25:06 [core.py:1510] "
+    log.write_text(
+        "(APIServer pid=5) WARNING 12-02 02:24:29 [system_utils.py:255] can cause `OSError: "
+        "[Errno 24] Too many open files`\n"
+        f"{w}Traceback (most recent call last):\n"
+        f'{w}  File "/venv/site-packages/vllm/v1/engine/core.py", line 9, in run\n'
+        f'{w}  File "/venv/site-packages/vllm/v1/kv_offload/cpu/spec.py", line 200, in '
+        "get_worker\n"
+        f"{w}    raise Exception(\n"
+        f"{w}Exception: CPU Offloading is currently only supported on CUDA-alike and XPU "
+        "GPUs\n"
+        f'{e}  File "/venv/site-packages/vllm/v1/executor/multiproc_executor.py", line 444, '
+        "in get_response\n"
+        f"{e}RuntimeError: Worker failed with error 'CPU Offloading ...'\n")
+    assert vllm_p2p.start_failure(log) == (
+        "Exception: CPU Offloading is currently only supported on CUDA-alike and XPU GPUs "
+        "(raised at vllm/v1/kv_offload/cpu/spec.py:200 in get_worker)")

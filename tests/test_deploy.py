@@ -29,6 +29,7 @@ SBATCH = REPO / "launch" / "slurm" / "p2pkv.sbatch"
 K8S = REPO / "launch" / "k8s"
 SHELL_SCRIPTS = [SBATCH, REPO / "launch" / "laptop.sh", REPO / "scripts" / "setup.sh",
                  REPO / "scripts" / "test.sh", REPO / "scripts" / "install_slurm.sh",
+                 REPO / "scripts" / "system-packages.sh",
                  REPO / ".ci" / "run"]
 
 

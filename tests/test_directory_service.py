@@ -192,9 +192,14 @@ def test_reregister_new_epoch_drops_keys_and_unregister(client: DirectoryClient,
     old.publish(added=K)
     registered(old)
     wait_lookup_equals(client, K, [("a", "127.0.0.1:1", len(K))])
-    new = clients()  # the restarted process
+    old.close()  # the old process dies (no Unregister); its lease runs out in 5 s
+    new = clients()  # the restarted process, on a connection of its own
     new.register(REG(A, epoch=2, port=2))
-    registered(new)
+    until_refused = time.monotonic() + 5
+    while new.state is not RegState.REFUSED:  # INSTANCE_TAKEN: told when to come back
+        assert time.monotonic() < until_refused
+        time.sleep(0.01)
+    registered(new, timeout_s=10)  # once the old lease lapsed
     assert [(i.epoch, i.chunks, i.address) for i in stats(client).instances] == [(2, 0, "127.0.0.1:2")]
     assert lookup(client, K) == []
     new.unregister()

@@ -141,6 +141,7 @@ def test_auth_works_per_shard(tmp_path):
 
     secret_file = tmp_path / "secret"
     secret_file.write_text("correct horse battery staple 42\n")
+    secret_file.chmod(0o600)
     procs = [Directory(tmp_path, "--secret-file", str(secret_file), name=f"d{i}")
              for i in range(4)]
     specs = [ShardSpec(ShardId("s0"), procs[0].endpoint, procs[1].endpoint),

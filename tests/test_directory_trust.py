@@ -209,6 +209,7 @@ def test_late_subscriber_gap_triggers_resync(directory: Directory, make) -> None
 def secret_file(tmp_path: Path) -> Path:
     path = tmp_path / "secret"
     path.write_text("correct horse battery staple 42\n")
+    path.chmod(0o600)
     return path
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from p2pkv.directory.client import DirectoryClient
 from p2pkv.directory.protocol import InstanceInfo, RefusedRegistration, Stats, StatsReply, Status
-from p2pkv.doctor.checks import address_findings, namespace_findings, probe_findings
+from p2pkv.doctor.checks import address_findings, namespace_findings, probe_findings, server_findings
 from p2pkv.keys import InstanceId, Namespace
 from p2pkv.secret import ClusterSecret
 from tests.conftest import python_env
@@ -33,6 +33,7 @@ NS = "test"
 def secret_file(tmp_path: Path) -> Path:
     path = tmp_path / "secret"
     path.write_text(SECRET + "\n")
+    path.chmod(0o600)
     return path
 
 
@@ -143,6 +144,7 @@ def test_unreachable_data_plane_is_an_error(spawn, directory, secret_file):
 def test_wrong_or_missing_secret_is_a_clear_auth_error(directory, tmp_path):
     wrong = tmp_path / "wrong"
     wrong.write_text("not-the-cluster-secret-at-all")
+    wrong.chmod(0o600)
     code, report, wall = doctor("--directory", directory.endpoint, "--secret-file", str(wrong),
                                 "--timeout", "1.5")
     (error,) = report["findings"]
@@ -173,9 +175,35 @@ def test_stalled_directory_is_a_timeout(directory, secret_file):
     assert "stalled" in report["findings"][0]["detail"] and wall < 10
 
 
-def _info(instance: str, probe: str, address: str = "10.0.0.1:1") -> InstanceInfo:
+def _info(instance: str, probe: str, address: str = "10.0.0.1:1",
+          counters: dict[str, int] | None = None) -> InstanceInfo:
     return InstanceInfo(instance=InstanceId(instance), namespace=Namespace(NS), address=address,
-                        epoch=1, chunks=0, probe=probe)
+                        epoch=1, chunks=0, probe=probe, counters=counters or {})
+
+
+def test_server_findings_say_dead_and_saturated():
+    infos = [_info("ok", "1", counters={"server_alive": 1, "server_saturated": 0}),
+             _info("old", "1"),  # an instance that reports no server health: nothing said
+             _info("dead", "1", counters={"server_alive": 0}),
+             _info("busy", "1", counters={"server_alive": 1, "server_saturated": 1,
+                                          "server_refused": 40, "server_loop_errors": 2})]
+    found = {(f.subject.split()[0], f.level) for f in server_findings(infos)}
+    assert found == {("dead", "ERROR"), ("busy", "WARN")}
+    (busy, errors) = [f for f in server_findings(infos) if f.subject.startswith("busy")]
+    assert "40 connections" in busy.detail and "2 error(s)" in errors.detail
+
+
+def test_a_flooded_holder_is_reported_saturated(spawn, directory, secret_file):
+    _, address = peer(spawn, directory.endpoint, "inst-a", kind="tcp")
+    spawn(["-m", "tests.flood_process", "flood", address, "400", "127.0.0.2"], "flood")
+    stats_until(directory.endpoint, lambda s: any(
+        i.counters.get("server_saturated") for i in s.instances))
+    code, report, _ = doctor("--directory", directory.endpoint, "--secret-file",
+                             str(secret_file), "--transport", "tcp")
+    (f,) = [f for f in report["findings"] if f["check"] == "data-plane server"]
+    assert f["level"] == "WARN" and "saturated" in f["detail"], report
+    # and the doctor itself still gets through the flood, from its own address
+    assert [p["reachable"] for p in report["peers"]] == [True], report
 
 
 def test_probe_findings_name_every_group():

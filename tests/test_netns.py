@@ -120,6 +120,7 @@ def hosts(tmp_path: Path) -> Iterator[TwoHosts]:
             r = _run(*step)
             assert r.returncode == 0, f"{' '.join(step)}: {r.stderr}"
         (tmp_path / "secret").write_text(SECRET + "\n")
+        (tmp_path / "secret").chmod(0o600)
         yield two
     finally:
         two.stop()

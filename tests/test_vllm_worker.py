@@ -268,3 +268,13 @@ def test_the_fence_waits_only_for_copies_of_blocks_the_step_writes():
     assert saver.wait_saved(5.0) and saved == [ChunkKey(b"a" * 32)]
     assert saver.fence({1}) is False
     saver.close()
+
+
+def test_the_servers_health_is_reported_with_the_counters():
+    d = RecordingDirectory()
+    w, _ = make_worker(d)
+    try:
+        w.take_finished_recving()
+        assert d.reports[-1]["server_alive"] == 1 and d.reports[-1]["server_saturated"] == 0
+    finally:
+        w.shutdown()

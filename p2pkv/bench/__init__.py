@@ -1,1 +1,1 @@
-"""Benchmarks: ``p2pkv bench directory | transport | ttft | correctness``."""
+"""Benchmarks: ``p2pkv bench directory | transport | ttft | correctness | router | disagg | faults``."""

@@ -144,7 +144,7 @@ def _handler_only(width: int, seconds: float = 2.0) -> dict[str, float]:
         server._handle(protocol.encode(Register(instance=InstanceId("a"), epoch=1,  # noqa: SLF001
                                                 namespace=NS, address="h:1")))
         server._handle(protocol.encode(Publish(instance=InstanceId("a"), namespace=NS,  # noqa: SLF001
-                                               added=keys, removed=[], seq=1)))
+                                               added=keys, removed=[], seq=1, epoch=1)))
         msgs = [protocol.encode(Lookup(namespace=NS, keys=keys[i:i + width], rid=i + 1))
                 for i in range(0, 50_000, width)]
         n = 0

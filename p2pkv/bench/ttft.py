@@ -16,7 +16,10 @@ Configurations (two ``vllm serve`` CPU instances each, started one configuration
 they never compete for the cores): ``plain`` (vLLM, no prefix caching), ``local`` (vLLM's own
 prefix cache), ``p2pkv`` (the connector, same-host shared memory), ``p2pkv-tcp`` (the connector
 over TCP), and, only where LMCache is installed (:mod:`p2pkv.harness.lmcache`), ``lmcache``
-(LMCache's multiprocess server over TCP) and ``lmcache-shm`` (its same-host shared-memory mode).
+(LMCache's multiprocess server over TCP) and ``lmcache-shm`` (its same-host shared-memory mode),
+and ``vllm-p2p``: vLLM's own P2P tier (:mod:`p2pkv.harness.vllm_p2p`), each request naming the
+other instance as its source; where vLLM cannot start it (its CPU backend), the run records
+why (``not_run``: vLLM's exception and the source line that raised it).
 Tensor parallelism, run only when named in ``--configs`` and with a ``--model`` whose KV heads
 split over 2 ranks (the demo model's 3 do not): ``p2pkv-tp2`` (both instances at TP 2) and
 ``p2pkv-tp2-tp1`` (instance 0 at TP 2, instance 1 at TP 1; its rows say which instance's TP
@@ -38,8 +41,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from p2pkv.bench.report import Column, median, pct, plot_lines, table
-from p2pkv.harness import lmcache, overhead
-from p2pkv.harness.cluster import Instance, LocalCluster, reserved_cpus, wait_healthy
+from p2pkv.harness import lmcache, overhead, vllm_p2p
+from p2pkv.harness.cluster import Instance, LocalCluster, free_port, reserved_cpus, wait_healthy
 from p2pkv.harness.documents import QUESTIONS, document_tokens
 from p2pkv.harness.openai_client import complete
 
@@ -57,6 +60,9 @@ class Config:
     """LMCache's mode (:data:`p2pkv.harness.lmcache.MODES`); empty: no LMCache."""
     tp: tuple[int, int] = (1, 1)
     """Tensor parallelism of instance 0 and instance 1."""
+    vllm_p2p: bool = False
+    """vLLM's own P2P tier (:mod:`p2pkv.harness.vllm_p2p`); where it cannot start, the row says
+    why."""
 
 
 CONFIGS: dict[str, Config] = {
@@ -68,6 +74,7 @@ CONFIGS: dict[str, Config] = {
     "lmcache-shm": Config(lmcache="shm"),
     "p2pkv-tp2": Config(connector=True, tp=(2, 2)),
     "p2pkv-tp2-tp1": Config(connector=True, tp=(2, 1)),
+    "vllm-p2p": Config(vllm_p2p=True),
 }
 DEFAULT_CONFIGS = [name for name, c in CONFIGS.items() if c.tp == (1, 1)]
 
@@ -124,10 +131,18 @@ def chat_requests(tokens: list[int], users: int, rounds: int, tokenize) -> list[
     return out
 
 
-def start_instances(cluster: LocalCluster, name: str) -> list[Instance]:
+def start_instances(cluster: LocalCluster, name: str,
+                    tiers: dict[int, vllm_p2p.TierAddress] | None = None) -> list[Instance]:
     config = CONFIGS[name]
     args = [] if config.prefix_caching else ["--no-enable-prefix-caching"]
     env: dict[str, str] = {}
+    if config.vllm_p2p:
+        assert tiers is not None
+        for i in range(2):
+            tiers[i] = vllm_p2p.TierAddress("127.0.0.1", free_port())
+        return [cluster.start_vllm(f"{name}-{i}", connector=False, extra_args=[
+            *args, "--kv-transfer-config",
+            vllm_p2p.kv_transfer_config(tiers[i], engine_id=f"{name}-{i}")]) for i in range(2)]
     if config.connector:
         cluster.start_directory()
     if config.lmcache:
@@ -142,14 +157,24 @@ def start_instances(cluster: LocalCluster, name: str) -> list[Instance]:
 def run_config(name: str, requests: list[Request], model: Path, workdir: Path,
                settle_s: float, progress) -> tuple[list[Record], dict]:
     with LocalCluster(workdir / name, model) as cluster:
-        insts = start_instances(cluster, name)
-        wait_healthy(insts, timeout_s=600)
+        tiers: dict[int, vllm_p2p.TierAddress] = {}
+        insts = start_instances(cluster, name, tiers)
+        try:
+            wait_healthy(insts, timeout_s=600)
+        except RuntimeError:
+            if not tiers:
+                raise
+            dead = next(i for i in insts if not i.proc.alive())
+            raise vllm_p2p.NotRunnable(vllm_p2p.start_failure(dead.proc.log)) from None
         progress(0)
         records = []
         t0 = time.monotonic()
-        for req in requests:
+        for n, req in enumerate(requests):
             time.sleep(settle_s)  # each request starts on an idle machine (see demo.py)
-            c = complete(insts[req.instance].url, list(req.prompt))
+            # vLLM's P2P tier pulls only from the peer the request names: the other instance
+            extra = ({"kv_transfer_params": vllm_p2p.source_params(
+                tiers[1 - req.instance], f"{name}-{n}")} if tiers and req.step else None)
+            c = complete(insts[req.instance].url, list(req.prompt), extra_body=extra)
             records.append(Record(name, req.workload, req.group, req.step, req.length,
                                   req.instance, c.ttft_s, c.total_s))
             progress(1)
@@ -258,8 +283,13 @@ def main(args: argparse.Namespace) -> int:
                 bar.set_postfix_str(f"{name}: running")
                 bar.update(n)
 
-            records, extra = run_config(name, requests, model, args.workdir, args.settle_s,
-                                        progress)
+            try:
+                records, extra = run_config(name, requests, model, args.workdir,
+                                            args.settle_s, progress)
+            except vllm_p2p.NotRunnable as e:
+                results.setdefault("not_run", {})[name] = str(e)
+                print(f"{name}: not run: {e}", flush=True)
+                continue
             results["configs"][name] = summarize(records, extra)
             results["records"] += [asdict(r) for r in records]
         bar.set_postfix_str("overhead: starting instances")
@@ -323,26 +353,27 @@ def _report(results: dict, out: Path) -> None:
     names = list(configs)
     legend = ("(first = new prefix, other = last computed on the other instance, "
               "same = on this one; n = samples per row)")
-    columns = [Column("row", 20, align="<"), Column("n", 4),
-               *(Column(n, max(13, len(n) + 2), ".3f") for n in names)]
-    # NOTE: configs may have rows of their own (the TP ones split rows by the instance's TP):
-    # every row any config has, nan where a config has none.
-    rows = sorted({row for c in configs.values() for row in c["samples_by_row"]})
-    samples = {row: next(c["samples_by_row"][row] for c in configs.values()
-                         if row in c["samples_by_row"]) for row in rows}
-    for key, title in (("ttft_p50_by_row_s", f"TTFT p50 (s) by workload/length/kind {legend}"),
-                       ("ttft_p90_by_row_s", "TTFT p90 (s)")):
-        print(title)
-        print(table(columns, ([row, samples[row],
-                               *(configs[n][key].get(row, float("nan")) for n in names)]
-                              for row in rows), sep=""))
-    print(table(columns, ([label, "", *(configs[n].get(key, 0) * scale for n in names)]
-                          for label, key, scale in (("all: TTFT p50", "ttft_p50_s", 1),
-                                                    ("all: TTFT p90", "ttft_p90_s", 1),
-                                                    ("all: latency p50", "latency_p50_s", 1),
-                                                    ("throughput req/s", "throughput_req_s", 1),
-                                                    ("MB pulled", "bytes_pulled", 1e-6))),
-                sep="", header=False))
+    if configs:
+        columns = [Column("row", 20, align="<"), Column("n", 4),
+                   *(Column(n, max(13, len(n) + 2), ".3f") for n in names)]
+        # NOTE: configs may have rows of their own (the TP ones split rows by the instance's
+        # TP): every row any config has, nan where a config has none.
+        rows = sorted({row for c in configs.values() for row in c["samples_by_row"]})
+        samples = {row: next(c["samples_by_row"][row] for c in configs.values()
+                             if row in c["samples_by_row"]) for row in rows}
+        for key, title in (("ttft_p50_by_row_s",
+                            f"TTFT p50 (s) by workload/length/kind {legend}"),
+                           ("ttft_p90_by_row_s", "TTFT p90 (s)")):
+            print(title)
+            print(table(columns, ([row, samples[row],
+                                   *(configs[n][key].get(row, float("nan")) for n in names)]
+                                  for row in rows), sep=""))
+        totals = (("all: TTFT p50", "ttft_p50_s", 1), ("all: TTFT p90", "ttft_p90_s", 1),
+                  ("all: latency p50", "latency_p50_s", 1),
+                  ("throughput req/s", "throughput_req_s", 1),
+                  ("MB pulled", "bytes_pulled", 1e-6))
+        print(table(columns, ([label, "", *(configs[n].get(key, 0) * scale for n in names)]
+                              for label, key, scale in totals), sep="", header=False))
     g = results["goals"]
     if g:
         print(f"goals at {g['length']} tokens: p2pkv remote hit {g['p2pkv_remote_s']:.3f} s = "
@@ -353,6 +384,8 @@ def _report(results: dict, out: Path) -> None:
             if name != "p2pkv" and f"{name}_remote_s" in g:
                 print(f"  {name} remote hit {g[f'{name}_remote_s']:.3f} s "
                       f"({g[f'{name}_remote_s'] / g['p2pkv_remote_s']:.1f}x p2pkv's)")
+    for name, why in results.get("not_run", {}).items():
+        print(f"{name}: not run: {why}")
     _report_overhead(results, out)
     plot_lines(out.with_suffix(".png"), _remote_hit_series(results),
                xlabel="document length (tokens)",

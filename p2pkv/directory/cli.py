@@ -19,7 +19,8 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
 from p2pkv.directory.protocol import (
-    HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, Error, Stats, StatsReply,
+    HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, MAX_REGISTRATIONS_PER_CONNECTION, Error, Stats,
+    StatsReply,
 )
 from p2pkv.errors import ConfigError
 from p2pkv.secret import ClusterSecret, load_secret
@@ -91,6 +92,10 @@ def _add_directory_args(parser: argparse.ArgumentParser) -> None:
                         default=int(_env_float("P2PKV_HEARTBEAT_LIVENESS", HEARTBEAT_LIVENESS)),
                         help=f"missed heartbeats before a lease expires "
                              f"(env P2PKV_HEARTBEAT_LIVENESS, default {HEARTBEAT_LIVENESS})")
+    parser.add_argument("--max-registrations-per-connection", type=int,
+                        default=MAX_REGISTRATIONS_PER_CONNECTION, metavar="N",
+                        help="instance ids one client connection may register (default "
+                             f"{MAX_REGISTRATIONS_PER_CONNECTION}; a simulated fleet needs more)")
     parser.add_argument("--metrics-port", type=int,
                         default=int(env["P2PKV_METRICS_PORT"]) if env.get("P2PKV_METRICS_PORT")
                         else None,
@@ -120,7 +125,9 @@ def _run_directory(args: argparse.Namespace) -> int:
         config = ServerConfig(bind=args.bind, feed_bind=args.feed_bind, secret=_secret(args),
                               insecure_any_address=args.insecure_any_address,
                               heartbeat_interval_s=args.heartbeat_interval,
-                              liveness=args.liveness)
+                              liveness=args.liveness,
+                              max_registrations_per_connection=(
+                                  args.max_registrations_per_connection))
     except ConfigError as e:
         print(f"p2pkv directory: {e}", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ beyond one non-blocking drain.
 from __future__ import annotations
 
 import itertools
+import secrets
 import logging
 import threading
 import time
@@ -78,6 +79,10 @@ class DirectoryClient:
         self._own_context = context is None
         self._context = zmq.Context() if context is None else context
         self._socket = self._context.socket(zmq.DEALER)
+        # NOTE: a random routing id of our own, kept across reconnects (the server hands it
+        # over): the connection that registered an instance owns it for its lease, and
+        # nobody else can guess the id to act as us.
+        self._socket.setsockopt(zmq.ROUTING_ID, b"p2pkv-" + secrets.token_bytes(16))
         for option, value in ((zmq.LINGER, 0), (zmq.SNDHWM, SEND_HWM), (zmq.IMMEDIATE, 1),
                               (zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_IVL_MS),
                               (zmq.HEARTBEAT_TIMEOUT, ZMTP_HEARTBEAT_TIMEOUT_MS),

@@ -18,7 +18,9 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from p2pkv.directory.protocol import Holder, InstanceInfo, Status
+from p2pkv.directory.protocol import (
+    MAX_KEYS_PER_REGISTRATION, MAX_REGISTRATIONS_PER_CONNECTION, Holder, InstanceInfo, Status,
+)
 from p2pkv.errors import DirectoryIndexError
 from p2pkv.keys import ChunkKey, InstanceId, Namespace
 from p2pkv.slices import KVSlice
@@ -49,6 +51,9 @@ class Member:
     """The KV heads x layers it holds of each chunk; None = the whole model."""
     spec: str = ""
     """The namespace's fields in clear, as the instance sent them (for ``p2pkv doctor``)."""
+    owner: bytes = b""
+    """The connection (ZeroMQ routing id) that registered it: only it may change it while
+    the lease runs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +70,14 @@ class Registered:
 class DirectoryIndex:
     """Registrations with leases, their keys per namespace, and the leading-run lookup."""
 
-    def __init__(self, lease_s: float) -> None:
+    def __init__(self, lease_s: float, *, max_keys: int = MAX_KEYS_PER_REGISTRATION,
+                 max_registrations: int = MAX_REGISTRATIONS_PER_CONNECTION) -> None:
         if lease_s <= 0:
             raise ValueError("lease_s must be positive")
         self.lease_s = lease_s
+        self.max_keys = max_keys
+        self.max_registrations = max_registrations
+        self._owned: dict[bytes, set[InstanceId]] = {}
         self._members: dict[InstanceId, Member] = {}
         self._by_handle: dict[int, Member] = {}
         self._free_handles: list[int] = []  # heap: lowest first keeps bitmasks small
@@ -91,14 +100,31 @@ class DirectoryIndex:
     # -- registrations ----------------------------------------------------------------------
 
     def register(self, instance: InstanceId, epoch: int, namespace: Namespace, address: str,
-                 probe: str, capabilities: Sequence[str], now: float, *, engine: str = "",
-                 slice: KVSlice | None = None, spec: str = "") -> Registered:
-        """Add, refresh or replace a registration; raises DirectoryIndexError on refusal."""
+                 probe: str, capabilities: Sequence[str], now: float, *,
+                 owner: bytes = b"", engine: str = "", slice: KVSlice | None = None,
+                 spec: str = "") -> Registered:
+        """Add, refresh or replace a registration; raises DirectoryIndexError on refusal.
+
+        ``owner``: the connection asking. While the lease runs, only the connection that
+        registered an instance may refresh or replace it (INSTANCE_TAKEN, with
+        ``retry_after_s``); at most ``max_registrations`` per connection (OVER_QUOTA).
+        ``engine``/``slice``/``spec``: which vLLM engine this worker rank belongs to, the KV
+        heads x layers it holds, the namespace's fields in clear."""
         old = self._members.get(instance)
         if old is not None and epoch < old.epoch:
             raise DirectoryIndexError(
                 Status.STALE_EPOCH, f"instance {instance} epoch {epoch} is older than the "
                 f"registered epoch {old.epoch}: a newer process of it is running")
+        if old is not None and old.owner != owner and old.expires_at > now:
+            raise DirectoryIndexError(
+                Status.INSTANCE_TAKEN, f"instance {instance} is registered by another "
+                f"connection for {old.expires_at - now:.1f} s more (unless it renews it)",
+                retry_after_s=old.expires_at - now)
+        mine = self._owned.get(owner, set())
+        if (old is None or old.owner != owner) and len(mine) >= self.max_registrations:
+            raise DirectoryIndexError(
+                Status.OVER_QUOTA, f"this connection already registers {len(mine)} instances "
+                f"(at most {self.max_registrations})")
         if (old is not None and old.epoch == epoch and old.namespace == namespace
                 and old.probe == probe and old.engine == engine and old.slice == slice):
             old.address = address
@@ -111,9 +137,10 @@ class DirectoryIndex:
         if old is not None:
             self.drop(instance)
         member = Member(instance, epoch, namespace, address, probe, tuple(capabilities),
-                        self._take_handle(), now + self.lease_s, engine=engine, slice=slice,
-                        spec=spec)
+                        self._take_handle(), now + self.lease_s, owner=owner, engine=engine,
+                        slice=slice, spec=spec)
         self._members[instance] = member
+        self._owned.setdefault(owner, set()).add(instance)
         self._by_handle[member.handle] = member
         self._ns_members.setdefault(namespace, set()).add(instance)
         logger.info("registered %s epoch %s namespace %s at %s%s", instance, epoch, namespace,
@@ -150,24 +177,40 @@ class DirectoryIndex:
         self._remove(member, list(member.keys))
         del self._by_handle[member.handle]
         heapq.heappush(self._free_handles, member.handle)
+        owned = self._owned[member.owner]
+        owned.discard(instance)
+        if not owned:
+            del self._owned[member.owner]
         names = self._ns_members[member.namespace]
         names.discard(instance)
         if not names:
             del self._ns_members[member.namespace]
         return member
 
-    def heartbeat(self, instance: InstanceId, epoch: int, seq: int, now: float) -> None:
+    def unregister(self, instance: InstanceId, epoch: int | None, now: float, *,
+                   owner: bytes | None = None) -> Member | None:
+        """Drop an instance on its own request: only its registration's epoch (a replaced
+        process must not unregister its successor) and connection; unknown is no error."""
+        if instance not in self._members:
+            return None
+        self._live(instance, epoch, owner)
+        return self.drop(instance)
+
+    def heartbeat(self, instance: InstanceId, epoch: int, seq: int, now: float, *,
+                  owner: bytes | None = None) -> None:
         """Renew a lease; SEQ_GAP when publishes up to ``seq`` did not all arrive."""
-        member = self._live(instance, epoch)
+        member = self._live(instance, epoch, owner)
         member.expires_at = now + self.lease_s
         if seq != member.next_seq - 1:
             raise DirectoryIndexError(
                 Status.SEQ_GAP, f"instance {instance} sent publishes up to {seq}, the "
                 f"directory has up to {member.next_seq - 1}; resend a snapshot")
 
-    def touch(self, instance: InstanceId, now: float) -> Member:
-        """Any message from a member renews its lease."""
-        member = self._live(instance, None)
+    def touch(self, instance: InstanceId, now: float, *, epoch: int | None = None,
+              owner: bytes | None = None) -> Member:
+        """Any message from a member renews its lease (``epoch``, ``owner``: checked unless
+        None)."""
+        member = self._live(instance, epoch, owner)
         member.expires_at = now + self.lease_s
         return member
 
@@ -177,17 +220,20 @@ class DirectoryIndex:
         return [m for m in (self.drop(i) for i in gone) if m is not None]
 
     def set_counters(self, instance: InstanceId, counters: Mapping[str, int],
-                     now: float) -> None:
+                     now: float, *, epoch: int | None = None,
+                     owner: bytes | None = None) -> None:
         """Replace the connector counters last reported by an instance."""
-        self.touch(instance, now).counters = dict(counters)
+        self.touch(instance, now, epoch=epoch, owner=owner).counters = dict(counters)
 
     # -- keys -------------------------------------------------------------------------------
 
     def publish(self, instance: InstanceId, namespace: Namespace, seq: int, reset: bool,
-                added: Iterable[ChunkKey], removed: Iterable[ChunkKey], now: float) -> None:
+                added: Sequence[ChunkKey], removed: Iterable[ChunkKey], now: float, *,
+                epoch: int | None = None, owner: bytes | None = None) -> None:
         """Apply one Publish (reset: drop all keys first). Raises SEQ_GAP / WRONG_NAMESPACE /
-        UNKNOWN_INSTANCE without applying anything."""
-        member = self.touch(instance, now)
+        UNKNOWN_INSTANCE / STALE_EPOCH / INSTANCE_TAKEN / OVER_QUOTA without applying
+        anything."""
+        member = self.touch(instance, now, epoch=epoch, owner=owner)
         if member.namespace != namespace:
             raise DirectoryIndexError(
                 Status.WRONG_NAMESPACE, f"instance {instance} is registered in namespace "
@@ -196,6 +242,10 @@ class DirectoryIndex:
             raise DirectoryIndexError(
                 Status.SEQ_GAP, f"instance {instance} publish seq {seq}, expected "
                 f"{member.next_seq}; resend a snapshot")
+        if (0 if reset else len(member.keys)) + len(added) > self.max_keys:
+            raise DirectoryIndexError(
+                Status.OVER_QUOTA, f"instance {instance} would hold more than "
+                f"{self.max_keys} keys")
         member.next_seq = seq + 1
         if reset:
             self._remove(member, list(member.keys))
@@ -246,7 +296,8 @@ class DirectoryIndex:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _live(self, instance: InstanceId, epoch: int | None) -> Member:
+    def _live(self, instance: InstanceId, epoch: int | None,
+              owner: bytes | None = None) -> Member:
         member = self._members.get(instance)
         if member is None or (epoch is not None and epoch > member.epoch):
             raise DirectoryIndexError(Status.UNKNOWN_INSTANCE,
@@ -255,6 +306,10 @@ class DirectoryIndex:
             raise DirectoryIndexError(Status.STALE_EPOCH,
                                       f"instance {instance} epoch {epoch} was replaced by "
                                       f"epoch {member.epoch}")
+        if owner is not None and owner != member.owner:
+            raise DirectoryIndexError(Status.INSTANCE_TAKEN,
+                                      f"instance {instance} is registered by another "
+                                      "connection")
         return member
 
     def _take_handle(self) -> int:

@@ -20,7 +20,7 @@ from p2pkv.errors import ProtocolError
 from p2pkv.keys import MAX_KEY_BYTES, ChunkKey, InstanceId, Namespace
 from p2pkv.slices import KVSlice
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 # History (bump on any change a peer of the other version would misread):
 #   1  walking skeleton: Register, Publish, Lookup, Report, Stats, Unregister;
 #      Ok, Error, LookupReply, StatsReply.
@@ -30,11 +30,16 @@ PROTOCOL_VERSION = 3
 #      every reply has status + reason; StatsReply/InstanceInfo grew fields.
 #      Compatible additions since (a peer without them ignores or defaults them):
 #      StatsReply.refused (recently refused registrations, for ``p2pkv doctor``).
-#   3  tensor parallelism: a registration is one worker rank; Register, Holder, InstanceInfo
+#   3  identity (issue 13): Publish, Report and Unregister carry the registration's epoch
+#      (as Heartbeat did) and a mismatch is refused; a Register whose epoch is far ahead of
+#      the directory's clock is refused; an instance id belongs to the connection that
+#      registered it for its lease (INSTANCE_TAKEN, Error.retry_after_ms); per-connection
+#      quotas (OVER_QUOTA). v2 peers are refused: a v2 Unregister could drop a successor.
+#   4  tensor parallelism: a registration is one worker rank; Register, Holder, InstanceInfo
 #      and InstanceJoined carry ``engine`` (the vLLM engine the rank belongs to, "" = the
 #      instance id) and ``slice`` (the KV heads x layers it holds, None = the whole model);
 #      Register and InstanceInfo carry ``spec``, the namespace's fields in clear.
-#      A v2 peer would take every rank for a whole instance, hence the bump.
+#      A v3 peer would take every rank for a whole instance, hence the bump.
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """Largest encoded message either side accepts."""
@@ -64,8 +69,15 @@ heartbeat thread for a moment, and expiry costs a full republish)."""
 MIN_HEARTBEAT_S = 0.01
 """Shortest interval a client honours from a RegisterReply."""
 REFUSED_RETRY_INTERVALS = 10
-"""A client refused for PROBE_MISMATCH retries this many intervals later (the odd one out
-may leave the namespace)."""
+"""A client refused for PROBE_MISMATCH (or STALE_EPOCH) retries this many intervals later
+(the odd one out may leave the namespace; a newer epoch may have been a forgery)."""
+MAX_EPOCH_AHEAD_S = 300.0
+"""Register epochs are wall-clock nanoseconds; one further ahead of the directory's clock
+than this is refused (a huge epoch would otherwise lock the instance id for ever)."""
+MAX_KEYS_PER_REGISTRATION = 4_000_000
+"""Most keys one registration may hold (~800 MB of directory RAM at 200 B a key)."""
+MAX_REGISTRATIONS_PER_CONNECTION = 64
+"""Most instances one client connection may register (one per connector rank)."""
 
 
 def tick_s(heartbeat_interval_s: float) -> float:
@@ -105,6 +117,11 @@ class Status:
     PROBE_MISMATCH = "probe_mismatch"
     """The namespace's other members hash differently; this instance is refused."""
     WRONG_NAMESPACE = "wrong_namespace"
+    INSTANCE_TAKEN = "instance_taken"
+    """Another connection holds a live lease on this instance id; retry after
+    ``Error.retry_after_ms`` (when that lease lapses, unless it is renewed)."""
+    OVER_QUOTA = "over_quota"
+    """Too many keys in one registration, or registrations on one connection."""
     INTERNAL = "internal_error"
 
 
@@ -159,6 +176,8 @@ class Publish(_Message, tag="pub", frozen=True):
     removed: _Keys
     seq: _U63 = 0
     reset: bool = False
+    epoch: _U63 = 0
+    """The registration's epoch (v3): a Publish of another epoch is refused."""
 
     def __post_init__(self) -> None:
         if len(self.added) + len(self.removed) > MAX_KEYS_PER_MESSAGE:
@@ -185,6 +204,8 @@ class Report(_Message, tag="rep", frozen=True):
 
     instance: _Instance
     counters: _Counters
+    epoch: _U63 = 0
+    """The registration's epoch (v3)."""
 
 
 class Stats(_Message, tag="stats", frozen=True):
@@ -192,9 +213,12 @@ class Stats(_Message, tag="stats", frozen=True):
 
 
 class Unregister(_Message, tag="unreg", frozen=True):
-    """An instance leaves; its keys are dropped. Unknown instances are not an error."""
+    """An instance leaves; its keys are dropped. Unknown instances are not an error; another
+    epoch's (a successor registered since) is refused and left alone."""
 
     instance: _Instance
+    epoch: _U63 = 0
+    """The registration's epoch (v3)."""
 
 
 class Snapshot(_Message, tag="snap", frozen=True):
@@ -267,6 +291,8 @@ class Error(_Reply, tag="err", frozen=True):
     """The request was refused; ``status`` says why for programs, ``reason`` for humans."""
 
     status: _Name = Status.BAD_REQUEST
+    retry_after_ms: _U63 = 0
+    """For INSTANCE_TAKEN: when the other connection's lease lapses unless renewed."""
 
 
 class RegisterReply(_Reply, tag="regr", frozen=True):

@@ -15,7 +15,12 @@ States (``RegState``)::
     REGISTERED --reply with another directory_epoch / UNKNOWN_INSTANCE--> UNREGISTERED
     REGISTERED --SEQ_GAP or a dropped publish--> REGISTERED, snapshot resent
     REGISTERING --PROBE_MISMATCH--> REFUSED (retried every REFUSED_RETRY_INTERVALS)
-    any --STALE_EPOCH--> REFUSED for good (a newer process of this instance runs)
+    REGISTERING --INSTANCE_TAKEN--> REFUSED (retried when the other connection's lease
+                                    lapses: Error.retry_after_ms)
+    any --STALE_EPOCH--> REFUSED (a newer process of this instance runs; retried every
+                                  REFUSED_RETRY_INTERVALS, in case that one was a forgery
+                                  and its lease lapsed)
+    REGISTERED --INSTANCE_TAKEN--> UNREGISTERED (register again, and be told when)
 
 The machine keeps the registration's whole key set (what the store holds), so that any
 snapshot, after (re-)registering or a lost publish, can carry everything.
@@ -150,7 +155,8 @@ class RegistrationMachine:
             return []  # answers to requests of an older registration say nothing about this one
         if reply.status == Status.STALE_EPOCH:
             self._refused(reply, now)
-        elif reply.status in (Status.UNKNOWN_INSTANCE, Status.WRONG_NAMESPACE):
+        elif reply.status in (Status.UNKNOWN_INSTANCE, Status.WRONG_NAMESPACE,
+                              Status.INSTANCE_TAKEN):
             if self.state is RegState.REGISTERED:
                 logger.info("p2pkv: directory forgot %s (%s); registering again",
                             reg.instance, reply.reason)
@@ -179,12 +185,14 @@ class RegistrationMachine:
         """Connector counters: kept (and resent after a re-registration), sent if registered."""
         self._counters = dict(counters)
         if self.state is RegState.REGISTERED:
-            return [Report(instance=self.registration.instance, counters=self._counters)]
+            reg = self.registration
+            return [Report(instance=reg.instance, counters=self._counters, epoch=reg.epoch)]
         return []
 
     def leave(self) -> Unregister:
-        """The Unregister to send on a clean shutdown (the machine is done after it)."""
-        return Unregister(instance=self.registration.instance)
+        """The Unregister to send on a clean shutdown (the machine is done after it). It
+        names this process's epoch: it can never unregister a successor."""
+        return Unregister(instance=self.registration.instance, epoch=self.registration.epoch)
 
     def on_sent(self, msg: Request, now: float) -> None:
         """``msg`` (with the rid it went out with) was queued towards the directory."""
@@ -225,7 +233,7 @@ class RegistrationMachine:
                    reg.instance, self._peer, reg.namespace, len(self.keys))
         out = self._snapshot()
         if self._counters is not None:
-            out.append(Report(instance=reg.instance, counters=self._counters))
+            out.append(Report(instance=reg.instance, counters=self._counters, epoch=reg.epoch))
         return out
 
     def _reregister(self, now: float) -> list[Request]:
@@ -237,9 +245,10 @@ class RegistrationMachine:
         first = self.state is not RegState.REFUSED
         self.state = RegState.REFUSED
         self.refused_reason = reply.reason
-        if reply.status == Status.STALE_EPOCH:
-            self._next_attempt = float("inf")
-        elif reply.status == Status.PROBE_MISMATCH:
+        if reply.status == Status.INSTANCE_TAKEN:
+            # NOTE: a little after the other lease would lapse, so that it has lapsed
+            self._next_attempt = now + reply.retry_after_ms / 1000 + self.heartbeat_s / 2
+        elif reply.status in (Status.STALE_EPOCH, Status.PROBE_MISMATCH):
             self._next_attempt = now + REFUSED_RETRY_INTERVALS * self.heartbeat_s
         else:
             self.state = RegState.UNREGISTERED
@@ -276,7 +285,7 @@ class RegistrationMachine:
             self.seq += 1
             out.append(Publish(instance=reg.instance, namespace=reg.namespace,
                                added=batch_added, removed=batch_removed, seq=self.seq,
-                               reset=reset and not out))
+                               reset=reset and not out, epoch=reg.epoch))
         return out
 
     def _warn_once(self, message: str) -> None:

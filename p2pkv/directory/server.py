@@ -3,7 +3,8 @@
 Run by ``p2pkv directory`` and ``python -m p2pkv.directory`` (``cli.run_directory`` owns the
 process: signals, ready file, metrics) and in-process by tests and benches. One thread, one
 loop with named steps: ``poll -> handle requests -> answer ZAP -> track subscribers ->
-purge expired leases``. Every state change is also published on the change feed (an XPUB
+send a snapshot part -> purge expired leases``. A Snapshot is answered one part per loop
+turn, between request batches, so that a huge one never holds lookups back. Every state change is also published on the change feed (an XPUB
 socket, events numbered from 1; a late subscriber asks for a Snapshot and applies events with
 a higher seq, as in the ZeroMQ guide's Clone pattern). Bad input from the network is answered
 with an Error when a reply is possible, counted, and never raises.
@@ -17,9 +18,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 import zmq
@@ -29,11 +30,12 @@ from p2pkv.directory import auth, protocol
 from p2pkv.directory.index import DirectoryIndex, Member
 from p2pkv.directory.protocol import (
     MAX_KEYS_PER_MESSAGE, PROTOCOL_VERSION, ChunksChanged, Error, FeedEvent, Heartbeat, Holding,
-    InstanceJoined, InstanceLeft, Lookup, LookupReply, Ok, ProtocolError, Publish, Register,
+    InstanceInfo, InstanceJoined, InstanceLeft, Lookup, LookupReply, Ok, ProtocolError, Publish, Register,
     RegisterReply, Reply, Report, Snapshot, SnapshotReply, Stats, StatsReply, Status, Unregister,
 )
 from p2pkv.directory.refusals import RecentRefusals
 from p2pkv.errors import ConfigError, DirectoryIndexError
+from p2pkv.keys import ChunkKey, InstanceId
 from p2pkv.secret import ClusterSecret
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,8 @@ HARD_FRAME_LIMIT = 4 * protocol.MAX_MESSAGE_BYTES
 Frames between MAX_MESSAGE_BYTES and this get a counted Error reply."""
 
 SNAPSHOT_KEYS_PER_PART = MAX_KEYS_PER_MESSAGE // 2
+MAX_SNAPSHOTS_IN_FLIGHT = 16
+"""Snapshots being sent at once; more are refused (OVER_QUOTA: the subscriber retries)."""
 
 REFUSAL_MEMORY_INTERVALS = 3 * protocol.REFUSED_RETRY_INTERVALS
 """A refused registration is listed in Stats this many heartbeat intervals (at least
@@ -70,10 +74,14 @@ class ServerConfig:
     insecure_any_address: bool = False
     heartbeat_interval_s: float = protocol.HEARTBEAT_INTERVAL_S
     liveness: int = protocol.HEARTBEAT_LIVENESS
+    max_registrations_per_connection: int = protocol.MAX_REGISTRATIONS_PER_CONNECTION
+    """A member's quota of instance ids (a simulated fleet on one socket needs more)."""
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0 or self.liveness < 1:
             raise ConfigError("heartbeat interval must be positive and liveness at least 1")
+        if self.max_registrations_per_connection < 1:
+            raise ConfigError("max_registrations_per_connection must be at least 1")
         for endpoint in (self.bind, self.feed_bind or self.bind):
             auth.check_bind(endpoint, self.secret, self.insecure_any_address)
 
@@ -109,9 +117,11 @@ class DirectoryServer:
     """
 
     def __init__(self, config: ServerConfig, *, clock: Callable[[], float] = time.monotonic,
-                 directory_epoch: int | None = None) -> None:
+                 directory_epoch: int | None = None,
+                 wall_clock_ns: Callable[[], int] = time.time_ns) -> None:
         self.config = config
         self._clock = clock
+        self._wall_clock_ns = wall_clock_ns
         self._context = zmq.Context()
         self._zap: zmq.Socket | None = None
         self._allowed_key: bytes | None = None
@@ -121,6 +131,10 @@ class DirectoryServer:
                 self._zap.bind(ZAP_ENDPOINT)
                 self._allowed_key = zmq.utils.z85.decode(auth.client_keys(config.secret).public)
             self._socket = self._bound(zmq.ROUTER, config.bind)
+            # NOTE: clients choose a random routing id and keep it across reconnects; the
+            # id that registered an instance owns it (index.Member.owner), and a reconnect
+            # must hand the id over to the new connection, not refuse it.
+            self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
             self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
             self._feed = self._bound(zmq.XPUB, config.feed_bind or _port0(self.endpoint))
             self.feed_endpoint: str = self._feed.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -131,7 +145,8 @@ class DirectoryServer:
         # that the directory it talks to lost its state.
         self.directory_epoch: int = (directory_epoch if directory_epoch is not None
                                      else time.time_ns())
-        self.index = DirectoryIndex(config.lease_s)
+        self.index = DirectoryIndex(
+            config.lease_s, max_registrations=config.max_registrations_per_connection)
         self.counters = ServerCounters()
         self.refusals: Counter[str] = Counter()
         """Error replies by status (metrics)."""
@@ -139,6 +154,7 @@ class DirectoryServer:
         self.feed_seq = 0
         self._subscribers = 0
         self._next_purge = 0.0
+        self._snapshots: deque[_SnapshotJob] = deque()
 
     def _bound(self, kind: int, endpoint: str) -> zmq.Socket:
         sock = self._context.socket(kind)
@@ -165,13 +181,14 @@ class DirectoryServer:
             if sock is not None:
                 poller.register(sock, zmq.POLLIN)
         while not stop.is_set():
-            ready = dict(poller.poll(POLL_INTERVAL_MS))
+            ready = dict(poller.poll(0 if self._snapshots else POLL_INTERVAL_MS))
             if self._zap is not None and self._zap in ready:
                 self._answer_zap()
             if self._feed in ready:
                 self._track_subscribers()
             if self._socket in ready:
                 self._handle_batch()
+            self._send_snapshot_part()
             self._purge_expired()
         logger.info("directory on %s stopping", self.endpoint)
 
@@ -249,12 +266,14 @@ class DirectoryServer:
             return envelope, [self._refuse(0, Status.BAD_REQUEST, f"message of {len(body)} "
                                            f"bytes exceeds {protocol.MAX_MESSAGE_BYTES}")]
         try:
-            return envelope, self._handle(body)
+            return envelope, self._handle(body, owner=frames[0], envelope=envelope)
         except Exception:  # noqa: BLE001 - one bad message must never stop the directory
             logger.exception("internal error handling a message")
             return envelope, [self._refuse(0, Status.INTERNAL, "internal error in the directory")]
 
-    def _handle(self, body: bytes) -> list[Reply]:
+    def _handle(self, body: bytes, owner: bytes = b"", envelope: list[bytes] | None = None
+                ) -> list[Reply]:
+        """Answer one message from the connection whose ROUTER identity is ``owner``."""
         try:
             msg = protocol.decode(body)
         except ProtocolError as e:
@@ -276,7 +295,8 @@ class DirectoryServer:
                     return [self._lookup(msg)]
                 case Publish():
                     self.index.publish(msg.instance, msg.namespace, msg.seq, msg.reset,
-                                       msg.added, msg.removed, now)
+                                       msg.added, msg.removed, now, epoch=msg.epoch,
+                                       owner=owner)
                     self.counters.publishes += 1
                     self._emit(ChunksChanged(
                         seq=0, directory_epoch=0, instance=msg.instance,
@@ -284,32 +304,38 @@ class DirectoryServer:
                         reset=msg.reset))
                 case Heartbeat():
                     self.counters.heartbeats += 1
-                    self.index.heartbeat(msg.instance, msg.epoch, msg.seq, now)
+                    self.index.heartbeat(msg.instance, msg.epoch, msg.seq, now, owner=owner)
                 case Register():
-                    return [self._register(msg, now)]
+                    return [self._register(msg, now, owner)]
                 case Report():
-                    self.index.set_counters(msg.instance, msg.counters, now)
+                    self.index.set_counters(msg.instance, msg.counters, now, epoch=msg.epoch,
+                                            owner=owner)
                 case Stats():
                     return [self._stats(rid, now)]
                 case Snapshot():
-                    return self._snapshot(rid, now)
+                    return self._snapshot(envelope or [owner], rid, now)
                 case Unregister():
-                    member = self.index.drop(msg.instance)
+                    member = self.index.unregister(msg.instance, msg.epoch, now, owner=owner)
                     if member is not None:
                         self._left(member, "unregistered")
                 case _:
                     return [self._refuse(rid, Status.BAD_REQUEST,
                                          f"{type(msg).__name__} is not a request")]
         except DirectoryIndexError as e:
-            return [self._refuse(rid, e.status, str(e))]
+            return [self._refuse(rid, e.status, str(e), e.retry_after_s)]
         return [Ok(rid=rid, directory_epoch=self.directory_epoch)]
 
-    def _register(self, msg: Register, now: float) -> RegisterReply:
+    def _register(self, msg: Register, now: float, owner: bytes) -> RegisterReply:
         try:
+            ahead_s = (msg.epoch - self._wall_clock_ns()) / 1e9
+            if ahead_s > protocol.MAX_EPOCH_AHEAD_S:
+                raise DirectoryIndexError(
+                    Status.BAD_REQUEST, f"epoch {msg.epoch} is {ahead_s:.0f} s ahead of the "
+                    f"directory's clock (at most {protocol.MAX_EPOCH_AHEAD_S:.0f} s): epochs "
+                    "are wall-clock nanoseconds (time.time_ns())")
             outcome = self.index.register(msg.instance, msg.epoch, msg.namespace, msg.address,
-                                          msg.probe, msg.capabilities, now,
-                                          engine=msg.engine, slice=msg.slice,
-                                          spec=msg.spec)
+                                          msg.probe, msg.capabilities, now, owner=owner,
+                                          engine=msg.engine, slice=msg.slice, spec=msg.spec)
         except DirectoryIndexError as e:
             if self._refused.remember(msg, e.status, str(e), now):
                 logger.warning("refused to register %s at %s: %s", msg.instance, msg.address, e)
@@ -345,27 +371,52 @@ class DirectoryServer:
                           feed_endpoint=self.feed_endpoint, secure=self.secure,
                           refused=self._refused.recent(now))
 
-    def _snapshot(self, rid: int, now: float) -> list[Reply]:
-        """The whole state as parts of at most SNAPSHOT_KEYS_PER_PART keys."""
-        parts: list[list[Holding]] = [[]]
+    def _snapshot(self, envelope: list[bytes], rid: int, now: float) -> list[Reply]:
+        """Queue a snapshot: its parts go out one per loop turn (``_send_snapshot_part``)."""
+        if len(self._snapshots) >= MAX_SNAPSHOTS_IN_FLIGHT:
+            return [self._refuse(rid, Status.OVER_QUOTA, f"{len(self._snapshots)} snapshots "
+                                 "are being sent; ask again")]
+        self._snapshots.append(_SnapshotJob(envelope, rid, self.feed_seq,
+                                            self.index.instances(now),
+                                            deque((m.instance, m.epoch)
+                                                  for m in self.index.members())))
+        return []
+
+    def _send_snapshot_part(self) -> None:
+        """One part (at most SNAPSHOT_KEYS_PER_PART keys) of the oldest snapshot in flight.
+
+        NOTE: parts after the first show the state when they are built, not as of the
+        snapshot's ``feed_seq``: the subscriber applies every event after ``feed_seq`` on
+        top, and applying joins, leaves and key changes again is idempotent, so the replica
+        ends up the same. A member gone or replaced since is skipped (its events say so)."""
+        if not self._snapshots:
+            return
+        job = self._snapshots[0]
+        holdings: list[Holding] = []
         room = SNAPSHOT_KEYS_PER_PART
-        for member in self.index.members():
-            keys = list(member.keys)
-            start = 0
-            while start < len(keys) or start == 0:
-                if room == 0:
-                    parts.append([])
-                    room = SNAPSHOT_KEYS_PER_PART
-                take = keys[start:start + room]
-                parts[-1].append(Holding(member.instance, member.namespace, take))
-                room -= len(take)
-                start += max(1, len(take))
-        instances = self.index.instances(now)
-        return [SnapshotReply(rid=rid, directory_epoch=self.directory_epoch,
-                              feed_seq=self.feed_seq, feed_endpoint=self.feed_endpoint,
-                              instances=instances if i == 0 else [], holdings=part,
-                              last=i == len(parts) - 1)
-                for i, part in enumerate(parts)]
+        while room and (job.keys or job.members):
+            if not job.keys:
+                instance, epoch = job.members.popleft()
+                member = self.index.member(instance)
+                if member is None or member.epoch != epoch:
+                    continue
+                job.current = member
+                job.keys = list(member.keys)
+                if not job.keys:
+                    holdings.append(Holding(member.instance, member.namespace, []))
+                    continue
+            assert job.current is not None
+            take, job.keys = job.keys[:room], job.keys[room:]
+            holdings.append(Holding(job.current.instance, job.current.namespace, take))
+            room -= len(take)
+        last = not job.keys and not job.members
+        self._send(job.envelope, SnapshotReply(
+            rid=job.rid, directory_epoch=self.directory_epoch, feed_seq=job.feed_seq,
+            feed_endpoint=self.feed_endpoint, instances=job.instances if job.first else [],
+            holdings=holdings, last=last))
+        job.first = False
+        if last:
+            self._snapshots.popleft()
 
     # -- feed and replies -------------------------------------------------------------------
 
@@ -385,13 +436,14 @@ class DirectoryServer:
         except zmq.Again:
             pass  # XPUB drops for slow subscribers; they see the seq gap and resync
 
-    def _refuse(self, rid: int, status: str, reason: str) -> Error:
+    def _refuse(self, rid: int, status: str, reason: str, retry_after_s: float = 0.0
+                ) -> Error:
         self.refusals[status] += 1
         if status in _BAD_INPUT:
             self.counters.rejected += 1
         logger.debug("refused request %s (%s): %s", rid, status, reason)
         return Error(rid=rid, directory_epoch=self.directory_epoch, status=status,
-                     reason=reason[:4096])
+                     reason=reason[:4096], retry_after_ms=max(0, int(retry_after_s * 1000)))
 
     def _send(self, envelope: list[bytes], reply: Reply) -> None:
         try:
@@ -400,6 +452,21 @@ class DirectoryServer:
             self._socket.send_multipart([*envelope, protocol.encode(reply)], zmq.NOBLOCK)
         except zmq.Again:
             logger.debug("dropped a reply to a slow or gone client")
+
+
+@dataclass(slots=True)
+class _SnapshotJob:
+    """A Snapshot being answered part by part: who asked, the state's head (as of
+    ``feed_seq``), the members still to send and the keys left of the current one."""
+
+    envelope: list[bytes]
+    rid: int
+    feed_seq: int
+    instances: list[InstanceInfo]
+    members: deque[tuple[InstanceId, int]]
+    keys: list[ChunkKey] = field(default_factory=list)
+    current: Member | None = None
+    first: bool = True
 
 
 def _with_seq(event: FeedEvent, seq: int, epoch: int) -> FeedEvent:

@@ -68,6 +68,7 @@ def diagnose(config: DoctorConfig) -> DoctorReport:
         findings.extend(probe_findings(stats.instances, stats.refused))
         findings.extend(namespace_findings(stats.instances))
         findings.extend(address_findings(config.directory, stats.instances))
+        findings.extend(server_findings(stats.instances))
         peers = _check_peers(config, choice, stats.instances)
         findings.extend(_peer_finding(p) for p in peers)
     return DoctorReport(directory=config.directory, secret=config.secret is not None,
@@ -186,6 +187,32 @@ def address_findings(directory: str, instances: Sequence[InstanceInfo]) -> list[
                     "advertises a loopback address: peers on other hosts cannot pull from it "
                     "(set bind_host / advertise_host to this host's cluster address)")
             for i in instances if is_loopback_endpoint(f"tcp://{i.address}")]
+
+
+def server_findings(instances: Sequence[InstanceInfo]) -> list[Finding]:
+    """What each instance's worker reported about its own data-plane server (the
+    ``server_*`` counters, ``ServerHealth.counters``): dead is an error, having turned
+    connections away recently (a flood, or more peers than its caps) a warning. Pure."""
+    findings = []
+    for i in instances:
+        c = i.counters
+        subject = f"{i.instance} {i.address}"
+        if c.get("server_alive") == 0:
+            findings.append(Finding("ERROR", "data-plane server", subject,
+                                    "its data-plane server stopped accepting connections: "
+                                    "nobody can pull from it (restart the instance)"))
+        elif c.get("server_saturated"):
+            findings.append(Finding("WARN", "data-plane server", subject,
+                                    f"saturated: turned away {c.get('server_refused', 0)} "
+                                    "connections at its caps (a connection flood, or more "
+                                    "peers than it admits)"))
+        if c.get("server_thread_failures") or c.get("server_loop_errors"):
+            findings.append(Finding("WARN", "data-plane server", subject,
+                                    f"{c.get('server_thread_failures', 0)} connection(s) "
+                                    "closed because no thread could be started, "
+                                    f"{c.get('server_loop_errors', 0)} error(s) survived by "
+                                    "its accept loop (see its log)"))
+    return findings
 
 
 def _peer_finding(peer: PeerCheck) -> Finding:

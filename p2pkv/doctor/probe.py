@@ -160,7 +160,8 @@ def check_peer(info: InstanceInfo, key: bytes | None, choice: TransportChoice,
     except OSError as e:
         return PeerCheck(**base, reachable=False, error=f"UNREACHABLE: {e}")
     except TransportError as e:
-        return PeerCheck(**base, reachable=False, error=f"HANDSHAKE FAILED: {e}")
+        kind = "SATURATED" if "connection cap" in str(e) else "HANDSHAKE FAILED"
+        return PeerCheck(**base, reachable=False, error=f"{kind}: {e}")
     handshake_ms = _ms_since(t0)
     sock.close()
     if not choice.same_host:

@@ -69,10 +69,12 @@ def chat(url: str, messages: list[dict[str, str]], *, max_tokens: int = 32, stre
 
 
 def complete(url: str, prompt: Sequence[int] | str, *, max_tokens: int = 16,
-             stream: bool = True, cache_salt: str | None = None, timeout_s: float = 600.0
-             ) -> Completion:
-    """Greedy completion of a prompt (text or token ids); streamed by default."""
+             stream: bool = True, cache_salt: str | None = None, timeout_s: float = 600.0,
+             extra_body: dict | None = None) -> Completion:
+    """Greedy completion of a prompt (text or token ids); streamed by default.
+    ``extra_body``: more request fields (e.g. vLLM's ``kv_transfer_params``)."""
     body = completion_body(prompt, max_tokens=max_tokens, stream=stream, cache_salt=cache_salt)
+    body.update(extra_body or {})
     return request(url, COMPLETIONS, body, timeout_s)
 
 

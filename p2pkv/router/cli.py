@@ -47,6 +47,12 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--publish-wait-s", type=float, default=2.0)
     p.add_argument("--health-interval-s", type=float, default=1.0)
     p.add_argument("--request-timeout-s", type=float, default=600.0)
+    p.add_argument("--max-body-mib", type=float, default=32.0,
+                   help="larger request bodies are refused with 413")
+    p.add_argument("--api-key", default=os.environ.get("P2PKV_ROUTER_API_KEY", ""),
+                   help="clients must send 'Authorization: Bearer KEY' (env "
+                        "P2PKV_ROUTER_API_KEY); the header is passed on to the instances "
+                        "either way, so instances started with vLLM's --api-key work")
     p.set_defaults(func=run_router)
 
 
@@ -64,7 +70,9 @@ def run_router(args: argparse.Namespace) -> int:
                           policy=Policy(args.tokens_per_request, args.slack),
                           publish_wait_s=args.publish_wait_s,
                           health_interval_s=args.health_interval_s,
-                          request_timeout_s=args.request_timeout_s)
+                          request_timeout_s=args.request_timeout_s,
+                          max_body_bytes=int(args.max_body_mib * (1 << 20)),
+                          api_key=args.api_key)
     keyer = PromptKeyer(args.model, block_size=args.block_size,
                         chunk_tokens=args.chunk_tokens, hash_algorithm=args.hash_algorithm)
     secret = load_secret(args.secret_file) if args.secret_file else None

@@ -130,7 +130,7 @@ class Fleet:
         if unregister:
             for m in self._members:
                 if m.registered:
-                    self._send(Unregister(instance=m.instance))
+                    self._send(Unregister(instance=m.instance, epoch=self._epoch))
         self._socket.close(linger=0)
         self._context.term()
 
@@ -228,7 +228,8 @@ class Fleet:
             r = removed[:MAX_KEYS_PER_MESSAGE - len(a)]
             added, removed = added[len(a):], removed[len(r):]
             rid = self._send(Publish(instance=m.instance, namespace=self.namespace, added=a,
-                                     removed=r, seq=m.seq + 1, reset=reset and first))
+                                     removed=r, seq=m.seq + 1, reset=reset and first,
+                                     epoch=self._epoch))
             if rid < 0:
                 self._forget(idx)  # lost: register and snapshot again
                 return

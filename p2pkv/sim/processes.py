@@ -43,7 +43,9 @@ class DirectoryProcess:
         proc = subprocess.Popen([sys.executable, "-m", "p2pkv.directory", "--bind",
                                  bind, *extra, "--ready-file", str(ready),
                                  "--heartbeat-interval", str(heartbeat_s), "--liveness",
-                                 str(liveness), "--log-level", "ERROR"])
+                                 str(liveness), "--log-level", "ERROR",
+                                 # one Fleet registers all its instances on one socket
+                                 "--max-registrations-per-connection", "1000000"])
         deadline = time.monotonic() + timeout_s
         while not ready.exists():
             if proc.poll() is not None or time.monotonic() > deadline:

@@ -150,6 +150,34 @@ class TransportChoice:
         return "shm" if slab_mapped else "tcp"
 
 
+@dataclass(frozen=True, slots=True)
+class ServerHealth:
+    """The data-plane server as its owner sees it (``Server.health``)."""
+
+    alive: bool
+    """The accept loop runs: new peers can connect."""
+    saturated: bool
+    """A connection was refused or dropped at a cap within ``saturated_window_s``."""
+    handshaking: int
+    connections: int
+    refused: int
+    """Connections turned away at a cap, in all (refused + dropped handshakes)."""
+    expired: int
+    failed_handshakes: int
+    thread_failures: int
+    """Authenticated connections closed because their thread could not start."""
+    pins_refused: int
+    """Keys answered MISSING because their peer was at its pin cap."""
+    loop_errors: int
+
+    def counters(self) -> dict[str, int]:
+        """As connector counters (``server_*``), reported to the directory; only values that
+        change when something goes wrong (so they do not cause a report each step)."""
+        return {"server_alive": int(self.alive), "server_saturated": int(self.saturated),
+                "server_refused": self.refused, "server_thread_failures": self.thread_failures,
+                "server_pins_refused": self.pins_refused, "server_loop_errors": self.loop_errors}
+
+
 class Transport(abc.ABC):
     """Serves one store and pulls from peers. ``pull`` may be called from several threads."""
 
@@ -171,6 +199,11 @@ class Transport(abc.ABC):
         """Pull ``items`` from the peer at ``address``; never raises for peer errors and
         returns within ``timeout_s`` (plus scheduling noise). Items not OK may hold partial
         bytes in their destination: the caller must treat them as garbage."""
+
+    def health(self) -> ServerHealth | None:
+        """The server's health once ``serve`` was called (None before, or for transports
+        without a server of their own)."""
+        return None
 
     @abc.abstractmethod
     def close(self) -> None:

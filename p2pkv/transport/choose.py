@@ -9,10 +9,12 @@ of holders on the same host); ``ucx`` (TCP control, bytes over UCX: GPU memory, 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 
 from p2pkv.errors import ConfigError
+from p2pkv.keys import Namespace
 from p2pkv.secret import ClusterSecret, derive
 from p2pkv.store import shm_room
 from p2pkv.transport.base import TransportChoice
@@ -69,18 +71,38 @@ def choose_transport(kind: str, store_bytes: int = 0, cuda_device: int | None = 
     return TransportChoice(same_host, f"auto: {shm}, tcp for the others (ucx: {why})")
 
 
+def is_loopback_host(host: str) -> bool:
+    """A loopback address or ``localhost`` (the same rule as the directory's binds)."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "0.0.0.0", "", a host name: not provably loopback
+
+
 def make_transport(kind: str, *, bind_host: str, advertise_host: str | None = None,
                    connections_per_peer: int = 2, secret: ClusterSecret | None = None,
                    store_bytes: int = 0, cuda_device: int | None = None,
-                   ucx_config: dict[str, str] | None = None) -> PeerTransport:
+                   ucx_config: dict[str, str] | None = None,
+                   insecure_any_address: bool = False,
+                   namespace: Namespace = Namespace("")) -> PeerTransport:
     """The one place that maps config to a transport (the decision itself is
     :func:`choose_transport`).
 
-    ``secret``: the cluster secret; without one the data plane is unauthenticated (fine on
-    loopback, said once in the log). ``store_bytes``, ``cuda_device``: see
+    ``secret``: the cluster secret; without one the data plane is unauthenticated, and,
+    like the directory, it refuses (ConfigError) to bind anything but loopback unless
+    ``insecure_any_address`` (a trusted private network). ``namespace``: this instance's; a
+    holder that serves another is refused (see ``PeerTransport``). ``store_bytes``, ``cuda_device``: see
     :func:`choose_transport`. ``ucx_config``: UCX options without the UCX_ prefix (e.g.
     {"TLS": "tcp"}; the UCX_* environment applies otherwise).
     """
+    if secret is None and not insecure_any_address and not is_loopback_host(bind_host):
+        raise ConfigError(f"refusing to serve the data plane on {bind_host} without a cluster "
+                          "secret: anyone who can reach it could pull this instance's KV "
+                          "cache. Give a secret_file, bind to 127.0.0.1, or set "
+                          "insecure_any_address on a trusted network")
     choice = choose_transport(kind, store_bytes, cuda_device)
     key = derive(secret, "data-plane") if secret is not None else None
     if key is None:
@@ -90,7 +112,7 @@ def make_transport(kind: str, *, bind_host: str, advertise_host: str | None = No
     def build(choice: TransportChoice, engine: UcxEngine | None = None) -> PeerTransport:
         return PeerTransport(choice, bind_host=bind_host, advertise_host=advertise_host,
                              connections_per_peer=connections_per_peer, key=key,
-                             ucx_engine=engine)
+                             ucx_engine=engine, namespace=namespace)
 
     if choice.ucx:
         try:

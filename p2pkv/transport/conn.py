@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 
 from p2pkv.errors import AuthError, DeadlineExceeded, TransportError
+from p2pkv.keys import Namespace
 from p2pkv.transport import wire
 from p2pkv.transport.base import PullItem
 from p2pkv.transport.shm import MappedSlab, open_peer_slab
@@ -50,7 +51,16 @@ def client_handshake(sock: socket.socket, key: bytes | None, deadline: float) ->
     """The client half of the data-plane handshake (see ``wire``) on a connected blocking
     socket; returns the holder's PeerInfo. Raises AuthError when either side is not a member,
     TransportError/OSError for the rest."""
-    auth, nonce_s = wire.unpack_hello(recv_exact(sock, wire.HELLO_BYTES, deadline))
+    try:
+        hello = recv_exact(sock, wire.HELLO_BYTES, deadline)
+    except (ConnectionResetError, TransportError) as e:
+        if isinstance(e, DeadlineExceeded):
+            raise
+        # NOTE: a holder over its connection cap accepts and resets at once (accept.py)
+        raise TransportError("holder closed the connection before its hello: it is over "
+                             "its connection cap (saturated), or not a p2pkv data plane"
+                             ) from None
+    auth, nonce_s = wire.unpack_hello(hello)
     if key is not None and not auth:
         raise AuthError("peer has no cluster secret: refusing an unauthenticated peer")
     nonce_c = secrets.token_bytes(wire.NONCE_BYTES)
@@ -97,12 +107,14 @@ class Conn:
 class ConnPool:
     """Idle connections per peer, at most ``max_idle`` each, reused for CLIENT_IDLE_S.
 
+    ``namespace``: refuse holders that say they serve another one ("": no check).
     ``same_host``: map the slab of holders on this host (``local_host_id``) when connecting;
     why a holder's cannot be mapped is logged once per peer."""
 
     def __init__(self, *, key: bytes | None, max_idle: int, same_host: bool,
-                 local_host_id: str) -> None:
+                 local_host_id: str, namespace: Namespace = Namespace("")) -> None:
         self._key = key
+        self._namespace = namespace
         self._max_idle = max_idle
         self._same_host = same_host
         self._host_id = local_host_id
@@ -123,6 +135,11 @@ class ConnPool:
                 conn.close()
         sock, info = connect_peer(peer, self._key, deadline)
         try:
+            if self._namespace and info.namespace and info.namespace != self._namespace:
+                # NOTE: an address the directory gave us is now another instance's, of
+                # another model or layout: its bytes must never land in our blocks
+                raise AuthError(f"holder at {peer[0]}:{peer[1]} serves namespace "
+                                f"{info.namespace}, not ours ({self._namespace})")
             return Conn(sock, info, self._map_slab(peer, info))
         except BaseException:
             sock.close()

@@ -20,18 +20,21 @@ import msgspec
 
 from p2pkv.cuda import StagingPool
 from p2pkv.errors import TransportError
+from p2pkv.keys import Namespace
 from p2pkv.store import ChunkStore
 from p2pkv.transport import shm, stream, ucx, wire
 from p2pkv.transport.base import (
     PathName,
     PullItem,
     PullResult,
+    ServerHealth,
     Transport,
     TransportChoice,
     common_selection,
     failed,
     host_pieces,
 )
+from p2pkv.transport.accept import ServerLimits
 from p2pkv.transport.conn import Conn, ConnPool
 from p2pkv.transport.server import Server
 from p2pkv.transport.sockio import parse_address
@@ -55,9 +58,14 @@ class PeerTransport(Transport):
 
     def __init__(self, choice: TransportChoice = TCP_ONLY, *, bind_host: str = "127.0.0.1",
                  advertise_host: str | None = None, connections_per_peer: int = 2,
-                 key: bytes | None = None, ucx_engine: ucx.UcxEngine | None = None) -> None:
+                 key: bytes | None = None, ucx_engine: ucx.UcxEngine | None = None,
+                 server_limits: ServerLimits = ServerLimits(),
+                 namespace: Namespace = Namespace("")) -> None:
         """``key``: the data-plane key derived from the cluster secret (None: no auth).
-        ``ucx_engine``: required when ``choice.ucx`` (this transport closes it)."""
+        ``ucx_engine``: required when ``choice.ucx`` (this transport closes it).
+        ``namespace``: this instance's (``keys.Namespace``): served in its PeerInfo, and
+        holders that serve another are refused ("": neither)."""
+        self._namespace = namespace
         assert choice.ucx == (ucx_engine is not None), "choice.ucx needs a UcxEngine"
         self._choice = choice
         self._bind_host = bind_host
@@ -66,9 +74,11 @@ class PeerTransport(Transport):
         self._host_id = shm.host_id()
         self._ucx = ucx_engine
         self._pool = ConnPool(key=key, max_idle=connections_per_peer,
-                              same_host=choice.same_host, local_host_id=self._host_id)
+                              same_host=choice.same_host, local_host_id=self._host_id,
+                              namespace=namespace)
         self._staging = StagingPool()
         self._server: Server | None = None
+        self._server_limits = server_limits
         self._stores: list[ChunkStore] = []
         self.counters = PathCounters()
 
@@ -89,14 +99,19 @@ class PeerTransport(Transport):
         assert self._server is None, "serve() called twice"
         info = wire.PeerInfo(host_id=self._host_id, shm_path=store.shm_path,
                              shm_ident=store.shm_ident,
-                             slab_bytes=store.slab_bytes, slot_bytes=store.slot_bytes)
+                             slab_bytes=store.slab_bytes, slot_bytes=store.slot_bytes,
+                             namespace=self._namespace)
         if self._ucx is not None:
             info = msgspec.structs.replace(info, ucx_address=self._ucx.address)
-        self._server = Server(store, self._bind_host, self._key, info, ucx=self._ucx)
+        self._server = Server(store, self._bind_host, self._key, info, ucx=self._ucx,
+                              limits=self._server_limits)
         address = f"{self._advertise_host}:{self._server.port}"
         logger.info("p2pkv %s transport serving on %s (%s)", self.name, address,
                     "authenticated" if self._key else "UNAUTHENTICATED: no cluster secret")
         return address
+
+    def health(self) -> ServerHealth | None:
+        return self._server.health() if self._server is not None else None
 
     def pull(self, address: str, items: Sequence[PullItem], timeout_s: float) -> list[PullResult]:
         deadline = time.monotonic() + timeout_s

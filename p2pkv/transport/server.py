@@ -1,143 +1,151 @@
 """The data plane's server: serves one ChunkStore to authenticated peers over TCP.
 
-Made and owned by ``PeerTransport.serve``. An accept thread and one thread per connection.
-Each connection first runs the handshake (HMAC challenge-response, then this holder's
-``PeerInfo``), then answers requests one at a time: ``Pull`` streams the chunks' bytes
-(``transport/stream.py``), ``Pin``/``Release`` let a same-host peer copy them out of the shared
-slab itself (``transport/shm.py``), ``Send`` answers the headers here and sends the bytes over
-UCX to the puller's worker (``transport/ucx.py``; only when this holder has a ``UcxEngine``).
-Every chunk being read stays pinned in the store (its refcount) until the read is done; pins
-a connection holds are released when it ends, however it ends.
+Made and owned by ``PeerTransport.serve``. The listening socket and every handshake (HMAC
+challenge-response, then this holder's ``PeerInfo``) run in one selector thread
+(``transport/accept.py``, with the caps on connections); each authenticated connection gets
+a thread that answers its requests one at a time: ``Pull`` streams the chunks' bytes
+(``transport/stream.py``), ``Pin``/``Release`` let a same-host peer copy them out of the
+shared slab itself (``transport/shm.py``), ``Send`` answers the headers here and sends the
+bytes over UCX to the puller's worker (``transport/ucx.py``; only when this holder has a
+``UcxEngine``). Every chunk being read stays pinned in the store (its refcount) until the read
+is done; pins a connection holds are released when it ends, however it ends, and are capped
+per connection and per peer address (``ServerLimits``). ``health()`` says whether the server
+still accepts and whether it has had to turn peers away (the worker reports it to the
+directory, ``p2pkv doctor`` shows it).
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import xxhash
 
 from p2pkv.affinity import widen_cpu_affinity
 from p2pkv.errors import BadRequest, TransportError
+from p2pkv.ratelog import RateLimitedLog
 from p2pkv.store import ChunkStore, PinnedChunk
 from p2pkv.transport import wire
+from p2pkv.transport.accept import Acceptor, ServerLimits
+from p2pkv.transport.base import ServerHealth
 from p2pkv.transport.selection import Selection
-from p2pkv.transport.sockio import make_blocking, recv_exact, send_views
+from p2pkv.transport.sockio import recv_exact, send_views
 
 if TYPE_CHECKING:
     from p2pkv.transport.ucx import UcxEngine
 
 logger = logging.getLogger(__name__)
 
-SERVER_IDLE_S = 120.0  # a server closes a connection idle this long
-HANDSHAKE_S = 5.0  # a peer must prove itself within this long after connecting
-SEND_TIMEOUT_S = 30.0  # a server gives up on a peer that stops reading
-MAX_PINS_PER_CONN = wire.MAX_KEYS_PER_REQUEST
+StartThread = Callable[[Callable[[], None]], None]
+"""Starts a serving thread running the given function (injected by tests to make it fail)."""
+
+
+def start_daemon_thread(target: Callable[[], None]) -> None:
+    threading.Thread(target=target, name="p2pkv-tcp-serve", daemon=True).start()
 
 
 class Server:
     def __init__(self, store: ChunkStore, bind_host: str, key: bytes | None,
-                 info: wire.PeerInfo, ucx: UcxEngine | None = None) -> None:
+                 info: wire.PeerInfo, ucx: UcxEngine | None = None, *,
+                 limits: ServerLimits = ServerLimits(),
+                 start_thread: StartThread = start_daemon_thread) -> None:
         self._store = store
         self._ucx = ucx
-        self._key = key
-        self._info = wire.encode_info(info)
-        self._sock = socket.create_server((bind_host, 0))
-        self._sock.settimeout(0.2)
-        self.port = self._sock.getsockname()[1]
-        self._stop = threading.Event()
+        self._limits = limits
+        self._pins_per_peer = limits.pins_per_peer or max(64, store.capacity // 2)
+        self._start_thread = start_thread
+        self._closed = False
         self._conns: set[socket.socket] = set()
-        self._conns_lock = threading.Lock()
-        self._thread = threading.Thread(target=self._accept_loop, name="p2pkv-tcp-accept",
-                                        daemon=True)
-        self._thread.start()
+        self._pins_by_peer: dict[str, int] = {}
+        self._lock = threading.Lock()  # guards the two above and the counters below
+        self._thread_failures = 0
+        self._pins_refused = 0
+        self._log = RateLimitedLog(logger)
+        self._acceptor = Acceptor(bind_host, key, wire.encode_info(info), limits,
+                                  hand_over=self._hand_over,
+                                  authenticated=lambda: len(self._conns))
+        self.port = self._acceptor.port
+
+    def health(self) -> ServerHealth:
+        c = self._acceptor.counters
+        with self._lock:
+            conns, thread_failures, pins_refused = (len(self._conns), self._thread_failures,
+                                                    self._pins_refused)
+        recent = time.monotonic() - c.last_turned_away < self._limits.saturated_window_s
+        return ServerHealth(alive=self._acceptor.alive and not self._closed, saturated=recent,
+                            handshaking=self._acceptor.handshaking, connections=conns,
+                            refused=c.refused + c.dropped, expired=c.expired,
+                            failed_handshakes=c.failed, thread_failures=thread_failures,
+                            pins_refused=pins_refused, loop_errors=c.loop_errors)
 
     def close(self) -> None:
         """Stop accepting and cut every open connection: a closed server serves nothing."""
-        self._stop.set()
-        self._thread.join(timeout=2.0)
-        self._sock.close()
-        with self._conns_lock:
+        self._acceptor.close()
+        with self._lock:
+            self._closed = True
             for conn in self._conns:
                 try:
                     conn.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
 
-    def _accept_loop(self) -> None:
-        widen_cpu_affinity()
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stop.is_set():
-                    return
-                logger.exception("accept failed")
-                time.sleep(0.1)
-                continue
-            threading.Thread(target=self._serve_conn, args=(conn,), name="p2pkv-tcp-serve",
-                             daemon=True).start()
+    def _hand_over(self, conn: socket.socket) -> None:
+        """An authenticated connection from the acceptor: give it a serving thread."""
+        with self._lock:
+            if self._closed:
+                conn.close()
+                return
+            self._conns.add(conn)
+        try:
+            self._start_thread(lambda: self._serve_conn(conn))
+        except Exception as e:  # noqa: BLE001 - RuntimeError("can't start new thread"), ...
+            with self._lock:
+                self._conns.discard(conn)
+                self._thread_failures += 1
+            conn.close()
+            self._log.warning("thread", "p2pkv data-plane server: cannot start a thread for "
+                              "a connection (%s): closed it", e)
 
     def _serve_conn(self, conn: socket.socket) -> None:
         widen_cpu_affinity()
-        with self._conns_lock:
-            self._conns.add(conn)
         pins: list[PinnedChunk] = []
+        peer = _peer_host(conn)
         try:
-            make_blocking(conn)
-            if self._handshake(conn):
-                self._serve_requests(conn, pins)
+            self._serve_requests(conn, peer, pins)
         except (TransportError, OSError):
-            pass  # idle timeout or peer gone: nothing to report
+            pass  # idle timeout, slow reader or peer gone: nothing to report
         finally:
             for p in pins:
                 self._store.unpin(p)
-            with self._conns_lock:
+            with self._lock:
                 self._conns.discard(conn)
+                self._unclaim(peer, len(pins))
             conn.close()
 
-    def _handshake(self, conn: socket.socket) -> bool:
-        deadline = time.monotonic() + HANDSHAKE_S
-        nonce_s = secrets.token_bytes(wire.NONCE_BYTES)
-        send_views(conn, [wire.pack_hello(self._key is not None, nonce_s)], HANDSHAKE_S)
-        version, nonce_c, proof = wire.unpack_proof(recv_exact(conn, wire.PROOF_BYTES, deadline))
-        good = secrets.compare_digest(proof, wire.mac(self._key, b"c", nonce_s, nonce_c))
-        if version != wire.WIRE_VERSION or not good:
-            logger.warning("refused a data-plane peer %s: %s", _peer_name(conn),
-                           f"wire version {version}" if version != wire.WIRE_VERSION
-                           else "wrong or missing cluster secret")
-            send_views(conn, [wire.pack_verdict(wire.Status.AUTH_FAILED, bytes(32), b"")],
-                       HANDSHAKE_S)
-            return False
-        send_views(conn, [wire.pack_verdict(
-            wire.Status.OK, wire.mac(self._key, b"s", nonce_c, nonce_s), self._info)],
-            HANDSHAKE_S)
-        return True
-
-    def _serve_requests(self, conn: socket.socket, pins: list[PinnedChunk]) -> None:
-        while not self._stop.is_set():
-            deadline = time.monotonic() + SERVER_IDLE_S
-            prefix = recv_exact(conn, wire.LEN_BYTES, deadline)
+    def _serve_requests(self, conn: socket.socket, peer: str, pins: list[PinnedChunk]) -> None:
+        limits = self._limits
+        while not self._closed:
+            prefix = recv_exact(conn, wire.LEN_BYTES, time.monotonic() + limits.idle_s)
             try:
                 n = wire.request_length(prefix)
-                req = wire.decode_request(recv_exact(conn, n, deadline))
+                req = wire.decode_request(recv_exact(conn, n, time.monotonic()
+                                                     + limits.request_s))
                 if isinstance(req, wire.Pull):
                     self._send_chunks(conn, req.keys, req.select)
                 elif isinstance(req, wire.Pin):
-                    self._pin_chunks(conn, req.keys, pins)
+                    self._pin_chunks(conn, peer, req.keys, pins)
                 elif isinstance(req, wire.Send):
                     self._send_over_ucx(conn, req)
                 else:
-                    self._release(req.pins, pins)
+                    self._release(peer, req.pins, pins)
             except BadRequest as e:
-                logger.warning("rejected a data-plane request from %s: %s", _peer_name(conn), e)
-                send_views(conn, [wire.pack_item(wire.Status.BAD_REQUEST)], SEND_TIMEOUT_S)
+                self._log.warning("bad-request", "p2pkv: rejected a data-plane request from "
+                                  "%s: %s", _peer_name(conn), e)
+                send_views(conn, [wire.pack_item(wire.Status.BAD_REQUEST)], limits.response_s)
                 return
 
     def _send_chunks(self, conn: socket.socket, keys: list[bytes],
@@ -154,7 +162,7 @@ class Server:
                 bodies = [p.view for p in pinned if p is not None]
             else:
                 headers, bodies = self._selected(pinned, select)
-            send_views(conn, [headers, *bodies], SEND_TIMEOUT_S)
+            send_views(conn, [headers, *bodies], self._limits.response_s)
         finally:
             for p in pinned:
                 if p is not None:
@@ -198,7 +206,7 @@ class Server:
             send_views(conn, [b"".join(
                 wire.pack_item(wire.Status.MISSING) if p is None
                 else wire.pack_item(wire.Status.OK, p.view.nbytes, p.digest) for p in pinned)],
-                SEND_TIMEOUT_S)
+                self._limits.response_s)
         except BaseException:
             release()
             raise
@@ -210,34 +218,72 @@ class Server:
         except TransportError as e:
             logger.info("UCX send to a puller failed: %s", e)
 
-    def _pin_chunks(self, conn: socket.socket, keys: list[bytes],
+    def _pin_chunks(self, conn: socket.socket, peer: str, keys: list[bytes],
                     pins: list[PinnedChunk]) -> None:
         if not self._store.shm_path:
             raise BadRequest("this holder has no shared slab")
-        if len(pins) + len(keys) > MAX_PINS_PER_CONN:
-            raise BadRequest(f"more than {MAX_PINS_PER_CONN} pins on one connection")
-        headers = []
-        for key in keys:
-            p = self._store.pin(key)  # type: ignore[arg-type]
+        if len(pins) + len(keys) > self._limits.pins_per_conn:
+            raise BadRequest(f"more than {self._limits.pins_per_conn} pins on one connection")
+        allowed = self._claim(peer, len(keys))
+        headers, held = [], 0
+        for i, key in enumerate(keys):
+            p = self._store.pin(key) if i < allowed else None  # type: ignore[arg-type]
             if p is None:
                 headers.append(wire.pack_pin(wire.Status.MISSING))
                 continue
             pins.append(p)
+            held += 1
             headers.append(wire.pack_pin(wire.Status.OK, p.view.nbytes, p.digest, p.index,
                                          p.generation))
-        send_views(conn, [b"".join(headers)], SEND_TIMEOUT_S)
+        with self._lock:
+            self._unclaim(peer, allowed - held)  # claimed for keys the store did not have
+        send_views(conn, [b"".join(headers)], self._limits.response_s)
 
-    def _release(self, pairs: list[tuple[int, int]], pins: list[PinnedChunk]) -> None:
+    def _claim(self, peer: str, n: int) -> int:
+        """Reserve up to ``n`` pins of ``peer``'s allowance; how many it got."""
+        with self._lock:
+            have = self._pins_by_peer.get(peer, 0)
+            got = max(0, min(n, self._pins_per_peer - have))
+            self._pins_by_peer[peer] = have + got
+            if got < n:
+                self._pins_refused += n - got
+        if got < n:
+            self._log.warning("pins", "p2pkv data-plane server: peer %s at its cap of %d "
+                              "pinned chunks: answering %d keys missing", peer,
+                              self._pins_per_peer, n - got)
+        return got
+
+    def _unclaim(self, peer: str, n: int) -> None:
+        """Give back ``n`` of ``peer``'s pins (the caller holds the lock)."""
+        if n:
+            left = self._pins_by_peer.get(peer, 0) - n
+            assert left >= 0, "more pins given back than claimed"
+            if left:
+                self._pins_by_peer[peer] = left
+            else:
+                self._pins_by_peer.pop(peer, None)
+
+    def _release(self, peer: str, pairs: list[tuple[int, int]],
+                 pins: list[PinnedChunk]) -> None:
         for slot, generation in pairs:
             # NOTE: matched on (slot, generation): a release can never unpin a slot that was
             # reused for another chunk since (it cannot be while we pin it, but peers lie).
             for i, p in enumerate(pins):
                 if p.index == slot and p.generation == generation:
                     self._store.unpin(pins.pop(i))
+                    with self._lock:
+                        self._unclaim(peer, 1)
                     break
             else:
                 raise BadRequest(f"release of slot {slot} generation {generation}, "
                                       "which this connection has not pinned")
+
+
+def _peer_host(conn: socket.socket) -> str:
+    try:
+        return str(conn.getpeername()[0])
+    except OSError:
+        return "?"
 
 
 def _peer_name(conn: socket.socket) -> str:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import socket
+import stat
 import time
 from collections.abc import Sequence
 
@@ -29,6 +31,10 @@ from p2pkv.transport.land import scatter
 from p2pkv.transport.selection import Selection
 from p2pkv.transport.sockio import recv_exact, send_views
 from p2pkv.transport.wire import PeerInfo
+
+# A holder's slab is always an fd of the holder's, unlinked file (store._SharedSlab): a PeerInfo
+# naming anything else is refused before it is opened.
+_SLAB_PATH = re.compile(r"/proc/[1-9][0-9]{0,9}/fd/[0-9]{1,10}")
 
 # Copy and hash in blocks that stay in L2: the hash then reads the bytes the copy just wrote
 # from cache instead of from memory (measured: ~1.5x faster than copy-then-hash for 64 MiB).
@@ -52,61 +58,53 @@ class MappedSlab:
     def __init__(self, path: str, ident: str, nbytes: int, slot_bytes: int) -> None:
         self._path, self._ident, self.nbytes = path, ident, nbytes
         self.slot_bytes = slot_bytes
-        self._map = self._mmap(os.O_RDONLY, mmap.PROT_READ)
+        self._map = self._map_read_only()
         self.array = np.frombuffer(self._map, dtype=np.uint8)
-        self._dma: np.ndarray | None = None
-        self._dma_map: mmap.mmap | None = None
         self.dma_mode = ""  # how GPU copies read it: "" (not asked yet), see device_array
 
-    def _mmap(self, flags: int, prot: int) -> mmap.mmap:
-        fd = os.open(self._path, flags)
+    def _map_read_only(self) -> mmap.mmap:
+        if not _SLAB_PATH.fullmatch(self._path):
+            raise TransportError(f"slab path {self._path!r} is not /proc/<pid>/fd/<n>")
+        if self.slot_bytes <= 0 or self.nbytes <= 0 or self.nbytes % self.slot_bytes:
+            raise TransportError(f"slab of {self.nbytes} bytes in slots of {self.slot_bytes}")
+        # NOTE: O_NONBLOCK: whatever the path turns out to be, opening it cannot block the
+        # pull thread (a FIFO without a writer would, for ever); it must then be a regular file.
+        fd = os.open(self._path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
         try:
             st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise TransportError(f"{self._path} is not a regular file")
             if f"{st.st_dev}:{st.st_ino}" != self._ident:
                 raise TransportError(f"{self._path} is not the holder's slab "
                                      "(another pid namespace?)")
             if st.st_size != self.nbytes:
                 raise TransportError(f"slab {self._path} is not {self.nbytes} bytes")
-            return mmap.mmap(fd, self.nbytes, mmap.MAP_SHARED, prot)
+            return mmap.mmap(fd, self.nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
         finally:
             os.close(fd)
 
     def device_array(self) -> np.ndarray:
         """The slab as GPU copies should read it: page-locked, so that a host-to-device copy
         is one DMA. Tried once: the read-only mapping registered read-only (where the driver
-        supports it), else a second, writable mapping of the same pages registered (p2pkv
-        only ever reads through it), else the plain mapping (the driver stages the copy)."""
+        supports it), else the plain mapping (the driver stages the copy). The slab is never
+        mapped writable here: a puller only reads it."""
         if not self.dma_mode:
             if page_lock(self.array.ctypes.data, self.nbytes, read_only=True):
-                self._dma, self.dma_mode = self.array, "page-locked read-only"
+                self.dma_mode = "page-locked read-only"
             else:
-                try:
-                    m = self._mmap(os.O_RDWR, mmap.PROT_READ | mmap.PROT_WRITE)
-                except (OSError, TransportError):
-                    m = None
-                arr = np.frombuffer(m, dtype=np.uint8) if m is not None else None
-                if arr is not None and page_lock(arr.ctypes.data, self.nbytes):
-                    self._dma, self._dma_map, self.dma_mode = arr, m, "page-locked"
-                else:
-                    del arr
-                    if m is not None:
-                        m.close()
-                    self._dma, self.dma_mode = self.array, "pageable"
-        assert self._dma is not None
-        return self._dma
+                self.dma_mode = "pageable"
+        return self.array
 
     def close(self) -> None:
         if self.dma_mode.startswith("page-locked"):
-            assert self._dma is not None
-            page_unlock(self._dma.ctypes.data)
-        self._dma = None
-        maps = [self._map] + ([self._dma_map] if self._dma_map is not None else [])
+            page_unlock(self.array.ctypes.data)
+        self.dma_mode = "closed"
+        m = self._map
         del self.array
-        for m in maps:
-            try:
-                m.close()
-            except BufferError:
-                pass  # a view is still alive somewhere: the mapping goes when it does
+        try:
+            m.close()
+        except BufferError:
+            pass  # a view is still alive somewhere: the mapping goes when it does
 
 
 def open_peer_slab(info: PeerInfo, local_host_id: str) -> tuple[MappedSlab | None, str]:

@@ -84,11 +84,20 @@ def recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
 
 def send_views(sock: socket.socket, views: Sequence[memoryview | bytes], timeout_s: float
                ) -> None:
-    """Send ``views`` in order (gather send); raise OSError if the peer stops reading."""
+    """Send ``views`` in order (gather send) within ``timeout_s`` in all: a peer that reads
+    slowly cannot stretch one response past it (raises DeadlineExceeded, or OSError if the
+    peer is gone)."""
     pending = [memoryview(v).cast("B") for v in views if len(v)]
-    set_os_timeout(sock, socket.SO_SNDTIMEO, timeout_s)
+    deadline = time.monotonic() + timeout_s
     while pending:
-        n = sock.sendmsg(pending[:IOV_MAX])
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("deadline passed while sending")
+        set_os_timeout(sock, socket.SO_SNDTIMEO, left)
+        try:
+            n = sock.sendmsg(pending[:IOV_MAX])
+        except (BlockingIOError, TimeoutError):
+            continue  # the kernel timeout ended with nothing sent: the deadline decides
         while n and pending:
             if n >= pending[0].nbytes:
                 n -= pending.pop(0).nbytes

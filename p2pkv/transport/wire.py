@@ -27,7 +27,9 @@ BAD_REQUEST and the connection is closed.
 History: 1 — walking skeleton (whole chunks by key, per-chunk digest).
          2 — handshake with HMAC challenge-response and PeerInfo; Pin/Release (same host);
              later in 2: Send (UCX bytes; offered only by holders whose PeerInfo carries a
-             ``ucx_address``, so older holders are never asked).
+             ``ucx_address``, so older holders are never asked); PeerInfo.namespace (a
+             puller refuses a holder of another namespace: a reused address never serves
+             another namespace's bytes; older holders send none and are not checked).
          3 — ``Pull.select``: part of each chunk (a range of KV heads and layers, for a
              puller at a higher tensor parallelism than the holder). A v2 holder would
              ignore the field and send whole chunks, hence the bump.
@@ -117,6 +119,7 @@ class PeerInfo(msgspec.Struct, frozen=True):
     slab_bytes: int = 0
     slot_bytes: int = 0
     ucx_address: bytes = b""
+    namespace: str = ""  # the holder's namespace ("" = not told: a holder from before it)
 
 
 class ItemHeader(NamedTuple):

@@ -39,6 +39,9 @@ class ConnectorConfig:
     secret_file: str = ""
     """File holding the cluster secret; without one, directory and data plane are
     unauthenticated and must stay on loopback or a private network."""
+    insecure_any_address: bool = False
+    """Serve the data plane on a non-loopback ``bind_host`` without a secret (refused
+    otherwise): only on a trusted private network."""
     log_level: str = ""
     """p2pkv's log level inside vLLM (e.g. DEBUG); default: the same as vLLM's."""
 
@@ -74,6 +77,8 @@ class ConnectorConfig:
         for name, value in extra.items():
             default = known[name].default
             want = type(default) if name != "directory" else str
+            if want is bool and not isinstance(value, bool):  # bool("false") is True
+                raise ConfigError(f"{name}={value!r} is not true or false")
             try:
                 values[name] = want(value)
             except (TypeError, ValueError):

@@ -3,10 +3,12 @@
 vLLM builds one instance with role SCHEDULER in the EngineCore process and one with role
 WORKER in each worker process. Add to ``vllm serve``::
 
-    --kv-transfer-config '{"kv_connector":"P2PKVConnector",
-      "kv_connector_module_path":"p2pkv.vllm.connector","kv_role":"kv_both",
+    --kv-transfer-config '{"kv_connector":"P2PKVConnector","kv_role":"kv_both",
       "kv_load_failure_policy":"recompute",
       "kv_connector_extra_config":{"directory":"tcp://HOST:PORT"}}'
+
+(the name resolves through p2pkv's vLLM plugin, ``p2pkv.vllm.plugin``; the long form with
+``"kv_connector_module_path":"p2pkv.vllm.connector"`` works too).
 """
 
 from __future__ import annotations
@@ -30,12 +32,17 @@ from p2pkv.transport.choose import make_transport
 from p2pkv.vllm.config import ConnectorConfig
 from p2pkv.vllm.layout import KVLayout
 from p2pkv.vllm.metadata import P2PKVMetadata
+from p2pkv.vllm.prom import P2PKVPromMetrics, P2PKVStats
 from p2pkv.vllm.scheduler import SchedulerSide
 from p2pkv.vllm.worker import WorkerSide
 
 if TYPE_CHECKING:
     import torch
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+    )
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -188,7 +195,9 @@ class P2PKVConnector(KVConnectorBase_V1):
             transport = make_transport(self._config.transport, bind_host=self._config.bind_host,
                                        advertise_host=self._config.advertise_host or None,
                                        secret=secret, store_bytes=self._config.store_bytes,
-                                       cuda_device=cuda_device)
+                                       cuda_device=cuda_device,
+                                       insecure_any_address=self._config.insecure_any_address,
+                                       namespace=namespace)
             self._worker = WorkerSide(self._config, instance=self._instance,
                                       namespace=namespace, chunk_blocks=chunk_blocks,
                                       transport=transport, directory=directory,
@@ -244,6 +253,25 @@ class P2PKVConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+
+    # -- metrics (both roles; vLLM merges them into its own /metrics, see p2pkv.vllm.prom) --
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        side = self._worker if self._worker is not None else self._scheduler
+        delta = side.take_stats() if side is not None else None
+        return None if delta is None or delta.is_empty() else P2PKVStats.of(delta)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None
+                                 ) -> KVConnectorStats | None:
+        return P2PKVStats(data=data or {})
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict,
+                           labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]
+                           ) -> KVConnectorPromMetrics | None:
+        return P2PKVPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     # -- scheduler side ---------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from p2pkv.directory.client import PENDING, DirectoryClient
@@ -34,6 +34,7 @@ from p2pkv.slices import KVSlice
 from p2pkv.vllm.config import ConnectorConfig
 from p2pkv.vllm.metadata import ChunkLoad, LoadPlan, P2PKVMetadata, SavePlan
 from p2pkv.vllm.sources import Source, plan_sources
+from p2pkv.vllm.stats import DeltaTracker, StatsDelta
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class _Lookup:
     keys: list[ChunkKey]
     full_chunks: int  # the request's full chunks; a key at this index is the partial chunk
     prompt_tokens: int
+    started: float  # clock() when it was sent
 
 
 @dataclass(slots=True)
@@ -120,6 +122,7 @@ class SchedulerSide:
         self._directory_down_until = 0.0
         self._failures_in_a_row = 0
         self.counters = SchedulerCounters()
+        self._stats = DeltaTracker()
 
     # -- lookup ---------------------------------------------------------------------------
 
@@ -145,6 +148,7 @@ class SchedulerSide:
             self._lookups[req_id] = lookup
             return None, False
         self._lookups.pop(req_id, None)
+        self._stats.observe("lookup_seconds", self._clock() - lookup.started)
         if reply is None:
             self.counters.lookup_timeouts += 1
             self._failures_in_a_row += 1
@@ -202,7 +206,8 @@ class SchedulerSide:
         self.counters.lookups += 1
         wanted = keys[first:]
         rid = self._directory.start_lookup(self._namespace, wanted, self._config.lookup_timeout_s)
-        return _Lookup(rid, first, wanted, prompt_tokens // self._chunk_tokens, prompt_tokens)
+        return _Lookup(rid, first, wanted, prompt_tokens // self._chunk_tokens, prompt_tokens,
+                       self._clock())
 
     # -- allocation -> load plan ----------------------------------------------------------
 
@@ -291,6 +296,10 @@ class SchedulerSide:
         self._saved_chunks[req_id] = full
         self.counters.chunks_planned_for_save += len(plans)
         return plans
+
+    def take_stats(self) -> StatsDelta:
+        """What the counters gained, and the lookup latencies seen, since the last call."""
+        return self._stats.take(asdict(self.counters))
 
     def request_finished(self, req_id: str) -> None:
         self._requests.pop(req_id, None)

@@ -39,6 +39,7 @@ from p2pkv.vllm.layout import KVLayout, part_selection
 from p2pkv.vllm.metadata import LoadPlan, P2PKVMetadata
 from p2pkv.vllm.sources import Source
 from p2pkv.vllm.saver import HostSaver
+from p2pkv.vllm.stats import DeltaTracker, StatsDelta
 
 if TYPE_CHECKING:
     from p2pkv.vllm.gpu import AsyncSaver
@@ -89,10 +90,11 @@ class WorkerSide:
         # threads wait for them (a shared pool could deadlock).
         self._parts = ThreadPoolExecutor(config.pull_threads, thread_name_prefix="p2pkv-part",
                                          initializer=widen_cpu_affinity)
-        self._lock = threading.Lock()  # guards the three fields below (pull threads write)
+        self._lock = threading.Lock()  # guards the four fields below (pull threads write)
         self._finished_recving: set[str] = set()
         self._failed_blocks: set[int] = set()
         self.counters = WorkerCounters()
+        self._stats = DeltaTracker()
         self._reported: dict[str, int] = {}
         self._probe = probe
         self._epoch = time.time_ns()  # a restarted process registers a higher epoch
@@ -202,6 +204,7 @@ class WorkerSide:
             c.chunks_missing += missing
             c.chunks_failed += len(plan.chunks) - ok - missing
             c.pull_ms += int(elapsed * 1000)
+            self._stats.observe("pull_seconds", elapsed)
 
     def _pull_part(self, plan: LoadPlan, source: Source) -> list[PullResult]:
         """Pull ``source.part`` of every chunk of ``plan`` from one holder rank, into the part's
@@ -259,9 +262,22 @@ class WorkerSide:
                 self.counters.save_copy_ms = int(self._host_saver.copy_s * 1000)
                 self.counters.save_fence_waits = self._host_saver.fence_waits
             now = asdict(self.counters)
+        health = self._transport.health()
+        if health is not None:
+            now.update(health.counters())  # p2pkv status / doctor show a dead or busy server
+            if not health.alive and self._reported.get("server_alive", 1):
+                logger.error("p2pkv worker: the data-plane server stopped accepting "
+                             "connections: peers can no longer pull from this instance")
         if now != self._reported:
             self._directory.report(now)
             self._reported = now
+
+    def take_stats(self) -> StatsDelta:
+        """What the counters gained, and the pull durations seen, since the last call."""
+        with self._lock:
+            if self._store is not None:
+                self.counters.chunks_served = self._store.counters.served
+            return self._stats.take(asdict(self.counters))
 
     def shutdown(self) -> None:
         self.wait_saved(5.0)
