@@ -59,11 +59,11 @@ def test_remote_hit_beyond_local_prefix_plans_a_pull_into_the_new_blocks():
     r = request("r", 6)
     assert s.get_num_new_matched_tokens(r, 2 * BLOCK) == (3 * BLOCK, True)
     assert d.asked == [r.block_hashes[2:]]  # only chunks beyond the local hit
-    s.update_state_after_alloc(r, [10, 11, 12, 13, 14, 15], 3 * BLOCK)
+    s.update_state_after_alloc(r, ([10, 11, 12, 13, 14, 15],), 3 * BLOCK)
     meta = s.build_meta(SimpleNamespace(scheduled_new_reqs=[], num_scheduled_tokens={},
                                         scheduled_cached_reqs=SimpleNamespace(
                                             req_ids=[], num_computed_tokens=[])),
-                        lambda _: [])
+                        lambda _: ([],))
     (plan,) = meta.loads
     assert [s.address for s in plan.sources[0]] == ["127.0.0.1:9"]
     assert [c.block_ids for c in plan.chunks] == [(12,), (13,), (14,)]
@@ -104,7 +104,7 @@ def test_a_request_is_pulled_at_most_once():
     s = side(d)
     r = request("r", 3)
     assert s.get_num_new_matched_tokens(r, 0) == (2 * BLOCK, True)
-    s.update_state_after_alloc(r, [1, 2, 3], 2 * BLOCK)
+    s.update_state_after_alloc(r, ([1, 2, 3],), 2 * BLOCK)
     # vLLM asks again after a failed load: no second pull from the same peer.
     assert s.get_num_new_matched_tokens(r, 0) == (0, False)
 
@@ -115,11 +115,11 @@ def test_partial_local_chunk_is_received_into_scratch():
     r = request("r", 4)
     # local hit of one block: chunk 0 (blocks 0-1) is half local
     assert s.get_num_new_matched_tokens(r, BLOCK) == (BLOCK, True)
-    s.update_state_after_alloc(r, [7, 8, 9, 10], BLOCK)
+    s.update_state_after_alloc(r, ([7, 8, 9, 10],), BLOCK)
     (plan,) = s.build_meta(SimpleNamespace(scheduled_new_reqs=[], num_scheduled_tokens={},
                                            scheduled_cached_reqs=SimpleNamespace(
                                                req_ids=[], num_computed_tokens=[])),
-                           lambda _: []).loads
+                           lambda _: ([],)).loads
     assert plan.chunks[0].block_ids == (None, 8)
 
 
@@ -136,7 +136,7 @@ def test_saves_each_chunk_once_as_it_completes():
             scheduled_cached_reqs=SimpleNamespace(req_ids=["r"] * len(cached),
                                                   num_computed_tokens=cached),
             num_scheduled_tokens={"r": scheduled})
-        return [(p.key, p.block_ids) for p in s.build_meta(out, lambda _: blocks).saves]
+        return [(p.key, p.block_ids) for p in s.build_meta(out, lambda _: (blocks,)).saves]
 
     assert step([0], [], 2 * BLOCK + 1) == [(r.block_hashes[0], (20,)),
                                             (r.block_hashes[1], (21,))]
@@ -163,7 +163,7 @@ def _step(s, req_id, computed, scheduled, blocks, new=True):
         scheduled_cached_reqs=SimpleNamespace(req_ids=[] if new else [req_id],
                                               num_computed_tokens=[] if new else [computed]),
         num_scheduled_tokens={req_id: scheduled})
-    return s.build_meta(out, lambda _: blocks).saves
+    return s.build_meta(out, lambda _: (blocks,)).saves
 
 
 def test_prefill_saves_the_partial_chunk_once_the_prompt_is_computed():
@@ -208,11 +208,11 @@ def test_decode_pulls_the_partial_chunk_and_the_whole_prompt():
     assert s.get_num_new_matched_tokens(r, 0) == (4 * BLOCK + 3, True)
     partial = partial_chunk_key(r.block_hashes, r.prompt_token_ids, BLOCK, 2)
     assert d.asked == [[r.block_hashes[1], r.block_hashes[3], partial]]
-    s.update_state_after_alloc(r, [10, 11, 12, 13, 14], 4 * BLOCK + 3)
+    s.update_state_after_alloc(r, ([10, 11, 12, 13, 14],), 4 * BLOCK + 3)
     (plan,) = s.build_meta(SimpleNamespace(scheduled_new_reqs=[], num_scheduled_tokens={},
                                            scheduled_cached_reqs=SimpleNamespace(
                                                req_ids=[], num_computed_tokens=[])),
-                           lambda _: []).loads
+                           lambda _: ([],)).loads
     assert [c.block_ids for c in plan.chunks] == [(10, 11), (12, 13), (14, None)]
 
 
@@ -301,4 +301,4 @@ def test_the_step_names_the_blocks_it_may_write_for_the_save_fence():
         num_scheduled_tokens={})
     assert new_blocks(out) == {1, 2, 7, 9, 11}
     s = side(CountingDirectory())
-    assert s.build_meta(out, lambda _: []).new_blocks == {1, 2, 7, 9, 11}
+    assert s.build_meta(out, lambda _: ([],)).new_blocks == {1, 2, 7, 9, 11}

@@ -20,6 +20,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
+    SupportsHMA,
 )
 
 from p2pkv.affinity import widen_cpu_affinity
@@ -30,6 +32,7 @@ from p2pkv.secret import load_secret
 from p2pkv.slices import KVSlice, is_lowest_replica, tp_slices
 from p2pkv.transport.choose import make_transport
 from p2pkv.vllm.config import ConnectorConfig
+from p2pkv.vllm.groups import KVGroup, has_window, kv_groups
 from p2pkv.vllm.layout import KVLayout
 from p2pkv.vllm.metadata import P2PKVMetadata
 from p2pkv.vllm.prom import P2PKVPromMetrics, P2PKVStats
@@ -57,7 +60,8 @@ def namespace_of(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig,
                  config: ConnectorConfig) -> tuple[NamespaceSpec, int]:
     """The namespace and chunk size (in blocks) of this instance (the same for every rank,
     and for instances of the model at any tensor parallelism)."""
-    spec = _only_group(kv_cache_config).kv_cache_spec
+    groups = kv_groups(kv_cache_config, str(vllm_config.device_config.device_type))
+    spec = kv_cache_config.kv_cache_groups[groups[0].index].kv_cache_spec
     block_size = spec.block_size
     chunk_blocks = max(1, config.chunk_tokens // block_size)
     model = vllm_config.model_config
@@ -68,7 +72,7 @@ def namespace_of(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig,
         device_type=str(vllm_config.device_config.device_type),
         block_size=block_size,
         chunk_blocks=chunk_blocks,
-        num_layers=len(kv_cache_config.kv_cache_groups[0].layer_names),
+        num_layers=_num_layers(groups),
         num_kv_heads=_total_kv_heads(vllm_config),
         head_size=int(spec.head_size),
         hash_algorithm=str(vllm_config.cache_config.prefix_caching_hash_algo),
@@ -76,18 +80,8 @@ def namespace_of(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig,
     return ns, chunk_blocks
 
 
-def _only_group(kv_cache_config: KVCacheConfig):
-    groups = kv_cache_config.kv_cache_groups
-    if len(groups) != 1:
-        # NOTE: vLLM 0.32 turns its hybrid allocator off for a connector that does not
-        # subclass SupportsHMA (config/vllm.py, VllmConfig.__post_init__: "Turning off hybrid
-        # kv cache manager because `--kv-transfer-config` selects a KV connector that does
-        # not support it"), which makes sliding-window layers full-attention ones
-        # (v1/core/kv_cache_utils.py, unify_hybrid_kv_cache_specs): one group. More than one
-        # group is left only where layers differ in shape or kind (e.g. Mamba), which p2pkv
-        # cannot save yet.
-        raise ConfigError(f"p2pkv supports models with one KV cache group, not {len(groups)}")
-    return groups[0]
+def _num_layers(groups: tuple[KVGroup, ...]) -> int:
+    return sum(len(g.layer_names) for g in groups)
 
 
 def _total_kv_heads(vllm_config: VllmConfig) -> int:
@@ -104,12 +98,13 @@ def rank_slices(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig
     if parallel.pipeline_parallel_size != 1:
         raise ConfigError("p2pkv does not support pipeline_parallel_size > 1 yet (each stage "
                           "would hold a layer range of every chunk; not built)")
-    group = _only_group(kv_cache_config)
+    groups = kv_groups(kv_cache_config, str(vllm_config.device_config.device_type))
     slices = tp_slices(num_kv_heads=_total_kv_heads(vllm_config),
-                       num_layers=len(group.layer_names),
+                       num_layers=_num_layers(groups),
                        tp_size=parallel.tensor_parallel_size,
                        mla=vllm_config.model_config.use_mla)
-    per_rank = int(group.kv_cache_spec.num_kv_heads)
+    spec = kv_cache_config.kv_cache_groups[groups[0].index].kv_cache_spec
+    per_rank = int(spec.num_kv_heads)
     if any(s.heads != per_rank for s in slices):
         raise ConfigError(f"p2pkv: vLLM gives each rank {per_rank} KV heads, p2pkv expected "
                           f"{slices[0].heads}: unknown head split")
@@ -146,7 +141,11 @@ def _log_like_vllm(level: str) -> None:
     ours.setLevel(level.upper() if level else (theirs.level or logging.INFO))
 
 
-class P2PKVConnector(KVConnectorBase_V1):
+class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
+    """SupportsHMA: vLLM keeps its hybrid KV-cache allocator on (several KV-cache groups,
+    sliding-window groups holding their window only); p2pkv saves and pulls every group
+    (``p2pkv.vllm.groups``) and refuses at start-up the groups it cannot."""
+
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
@@ -155,6 +154,12 @@ class P2PKVConnector(KVConnectorBase_V1):
         _log_like_vllm(self._config.log_level)
         engine = str(ktc.engine_id)
         slices = rank_slices(vllm_config, kv_cache_config)
+        self._groups = kv_groups(kv_cache_config, str(vllm_config.device_config.device_type))
+        # NOTE: with several groups a block id is unique only within its group, so vLLM takes
+        # no block-level load errors (v1/core/sched/scheduler.py, _handle_invalid_blocks:
+        # "Connectors must report failed requests via KVConnectorTransferResults.failed_
+        # recving"): a failed load then recomputes the whole request.
+        self._per_request_errors = len(self._groups) > 1
         spec, chunk_blocks = namespace_of(vllm_config, kv_cache_config, self._config)
         namespace = spec.fingerprint()
         on_cpu = vllm_config.device_config.device_type == "cpu"
@@ -180,7 +185,9 @@ class P2PKVConnector(KVConnectorBase_V1):
                 can_load=ktc.kv_role != "kv_producer", can_save=ktc.kv_role != "kv_consumer",
                 save_partial=ktc.kv_role == "kv_producer",
                 load_partial=ktc.kv_role == "kv_consumer", directory=directory,
-                slices=slices, exact_slices_only=not on_cpu)
+                slices=slices, exact_slices_only=not on_cpu,
+                groups=tuple(g.index for g in self._groups),
+                hit_below_prompt=has_window(self._groups))
             if not on_cpu:
                 logger.info("p2pkv: on %s, pulls only from instances at the same tensor "
                             "parallelism (a head range is not one byte range in GPU KV "
@@ -214,7 +221,8 @@ class P2PKVConnector(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self._worker is not None
-        self._worker.register_kv_caches(KVLayout.from_kv_caches(kv_caches))
+        self._worker.register_kv_caches(
+            KVLayout.from_kv_caches(kv_caches).with_groups(self._groups))
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         # vLLM's first connector call in every execute_model, before the step zeroes or
@@ -246,9 +254,20 @@ class P2PKVConnector(KVConnectorBase_V1):
         assert self._worker is not None
         return None, self._worker.take_finished_recving() or None
 
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        assert self._worker is not None
+        # NOTE: finished first: a load's failure is recorded before it is finished, so every
+        # request taken here has its failure taken with it (or earlier; vLLM keeps a failure
+        # until its request finishes, distributed/kv_transfer/kv_connector/utils.py).
+        finished = self._worker.take_finished_recving()
+        failed = self._worker.take_failed_requests()
+        return KVConnectorTransferResults(
+            finished_recving=finished, failed_recving=failed if self._per_request_errors else set())
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self._worker is not None
-        return self._worker.take_failed_blocks()
+        blocks = self._worker.take_failed_blocks()
+        return set() if self._per_request_errors else blocks
 
     def shutdown(self) -> None:
         if self._worker is not None:
@@ -284,18 +303,26 @@ class P2PKVConnector(KVConnectorBase_V1):
                                  num_external_tokens: int) -> None:
         assert self._scheduler is not None
         if num_external_tokens > 0:
+            # NOTE: a sliding-window group holds the null block before its window
+            # (SlidingWindowManager): None, never written
             self._scheduler.update_state_after_alloc(
-                request, blocks.get_block_ids()[0], num_external_tokens)
+                request, [[None if b.is_null else b.block_id for b in group]
+                          for group in blocks.blocks], num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._scheduler is not None
         manager = self._kv_cache_manager
         assert manager is not None
-        return self._scheduler.build_meta(scheduler_output,
-                                          lambda req_id: manager.get_block_ids(req_id)[0])
+        return self._scheduler.build_meta(scheduler_output, manager.get_block_ids)
 
     def request_finished(self, request: Request, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
         self._scheduler.request_finished(request.request_id)
         return False, None
+
+    def request_finished_all_groups(self, request: Request, block_ids: tuple[list[int], ...]
+                                    ) -> tuple[bool, dict[str, Any] | None]:
+        # SupportsHMA: vLLM calls this one instead of request_finished (saves never hold a
+        # request's blocks: HostSaver's fence covers blocks handed out again)
+        return self.request_finished(request, block_ids[0] if block_ids else [])

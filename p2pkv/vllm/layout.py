@@ -36,7 +36,7 @@ one :class:`DeviceBlocks` per chunk (the transport's destination pieces:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,7 @@ from p2pkv.errors import ConfigError
 from p2pkv.slices import KVSlice
 from p2pkv.transport.base import DeviceChunk, Piece
 from p2pkv.transport.selection import Selection
+from p2pkv.vllm.groups import KVGroup, describe, needed_prefix
 
 
 def block_segments(shape: Sequence[int], strides: Sequence[int], itemsize: int
@@ -92,6 +93,10 @@ class KVLayout:
     rows: tuple[Any, ...] = ()
     heads: int = 1  # this rank's KV heads (dimension 1 of a 4-D cache; 1 for MLA's 3-D one)
     head_bytes: int = 0  # bytes of one head in one block where a head range is dense, else 0
+    # vLLM's KV-cache groups in slot order (``p2pkv.vllm.groups``): the layer indices of each;
+    # () is one group of every layer. Block ids of a chunk are then flattened per group, in
+    # this order: ``len(groups) * chunk_blocks`` of them.
+    groups: tuple[tuple[int, ...], ...] = ()
 
     @classmethod
     def from_kv_caches(cls, kv_caches: Mapping[str, Any]) -> KVLayout:
@@ -145,9 +150,49 @@ class KVLayout:
         return cls(tuple(names), tuple(bases), tuple(first), strides[0] * es, segments,
                    int(shape[0]), device, signature, rows, heads, head_bytes)
 
+    def with_groups(self, groups: Sequence[KVGroup]) -> KVLayout:
+        """This layout with vLLM's KV-cache groups (slot order); one full-attention group of
+        every layer is the layout itself. The grouping joins the signature."""
+        tag = describe(groups)
+        if not tag:
+            return self
+        index = {name: i for i, name in enumerate(self.layer_names)}
+        missing = [n for g in groups for n in g.layer_names if n not in index]
+        listed = sorted(index[n] for g in groups for n in g.layer_names if n in index)
+        if missing or listed != list(range(self.num_layers)):
+            raise ConfigError(f"p2pkv: vLLM's KV cache groups ({tag}) do not cover the "
+                              f"registered layers exactly ({self.layer_names}; missing "
+                              f"{missing})")
+        signature = f"{self.signature}/groups{tag}"
+        if len(groups) == 1:  # one sliding-window group: blocks as before, nulls not written
+            return replace(self, signature=signature)
+        return replace(self, groups=tuple(tuple(index[n] for n in g.layer_names)
+                                          for g in groups), signature=signature)
+
     @property
     def num_layers(self) -> int:
         return len(self.bases)
+
+    @property
+    def num_groups(self) -> int:
+        return max(1, len(self.groups))
+
+    @property
+    def group_sizes(self) -> tuple[int, ...]:
+        """Layers per group, in slot order."""
+        return tuple(len(g) for g in self._group_layers())
+
+    def _group_layers(self) -> tuple[tuple[int, ...], ...]:
+        return self.groups or (tuple(range(self.num_layers)),)
+
+    def _blocks_by_group(self, block_ids: Sequence[int | None]
+                         ) -> list[tuple[tuple[int, ...], int | None]]:
+        """(layers of its group, block id) for every block of a chunk, in slot order."""
+        layers = self._group_layers()
+        if len(block_ids) % len(layers):
+            raise ValueError(f"{len(block_ids)} block ids for {len(layers)} KV cache groups")
+        per = len(block_ids) // len(layers)
+        return [(ls, b) for gi, ls in enumerate(layers) for b in block_ids[gi * per:(gi + 1) * per]]
 
     @property
     def on_gpu(self) -> bool:
@@ -178,8 +223,13 @@ class KVLayout:
     def chunk_dest(self, block_ids: Sequence[int | None]) -> tuple[Piece, ...]:
         """Where a pulled chunk goes: the pieces of its blocks (a ``None`` block: scratch that
         is dropped), or on a GPU with one segment per block, one :class:`DeviceBlocks`."""
-        if self.on_gpu and self.rows:
+        if self.on_gpu and self.rows and not self.groups:
             return (DeviceBlocks(self, block_ids),)
+        if self.groups:
+            assert self.rows and not self.on_gpu, "hybrid layouts are CPU-only (groups.py)"
+            return tuple(memoryview(self.rows[layer][b]) if b is not None else
+                         memoryview(bytearray(self.block_bytes))
+                         for ls, b in self._blocks_by_group(block_ids) for layer in ls)
         pieces: list[Piece] = []
         for b in block_ids:
             if b is not None:
@@ -210,6 +260,12 @@ class KVLayout:
                              f"({self.signature})")
         off = (part.head_start - mine.head_start) * self.head_bytes
         n = part.heads * self.head_bytes
+        if self.groups:
+            if part.layers != mine.layers:
+                raise ValueError("p2pkv: a layer range of a hybrid layout's chunk is not built")
+            return tuple(memoryview(self.rows[layer][b, off:off + n]) if b is not None else
+                         memoryview(bytearray(n))
+                         for ls, b in self._blocks_by_group(block_ids) for layer in ls)
         layers = range(part.layer_start - mine.layer_start, part.layer_end - mine.layer_start)
         pieces: list[Any] = []
         for b in block_ids:
@@ -221,6 +277,22 @@ class KVLayout:
             for layer in layers:
                 pieces.append(memoryview(self.rows[layer][b, off:off + n]))
         return tuple(pieces)
+
+    def pull_dest(self, block_ids: Sequence[int | None], mine: KVSlice, part: KVSlice,
+                  num_groups: int) -> tuple[Any, ...]:
+        """:meth:`part_dest` of the first ``num_groups`` groups (slot order) of a chunk only:
+        where a pull of :func:`pull_selection` lands."""
+        if not self.groups or num_groups >= self.num_groups:
+            return self.part_dest(block_ids, mine, part)
+        if part.layers != mine.layers or not mine.contains(part) or not self.head_bytes:
+            raise ValueError(f"p2pkv: cannot pull part {part} of {mine} group by group")
+        off = (part.head_start - mine.head_start) * self.head_bytes
+        n = part.heads * self.head_bytes
+        per = len(block_ids) // self.num_groups
+        return tuple(memoryview(self.rows[layer][b, off:off + n]) if b is not None else
+                     memoryview(bytearray(n))
+                     for ls, b in self._blocks_by_group(block_ids)[:num_groups * per]
+                     for layer in ls)
 
     def gather_into(self, block_ids: Sequence[int], dst: Any) -> None:
         """Copy the chunk made of ``block_ids`` from a GPU cache into ``dst`` (a uint8 device
@@ -242,6 +314,15 @@ class KVLayout:
         assert not self.on_gpu, "GPU caches are saved with gpu.AsyncSaver"
         dst = np.frombuffer(slot, dtype=np.uint8)
         off = 0
+        if self.groups:
+            for ls, b in self._blocks_by_group(block_ids):
+                assert b is not None
+                for layer in ls:
+                    piece = self.rows[layer][b]
+                    dst[off:off + piece.nbytes] = piece
+                    off += piece.nbytes
+            assert off <= dst.nbytes
+            return
         for b in block_ids:
             for piece in ([r[b] for r in self.rows] if self.rows and not self.on_gpu
                           else [np.frombuffer(v, np.uint8) for v in self.block_views(b)]):
@@ -264,6 +345,39 @@ def part_selection(holder: KVSlice, part: KVSlice, head_bytes: int) -> Selection
                      first_row=part.layer_start - holder.layer_start, num_rows=part.layers,
                      offset=(part.head_start - holder.head_start) * head_bytes,
                      length=part.heads * head_bytes)
+
+
+def pull_selection(holder: KVSlice, part: KVSlice, head_bytes: int,
+                   group_layers: Sequence[int], num_groups: int, chunk_blocks: int
+                   ) -> Selection | None:
+    """The bytes of a holder rank's chunk that make ``part`` of its first ``num_groups``
+    KV-cache groups (slot order; ``group_layers``: layers per group). A hybrid slot is
+    group-major, then block, then layer, every (block, layer) one row of the holder's heads,
+    so the first groups are the first rows: one selection. All groups: :func:`part_selection`."""
+    if num_groups >= len(group_layers):
+        return part_selection(holder, part, head_bytes)
+    if not holder.contains(part) or part.layers != holder.layers or head_bytes <= 0:
+        raise ValueError(f"p2pkv: cannot select part {part} of {holder} group by group")
+    return Selection(rows=chunk_blocks * sum(group_layers),
+                     row_bytes=holder.heads * head_bytes, first_row=0,
+                     num_rows=chunk_blocks * sum(group_layers[:num_groups]),
+                     offset=(part.head_start - holder.head_start) * head_bytes,
+                     length=part.heads * head_bytes)
+
+
+def pull_batches(layout: KVLayout, block_ids: Sequence[Sequence[int | None]]
+                 ) -> list[tuple[int, list[int]]]:
+    """The chunks of a load (their flattened block ids) by how many groups each needs (a
+    prefix in slot order, ``groups.needed_prefix``): ``(num_groups, chunk indices)``, the most
+    groups first. A chunk whose sliding windows have moved past it needs only the groups
+    whose attention still reaches it; one pull per distinct count (a pull has one
+    selection)."""
+    n = layout.num_groups
+    by: dict[int, list[int]] = {}
+    for i, ids in enumerate(block_ids):
+        k = max(1, needed_prefix(ids, n)) if layout.groups else n
+        by.setdefault(k, []).append(i)
+    return sorted(by.items(), reverse=True)
 
 
 class DeviceBlocks(DeviceChunk):

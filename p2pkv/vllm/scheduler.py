@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ from p2pkv.directory.client import PENDING, DirectoryClient
 from p2pkv.keys import ChunkKey, Namespace, chunk_keys, partial_chunk_key, prompt_keys
 from p2pkv.slices import KVSlice
 from p2pkv.vllm.config import ConnectorConfig
+from p2pkv.vllm.groups import NULL_BLOCK
 from p2pkv.vllm.metadata import ChunkLoad, LoadPlan, P2PKVMetadata, SavePlan
 from p2pkv.vllm.sources import Source, plan_sources
 from p2pkv.vllm.stats import DeltaTracker, StatsDelta
@@ -84,6 +85,7 @@ def new_blocks(scheduler_output: Any) -> frozenset[int]:
             out.update(group)
     for copy in getattr(scheduler_output, "kv_cache_block_copies", None) or ():
         out.add(copy.dst_block_id)
+    out.discard(NULL_BLOCK)  # sliding-window groups list it; no step writes it
     return frozenset(out)
 
 
@@ -93,13 +95,21 @@ class SchedulerSide:
                  directory: DirectoryClient, clock: Callable[[], float] = time.monotonic,
                  save_partial: bool = False, load_partial: bool = False,
                  slices: tuple[KVSlice, ...] = (KVSlice.whole(1, 1),),
-                 exact_slices_only: bool = False) -> None:
+                 exact_slices_only: bool = False, groups: tuple[int, ...] = (0,),
+                 hit_below_prompt: bool = False) -> None:
         """``slices``: what each of this instance's worker ranks holds (by TP rank; the
         default is one rank holding everything). ``exact_slices_only``: pull only from
-        holder ranks with the same slices (layouts where a head range is not contiguous)."""
+        holder ranks with the same slices (layouts where a head range is not contiguous).
+        ``groups``: vLLM's KV-cache group indices in slot order (``p2pkv.vllm.groups``); block
+        ids come per vLLM group and go into plans flattened in this order.
+        ``hit_below_prompt``: a load must end before the prompt's last token (sliding
+        windows: vLLM recomputes that token, whose window reaches one token further back than
+        the blocks it keeps for the hit)."""
         self._config = config
         self._slices = slices
         self._exact_slices_only = exact_slices_only
+        self._groups = groups
+        self._hit_below_prompt = hit_below_prompt
         self._namespace = namespace
         self._block_size = block_size
         self._chunk_blocks = chunk_blocks
@@ -171,14 +181,25 @@ class SchedulerSide:
             logger.debug("p2pkv: %s: no engine holds every slice this instance needs "
                          "(holders: %s)", req_id, reply.holders)
             return 0, False
-        covered = lookup.first_chunk + best.run
+        run = best.run
+        if self._hit_below_prompt:
+            # NOTE: vLLM recomputes the last token of a whole-prompt hit
+            # (scheduler.py, _update_waiting_for_remote_kv), but a sliding-window group keeps
+            # only the blocks the window of the hit's *end* needs (SlidingWindowManager.
+            # get_num_skipped_tokens), one token short for that recompute; the offloading
+            # connector stops one token short too (offloading/scheduler.py,
+            # _lookup_complete_chunks).
+            run = min(run, (lookup.prompt_tokens - 1) // self._chunk_tokens - lookup.first_chunk)
+            if run <= 0:
+                return 0, False
+        covered = lookup.first_chunk + run
         end_tokens = (lookup.prompt_tokens if covered > lookup.full_chunks
                       else covered * self._chunk_tokens)
         external = end_tokens - num_computed_tokens
         if external <= 0:
             return 0, False
         self._planned[req_id] = _PlannedLoad(best.per_rank, lookup.first_chunk,
-                                             lookup.keys[:best.run], num_computed_tokens,
+                                             lookup.keys[:run], num_computed_tokens,
                                              end_tokens)
         self.counters.remote_hit_tokens += external
         logger.debug("p2pkv: %s remote hit of %d tokens at %s (%s)", req_id, external,
@@ -211,19 +232,24 @@ class SchedulerSide:
 
     # -- allocation -> load plan ----------------------------------------------------------
 
-    def update_state_after_alloc(self, request: Any, block_ids: list[int],
+    def update_state_after_alloc(self, request: Any,
+                                 block_ids: Sequence[Sequence[int | None]],
                                  num_external_tokens: int) -> None:
+        """``block_ids``: per vLLM KV-cache group, ``None`` for a null block (before a
+        sliding window: never written)."""
         planned = self._planned.pop(request.request_id, None)
         if planned is None or num_external_tokens <= 0:
             return
         local_blocks = planned.num_local_tokens // self._block_size
-        end_blocks = min(len(block_ids), -(-planned.end_tokens // self._block_size))
+        end_blocks = -(-planned.end_tokens // self._block_size)
+        per_group = [block_ids[g] for g in self._groups]
         chunks = []
         for i, key in enumerate(planned.keys):
             start = (planned.first_chunk + i) * self._chunk_blocks
             # NOTE: a partial chunk's blocks past the prompt are None: the holder stored its
             # chunk padded to full size, and those bytes are received and dropped.
-            ids = tuple(block_ids[b] if local_blocks <= b < end_blocks else None
+            ids = tuple(ids_g[b] if local_blocks <= b < min(end_blocks, len(ids_g)) else None
+                        for ids_g in per_group
                         for b in range(start, start + self._chunk_blocks))
             chunks.append(ChunkLoad(key, ids))
         self._pending_loads.append(LoadPlan(request.request_id, tuple(chunks), planned.sources))
@@ -239,7 +265,8 @@ class SchedulerSide:
     # -- per step -------------------------------------------------------------------------
 
     def build_meta(self, scheduler_output: Any,
-                   block_ids_of: Callable[[str], list[int]]) -> P2PKVMetadata:
+                   block_ids_of: Callable[[str], Sequence[Sequence[int]]]) -> P2PKVMetadata:
+        """``block_ids_of(req_id)``: the request's block ids per vLLM KV-cache group."""
         meta = P2PKVMetadata(loads=self._pending_loads)
         self._pending_loads = []
         if self._can_save:
@@ -256,7 +283,8 @@ class SchedulerSide:
         return meta
 
     def _partial_if_complete(self, req_id: str, computed_tokens: int,
-                             block_ids_of: Callable[[str], list[int]]) -> list[SavePlan]:
+                             block_ids_of: Callable[[str], Sequence[Sequence[int]]]
+                             ) -> list[SavePlan]:
         """The prompt's partial chunk, once the whole prompt is computed (prefill role)."""
         request = self._requests.get(req_id)
         if request is None or req_id in self._partial_saved:
@@ -270,16 +298,23 @@ class SchedulerSide:
         if key is None:
             return []
         first = len(prompt) // self._chunk_tokens * self._chunk_blocks
-        ids = block_ids_of(req_id)[first:-(-len(prompt) // self._block_size)]
-        if not ids:
+        end = -(-len(prompt) // self._block_size)
+        groups = block_ids_of(req_id)
+        flat: list[int] = []
+        for g in self._groups:
+            ids = list(groups[g][first:end])
+            if len(ids) != end - first:
+                return []
+            # Padded to a whole chunk with its last block, so every stored chunk has one size.
+            flat += ids + [ids[-1]] * (self._chunk_blocks - len(ids))
+        if not flat:
             return []
-        # Padded to a whole chunk with its last block, so every stored chunk has one size.
-        ids = ids + [ids[-1]] * (self._chunk_blocks - len(ids))
         self.counters.chunks_planned_for_save += 1
-        return [SavePlan(key, tuple(ids))]
+        return [SavePlan(key, tuple(flat))]
 
     def _newly_complete(self, req_id: str, computed_tokens: int,
-                        block_ids_of: Callable[[str], list[int]]) -> list[SavePlan]:
+                        block_ids_of: Callable[[str], Sequence[Sequence[int]]]
+                        ) -> list[SavePlan]:
         request = self._requests.get(req_id)
         if request is None:
             return []
@@ -288,10 +323,17 @@ class SchedulerSide:
         start = self._saved_chunks.get(req_id, 0)
         if full <= start:
             return []
-        block_ids = block_ids_of(req_id)
+        groups = block_ids_of(req_id)
+        per_group = [groups[g] for g in self._groups]
         cb = self._chunk_blocks
+        full = min([full] + [len(ids) // cb for ids in per_group])
+        if full <= start:
+            return []
+        # NOTE: a sliding-window group's blocks that left the window by now are the null
+        # block (id 0): its bytes are saved and never read, since a puller's window never
+        # reaches back further than the holder's did when it computed the chunk.
         plans = [SavePlan(ChunkKey(bytes(hashes[(c + 1) * cb - 1])),
-                          tuple(block_ids[c * cb:(c + 1) * cb]))
+                          tuple(b for ids in per_group for b in ids[c * cb:(c + 1) * cb]))
                  for c in range(start, full)]
         self._saved_chunks[req_id] = full
         self.counters.chunks_planned_for_save += len(plans)

@@ -35,7 +35,7 @@ from p2pkv.slices import KVSlice
 from p2pkv.store import ChunkStore
 from p2pkv.transport.base import Outcome, PullItem, PullResult, Transport
 from p2pkv.vllm.config import ConnectorConfig
-from p2pkv.vllm.layout import KVLayout, part_selection
+from p2pkv.vllm.layout import KVLayout, pull_batches, pull_selection
 from p2pkv.vllm.metadata import LoadPlan, P2PKVMetadata
 from p2pkv.vllm.sources import Source
 from p2pkv.vllm.saver import HostSaver
@@ -93,6 +93,7 @@ class WorkerSide:
         self._lock = threading.Lock()  # guards the four fields below (pull threads write)
         self._finished_recving: set[str] = set()
         self._failed_blocks: set[int] = set()
+        self._failed_reqs: set[str] = set()  # loads with a failed chunk (hybrid: see connector)
         self.counters = WorkerCounters()
         self._stats = DeltaTracker()
         self._reported: dict[str, int] = {}
@@ -196,6 +197,8 @@ class WorkerSide:
             # NOTE: errors are recorded before the request is marked finished, so vLLM sees
             # them no later than the pass that reports the request (base.py contract).
             self._failed_blocks |= failed
+            if failed:
+                self._failed_reqs.add(plan.req_id)
             self._finished_recving.add(plan.req_id)
             c = self.counters
             c.loads += 1
@@ -212,11 +215,20 @@ class WorkerSide:
         assert self._layout is not None and self._slice is not None
         layout = self._layout
         # NOTE: when the part is only some of the holder rank's heads (a puller at a higher
-        # TP), the selection makes the holder send just those bytes, under their own digest.
-        select = part_selection(source.holder, source.part, layout.head_bytes)
-        items = [PullItem(c.key, layout.part_dest(c.block_ids, self._slice, source.part),
-                          select) for c in plan.chunks]
-        return self._transport.pull(source.address, items, self._config.pull_timeout_s)
+        # TP), the selection makes the holder send just those bytes, under their own digest;
+        # chunks that sliding windows have left behind are pulled without those groups
+        # (layout.pull_batches: one pull per selection).
+        results: list[PullResult | None] = [None] * len(plan.chunks)
+        for k, idx in pull_batches(layout, [c.block_ids for c in plan.chunks]):
+            select = pull_selection(source.holder, source.part, layout.head_bytes,
+                                    layout.group_sizes, k, self._chunk_blocks)
+            items = [PullItem(plan.chunks[i].key,
+                              layout.pull_dest(plan.chunks[i].block_ids, self._slice,
+                                               source.part, k), select) for i in idx]
+            got = self._transport.pull(source.address, items, self._config.pull_timeout_s)
+            for i, r in zip(idx, got):
+                results[i] = r
+        return results  # type: ignore[return-value]
 
     def take_finished_recving(self) -> set[str]:
         with self._lock:
@@ -227,6 +239,12 @@ class WorkerSide:
     def take_failed_blocks(self) -> set[int]:
         with self._lock:
             out, self._failed_blocks = self._failed_blocks, set()
+            return out
+
+    def take_failed_requests(self) -> set[str]:
+        """Requests whose load had a failed chunk (recorded before they are finished)."""
+        with self._lock:
+            out, self._failed_reqs = self._failed_reqs, set()
             return out
 
     # -- saves ----------------------------------------------------------------------------
