@@ -104,6 +104,26 @@ def tiny_model(dest: Path, source: Path | None = None, *, seed: int = 0,
     return _build_atomically(dest, lambda work: _build_tiny(work, src, seed, shape))
 
 
+def tiny_hybrid_model(dest: Path, source: Path | None = None, *, seed: int = 0,
+                      num_layers: int = 4, num_heads: int = 2, num_kv_heads: int = 2,
+                      sliding_window: int = 128) -> Path:
+    """Write a tiny random-weight Gemma-2 (sliding window ``sliding_window`` on the even
+    layers, full attention on the odd ones, hidden 128, head size 64) at ``dest``, with the
+    tokenizer of ``source`` (as :func:`tiny_model`). vLLM's hybrid allocator gives it two
+    KV-cache groups of ``num_layers / 2`` layers each. Cached like :func:`tiny_model`."""
+    dest = Path(dest).expanduser()
+    if is_prepared(dest):
+        return dest
+    src = Path(source) if source is not None else model_dir(None)
+    if not is_prepared(src):
+        raise FileNotFoundError(
+            f"{src} is not a prepared model; run `python -m p2pkv.harness.demo_model prepare` first"
+        )
+    shape = {"num_hidden_layers": num_layers, "num_attention_heads": num_heads,
+             "num_key_value_heads": num_kv_heads, "sliding_window": sliding_window}
+    return _build_atomically(dest, lambda work: _build_tiny_gemma2(work, src, seed, shape))
+
+
 # --------------------------------------------------------------------------------------------
 # building
 
@@ -228,6 +248,34 @@ def _build_tiny(work: Path, src: Path, seed: int, shape: dict[str, int] | None =
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).to(torch.float32)
+    model.save_pretrained(work, safe_serialization=True)
+    tok.save_pretrained(work)
+    _check_saved(work)
+
+
+def _build_tiny_gemma2(work: Path, src: Path, seed: int, shape: dict[str, int]) -> None:
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+
+    src_cfg = AutoConfig.from_pretrained(src)
+    tok = AutoTokenizer.from_pretrained(src)
+    layers = shape["num_hidden_layers"]
+    cfg = Gemma2Config(
+        vocab_size=src_cfg.vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        **shape,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                     for i in range(layers)],
+        head_dim=64,
+        query_pre_attn_scalar=64,
+        max_position_embeddings=2048,
+        bos_token_id=src_cfg.bos_token_id,
+        eos_token_id=src_cfg.eos_token_id,
+        pad_token_id=getattr(src_cfg, "pad_token_id", None),
+    )
+    torch.manual_seed(seed)
+    model = Gemma2ForCausalLM(cfg).to(torch.float32)
     model.save_pretrained(work, safe_serialization=True)
     tok.save_pretrained(work)
     _check_saved(work)

@@ -94,6 +94,7 @@ class WorkerSide:
         self._finished_recving: set[str] = set()
         self._failed_blocks: set[int] = set()
         self._failed_reqs: set[str] = set()  # loads with a failed chunk (hybrid: see connector)
+        self._pulled_bytes: dict[tuple[str, str], int] = {}  # (req, holder) -> bytes received
         self.counters = WorkerCounters()
         self._stats = DeltaTracker()
         self._reported: dict[str, int] = {}
@@ -187,8 +188,7 @@ class WorkerSide:
                 logger.info("p2pkv: chunk of %s not pulled (%s: %s); recomputing from there",
                             plan.req_id, bad.outcome.value, bad.reason)
         assert self._slice is not None
-        chunk_bytes = self._layout.chunk_bytes(self._chunk_blocks)
-        nbytes = sum(ok * chunk_bytes * s.part.area // self._slice.area for s in sources)
+        nbytes = sum(self._pulled_bytes.pop((plan.req_id, s.address), 0) for s in sources)
         elapsed = time.monotonic() - t0
         logger.info("p2pkv: rank %d pulled %d/%d chunks (%.1f MB) for %s from %s in %.1f ms",
                     self._rank, ok, len(plan.chunks), nbytes / 1e6, plan.req_id,
@@ -219,6 +219,7 @@ class WorkerSide:
         # chunks that sliding windows have left behind are pulled without those groups
         # (layout.pull_batches: one pull per selection).
         results: list[PullResult | None] = [None] * len(plan.chunks)
+        received = 0  # bytes of the chunks that arrived (what the holder sent)
         for k, idx in pull_batches(layout, [c.block_ids for c in plan.chunks]):
             select = pull_selection(source.holder, source.part, layout.head_bytes,
                                     layout.group_sizes, k, self._chunk_blocks)
@@ -226,8 +227,12 @@ class WorkerSide:
                               layout.pull_dest(plan.chunks[i].block_ids, self._slice,
                                                source.part, k), select) for i in idx]
             got = self._transport.pull(source.address, items, self._config.pull_timeout_s)
-            for i, r in zip(idx, got):
+            for i, item, r in zip(idx, items, got):
                 results[i] = r
+                if r.outcome is Outcome.OK:
+                    received += item.nbytes  # the destination is sized to the selection
+        with self._lock:
+            self._pulled_bytes[(plan.req_id, source.address)] = received
         return results  # type: ignore[return-value]
 
     def take_finished_recving(self) -> set[str]:
