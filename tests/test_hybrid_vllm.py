@@ -1,12 +1,13 @@
 """Hybrid attention on real vLLM (CPU) with its hybrid KV-cache allocator on: a random-weight
 Gemma-2 (sliding window 200 on layers 0 and 2, full attention on 1 and 3), two KV-cache
-groups, holder A and puller B at TP 1.
+groups, holder A and puller B at TP 1, and holder H at TP 2 (one KV head per rank).
 
 The puller's greedy output must equal the holder's own output for the same prompt served
 from its own prefix cache, for chunk-aligned and unaligned prompts and prompts far longer
 than the window. A sliding-window group keeps only the window's blocks (the others are vLLM's
 null block), so the puller pulls the full-attention group of every chunk and the
 sliding-window group of the chunks the window still reaches: fewer bytes than whole chunks.
+From H, B's one rank pulls each of H's ranks' head (TP2→TP1), both groups' selections.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def cluster(tmp_path_factory):
         c.start_directory()
         a = c.start_vllm("A", max_model_len=2048)
         b = c.start_vllm("B", max_model_len=2048)
-        wait_healthy([a, b], timeout_s=900)
-        yield c, a, b
+        h = c.start_vllm("H", max_model_len=2048, tensor_parallel_size=2)
+        wait_healthy([a, b, h], timeout_s=900)
+        yield c, a, b, h
 
 
 def prompt(seed: int, length: int) -> list[int]:
@@ -70,19 +72,22 @@ def counters(c: LocalCluster, instance: str) -> dict[str, int]:
 
 
 def test_vllm_keeps_two_groups(cluster):
-    c, a, b = cluster
-    for inst in (a, b):
+    c, a, b, h = cluster
+    for inst in (a, b, h):
         log = inst.proc.log.read_text(errors="replace")
         assert "Turning off hybrid kv cache manager" not in log
         assert f"groupsfullx2+sw{WINDOW}x2" in log, inst.proc.tail(60)
 
 
-@pytest.mark.parametrize("length", [4 * CHUNK, 3 * CHUNK + 40, 8 * CHUNK + 17])
-def test_puller_answers_like_the_holder(cluster, length):
-    c, a, b = cluster
-    tokens = prompt(length, length)
-    generate(a.url, tokens)  # A computes and saves every group of every chunk
-    reference = generate(a.url, tokens)  # A again, from its own prefix cache
+@pytest.mark.parametrize("holder, length", [
+    ("A", 4 * CHUNK), ("A", 3 * CHUNK + 40), ("A", 8 * CHUNK + 17),
+    ("H", 4 * CHUNK), ("H", 6 * CHUNK + 77)])
+def test_puller_answers_like_the_holder(cluster, holder, length):
+    c, a, b, h = cluster
+    holder_url = {"A": a.url, "H": h.url}[holder]
+    tokens = prompt(length + (1000 if holder == "H" else 0), length)
+    generate(holder_url, tokens)  # the holder computes and saves every group of every chunk
+    reference = generate(holder_url, tokens)  # again, from its own prefix cache
     before = counters(c, "B")
     pulled = generate(b.url, tokens)
     assert pulled == reference, (pulled, reference)
