@@ -55,6 +55,26 @@ def prompt(seed: int, length: int) -> list[int]:
     return [rng.randrange(1000, 40000) for _ in range(length)]
 
 
+def held(c: LocalCluster, engine: str) -> dict[str, int]:
+    """Chunks published by each registered rank of ``engine`` ("A", "A/1", ...)."""
+    reply = c.stats()
+    return {i.instance: i.chunks for i in (reply.instances if reply else ())
+            if i.instance == engine or i.instance.startswith(engine + "/")}
+
+
+def wait_held(c: LocalCluster, engine: str, before: dict[str, int], new: int,
+              timeout_s: float = 15.0) -> None:
+    """Wait until every rank of ``engine`` has published ``new`` more chunks (saves are
+    asynchronous: a puller asking earlier would find fewer)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        now = held(c, engine)
+        if now and all(n >= before.get(k, 0) + new for k, n in now.items()):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{engine} did not publish {new} more chunks on every rank")
+
+
 def generate(url: str, tokens: list[int]) -> str:
     r = httpx.post(url + "/v1/completions", json={"model": "model", "prompt": tokens,
                                                   "max_tokens": 12, "temperature": 0.0},
@@ -86,7 +106,9 @@ def test_puller_answers_like_the_holder(cluster, holder, length):
     c, a, b, h = cluster
     holder_url = {"A": a.url, "H": h.url}[holder]
     tokens = prompt(length + (1000 if holder == "H" else 0), length)
+    published = held(c, holder)
     generate(holder_url, tokens)  # the holder computes and saves every group of every chunk
+    wait_held(c, holder, published, length // CHUNK)
     reference = generate(holder_url, tokens)  # again, from its own prefix cache
     before = counters(c, "B")
     pulled = generate(b.url, tokens)

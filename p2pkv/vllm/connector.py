@@ -72,7 +72,8 @@ def namespace_of(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig,
         device_type=str(vllm_config.device_config.device_type),
         block_size=block_size,
         chunk_blocks=chunk_blocks,
-        num_layers=_num_layers(groups),
+        num_layers=(_num_layers(groups) if vllm_config.parallel_config.pipeline_parallel_size
+                    == 1 else _stage_layers(vllm_config)[0]),
         num_kv_heads=_total_kv_heads(vllm_config),
         head_size=int(spec.head_size),
         hash_algorithm=str(vllm_config.cache_config.prefix_caching_hash_algo),
@@ -90,25 +91,59 @@ def _total_kv_heads(vllm_config: VllmConfig) -> int:
     return 1 if model.use_mla else int(model.get_total_num_kv_heads())
 
 
+def _stage_layers(vllm_config: VllmConfig) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """The model's layers and each pipeline stage's ``[l0, l1)`` (vLLM's split,
+    ``distributed/utils.py``, ``get_pp_indices``, which honours ``VLLM_PP_LAYER_PARTITION``)."""
+    from vllm.distributed.utils import get_pp_indices
+
+    pp = vllm_config.parallel_config.pipeline_parallel_size
+    total = int(vllm_config.model_config.hf_text_config.num_hidden_layers)
+    return total, tuple(get_pp_indices(total, p, pp) for p in range(pp))
+
+
 def rank_slices(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig
                 ) -> tuple[KVSlice, ...]:
-    """What each TP rank of this instance holds of a chunk (by rank); refuses what p2pkv
-    cannot do yet, naming why."""
+    """What each worker rank of this instance holds of a chunk, by rank (pipeline stage
+    ``p``, TP rank ``t``: rank ``p * tp + t``, vLLM's order); refuses what p2pkv cannot do
+    yet, naming why."""
     parallel = vllm_config.parallel_config
-    if parallel.pipeline_parallel_size != 1:
-        raise ConfigError("p2pkv does not support pipeline_parallel_size > 1 yet (each stage "
-                          "would hold a layer range of every chunk; not built)")
     groups = kv_groups(kv_cache_config, str(vllm_config.device_config.device_type))
-    slices = tp_slices(num_kv_heads=_total_kv_heads(vllm_config),
-                       num_layers=_num_layers(groups),
-                       tp_size=parallel.tensor_parallel_size,
-                       mla=vllm_config.model_config.use_mla)
+    pp = parallel.pipeline_parallel_size
+    tp = parallel.tensor_parallel_size
+    mla = vllm_config.model_config.use_mla
+    if pp == 1:
+        num_layers, stages = _num_layers(groups), ((0, _num_layers(groups)),)
+    else:
+        if len(groups) > 1 or has_window(groups):
+            raise ConfigError("p2pkv: pipeline parallelism with several KV cache groups or "
+                              "sliding windows is not built (a stage's share of each group)")
+        num_layers, stages = _stage_layers(vllm_config)
+        # NOTE: with PP the scheduler's KVCacheConfig is stage 0's (v1/core/kv_cache_utils.py,
+        # generate_scheduler_kv_cache_config): its layers must be what vLLM's split gives
+        # stage 0, or the split is not one attention layer per hidden layer.
+        if _num_layers(groups) != stages[0][1] - stages[0][0]:
+            raise ConfigError(f"p2pkv: stage 0 has {_num_layers(groups)} KV cache layers, not "
+                              f"the {stages[0][1] - stages[0][0]} of its hidden layers "
+                              "(layers without KV cache): pipeline parallelism not built")
+    slices = tuple(s for layers in stages
+                   for s in tp_slices(num_kv_heads=_total_kv_heads(vllm_config),
+                                      num_layers=num_layers, tp_size=tp, mla=mla,
+                                      layers=layers))
     spec = kv_cache_config.kv_cache_groups[groups[0].index].kv_cache_spec
     per_rank = int(spec.num_kv_heads)
     if any(s.heads != per_rank for s in slices):
         raise ConfigError(f"p2pkv: vLLM gives each rank {per_rank} KV heads, p2pkv expected "
                           f"{slices[0].heads}: unknown head split")
     return slices
+
+
+def worker_rank(vllm_config: VllmConfig) -> int:
+    """This worker's index among the instance's ranks: ``pp_rank * tp + tp_rank``."""
+    from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
+
+    parallel = vllm_config.parallel_config
+    pp_rank = get_pp_group().rank_in_group if parallel.pipeline_parallel_size > 1 else 0
+    return pp_rank * parallel.tensor_parallel_size + get_tensor_model_parallel_rank()
 
 
 def probe_hash(vllm_config: VllmConfig) -> str:
@@ -165,9 +200,7 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
         on_cpu = vllm_config.device_config.device_type == "cpu"
         rank = 0
         if role != KVConnectorRole.SCHEDULER and len(slices) > 1:
-            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
-
-            rank = get_tensor_model_parallel_rank()
+            rank = worker_rank(vllm_config)
         # NOTE: rank 0 registers under the engine id itself (what a router knows an instance
         # by, and what a TP 1 instance always was), the others as "<engine_id>/<rank>".
         self._instance = InstanceId(engine if rank == 0 else f"{engine}/{rank}")
