@@ -181,3 +181,31 @@ def test_scheduler_plans_per_group_and_stops_before_the_prompts_last_token():
     assert [p.block_ids for p in saves.saves] == [(5, 6, 0, 0), (7, 8, 3, 4)]
     assert 0 not in saves.new_blocks
     assert np.array_equal(sorted(saves.new_blocks), [3, 4, 5, 6, 7, 8])
+
+
+def fake_vllm_config(pp: int, tp: int, layers: int = 4, heads: int = 4):
+    return SimpleNamespace(
+        parallel_config=SimpleNamespace(pipeline_parallel_size=pp, tensor_parallel_size=tp),
+        model_config=SimpleNamespace(use_mla=False, hf_text_config=SimpleNamespace(
+            num_hidden_layers=layers), get_total_num_kv_heads=lambda: heads),
+        device_config=SimpleNamespace(device_type="cpu"))
+
+
+def attention_config(layers: int, kv_heads_per_rank: int, *specs):
+    specs = specs or (FullAttentionSpec(block_size=4, num_kv_heads=kv_heads_per_rank,
+                                        head_size=8, dtype=F32),)
+    return SimpleNamespace(kv_cache_groups=[
+        KVCacheGroupSpec([f"g{i}.l{j}" for j in range(layers)], s) for i, s in enumerate(specs)])
+
+
+def test_pipeline_stages_hold_their_layers_by_rank():
+    from p2pkv.vllm.connector import rank_slices
+
+    slices = rank_slices(fake_vllm_config(pp=2, tp=2), attention_config(2, 2))
+    assert [(s.head_start, s.head_end, s.layer_start, s.layer_end) for s in slices] == [
+        (0, 2, 0, 2), (2, 4, 0, 2), (0, 2, 2, 4), (2, 4, 2, 4)]  # rank = pp_rank * tp + tp
+    assert all(s.num_layers == 4 for s in slices)
+    with pytest.raises(ConfigError, match="KV cache layers"):  # stage 0 is not 2 layers
+        rank_slices(fake_vllm_config(pp=2, tp=1), attention_config(3, 4))
+    with pytest.raises(ConfigError, match="pipeline parallelism with several KV cache"):
+        rank_slices(fake_vllm_config(pp=2, tp=1), config(full(), sliding(8)))
