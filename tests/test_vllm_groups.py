@@ -209,3 +209,51 @@ def test_pipeline_stages_hold_their_layers_by_rank():
         rank_slices(fake_vllm_config(pp=2, tp=1), attention_config(3, 4))
     with pytest.raises(ConfigError, match="pipeline parallelism with several KV cache"):
         rank_slices(fake_vllm_config(pp=2, tp=1), config(full(), sliding(8)))
+
+
+def test_a_hybrid_worker_pulls_each_chunks_groups_over_tcp_and_fails_per_request():
+    from p2pkv.keys import ChunkKey, InstanceId, Namespace
+    from p2pkv.transport.peer import PeerTransport
+    from p2pkv.vllm.config import ConnectorConfig
+    from p2pkv.vllm.metadata import ChunkLoad, LoadPlan, P2PKVMetadata, SavePlan
+    from p2pkv.vllm.sources import Source
+    from p2pkv.vllm.worker import WorkerSide
+    from tests.test_vllm_worker import RecordingDirectory, wait_finished
+
+    def worker(seed):
+        caches, layout = hybrid_caches(blocks=8, seed=seed)
+        d = RecordingDirectory()
+        w = WorkerSide(ConnectorConfig(directory="tcp://127.0.0.1:1", store_gib=0.001,
+                                       pull_timeout_s=2),
+                       instance=InstanceId(f"i{seed}"), namespace=Namespace("ns"),
+                       chunk_blocks=1, transport=PeerTransport(), directory=d)
+        w.register_kv_caches(layout)
+        return w, caches, d
+
+    holder, h, d = worker(1)
+    puller, p, _ = worker(2)
+    before = {k: v.clone() for k, v in p.items()}
+    far, near = ChunkKey(b"f" * 32), ChunkKey(b"n" * 32)
+    holder.save(P2PKVMetadata(saves=[SavePlan(far, (1, 2)), SavePlan(near, (3, 4))]))
+    assert holder.wait_saved(5.0)
+    whole = KVSlice.whole(2, 4)
+    src = (Source(d.registered[0], InstanceId("i1"), whole, whole),)
+    # the far chunk: full group only (its sliding block is vLLM's null block at the puller)
+    plan = LoadPlan("r", (ChunkLoad(far, (5, None)), ChunkLoad(near, (6, 7))), (src,))
+    puller.start_loads(P2PKVMetadata(loads=[plan]))
+    wait_finished(puller, "r")
+    assert puller.take_failed_requests() == set() and puller.take_failed_blocks() == set()
+    t0, t1 = "full.0", "full.1"  # each tensor is shared by a full and a sliding layer
+    for t in (t0, t1):
+        assert torch.equal(p[t][5], h[t][1])  # far chunk, full group
+        assert torch.equal(p[t][6], h[t][3])  # near chunk, full group
+        assert torch.equal(p[t][7], h[t][4])  # near chunk, sliding group
+        for b in (0, 1, 2, 3, 4):
+            assert torch.equal(p[t][b], before[t][b])
+    assert puller.counters.bytes_pulled == 3 * 2 * p[t0][0].numel() * 4  # 3 blocks x 2 layers
+    missing = LoadPlan("m", (ChunkLoad(ChunkKey(b"x" * 32), (1, 2)),), (src,))
+    puller.start_loads(P2PKVMetadata(loads=[missing]))
+    wait_finished(puller, "m")
+    assert puller.take_failed_requests() == {"m"}
+    holder.shutdown()
+    puller.shutdown()
