@@ -38,7 +38,13 @@ def cluster(tmp_path_factory):
     cores = sorted(os.sched_getaffinity(0))
     with LocalCluster(workdir, model) as c:
         c.start_directory()
-        a = c.start_vllm("A", max_model_len=2048, extra_args=["--pipeline-parallel-size", "2"],
+        # NOTE: not eager: with --enforce-eager vLLM's CPU backend skips its warm-up
+        # (v1/worker/cpu_model_runner.py, warming_up_model: CompilationMode.NONE returns), so a
+        # later stage never allocates its intermediate tensors and its first step fails
+        # (v1/worker/gpu_model_runner.py, sync_and_gather_intermediate_tensors: assert
+        # self.intermediate_tensors is not None)
+        a = c.start_vllm("A", max_model_len=2048, enforce_eager=False,
+                         extra_args=["--pipeline-parallel-size", "2"],
                          extra_env={"VLLM_CPU_OMP_THREADS_BIND":
                                     f"{cores[0]}|{cores[1 % len(cores)]}"})
         b = c.start_vllm("B", max_model_len=2048)

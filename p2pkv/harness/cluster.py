@@ -160,11 +160,13 @@ class LocalCluster:
                    extra_config: dict[str, object] | None = None,
                    extra_args: list[str] | None = None, connector: bool = True,
                    kv_role: str = "kv_both", extra_env: dict[str, str] | None = None,
-                   tensor_parallel_size: int = 1) -> Instance:
+                   tensor_parallel_size: int = 1, enforce_eager: bool = True) -> Instance:
         """A ``vllm serve`` CPU instance; ``connector=False`` makes it plain vLLM (baselines).
         Its connector registers under ``name`` (its engine_id), which a router refers to.
         ``tensor_parallel_size`` > 1: one worker process per rank, rank i bound to core
-        i mod the cores this process may use (vLLM's CPU backend needs a core list per rank)."""
+        i mod the cores this process may use (vLLM's CPU backend needs a core list per rank).
+        ``enforce_eager=False``: vLLM compiles and warms the model up (pipeline parallelism
+        on CPU needs the warm-up, see tests/test_pp_vllm.py)."""
         port = free_port()
         kv = (["--kv-transfer-config", kv_transfer_config(
             self.directory, kv_role=kv_role, engine_id=name, **(extra_config or {}))]
@@ -174,7 +176,8 @@ class LocalCluster:
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
                 str(self.model),
                 "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "model",
-                "--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len),
+                "--dtype", "float32", *(["--enforce-eager"] if enforce_eager else []),
+                "--max-model-len", str(max_model_len),
                 *kv, *(extra_args or [])]
         env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
                "VLLM_CPU_NUM_OF_RESERVED_CPU": str(reserved_cpus()), "HF_HUB_OFFLINE": "1",
