@@ -31,7 +31,8 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="decode instances (kv_role kv_consumer)")
     p.add_argument("--model", required=True, help="the model directory (for its tokenizer)")
     p.add_argument("--directory", default=None,
-                   help="directory endpoint; without it the router balances by load only")
+                   help="directory endpoint, or shards as PRIMARY[|REPLICA],... in the "
+                        "connectors' order; without it the router balances by load only")
     p.add_argument("--secret-file", default=os.environ.get("P2PKV_SECRET_FILE", ""))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
