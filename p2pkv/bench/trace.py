@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from p2pkv.bench.report import Column, Panel, plot_panels
+from p2pkv.bench.report import table as table_text
 from p2pkv.directory.client import DirectoryClient
 from p2pkv.directory.protocol import Stats, StatsReply
 from p2pkv.planner.profiles import PROFILES
@@ -169,7 +171,11 @@ def _directory_report(run: dict, final: dict, base: dict) -> dict:
         entry = {"role": role, "rss_bytes": rss, "peak_rss_bytes": hwm,
                  "cpu_share": round((cpu - cpu0) / wall, 3)}
         if stats is not None:
+            holdings = sum(i.chunks for i in stats.instances)
             entry.update(chunks=stats.chunks, instances=len(stats.instances),
+                         holdings=holdings,
+                         holdings_per_chunk=(round(holdings / stats.chunks, 2)
+                                             if stats.chunks else None),
                          lookups=stats.lookups, keys_looked_up=stats.keys_looked_up,
                          publishes=stats.publishes, heartbeats=stats.heartbeats,
                          expirations=stats.expirations,
@@ -188,6 +194,7 @@ def _directory_report(run: dict, final: dict, base: dict) -> dict:
             # the single directory's (or first shard primary's) figures, for the table
             "rss_bytes": first.get("rss_bytes", 0), "chunks": first.get("chunks"),
             "rss_bytes_per_chunk": first.get("rss_bytes_per_chunk"),
+            "holdings_per_chunk": first.get("holdings_per_chunk"),
             "key_lookups_per_s": first.get("key_lookups_per_s", 0),
             "cpu_share": first.get("cpu_share", 0.0)}
 
@@ -228,21 +235,22 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+_POLICY_COLUMNS = (
+    Column("policy", 14, align="<"), Column("saved", 6, ".1%"), Column("of reuse", 8, ".1%"),
+    Column("local Mtok", 10, ".2f"), Column("pulled", 7, ".2f"), Column("recomp", 7, ".2f"),
+    Column("TTFT p50", 8, ".3f"), Column("p90", 6, ".2f"), Column("p99", 6, ".2f"),
+    Column("max req/inst", 12), Column("max busy", 8, ".1%"))
+
+
 def table(run: dict) -> str:
-    """The per-policy table and the directory's line."""
+    """The per-policy table and the directory's lines."""
+    rows = [(r["policy"], r["saved_share"], r["reuse_captured"], r["local_tokens"] / 1e6,
+             r["pulled_tokens"] / 1e6, r["recomputed_tokens"] / 1e6, r["ttft_s"]["p50"],
+             r["ttft_s"]["p90"], r["ttft_s"]["p99"], r["load"]["requests_per_instance_max"],
+             r["load"]["busy_share_max"]) for r in run["results"]]
     lines = [f"{run['instances']} instances, speedup {run['speedup']:g}: replay took "
              f"{run['wall_s']:.1f} s (load avg {run['load_avg_1m']['start']:.1f} -> "
-             f"{run['load_avg_1m']['end']:.1f})",
-             f"{'policy':<15}{'saved':>7}{'of reuse':>9}{'local Mtok':>11}{'pulled':>8}"
-             f"{'recomp':>8}{'TTFT p50':>9}{'p90':>7}{'p99':>7}{'max req/inst':>13}"
-             f"{'max busy':>9}"]
-    for r in run["results"]:
-        t = r["ttft_s"]
-        lines.append(f"{r['policy']:<15}{r['saved_share']:>7.1%}{r['reuse_captured']:>9.1%}"
-                     f"{r['local_tokens'] / 1e6:>11.2f}{r['pulled_tokens'] / 1e6:>8.2f}"
-                     f"{r['recomputed_tokens'] / 1e6:>8.2f}{t['p50']:>9.3f}{t['p90']:>7.2f}"
-                     f"{t['p99']:>7.2f}{r['load']['requests_per_instance_max']:>13}"
-                     f"{r['load']['busy_share_max']:>9.1%}")
+             f"{run['load_avg_1m']['end']:.1f})", table_text(_POLICY_COLUMNS, rows)]
     d = run["directory"]
     rtt = "; ".join(f"{k} p50 {v['p50']:.2f} p99 {v['p99']:.2f} ms"
                     for k, v in d["lookup_rtt_ms"].items())
@@ -250,47 +258,34 @@ def table(run: dict) -> str:
                  f"{d['messages_per_s']:.0f} msg/s, {d['bytes_per_s'] / 1e6:.2f} MB/s, "
                  f"{d['lookups_failed']} lookups failed, {d['failovers']} failovers; "
                  f"lookup RTT {rtt}")
-    for p in d["processes"]:
-        lines.append(f"  {p['role']:<11} {p.get('key_lookups_per_s', 0):>8.0f} key lookups/s, "
-                     f"RSS {p['rss_bytes'] / 1e6:.0f} MB ({p.get('rss_bytes_per_chunk')} B/chunk "
-                     f"of {p.get('chunks')}), CPU {p['cpu_share']:.0%}, "
-                     f"{p.get('expirations', 0)} expirations")
+    lines.append(table_text(
+        (Column("process", 13, align="<"), Column("key lookups/s", 13, ".0f"),
+         Column("RSS MB", 7, ".0f"), Column("B/chunk", 8), Column("chunks", 9),
+         Column("holders/chunk", 13), Column("CPU", 5, ".0%"), Column("expired", 7)),
+        [(p["role"], p.get("key_lookups_per_s", 0), p["rss_bytes"] / 1e6,
+          str(p.get("rss_bytes_per_chunk")), str(p.get("chunks")),
+          str(p.get("holdings_per_chunk")), p["cpu_share"], p.get("expirations", 0))
+         for p in d["processes"]]))
     for e in d.get("events", []):
         lines.append(f"  {e}")
     return "\n".join(lines)
 
 
 def plot(report: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+    """Share of prompt tokens from cache and TTFT p50/p90 against cluster size."""
     sweep = report["sweep"]
     sizes = [p["instances"] for p in sweep]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    hits: dict[str, tuple[list[int], list[float]]] = {}
+    ttft: dict[str, tuple[list[int], list[float]]] = {}
     for name in [r["policy"] for r in sweep[0]["results"]]:
         rows = [next(r for r in p["results"] if r["policy"] == name) for p in sweep]
-        ax1.plot(sizes, [100 * r["saved_share"] for r in rows], marker="o", label=name)
-        line, = ax2.plot(sizes, [r["ttft_s"]["p50"] for r in rows], marker="o", label=f"{name} p50")
-        ax2.plot(sizes, [r["ttft_s"]["p90"] for r in rows], marker="x", linestyle="--",
-                 color=line.get_color())
-    for ax in (ax1, ax2):
-        ax.set_xscale("log")
-        ax.set_xticks(sizes, [str(n) for n in sizes])
-        ax.minorticks_off()
-        ax.set_xlabel("instances")
-        ax.grid(True, alpha=0.3)
-    ax1.set_ylabel("prompt tokens served from cache (%)")
-    ax2.set_ylabel("estimated TTFT (s): p50 solid, p90 dashed")
-    ax1.legend(fontsize=8)
-    ax1.set_title(f"{Path(report['trace']).name}, {report['profile']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+        hits[name] = (sizes, [100 * r["saved_share"] for r in rows])
+        for q in ("p50", "p90"):
+            ttft[f"{name} {q}"] = (sizes, [r["ttft_s"][q] for r in rows])
+    return plot_panels(path, [
+        Panel(hits, "instances", "prompt tokens served from cache (%)", log_x=True,
+              title=f"{Path(report['trace']).name}, {report['profile']}"),
+        Panel(ttft, "instances", "estimated TTFT (s)", log_x=True)], size=(5.5, 4.2))
 
 
 def _nan_none(value):

@@ -371,6 +371,11 @@ class DirectoryIndex:
         return sum(len(s.table) for s in self._spaces.values())
 
     @property
+    def num_holdings(self) -> int:
+        """(chunk, holder) pairs: the members' keys summed."""
+        return sum(m.chunks for m in self._members.values())
+
+    @property
     def sweeping(self) -> bool:
         """Retired handles are left to sweep (call :meth:`sweep`)."""
         return any(s.sweep or s.retired for s in self._spaces.values())

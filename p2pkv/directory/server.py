@@ -20,7 +20,8 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from bisect import bisect_left
+from dataclasses import dataclass, field
 
 import msgspec
 import zmq
@@ -93,6 +94,11 @@ class ServerConfig:
         return max(MIN_REFUSAL_MEMORY_S, self.heartbeat_interval_s * REFUSAL_MEMORY_INTERVALS)
 
 
+LOOKUP_BUCKETS_S = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
+                    5e-2, 0.1)
+"""Upper bounds of the lookup handling-time histogram (``p2pkv_directory_lookup_seconds``)."""
+
+
 @dataclass(slots=True)
 class ServerCounters:
     lookups: int = 0
@@ -104,6 +110,10 @@ class ServerCounters:
     rejected: int = 0
     """Bad input: undecodable, wrong version, wrong frame count, internal error."""
     auth_refused: int = 0
+    lookup_buckets: list[int] = field(default_factory=lambda: [0] * (len(LOOKUP_BUCKETS_S) + 1))
+    """Lookups by handling time (decode, index, encode, send), per LOOKUP_BUCKETS_S bound
+    and one above the last."""
+    lookup_seconds: float = 0.0
 
 
 class DirectoryServer:
@@ -205,9 +215,15 @@ class DirectoryServer:
                 frames = self._socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            t0 = time.perf_counter()
             envelope, replies = self._handle_frames(frames)
             for reply in replies:
                 self._send(envelope, reply)
+            if replies and isinstance(replies[0], LookupReply):
+                took = time.perf_counter() - t0
+                c = self.counters
+                c.lookup_buckets[bisect_left(LOOKUP_BUCKETS_S, took)] += 1
+                c.lookup_seconds += took
 
     def _answer_zap(self) -> None:
         """ZAP (RFC 27) inside the loop: allow exactly the members' client key."""
