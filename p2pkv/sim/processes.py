@@ -18,7 +18,7 @@ import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from p2pkv.sim.replay import ReplayConfig, make_policies, replay, reusable_blocks, summarize
+from p2pkv.sim.replay import ReplayConfig, make_policies, replay, reusable_blocks
 from p2pkv.sim.trace import load_trace
 
 WORKER_TIMEOUT_S = 3600.0
@@ -117,8 +117,8 @@ def group_policies(policies: tuple[str, ...]) -> list[tuple[str, ...]]:
     return ([local] if local else []) + groups
 
 
-def _worker(config: ReplayConfig, trace_path: str, limit: int | None, ready: mp.Queue,
-            go: mp.Event, release: mp.Event, out: mp.Queue) -> None:
+def _worker(config: ReplayConfig, trace_path: str, limit: int | None, summarize,
+            ready: mp.Queue, go: mp.Event, release: mp.Event, out: mp.Queue) -> None:
     try:
         trace = load_trace(Path(trace_path), limit=limit)
         reusable = reusable_blocks(trace)
@@ -150,17 +150,19 @@ def _worker(config: ReplayConfig, trace_path: str, limit: int | None, ready: mp.
         out.put(("error", config.policies, message))
 
 
-def run_workers(config: ReplayConfig, trace_path: str, limit: int | None,
+def run_workers(config: ReplayConfig, trace_path: str, limit: int | None, summarize,
                 monitor=None, monitor_every_s: float = 0.25, at_end=None) -> dict:
     """Replay in one worker per policy group; returns {"wall_s", "workers": [...],
-    "results": [...]} once all are done. ``monitor()`` is called while they run,
-    ``at_end()`` after they finished and before they unregister."""
+    "results": [...]} once all are done. ``summarize(policy, duration_s) -> dict`` (a
+    module-level function: it is sent to the workers) makes each policy's result;
+    ``monitor()`` is called while they run, ``at_end()`` after they finished and before they
+    unregister."""
     ctx = mp.get_context("spawn")
     ready, out = ctx.Queue(), ctx.Queue()
     go, release = ctx.Event(), ctx.Event()
     groups = group_policies(config.policies)
     procs = [ctx.Process(target=_worker, args=(replace(config, policies=g), trace_path, limit,
-                                               ready, go, release, out), daemon=True)
+                                               summarize, ready, go, release, out), daemon=True)
              for g in groups]
     for p in procs:
         p.start()
