@@ -27,7 +27,7 @@ from pathlib import Path
 from p2pkv.bench.report import Column, Panel, pct, plot_panels
 from p2pkv.bench.report import table as table_text
 from p2pkv.directory.client import DirectoryClient
-from p2pkv.directory.protocol import Stats, StatsReply
+from p2pkv.directory.protocol import LOOKUP_BUCKETS_S, Stats, StatsReply
 from p2pkv.planner.profiles import PROFILES
 from p2pkv.sim.cluster import ClusterSpec
 from p2pkv.sim.policies import NAMES
@@ -225,6 +225,8 @@ def _directory_report(run: dict, final: dict, base: dict) -> dict:
                          publishes=stats.publishes, heartbeats=stats.heartbeats,
                          expirations=stats.expirations,
                          key_lookups_per_s=round(stats.keys_looked_up / wall),
+                         lookup_handling_ms={q: _bucket_pct(stats.lookup_buckets, p)
+                                             for q, p in (("p50", 0.5), ("p99", 0.99))},
                          rss_bytes_per_chunk=(round((rss - rss0) / stats.chunks, 1)
                                               if stats.chunks else None))
         processes.append(entry)
@@ -306,10 +308,12 @@ def table(run: dict) -> str:
     lines.append(table_text(
         (Column("process", 13, align="<"), Column("key lookups/s", 13, ".0f"),
          Column("RSS MB", 7, ".0f"), Column("B/chunk", 8), Column("chunks", 9),
-         Column("holders/chunk", 13), Column("CPU", 5, ".0%"), Column("expired", 7)),
+         Column("holders/chunk", 13), Column("CPU", 5, ".0%"), Column("expired", 7),
+         Column("lookup handling p50/p99 ms", 27)),
         [(p["role"], p.get("key_lookups_per_s", 0), p["rss_bytes"] / 1e6,
           str(p.get("rss_bytes_per_chunk")), str(p.get("chunks")),
-          str(p.get("holdings_per_chunk")), p["cpu_share"], p.get("expirations", 0))
+          str(p.get("holdings_per_chunk")), p["cpu_share"], p.get("expirations", 0),
+          "{p50} / {p99}".format(**p.get("lookup_handling_ms", {"p50": None, "p99": None})))
          for p in d["processes"]]))
     for e in d.get("events", []):
         lines.append(f"  {e}")
@@ -331,6 +335,20 @@ def plot(report: dict, path: Path) -> bool:
         Panel(hits, "instances", "prompt tokens served from cache (%)", log_x=True,
               title=f"{Path(report['trace']).name}, {report['profile']}"),
         Panel(ttft, "instances", "estimated TTFT (s)", log_x=True)], size=(5.5, 4.2))
+
+
+def _bucket_pct(buckets: list[int], p: float) -> float | None:
+    """The ``p`` quantile of a ``StatsReply.lookup_buckets`` histogram as its bucket's upper
+    bound in ms (inf: above the last bound; None: no lookups)."""
+    total = sum(buckets)
+    if not total:
+        return None
+    seen = 0
+    for bound, n in zip((*LOOKUP_BUCKETS_S, float("inf")), buckets):
+        seen += n
+        if seen >= p * total:
+            return bound * 1e3
+    return float("inf")
 
 
 def _nan_none(value):

@@ -16,7 +16,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from p2pkv.directory.server import LOOKUP_BUCKETS_S
+from p2pkv.directory.protocol import LOOKUP_BUCKETS_S
 
 if TYPE_CHECKING:
     from p2pkv.directory.server import DirectoryServer

@@ -30,7 +30,7 @@ import zmq.utils.z85
 from p2pkv.directory import auth, protocol
 from p2pkv.directory.index import DirectoryIndex, HoldingsCursor, Member
 from p2pkv.directory.protocol import (
-    MAX_KEYS_PER_MESSAGE, PROTOCOL_VERSION, ChunksChanged, Error, FeedEvent, Heartbeat, Holding,
+    LOOKUP_BUCKETS_S, MAX_KEYS_PER_MESSAGE, PROTOCOL_VERSION, ChunksChanged, Error, FeedEvent, Heartbeat, Holding,
     InstanceInfo, InstanceJoined, InstanceLeft, Lookup, LookupReply, Ok, ProtocolError, Publish, Register,
     RegisterReply, Reply, Report, Snapshot, SnapshotReply, Stats, StatsReply, Status, Unregister,
 )
@@ -92,11 +92,6 @@ class ServerConfig:
     @property
     def refusal_memory_s(self) -> float:
         return max(MIN_REFUSAL_MEMORY_S, self.heartbeat_interval_s * REFUSAL_MEMORY_INTERVALS)
-
-
-LOOKUP_BUCKETS_S = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
-                    5e-2, 0.1)
-"""Upper bounds of the lookup handling-time histogram (``p2pkv_directory_lookup_seconds``)."""
 
 
 @dataclass(slots=True)
@@ -391,7 +386,8 @@ class DirectoryServer:
                           expirations=c.expirations, heartbeats=c.heartbeats,
                           publishes=c.publishes, feed_seq=self.feed_seq,
                           feed_endpoint=self.feed_endpoint, secure=self.secure,
-                          refused=self._refused.recent(now))
+                          refused=self._refused.recent(now),
+                          lookup_buckets=list(c.lookup_buckets))
 
     def _snapshot(self, envelope: list[bytes], rid: int, now: float) -> list[Reply]:
         """Queue a snapshot: its parts go out one per loop turn (``_send_snapshot_part``)."""
