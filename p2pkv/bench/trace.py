@@ -16,9 +16,12 @@ against cluster size, with ``--sweep``).
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
+import multiprocessing as mp
 import os
+import random
 import statistics
 import sys
 import time
@@ -27,17 +30,26 @@ from pathlib import Path
 from p2pkv.bench.report import Column, Panel, pct, plot_panels
 from p2pkv.bench.report import table as table_text
 from p2pkv.directory.client import DirectoryClient
-from p2pkv.directory.protocol import LOOKUP_BUCKETS_S, Stats, StatsReply
+from p2pkv.directory.protocol import (
+    LOOKUP_BUCKETS_S, MAX_KEYS_PER_MESSAGE, LookupReply, Stats, StatsReply,
+)
+from p2pkv.directory.shards import ShardSpec, connect
+from p2pkv.keys import Namespace
 from p2pkv.planner.profiles import PROFILES
 from p2pkv.sim.cluster import ClusterSpec
-from p2pkv.sim.policies import NAMES
+from p2pkv.sim.directory_view import BlockKeys
+from p2pkv.sim.policies import DIRECTORY_POLICIES, NAMES
 from p2pkv.directory.ring import ShardId
-from p2pkv.sim.processes import DirectoryProcess, run_workers
+from p2pkv.sim.processes import WORKER_TIMEOUT_S, DirectoryProcess, run_workers
 from p2pkv.sim.policies import P2pkv, SimPolicy
 from p2pkv.sim.replay import ReplayConfig
 from p2pkv.sim.sharded_fleet import ShardEndpoints
+from p2pkv.sim.trace import load_trace
 
 DEFAULT_TRACE = Path("../shared/traces/mooncake_conversation.jsonl")
+
+PROBE_RATE = 100.0
+"""Lookups/s of the latency probe (the replay's own clients ask ~110/s at 10x)."""
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +82,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="kill shard s0's primary this long into the replay")
     parser.add_argument("--restart-after", type=float, default=5.0, metavar="SECONDS",
                         help="restart it (same endpoints) this long after the kill")
+    parser.add_argument("--probe-rate", type=float, default=PROBE_RATE,
+                        help="Lookups/s of the latency probe, a light client process that "
+                             "measures the directory's lookup round trip under the replay "
+                             "(0: none)")
+    parser.add_argument("--worker-nice", type=int, default=10,
+                        help="niceness added to the replay's worker processes, so that on a "
+                             "machine with few cores the simulated clients, not the directory "
+                             "and the probe, wait for the CPU")
     parser.add_argument("--out", type=Path, default=None, help="write trace.json, trace.png")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -107,10 +127,14 @@ def run_once(args: argparse.Namespace, instances: int, speedup: float) -> dict:
                               endpoint=None if shards else procs["directory"].endpoint,
                               shards=shards,
                               keys_per_block=args.keys_per_block, max_holders=args.max_holders,
-                              local_host_tier=not args.no_host_tier)
+                              local_host_tier=not args.no_host_tier,
+                              worker_nice=args.worker_nice)
         clock: dict = {}
+        probe = _start_probe(args, config, procs, shards, speedup)
 
         def monitor() -> None:
+            if probe is not None:
+                probe[1].set()  # go
             now = clock.setdefault("t0", time.monotonic())
             elapsed = time.monotonic() - now
             victim = "s0/primary"
@@ -133,20 +157,27 @@ def run_once(args: argparse.Namespace, instances: int, speedup: float) -> dict:
                                    "after_restart_s": round(elapsed - clock["restarted"], 2)})
 
         def at_end() -> None:
+            if probe is not None:
+                probe[2].set()  # stop
             for role, d in procs.items():
                 final[role] = (_stats(d), d.rss_bytes(), d.cpu_s())
 
         load0 = os.getloadavg()[0]
         run = run_workers(config, str(args.trace), args.limit, summarize, monitor=monitor,
                           at_end=at_end)
+        probed = _probe_result(probe)
     finally:
+        if probe is not None and probe[0].is_alive():
+            probe[0].kill()
         for d in procs.values():
             d.stop()
     run["directory"] = _directory_report(run, final, base)
     run["directory"]["events"] = events
+    run["directory"]["probe"] = probed
     run["instances"] = instances
     run["speedup"] = speedup
     run["shards"] = len(shards) or 1
+    run["worker_nice"] = args.worker_nice
     run["load_avg_1m"] = {"start": load0, "end": os.getloadavg()[0]}
     return run
 
@@ -191,6 +222,74 @@ def summarize(policy: SimPolicy, duration_s: float) -> dict:
             "feed_events": policy.feed.events, "pulls_missing": policy.pull_failed,
             "failovers": getattr(policy.fleet, "failovers", 0)}
     return out
+
+
+def _start_probe(args: argparse.Namespace, config: ReplayConfig,
+                 procs: dict[str, DirectoryProcess], shards: tuple[ShardEndpoints, ...],
+                 speedup: float):
+    """The latency probe process (or None): (process, go event, stop event, result queue)."""
+    names = [p for p in config.policies if p in DIRECTORY_POLICIES]
+    if args.probe_rate <= 0 or not names:
+        return None
+    ctx = mp.get_context("spawn")
+    go, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    ends = ([(str(s.shard), s.primary, s.replica) for s in shards] if shards
+            else [("s0", procs["directory"].endpoint, None)])
+    proc = ctx.Process(target=_probe, daemon=True, args=(
+        ends, f"trace-{names[0]}", str(args.trace), args.limit, args.keys_per_block,
+        args.probe_rate, speedup, go, stop, out))
+    proc.start()
+    return proc, go, stop, out
+
+
+def _probe_result(probe) -> dict | None:
+    if probe is None:
+        return None
+    try:
+        got = probe[3].get(timeout=30)
+    except Exception:  # noqa: BLE001 - queue.Empty: the probe died
+        return None
+    probe[0].join(10)
+    rtts = got["rtts"]
+    return {"rate": got["rate"], "namespace": got["namespace"], "lookups": len(rtts),
+            "failed": got["failed"],
+            "rtt_ms": {"p50": pct(rtts, 0.5) * 1e3, "p99": pct(rtts, 0.99) * 1e3,
+                       "max": max(rtts, default=float("nan")) * 1e3}}
+
+
+def _probe(ends: list[tuple[str, str, str | None]], namespace: str, trace_path: str,
+           limit: int | None, keys_per_block: int, rate: float, speedup: float, go, stop,
+           out) -> None:
+    """Paced Lookups of requests the replay has reached (their keys are published by now),
+    through the client the connector would use (``shards.connect``), at normal priority."""
+    trace = load_trace(Path(trace_path), limit=limit)
+    keys = BlockKeys(keys_per_block)
+    client = connect([ShardSpec(ShardId(n), p, r) for n, p, r in ends])
+    rng = random.Random(7)
+    rtts: list[float] = []
+    failed = 0
+    try:
+        go.wait(WORKER_TIMEOUT_S)
+        t0 = time.monotonic()
+        next_t = t0
+        arrivals = [r.arrival_s for r in trace]
+        while not stop.is_set():
+            reached = (bisect.bisect_right(arrivals, (time.monotonic() - t0) * speedup)
+                       if speedup > 0 else len(trace))
+            req = trace[rng.randrange(max(1, reached))]
+            wanted = keys.flat(req.blocks)[:MAX_KEYS_PER_MESSAGE]
+            start = time.perf_counter()
+            rid = client.start_lookup(Namespace(namespace), wanted, 0.5)
+            result = client.wait_lookup(rid, 0.5)
+            if isinstance(result, LookupReply):
+                rtts.append(time.perf_counter() - start)
+            else:
+                failed += 1
+            next_t += 1.0 / rate
+            time.sleep(max(0.0, next_t - time.monotonic()))
+    finally:
+        client.close()
+        out.put({"rtts": rtts, "failed": failed, "rate": rate, "namespace": namespace})
 
 
 def _stats(d: DirectoryProcess) -> StatsReply | None:
@@ -315,6 +414,13 @@ def table(run: dict) -> str:
           str(p.get("holdings_per_chunk")), p["cpu_share"], p.get("expirations", 0),
           "{p50} / {p99}".format(**p.get("lookup_handling_ms", {"p50": None, "p99": None})))
          for p in d["processes"]]))
+    probe = d.get("probe")
+    if probe:
+        r = probe["rtt_ms"]
+        lines.append(f"latency probe ({probe['rate']:g} Lookups/s in {probe['namespace']}, "
+                     f"normal priority; workers at nice +{run.get('worker_nice', 0)}): p50 "
+                     f"{r['p50']:.2f} ms, p99 {r['p99']:.2f} ms, max {r['max']:.1f} ms over "
+                     f"{probe['lookups']} lookups, {probe['failed']} failed")
     for e in d.get("events", []):
         lines.append(f"  {e}")
     return "\n".join(lines)

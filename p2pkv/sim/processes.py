@@ -10,6 +10,7 @@ once its fleet is registered and its feed synced, then all wait for one go.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import subprocess
 import sys
 import tempfile
@@ -94,8 +95,6 @@ class DirectoryProcess:
             fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             return 0.0
-        import os
-
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
@@ -120,6 +119,8 @@ def group_policies(policies: tuple[str, ...]) -> list[tuple[str, ...]]:
 def _worker(config: ReplayConfig, trace_path: str, limit: int | None, summarize,
             ready: mp.Queue, go: mp.Event, release: mp.Event, out: mp.Queue) -> None:
     try:
+        if config.worker_nice:
+            os.nice(config.worker_nice)
         trace = load_trace(Path(trace_path), limit=limit)
         reusable = reusable_blocks(trace)
         policies = make_policies(config)

@@ -44,6 +44,9 @@ class ReplayConfig:
     local_host_tier: bool = True
     """Round-robin and kv-aware get each instance's host store as a local tier."""
     start_timeout_s: float = 60.0
+    worker_nice: int = 0
+    """Niceness the worker processes add (``os.nice``): the simulated clients yield the CPU
+    to the directory (and the bench's latency probe) on a machine with few cores."""
 
     def __post_init__(self) -> None:
         if self.speedup < 0:
