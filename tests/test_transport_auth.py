@@ -383,3 +383,19 @@ def test_keyed_pulls_from_a_holder_process_parts_and_a_corrupted_chunk(spawn):
         assert t.pool.idle()[0].keyed
     finally:
         t.close()
+
+
+def test_a_chunk_that_changes_after_its_hash_was_kept_is_a_mismatch(holder):
+    t = _client("keyed")
+    try:
+        results, _ = _pull(t, holder.address, [0, 1])  # hashed and kept by the holder
+        assert [r.outcome for r in results] == [Outcome.OK] * 2
+        p = holder.store.pin(key_of(1))
+        holder.store.slot_view(p.index)[7] ^= 0xFF
+        holder.store.unpin(p)
+        results, bufs = _pull(t, holder.address, [0, 1])  # from the kept hashes
+        assert results[0].outcome is Outcome.OK
+        assert np.array_equal(bufs[0], chunk_bytes(SEED, 0, SIZE))
+        assert results[1].outcome is Outcome.FAILED and "checksum" in results[1].reason
+    finally:
+        t.close()

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING
 import xxhash
 
 from p2pkv.affinity import widen_cpu_affinity
-from p2pkv.errors import BadRequest, DeadlineExceeded, TransportError
+from p2pkv.errors import BadRequest, TransportError
 from p2pkv.ratelog import RateLimitedLog
 from p2pkv.store import ChunkStore, PinnedChunk
 from p2pkv.transport import session as sess
-from p2pkv.transport import wire
+from p2pkv.transport import stream, wire
 from p2pkv.transport.accept import Acceptor, ServerLimits
 from p2pkv.transport.base import ServerHealth
 from p2pkv.transport.selection import Selection
@@ -66,6 +66,7 @@ class Server:
                  start_thread: StartThread = start_daemon_thread) -> None:
         self._store = store
         self._namespace = info.namespace
+        self._hashes = stream.ChunkHashes()
         self._ucx = ucx
         self._limits = limits
         self._pins_per_peer = limits.pins_per_peer or max(64, store.capacity // 2)
@@ -216,37 +217,12 @@ class Server:
 
     def _send_keyed(self, conn: socket.socket, session: Session, number: int,
                     pinned: list[PinnedChunk | None], select: Selection | None) -> None:
-        """A keyed Pull's reply: headers without digests, then each payload followed by its
-        keyed tag (each chunk also checked against its stored digest). NOTE: hashed chunk by chunk right before it is sent, so this side hashes
-        chunk i + 1 while the puller receives and hashes chunk i (the hasher releases the
-        GIL); the headers go with the first payload."""
-        deadline = time.monotonic() + self._limits.response_s
-        headers = b"".join(
-            wire.pack_item(wire.Status.MISSING) if p is None else wire.pack_item(
-                wire.Status.OK, select.nbytes(p.view.nbytes) if select else p.view.nbytes)
-            for p in pinned)
-        out: list[bytes | memoryview] = sess.reply(session, number, headers)
-        for i, p in enumerate(pinned):
-            if p is None:
-                continue
-            views = ([p.view] if select is None else
-                     [p.view[off:off + n] for off, n in select.ranges(p.view.nbytes)])
-            h = session.chunk_hasher(number, i)
-            for v in views:
-                h.update(v)
-            tag = h.digest(wire.TAG_BYTES)
-            if xxhash.xxh3_64_intdigest(p.view) != p.digest:
-                # NOTE: the keyed tag covers the bytes as they are now; the stored digest is
-                # what catches a chunk that changed in this store since it was saved. A tag
-                # that cannot verify makes the puller recompute it.
-                tag = bytes(b ^ 0xFF for b in tag)
-                self._log.warning("corrupt", "p2pkv data-plane server: chunk in slot %d no "
-                                  "longer matches its digest: sent as a mismatch", p.index)
-            out += [*views, tag]
-            send_views(conn, out, _left(deadline))
-            out = []
-        if out:
-            send_views(conn, out, _left(deadline))
+        def corrupt(p: PinnedChunk) -> None:
+            self._log.warning("corrupt", "p2pkv data-plane server: chunk in slot %d no longer "
+                              "matches its digest: sent as a mismatch", p.index)
+
+        stream.send_keyed(conn, session, number, pinned, select,
+                          time.monotonic() + self._limits.response_s, self._hashes, corrupt)
 
     @staticmethod
     def _selected(pinned: list[PinnedChunk | None], select: Selection
@@ -359,13 +335,6 @@ class Server:
             else:
                 raise BadRequest(f"release of slot {slot} generation {generation}, "
                                       "which this connection has not pinned")
-
-
-def _left(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise DeadlineExceeded("deadline passed while sending")
-    return left
 
 
 def _peer_host(conn: socket.socket) -> str:

@@ -8,8 +8,10 @@ framing these keys protect is in ``wire``.
 
     session key   : HMAC-SHA256(key, "session" | nonce_s | nonce_c)
     header MAC    : HMAC-SHA256(session key, direction | u64 request number | bytes)[:16]
-    chunk digest  : BLAKE3 keyed with HMAC-SHA256(session key, "chunk-digest") over
-                    u64 request number | u32 index in the request | the chunk's bytes (16 B)
+    chunk tag     : BLAKE3 keyed with HMAC-SHA256(session key, "chunk-digest") over
+                    u64 request number | u32 index in the request | BLAKE3(the chunk's bytes)
+                    (16 B); the holder computes a chunk's BLAKE3 once and keeps it
+                    (``stream.ChunkHashes``), the puller hashes the bytes as they land
 
 Both sides count requests from 0 on each connection (the holder every request it reads, the
 puller every request it sends), so a request or reply replayed on the same connection has the
@@ -82,17 +84,13 @@ class Session:
             return True
         return secrets.compare_digest(tag, self.tag(direction, number, *parts))
 
-    def chunk_hasher(self, number: int, index: int) -> blake3.blake3:
-        """A keyed BLAKE3 for the ``index``-th chunk of request ``number``: feed it the chunk's
-        bytes, then ``digest(TAG_BYTES)`` is its tag. Raises TransportError without a key.
-
-        NOTE: the hasher releases the GIL on large updates, so a holder hashing one chunk and
-        a puller receiving another overlap."""
+    def chunk_tag(self, number: int, index: int, chunk_hash: bytes) -> bytes:
+        """The tag of the ``index``-th chunk of request ``number``, whose bytes have the
+        BLAKE3 ``chunk_hash``. Raises TransportError without a key."""
         if self._digest_key is None:
             raise TransportError("a keyed chunk digest needs a cluster secret")
-        h = blake3.blake3(key=self._digest_key)
-        h.update(_CHUNK.pack(number, index))
-        return h
+        return blake3.blake3(_CHUNK.pack(number, index) + chunk_hash,
+                             key=self._digest_key).digest(TAG_BYTES)
 
 
 def encode_request(session: Session, req: wire.Request) -> bytes:
