@@ -18,9 +18,11 @@ holder is back to its baseline file descriptors after the fault stops, and the h
 The router's cases (a flood on its port, malformed requests, a 1 GB body, under 16
 concurrent clients: ``faults/router.py``) and the directory's (a flood on its port,
 malformed frames, a member forging the holder's registration, while lookups run:
-``faults/directory.py``) follow. The cases of the issue that need vLLM (64 clients through
-the router over 2 vLLM instances, a holder SIGKILLed or SIGSTOPped, the directory restarted
-under that load) are listed as not run: no figures are made up for them.
+``faults/directory.py``) follow. With ``--vllm``, the cases of the issue that need vLLM
+(64 clients through the router over 2 vLLM instances, a holder SIGSTOPped and one SIGKILLed,
+the directory restarted under that load: ``faults/vllm.py``) run last (``--only-vllm``:
+only those); without it they are listed as not run: no figures are made up for them. They
+start vLLM: run them under the machine's vLLM lock.
 """
 
 from __future__ import annotations
@@ -212,8 +214,11 @@ def _case(name: str, seconds: float,
     return row
 
 
-def run(seconds: float, router: bool = True, directory: bool = True) -> list[Row]:
+def run(seconds: float, router: bool = True, directory: bool = True,
+        data_plane: bool = True) -> list[Row]:
     ctx = mp.get_context("spawn")
+    if not data_plane:
+        return []
     rows = [
         _case("baseline", seconds, None),
         _case("flood", seconds, lambda a, stop, n: ctx.Process(
@@ -241,11 +246,28 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-router", action="store_true", help="skip the router's cases")
     parser.add_argument("--no-directory", action="store_true",
                         help="skip the directory's cases")
+    parser.add_argument("--vllm", action="store_true",
+                        help="also run the cases on real vLLM (2 instances, the router)")
+    parser.add_argument("--only-vllm", action="store_true", help="only the vLLM cases")
+    parser.add_argument("--vllm-load-s", type=float, default=60.0,
+                        help="the vLLM load case's length")
+    parser.add_argument("--vllm-fault-s", type=float, default=20.0,
+                        help="each vLLM fault case's length (the fault a quarter in)")
+    parser.add_argument("--clients", type=int, default=64,
+                        help="concurrent clients in the vLLM cases")
 
 
 def main(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
-    rows = run(args.seconds, router=not args.no_router, directory=not args.no_directory)
+    only = args.only_vllm
+    rows = run(args.seconds, router=not (args.no_router or only),
+               directory=not (args.no_directory or only), data_plane=not only)
+    notes: list[str] = []
+    if args.vllm or only:
+        from p2pkv.bench.faults import vllm as faults_vllm
+
+        vllm_rows, notes = faults_vllm.run(args.vllm_load_s, args.vllm_fault_s, args.clients)
+        rows += vllm_rows
     print(f"{'case':<10} {'sent':>6} {'correct':>7} {'caught':>6} {'failed':>6} "
           f"{'wrong':>5} {'slowest':>9} {'recover':>8} {'RSS before':>10} {'after':>7}  fault")
     for r in rows:
@@ -253,11 +275,19 @@ def main(args: argparse.Namespace) -> int:
         print(f"{r.case:<10} {r.sent:>6} {r.correct:>7} {r.caught:>6} {r.failed:>6} "
               f"{r.wrong:>5} {r.slowest_ms:>6.0f} ms {recover:>8} {r.rss_before:>6.0f} MiB "
               f"{r.rss_after:>4.0f} MiB  {r.fault}")
-    for case, why in NOT_RUN.items():
-        print(f"not run: {case} ({why})")
-    print(f"(data plane: {CHUNKS} chunks of {CHUNK >> 10} KiB, pull deadline "
-          f"{PULL_TIMEOUT_S:g} s, the holder with the default ServerLimits; "
-          f"{time.monotonic() - t0:.0f} s)")
+    if not (args.vllm or only):
+        for case, why in NOT_RUN.items():
+            print(f"not run: {case} ({why})")
+    else:
+        print(f"(vLLM cases: {args.clients} clients through the router over instances A and "
+              f"B, load {args.vllm_load_s:g} s, each fault case {args.vllm_fault_s:g} s; "
+              "RSS: A's process group)")
+    for note in notes:
+        print(f"note: {note}")
+    if not only:
+        print(f"(data plane: {CHUNKS} chunks of {CHUNK >> 10} KiB, pull deadline "
+              f"{PULL_TIMEOUT_S:g} s, the holder with the default ServerLimits)")
+    print(f"({time.monotonic() - t0:.0f} s in all)")
     bad = any(r.wrong or r.failed for r in rows)
     return 1 if bad else 0
 
