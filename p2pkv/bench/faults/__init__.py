@@ -14,6 +14,8 @@ holder is back to its baseline file descriptors after the fault stops, and the h
     malformed         10,000 malformed frames: bad handshakes and garbage after good ones
                       (pulls go on until all of them were sent)
     corrupt           a byte flipped in one stored chunk (pulls of it must fail)
+    corrupt-keyed     the same with a cluster secret and keyed chunk tags (as between
+                      hosts: the holder checks its stored digest before it tags a chunk)
 
 The router's cases (a flood on its port, malformed requests, a 1 GB body, under 16
 concurrent clients: ``faults/router.py``) and the directory's (a flood on its port,
@@ -41,6 +43,7 @@ import numpy as np
 
 from p2pkv.bench.faults.row import Row, fds, rss_mib
 from p2pkv.keys import ChunkKey
+from p2pkv.secret import ClusterSecret
 from p2pkv.transport import wire
 from p2pkv.transport.base import Outcome, PullItem
 from p2pkv.transport.choose import make_transport
@@ -48,6 +51,7 @@ from p2pkv.transport.choose import make_transport
 CHUNK = 256 << 10
 CHUNKS = 8
 PULL_TIMEOUT_S = 5.0
+SECRET = ClusterSecret(b"bench-faults-cluster-secret-0123")  # the keyed case's own
 NOT_RUN = {
     "router load (64 clients, 60 s, 2 vLLM)": "needs vLLM instances",
     "holder SIGKILL / SIGSTOP under load": "needs vLLM instances",
@@ -63,8 +67,14 @@ def _bytes(i: int) -> np.ndarray:
     return np.random.default_rng([13, i]).integers(0, 256, CHUNK, dtype=np.uint8)
 
 
-def _holder(corrupt: int, pipe) -> None:
-    transport = make_transport("tcp", bind_host="127.0.0.1")
+def _transport(keyed: bool):
+    if not keyed:
+        return make_transport("tcp", bind_host="127.0.0.1")
+    return make_transport("tcp", bind_host="127.0.0.1", secret=SECRET, chunk_digest="keyed")
+
+
+def _holder(corrupt: int, keyed: bool, pipe) -> None:
+    transport = _transport(keyed)
     store = transport.create_store(CHUNK, CHUNKS)
     for i in range(CHUNKS):
         w = store.reserve(_key(i))
@@ -135,15 +145,16 @@ def _malformed(address: str, frames: int, stop, count) -> None:
             pass
 
 
-def _pull_loop(address: str, seconds: float, row: Row, expect_bad: int = -1) -> None:
+def _pull_loop(address: str, seconds: float, row: Row, expect_bad: int = -1,
+               keyed: bool = False) -> None:
     """Pull every chunk, one pull each, over and over for ``seconds``; a new connection
     every fourth round."""
     end = time.monotonic() + seconds
     rounds = 0
-    pooled = make_transport("tcp", bind_host="127.0.0.1")
+    pooled = _transport(keyed)
     try:
         while time.monotonic() < end:
-            fresh = make_transport("tcp", bind_host="127.0.0.1") if rounds % 4 == 0 else None
+            fresh = _transport(keyed) if rounds % 4 == 0 else None
             t = fresh or pooled
             for i in range(CHUNKS):
                 dest = np.zeros(CHUNK, dtype=np.uint8)
@@ -170,15 +181,15 @@ def _pull_loop(address: str, seconds: float, row: Row, expect_bad: int = -1) -> 
 
 def _case(name: str, seconds: float,
           fault: Callable[[str, object, object], mp.Process] | None, unit: str = "",
-          corrupt: int = -1, finish: bool = False) -> Row:
+          corrupt: int = -1, finish: bool = False, keyed: bool = False) -> Row:
     ctx = mp.get_context("spawn")
     mine, theirs = ctx.Pipe()
-    holder = ctx.Process(target=_holder, args=(corrupt, theirs), daemon=True)
+    holder = ctx.Process(target=_holder, args=(corrupt, keyed, theirs), daemon=True)
     holder.start()
     row = Row(name)
     try:
         address, pid = mine.recv()
-        _pull_loop(address, 0.5, Row("warm-up"))
+        _pull_loop(address, 0.5, Row("warm-up"), keyed=keyed)
         time.sleep(0.5)
         baseline_fds, row.rss_before = fds(pid), rss_mib(pid)
         stop, count = ctx.Event(), ctx.Value("q", 0)
@@ -186,12 +197,12 @@ def _case(name: str, seconds: float,
         if proc is not None:
             proc.start()
             time.sleep(1.0)  # the fault is on before the pulls start
-        _pull_loop(address, seconds, row, expect_bad=corrupt)
+        _pull_loop(address, seconds, row, expect_bad=corrupt, keyed=keyed)
         if proc is not None:
             if finish:  # the fault has a fixed size: pull on until all of it was sent
                 t_end = time.monotonic() + 300
                 while proc.is_alive() and time.monotonic() < t_end:
-                    _pull_loop(address, 1.0, row, expect_bad=corrupt)
+                    _pull_loop(address, 1.0, row, expect_bad=corrupt, keyed=keyed)
             stop.set()
             proc.join(5)
             if proc.is_alive():
@@ -228,6 +239,7 @@ def run(seconds: float, router: bool = True, directory: bool = True,
             target=_malformed, args=(a, 10_000, stop, n), daemon=True), "malformed frames",
             finish=True),
         _case("corrupt", seconds, None, corrupt=3),
+        _case("corrupt-keyed", seconds, None, corrupt=3, keyed=True),
     ]
     if router:
         from p2pkv.bench.faults import router as faults_router
@@ -268,11 +280,11 @@ def main(args: argparse.Namespace) -> int:
 
         vllm_rows, notes = faults_vllm.run(args.vllm_load_s, args.vllm_fault_s, args.clients)
         rows += vllm_rows
-    print(f"{'case':<10} {'sent':>6} {'correct':>7} {'caught':>6} {'failed':>6} "
+    print(f"{'case':<13} {'sent':>6} {'correct':>7} {'caught':>6} {'failed':>6} "
           f"{'wrong':>5} {'slowest':>9} {'recover':>8} {'RSS before':>10} {'after':>7}  fault")
     for r in rows:
         recover = f"{r.recover_s:.1f} s" if r.recover_s is not None else "never"
-        print(f"{r.case:<10} {r.sent:>6} {r.correct:>7} {r.caught:>6} {r.failed:>6} "
+        print(f"{r.case:<13} {r.sent:>6} {r.correct:>7} {r.caught:>6} {r.failed:>6} "
               f"{r.wrong:>5} {r.slowest_ms:>6.0f} ms {recover:>8} {r.rss_before:>6.0f} MiB "
               f"{r.rss_after:>4.0f} MiB  {r.fault}")
     if not (args.vllm or only):
