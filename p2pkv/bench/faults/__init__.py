@@ -264,7 +264,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vllm-load-s", type=float, default=60.0,
                         help="the vLLM load case's length")
     parser.add_argument("--vllm-fault-s", type=float, default=20.0,
-                        help="each vLLM fault case's length (the fault a quarter in)")
+                        help="each vLLM fault case's length")
+    parser.add_argument("--vllm-fault-after-s", type=float, default=1.0,
+                        help="when the fault comes in each vLLM fault case")
     parser.add_argument("--clients", type=int, default=64,
                         help="concurrent clients in the vLLM cases")
 
@@ -278,7 +280,8 @@ def main(args: argparse.Namespace) -> int:
     if args.vllm or only:
         from p2pkv.bench.faults import vllm as faults_vllm
 
-        vllm_rows, notes = faults_vllm.run(args.vllm_load_s, args.vllm_fault_s, args.clients)
+        vllm_rows, notes = faults_vllm.run(args.vllm_load_s, args.vllm_fault_s, args.clients,
+                                           args.vllm_fault_after_s)
         rows += vllm_rows
     print(f"{'case':<13} {'sent':>6} {'correct':>7} {'caught':>6} {'failed':>6} "
           f"{'wrong':>5} {'slowest':>9} {'recover':>8} {'RSS before':>10} {'after':>7}  fault")

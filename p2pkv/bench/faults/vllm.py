@@ -1,11 +1,12 @@
 """The fault suite's cases on real vLLM (``p2pkv bench faults --vllm``): a directory, two
 ``vllm serve`` instances with the connector (A and B) and ``p2pkv router`` in front of them
 (``harness.cluster.LocalCluster``), loaded by concurrent clients, each sending greedy chat
-requests about one of several documents through the router and checking every answer
-against the reference answer to that prompt (the same request, sent to A alone and
-unloaded before the cases start). Holders pull each other's chunks all along: the router
-spreads a document's requests over both instances under this load. The cases, in order, on
-the same cluster:
+requests about one of the case's documents through the router and checking every answer
+against the reference answer to that prompt (the same request, sent to B alone and
+unloaded right before the case). Each case has documents of its own, so B holds them when
+it starts and A pulls them from B as the router spreads their requests over both
+instances under this load; the fault comes ``fault_after_s`` in, while those pulls run.
+The cases, in order, on the same cluster:
 
     load         no fault
     SIGSTOP      B's whole process group stopped for ``STOP_S`` mid-load, then continued:
@@ -17,8 +18,8 @@ the same cluster:
 
 Per case: requests sent, answers equal to the reference ("correct"), error answers
 ("failed"), answers that differ ("wrong"), the slowest request, the time from the fault
-until the first request sent after it was answered correctly, and A's memory (its process
-group) before and after. The fault column adds the chunks pulled and failed meanwhile (from
+until the first request sent after it was answered correctly (with 64 clients on a small
+CPU host mostly the queue's length), and A's memory (its process group) before and after. The fault column adds the chunks pulled and failed meanwhile (from
 the instances' ``/metrics``).
 
 Used by :mod:`p2pkv.bench.faults` (which prints the table); starts vLLM, so run it under the
@@ -46,17 +47,23 @@ from p2pkv.harness.cluster import Instance, LocalCluster, Proc, wait_healthy
 from p2pkv.harness.openai_client import CHAT, chat_body
 
 CLIENTS = 64
-DOCS = 4
+DOCS_PER_CASE = 3
+PARTS = 12  # the document in this many parts (~300 tokens each): the cases' documents
 MAX_TOKENS = 8
 REQUEST_TIMEOUT_S = 120.0
 STOP_S = 6.0
 DIRECTORY_DOWN_S = 3.0
-PROMPTS = [(d, q) for d in range(DOCS) for q in documents.QUESTIONS[:4]]
+Prompt = tuple[int, str]
 
 
-def _body(prompt: tuple[int, str]) -> dict:
+def _prompts(case: int) -> list[Prompt]:
+    return [(d, q) for d in range(case * DOCS_PER_CASE, (case + 1) * DOCS_PER_CASE)
+            for q in documents.QUESTIONS[:4]]
+
+
+def _body(prompt: Prompt) -> dict:
     d, q = prompt
-    return chat_body(documents.document_messages(documents.document_part(d, 8), q),
+    return chat_body(documents.document_messages(documents.document_part(d, PARTS), q),
                      max_tokens=MAX_TOKENS)
 
 
@@ -71,7 +78,7 @@ class _Load:
     """Clients sending requests through the router until ``stop``; what came back."""
 
     url: str
-    refs: dict[tuple[int, str], str]
+    refs: dict[Prompt, str]
     clients: int
     row: Row
     stop: threading.Event = field(default_factory=threading.Event)
@@ -101,9 +108,10 @@ class _Load:
 
     def _client(self, i: int) -> None:
         rng = random.Random(i)
+        prompts = sorted(self.refs)
         with httpx.Client() as client:
             while not self.stop.is_set():
-                prompt = rng.choice(PROMPTS)
+                prompt = rng.choice(prompts)
                 t_sent = time.monotonic()
                 try:
                     text = _answer(client, self.url, prompt)
@@ -152,9 +160,9 @@ _METRIC = re.compile(r"^p2pkv_connector_(chunks_pulled|chunks_failed)_total(?:\{
                      r"([0-9.e+]+)$", re.M)
 
 
-def _pulls(instances: list[Instance]) -> dict[str, float]:
-    """Chunks pulled and failed so far, summed over the instances that answer."""
-    got = {"chunks_pulled": 0.0, "chunks_failed": 0.0}
+def _pulls(instances: list[Instance]) -> dict[str, dict[str, float]]:
+    """Chunks pulled and failed so far, per instance that answers."""
+    got: dict[str, dict[str, float]] = {}
     for inst in instances:
         if not inst.proc.alive():
             continue
@@ -162,9 +170,16 @@ def _pulls(instances: list[Instance]) -> dict[str, float]:
             text = httpx.get(inst.url + "/metrics", timeout=5).text
         except httpx.HTTPError:
             continue
+        mine = got.setdefault(inst.name, {"chunks_pulled": 0.0, "chunks_failed": 0.0})
         for name, value in _METRIC.findall(text):
-            got[name] += float(value)
+            mine[name] += float(value)
     return got
+
+
+def _delta(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
+           name: str) -> float:
+    """What the instances that answered both times added to counter ``name``."""
+    return sum(after[i][name] - before[i][name] for i in after if i in before)
 
 
 def _restart_directory(cluster: LocalCluster, endpoint: str, feed: str) -> Proc:
@@ -181,7 +196,8 @@ def _restart_directory(cluster: LocalCluster, endpoint: str, feed: str) -> Proc:
 
 
 def run(load_s: float = 60.0, fault_s: float = 20.0, clients: int = CLIENTS,
-        workdir: Path | None = None, log=print) -> tuple[list[Row], list[str]]:
+        fault_after_s: float = 1.0, workdir: Path | None = None, log=print
+        ) -> tuple[list[Row], list[str]]:
     """The cases; the rows and the first error lines (for the report)."""
     from p2pkv.harness.demo_model import prepare
 
@@ -200,24 +216,24 @@ def run(load_s: float = 60.0, fault_s: float = 20.0, clients: int = CLIENTS,
         stats = cluster.stats()
         assert stats is not None, "the directory does not answer"
         endpoint, feed = cluster.directory, stats.feed_endpoint
-        with httpx.Client() as client:
-            refs = {p: _answer(client, a.url, p) for p in PROMPTS}
-        log(f"{len(refs)} reference answers from A")
 
-        def case(name: str, seconds: float, fault=None, what: str = "",
-                 after_s: float = 0.0) -> None:
+        def case(name: str, seconds: float, fault=None, what: str = "") -> None:
+            with httpx.Client() as client:
+                refs = {p: _answer(client, b.url, p) for p in _prompts(len(rows))}
+            time.sleep(0.5)  # B's saves published
             row = Row(name)
             row.rss_before = _group_rss_mib(a.proc.popen.pid)
             before = _pulls([a, b])
             load = _Load(router.url, refs, clients, row)
-            load.run(seconds, fault, after_s)
+            load.run(seconds, fault, fault_after_s)
             after = _pulls([a, b])
             row.rss_after = _group_rss_mib(a.proc.popen.pid)
+            row.recover_s = 0.0  # no fault: nothing to recover from
             if load.fault_at is not None:
                 row.recover_s = (load.recovered_at - load.fault_at
                                  if load.recovered_at is not None else None)
-            pulled = after["chunks_pulled"] - before["chunks_pulled"]
-            failed = after["chunks_failed"] - before["chunks_failed"]
+            pulled = _delta(before, after, "chunks_pulled")
+            failed = _delta(before, after, "chunks_failed")
             row.fault = f"{what}{'; ' if what else ''}{pulled:.0f} chunks pulled, " \
                         f"{failed:.0f} failed (recomputed)"
             rows.append(row)
@@ -236,10 +252,10 @@ def run(load_s: float = 60.0, fault_s: float = 20.0, clients: int = CLIENTS,
             _restart_directory(cluster, endpoint, feed)
 
         case("load", load_s)
-        case("SIGSTOP", fault_s, stop_b, f"B stopped {STOP_S:g} s", fault_s / 4)
+        case("SIGSTOP", fault_s, stop_b, f"B stopped {STOP_S:g} s")
         case("directory", fault_s, restart_directory,
-             f"directory down {DIRECTORY_DOWN_S:g} s, restarted", fault_s / 4)
-        case("SIGKILL", fault_s, b.proc.kill, "B killed", fault_s / 4)
+             f"directory down {DIRECTORY_DOWN_S:g} s, restarted")
+        case("SIGKILL", fault_s, b.proc.kill, "B killed")
         if not a.proc.alive():
             rows[-1].failed += 1
             notes.append(f"instance A died:\n{a.proc.tail()}")
