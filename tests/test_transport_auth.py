@@ -399,3 +399,41 @@ def test_a_chunk_that_changes_after_its_hash_was_kept_is_a_mismatch(holder):
         assert results[1].outcome is Outcome.FAILED and "checksum" in results[1].reason
     finally:
         t.close()
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGSTOP"])
+def test_a_keyed_pull_from_a_holder_dying_or_stalling_mid_transfer(spawn, sig):
+    """The keyed path under the faults of ``test_peer_dying_or_stalling_mid_transfer``:
+    no hang past the deadline, and whatever is reported good is good."""
+    import os
+    import signal
+
+    from p2pkv.transport.choose import make_transport
+
+    secret = "a-cluster-secret-of-enough-bytes"
+    size, n = 8 << 20, 24
+    proc, address = spawn(["-m", "tests.peer_process", "ready", str(size), str(n), str(SEED)],
+                          "ready", env={"P2PKV_TEST_SECRET": secret})
+    t = make_transport("tcp", bind_host="127.0.0.1", secret=ClusterSecret(secret.encode()),
+                       chunk_digest="keyed")
+    signum = getattr(signal, sig)
+    try:
+        bufs = [np.zeros(size, dtype=np.uint8) for _ in range(n)]
+        items = [PullItem(key_of(i), (memoryview(b),)) for i, b in enumerate(bufs)]
+        assert t.pull(address, items[:1], 10)[0].outcome is Outcome.OK
+        out: list = []
+        th = threading.Thread(target=lambda: out.extend(t.pull(address, items, 1.5)))
+        t0 = time.monotonic()
+        th.start()
+        time.sleep(0.03)
+        os.kill(proc.pid, signum)
+        th.join(10)
+        assert not th.is_alive() and time.monotonic() - t0 < 4
+        assert len(out) == n and any(r.outcome is Outcome.FAILED for r in out)
+        for i, r in enumerate(out):
+            if r.outcome is Outcome.OK:
+                assert np.array_equal(bufs[i], chunk_bytes(SEED, i, size))
+    finally:
+        if signum == signal.SIGSTOP:
+            os.kill(proc.pid, signal.SIGCONT)
+        t.close()
