@@ -168,7 +168,8 @@ def run(sizes_mib: list[int], budget_mib: int, with_ucx: bool
     return rows
 
 
-GOALS = {"tcp": 0.90, "tcp-keyed": 0.90, "shm": 0.50}  # the UCX rows have no goal: they show when UCX pays
+# the UCX rows have no goal: they show when UCX pays
+GOALS = {"tcp": 0.90, "tcp-keyed": 0.90, "shm": 0.50}
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

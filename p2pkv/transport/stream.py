@@ -4,9 +4,10 @@ zero-copy ``recv_into`` straight into the destination pieces.
 The puller sends ``Pull(keys)`` (``conn.request_items``), the holder answers one ItemHeader per
 key and then the OK chunks' bytes back to back; on a ``keyed`` connection (``conn.ChunkDigest``)
 each chunk's bytes are followed by its keyed BLAKE3 tag, checked instead of the holder's
-xxh3-64; the holder's half of that reply is ``send_keyed`` (called by ``server.py``). Host destinations receive in place, hashed as
-they land; GPU destinations receive into a page-locked staging buffer, are checked, then go up
-with one copy (``land.scatter``). Used by ``PeerTransport`` for holders without a better path.
+xxh3-64; the holder's half of that reply is ``send_keyed`` (called by ``server.py``). Host
+destinations receive in place, hashed as they land; GPU destinations receive into a
+page-locked staging buffer, are checked, then go up with one copy (``land.scatter``). Used
+by ``PeerTransport`` for holders without a better path.
 """
 
 from __future__ import annotations

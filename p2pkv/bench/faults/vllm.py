@@ -19,7 +19,8 @@ The cases, in order, on the same cluster:
 Per case: requests sent, answers equal to the reference ("correct"), error answers
 ("failed"), answers that differ ("wrong"), the slowest request, the time from the fault
 until the first request sent after it was answered correctly (with 64 clients on a small
-CPU host mostly the queue's length), and A's memory (its process group) before and after. The fault column adds the chunks pulled and failed meanwhile (from
+CPU host mostly the queue's length), and A's memory (its process group) before and after.
+The fault column adds the chunks pulled and failed meanwhile (from
 the instances' ``/metrics``).
 
 Used by :mod:`p2pkv.bench.faults` (which prints the table); starts vLLM, so run it under the
