@@ -93,13 +93,14 @@ def make_transport(kind: str, *, bind_host: str, advertise_host: str | None = No
     """The one place that maps config to a transport (the decision itself is
     :func:`choose_transport`).
 
-    ``secret``: the cluster secret; without one the data plane is unauthenticated, and,
-    like the directory, it refuses (ConfigError) to bind anything but loopback unless
+    ``secret``: the cluster secret; without one the data plane is unauthenticated, and, like
+    the directory, it refuses (ConfigError) to bind anything but loopback unless
     ``insecure_any_address`` (a trusted private network). ``namespace``: this instance's; a
     holder that serves another is refused (see ``PeerTransport``). ``store_bytes``,
-    ``cuda_device``: see :func:`choose_transport`. ``ucx_config``: UCX options without the UCX_ prefix (e.g.
-    {"TLS": "tcp"}; the UCX_* environment applies otherwise). ``chunk_digest``: how TCP pulls
-    check chunk bytes (``conn.ChunkDigest``: by default keyed with holders on other hosts).
+    ``cuda_device``: see :func:`choose_transport`. ``ucx_config``: UCX options without the UCX_
+    prefix (e.g. {"TLS": "tcp"}; the UCX_* environment applies otherwise). ``chunk_digest``:
+    how TCP pulls check chunk bytes (``conn.ChunkDigest``: by default keyed with holders on
+    other hosts).
     """
     if secret is None and not insecure_any_address and not is_loopback_host(bind_host):
         raise ConfigError(f"refusing to serve the data plane on {bind_host} without a cluster "

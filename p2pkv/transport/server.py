@@ -2,17 +2,17 @@
 
 Made and owned by ``PeerTransport.serve``. The listening socket and every handshake (HMAC
 challenge-response, then this holder's ``PeerInfo``) run in one selector thread
-(``transport/accept.py``, with the caps on connections); each authenticated connection gets
-a thread that answers its requests one at a time, each checked against the connection's
-``session.Session`` (its MAC, its number on the connection, the namespace it names):
-``Pull`` streams the chunks' bytes (``transport/stream.py``), ``Pin``/``Release`` let a
-same-host peer copy them out of the shared slab itself (``transport/shm.py``), ``Send``
-answers the headers here and sends the bytes over UCX to the puller's worker
-(``transport/ucx.py``; only when this holder has a ``UcxEngine``). Every chunk being read stays pinned in the store (its refcount) until the read
-is done; pins a connection holds are released when it ends, however it ends, and are capped
-per connection and per peer address (``ServerLimits``). ``health()`` says whether the server
-still accepts and whether it has had to turn peers away (the worker reports it to the
-directory, ``p2pkv doctor`` shows it).
+(``transport/accept.py``, with the caps on connections); each authenticated connection gets a
+thread that answers its requests one at a time, each checked against the connection's
+``session.Session`` (its MAC, its number on the connection, the namespace it names): ``Pull``
+streams the chunks' bytes (``transport/stream.py``), ``Pin``/``Release`` let a same-host peer
+copy them out of the shared slab itself (``transport/shm.py``), ``Send`` answers the headers
+here and sends the bytes over UCX to the puller's worker (``transport/ucx.py``; only when this
+holder has a ``UcxEngine``). Every chunk being read stays pinned in the store (its refcount)
+until the read is done; pins a connection holds are released when it ends, however it ends, and
+are capped per connection and per peer address (``ServerLimits``). ``health()`` says whether
+the server still accepts and whether it has had to turn peers away (the worker reports it to
+the directory, ``p2pkv doctor`` shows it).
 """
 
 from __future__ import annotations
