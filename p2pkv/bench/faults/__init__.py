@@ -265,7 +265,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="the vLLM load case's length")
     parser.add_argument("--vllm-fault-s", type=float, default=20.0,
                         help="each vLLM fault case's length")
-    parser.add_argument("--vllm-fault-after-s", type=float, default=1.0,
+    parser.add_argument("--vllm-fault-after-s", type=float, default=0.3,
                         help="when the fault comes in each vLLM fault case")
     parser.add_argument("--clients", type=int, default=64,
                         help="concurrent clients in the vLLM cases")

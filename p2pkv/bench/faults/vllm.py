@@ -197,7 +197,7 @@ def _restart_directory(cluster: LocalCluster, endpoint: str, feed: str) -> Proc:
 
 
 def run(load_s: float = 60.0, fault_s: float = 20.0, clients: int = CLIENTS,
-        fault_after_s: float = 1.0, workdir: Path | None = None, log=print
+        fault_after_s: float = 0.3, workdir: Path | None = None, log=print
         ) -> tuple[list[Row], list[str]]:
     """The cases; the rows and the first error lines (for the report)."""
     from p2pkv.harness.demo_model import prepare
