@@ -17,6 +17,12 @@ What it does (each step prints as it goes and lands in DIR/gpu_check.json):
 4. This process pulls the chunks into other blocks of its own cache over each transport,
    checks every byte against the holder's (regenerated from the seed, on the GPU), and times
    it. Then the holder is killed and a pull must fail within its deadline.
+5. Heterogeneous TP (``tp_parts``), on HND caches (heads outside tokens: a head range of a
+   block is one byte range): two holder "ranks", each caching half of the KV heads, serve
+   their chunks; one puller block set with every head receives both parts at their heads'
+   offsets (``KVLayout.part_dest``, TP2->TP1), and two puller "ranks" with half the heads
+   each take their half of one whole-model holder's chunks (``part_selection``, TP1->TP2).
+   Every byte is checked, and blocks outside the pull stay untouched.
 
 ucxx travels as wheels (ucxx-cu13, libucxx-cu13, libucx-cu13 1.21, rmm-cu13, librmm-cu13,
 rapids-logger; ~53 MB) plus msgspec and pyzmq; see docs/gpu.md for the command.
@@ -291,6 +297,134 @@ def pulls(args) -> None:
             proc.kill()
 
 
+def hnd_cache(args, heads: int, seed: int | None, device, head_range=None):
+    """Per-layer HND caches [blocks, heads, N, C] (contiguous): ``heads`` KV heads, or heads
+    ``head_range`` of a ``heads``-head cache made from ``seed`` (a TP rank's half)."""
+    import torch
+
+    caches = {}
+    for i in range(args.layers):
+        shape = (args.blocks, heads, args.block_size, 2 * args.head_size)
+        if seed is None:
+            t = torch.zeros(shape, dtype=torch.bfloat16, device=device)
+        else:
+            g = torch.Generator(device=device)
+            g.manual_seed(seed * 1000 + i)
+            t = torch.randn(shape, generator=g, device=device).to(torch.bfloat16)
+        if head_range is not None:
+            t = t[:, head_range[0]:head_range[1]].contiguous()
+        caches[f"model.layers.{i}.self_attn"] = t
+    return caches
+
+
+def _save_all(args, layout, store, caches) -> None:
+    """Store chunk i = blocks [i*cb, (i+1)*cb) of ``caches`` (GPU: AsyncSaver)."""
+    import torch
+
+    from p2pkv.vllm.gpu import AsyncSaver
+
+    saver = AsyncSaver(layout, store) if layout.on_gpu else None
+    for i in range(args.chunks):
+        blocks = list(range(i * args.chunk_blocks, (i + 1) * args.chunk_blocks))
+        if saver is not None:
+            assert saver.save(chunk_key(i), blocks)
+        else:
+            w = store.reserve(chunk_key(i))
+            layout.copy_out(blocks, w.view)
+            store.commit(w)
+    if saver is not None:
+        torch.cuda.synchronize()
+        assert len(saver.collect(wait=True)) == args.chunks
+        saver.close()
+
+
+def tp_parts(args) -> None:
+    """Two holder ranks into one puller (TP2->TP1) and one holder into two puller ranks
+    (TP1->TP2), on HND caches, every byte checked (see the module docstring, step 5)."""
+    import torch
+
+    from p2pkv.slices import KVSlice, tp_slices
+    from p2pkv.transport.base import Outcome, PullItem
+    from p2pkv.transport.choose import make_transport
+    from p2pkv.vllm.layout import KVLayout, part_selection
+
+    H, L, dev = args.heads, args.layers, args.device
+    assert H % 2 == 0, "--heads must be even for the TP 2 cases"
+    whole = KVSlice.whole(H, L)
+    halves = tp_slices(num_kv_heads=H, num_layers=L, tp_size=2)
+    offset = args.chunks * args.chunk_blocks
+    out = {}
+    for kind in ["tcp", "shm"]:
+        holders = []  # (transport, address, layout, slice)
+        try:
+            for sl in halves:
+                caches = hnd_cache(args, H, 11, dev, (sl.head_start, sl.head_end))
+                lay = KVLayout.from_kv_caches(caches)
+                t = make_transport(kind, bind_host="127.0.0.1", cuda_device=args.cuda_device)
+                store = t.create_store(lay.chunk_bytes(args.chunk_blocks), args.chunks)
+                _save_all(args, lay, store, caches)
+                holders.append((t, t.serve(store), lay, sl, caches))
+            full = hnd_cache(args, H, 11, dev)
+            lay_full = KVLayout.from_kv_caches(full)
+            t = make_transport(kind, bind_host="127.0.0.1", cuda_device=args.cuda_device)
+            store = t.create_store(lay_full.chunk_bytes(args.chunk_blocks), args.chunks)
+            _save_all(args, lay_full, store, full)
+            holders.append((t, t.serve(store), lay_full, whole, full))
+
+            # TP2 -> TP1: one puller with every head, a part from each holder rank
+            dst = hnd_cache(args, H, None, dev)
+            lay = KVLayout.from_kv_caches(dst)
+            puller = make_transport(kind, bind_host="127.0.0.1", cuda_device=args.cuda_device)
+            t0 = time.perf_counter()
+            for _, address, _, sl, _ in holders[:2]:
+                items = [PullItem(chunk_key(i), lay.part_dest(
+                    list(range(offset + i * args.chunk_blocks,
+                               offset + (i + 1) * args.chunk_blocks)), whole, sl))
+                    for i in range(args.chunks)]
+                res = puller.pull(address, items, 30.0)
+                bad = [r for r in res if r.outcome is not Outcome.OK]
+                if bad:
+                    raise RuntimeError(f"tp2->tp1 {kind}: {bad[:2]}")
+            ms = (time.perf_counter() - t0) * 1000
+            n = args.chunks * args.chunk_blocks
+            ok = all(torch.equal(dst[k][offset:offset + n], full[k][:n]) for k in dst)
+            untouched = all(int(torch.count_nonzero(c[:offset])) == 0 for c in dst.values())
+            out[f"tp2_to_tp1_{kind}"] = {"bytes_verified": ok and untouched,
+                                         "ms": round(ms, 2)}
+            if not (ok and untouched):
+                raise RuntimeError(f"tp2->tp1 {kind}: bytes differ")
+
+            # TP1 -> TP2: each puller rank takes its half of the whole holder's chunks
+            _, address, lay_h, _, _ = holders[2]
+            head_bytes = lay_h.head_bytes
+            for sl in halves:
+                mine = hnd_cache(args, H, None, dev, (sl.head_start, sl.head_end))
+                lay = KVLayout.from_kv_caches(mine)
+                assert lay.head_bytes == head_bytes
+                select = part_selection(whole, sl, head_bytes)
+                items = [PullItem(chunk_key(i), lay.part_dest(
+                    list(range(offset + i * args.chunk_blocks,
+                               offset + (i + 1) * args.chunk_blocks)), sl, sl), select)
+                    for i in range(args.chunks)]
+                res = puller.pull(address, items, 30.0)
+                bad = [r for r in res if r.outcome is not Outcome.OK]
+                if bad:
+                    raise RuntimeError(f"tp1->tp2 {kind} {sl}: {bad[:2]}")
+                ok = all(torch.equal(mine[k][offset:offset + n],
+                                     full[k][:n, sl.head_start:sl.head_end]) for k in mine)
+                untouched = all(int(torch.count_nonzero(c[:offset])) == 0
+                                for c in mine.values())
+                out[f"tp1_to_tp2_{kind}_heads_{sl.head_start}_{sl.head_end}"] = {
+                    "bytes_verified": ok and untouched}
+                if not (ok and untouched):
+                    raise RuntimeError(f"tp1->tp2 {kind} {sl}: bytes differ")
+            puller.close()
+        finally:
+            for t, *_ in holders:
+                t.close()
+    say("tp_parts", out)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -324,10 +458,13 @@ def main() -> int:
         say("ucx", reason)
     failed = False
     steps = [("limits", lambda: limits(args)), ("layouts", layouts),
-             ("shm_phases", lambda: shm_phases(args)), ("pulls", lambda: pulls(args))]
+             ("shm_phases", lambda: shm_phases(args)), ("pulls", lambda: pulls(args)),
+             ("tp_parts", lambda: tp_parts(args))]
+    if args.cpu:  # the flow only: no GPU limits or CUDA layouts
+        steps = [st for st in steps if st[0] in ("pulls", "tp_parts")]
     if args.only:
         steps = [st for st in steps if st[0] in args.only.split(",")]
-    for name, step in steps[3:] if args.cpu else steps:
+    for name, step in steps:
         try:
             step()
         except Exception:  # noqa: BLE001 - report every step, go on

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -41,7 +43,8 @@ def cluster(tmp_path_factory):
     model = tiny_model(workdir / "tiny-4kv", prepare(), num_layers=2, num_heads=4,
                        num_kv_heads=4)
     with LocalCluster(workdir, model) as c:
-        c.start_directory()
+        # NOTE: a long lease keeps a killed rank listed while the dead-rank test pulls
+        c.start_directory(env={"P2PKV_HEARTBEAT_LIVENESS": "30"})
         common = dict(max_model_len=2048, kv_cache_gib=1)
         a = c.start_vllm("A", tensor_parallel_size=2, **common)
         b = c.start_vllm("B", **common)
@@ -154,7 +157,56 @@ def _worker_pids(proc_pid: int) -> list[int]:
     return sorted(out)
 
 
+def _pgid_pids(pgid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:
+                out.append(int(entry))
+    return out
+
+
+def _gone(pid: int) -> bool:
+    """``pid`` has exited (a zombie's sockets are closed too)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def _refuses(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1.0).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _recovered_tokens(log: Path) -> list[int]:
+    """Tokens vLLM's scheduler rescheduled after load errors, one entry per recovery."""
+    pattern = re.compile(r"Recovered from KV load failure: \d+ request\(s\) rescheduled "
+                         r"\((\d+) tokens affected\)")
+    return [int(m.group(1)) for m in pattern.finditer(log.read_text(errors="replace"))]
+
+
 def test_a_dead_holder_rank_means_every_rank_recomputes(cluster):
+    """A's rank 1 dies (SIGKILL) while the directory still lists it; A's rank 0 lives on.
+
+    Deterministic: A's engine and API server are stopped first (SIGSTOP), so vLLM does not
+    shut the rest of A down when its worker dies, and C pulls only once the dead rank's
+    data-plane port refuses connections (the directory's lease, 30 s here, still lists it).
+    C's rank 0 pulls its half from A's rank 0; C's rank 1 finds its holder gone at once
+    (connection refused, or end of file on a pooled connection), well inside the pull
+    deadline; vLLM unions the ranks' failed blocks, so both ranks recompute every chunk."""
     c, a, b, cc = cluster
     tokens = prompt(4242, 3 * CHUNK + 9)
     cold = generate(cc.url, tokens, salt="cold")  # C's own answer, computed from scratch
@@ -162,8 +214,42 @@ def test_a_dead_holder_rank_means_every_rank_recomputes(cluster):
     held_by(c, "A", 3)
     workers = _worker_pids(a.proc.popen.pid)
     assert len(workers) == 2, workers
-    failed_before = counters(c, "C").get("chunks_failed", 0)
-    os.kill(workers[-1], signal.SIGKILL)  # A's rank 1 dies; the directory still lists it
-    answer = generate(cc.url, tokens)
+    rest = [p for p in _pgid_pids(a.proc.popen.pid) if p not in workers]
+    reply = c.stats()
+    address = {i.instance: i.address for i in reply.instances}["A/1"]
+    before = {k: (counters(c, "C").get(k, 0)) for k in ("chunks_pulled", "chunks_failed")}
+    recoveries = len(_recovered_tokens(cc.proc.log))
+    try:
+        for pid in rest:
+            os.kill(pid, signal.SIGSTOP)
+        os.kill(workers[-1], signal.SIGKILL)  # A's rank 1 (its worker's pid is the higher)
+        deadline = time.monotonic() + 60
+        while not (_gone(workers[-1]) and _refuses(address)):
+            assert time.monotonic() < deadline, "A's rank 1 did not die within 60 s"
+            time.sleep(0.05)
+        listed = {i.instance for i in c.stats().instances}
+        assert {"A", "A/1"} <= listed, listed
+        t0 = time.monotonic()
+        answer = generate(cc.url, tokens)
+        elapsed = time.monotonic() - t0
+    finally:
+        for pid in rest:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        a.proc.kill()
     assert answer == cold, (answer, cold)
-    assert wait_counter_above(c, "C", "chunks_failed", failed_before) > failed_before
+    after = {k: wait_counter_above(c, "C", k, before[k]) for k in before}
+    assert after["chunks_failed"] - before["chunks_failed"] == 3, "C's rank 1 failed all 3"
+    assert after["chunks_pulled"] - before["chunks_pulled"] == 3, "C's rank 0 pulled all 3"
+    # NOTE: rank 0's three good chunks are recomputed too: vLLM's KVOutputAggregator unions
+    # the ranks' failed blocks, so no block is half pulled, half computed
+    deadline = time.monotonic() + 10
+    while len(recovered := _recovered_tokens(cc.proc.log)[recoveries:]) < 1:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert recovered == [3 * CHUNK], recovered
+    # NOTE: a dead holder fails fast (refused / closed), not at the 5 s pull deadline
+    assert elapsed < 4.0, f"the request took {elapsed:.1f} s: the dead rank was not seen at once"

@@ -78,6 +78,37 @@ def test_dead_peer_fails_within_deadline(spawn, transport):
     assert time.monotonic() - t0 < 3
 
 
+def test_dead_peer_with_a_pooled_connection_fails_at_once(spawn, transport):
+    """The pool holds an idle connection to the holder when it dies (SIGKILL): the next
+    pull sees the closed connection and the refused connect at once, not at its deadline."""
+    proc, address = peer(spawn, 1024, 1)
+    _, dest = split_dest(1024, 1)
+    assert transport.pull(address, [PullItem(key_of(0), dest)], 5)[0].outcome is Outcome.OK
+    assert transport.pool.idle(), "the first pull leaves its connection in the pool"
+    proc.kill()
+    proc.wait()
+    t0 = time.monotonic()
+    (r,) = transport.pull(address, [PullItem(key_of(0), dest)], 5)
+    assert r.outcome is Outcome.FAILED and "connect" in r.reason, r.reason
+    assert time.monotonic() - t0 < 0.5
+    assert not transport.pool.idle()
+
+
+def test_peer_closed_tells_open_from_closed():
+    from p2pkv.transport.conn import peer_closed
+
+    a, b = socket.socketpair()
+    assert not peer_closed(a)
+    b.sendall(b"x")
+    assert peer_closed(a), "unrequested bytes: the stream is out of step"
+    a.close()
+    b.close()
+    a, b = socket.socketpair()
+    b.close()
+    assert peer_closed(a)
+    a.close()
+
+
 def test_silent_peer_hits_the_deadline(transport):
     # A listener that accepts and never answers: the pull must give up at its deadline.
     srv = socket.create_server(("127.0.0.1", 0))

@@ -111,6 +111,45 @@ def test_missing_chunk_and_dead_peer_report_their_blocks_as_failed():
     puller.shutdown()
 
 
+def test_an_idle_step_waits_for_a_load_in_flight_and_a_forward_step_does_not():
+    """A step without a forward pass (``idle_step``) with a load in flight: get_finished waits
+    (bounded) and is woken by the load's end; a step with a forward pass never waits."""
+    import p2pkv.vllm.worker as worker_mod
+
+    d = RecordingDirectory()
+    holder, _ = make_worker(d)
+    puller, _ = make_worker(RecordingDirectory())
+    key = ChunkKey(b"k" * 32)
+    holder.save(P2PKVMetadata(saves=[SavePlan(key, (5, 2))]))
+    assert holder.wait_saved(5.0)
+    gate = threading.Event()
+    real = puller._pull_part
+
+    def slow_pull(plan, source):
+        gate.wait(5.0)
+        return real(plan, source)
+
+    puller._pull_part = slow_pull
+    puller.start_loads(P2PKVMetadata(loads=[load("r", d.registered[0], (ChunkLoad(key, (0, 7)),))],
+                                     idle_step=True))
+    t0 = time.monotonic()
+    assert puller.take_finished_recving() == set()  # nothing ended: waited the whole bound
+    assert time.monotonic() - t0 >= 0.8 * worker_mod.IDLE_STEP_WAIT_S
+    puller.start_loads(P2PKVMetadata())  # a forward step: no waiting
+    t0 = time.monotonic()
+    assert puller.take_finished_recving() == set()
+    assert time.monotonic() - t0 < worker_mod.IDLE_STEP_WAIT_S / 2
+    puller.start_loads(P2PKVMetadata(idle_step=True))
+    threading.Timer(0.005, gate.set).start()
+    got: set[str] = set()
+    deadline = time.monotonic() + 5
+    while "r" not in got and time.monotonic() < deadline:
+        got |= puller.take_finished_recving()
+    assert "r" in got and puller.take_failed_blocks() == set()
+    holder.shutdown()
+    puller.shutdown()
+
+
 def test_worker_registers_once_publishes_deltas_and_unregisters():
     d = RecordingDirectory()
     w, _ = make_worker(d)

@@ -143,11 +143,13 @@ class LocalCluster:
         ``workdir/NAME.log`` and stopped with the rest."""
         return self._start(name, argv, env)
 
-    def start_directory(self, timeout_s: float = 30.0) -> Proc:
+    def start_directory(self, timeout_s: float = 30.0, env: dict[str, str] | None = None
+                        ) -> Proc:
+        """``env``: e.g. ``P2PKV_HEARTBEAT_LIVENESS`` (``p2pkv directory --help``)."""
         ready = self.workdir / "directory.endpoint"
         ready.unlink(missing_ok=True)
         proc = self._start("directory", [sys.executable, "-m", "p2pkv", "directory", "--bind",
-                                         "tcp://127.0.0.1:0", "--ready-file", str(ready)])
+                                         "tcp://127.0.0.1:0", "--ready-file", str(ready)], env)
         deadline = time.monotonic() + timeout_s
         while not (ready.exists() and ready.read_text().strip()):
             if not proc.alive() or time.monotonic() > deadline:

@@ -118,6 +118,21 @@ def request_items(sock: socket.socket, session: Session, request: wire.Pull | wi
     return headers
 
 
+def peer_closed(sock: socket.socket) -> bool:
+    """Whether an idle connection can no longer carry a request: the holder closed it (it
+    exited, restarted, or dropped it as idle) or reset it, or it has bytes nobody asked for.
+
+    NOTE: a dead holder's pooled connection would otherwise fail the next pull on it; this
+    costs one non-blocking peek per checkout, so a dead or restarted holder is seen at once
+    (a fresh connect is refused, or reaches the new server), never at the pull deadline."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) is not None
+    except (BlockingIOError, InterruptedError):
+        return False  # nothing to read: open and idle
+    except OSError:
+        return True
+
+
 class Conn:
     """One authenticated connection to a holder, with its slab mapped if it is on this host.
     ``keyed``: its Pulls carry keyed chunk digests (see ``ChunkDigest``); ``namespace``: the
@@ -167,7 +182,7 @@ class ConnPool:
             conns = self._idle.get(peer, [])
             while conns:
                 conn, since = conns.pop()
-                if now - since < CLIENT_IDLE_S:
+                if now - since < CLIENT_IDLE_S and not peer_closed(conn.sock):
                     return conn
                 conn.close()
         sock, info, session = connect_session(peer, self._key, deadline)

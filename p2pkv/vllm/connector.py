@@ -346,7 +346,9 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
         assert self._scheduler is not None
         manager = self._kv_cache_manager
         assert manager is not None
-        return self._scheduler.build_meta(scheduler_output, manager.get_block_ids)
+        meta = self._scheduler.build_meta(scheduler_output, manager.get_block_ids)
+        meta.idle_step = scheduler_output.total_num_scheduled_tokens == 0
+        return meta
 
     def request_finished(self, request: Request, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:

@@ -255,7 +255,7 @@ class KVLayout:
         if mine.layers != self.num_layers or mine.heads != self.heads:
             raise ValueError(f"slice {mine} does not match this cache ({self.heads} heads, "
                              f"{self.num_layers} layers)")
-        if not self.head_bytes or self.on_gpu or not self.rows:
+        if not self.head_bytes or not self.rows:
             raise ValueError(f"p2pkv: a head range is not contiguous in this KV layout "
                              f"({self.signature})")
         off = (part.head_start - mine.head_start) * self.head_bytes
@@ -270,12 +270,22 @@ class KVLayout:
         pieces: list[Any] = []
         for b in block_ids:
             if b is None:
-                pieces.append(memoryview(bytearray(n * len(layers))))
+                if self.on_gpu:
+                    import torch
+
+                    pieces.append(torch.empty(n * len(layers), dtype=torch.uint8,
+                                              device=self.device))
+                else:
+                    pieces.append(memoryview(bytearray(n * len(layers))))
                 continue
             if not 0 <= b < self.num_blocks:
                 raise ValueError(f"block id {b} out of range")
             for layer in layers:
-                pieces.append(memoryview(self.rows[layer][b, off:off + n]))
+                # NOTE: on a GPU (heads outside tokens, e.g. HND) a piece is a device view;
+                # the scheduler side still plans GPU pulls between equal slices only, this
+                # serves scripts/gpu_check.py's heterogeneous-TP case
+                row = self.rows[layer][b, off:off + n]
+                pieces.append(row if self.on_gpu else memoryview(row))
         return tuple(pieces)
 
     def pull_dest(self, block_ids: Sequence[int | None], mine: KVSlice, part: KVSlice,

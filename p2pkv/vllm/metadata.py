@@ -49,3 +49,7 @@ class P2PKVMetadata(KVConnectorMetadata):
     new_blocks: frozenset[int] = frozenset()
     """Blocks vLLM handed to requests this step (this step may zero and write them): the
     worker's saves must be done reading them first (``p2pkv.vllm.saver``). Set by savers."""
+    idle_step: bool = False
+    """vLLM runs no forward pass this step (it only polls the connector, e.g. while requests
+    wait for remote KV): a rank with loads in flight may wait for one in ``get_finished``
+    (``WorkerSide.take_finished_recving``) instead of letting vLLM step again at once."""

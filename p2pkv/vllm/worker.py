@@ -46,6 +46,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+IDLE_STEP_WAIT_S = 0.02
+"""How long ``get_finished`` may wait for a load in flight on a step without a forward pass.
+
+NOTE: while a request waits for remote KV, vLLM's engine steps about every millisecond
+(``EngineCoreProc._process_engine_step`` sleeps 1 ms between steps that run no model), and
+every step wakes each worker process, which then spins on vLLM's shared-memory queue. At
+TP 2 on a 2-CPU host that is three busy processes: measured, a waiting puller took ~85 % of
+both CPUs and the holder's serve threads (another process) did not run for 5 s, until the
+pull deadline. Waiting here (woken as soon as a load ends) turns that loop into ~50 steps a
+second while loads run; a step with a forward pass never waits."""
+
 
 @dataclass(slots=True)
 class WorkerCounters:
@@ -90,7 +101,10 @@ class WorkerSide:
         # threads wait for them (a shared pool could deadlock).
         self._parts = ThreadPoolExecutor(config.pull_threads, thread_name_prefix="p2pkv-part",
                                          initializer=widen_cpu_affinity)
-        self._lock = threading.Lock()  # guards the four fields below (pull threads write)
+        self._lock = threading.Lock()  # guards the fields below (pull threads write)
+        self._load_ended = threading.Condition(self._lock)
+        self._loads_in_flight = 0
+        self._idle_step = False
         self._finished_recving: set[str] = set()
         self._failed_blocks: set[int] = set()
         self._failed_reqs: set[str] = set()  # loads with a failed chunk (hybrid: see connector)
@@ -154,6 +168,9 @@ class WorkerSide:
         if self._saver is not None:
             self._saver.fence()  # this step's kernels wait for last step's copies out
             self._publish(self._saver.collect())
+        with self._lock:
+            self._idle_step = meta.idle_step
+            self._loads_in_flight += len(meta.loads)
         for plan in meta.loads:
             self._pool.submit(self._run_load, plan)
 
@@ -200,6 +217,8 @@ class WorkerSide:
             if failed:
                 self._failed_reqs.add(plan.req_id)
             self._finished_recving.add(plan.req_id)
+            self._loads_in_flight -= 1
+            self._load_ended.notify_all()
             c = self.counters
             c.loads += 1
             c.chunks_pulled += ok
@@ -236,7 +255,12 @@ class WorkerSide:
         return results  # type: ignore[return-value]
 
     def take_finished_recving(self) -> set[str]:
+        """The requests whose loads ended since the last call. On a step without a forward
+        pass, with loads in flight and none ended yet, waits up to IDLE_STEP_WAIT_S for one
+        (see its note)."""
         with self._lock:
+            if self._idle_step and self._loads_in_flight and not self._finished_recving:
+                self._load_ended.wait(IDLE_STEP_WAIT_S)
             out, self._finished_recving = self._finished_recving, set()
         self._report_if_changed()
         return out
