@@ -102,14 +102,8 @@ def test_each_stage_registers_its_layers(cluster):
 
 @pytest.mark.parametrize("direction, length", [
     ("PP2->PP1", 4 * CHUNK), ("PP2->PP1", 3 * CHUNK + 40),
-    # NOTE: into the two-process instance the holder B stops answering for more than the
-    # pull deadline (2 of 2 runs; docs/architecture.md "Known problem", the TP 2 puller stall
-    # another branch is diagnosing): the answer is still identical (recomputed), asserted
-    # first; the every-stage-pulled assertion after it is expected to fail until that is fixed
-    pytest.param("PP1->PP2", 4 * CHUNK, marks=pytest.mark.xfail(
-        reason="holder stall pulling into a 2-process instance", strict=False)),
-    pytest.param("PP1->PP2", 5 * CHUNK + 3, marks=pytest.mark.xfail(
-        reason="holder stall pulling into a 2-process instance", strict=False))])
+    ("PP1->PP2", 4 * CHUNK),
+    ("PP1->PP2", 5 * CHUNK + 3)])
 def test_puller_answers_like_the_holder(cluster, direction, length):
     c, a, b = cluster
     holder, puller, pullers = ((a, b, ("B",)) if direction == "PP2->PP1"
