@@ -180,7 +180,11 @@ class P2PKVConnector(KVConnectorBase_V1):
                 can_load=ktc.kv_role != "kv_producer", can_save=ktc.kv_role != "kv_consumer",
                 save_partial=ktc.kv_role == "kv_producer",
                 load_partial=ktc.kv_role == "kv_consumer", directory=directory,
-                slices=slices, exact_slices_only=not on_cpu)
+                slices=slices, exact_slices_only=not on_cpu,
+                layerwise=self._config.load_mode == "layerwise" and on_cpu)
+            if self._config.load_mode == "layerwise" and not on_cpu:
+                logger.warning("p2pkv: load_mode layerwise is built for CPU caches only; "
+                               "loads on %s stay async", vllm_config.device_config.device_type)
             if not on_cpu:
                 logger.info("p2pkv: on %s, pulls only from instances at the same tensor "
                             "parallelism (a head range is not one byte range in GPU KV "
@@ -230,7 +234,10 @@ class P2PKVConnector(KVConnectorBase_V1):
         self._worker.start_loads(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads are whole-request and asynchronous (WAITING_FOR_REMOTE_KVS)
+        # Layer-wise loads (load_mode "layerwise"): wait for this layer's group only; the
+        # others are whole-request and asynchronous (WAITING_FOR_REMOTE_KVS).
+        assert self._worker is not None
+        self._worker.wait_for_layer_load(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
                       attn_metadata: AttentionMetadata, **kwargs: Any) -> None:
