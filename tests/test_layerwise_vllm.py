@@ -90,7 +90,8 @@ def _wait_counter(c: LocalCluster, before: int, expect: bool, timeout_s: float =
 
 def test_a_dead_holder_means_recompute_with_the_cold_answer(cluster):
     c, (holder, puller, _), tokens = cluster
-    prompt = list(tokens[3300:3300 + 5 * B + 9])
+    prompt = list(tokens[2600:2600 + 5 * B + 9])  # no earlier case's prompt reaches it
+    assert len(prompt) == 5 * B + 9
     complete(holder.url, prompt, stream=False)  # the holder computes, saves, publishes
     cold = complete(puller.url, prompt, stream=False, cache_salt="cold").text
     failed_before = c.counter_totals().get("chunks_failed", 0)

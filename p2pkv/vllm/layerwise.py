@@ -76,6 +76,7 @@ class _Load:
     landed: list[list[threading.Event]] = field(default_factory=list)
     futures: list[Future] = field(default_factory=list)
     late: str = ""  # why a layer ran before its group was there ("" if never)
+    done_at: float = 0.0  # when its last pull returned (the pull's own duration, not the step's)
 
 
 class LayerwiseLoads:
@@ -117,7 +118,7 @@ class LayerwiseLoads:
                                   for c in plan.chunks]])
                 load.futures.append(done)
                 continue
-            load.futures.append(self._pool.submit(self._pull, source, stages, events))
+            load.futures.append(self._pool.submit(self._pull, load, source, stages, events))
 
     def _stages(self, plan: LoadPlan, source: Source) -> list[list[PullItem]]:
         """Per group: the group's part of ``source.part`` of every chunk (empty where the
@@ -137,7 +138,7 @@ class LayerwiseLoads:
                            for c in plan.chunks])
         return stages
 
-    def _pull(self, source: Source, stages: list[list[PullItem]],
+    def _pull(self, load: _Load, source: Source, stages: list[list[PullItem]],
               events: list[threading.Event]) -> list[list[PullResult]]:
         live = [s for s, stage in enumerate(stages) if stage]
         for s, stage in enumerate(stages):
@@ -148,6 +149,7 @@ class LayerwiseLoads:
                                                self._timeout_s,
                                                lambda i: events[live[i]].set())
         finally:
+            load.done_at = max(load.done_at, time.monotonic())
             for ev in events:
                 ev.set()  # whatever happened, nobody waits for this pull any longer
 
@@ -218,7 +220,7 @@ class LayerwiseLoads:
             if plan.chunks else 0
         nbytes = sum(ok * chunk_bytes * s.part.area // self._mine.area for s in load.sources)
         return LoadOutcome(plan.req_id, len(plan.chunks), ok, missing, frozenset(failed),
-                           nbytes, time.monotonic() - load.started,
+                           nbytes, (load.done_at or time.monotonic()) - load.started,
                            tuple(s.address for s in load.sources))
 
     def close(self) -> None:
