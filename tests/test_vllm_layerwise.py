@@ -253,3 +253,28 @@ def test_chunks_computed_in_the_load_step_and_the_next_are_never_saved():
     # from the step after on, chunks complete as usual (chunk 5 onwards, never 2-4)
     saves = s.build_meta(_step([("r", 5 * BLOCK)], {"r": 2 * BLOCK}), lambda _: blocks).saves
     assert [p.key for p in saves] == r.block_hashes[5:7]
+
+
+@pytest.mark.parametrize("digest", ["xxh3", "keyed"])
+def test_layerwise_over_an_authenticated_data_plane(digest):
+    from p2pkv.secret import ClusterSecret
+
+    secret = ClusterSecret(b"s" * 32)
+
+    def transport():
+        return make_transport("tcp", bind_host="127.0.0.1", store_bytes=1 << 20,
+                              secret=secret, chunk_digest=digest)
+
+    d = RecordingDirectory()
+    holder, h_caches = worker(d, transport())
+    puller, p_caches = worker(RecordingDirectory(), transport(), groups=2)
+    key = ChunkKey(b"a" * 32)
+    holder.save(P2PKVMetadata(saves=[SavePlan(key, (5, 2))]))
+    assert holder.wait_saved(5.0)
+    plan = layerwise_plan("r", whole(d.registered[0]), (ChunkLoad(key, (0, 7)),))
+    assert run_step(puller, P2PKVMetadata(loads=[plan])) == set()
+    for name in h_caches:
+        assert torch.equal(p_caches[name][0], h_caches[name][5])
+        assert torch.equal(p_caches[name][7], h_caches[name][2])
+    holder.shutdown()
+    puller.shutdown()

@@ -160,11 +160,12 @@ class PeerTransport(Transport):
         try:
             if conn.slab is not None and all(host_pieces(i.dest) for st in stages for i in st):
                 self.counters.shm += 1
-                out = staged.pull_shm(conn.sock, conn.slab, stages, deadline, announce)
+                out = staged.pull_shm(conn.sock, conn.session, conn.slab, stages, deadline,
+                                      announce, conn.namespace)
             else:
                 for s, stage in enumerate(stages):
                     self.counters.tcp += 1
-                    out.append(stream.pull(conn.sock, stage, deadline, self._staging))
+                    out.append(stream.pull(conn, stage, deadline, self._staging))
                     announce(s)
         except (OSError, TransportError) as e:
             conn.close()

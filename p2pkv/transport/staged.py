@@ -36,7 +36,8 @@ from p2pkv.transport.base import (
     ok,
 )
 from p2pkv.transport.selection import Selection
-from p2pkv.transport.sockio import recv_exact, send_views
+from p2pkv.transport.session import Session, encode_request, read_reply
+from p2pkv.transport.sockio import send_views
 
 OnStage = Callable[[int], None]
 """Called with a stage's index once its bytes have landed (on the pulling thread)."""
@@ -58,17 +59,20 @@ def merge(stages: Sequence[list[PullResult]]) -> list[PullResult]:
     return out
 
 
-def pull_shm(sock: socket.socket, slab, stages: Sequence[Sequence[PullItem]], deadline: float,
-             on_stage: OnStage) -> list[list[PullResult]]:
-    """Pin the chunks on the holder over ``sock``, copy each stage's bytes out of ``slab`` (a
-    ``shm.MappedSlab``), announcing each, check every chunk's digest once, release the pins.
-    One result list per stage (a chunk's outcome is the same in every stage). Raises
-    TransportError/OSError when the whole pull failed (the connection is then unusable)."""
+def pull_shm(sock: socket.socket, session: Session, slab, stages: Sequence[Sequence[PullItem]],
+             deadline: float, on_stage: OnStage, namespace: str = "") -> list[list[PullResult]]:
+    """Pin the chunks on the holder over ``sock`` (its ``session``), copy each stage's bytes
+    out of ``slab`` (a ``shm.MappedSlab``), announcing each, check every chunk's digest once,
+    release the pins. One result list per stage (a chunk's outcome is the same in every
+    stage). Raises TransportError/OSError when the whole pull failed (the connection is then
+    unusable)."""
     check_stages(stages)
     items = stages[0]
-    send_views(sock, [wire.encode_request(wire.Pin([bytes(i.key) for i in items]))],
+    number = session.requests
+    send_views(sock, [encode_request(session, wire.Pin([bytes(i.key) for i in items],
+                                                       namespace=namespace))],
                max(deadline - time.monotonic(), 0.001))
-    table = recv_exact(sock, wire.PIN_HEADER_BYTES * len(items), deadline)
+    table = read_reply(sock, session, number, wire.PIN_HEADER_BYTES, len(items), deadline)
     n = wire.PIN_HEADER_BYTES
     headers = [wire.unpack_pin(table[i * n:(i + 1) * n]) for i in range(len(items))]
     pinned = [(h.slot, h.generation) for h in headers if h.status is wire.Status.OK]
@@ -88,7 +92,7 @@ def pull_shm(sock: socket.socket, slab, stages: Sequence[Sequence[PullItem]], de
                 for stage in stages]
     finally:
         if pinned:
-            send_views(sock, [wire.encode_request(wire.Release(pinned))],
+            send_views(sock, [encode_request(session, wire.Release(pinned))],
                        max(deadline - time.monotonic(), 0.001))
 
 
