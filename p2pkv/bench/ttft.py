@@ -15,7 +15,8 @@ every row has that many samples (p50 and p90 reported).
 Configurations (two ``vllm serve`` CPU instances each, started one configuration at a time so
 they never compete for the cores): ``plain`` (vLLM, no prefix caching), ``local`` (vLLM's own
 prefix cache), ``p2pkv`` (the connector, same-host shared memory), ``p2pkv-tcp`` (the connector
-over TCP), and, only where LMCache is installed (:mod:`p2pkv.harness.lmcache`), ``lmcache``
+over TCP), ``p2pkv-layerwise`` (the connector loading remote hits layer-wise within the step that
+computes the rest, ``load_mode: layerwise``), and, only where LMCache is installed (:mod:`p2pkv.harness.lmcache`), ``lmcache``
 (LMCache's multiprocess server over TCP) and ``lmcache-shm`` (its same-host shared-memory mode),
 and ``vllm-p2p``: vLLM's own P2P tier (:mod:`p2pkv.harness.vllm_p2p`), each request naming the
 other instance as its source; where vLLM cannot start it (its CPU backend), the run records
@@ -63,6 +64,8 @@ class Config:
     vllm_p2p: bool = False
     """vLLM's own P2P tier (:mod:`p2pkv.harness.vllm_p2p`); where it cannot start, the row says
     why."""
+    load_mode: str = "async"
+    """p2pkv's ``load_mode`` (``layerwise``: :mod:`p2pkv.vllm.layerwise`)."""
 
 
 CONFIGS: dict[str, Config] = {
@@ -70,6 +73,7 @@ CONFIGS: dict[str, Config] = {
     "local": Config(),
     "p2pkv": Config(connector=True),
     "p2pkv-tcp": Config(connector=True, transport="tcp"),
+    "p2pkv-layerwise": Config(connector=True, load_mode="layerwise"),
     "lmcache": Config(lmcache="tcp"),
     "lmcache-shm": Config(lmcache="shm"),
     "p2pkv-tp2": Config(connector=True, tp=(2, 2)),
@@ -149,7 +153,8 @@ def start_instances(cluster: LocalCluster, name: str,
         args += lmcache.start_server(cluster, config.lmcache).vllm_args()
         env = lmcache.ENV
     return [cluster.start_vllm(f"{name}-{i}", connector=config.connector, extra_args=args,
-                               extra_config={"transport": config.transport}, extra_env=env,
+                               extra_config={"transport": config.transport,
+                                             "load_mode": config.load_mode}, extra_env=env,
                                tensor_parallel_size=config.tp[i])
             for i in range(2)]
 
@@ -238,7 +243,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overhead-samples", type=int, default=6,
                         help="documents for the overhead table (cold miss and local hit "
                              "with and without a connector, interleaved); a multiple of the "
-                             "setups (2 or 3) gives each setup each place in the order equally")
+                             "setups (2 or 3) gives each setup each place in the order "
+                             "equally; 0: no overhead table")
     parser.add_argument("--settle-s", type=float, default=1.5)
     parser.add_argument("--out", type=Path, default=Path("docs/bench/ttft.json"))
     parser.add_argument("--workdir", type=Path, default=Path(".p2pkv-run/bench-ttft"))
@@ -274,7 +280,7 @@ def main(args: argparse.Namespace) -> int:
                      "repeats": args.repeats, "requests_per_config": len(requests),
                      "configs": {}, "records": []}
     setups = overhead.setups_available()
-    samples = max(1, args.overhead_samples)
+    samples = max(0, args.overhead_samples)
     total = len(requests) * len(configs) + samples * len(setups) * len(overhead.KINDS)
     with tqdm(total=total, desc="requests", unit="req") as bar:
         for name in configs:
@@ -292,10 +298,11 @@ def main(args: argparse.Namespace) -> int:
                 continue
             results["configs"][name] = summarize(records, extra)
             results["records"] += [asdict(r) for r in records]
-        bar.set_postfix_str("overhead: starting instances")
-        results["overhead"] = run_overhead(tokens, max(int(x) for x in args.lengths.split(",")),
-                                           samples, tokenize, model, args.workdir,
-                                           args.settle_s, bar.update)
+        if samples:
+            bar.set_postfix_str("overhead: starting instances")
+            results["overhead"] = run_overhead(tokens, max(int(x) for x in args.lengths.split(",")),
+                                               samples, tokenize, model, args.workdir,
+                                               args.settle_s, bar.update)
     _report(results, args.out)
     return 0
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Union
 
@@ -206,6 +207,20 @@ class Transport(abc.ABC):
         """Pull ``items`` from the peer at ``address``; never raises for peer errors and
         returns within ``timeout_s`` (plus scheduling noise). Items not OK may hold partial
         bytes in their destination: the caller must treat them as garbage."""
+
+    def pull_staged(self, address: str, stages: Sequence[Sequence[PullItem]], timeout_s: float,
+                    on_stage: Callable[[int], None]) -> list[list[PullResult]]:
+        """Pull the same chunks in ``stages`` (each with its own selection), in order, calling
+        ``on_stage(s)`` once stage ``s`` has landed (``staged.py``); one result list per
+        stage, final only on return. Never raises for peer errors; returns within
+        ``timeout_s``. This default pulls stage by stage; ``PeerTransport`` checks a
+        same-host holder's digests once instead of once per stage."""
+        deadline = time.monotonic() + timeout_s
+        out = []
+        for s, stage in enumerate(stages):
+            out.append(self.pull(address, stage, max(deadline - time.monotonic(), 0.001)))
+            on_stage(s)
+        return out
 
     def health(self) -> ServerHealth | None:
         """The server's health once ``serve`` was called (None before, or for transports

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -22,7 +22,7 @@ from p2pkv.cuda import StagingPool
 from p2pkv.errors import TransportError
 from p2pkv.keys import Namespace
 from p2pkv.store import ChunkStore
-from p2pkv.transport import shm, stream, ucx, wire
+from p2pkv.transport import shm, staged, stream, ucx, wire
 from p2pkv.transport.base import (
     PathName,
     PullItem,
@@ -134,6 +134,49 @@ class PeerTransport(Transport):
                      len(items), address, path, (t_connected - deadline + timeout_s) * 1000,
                      (time.monotonic() - t_connected) * 1000)
         return results
+
+    def pull_staged(self, address: str, stages: Sequence[Sequence[PullItem]], timeout_s: float,
+                    on_stage: Callable[[int], None]) -> list[list[PullResult]]:
+        """All stages on one connection: out of a mapped same-host slab with every chunk's
+        digest checked once (``staged.pull_shm``), else one ``Pull`` per stage over the
+        stream. A stage that cannot be pulled is still announced (its results are FAILED)."""
+        deadline = time.monotonic() + timeout_s
+        announced = 0
+
+        def announce(s: int) -> None:
+            nonlocal announced
+            on_stage(s)
+            announced = s + 1
+
+        items = stages[0] if stages else []
+        try:
+            peer = parse_address(address)
+            conn = self._pool.checkout(peer, deadline)
+        except (OSError, TransportError) as e:
+            for s in range(len(stages)):
+                announce(s)
+            return [failed(stage, f"connect {address}: {e}") for stage in stages]
+        out: list[list[PullResult]] = []
+        try:
+            if conn.slab is not None and all(host_pieces(i.dest) for st in stages for i in st):
+                self.counters.shm += 1
+                out = staged.pull_shm(conn.sock, conn.session, conn.slab, stages, deadline,
+                                      announce, conn.namespace)
+            else:
+                for s, stage in enumerate(stages):
+                    self.counters.tcp += 1
+                    out.append(stream.pull(conn, stage, deadline, self._staging))
+                    announce(s)
+        except (OSError, TransportError) as e:
+            conn.close()
+            out = [failed(stage, f"{address}: {e}") for stage in stages]
+            for s in range(announced, len(stages)):
+                announce(s)
+            return out
+        self._pool.checkin(peer, conn)
+        logger.debug("staged pull of %d items in %d stages from %s", len(items), len(stages),
+                     address)
+        return out
 
     def _pull_on(self, conn: Conn, items: Sequence[PullItem], deadline: float
                  ) -> tuple[PathName, list[PullResult]]:

@@ -12,6 +12,8 @@ from p2pkv.directory.shards import ShardSpec, parse_directory
 from p2pkv.errors import ConfigError
 from p2pkv.transport.choose import TRANSPORT_KINDS
 
+LOAD_MODES = ("async", "layerwise")
+
 
 @dataclass(frozen=True, slots=True)
 class ConnectorConfig:
@@ -47,6 +49,14 @@ class ConnectorConfig:
     otherwise): only on a trusted private network."""
     log_level: str = ""
     """p2pkv's log level inside vLLM (e.g. DEBUG); default: the same as vLLM's."""
+    load_mode: str = "async"
+    """How a remote hit is loaded (CPU caches; GPU instances always use ``async``):
+    ``async`` parks the request in vLLM's WAITING_FOR_REMOTE_KVS until every chunk has
+    landed; ``layerwise`` loads within the step that computes the rest of the prompt, layer
+    group by layer group, each attention layer waiting only for its own group
+    (``p2pkv.vllm.layerwise``)."""
+    layer_groups: int = 4
+    """``layerwise``: how many groups of consecutive layers a load is split into."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.directory, str):
@@ -55,7 +65,9 @@ class ConnectorConfig:
         parse_directory(self.directory)
         if self.transport not in TRANSPORT_KINDS:
             raise ConfigError(f"transport must be one of {TRANSPORT_KINDS}")
-        for name in ("chunk_tokens", "pull_threads"):
+        if self.load_mode not in LOAD_MODES:
+            raise ConfigError(f"load_mode must be one of {LOAD_MODES}, not {self.load_mode!r}")
+        for name in ("chunk_tokens", "pull_threads", "layer_groups"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         for name in ("store_gib", "lookup_timeout_s", "pull_timeout_s"):

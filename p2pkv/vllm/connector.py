@@ -198,6 +198,7 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
         spec, chunk_blocks = namespace_of(vllm_config, kv_cache_config, self._config)
         namespace = spec.fingerprint()
         on_cpu = vllm_config.device_config.device_type == "cpu"
+        layerwise = self._config.load_mode == "layerwise" and on_cpu and len(self._groups) == 1
         rank = 0
         if role != KVConnectorRole.SCHEDULER and len(slices) > 1:
             rank = worker_rank(vllm_config)
@@ -220,7 +221,12 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
                 load_partial=ktc.kv_role == "kv_consumer", directory=directory,
                 slices=slices, exact_slices_only=not on_cpu,
                 groups=tuple(g.index for g in self._groups),
-                hit_below_prompt=has_window(self._groups))
+                hit_below_prompt=has_window(self._groups),
+                layerwise=layerwise)
+            if self._config.load_mode == "layerwise" and not layerwise:
+                logger.warning("p2pkv: load_mode layerwise is built for CPU caches with one "
+                               "KV-cache group only; loads on %s with %d groups stay async",
+                               vllm_config.device_config.device_type, len(self._groups))
             if not on_cpu:
                 logger.info("p2pkv: on %s, pulls only from instances at the same tensor "
                             "parallelism (a head range is not one byte range in GPU KV "
@@ -271,7 +277,10 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
         self._worker.start_loads(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads are whole-request and asynchronous (WAITING_FOR_REMOTE_KVS)
+        # Layer-wise loads (load_mode "layerwise"): wait for this layer's group only; the
+        # others are whole-request and asynchronous (WAITING_FOR_REMOTE_KVS).
+        assert self._worker is not None
+        self._worker.wait_for_layer_load(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
                       attn_metadata: AttentionMetadata, **kwargs: Any) -> None:

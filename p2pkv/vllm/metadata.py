@@ -27,11 +27,15 @@ class ChunkLoad:
 @dataclass(frozen=True, slots=True)
 class LoadPlan:
     """Pull ``chunks`` for request ``req_id``: worker rank ``r`` pulls from ``sources[r]``
-    (the holder ranks covering its slice, one engine's: ``p2pkv.vllm.sources``)."""
+    (the holder ranks covering its slice, one engine's: ``p2pkv.vllm.sources``).
+    ``layerwise``: the request is computed in this very step (vLLM's synchronous load), so
+    the load is split by layer groups and each attention layer waits for its own group
+    (``p2pkv.vllm.layerwise``); otherwise it waits in WAITING_FOR_REMOTE_KVS."""
 
     req_id: str
     chunks: tuple[ChunkLoad, ...]
     sources: tuple[tuple[Source, ...], ...]
+    layerwise: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,11 @@ logger = logging.getLogger(__name__)
 DIRECTORY_FAILURES_BEFORE_BACKOFF = 3
 """Lookups that must fail in a row before the scheduler stops asking for a while."""
 
+LAYERWISE_SAVE_HOLD_STEPS = 2
+"""Steps (the load step and the next) whose newly computed chunks a layer-wise loaded request
+does not save: they were computed from pulled bytes whose failure vLLM learns only from the
+step's output, which with async scheduling arrives after the next step was planned."""
+
 
 @dataclass(slots=True)
 class _Lookup:
@@ -61,6 +66,7 @@ class _PlannedLoad:
     keys: list[ChunkKey]
     num_local_tokens: int
     end_tokens: int  # tokens present once the load is done
+    layerwise: bool = False  # vLLM's synchronous load, pulled layer group by layer group
 
 
 @dataclass(slots=True)
@@ -96,7 +102,7 @@ class SchedulerSide:
                  save_partial: bool = False, load_partial: bool = False,
                  slices: tuple[KVSlice, ...] = (KVSlice.whole(1, 1),),
                  exact_slices_only: bool = False, groups: tuple[int, ...] = (0,),
-                 hit_below_prompt: bool = False) -> None:
+                 hit_below_prompt: bool = False, layerwise: bool = False) -> None:
         """``slices``: what each of this instance's worker ranks holds (by TP rank; the
         default is one rank holding everything). ``exact_slices_only``: pull only from
         holder ranks with the same slices (layouts where a head range is not contiguous).
@@ -104,7 +110,12 @@ class SchedulerSide:
         ids come per vLLM group and go into plans flattened in this order.
         ``hit_below_prompt``: a load must end before the prompt's last token (sliding
         windows: vLLM recomputes that token, whose window reaches one token further back than
-        the blocks it keeps for the hit)."""
+        the blocks it keeps for the hit).
+        ``layerwise``: load remote hits layer-wise within the step that computes the rest
+        (``p2pkv.vllm.layerwise``) where the load ends on a block boundary before the
+        request's last token, else asynchronously (one KV-cache group only)."""
+        self._layerwise = layerwise and len(groups) == 1
+        self._hold_saves: dict[str, int] = {}  # req_id -> build_meta calls left to skip
         self._config = config
         self._slices = slices
         self._exact_slices_only = exact_slices_only
@@ -198,13 +209,20 @@ class SchedulerSide:
         external = end_tokens - num_computed_tokens
         if external <= 0:
             return 0, False
+        # NOTE: a synchronous load must leave vLLM at least one token to compute (it asserts
+        # on it), and vLLM writes that step's new tokens into the cache before each layer
+        # waits for its load (``unified_kv_cache_update``): a load ending inside a block the
+        # step writes would race that write. Such loads (the whole prompt is held) stay
+        # asynchronous: vLLM recomputes the last token after they have landed.
+        layerwise = (self._layerwise and end_tokens % self._block_size == 0
+                     and end_tokens < request.num_tokens)
         self._planned[req_id] = _PlannedLoad(best.per_rank, lookup.first_chunk,
                                              lookup.keys[:run], num_computed_tokens,
-                                             end_tokens)
+                                             end_tokens, layerwise)
         self.counters.remote_hit_tokens += external
-        logger.debug("p2pkv: %s remote hit of %d tokens at %s (%s)", req_id, external,
-                     best.engine, ", ".join(best.addresses))
-        return external, True
+        logger.debug("p2pkv: %s remote hit of %d tokens at %s (%s)%s", req_id, external,
+                     best.engine, ", ".join(best.addresses), ", layer-wise" if layerwise else "")
+        return external, not layerwise
 
     def _start_lookup(self, request: Any, num_computed_tokens: int) -> _Lookup | None:
         if self._clock() < self._directory_down_until:
@@ -252,7 +270,10 @@ class SchedulerSide:
                         for ids_g in per_group
                         for b in range(start, start + self._chunk_blocks))
             chunks.append(ChunkLoad(key, ids))
-        self._pending_loads.append(LoadPlan(request.request_id, tuple(chunks), planned.sources))
+        self._pending_loads.append(LoadPlan(request.request_id, tuple(chunks), planned.sources,
+                                            layerwise=planned.layerwise))
+        if planned.layerwise:
+            self._hold_saves[request.request_id] = LAYERWISE_SAVE_HOLD_STEPS
         self._loaded.add(request.request_id)
         # NOTE: pulled chunks are not saved again here: the copy would sit on the critical path
         # of exactly the request the pull was meant to speed up (measured: 27 chunks, ~0.2-0.4 s
@@ -277,10 +298,27 @@ class SchedulerSide:
             progress += list(zip(cached.req_ids, cached.num_computed_tokens))
             for req_id, computed in progress:
                 done = computed + scheduler_output.num_scheduled_tokens.get(req_id, 0)
+                if req_id in self._hold_saves:
+                    self._skip_saves(req_id, done)
+                    continue
                 meta.saves.extend(self._newly_complete(req_id, done, block_ids_of))
                 if self._save_partial:
                     meta.saves.extend(self._partial_if_complete(req_id, done, block_ids_of))
+        for req_id in list(self._hold_saves):
+            self._hold_saves[req_id] -= 1
+            if self._hold_saves[req_id] <= 0:
+                del self._hold_saves[req_id]
         return meta
+
+    def _skip_saves(self, req_id: str, computed_tokens: int) -> None:
+        """A layer-wise loaded request's chunks completed while its load may yet fail are
+        never saved (see LAYERWISE_SAVE_HOLD_STEPS)."""
+        request = self._requests.get(req_id)
+        if request is None:
+            return
+        full = min(computed_tokens // self._chunk_tokens,
+                   len(request.block_hashes) // self._chunk_blocks)
+        self._saved_chunks[req_id] = max(self._saved_chunks.get(req_id, 0), full)
 
     def _partial_if_complete(self, req_id: str, computed_tokens: int,
                              block_ids_of: Callable[[str], Sequence[Sequence[int]]]
@@ -350,3 +388,4 @@ class SchedulerSide:
         self._saved_chunks.pop(req_id, None)
         self._loaded.discard(req_id)
         self._partial_saved.discard(req_id)
+        self._hold_saves.pop(req_id, None)

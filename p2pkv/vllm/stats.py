@@ -26,6 +26,7 @@ COUNTERS: dict[str, str] = {
     "loads_planned": "requests planned to pull",
     # worker side
     "loads": "pulls finished (one per request)",
+    "loads_layerwise": "of those, loaded layer group by layer group (load_mode layerwise)",
     "chunks_pulled": "chunks pulled from peers",
     "bytes_pulled": "bytes pulled from peers",
     "chunks_missing": "chunks the holder no longer had",

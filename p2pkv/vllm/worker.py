@@ -35,6 +35,7 @@ from p2pkv.slices import KVSlice
 from p2pkv.store import ChunkStore
 from p2pkv.transport.base import Outcome, PullItem, PullResult, Transport
 from p2pkv.vllm.config import ConnectorConfig
+from p2pkv.vllm.layerwise import LayerwiseLoads, LoadOutcome
 from p2pkv.vllm.layout import KVLayout, pull_batches, pull_selection
 from p2pkv.vllm.metadata import LoadPlan, P2PKVMetadata
 from p2pkv.vllm.sources import Source
@@ -70,6 +71,7 @@ class WorkerCounters:
     chunks_served: int = 0
     save_copy_ms: int = 0  # CPU caches: time the save thread spent copying out of the cache
     save_fence_waits: int = 0  # steps that had to wait for a save's copy (issue 17)
+    loads_layerwise: int = 0  # loads pulled layer group by layer group (issue 14)
 
 
 class WorkerSide:
@@ -92,6 +94,7 @@ class WorkerSide:
         self._transport = transport
         self._directory = directory
         self._layout: KVLayout | None = None
+        self._layerwise: LayerwiseLoads | None = None  # CPU caches, made at registration
         self._store: ChunkStore | None = None
         self._saver: AsyncSaver | None = None  # GPU caches: saves are async copies
         self._host_saver: HostSaver | None = None  # CPU caches: saves on a save thread
@@ -123,6 +126,10 @@ class WorkerSide:
             raise ConfigError(f"p2pkv: rank {self._rank} should hold {self._slice}, but vLLM "
                               f"gave it {layout.heads} KV heads in {layout.num_layers} layers")
         slot = layout.chunk_bytes(self._chunk_blocks)
+        if not layout.on_gpu and layout.head_bytes:
+            self._layerwise = LayerwiseLoads(
+                layout, self._slice, self._transport, groups=self._config.layer_groups,
+                timeout_s=self._config.pull_timeout_s, threads=self._config.pull_threads)
         if not self._saves:
             logger.info("p2pkv worker rank %d: %s, the same as a lower rank's: pulls only "
                         "(that rank saves and serves)", self._rank, self._slice)
@@ -170,9 +177,59 @@ class WorkerSide:
             self._publish(self._saver.collect())
         with self._lock:
             self._idle_step = meta.idle_step
-            self._loads_in_flight += len(meta.loads)
+            # NOTE: layer-wise loads end within this step, never through finished_recving
+            self._loads_in_flight += sum(not plan.layerwise for plan in meta.loads)
         for plan in meta.loads:
-            self._pool.submit(self._run_load, plan)
+            if plan.layerwise:
+                self._start_layerwise(plan)
+            else:
+                self._pool.submit(self._run_load, plan)
+
+    # -- layer-wise loads (p2pkv.vllm.layerwise) ------------------------------------------
+
+    def _start_layerwise(self, plan: LoadPlan) -> None:
+        sources = plan.sources[self._rank] if self._rank < len(plan.sources) else ()
+        if self._layerwise is None or not sources:
+            # NOTE: the scheduler side plans layer-wise loads only for CPU caches; a load
+            # that cannot run is a failed one (recomputed), never one reported as finished.
+            logger.error("p2pkv: rank %d cannot load %s layer-wise (%s); recomputing",
+                         self._rank, plan.req_id,
+                         "no sources" if self._layerwise is not None else "not a CPU cache")
+            self._record(LoadOutcome(plan.req_id, len(plan.chunks), 0, 0, frozenset(
+                b for c in plan.chunks for b in c.block_ids if b is not None), 0, 0.0, ()))
+            return
+        self._layerwise.start(plan, sources)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Before attention layer ``layer_name`` reads the cache: its group has landed."""
+        if self._layerwise is not None and self._layerwise.pending():
+            self._layerwise.wait_layer(layer_name)
+
+    def finish_layerwise(self) -> None:
+        """Wait for this step's layer-wise loads and record their failed blocks (before the
+        step's saves and its ``get_block_ids_with_load_errors``)."""
+        if self._layerwise is None or not self._layerwise.pending():
+            return
+        for outcome in self._layerwise.finish():
+            self._record(outcome)
+
+    def _record(self, o: LoadOutcome) -> None:
+        """Count a layer-wise load's outcome. NOTE: never in ``finished_recving``: the request
+        of a synchronous load is running, not waiting (vLLM asserts on it)."""
+        logger.info("p2pkv: rank %d pulled %d/%d chunks (%.1f MB) for %s layer-wise from %s "
+                    "in %.1f ms", self._rank, o.ok, o.chunks, o.nbytes / 1e6, o.req_id,
+                    ", ".join(o.addresses), o.elapsed_s * 1000)
+        with self._lock:
+            self._failed_blocks |= o.failed_blocks
+            c = self.counters
+            c.loads += 1
+            c.loads_layerwise += 1
+            c.chunks_pulled += o.ok
+            c.bytes_pulled += o.nbytes
+            c.chunks_missing += o.missing
+            c.chunks_failed += o.chunks - o.ok - o.missing
+            c.pull_ms += int(o.elapsed_s * 1000)
+            self._stats.observe("pull_seconds", o.elapsed_s)
 
     def _run_load(self, plan: LoadPlan) -> None:
         assert self._layout is not None
@@ -266,6 +323,7 @@ class WorkerSide:
         return out
 
     def take_failed_blocks(self) -> set[int]:
+        self.finish_layerwise()  # vLLM may ask before wait_for_save (defer_finalize)
         with self._lock:
             out, self._failed_blocks = self._failed_blocks, set()
             return out
@@ -279,6 +337,7 @@ class WorkerSide:
     # -- saves ----------------------------------------------------------------------------
 
     def save(self, meta: P2PKVMetadata) -> None:
+        self.finish_layerwise()
         if not meta.saves or self._store is None or self._layout is None:
             return
         if self._saver is not None:
@@ -331,6 +390,8 @@ class WorkerSide:
         self._directory.unregister()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._parts.shutdown(wait=True, cancel_futures=True)
+        if self._layerwise is not None:
+            self._layerwise.close()
         if self._host_saver is not None:
             self._host_saver.close()
         if self._saver is not None:
