@@ -68,11 +68,12 @@ class Endpoints:
     """A puller with a tiny KV cache, for ``small_cache`` cases (empty: they fail)."""
     preemptions: Callable[[], int] = field(default=lambda: 0)
     """How many requests the small puller has preempted so far."""
-    wait_held: Callable[[Sequence[int], str | None], object] = field(
+    wait_held: Callable[[Sequence[int], str | None], float | None] = field(
         default=lambda tokens, salt: None)
     """Return once the directory shows the holder holding the chunks it saves for a prompt
-    (token ids, ``cache_salt``); raise :class:`NotHeld` at its deadline. The holder saves and
-    publishes on a save thread, after its answer may have come back."""
+    (token ids, ``cache_salt``), returning the seconds waited; raise :class:`NotHeld` at its
+    deadline. The holder saves and publishes on a save thread, after its answer may have come
+    back."""
     puller_counters: Callable[[str], dict[str, int]] = field(default=lambda url: {})
     """A puller's connector counters (from its ``/metrics``), to say why nothing was pulled."""
 
@@ -144,14 +145,16 @@ def run_case(case: Case, tokens: Sequence[int], ep: Endpoints) -> CaseResult:
     if not puller:
         return CaseResult(case, False, "no puller with a small KV cache was started")
     references: dict[int, str] = {}
+    waited = 0.0
     for start, prompt in zip(starts, prompts):
         if start not in references:
             _answer(ep.holder, prompt, case.holder_salt)  # computes, saves, publishes
-            references[start] = _answer(ep.holder, prompt, case.holder_salt)  # own cache
             try:
-                ep.wait_held(prompt, case.holder_salt)  # its publish reached the directory
+                # its save thread may publish after the answer: wait until the directory has it
+                waited = max(waited, float(ep.wait_held(prompt, case.holder_salt) or 0.0))
             except NotHeld as e:
                 return CaseResult(case, False, f"holder: {e}")
+            references[start] = _answer(ep.holder, prompt, case.holder_salt)  # own cache
     before, preempted_before = ep.chunks_pulled(), ep.preemptions()
     with concurrent.futures.ThreadPoolExecutor(case.concurrent) as pool:
         outputs = list(pool.map(lambda p: _answer(puller, p, case.puller_salt), prompts))
@@ -164,7 +167,8 @@ def run_case(case: Case, tokens: Sequence[int], ep: Endpoints) -> CaseResult:
                                        f"counters {ep.puller_counters(puller)})")
     if not case.expect_pull and pulled:
         return CaseResult(case, False, f"{pulled} chunks were pulled where none may be")
-    detail = f"identical output, {pulled} chunks pulled"
+    detail = (f"identical output, {pulled} chunks pulled (the holder's publish was seen "
+              f"{waited * 1000:.0f} ms after its answer)")
     if case.small_cache:
         preempted = ep.preemptions() - preempted_before
         if not preempted:
