@@ -302,6 +302,7 @@ def main(args: argparse.Namespace) -> int:
                 continue
             results["configs"][name] = summarize(records, extra)
             results["records"] += [asdict(r) for r in records]
+            _write(results, args.out)  # a run stopped later keeps the configs done so far
         if samples:
             bar.set_postfix_str("overhead: starting instances")
             results["overhead"] = run_overhead(
@@ -364,11 +365,15 @@ def goals(configs: dict) -> dict:
     return out
 
 
-def _report(results: dict, out: Path) -> None:
-    configs = results["configs"]
-    results["goals"] = goals(configs)
+def _write(results: dict, out: Path) -> None:
+    results["goals"] = goals(results["configs"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
+
+
+def _report(results: dict, out: Path) -> None:
+    configs = results["configs"]
+    _write(results, out)
     if not configs:
         _report_overhead(results, out)
         return
