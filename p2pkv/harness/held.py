@@ -81,32 +81,39 @@ class HeldWaiter:
     def held_run(self, engine: str, keys: Sequence[ChunkKey]) -> int:
         """How many of ``keys`` (leading run) the directory shows ``engine`` holding now;
         0 when the engine is not registered or the directory does not answer."""
-        if not keys:
-            return 0
         client = DirectoryClient(self._directory)
         try:
-            namespace = _namespace_of(client.call(Stats(), CALL_TIMEOUT_S), engine)
-            if namespace is None:
-                return 0
-            reply = client.call(Lookup(namespace=namespace, keys=list(keys)), CALL_TIMEOUT_S)
+            return _held_run(client, engine, keys)
         finally:
             client.close()
-        if not isinstance(reply, LookupReply):
-            return 0
-        return max((h.run for h in reply.holders if engine in (h.engine, h.instance)),
-                   default=0)
 
     def wait_held(self, engine: str, keys: Sequence[ChunkKey], timeout_s: float = 30.0
                   ) -> float:
         """Return (the seconds waited) once the directory shows ``engine`` holding every one
         of ``keys``; raise :class:`NotHeld` at the deadline."""
         t0 = time.monotonic()
-        while (run := self.held_run(engine, keys)) < len(keys):
-            if time.monotonic() - t0 > timeout_s:
-                raise NotHeld(f"after {timeout_s:.0f} s the directory shows {engine} holding "
-                              f"{run} of the prompt's {len(keys)} chunks")
-            time.sleep(POLL_S)
+        client = DirectoryClient(self._directory)
+        try:
+            while (run := _held_run(client, engine, keys)) < len(keys):
+                if time.monotonic() - t0 > timeout_s:
+                    raise NotHeld(f"after {timeout_s:.0f} s the directory shows {engine} "
+                                  f"holding {run} of the prompt's {len(keys)} chunks")
+                time.sleep(POLL_S)
+        finally:
+            client.close()
         return time.monotonic() - t0
+
+
+def _held_run(client: DirectoryClient, engine: str, keys: Sequence[ChunkKey]) -> int:
+    if not keys:
+        return 0
+    namespace = _namespace_of(client.call(Stats(), CALL_TIMEOUT_S), engine)
+    if namespace is None:
+        return 0
+    reply = client.call(Lookup(namespace=namespace, keys=list(keys)), CALL_TIMEOUT_S)
+    if not isinstance(reply, LookupReply):
+        return 0
+    return max((h.run for h in reply.holders if engine in (h.engine, h.instance)), default=0)
 
 
 def _namespace_of(reply: object, engine: str) -> Namespace | None:
