@@ -42,7 +42,7 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_demo)
 
 
-BENCHES = ("directory", "transport", "ttft", "correctness", "router", "disagg", "trace",
+BENCHES = ("directory", "index", "transport", "ttft", "correctness", "router", "disagg", "trace",
            "faults", "serve")
 """Each is a module ``p2pkv.bench.NAME`` with ``add_args(parser)`` and ``main(args) -> int``."""
 

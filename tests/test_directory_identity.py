@@ -158,5 +158,5 @@ def test_keys_per_registration_are_capped() -> None:
     with pytest.raises(DirectoryIndexError) as e:
         index.publish(A, NS, 2, False, K[3:], [], 0.0, epoch=1, owner=b"x")
     assert e.value.status == Status.OVER_QUOTA
-    assert len(index.member(A).keys) == 3  # nothing applied
+    assert index.member(A).chunks == len(index.keys_of(A)) == 3  # nothing applied
     index.publish(A, NS, 2, True, K[1:4], [], 0.0, epoch=1, owner=b"x")  # a reset: 3 again

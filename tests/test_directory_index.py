@@ -46,7 +46,8 @@ def runs(index: DirectoryIndex, keys: list[ChunkKey], ns: Namespace = NS) -> lis
 
 def chunks(index: DirectoryIndex, inst: InstanceId) -> int:
     m = index.member(inst)
-    return len(m.keys) if m else 0
+    assert m is None or m.chunks == len(index.keys_of(inst))
+    return m.chunks if m else 0
 
 
 @pytest.fixture
@@ -188,7 +189,8 @@ def test_handles_are_reused_and_bitmasks_stay_small(seq) -> None:
     index.drop(InstanceId("i3"))
     reg(index, InstanceId("new"))
     assert index.member(InstanceId("new")).handle == 3
-    assert max(index._tables[NS].values()) < 256  # cached small ints: no object per key
+    # one holder set, so one interned value for every key: no object per key
+    assert len({id(v) for v in index._spaces[NS].table.values()}) == 1
     assert len(runs(index, K)) == 7 and all(r[2] == len(K) for r in runs(index, K))
 
 
@@ -206,7 +208,11 @@ def test_no_storage_left_after_everything_is_dropped(index, seq) -> None:
     pub(index, seq, B, K)
     index.drop(A)
     pub(index, seq, B, [], K)
-    assert index._tables == {} and index.num_chunks == 0
+    space = index._spaces[NS]  # B is still registered
+    assert space.table == {} and space._canon == {} and space._refs == {}
+    assert index.num_chunks == 0
+    index.drop(B)
+    assert index._spaces == {}
 
 
 # -- property: the bitmask index answers like a naive model ---------------------------------
@@ -254,7 +260,7 @@ def test_matches_a_naive_model(ops, query) -> None:
     assert [(h.instance, h.run) for h in index.lookup(NS, query)] == expected
     assert index.num_chunks == len(set().union(*model.values())) if model else True
     for inst, keys in model.items():
-        assert index.member(inst).keys == keys
+        assert index.keys_of(inst) == keys and index.member(inst).chunks == len(keys)
 
 
 def test_ranks_of_instances_at_different_tp_share_a_namespace(seq) -> None:
@@ -283,3 +289,62 @@ def test_ranks_of_instances_at_different_tp_share_a_namespace(seq) -> None:
     # the same registration with another slice is a new one (its keys are dropped)
     index.register(InstanceId("e1"), 1, NS, "h:9", "p", (), 0.0, engine="e1", slice=tp2[0])
     assert chunks(index, InstanceId("e1")) == 0
+
+
+# -- property: the same with namespaces too big to sweep at once ----------------------------
+
+_op_or_sweep = st.one_of(_op, st.tuples(st.just("sweep"), _inst, st.just([]), st.just([])))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_op_or_sweep, max_size=50), st.lists(_key, min_size=1, max_size=8))
+def test_incremental_sweeps_answer_like_a_naive_model(ops, query) -> None:
+    """Departed members' keys are removed a few keys per ``sweep()`` (as in a namespace of
+    more than SWEEP_KEYS_PER_STEP keys): lookups never show them meanwhile, handles are
+    reused only once swept, and the tables end up exactly as the model's."""
+    from unittest import mock
+
+    import p2pkv.directory.index as index_module
+
+    with mock.patch.object(index_module, "SWEEP_KEYS_PER_STEP", 0):
+        index = DirectoryIndex(LEASE)
+        model: dict[str, set[bytes]] = {}
+        seqs: dict[str, int] = {}
+        epochs: dict[str, int] = {}
+        for op, inst, added, removed in ops:
+            if op == "sweep":
+                index.sweep(2)
+                continue
+            if op == "reg" or (inst not in model and op in ("pub", "reset")):
+                epochs[inst] = epochs.get(inst, 0) + 1
+                reg(index, inst, epoch=epochs[inst])
+                model[inst], seqs[inst] = set(), 0
+            if op in ("pub", "reset"):
+                seqs[inst] += 1
+                index.publish(inst, NS, seqs[inst], op == "reset", added, removed, 0.0)
+                if op == "reset":
+                    model[inst] = set()
+                model[inst] |= set(added)
+                model[inst] -= set(removed)
+            elif op == "drop":
+                index.drop(inst)
+                model.pop(inst, None)
+            handles = [m.handle for m in index.members()]
+            assert len(set(handles)) == len(handles)
+        expected = []
+        for inst, keys in model.items():
+            run = 0
+            while run < len(query) and query[run] in keys:
+                run += 1
+            if run:
+                expected.append((inst, run))
+        expected.sort(key=lambda x: (-x[1], x[0]))
+        assert [(h.instance, h.run) for h in index.lookup(NS, query)] == expected
+        for inst, keys in model.items():
+            assert index.keys_of(inst) == keys and index.member(inst).chunks == len(keys)
+        while index.sweeping:
+            index.sweep(2)
+        assert index.num_chunks == len(set().union(*model.values()))
+        assert not model or all(v is not None for v in index._spaces[NS].table.values())
+        if not model:
+            assert index._spaces == {}

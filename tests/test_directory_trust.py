@@ -335,3 +335,39 @@ def test_metrics_endpoint_reports_counters() -> None:
         assert b'p2pkv_directory_rejected_messages_total{status="version_mismatch"} 1.0' in text
     finally:
         server.close()
+
+
+def test_metrics_report_lookup_time_and_holdings() -> None:
+    """Lookups answered by the serving loop land in ``p2pkv_directory_lookup_seconds``; the
+    (chunk, holder) pairs in ``p2pkv_directory_holdings``."""
+    import threading
+    import urllib.request
+
+    from p2pkv.directory.client import DirectoryClient
+    from p2pkv.directory.metrics import start_metrics
+    from p2pkv.directory.server import DirectoryServer, ServerConfig
+
+    server = DirectoryServer(ServerConfig())
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(stop,), daemon=True)
+    thread.start()
+    client = DirectoryClient(server.endpoint)
+    try:
+        for inst in (A, B):
+            assert isinstance(client.call(Register(instance=inst, epoch=1, namespace=NS,
+                                                   address=f"{inst}:1"), 5), RegisterReply)
+            assert isinstance(client.call(Publish(instance=inst, namespace=NS, added=K[:3],
+                                                  removed=[], seq=1, epoch=1), 5), protocol.Ok)
+        for _ in range(3):
+            assert len(lookup(client, K)) == 2
+        port = start_metrics(server, "127.0.0.1", 0)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        assert b"p2pkv_directory_lookup_seconds_count 3.0" in text
+        assert b'p2pkv_directory_lookup_seconds_bucket{le="+Inf"} 3.0' in text
+        assert b"p2pkv_directory_holdings 6.0" in text
+        assert b"p2pkv_directory_chunks 3.0" in text
+    finally:
+        client.close()
+        stop.set()
+        thread.join(5)
+        server.close()

@@ -20,7 +20,8 @@ from p2pkv.sim.cluster import ClusterSpec, best_per_run, leading_runs
 from p2pkv.sim.directory_view import BlockKeys
 from p2pkv.sim.fleet import Fleet
 from p2pkv.sim.processes import DirectoryProcess
-from p2pkv.sim.replay import ReplayConfig, make_policies, replay, reusable_blocks, summarize
+from p2pkv.bench.trace import summarize
+from p2pkv.sim.replay import ReplayConfig, make_policies, replay, reusable_blocks
 from p2pkv.sim.trace import TraceRequest
 
 SAMPLE = Path(__file__).parent / "data" / "mooncake_conversation_head400.jsonl"

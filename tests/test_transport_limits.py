@@ -254,6 +254,7 @@ def test_accept_loop_survives_failing_thread_starts(serve):
 def _pin(s: socket.socket, keys: list[int]) -> list[wire.PinHeader]:
     s.sendall(wire.encode_request(wire.Pin([bytes(key_of(i)) for i in keys])))
     table = _read(s, wire.PIN_HEADER_BYTES * len(keys))
+    assert len(_read(s, wire.TAG_BYTES)) == wire.TAG_BYTES  # the reply's MAC (v4)
     n = wire.PIN_HEADER_BYTES
     return [wire.unpack_pin(table[i * n:(i + 1) * n]) for i in range(len(keys))]
 
@@ -272,6 +273,7 @@ def test_pins_are_capped_per_peer_and_per_connection(serve):
     b.sendall(wire.encode_request(wire.Pin([bytes(key_of(i)) for i in range(4)])))
     status, _, _ = wire.unpack_item(_read(b, wire.ITEM_HEADER_BYTES))
     assert status is wire.Status.BAD_REQUEST
+    assert len(_read(b, wire.TAG_BYTES)) == wire.TAG_BYTES  # the reply's MAC (v4)
     assert _read(b, 1) == b""
     a.close()  # every pin of a closed connection goes back: all of the peer's cap is free
     c = _authenticated(address)

@@ -157,6 +157,7 @@ def test_malformed_request_gets_an_error_and_server_keeps_serving(spawn, transpo
         s.sendall(garbage)
         status, _, _ = wire.unpack_item(_read(s, wire.ITEM_HEADER_BYTES))
         assert status is wire.Status.BAD_REQUEST
+        assert len(_read(s, wire.TAG_BYTES)) == wire.TAG_BYTES  # the reply's MAC (v4)
         assert _read(s, 1) == b""
     buf, dest = split_dest(1024, 1)
     (r,) = transport.pull(address, [PullItem(key_of(0), dest)], 5)

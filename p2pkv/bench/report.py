@@ -48,26 +48,57 @@ def table(columns: Sequence[Column], rows: Iterable[Sequence[object]], *, sep: s
     return "\n".join(out)
 
 
-def plot_lines(path: Path, series: dict[str, tuple[Sequence[float], Sequence[float]]], *,
-               xlabel: str, ylabel: str, title: str, log_y: bool = False) -> None:
-    """One line per ``name: (xs, ys)``, saved as a PNG at ``path``."""
+@dataclass(frozen=True, slots=True)
+class Panel:
+    """One plot of a figure: a line per ``name: (xs, ys)``."""
+
+    series: dict[str, tuple[Sequence[float], Sequence[float]]]
+    xlabel: str
+    ylabel: str
+    log_x: bool = False
+    """Log x axis, ticks at the xs given."""
+    log_y: bool = False
+    title: str = ""
+
+
+def plot_panels(path: Path, panels: Sequence[Panel], *, size: tuple[float, float] = (6, 4)
+                ) -> bool:
+    """``panels`` side by side, saved as a PNG at ``path``; False without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if log_y:
-        ax.set_yscale("log")
-    ax.legend()
-    ax.set_title(title)
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(size[0] * len(panels), size[1]),
+                             squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for name, (xs, ys) in panel.series.items():
+            ax.plot(xs, ys, marker="o", label=name)
+        if panel.log_x:
+            ticks = sorted({x for xs, _ in panel.series.values() for x in xs})
+            ax.set_xscale("log")
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
+        if panel.log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel(panel.xlabel)
+        ax.set_ylabel(panel.ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        if panel.title:
+            ax.set_title(panel.title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    print(f"wrote {path}")
+    plt.close(fig)
+    return True
+
+
+def plot_lines(path: Path, series: dict[str, tuple[Sequence[float], Sequence[float]]], *,
+               xlabel: str, ylabel: str, title: str, log_y: bool = False) -> None:
+    """One line per ``name: (xs, ys)``, saved as a PNG at ``path``."""
+    if plot_panels(path, [Panel(series, xlabel, ylabel, log_y=log_y, title=title)]):
+        print(f"wrote {path}")
+    else:
+        print("matplotlib not installed: no plot")

@@ -16,24 +16,40 @@ against cluster size, with ``--sweep``).
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
+import multiprocessing as mp
 import os
+import random
+import statistics
 import sys
 import time
 from pathlib import Path
 
+from p2pkv.bench.report import Column, Panel, pct, plot_panels
+from p2pkv.bench.report import table as table_text
 from p2pkv.directory.client import DirectoryClient
-from p2pkv.directory.protocol import Stats, StatsReply
+from p2pkv.directory.protocol import (
+    LOOKUP_BUCKETS_S, MAX_KEYS_PER_MESSAGE, LookupReply, Stats, StatsReply,
+)
+from p2pkv.directory.shards import ShardSpec, connect
+from p2pkv.keys import Namespace
 from p2pkv.planner.profiles import PROFILES
 from p2pkv.sim.cluster import ClusterSpec
-from p2pkv.sim.policies import NAMES
+from p2pkv.sim.directory_view import BlockKeys
+from p2pkv.sim.policies import DIRECTORY_POLICIES, NAMES
 from p2pkv.directory.ring import ShardId
-from p2pkv.sim.processes import DirectoryProcess, run_workers
+from p2pkv.sim.processes import WORKER_TIMEOUT_S, DirectoryProcess, run_workers
+from p2pkv.sim.policies import P2pkv, SimPolicy
 from p2pkv.sim.replay import ReplayConfig
 from p2pkv.sim.sharded_fleet import ShardEndpoints
+from p2pkv.sim.trace import load_trace
 
 DEFAULT_TRACE = Path("../shared/traces/mooncake_conversation.jsonl")
+
+PROBE_RATE = 100.0
+"""Lookups/s of the latency probe (the replay's own clients ask ~110/s at 10x)."""
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +82,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="kill shard s0's primary this long into the replay")
     parser.add_argument("--restart-after", type=float, default=5.0, metavar="SECONDS",
                         help="restart it (same endpoints) this long after the kill")
+    parser.add_argument("--probe-rate", type=float, default=PROBE_RATE,
+                        help="Lookups/s of the latency probe, a light client process that "
+                             "measures the directory's lookup round trip under the replay "
+                             "(0: none)")
+    parser.add_argument("--worker-nice", type=int, default=10,
+                        help="niceness added to the replay's worker processes, so that on a "
+                             "machine with few cores the simulated clients, not the directory "
+                             "and the probe, wait for the CPU")
     parser.add_argument("--out", type=Path, default=None, help="write trace.json, trace.png")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -103,10 +127,14 @@ def run_once(args: argparse.Namespace, instances: int, speedup: float) -> dict:
                               endpoint=None if shards else procs["directory"].endpoint,
                               shards=shards,
                               keys_per_block=args.keys_per_block, max_holders=args.max_holders,
-                              local_host_tier=not args.no_host_tier)
+                              local_host_tier=not args.no_host_tier,
+                              worker_nice=args.worker_nice)
         clock: dict = {}
+        probe = _start_probe(args, config, procs, shards, speedup)
 
         def monitor() -> None:
+            if probe is not None:
+                probe[1].set()  # go
             now = clock.setdefault("t0", time.monotonic())
             elapsed = time.monotonic() - now
             victim = "s0/primary"
@@ -129,21 +157,139 @@ def run_once(args: argparse.Namespace, instances: int, speedup: float) -> dict:
                                    "after_restart_s": round(elapsed - clock["restarted"], 2)})
 
         def at_end() -> None:
+            if probe is not None:
+                probe[2].set()  # stop
             for role, d in procs.items():
                 final[role] = (_stats(d), d.rss_bytes(), d.cpu_s())
 
         load0 = os.getloadavg()[0]
-        run = run_workers(config, str(args.trace), args.limit, monitor=monitor, at_end=at_end)
+        run = run_workers(config, str(args.trace), args.limit, summarize, monitor=monitor,
+                          at_end=at_end)
+        probed = _probe_result(probe)
     finally:
+        if probe is not None and probe[0].is_alive():
+            probe[0].kill()
         for d in procs.values():
             d.stop()
     run["directory"] = _directory_report(run, final, base)
     run["directory"]["events"] = events
+    run["directory"]["probe"] = probed
     run["instances"] = instances
     run["speedup"] = speedup
     run["shards"] = len(shards) or 1
+    run["worker_nice"] = args.worker_nice
     run["load_avg_1m"] = {"start": load0, "end": os.getloadavg()[0]}
     return run
+
+
+def summarize(policy: SimPolicy, duration_s: float) -> dict:
+    """One policy's result as plain data (for JSON and the table)."""
+    t = policy.cluster.tally
+    insts = policy.cluster.instances
+    per_inst = [inst.requests for inst in insts]
+    busy = [inst.busy_s / duration_s for inst in insts] if duration_s > 0 else [0.0]
+    out = {
+        "policy": policy.name, "instances": len(insts), "requests": t.requests,
+        "prompt_tokens": t.prompt_tokens, "reusable_tokens": t.reusable_tokens,
+        "local_tokens": t.local_tokens, "host_tokens": t.host_tokens,
+        "pulled_tokens": t.pulled_tokens, "recomputed_tokens": t.recomputed_tokens,
+        "saved_tokens": t.saved_tokens,
+        "saved_share": round(t.saved_tokens / max(1, t.prompt_tokens), 4),
+        "reuse_captured": round(t.saved_tokens / max(1, t.reusable_tokens), 4),
+        "ttft_s": {"p50": pct(t.ttfts, 0.5), "p90": pct(t.ttfts, 0.9),
+                   "p99": pct(t.ttfts, 0.99),
+                   "mean": statistics.fmean(t.ttfts) if t.ttfts else float("nan")},
+        "decisions": dict(t.decisions),
+        "saved_share_by_window": [round(saved / max(1, prompt), 4) for _, (prompt, saved)
+                                  in sorted(t.windows.items())],
+        "load": {"requests_per_instance_max": max(per_inst),
+                 "requests_per_instance_mean": round(statistics.fmean(per_inst), 2),
+                 "requests_per_instance_p99": pct(per_inst, 0.99),
+                 "busy_share_max": round(max(busy), 4),
+                 "busy_share_mean": round(statistics.fmean(busy), 4)},
+    }
+    if isinstance(policy, P2pkv):
+        s = policy.fleet.stats
+        rtts = s.lookup_rtts
+        out["directory_client"] = {
+            "messages_sent": s.sent, "bytes_sent": s.sent_bytes,
+            "messages_received": s.received, "bytes_received": s.received_bytes,
+            "by_kind": dict(s.by_kind), "errors": dict(s.errors),
+            "lookups": len(rtts), "lookups_failed": s.lookups_failed,
+            "lookup_rtt_ms": {"p50": pct(rtts, 0.5) * 1e3, "p99": pct(rtts, 0.99) * 1e3,
+                              "max": max(rtts, default=float("nan")) * 1e3},
+            "registrations": s.registrations, "snapshots": s.snapshots,
+            "feed_events": policy.feed.events, "pulls_missing": policy.pull_failed,
+            "failovers": getattr(policy.fleet, "failovers", 0)}
+    return out
+
+
+def _start_probe(args: argparse.Namespace, config: ReplayConfig,
+                 procs: dict[str, DirectoryProcess], shards: tuple[ShardEndpoints, ...],
+                 speedup: float):
+    """The latency probe process (or None): (process, go event, stop event, result queue)."""
+    names = [p for p in config.policies if p in DIRECTORY_POLICIES]
+    if args.probe_rate <= 0 or not names:
+        return None
+    ctx = mp.get_context("spawn")
+    go, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    ends = ([(str(s.shard), s.primary, s.replica) for s in shards] if shards
+            else [("s0", procs["directory"].endpoint, None)])
+    proc = ctx.Process(target=_probe, daemon=True, args=(
+        ends, f"trace-{names[0]}", str(args.trace), args.limit, args.keys_per_block,
+        args.probe_rate, speedup, go, stop, out))
+    proc.start()
+    return proc, go, stop, out
+
+
+def _probe_result(probe) -> dict | None:
+    if probe is None:
+        return None
+    try:
+        got = probe[3].get(timeout=30)
+    except Exception:  # noqa: BLE001 - queue.Empty: the probe died
+        return None
+    probe[0].join(10)
+    rtts = got["rtts"]
+    return {"rate": got["rate"], "namespace": got["namespace"], "lookups": len(rtts),
+            "failed": got["failed"],
+            "rtt_ms": {"p50": pct(rtts, 0.5) * 1e3, "p99": pct(rtts, 0.99) * 1e3,
+                       "max": max(rtts, default=float("nan")) * 1e3}}
+
+
+def _probe(ends: list[tuple[str, str, str | None]], namespace: str, trace_path: str,
+           limit: int | None, keys_per_block: int, rate: float, speedup: float, go, stop,
+           out) -> None:
+    """Paced Lookups of requests the replay has reached (their keys are published by now),
+    through the client the connector would use (``shards.connect``), at normal priority."""
+    trace = load_trace(Path(trace_path), limit=limit)
+    keys = BlockKeys(keys_per_block)
+    client = connect([ShardSpec(ShardId(n), p, r) for n, p, r in ends])
+    rng = random.Random(7)
+    rtts: list[float] = []
+    failed = 0
+    try:
+        go.wait(WORKER_TIMEOUT_S)
+        t0 = time.monotonic()
+        next_t = t0
+        arrivals = [r.arrival_s for r in trace]
+        while not stop.is_set():
+            reached = (bisect.bisect_right(arrivals, (time.monotonic() - t0) * speedup)
+                       if speedup > 0 else len(trace))
+            req = trace[rng.randrange(max(1, reached))]
+            wanted = keys.flat(req.blocks)[:MAX_KEYS_PER_MESSAGE]
+            start = time.perf_counter()
+            rid = client.start_lookup(Namespace(namespace), wanted, 0.5)
+            result = client.wait_lookup(rid, 0.5)
+            if isinstance(result, LookupReply):
+                rtts.append(time.perf_counter() - start)
+            else:
+                failed += 1
+            next_t += 1.0 / rate
+            time.sleep(max(0.0, next_t - time.monotonic()))
+    finally:
+        client.close()
+        out.put({"rtts": rtts, "failed": failed, "rate": rate, "namespace": namespace})
 
 
 def _stats(d: DirectoryProcess) -> StatsReply | None:
@@ -169,11 +315,17 @@ def _directory_report(run: dict, final: dict, base: dict) -> dict:
         entry = {"role": role, "rss_bytes": rss, "peak_rss_bytes": hwm,
                  "cpu_share": round((cpu - cpu0) / wall, 3)}
         if stats is not None:
+            holdings = sum(i.chunks for i in stats.instances)
             entry.update(chunks=stats.chunks, instances=len(stats.instances),
+                         holdings=holdings,
+                         holdings_per_chunk=(round(holdings / stats.chunks, 2)
+                                             if stats.chunks else None),
                          lookups=stats.lookups, keys_looked_up=stats.keys_looked_up,
                          publishes=stats.publishes, heartbeats=stats.heartbeats,
                          expirations=stats.expirations,
                          key_lookups_per_s=round(stats.keys_looked_up / wall),
+                         lookup_handling_ms={q: _bucket_pct(stats.lookup_buckets, p)
+                                             for q, p in (("p50", 0.5), ("p99", 0.99))},
                          rss_bytes_per_chunk=(round((rss - rss0) / stats.chunks, 1)
                                               if stats.chunks else None))
         processes.append(entry)
@@ -188,6 +340,7 @@ def _directory_report(run: dict, final: dict, base: dict) -> dict:
             # the single directory's (or first shard primary's) figures, for the table
             "rss_bytes": first.get("rss_bytes", 0), "chunks": first.get("chunks"),
             "rss_bytes_per_chunk": first.get("rss_bytes_per_chunk"),
+            "holdings_per_chunk": first.get("holdings_per_chunk"),
             "key_lookups_per_s": first.get("key_lookups_per_s", 0),
             "cpu_share": first.get("cpu_share", 0.0)}
 
@@ -228,21 +381,22 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+_POLICY_COLUMNS = (
+    Column("policy", 14, align="<"), Column("saved", 6, ".1%"), Column("of reuse", 8, ".1%"),
+    Column("local Mtok", 10, ".2f"), Column("pulled", 7, ".2f"), Column("recomp", 7, ".2f"),
+    Column("TTFT p50", 8, ".3f"), Column("p90", 6, ".2f"), Column("p99", 6, ".2f"),
+    Column("max req/inst", 12), Column("max busy", 8, ".1%"))
+
+
 def table(run: dict) -> str:
-    """The per-policy table and the directory's line."""
+    """The per-policy table and the directory's lines."""
+    rows = [(r["policy"], r["saved_share"], r["reuse_captured"], r["local_tokens"] / 1e6,
+             r["pulled_tokens"] / 1e6, r["recomputed_tokens"] / 1e6, r["ttft_s"]["p50"],
+             r["ttft_s"]["p90"], r["ttft_s"]["p99"], r["load"]["requests_per_instance_max"],
+             r["load"]["busy_share_max"]) for r in run["results"]]
     lines = [f"{run['instances']} instances, speedup {run['speedup']:g}: replay took "
              f"{run['wall_s']:.1f} s (load avg {run['load_avg_1m']['start']:.1f} -> "
-             f"{run['load_avg_1m']['end']:.1f})",
-             f"{'policy':<15}{'saved':>7}{'of reuse':>9}{'local Mtok':>11}{'pulled':>8}"
-             f"{'recomp':>8}{'TTFT p50':>9}{'p90':>7}{'p99':>7}{'max req/inst':>13}"
-             f"{'max busy':>9}"]
-    for r in run["results"]:
-        t = r["ttft_s"]
-        lines.append(f"{r['policy']:<15}{r['saved_share']:>7.1%}{r['reuse_captured']:>9.1%}"
-                     f"{r['local_tokens'] / 1e6:>11.2f}{r['pulled_tokens'] / 1e6:>8.2f}"
-                     f"{r['recomputed_tokens'] / 1e6:>8.2f}{t['p50']:>9.3f}{t['p90']:>7.2f}"
-                     f"{t['p99']:>7.2f}{r['load']['requests_per_instance_max']:>13}"
-                     f"{r['load']['busy_share_max']:>9.1%}")
+             f"{run['load_avg_1m']['end']:.1f})", table_text(_POLICY_COLUMNS, rows)]
     d = run["directory"]
     rtt = "; ".join(f"{k} p50 {v['p50']:.2f} p99 {v['p99']:.2f} ms"
                     for k, v in d["lookup_rtt_ms"].items())
@@ -250,47 +404,57 @@ def table(run: dict) -> str:
                  f"{d['messages_per_s']:.0f} msg/s, {d['bytes_per_s'] / 1e6:.2f} MB/s, "
                  f"{d['lookups_failed']} lookups failed, {d['failovers']} failovers; "
                  f"lookup RTT {rtt}")
-    for p in d["processes"]:
-        lines.append(f"  {p['role']:<11} {p.get('key_lookups_per_s', 0):>8.0f} key lookups/s, "
-                     f"RSS {p['rss_bytes'] / 1e6:.0f} MB ({p.get('rss_bytes_per_chunk')} B/chunk "
-                     f"of {p.get('chunks')}), CPU {p['cpu_share']:.0%}, "
-                     f"{p.get('expirations', 0)} expirations")
+    lines.append(table_text(
+        (Column("process", 13, align="<"), Column("key lookups/s", 13, ".0f"),
+         Column("RSS MB", 7, ".0f"), Column("B/chunk", 8), Column("chunks", 9),
+         Column("holders/chunk", 13), Column("CPU", 5, ".0%"), Column("expired", 7),
+         Column("lookup handling p50/p99 ms", 27)),
+        [(p["role"], p.get("key_lookups_per_s", 0), p["rss_bytes"] / 1e6,
+          str(p.get("rss_bytes_per_chunk")), str(p.get("chunks")),
+          str(p.get("holdings_per_chunk")), p["cpu_share"], p.get("expirations", 0),
+          "{p50} / {p99}".format(**p.get("lookup_handling_ms", {"p50": None, "p99": None})))
+         for p in d["processes"]]))
+    probe = d.get("probe")
+    if probe:
+        r = probe["rtt_ms"]
+        lines.append(f"latency probe ({probe['rate']:g} Lookups/s in {probe['namespace']}, "
+                     f"normal priority; workers at nice +{run.get('worker_nice', 0)}): p50 "
+                     f"{r['p50']:.2f} ms, p99 {r['p99']:.2f} ms, max {r['max']:.1f} ms over "
+                     f"{probe['lookups']} lookups, {probe['failed']} failed")
     for e in d.get("events", []):
         lines.append(f"  {e}")
     return "\n".join(lines)
 
 
 def plot(report: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+    """Share of prompt tokens from cache and TTFT p50/p90 against cluster size."""
     sweep = report["sweep"]
     sizes = [p["instances"] for p in sweep]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    hits: dict[str, tuple[list[int], list[float]]] = {}
+    ttft: dict[str, tuple[list[int], list[float]]] = {}
     for name in [r["policy"] for r in sweep[0]["results"]]:
         rows = [next(r for r in p["results"] if r["policy"] == name) for p in sweep]
-        ax1.plot(sizes, [100 * r["saved_share"] for r in rows], marker="o", label=name)
-        line, = ax2.plot(sizes, [r["ttft_s"]["p50"] for r in rows], marker="o", label=f"{name} p50")
-        ax2.plot(sizes, [r["ttft_s"]["p90"] for r in rows], marker="x", linestyle="--",
-                 color=line.get_color())
-    for ax in (ax1, ax2):
-        ax.set_xscale("log")
-        ax.set_xticks(sizes, [str(n) for n in sizes])
-        ax.minorticks_off()
-        ax.set_xlabel("instances")
-        ax.grid(True, alpha=0.3)
-    ax1.set_ylabel("prompt tokens served from cache (%)")
-    ax2.set_ylabel("estimated TTFT (s): p50 solid, p90 dashed")
-    ax1.legend(fontsize=8)
-    ax1.set_title(f"{Path(report['trace']).name}, {report['profile']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+        hits[name] = (sizes, [100 * r["saved_share"] for r in rows])
+        for q in ("p50", "p90"):
+            ttft[f"{name} {q}"] = (sizes, [r["ttft_s"][q] for r in rows])
+    return plot_panels(path, [
+        Panel(hits, "instances", "prompt tokens served from cache (%)", log_x=True,
+              title=f"{Path(report['trace']).name}, {report['profile']}"),
+        Panel(ttft, "instances", "estimated TTFT (s)", log_x=True)], size=(5.5, 4.2))
+
+
+def _bucket_pct(buckets: list[int], p: float) -> float | None:
+    """The ``p`` quantile of a ``StatsReply.lookup_buckets`` histogram as its bucket's upper
+    bound in ms (inf: above the last bound; None: no lookups)."""
+    total = sum(buckets)
+    if not total:
+        return None
+    seen = 0
+    for bound, n in zip((*LOOKUP_BUCKETS_S, float("inf")), buckets):
+        seen += n
+        if seen >= p * total:
+            return bound * 1e3
+    return float("inf")
 
 
 def _nan_none(value):

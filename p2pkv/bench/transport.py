@@ -5,12 +5,15 @@ shm-capable transport, plus a raw-socket server that sends the same slab bytes w
 ``sendall`` per request. The puller (this process) measures, interleaved rep by rep:
 
     tcp  (our pull over the socket)      vs  raw socket sendall / recv_into loop
+    tcp-mac   (with a cluster secret: MACed headers, xxh3 digests)  vs  raw socket
+    tcp-keyed (with a cluster secret and keyed BLAKE3 chunk tags, as between hosts)  vs  raw
     shm  (our pull from the shared slab) vs  memcpy (numpy copyto, same bytes, same dest)
 
     ucx-tcp (bytes over UCX's tcp)      vs  raw socket
     ucx  (UCX, all its transports: cma/shm on one host) vs  memcpy
 
-and prints GB/s and ratios. Goals: tcp >= 90 % of raw socket, shm >= 50 % of memcpy. The
+and prints GB/s and ratios. Goals: tcp (and tcp-keyed) >= 90 % of raw socket, shm >= 50 % of
+memcpy. The
 UCX rows need ucxx (``pip install 'p2pkv[ucx]'``); without it they say so.
 """
 
@@ -29,12 +32,14 @@ import numpy as np
 
 from p2pkv.bench.report import Column, table
 from p2pkv.keys import ChunkKey
+from p2pkv.secret import ClusterSecret
 from p2pkv.transport.base import Outcome, PullItem
 from p2pkv.transport.choose import make_transport
 
 MiB = 1 << 20
 KEY = ChunkKey(b"bench-transport-chunk-key-000000")
 _REQ = struct.Struct("<Q")
+SECRET = ClusterSecret(b"bench-transport-cluster-secret!!")  # the holder's and pullers' own
 
 
 def _chunk(size: int) -> np.ndarray:
@@ -60,7 +65,8 @@ def _ucx(config: dict[str, str]):
 def _holder(sizes: list[int], with_ucx: bool, pipe) -> None:
     transports, addresses, views = [], {}, {}
     for size in sizes:
-        makers = {"shm": lambda: make_transport("shm", bind_host="127.0.0.1")}
+        makers = {"shm": lambda: make_transport("shm", bind_host="127.0.0.1"),
+                  "auth": lambda: make_transport("tcp", bind_host="127.0.0.1", secret=SECRET)}
         if with_ucx:
             makers.update({p: (lambda c=c: _ucx(c)) for p, c in UCX_PATHS.items()})
         for path, make in makers.items():
@@ -112,6 +118,9 @@ def run(sizes_mib: list[int], budget_mib: int, with_ucx: bool
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         tcp, shm = make_transport("tcp", bind_host="127.0.0.1"), make_transport(
             "shm", bind_host="127.0.0.1")
+        mac = make_transport("tcp", bind_host="127.0.0.1", secret=SECRET, chunk_digest="xxh3")
+        keyed = make_transport("tcp", bind_host="127.0.0.1", secret=SECRET,
+                               chunk_digest="keyed")
         ucx = {p: _ucx(c) for p, c in UCX_PATHS.items()} if with_ucx else {}
         for size in sizes:
             dest = np.zeros(size, dtype=np.uint8)
@@ -125,6 +134,8 @@ def run(sizes_mib: list[int], budget_mib: int, with_ucx: bool
                     raise RuntimeError(f"bench pull failed: {r}")
 
             cases = {"tcp": lambda: pull(tcp), "raw": lambda: _raw_pull(raw, size, dest),
+                     "tcp-mac": lambda: pull(mac, "auth"),
+                     "tcp-keyed": lambda: pull(keyed, "auth"),
                      "shm": lambda: pull(shm), "memcpy": lambda: np.copyto(dest, src)}
             for path, t in ucx.items():
                 cases[path] = lambda t=t, path=path: pull(t, path)
@@ -137,13 +148,16 @@ def run(sizes_mib: list[int], budget_mib: int, with_ucx: bool
             assert np.array_equal(dest, src)
             med = {name: statistics.median(v) for name, v in got.items()}
             rows.append((size, "tcp", med["tcp"], "raw socket", med["raw"]))
+            rows.append((size, "tcp-mac", med["tcp-mac"], "raw socket", med["raw"]))
+            rows.append((size, "tcp-keyed", med["tcp-keyed"], "raw socket", med["raw"]))
             rows.append((size, "shm", med["shm"], "memcpy", med["memcpy"]))
             if ucx:
                 rows.append((size, "ucx-tcp", med["ucx-tcp"], "raw socket", med["raw"]))
                 rows.append((size, "ucx", med["ucx"], "memcpy", med["memcpy"]))
             assert tcp.counters.shm == 0 and shm.counters.tcp == 0
+            assert keyed.pool.idle()[0].keyed and not mac.pool.idle()[0].keyed
             assert all(t.counters.tcp == t.counters.shm == 0 for t in ucx.values())
-        for t in [tcp, shm, *ucx.values()]:
+        for t in [tcp, mac, keyed, shm, *ucx.values()]:
             t.close()
         raw.close()
     finally:
@@ -154,7 +168,8 @@ def run(sizes_mib: list[int], budget_mib: int, with_ucx: bool
     return rows
 
 
-GOALS = {"tcp": 0.90, "shm": 0.50}  # the UCX rows have no goal: they show when UCX pays
+# the UCX rows have no goal: they show when UCX pays
+GOALS = {"tcp": 0.90, "tcp-keyed": 0.90, "shm": 0.50}
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -175,7 +190,7 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     missing = ucx_unavailable_reason()
     rows = run([int(s) for s in args.sizes.split(",")], args.budget_mib, not missing)
-    print(table([Column("chunk", 8), Column("path", 7, align="<"), Column("GB/s", 6, ".2f"),
+    print(table([Column("chunk", 8), Column("path", 9, align="<"), Column("GB/s", 6, ".2f"),
                  Column("limit", 11, align="<"), Column("GB/s", 6, ".2f"),
                  Column("ratio", 6, ".0%"), Column("goal", align="<")],
                 ([f"{size // MiB} MiB", path, ours, limit, base, ours / base,

@@ -3,18 +3,29 @@
 Called only by ``DirectoryServer``, one thread; time comes in as ``now`` arguments (seconds of
 any monotonic clock), so tests drive leases without sleeping.
 
-Shape, chosen for RAM (≤ 200 B per indexed chunk, see docs/architecture.md): namespace ->
-key -> *holder bitmask*, an int whose bit ``h`` is set when the registration with handle ``h``
-holds the key. Handles are small ints, reused lowest-first, so with up to 8 holders the
-bitmask is one of CPython's cached small ints and costs no object of its own. Each
-registration also keeps the set of its keys (sharing the key objects with the table) so that
-dropping it costs O(its keys), not a scan of the namespace.
+Shape, chosen for RAM (≤ 200 B per indexed chunk whatever the number of members and holders,
+see docs/architecture.md): per namespace one dict key -> *holders*, where a registration is a
+small int *handle* of its namespace (reused lowest-first) and a key's holders are either the
+one holder's handle (the member's own int object, shared by all its keys) or, for two or
+more, the sorted handles packed as uint32 in a ``bytes`` interned per namespace (one object
+per distinct holder set, reference-counted). So a chunk costs its key object and its dict
+slot, not a bitmask as wide as the handle number nor a slot in a per-member set, and the
+table holds no object the cyclic GC would traverse. Members keep only a count of their keys.
+
+Dropping a member (expiry, unregister, replacement, a ``reset`` publish) therefore needs a
+scan of its namespace for its handle: the member leaves at once (lookups skip handles of no
+member), its handle is *retired*, and a sweep removes retired handles from the table, at
+once when the namespace has at most ``SWEEP_KEYS_PER_STEP`` keys, else ``sweep()`` step by
+step (the server calls it once per loop turn); a retired handle is reused only after its sweep.
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
+from array import array
+from collections import deque
+from itertools import islice
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -43,7 +54,8 @@ class Member:
     handle: int
     expires_at: float
     next_seq: int = 1
-    keys: set[ChunkKey] = field(default_factory=set)
+    chunks: int = 0
+    """Keys it holds (the index keeps no set of them: see the module's docstring)."""
     counters: dict[str, int] = field(default_factory=dict)
     engine: str = ""
     """The vLLM engine this registration (one worker rank) belongs to; "" = ``instance``."""
@@ -67,6 +79,272 @@ class Registered:
     """The previous registration of the instance (other epoch or namespace), dropped."""
 
 
+SWEEP_KEYS_PER_STEP = 2_000
+"""Keys one sweep step visits (~0.5 ms here); a namespace this small is swept at once."""
+
+Holders = int | bytes
+"""One holder's handle, or two or more sorted handles packed as uint32 (interned)."""
+
+_HANDLE = "I"
+assert array(_HANDLE).itemsize == 4
+
+
+def _unpack(value: bytes) -> list[int]:
+    return memoryview(value).cast(_HANDLE).tolist()
+
+
+def _handles(value: Holders) -> list[int]:
+    return [value] if type(value) is int else _unpack(value)  # noqa: E721 - int, not bool
+
+
+class _Sweep:
+    """Removing retired handles from every key of a namespace, a step at a time. Its key
+    list is taken when it starts: every key carrying one of its handles existed then (a
+    retired handle gains no key)."""
+
+    __slots__ = ("keys", "pos", "handles", "rest")
+
+    def __init__(self, keys: list[ChunkKey], handles: frozenset[int]) -> None:
+        self.keys = keys
+        self.pos = 0
+        self.handles = handles
+        self.rest: dict[bytes, list[int]] = {}
+        """Packed holders -> the handles left of them (many keys share one holder set)."""
+
+
+class _Space:
+    """One namespace's keys and handles."""
+
+    __slots__ = ("table", "members", "_objs", "_free", "_next", "_canon", "_refs", "retired",
+                 "sweep")
+
+    def __init__(self) -> None:
+        self.table: dict[ChunkKey, Holders] = {}
+        self.members: dict[int, Member] = {}
+        """Live registrations by handle (a retired handle is in no entry)."""
+        self._objs: dict[int, int] = {}
+        """handle -> the one int object stored for it (shared by every key it alone holds)."""
+        self._free: list[int] = []  # heap: lowest first
+        self._next = 0
+        self._canon: dict[bytes, bytes] = {}
+        self._refs: dict[bytes, int] = {}
+        self.retired: set[int] = set()
+        """Handles to sweep, not yet in a sweep."""
+        self.sweep: _Sweep | None = None
+
+    @property
+    def idle(self) -> bool:
+        return not (self.table or self.members or self.retired or self.sweep)
+
+    # -- handles ----------------------------------------------------------------------------
+
+    def take_handle(self, member: Member) -> int:
+        if self._free:
+            h = heapq.heappop(self._free)
+        else:
+            h, self._next = self._next, self._next + 1
+        self._objs[h] = h
+        self.members[h] = member
+        return h
+
+    def retire(self, handle: int, chunks: int) -> None:
+        """The member with ``handle`` (holding ``chunks`` keys) is gone."""
+        del self.members[handle]
+        if chunks == 0:
+            self._free_handle(handle)
+            return
+        self.retired.add(handle)
+        if self.sweep is None and len(self.table) <= SWEEP_KEYS_PER_STEP:
+            while self.step(SWEEP_KEYS_PER_STEP):
+                pass
+
+    def _free_handle(self, handle: int) -> None:
+        del self._objs[handle]
+        heapq.heappush(self._free, handle)
+
+    # -- holders ----------------------------------------------------------------------------
+
+    def _intern(self, handles: list[int]) -> Holders:
+        """The stored value for sorted, distinct ``handles`` (counts a reference)."""
+        if len(handles) == 1:
+            return self._objs[handles[0]]
+        packed = array(_HANDLE, handles).tobytes()
+        canon = self._canon.get(packed)
+        if canon is None:
+            self._canon[packed] = packed
+            self._refs[packed] = 1
+            return packed
+        self._refs[canon] += 1
+        return canon
+
+    def _release(self, value: bytes) -> None:
+        left = self._refs[value] - 1
+        if left:
+            self._refs[value] = left
+        else:
+            del self._refs[value], self._canon[value]
+
+    def add(self, key: ChunkKey, handle: int) -> bool:
+        """``handle`` holds ``key``; False if it already did."""
+        table = self.table
+        value = table.get(key)
+        if value is None:
+            table[key] = self._objs[handle]
+            return True
+        if type(value) is int:  # noqa: E721
+            if value == handle:
+                return False
+            table[key] = self._intern(sorted((value, handle)))
+            return True
+        handles = _unpack(value)
+        if handle in handles:
+            return False
+        handles.append(handle)
+        handles.sort()
+        table[key] = self._intern(handles)
+        self._release(value)
+        return True
+
+    def remove(self, key: ChunkKey, handle: int) -> bool:
+        """``handle`` no longer holds ``key``; False if it did not."""
+        table = self.table
+        value = table.get(key)
+        if value is None:
+            return False
+        if type(value) is int:  # noqa: E721
+            if value != handle:
+                return False
+            del table[key]
+            return True
+        handles = _unpack(value)
+        if handle not in handles:
+            return False
+        handles.remove(handle)
+        table[key] = self._intern(handles)
+        self._release(value)
+        return True
+
+    # -- sweeping ---------------------------------------------------------------------------
+
+    def step(self, budget: int) -> bool:
+        """Sweep up to ``budget`` keys; True while work is left."""
+        if self.sweep is None:
+            if not self.retired:
+                return False
+            self.sweep = _Sweep(list(self.table), frozenset(self.retired))
+            self.retired = set()
+        job = self.sweep
+        table, gone, rest = self.table, job.handles, job.rest
+        end = min(len(job.keys), job.pos + budget)
+        get = table.get
+        for key in islice(job.keys, job.pos, end):
+            value = get(key)
+            if value is None:
+                continue
+            if type(value) is int:  # noqa: E721
+                if value in gone:
+                    del table[key]
+                continue
+            left = rest.get(value)
+            if left is None:
+                left = rest[value] = [h for h in _unpack(value) if h not in gone]
+            if len(left) * 4 == len(value):
+                continue
+            if left:
+                table[key] = self._intern(left)
+            else:
+                del table[key]
+            self._release(value)
+        job.pos = end
+        if end < len(job.keys):
+            return True
+        for h in job.handles:
+            self._free_handle(h)
+        self.sweep = None
+        return bool(self.retired)
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    def runs(self, keys: Sequence[ChunkKey]) -> dict[int, int]:
+        """handle -> length of its leading run of ``keys`` (retired handles included).
+
+        O(len(keys)): a dict probe per key; work beyond that only where the holders change
+        (interned values: the same holder set is the same object)."""
+        get = self.table.get
+        value = get(keys[0])
+        if value is None:
+            return {}
+        active = set(_handles(value))
+        runs: dict[int, int] = {}
+        prev = value
+        i, n = 1, len(keys)
+        while i < n:
+            value = get(keys[i])
+            if value is not prev:
+                if value is None:
+                    break
+                still = active.intersection(_handles(value))
+                if len(still) != len(active):
+                    for h in active - still:
+                        runs[h] = i
+                    active = still
+                    if not active:
+                        break
+                prev = value
+            i += 1
+        for h in active:
+            runs[h] = i
+        return runs
+
+
+class HoldingsCursor:
+    """Every live member's keys, a part at a time (the parts of a Snapshot reply): the
+    members registered when it was made (by instance and epoch), their keys as they are when
+    each part is built."""
+
+    def __init__(self, index: DirectoryIndex) -> None:
+        self._index = index
+        self._allowed = {(m.instance, m.epoch) for m in index.members()}
+        self._spaces: deque[Namespace] = deque(sorted(index._spaces))  # noqa: SLF001
+        self._namespace: Namespace | None = None
+        self._keys: list[ChunkKey] = []
+        self._pos = 0
+
+    @property
+    def done(self) -> bool:
+        return self._pos >= len(self._keys) and not self._spaces
+
+    def next_part(self, room: int) -> list[tuple[Member, list[ChunkKey]]]:
+        """(member, keys) pairs with about ``room`` keys in all (at least one key's holders)."""
+        out: dict[tuple[Namespace, int], tuple[Member, list[ChunkKey]]] = {}
+        taken = 0
+        spaces = self._index._spaces  # noqa: SLF001
+        while taken < room:
+            if self._pos >= len(self._keys):
+                if not self._spaces:
+                    break
+                self._namespace = self._spaces.popleft()
+                space = spaces.get(self._namespace)
+                self._keys, self._pos = (list(space.table) if space else []), 0
+                continue
+            space = spaces.get(self._namespace) if self._namespace is not None else None
+            if space is None:
+                self._keys = []
+                continue
+            key = self._keys[self._pos]
+            value = space.table.get(key)
+            if value is not None:
+                live = [m for h in _handles(value) if (m := space.members.get(h)) is not None
+                        and (m.instance, m.epoch) in self._allowed]
+                if taken and taken + len(live) > room:
+                    break
+                for m in live:
+                    out.setdefault((m.namespace, m.handle), (m, []))[1].append(key)
+                taken += len(live)
+            self._pos += 1
+        return list(out.values())
+
+
 class DirectoryIndex:
     """Registrations with leases, their keys per namespace, and the leading-run lookup."""
 
@@ -79,10 +357,7 @@ class DirectoryIndex:
         self.max_registrations = max_registrations
         self._owned: dict[bytes, set[InstanceId]] = {}
         self._members: dict[InstanceId, Member] = {}
-        self._by_handle: dict[int, Member] = {}
-        self._free_handles: list[int] = []  # heap: lowest first keeps bitmasks small
-        self._next_handle = 0
-        self._tables: dict[Namespace, dict[ChunkKey, int]] = {}
+        self._spaces: dict[Namespace, _Space] = {}
         self._ns_members: dict[Namespace, set[InstanceId]] = {}
 
     def __len__(self) -> int:
@@ -91,11 +366,42 @@ class DirectoryIndex:
 
     @property
     def num_chunks(self) -> int:
-        """Distinct (namespace, key) entries."""
-        return sum(len(t) for t in self._tables.values())
+        """Distinct (namespace, key) entries (while a sweep runs, also keys held only by
+        members gone since)."""
+        return sum(len(s.table) for s in self._spaces.values())
+
+    @property
+    def num_holdings(self) -> int:
+        """(chunk, holder) pairs: the members' keys summed."""
+        return sum(m.chunks for m in self._members.values())
+
+    @property
+    def sweeping(self) -> bool:
+        """Retired handles are left to sweep (call :meth:`sweep`)."""
+        return any(s.sweep or s.retired for s in self._spaces.values())
 
     def member(self, instance: InstanceId) -> Member | None:
         return self._members.get(instance)
+
+    def keys_of(self, instance: InstanceId) -> set[ChunkKey]:
+        """The keys a member holds: a scan of its namespace (tests and diagnostics)."""
+        m = self._members.get(instance)
+        if m is None:
+            return set()
+        table = self._spaces[m.namespace].table
+        return {k for k, v in table.items() if m.handle in _handles(v)}
+
+    def holdings(self) -> HoldingsCursor:
+        return HoldingsCursor(self)
+
+    def sweep(self, budget: int = SWEEP_KEYS_PER_STEP) -> None:
+        """One step of removing departed members' handles from the tables."""
+        for ns, space in list(self._spaces.items()):
+            if space.sweep or space.retired:
+                space.step(budget)
+                if space.idle:
+                    del self._spaces[ns]
+                return
 
     # -- registrations ----------------------------------------------------------------------
 
@@ -137,11 +443,11 @@ class DirectoryIndex:
         if old is not None:
             self.drop(instance)
         member = Member(instance, epoch, namespace, address, probe, tuple(capabilities),
-                        self._take_handle(), now + self.lease_s, owner=owner, engine=engine,
+                        -1, now + self.lease_s, owner=owner, engine=engine,
                         slice=slice, spec=spec)
+        member.handle = self._spaces.setdefault(namespace, _Space()).take_handle(member)
         self._members[instance] = member
         self._owned.setdefault(owner, set()).add(instance)
-        self._by_handle[member.handle] = member
         self._ns_members.setdefault(namespace, set()).add(instance)
         logger.info("registered %s epoch %s namespace %s at %s%s", instance, epoch, namespace,
                     address, f" (replacing epoch {old.epoch})" if old is not None else "")
@@ -174,9 +480,10 @@ class DirectoryIndex:
         member = self._members.pop(instance, None)
         if member is None:
             return None
-        self._remove(member, list(member.keys))
-        del self._by_handle[member.handle]
-        heapq.heappush(self._free_handles, member.handle)
+        space = self._spaces[member.namespace]
+        space.retire(member.handle, member.chunks)
+        if space.idle:
+            del self._spaces[member.namespace]
         owned = self._owned[member.owner]
         owned.discard(instance)
         if not owned:
@@ -242,41 +549,35 @@ class DirectoryIndex:
             raise DirectoryIndexError(
                 Status.SEQ_GAP, f"instance {instance} publish seq {seq}, expected "
                 f"{member.next_seq}; resend a snapshot")
-        if (0 if reset else len(member.keys)) + len(added) > self.max_keys:
+        if (0 if reset else member.chunks) + len(added) > self.max_keys:
             raise DirectoryIndexError(
                 Status.OVER_QUOTA, f"instance {instance} would hold more than "
                 f"{self.max_keys} keys")
         member.next_seq = seq + 1
-        if reset:
-            self._remove(member, list(member.keys))
-        self._add(member, added)
-        self._remove(member, removed)
+        space = self._spaces[namespace]
+        if reset and member.chunks:
+            space.retire(member.handle, member.chunks)
+            member.handle, member.chunks = space.take_handle(member), 0
+        add, remove, h = space.add, space.remove, member.handle
+        n = 0
+        for key in added:
+            n += add(key, h)
+        for key in removed:
+            n -= remove(key, h)
+        member.chunks += n
 
     def lookup(self, namespace: Namespace, keys: Sequence[ChunkKey]) -> list[Holder]:
         """Instances holding ``keys[0:run]`` contiguously, run >= 1, longest run first.
 
-        O(len(keys)): one dict probe and a few int operations per key.
+        O(len(keys)): one dict probe per key, set operations where the holders change.
         """
-        table = self._tables.get(namespace)
-        if not table or not keys:
+        space = self._spaces.get(namespace)
+        if space is None or not keys:
             return []
-        get = table.get
-        active = get(keys[0], 0)
-        runs: dict[int, int] = {}
-        i = 1
-        n = len(keys)
-        while active and i < n:
-            still = active & get(keys[i], 0)
-            if still != active:
-                for h in _bits(active & ~still):
-                    runs[h] = i
-                active = still
-            i += 1
-        for h in _bits(active):
-            runs[h] = i
-        members = self._by_handle
+        members = space.members
         result = [Holder(m.instance, m.address, run, m.engine, m.slice)
-                  for h, run in runs.items() for m in (members[h],)]
+                  for h, run in space.runs(keys).items()
+                  if (m := members.get(h)) is not None]
         result.sort(key=lambda holder: (-holder.run, holder.instance))
         return result
 
@@ -285,7 +586,7 @@ class DirectoryIndex:
     def instances(self, now: float) -> list[InstanceInfo]:
         """Every registration, sorted by instance id."""
         return [InstanceInfo(instance=m.instance, namespace=m.namespace, address=m.address,
-                             epoch=m.epoch, chunks=len(m.keys), counters=dict(m.counters),
+                             epoch=m.epoch, chunks=m.chunks, counters=dict(m.counters),
                              probe=m.probe, capabilities=list(m.capabilities),
                              lease_left_ms=int((m.expires_at - now) * 1000),
                              engine=m.engine, slice=m.slice, spec=m.spec)
@@ -311,44 +612,3 @@ class DirectoryIndex:
                                       f"instance {instance} is registered by another "
                                       "connection")
         return member
-
-    def _take_handle(self) -> int:
-        if self._free_handles:
-            return heapq.heappop(self._free_handles)
-        self._next_handle += 1
-        return self._next_handle - 1
-
-    def _add(self, member: Member, keys: Iterable[ChunkKey]) -> None:
-        table = self._tables.setdefault(member.namespace, {})
-        bit = 1 << member.handle
-        mine = member.keys
-        for key in keys:
-            if key in mine:
-                continue
-            mine.add(key)
-            table[key] = table.get(key, 0) | bit
-
-    def _remove(self, member: Member, keys: Iterable[ChunkKey]) -> None:
-        table = self._tables.get(member.namespace)
-        if table is None:
-            return
-        clear = ~(1 << member.handle)
-        mine = member.keys
-        for key in keys:
-            if key not in mine:
-                continue
-            mine.discard(key)
-            rest = table[key] & clear
-            if rest:
-                table[key] = rest
-            else:
-                del table[key]
-        if not table:
-            del self._tables[member.namespace]
-
-
-def _bits(mask: int) -> Iterator[int]:
-    while mask:
-        low = mask & -mask
-        yield low.bit_length() - 1
-        mask ^= low

@@ -11,8 +11,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric,
+)
 from prometheus_client.registry import Collector
+
+from p2pkv.directory.protocol import LOOKUP_BUCKETS_S
 
 if TYPE_CHECKING:
     from p2pkv.directory.server import DirectoryServer
@@ -29,7 +33,18 @@ class DirectoryCollector(Collector):
                                 value=len(s.index))
         yield GaugeMetricFamily("p2pkv_directory_chunks", "indexed (namespace, key) entries",
                                 value=s.index.num_chunks)
+        yield GaugeMetricFamily("p2pkv_directory_holdings", "(chunk, holder) pairs indexed",
+                                value=s.index.num_holdings)
         yield CounterMetricFamily("p2pkv_directory_lookups", "Lookup requests", value=c.lookups)
+        counts = list(c.lookup_buckets)
+        cumulative, buckets = 0, []
+        for bound, n in zip((*LOOKUP_BUCKETS_S, float("inf")), counts):
+            cumulative += n
+            buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
+        yield HistogramMetricFamily("p2pkv_directory_lookup_seconds",
+                                    "time the directory's loop spent on a Lookup (decode, "
+                                    "index, encode, send; queueing not included)",
+                                    buckets=buckets, sum_value=c.lookup_seconds)
         yield CounterMetricFamily("p2pkv_directory_keys_looked_up", "keys in Lookups",
                                   value=c.keys_looked_up)
         yield CounterMetricFamily("p2pkv_directory_keys_hit", "keys in the best holder's run",

@@ -40,6 +40,8 @@ PROTOCOL_VERSION = 4
 #      instance id) and ``slice`` (the KV heads x layers it holds, None = the whole model);
 #      Register and InstanceInfo carry ``spec``, the namespace's fields in clear.
 #      A v3 peer would take every rank for a whole instance, hence the bump.
+#      Compatible additions since: StatsReply.lookup_buckets (Lookups by the directory's
+#      handling time, bounds LOOKUP_BUCKETS_S).
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """Largest encoded message either side accepts."""
@@ -57,6 +59,11 @@ MAX_CAPABILITIES = 16
 
 MAX_REFUSED = 256
 """Most refused registrations a StatsReply lists (the directory remembers no more)."""
+
+LOOKUP_BUCKETS_S = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
+                    5e-2, 0.1)
+"""Upper bounds of the directory's lookup handling-time histogram (``StatsReply.lookup_buckets``,
+``p2pkv_directory_lookup_seconds``); one more bucket counts the slower ones."""
 
 # Liveness (Majordomo style: each constant derives from the interval). The directory sends
 # its interval and liveness in every RegisterReply; these are the defaults.
@@ -326,6 +333,9 @@ class StatsReply(_Reply, tag="statsr", frozen=True):
     secure: bool = False
     refused: Annotated[list[RefusedRegistration], msgspec.Meta(max_length=MAX_REFUSED)] = []
     """Registrations refused within the directory's memory of refusals, newest first."""
+    lookup_buckets: Annotated[list[_U63], msgspec.Meta(max_length=64)] = []
+    """Lookups by the time the directory's loop spent on each (decode, index, encode, send),
+    one count per LOOKUP_BUCKETS_S bound and one above the last ([] from older directories)."""
 
 
 class SnapshotReply(_Reply, tag="snapr", frozen=True):

@@ -3,7 +3,7 @@
 Run by ``p2pkv directory`` and ``python -m p2pkv.directory`` (``cli.run_directory`` owns the
 process: signals, ready file, metrics) and in-process by tests and benches. One thread, one
 loop with named steps: ``poll -> handle requests -> answer ZAP -> track subscribers ->
-send a snapshot part -> purge expired leases``. A Snapshot is answered one part per loop
+send a snapshot part -> purge expired leases -> sweep departed members' keys``. A Snapshot is answered one part per loop
 turn, between request batches, so that a huge one never holds lookups back. Every state change is also published on the change feed (an XPUB
 socket, events numbered from 1; a late subscriber asks for a Snapshot and applies events with
 a higher seq, as in the ZeroMQ guide's Clone pattern). Bad input from the network is answered
@@ -20,6 +20,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 import msgspec
@@ -27,15 +28,14 @@ import zmq
 import zmq.utils.z85
 
 from p2pkv.directory import auth, protocol
-from p2pkv.directory.index import DirectoryIndex, Member
+from p2pkv.directory.index import DirectoryIndex, HoldingsCursor, Member
 from p2pkv.directory.protocol import (
-    MAX_KEYS_PER_MESSAGE, PROTOCOL_VERSION, ChunksChanged, Error, FeedEvent, Heartbeat, Holding,
+    LOOKUP_BUCKETS_S, MAX_KEYS_PER_MESSAGE, PROTOCOL_VERSION, ChunksChanged, Error, FeedEvent, Heartbeat, Holding,
     InstanceInfo, InstanceJoined, InstanceLeft, Lookup, LookupReply, Ok, ProtocolError, Publish, Register,
     RegisterReply, Reply, Report, Snapshot, SnapshotReply, Stats, StatsReply, Status, Unregister,
 )
 from p2pkv.directory.refusals import RecentRefusals
 from p2pkv.errors import ConfigError, DirectoryIndexError
-from p2pkv.keys import ChunkKey, InstanceId
 from p2pkv.secret import ClusterSecret
 
 logger = logging.getLogger(__name__)
@@ -105,6 +105,10 @@ class ServerCounters:
     rejected: int = 0
     """Bad input: undecodable, wrong version, wrong frame count, internal error."""
     auth_refused: int = 0
+    lookup_buckets: list[int] = field(default_factory=lambda: [0] * (len(LOOKUP_BUCKETS_S) + 1))
+    """Lookups by handling time (decode, index, encode, send), per LOOKUP_BUCKETS_S bound
+    and one above the last."""
+    lookup_seconds: float = 0.0
 
 
 class DirectoryServer:
@@ -181,7 +185,8 @@ class DirectoryServer:
             if sock is not None:
                 poller.register(sock, zmq.POLLIN)
         while not stop.is_set():
-            ready = dict(poller.poll(0 if self._snapshots else POLL_INTERVAL_MS))
+            busy = self._snapshots or self.index.sweeping
+            ready = dict(poller.poll(0 if busy else POLL_INTERVAL_MS))
             if self._zap is not None and self._zap in ready:
                 self._answer_zap()
             if self._feed in ready:
@@ -190,6 +195,7 @@ class DirectoryServer:
                 self._handle_batch()
             self._send_snapshot_part()
             self._purge_expired()
+            self._sweep()
         logger.info("directory on %s stopping", self.endpoint)
 
     def close(self) -> None:
@@ -204,9 +210,15 @@ class DirectoryServer:
                 frames = self._socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            t0 = time.perf_counter()
             envelope, replies = self._handle_frames(frames)
             for reply in replies:
                 self._send(envelope, reply)
+            if replies and isinstance(replies[0], LookupReply):
+                took = time.perf_counter() - t0
+                c = self.counters
+                c.lookup_buckets[bisect_left(LOOKUP_BUCKETS_S, took)] += 1
+                c.lookup_seconds += took
 
     def _answer_zap(self) -> None:
         """ZAP (RFC 27) inside the loop: allow exactly the members' client key."""
@@ -247,8 +259,13 @@ class DirectoryServer:
         for member in self.index.expire(now):
             self.counters.expirations += 1
             logger.info("lease of %s epoch %s expired (%d keys dropped)", member.instance,
-                        member.epoch, len(member.keys))
+                        member.epoch, member.chunks)
             self._left(member, "expired")
+
+    def _sweep(self) -> None:
+        """A step of removing the keys of members gone (``DirectoryIndex.sweep``)."""
+        if self.index.sweeping:
+            self.index.sweep()
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -369,7 +386,8 @@ class DirectoryServer:
                           expirations=c.expirations, heartbeats=c.heartbeats,
                           publishes=c.publishes, feed_seq=self.feed_seq,
                           feed_endpoint=self.feed_endpoint, secure=self.secure,
-                          refused=self._refused.recent(now))
+                          refused=self._refused.recent(now),
+                          lookup_buckets=list(c.lookup_buckets))
 
     def _snapshot(self, envelope: list[bytes], rid: int, now: float) -> list[Reply]:
         """Queue a snapshot: its parts go out one per loop turn (``_send_snapshot_part``)."""
@@ -377,9 +395,7 @@ class DirectoryServer:
             return [self._refuse(rid, Status.OVER_QUOTA, f"{len(self._snapshots)} snapshots "
                                  "are being sent; ask again")]
         self._snapshots.append(_SnapshotJob(envelope, rid, self.feed_seq,
-                                            self.index.instances(now),
-                                            deque((m.instance, m.epoch)
-                                                  for m in self.index.members())))
+                                            self.index.instances(now), self.index.holdings()))
         return []
 
     def _send_snapshot_part(self) -> None:
@@ -388,28 +404,14 @@ class DirectoryServer:
         NOTE: parts after the first show the state when they are built, not as of the
         snapshot's ``feed_seq``: the subscriber applies every event after ``feed_seq`` on
         top, and applying joins, leaves and key changes again is idempotent, so the replica
-        ends up the same. A member gone or replaced since is skipped (its events say so)."""
+        ends up the same. A member gone or replaced since is skipped (its events say so);
+        members without keys are only in ``instances``."""
         if not self._snapshots:
             return
         job = self._snapshots[0]
-        holdings: list[Holding] = []
-        room = SNAPSHOT_KEYS_PER_PART
-        while room and (job.keys or job.members):
-            if not job.keys:
-                instance, epoch = job.members.popleft()
-                member = self.index.member(instance)
-                if member is None or member.epoch != epoch:
-                    continue
-                job.current = member
-                job.keys = list(member.keys)
-                if not job.keys:
-                    holdings.append(Holding(member.instance, member.namespace, []))
-                    continue
-            assert job.current is not None
-            take, job.keys = job.keys[:room], job.keys[room:]
-            holdings.append(Holding(job.current.instance, job.current.namespace, take))
-            room -= len(take)
-        last = not job.keys and not job.members
+        holdings = [Holding(m.instance, m.namespace, keys)
+                    for m, keys in job.cursor.next_part(SNAPSHOT_KEYS_PER_PART)]
+        last = job.cursor.done
         self._send(job.envelope, SnapshotReply(
             rid=job.rid, directory_epoch=self.directory_epoch, feed_seq=job.feed_seq,
             feed_endpoint=self.feed_endpoint, instances=job.instances if job.first else [],
@@ -457,15 +459,13 @@ class DirectoryServer:
 @dataclass(slots=True)
 class _SnapshotJob:
     """A Snapshot being answered part by part: who asked, the state's head (as of
-    ``feed_seq``), the members still to send and the keys left of the current one."""
+    ``feed_seq``) and the cursor over the members' keys."""
 
     envelope: list[bytes]
     rid: int
     feed_seq: int
     instances: list[InstanceInfo]
-    members: deque[tuple[InstanceId, int]]
-    keys: list[ChunkKey] = field(default_factory=list)
-    current: Member | None = None
+    cursor: HoldingsCursor
     first: bool = True
 
 

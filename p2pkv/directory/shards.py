@@ -17,7 +17,9 @@ process (its keys may land on any shard) and each client keeps its own registrat
   :class:`~p2pkv.directory.feed.FeedSubscriber` interface the router reads (``holdings``,
   ``instances``, ``sync``, ``poll``, ``wait``).
 
-With one shard and no replica, use ``DirectoryClient`` and ``FeedSubscriber`` directly.
+With one shard and no replica, use ``DirectoryClient`` and ``FeedSubscriber`` directly:
+:func:`parse_directory` reads the one configuration string (or list) the connector and the
+router take, :func:`connect` and :func:`follow` make the client and the feed it asks for.
 """
 
 from __future__ import annotations
@@ -71,6 +73,57 @@ def parse_shards(text: str) -> list[ShardSpec]:
     if not specs or len({s.shard for s in specs}) != len(specs):
         raise ConfigError(f"no shards, or a shard named twice, in {text!r}")
     return specs
+
+
+def parse_directory(value: str | Sequence[str]) -> list[ShardSpec]:
+    """The connector's ``directory`` and the router's ``--directory``: one endpoint
+    (``tcp://h:7420``), or shards as a comma-separated string or a list of
+    ``PRIMARY[|REPLICA]`` (named s0, s1, ... in the order given: every instance and the router
+    must list them in the same order), or ``parse_shards``'s named form
+    (``s0=PRIMARY[|REPLICA],...``). Every endpoint is tcp:// or ipc://."""
+    parts = ([p.strip() for p in value.split(",")] if isinstance(value, str)
+             else [str(p).strip() for p in value])
+    parts = [p for p in parts if p]
+    if parts and all("=" in p.split("://", 1)[0] for p in parts):
+        specs = parse_shards(",".join(parts))
+    else:
+        specs = []
+        for i, part in enumerate(parts):
+            ends = part.split("|")
+            if not 1 <= len(ends) <= 2 or not all(ends):
+                raise ConfigError(f"bad directory {part!r}: expected PRIMARY[|REPLICA]")
+            specs.append(ShardSpec(ShardId(f"s{i}"), ends[0], ends[1] if len(ends) > 1 else None))
+    if not specs:
+        raise ConfigError(f"no directory endpoint in {value!r}")
+    for spec in specs:
+        for endpoint in spec.endpoints:
+            if not endpoint.startswith(("tcp://", "ipc://")):
+                raise ConfigError(f"directory endpoint {endpoint!r} is not tcp:// or ipc://")
+    if len({e for s in specs for e in s.endpoints}) != sum(len(s.endpoints) for s in specs):
+        raise ConfigError(f"a directory endpoint is named twice in {value!r}")
+    return specs
+
+
+def is_single(specs: Sequence[ShardSpec]) -> bool:
+    """One directory process: the plain client and feed serve it."""
+    return len(specs) == 1 and specs[0].replica is None
+
+
+def connect(specs: Sequence[ShardSpec], *, secret: ClusterSecret | None = None,
+            thread_init: Callable[[], None] | None = None) -> DirectoryClient | ShardedClient:
+    """The directory client for ``specs``: a ``DirectoryClient`` for one process (exactly as
+    without sharding), else a ``ShardedClient``."""
+    if is_single(specs):
+        return DirectoryClient(specs[0].primary, secret=secret, thread_init=thread_init)
+    return ShardedClient(specs, secret=secret, thread_init=thread_init)
+
+
+def follow(specs: Sequence[ShardSpec], *,
+           secret: ClusterSecret | None = None) -> FeedSubscriber | ShardedFeed:
+    """The change-feed replica for ``specs`` (a ``FeedSubscriber`` for one process)."""
+    if is_single(specs):
+        return FeedSubscriber(specs[0].primary, secret=secret)
+    return ShardedFeed(specs, secret=secret)
 
 
 @dataclass(slots=True)

@@ -31,7 +31,8 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="decode instances (kv_role kv_consumer)")
     p.add_argument("--model", required=True, help="the model directory (for its tokenizer)")
     p.add_argument("--directory", default=None,
-                   help="directory endpoint; without it the router balances by load only")
+                   help="directory endpoint, or shards as PRIMARY[|REPLICA],... in the "
+                        "connectors' order; without it the router balances by load only")
     p.add_argument("--secret-file", default=os.environ.get("P2PKV_SECRET_FILE", ""))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
@@ -44,6 +45,13 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="cached tokens one in-flight request beyond the slack is worth")
     p.add_argument("--slack", type=int, default=2,
                    help="extra in-flight requests a holder may have for free")
+    p.add_argument("--planner", default="", metavar="PROFILE",
+                   help="route by the planner's expected TTFT with this cost profile "
+                        "(planner/profiles.py, e.g. llama3.1-8b-h100); default: by the "
+                        "cache-affinity score")
+    p.add_argument("--spread", type=float, default=0.1,
+                   help="with --planner: candidates expected within this fraction of the "
+                        "best count as equal (the least busy wins)")
     p.add_argument("--publish-wait-s", type=float, default=2.0)
     p.add_argument("--health-interval-s", type=float, default=1.0)
     p.add_argument("--request-timeout-s", type=float, default=600.0)
@@ -67,7 +75,8 @@ def run_router(args: argparse.Namespace) -> int:
 
     config = RouterConfig(instances=_specs(args.instances), prefill=_specs(args.prefill),
                           decode=_specs(args.decode),
-                          policy=Policy(args.tokens_per_request, args.slack),
+                          policy=Policy(args.tokens_per_request, args.slack,
+                                        planner=args.planner, spread=args.spread),
                           publish_wait_s=args.publish_wait_s,
                           health_interval_s=args.health_interval_s,
                           request_timeout_s=args.request_timeout_s,

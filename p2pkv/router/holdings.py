@@ -1,7 +1,7 @@
 """Who holds which chunk, as the router sees it.
 
 Two sources: the directory's change feed (a :class:`FeedSubscriber` replica followed by one
-thread), and *hints*: the keys of requests the router just sent to an instance, which that
+thread; a :class:`ShardedFeed`, every shard's merged, when ``directory`` names shards), and *hints*: the keys of requests the router just sent to an instance, which that
 instance will hold (in its vLLM prefix cache, and in its store once computed) before the
 feed can say so. Hints expire after ``hint_ttl_s``; the feed is authoritative for what an
 instance's store holds (``wait_held`` looks at the feed only).
@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from p2pkv.directory.feed import FeedSubscriber
+from p2pkv.directory.shards import ShardedFeed, follow, parse_directory
 from p2pkv.keys import ChunkKey, InstanceId, seed_part
 from p2pkv.secret import ClusterSecret
 
@@ -31,13 +32,14 @@ class Holdings:
                  probe: str = "", hint_ttl_s: float = 30.0, read_wait_s: float = 0.05,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._directory = directory
+        self._shards = parse_directory(directory) if directory is not None else []
         self._secret = secret
         self._probe = probe
         self._hint_ttl_s = hint_ttl_s
         self._read_wait_s = read_wait_s
         self._clock = clock
         self._changed = threading.Condition()
-        self._feed: FeedSubscriber | None = None
+        self._feed: FeedSubscriber | ShardedFeed | None = None
         self._hints: dict[InstanceId, dict[ChunkKey, float]] = {}
         self._warned_probe: set[InstanceId] = set()
         self._stop = threading.Event()
@@ -116,7 +118,7 @@ class Holdings:
 
     def _follow(self) -> None:
         assert self._directory is not None
-        feed = FeedSubscriber(self._directory, secret=self._secret)
+        feed = follow(self._shards, secret=self._secret)
         while not self._stop.is_set() and not feed.sync(timeout_s=2.0):
             logger.warning("router: directory %s does not answer; routing by load until it "
                            "does", self._directory)

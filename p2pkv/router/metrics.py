@@ -11,7 +11,8 @@ class RouterMetrics:
         self.requests = Counter("p2pkv_router_requests", "Requests answered, by instance, "
                                 "role and outcome", ["instance", "role", "outcome"], registry=r)
         self.choices = Counter("p2pkv_router_choices", "Routing decisions by reason "
-                               "(cache, load, spread)", ["role", "reason"], registry=r)
+                               "(cache, load, spread; planner: local, pull, recompute, "
+                               "reroute)", ["role", "reason"], registry=r)
         self.retries = Counter("p2pkv_router_retries", "Attempts retried elsewhere after an "
                                "instance failed", ["instance"], registry=r)
         self.failed = Counter("p2pkv_router_failed", "Requests no instance could answer",
@@ -22,6 +23,9 @@ class RouterMetrics:
                                      "instance held when chosen", ["instance"], registry=r)
         self.score = Gauge("p2pkv_router_last_score", "Each candidate's score at the last "
                            "decision it took part in", ["instance"], registry=r)
+        self.expected_ttft = Gauge("p2pkv_router_expected_ttft_seconds", "With the planner: "
+                                   "each candidate's expected time to first token at the last "
+                                   "decision it took part in", ["instance"], registry=r)
         self.in_flight = Gauge("p2pkv_router_in_flight", "Requests in flight",
                                ["instance"], registry=r)
         self.up = Gauge("p2pkv_router_instance_up", "1 while the instance is in rotation",

@@ -2,7 +2,8 @@
 
 One :class:`Pool` per role (``both``; or ``prefill`` and ``decode``). Choosing builds one
 :class:`~p2pkv.router.policy.Candidate` per instance in rotation from the holdings and the
-in-flight counts, listed least recently chosen first, and lets the policy pick.
+in-flight counts, listed least recently chosen first, and lets the policy pick (the
+cache-affinity score, or the planner's expected TTFT when the policy names a profile).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from p2pkv.keys import InstanceId
 from p2pkv.router.holdings import Holdings
 from p2pkv.router.metrics import RouterMetrics
-from p2pkv.router.policy import Candidate, Choice, Policy, choose
+from p2pkv.router.policy import Candidate, Choice, Policy, choose, choose_planned, planner_cost
 from p2pkv.router.prompts import PromptKeys
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class Pool:
         self.backends = [Backend(s, role) for s in specs]
         self._holdings = holdings
         self._policy = policy
+        self._cost = planner_cost(policy)
         self._metrics = metrics
         self._decisions = 0
         for b in self.backends:
@@ -79,7 +81,11 @@ class Pool:
             if prompt is not None and prompt.keys:
                 cached = prompt.tokens_in_run(self._holdings.run(b.id, prompt.keys))
             candidates.append(Candidate(b.id, cached, b.in_flight))
-        choice = choose(candidates, self._policy)
+        if self._cost is not None:
+            choice = choose_planned(candidates, prompt.num_tokens if prompt else 0, self._cost,
+                                    spread=self._policy.spread)
+        else:
+            choice = choose(candidates, self._policy)
         if choice is None:
             return None
         self._decisions += 1
@@ -87,6 +93,8 @@ class Pool:
         backend.last_chosen = self._decisions
         for s in choice.scores:
             self._metrics.score.labels(s.candidate.name).set(s.score)
+        for name, seconds in choice.expected_s:
+            self._metrics.expected_ttft.labels(name).set(seconds)
         self._metrics.choices.labels(self.role, choice.reason).inc()
         logger.debug("route %s -> %s (%s) [%s]", self.role, choice.name, choice.reason,
                      choice.describe())

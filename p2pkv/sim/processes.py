@@ -10,6 +10,7 @@ once its fleet is registered and its feed synced, then all wait for one go.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,7 @@ import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from p2pkv.sim.replay import ReplayConfig, make_policies, replay, reusable_blocks, summarize
+from p2pkv.sim.replay import ReplayConfig, make_policies, replay, reusable_blocks
 from p2pkv.sim.trace import load_trace
 
 WORKER_TIMEOUT_S = 3600.0
@@ -94,8 +95,6 @@ class DirectoryProcess:
             fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             return 0.0
-        import os
-
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
@@ -117,9 +116,11 @@ def group_policies(policies: tuple[str, ...]) -> list[tuple[str, ...]]:
     return ([local] if local else []) + groups
 
 
-def _worker(config: ReplayConfig, trace_path: str, limit: int | None, ready: mp.Queue,
-            go: mp.Event, release: mp.Event, out: mp.Queue) -> None:
+def _worker(config: ReplayConfig, trace_path: str, limit: int | None, summarize,
+            ready: mp.Queue, go: mp.Event, release: mp.Event, out: mp.Queue) -> None:
     try:
+        if config.worker_nice:
+            os.nice(config.worker_nice)
         trace = load_trace(Path(trace_path), limit=limit)
         reusable = reusable_blocks(trace)
         policies = make_policies(config)
@@ -150,17 +151,19 @@ def _worker(config: ReplayConfig, trace_path: str, limit: int | None, ready: mp.
         out.put(("error", config.policies, message))
 
 
-def run_workers(config: ReplayConfig, trace_path: str, limit: int | None,
+def run_workers(config: ReplayConfig, trace_path: str, limit: int | None, summarize,
                 monitor=None, monitor_every_s: float = 0.25, at_end=None) -> dict:
     """Replay in one worker per policy group; returns {"wall_s", "workers": [...],
-    "results": [...]} once all are done. ``monitor()`` is called while they run,
-    ``at_end()`` after they finished and before they unregister."""
+    "results": [...]} once all are done. ``summarize(policy, duration_s) -> dict`` (a
+    module-level function: it is sent to the workers) makes each policy's result;
+    ``monitor()`` is called while they run, ``at_end()`` after they finished and before they
+    unregister."""
     ctx = mp.get_context("spawn")
     ready, out = ctx.Queue(), ctx.Queue()
     go, release = ctx.Event(), ctx.Event()
     groups = group_policies(config.policies)
     procs = [ctx.Process(target=_worker, args=(replace(config, policies=g), trace_path, limit,
-                                               ready, go, release, out), daemon=True)
+                                               summarize, ready, go, release, out), daemon=True)
              for g in groups]
     for p in procs:
         p.start()

@@ -9,7 +9,6 @@ while waiting; with ``speedup == 0`` the replay runs as fast as it can.
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -45,6 +44,9 @@ class ReplayConfig:
     local_host_tier: bool = True
     """Round-robin and kv-aware get each instance's host store as a local tier."""
     start_timeout_s: float = 60.0
+    worker_nice: int = 0
+    """Niceness the worker processes add (``os.nice``): the simulated clients yield the CPU
+    to the directory (and the bench's latency probe) on a machine with few cores."""
 
     def __post_init__(self) -> None:
         if self.speedup < 0:
@@ -134,52 +136,3 @@ def _service(policies: Sequence[SimPolicy], wait_s: float) -> None:
     share = wait_s / len(networked)
     for p in networked:
         p.service(share)
-
-
-def _pct(values: Sequence[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def summarize(policy: SimPolicy, duration_s: float) -> dict:
-    """One policy's result as plain data (for JSON and the table)."""
-    t = policy.cluster.tally
-    insts = policy.cluster.instances
-    per_inst = [inst.requests for inst in insts]
-    busy = [inst.busy_s / duration_s for inst in insts] if duration_s > 0 else [0.0]
-    out = {
-        "policy": policy.name, "instances": len(insts), "requests": t.requests,
-        "prompt_tokens": t.prompt_tokens, "reusable_tokens": t.reusable_tokens,
-        "local_tokens": t.local_tokens, "host_tokens": t.host_tokens,
-        "pulled_tokens": t.pulled_tokens, "recomputed_tokens": t.recomputed_tokens,
-        "saved_tokens": t.saved_tokens,
-        "saved_share": round(t.saved_tokens / max(1, t.prompt_tokens), 4),
-        "reuse_captured": round(t.saved_tokens / max(1, t.reusable_tokens), 4),
-        "ttft_s": {"p50": _pct(t.ttfts, 0.5), "p90": _pct(t.ttfts, 0.9),
-                   "p99": _pct(t.ttfts, 0.99),
-                   "mean": statistics.fmean(t.ttfts) if t.ttfts else float("nan")},
-        "decisions": dict(t.decisions),
-        "saved_share_by_window": [round(saved / max(1, prompt), 4) for _, (prompt, saved)
-                                  in sorted(t.windows.items())],
-        "load": {"requests_per_instance_max": max(per_inst),
-                 "requests_per_instance_mean": round(statistics.fmean(per_inst), 2),
-                 "requests_per_instance_p99": _pct(per_inst, 0.99),
-                 "busy_share_max": round(max(busy), 4),
-                 "busy_share_mean": round(statistics.fmean(busy), 4)},
-    }
-    if isinstance(policy, P2pkv):
-        s = policy.fleet.stats
-        rtts = s.lookup_rtts
-        out["directory_client"] = {
-            "messages_sent": s.sent, "bytes_sent": s.sent_bytes,
-            "messages_received": s.received, "bytes_received": s.received_bytes,
-            "by_kind": dict(s.by_kind), "errors": dict(s.errors),
-            "lookups": len(rtts), "lookups_failed": s.lookups_failed,
-            "lookup_rtt_ms": {"p50": _pct(rtts, 0.5) * 1e3, "p99": _pct(rtts, 0.99) * 1e3,
-                              "max": max(rtts, default=float("nan")) * 1e3},
-            "registrations": s.registrations, "snapshots": s.snapshots,
-            "feed_events": policy.feed.events, "pulls_missing": policy.pull_failed,
-            "failovers": getattr(policy.fleet, "failovers", 0)}
-    return out

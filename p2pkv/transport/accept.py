@@ -15,8 +15,9 @@ for at most ``limits.handshake_s``. Bounded everywhere:
 - any exception in the loop is counted, logged (rate-limited) and survived; out of file
   descriptors, the listener is paused briefly instead of spinning.
 
-An authenticated connection, in blocking mode, goes to ``hand_over`` (the server starts its
-serving thread, or closes it when it cannot).
+An authenticated connection, in blocking mode, goes to ``hand_over`` with its
+``session.Session`` (the keys from the two nonces; the server starts its serving thread, or
+closes it when it cannot).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from p2pkv.affinity import widen_cpu_affinity
 from p2pkv.ratelog import RateLimitedLog
 from p2pkv.transport import wire
+from p2pkv.transport.session import Session
 from p2pkv.transport.sockio import make_blocking
 
 logger = logging.getLogger(__name__)
@@ -104,14 +106,14 @@ class _Handshake:
     deadline: float
     got: bytearray = field(default_factory=bytearray)
     out: memoryview | None = None  # the verdict, still to be sent
-    good: bool = False  # the verdict is OK: hand the connection over once it is sent
+    session: Session | None = None  # the verdict is OK: hand the connection over once sent
 
 
 class Acceptor:
     """Listens on ``bind_host`` (port 0: ``port`` is the real one) and runs handshakes."""
 
     def __init__(self, bind_host: str, key: bytes | None, info: bytes, limits: ServerLimits,
-                 *, hand_over: Callable[[socket.socket], None],
+                 *, hand_over: Callable[[socket.socket, Session], None],
                  authenticated: Callable[[], int]) -> None:
         self._key = key
         self._info = info
@@ -267,9 +269,10 @@ class Acceptor:
 
     def _judge(self, hs: _Handshake) -> None:
         version, nonce_c, proof = wire.unpack_proof(bytes(hs.got))
-        hs.good = version == wire.WIRE_VERSION and secrets.compare_digest(
+        good = version == wire.WIRE_VERSION and secrets.compare_digest(
             proof, wire.mac(self._key, b"c", hs.nonce, nonce_c))
-        if hs.good:
+        if good:
+            hs.session = Session(self._key, hs.nonce, nonce_c)
             verdict = wire.pack_verdict(wire.Status.OK, wire.mac(self._key, b"s", nonce_c,
                                                                  hs.nonce), self._info)
         else:
@@ -300,11 +303,11 @@ class Acceptor:
             self._sel.modify(hs.sock, selectors.EVENT_WRITE, hs)
             return
         self._forget(hs)
-        if not hs.good:
+        if hs.session is None:
             hs.sock.close()
             return
         make_blocking(hs.sock)
-        self._hand_over(hs.sock)
+        self._hand_over(hs.sock, hs.session)
 
     def _expire(self, now: float) -> None:
         while self._pending:

@@ -169,13 +169,20 @@ class ServerHealth:
     pins_refused: int
     """Keys answered MISSING because their peer was at its pin cap."""
     loop_errors: int
+    bad_macs: int = 0
+    """Connections dropped because a request failed its MAC (tampered, replayed, or from
+    another session)."""
+    wrong_namespace: int = 0
+    """Requests refused because they named another namespace."""
 
     def counters(self) -> dict[str, int]:
         """As connector counters (``server_*``), reported to the directory; only values that
         change when something goes wrong (so they do not cause a report each step)."""
         return {"server_alive": int(self.alive), "server_saturated": int(self.saturated),
                 "server_refused": self.refused, "server_thread_failures": self.thread_failures,
-                "server_pins_refused": self.pins_refused, "server_loop_errors": self.loop_errors}
+                "server_pins_refused": self.pins_refused, "server_loop_errors": self.loop_errors,
+                "server_bad_macs": self.bad_macs,
+                "server_wrong_namespace": self.wrong_namespace}
 
 
 class Transport(abc.ABC):

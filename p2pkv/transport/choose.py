@@ -18,6 +18,7 @@ from p2pkv.keys import Namespace
 from p2pkv.secret import ClusterSecret, derive
 from p2pkv.store import shm_room
 from p2pkv.transport.base import TransportChoice
+from p2pkv.transport.conn import ChunkDigest
 from p2pkv.transport.peer import PeerTransport
 from p2pkv.transport.ucx import UcxEngine, ucx_unavailable_reason
 
@@ -87,16 +88,19 @@ def make_transport(kind: str, *, bind_host: str, advertise_host: str | None = No
                    store_bytes: int = 0, cuda_device: int | None = None,
                    ucx_config: dict[str, str] | None = None,
                    insecure_any_address: bool = False,
-                   namespace: Namespace = Namespace("")) -> PeerTransport:
+                   namespace: Namespace = Namespace(""),
+                   chunk_digest: ChunkDigest = "auto") -> PeerTransport:
     """The one place that maps config to a transport (the decision itself is
     :func:`choose_transport`).
 
-    ``secret``: the cluster secret; without one the data plane is unauthenticated, and,
-    like the directory, it refuses (ConfigError) to bind anything but loopback unless
+    ``secret``: the cluster secret; without one the data plane is unauthenticated, and, like
+    the directory, it refuses (ConfigError) to bind anything but loopback unless
     ``insecure_any_address`` (a trusted private network). ``namespace``: this instance's; a
-    holder that serves another is refused (see ``PeerTransport``). ``store_bytes``, ``cuda_device``: see
-    :func:`choose_transport`. ``ucx_config``: UCX options without the UCX_ prefix (e.g.
-    {"TLS": "tcp"}; the UCX_* environment applies otherwise).
+    holder that serves another is refused (see ``PeerTransport``). ``store_bytes``,
+    ``cuda_device``: see :func:`choose_transport`. ``ucx_config``: UCX options without the UCX_
+    prefix (e.g. {"TLS": "tcp"}; the UCX_* environment applies otherwise). ``chunk_digest``:
+    how TCP pulls check chunk bytes (``conn.ChunkDigest``: by default keyed with holders on
+    other hosts).
     """
     if secret is None and not insecure_any_address and not is_loopback_host(bind_host):
         raise ConfigError(f"refusing to serve the data plane on {bind_host} without a cluster "
@@ -112,7 +116,8 @@ def make_transport(kind: str, *, bind_host: str, advertise_host: str | None = No
     def build(choice: TransportChoice, engine: UcxEngine | None = None) -> PeerTransport:
         return PeerTransport(choice, bind_host=bind_host, advertise_host=advertise_host,
                              connections_per_peer=connections_per_peer, key=key,
-                             ucx_engine=engine, namespace=namespace)
+                             ucx_engine=engine, namespace=namespace,
+                             chunk_digest=chunk_digest)
 
     if choice.ucx:
         try:

@@ -1,7 +1,10 @@
 """The puller's control connections: connect, the handshake, the header exchange, the pool.
 
 Every path (``stream.py``, ``shm.py``, ``ucx.py``) talks to the holder over one of these
-authenticated TCP connections, one request at a time. The pool keeps a few idle connections
+authenticated TCP connections, one request at a time, each MACed under the connection's
+``session.Session``. Whether a connection's Pulls carry keyed chunk digests is decided here,
+from what the handshake told: ``ChunkDigest`` (``auto``: keyed when the holder's host id is
+not ours, i.e. its bytes cross a wire). The pool keeps a few idle connections
 per peer and, when the holder runs on this host and same-host copies are on, the holder's slab
 mapped alongside (:func:`p2pkv.transport.shm.open_peer_slab`). ``connect_peer`` is also what
 ``p2pkv doctor`` checks a data plane with.
@@ -15,11 +18,14 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
+from typing import Literal
 
-from p2pkv.errors import AuthError, DeadlineExceeded, TransportError
+from p2pkv.errors import AuthError, ConfigError, DeadlineExceeded, TransportError
 from p2pkv.keys import Namespace
+from p2pkv.transport import session as sess
 from p2pkv.transport import wire
 from p2pkv.transport.base import PullItem
+from p2pkv.transport.session import Session
 from p2pkv.transport.shm import MappedSlab, open_peer_slab
 from p2pkv.transport.sockio import make_blocking, recv_exact, send_views
 
@@ -29,28 +35,44 @@ CLIENT_IDLE_S = 60.0  # a client reuses an idle connection only this long (< SER
 
 Peer = tuple[str, int]  # (host, port) of a holder's data-plane server
 
+ChunkDigest = Literal["auto", "keyed", "xxh3"]
+"""How a puller has its chunk bytes checked on TCP pulls: ``keyed`` (BLAKE3 under the session
+key: nobody on the path can change a byte unnoticed), ``xxh3`` (the holder's stored digest:
+catches corruption, not an attacker; for same-host peers and trusted networks), ``auto``
+(keyed with holders on other hosts, xxh3 with same-host ones, where there is no wire).
+Without a cluster secret it is always xxh3 (there is no key)."""
+CHUNK_DIGESTS: tuple[ChunkDigest, ...] = ("auto", "keyed", "xxh3")
+
 
 def connect_peer(peer: Peer, key: bytes | None, deadline: float
                  ) -> tuple[socket.socket, wire.PeerInfo]:
     """A new authenticated connection to the holder at ``peer`` and its PeerInfo, by
     ``deadline``; raises AuthError (not a member), DeadlineExceeded, OSError or
-    TransportError. Used by the pool and ``p2pkv doctor``."""
+    TransportError. Used by ``p2pkv doctor`` (the pool uses :func:`connect_session`)."""
+    sock, info, _ = connect_session(peer, key, deadline)
+    return sock, info
+
+
+def connect_session(peer: Peer, key: bytes | None, deadline: float
+                    ) -> tuple[socket.socket, wire.PeerInfo, Session]:
+    """:func:`connect_peer` and the connection's session (its keys and request count)."""
     left = deadline - time.monotonic()
     if left <= 0:
         raise DeadlineExceeded("deadline passed before connecting")
     sock = socket.create_connection(peer, timeout=left)
     try:
         make_blocking(sock)
-        return sock, client_handshake(sock, key, deadline)
+        return (sock, *client_handshake(sock, key, deadline))
     except BaseException:
         sock.close()
         raise
 
 
-def client_handshake(sock: socket.socket, key: bytes | None, deadline: float) -> wire.PeerInfo:
+def client_handshake(sock: socket.socket, key: bytes | None, deadline: float
+                     ) -> tuple[wire.PeerInfo, Session]:
     """The client half of the data-plane handshake (see ``wire``) on a connected blocking
-    socket; returns the holder's PeerInfo. Raises AuthError when either side is not a member,
-    TransportError/OSError for the rest."""
+    socket; returns the holder's PeerInfo and the session. Raises AuthError when either side
+    is not a member, TransportError/OSError for the rest."""
     try:
         hello = recv_exact(sock, wire.HELLO_BYTES, deadline)
     except (ConnectionResetError, TransportError) as e:
@@ -71,17 +93,21 @@ def client_handshake(sock: socket.socket, key: bytes | None, deadline: float) ->
         raise AuthError("peer refused us: wrong or missing cluster secret")
     if not secrets.compare_digest(proof_s, wire.mac(key, b"s", nonce_c, nonce_s)):
         raise AuthError("peer failed to prove it holds the cluster secret")
-    return wire.decode_info(recv_exact(sock, n, deadline))
+    info = wire.decode_info(recv_exact(sock, n, deadline))
+    return info, Session(key, nonce_s, nonce_c)
 
 
-def request_items(sock: socket.socket, request: wire.Pull | wire.Send,
+def request_items(sock: socket.socket, session: Session, request: wire.Pull | wire.Send,
                   items: Sequence[PullItem], deadline: float) -> list[wire.ItemHeader]:
     """Send a request that is answered with one ItemHeader per item (``Pull``, ``Send``) and
-    return the headers, checked against ``items``.
+    return the headers, MAC-checked and checked against ``items``.
 
     NOTE: raising closes the connection: the stream cannot be resynchronised."""
-    send_views(sock, [wire.encode_request(request)], max(deadline - time.monotonic(), 0.001))
-    table = recv_exact(sock, wire.ITEM_HEADER_BYTES * len(items), deadline)
+    number = session.requests
+    send_views(sock, [sess.encode_request(session, request)],
+               max(deadline - time.monotonic(), 0.001))
+    table = sess.read_reply(sock, session, number, wire.ITEM_HEADER_BYTES, len(items),
+                            deadline)
     n = wire.ITEM_HEADER_BYTES
     headers = [wire.unpack_item(table[i * n:(i + 1) * n]) for i in range(len(items))]
     for item, h in zip(items, headers):
@@ -93,10 +119,14 @@ def request_items(sock: socket.socket, request: wire.Pull | wire.Send,
 
 
 class Conn:
-    """One authenticated connection to a holder, with its slab mapped if it is on this host."""
+    """One authenticated connection to a holder, with its slab mapped if it is on this host.
+    ``keyed``: its Pulls carry keyed chunk digests (see ``ChunkDigest``); ``namespace``: the
+    puller's, named in every request."""
 
-    def __init__(self, sock: socket.socket, info: wire.PeerInfo, slab: MappedSlab | None):
+    def __init__(self, sock: socket.socket, info: wire.PeerInfo, slab: MappedSlab | None,
+                 session: Session, keyed: bool = False, namespace: Namespace = Namespace("")):
         self.sock, self.info, self.slab = sock, info, slab
+        self.session, self.keyed, self.namespace = session, keyed, namespace
 
     def close(self) -> None:
         self.sock.close()
@@ -109,11 +139,18 @@ class ConnPool:
 
     ``namespace``: refuse holders that say they serve another one ("": no check).
     ``same_host``: map the slab of holders on this host (``local_host_id``) when connecting;
-    why a holder's cannot be mapped is logged once per peer."""
+    why a holder's cannot be mapped is logged once per peer. ``chunk_digest``: see
+    ``ChunkDigest`` (``keyed`` needs a key)."""
 
     def __init__(self, *, key: bytes | None, max_idle: int, same_host: bool,
-                 local_host_id: str, namespace: Namespace = Namespace("")) -> None:
+                 local_host_id: str, namespace: Namespace = Namespace(""),
+                 chunk_digest: ChunkDigest = "auto") -> None:
+        if chunk_digest not in CHUNK_DIGESTS:
+            raise ConfigError(f"chunk_digest must be one of {CHUNK_DIGESTS}")
+        if chunk_digest == "keyed" and key is None:
+            raise ConfigError("chunk_digest 'keyed' needs a cluster secret")
         self._key = key
+        self._chunk_digest = chunk_digest
         self._namespace = namespace
         self._max_idle = max_idle
         self._same_host = same_host
@@ -133,14 +170,15 @@ class ConnPool:
                 if now - since < CLIENT_IDLE_S:
                     return conn
                 conn.close()
-        sock, info = connect_peer(peer, self._key, deadline)
+        sock, info, session = connect_session(peer, self._key, deadline)
         try:
             if self._namespace and info.namespace and info.namespace != self._namespace:
                 # NOTE: an address the directory gave us is now another instance's, of
                 # another model or layout: its bytes must never land in our blocks
                 raise AuthError(f"holder at {peer[0]}:{peer[1]} serves namespace "
                                 f"{info.namespace}, not ours ({self._namespace})")
-            return Conn(sock, info, self._map_slab(peer, info))
+            return Conn(sock, info, self._map_slab(peer, info), session,
+                        self._keyed(session, info), self._namespace)
         except BaseException:
             sock.close()
             raise
@@ -165,6 +203,11 @@ class ConnPool:
         for idle in conns.values():
             for conn, _ in idle:
                 conn.close()
+
+    def _keyed(self, session: Session, info: wire.PeerInfo) -> bool:
+        if not session.authenticated or self._chunk_digest == "xxh3":
+            return False
+        return self._chunk_digest == "keyed" or info.host_id != self._host_id
 
     def _map_slab(self, peer: Peer, info: wire.PeerInfo) -> MappedSlab | None:
         if not self._same_host:

@@ -35,7 +35,7 @@ from p2pkv.transport.base import (
     host_pieces,
 )
 from p2pkv.transport.accept import ServerLimits
-from p2pkv.transport.conn import Conn, ConnPool
+from p2pkv.transport.conn import ChunkDigest, Conn, ConnPool
 from p2pkv.transport.server import Server
 from p2pkv.transport.sockio import parse_address
 
@@ -60,8 +60,11 @@ class PeerTransport(Transport):
                  advertise_host: str | None = None, connections_per_peer: int = 2,
                  key: bytes | None = None, ucx_engine: ucx.UcxEngine | None = None,
                  server_limits: ServerLimits = ServerLimits(),
-                 namespace: Namespace = Namespace("")) -> None:
+                 namespace: Namespace = Namespace(""),
+                 chunk_digest: ChunkDigest = "auto") -> None:
         """``key``: the data-plane key derived from the cluster secret (None: no auth).
+        ``chunk_digest``: how TCP pulls check chunk bytes (``conn.ChunkDigest``; ``keyed``
+        needs a key).
         ``ucx_engine``: required when ``choice.ucx`` (this transport closes it).
         ``namespace``: this instance's (``keys.Namespace``): served in its PeerInfo, and
         holders that serve another are refused ("": neither)."""
@@ -75,7 +78,7 @@ class PeerTransport(Transport):
         self._ucx = ucx_engine
         self._pool = ConnPool(key=key, max_idle=connections_per_peer,
                               same_host=choice.same_host, local_host_id=self._host_id,
-                              namespace=namespace)
+                              namespace=namespace, chunk_digest=chunk_digest)
         self._staging = StagingPool()
         self._server: Server | None = None
         self._server_limits = server_limits
@@ -145,13 +148,15 @@ class PeerTransport(Transport):
         if path == "ucx":
             assert self._ucx is not None
             self.counters.ucx += 1
-            return path, ucx.pull(self._ucx, self._staging, conn.sock, items, deadline)
+            return path, ucx.pull(self._ucx, self._staging, conn.sock, conn.session, items,
+                                  deadline, conn.namespace)
         if path == "shm":
             assert conn.slab is not None
             self.counters.shm += 1
-            return path, shm.pull(conn.sock, conn.slab, items, deadline)
+            return path, shm.pull(conn.sock, conn.session, conn.slab, items, deadline,
+                                  conn.namespace)
         self.counters.tcp += 1
-        return path, stream.pull(conn.sock, items, deadline, self._staging)
+        return path, stream.pull(conn, items, deadline, self._staging)
 
     def close(self) -> None:
         if self._server is not None:

@@ -2,16 +2,17 @@
 
 Made and owned by ``PeerTransport.serve``. The listening socket and every handshake (HMAC
 challenge-response, then this holder's ``PeerInfo``) run in one selector thread
-(``transport/accept.py``, with the caps on connections); each authenticated connection gets
-a thread that answers its requests one at a time: ``Pull`` streams the chunks' bytes
-(``transport/stream.py``), ``Pin``/``Release`` let a same-host peer copy them out of the
-shared slab itself (``transport/shm.py``), ``Send`` answers the headers here and sends the
-bytes over UCX to the puller's worker (``transport/ucx.py``; only when this holder has a
-``UcxEngine``). Every chunk being read stays pinned in the store (its refcount) until the read
-is done; pins a connection holds are released when it ends, however it ends, and are capped
-per connection and per peer address (``ServerLimits``). ``health()`` says whether the server
-still accepts and whether it has had to turn peers away (the worker reports it to the
-directory, ``p2pkv doctor`` shows it).
+(``transport/accept.py``, with the caps on connections); each authenticated connection gets a
+thread that answers its requests one at a time, each checked against the connection's
+``session.Session`` (its MAC, its number on the connection, the namespace it names): ``Pull``
+streams the chunks' bytes (``transport/stream.py``), ``Pin``/``Release`` let a same-host peer
+copy them out of the shared slab itself (``transport/shm.py``), ``Send`` answers the headers
+here and sends the bytes over UCX to the puller's worker (``transport/ucx.py``; only when this
+holder has a ``UcxEngine``). Every chunk being read stays pinned in the store (its refcount)
+until the read is done; pins a connection holds are released when it ends, however it ends, and
+are capped per connection and per peer address (``ServerLimits``). ``health()`` says whether
+the server still accepts and whether it has had to turn peers away (the worker reports it to
+the directory, ``p2pkv doctor`` shows it).
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ from p2pkv.affinity import widen_cpu_affinity
 from p2pkv.errors import BadRequest, TransportError
 from p2pkv.ratelog import RateLimitedLog
 from p2pkv.store import ChunkStore, PinnedChunk
-from p2pkv.transport import wire
+from p2pkv.transport import session as sess
+from p2pkv.transport import stream, wire
 from p2pkv.transport.accept import Acceptor, ServerLimits
 from p2pkv.transport.base import ServerHealth
 from p2pkv.transport.selection import Selection
+from p2pkv.transport.session import Session
 from p2pkv.transport.sockio import recv_exact, send_views
 
 if TYPE_CHECKING:
@@ -42,6 +45,14 @@ logger = logging.getLogger(__name__)
 
 StartThread = Callable[[Callable[[], None]], None]
 """Starts a serving thread running the given function (injected by tests to make it fail)."""
+
+
+class _WrongNamespace(BadRequest):
+    """A request names another namespace than this holder's."""
+
+
+class _BadMac(TransportError):
+    """A request failed its MAC: the connection is dropped, unanswered."""
 
 
 def start_daemon_thread(target: Callable[[], None]) -> None:
@@ -54,6 +65,8 @@ class Server:
                  limits: ServerLimits = ServerLimits(),
                  start_thread: StartThread = start_daemon_thread) -> None:
         self._store = store
+        self._namespace = info.namespace
+        self._hashes = stream.ChunkHashes()
         self._ucx = ucx
         self._limits = limits
         self._pins_per_peer = limits.pins_per_peer or max(64, store.capacity // 2)
@@ -64,6 +77,8 @@ class Server:
         self._lock = threading.Lock()  # guards the two above and the counters below
         self._thread_failures = 0
         self._pins_refused = 0
+        self._bad_macs = 0
+        self._wrong_namespace = 0
         self._log = RateLimitedLog(logger)
         self._acceptor = Acceptor(bind_host, key, wire.encode_info(info), limits,
                                   hand_over=self._hand_over,
@@ -75,12 +90,14 @@ class Server:
         with self._lock:
             conns, thread_failures, pins_refused = (len(self._conns), self._thread_failures,
                                                     self._pins_refused)
+            bad_macs, wrong_namespace = self._bad_macs, self._wrong_namespace
         recent = time.monotonic() - c.last_turned_away < self._limits.saturated_window_s
         return ServerHealth(alive=self._acceptor.alive and not self._closed, saturated=recent,
                             handshaking=self._acceptor.handshaking, connections=conns,
                             refused=c.refused + c.dropped, expired=c.expired,
                             failed_handshakes=c.failed, thread_failures=thread_failures,
-                            pins_refused=pins_refused, loop_errors=c.loop_errors)
+                            pins_refused=pins_refused, loop_errors=c.loop_errors,
+                            bad_macs=bad_macs, wrong_namespace=wrong_namespace)
 
     def close(self) -> None:
         """Stop accepting and cut every open connection: a closed server serves nothing."""
@@ -93,7 +110,7 @@ class Server:
                 except OSError:
                     pass
 
-    def _hand_over(self, conn: socket.socket) -> None:
+    def _hand_over(self, conn: socket.socket, session: Session) -> None:
         """An authenticated connection from the acceptor: give it a serving thread."""
         with self._lock:
             if self._closed:
@@ -101,7 +118,7 @@ class Server:
                 return
             self._conns.add(conn)
         try:
-            self._start_thread(lambda: self._serve_conn(conn))
+            self._start_thread(lambda: self._serve_conn(conn, session))
         except Exception as e:  # noqa: BLE001 - RuntimeError("can't start new thread"), ...
             with self._lock:
                 self._conns.discard(conn)
@@ -110,12 +127,17 @@ class Server:
             self._log.warning("thread", "p2pkv data-plane server: cannot start a thread for "
                               "a connection (%s): closed it", e)
 
-    def _serve_conn(self, conn: socket.socket) -> None:
+    def _serve_conn(self, conn: socket.socket, session: Session) -> None:
         widen_cpu_affinity()
         pins: list[PinnedChunk] = []
         peer = _peer_host(conn)
         try:
-            self._serve_requests(conn, peer, pins)
+            self._serve_requests(conn, session, peer, pins)
+        except _BadMac as e:
+            with self._lock:
+                self._bad_macs += 1
+            self._log.warning("bad-mac", "p2pkv: dropped a data-plane connection from %s: %s",
+                              _peer_name(conn), e)
         except (TransportError, OSError):
             pass  # idle timeout, slow reader or peer gone: nothing to report
         finally:
@@ -126,34 +148,58 @@ class Server:
                 self._unclaim(peer, len(pins))
             conn.close()
 
-    def _serve_requests(self, conn: socket.socket, peer: str, pins: list[PinnedChunk]) -> None:
+    def _serve_requests(self, conn: socket.socket, session: Session, peer: str,
+                        pins: list[PinnedChunk]) -> None:
         limits = self._limits
         while not self._closed:
             prefix = recv_exact(conn, wire.LEN_BYTES, time.monotonic() + limits.idle_s)
+            number = session.next_number()
             try:
                 n = wire.request_length(prefix)
-                req = wire.decode_request(recv_exact(conn, n, time.monotonic()
-                                                     + limits.request_s))
+                data = recv_exact(conn, n, time.monotonic() + limits.request_s)
+                tag, body = data[:wire.TAG_BYTES], data[wire.TAG_BYTES:]
+                if not session.verify(sess.REQUEST, number, tag, body):
+                    # NOTE: no answer: the stream is not to be trusted any more, and a
+                    # forger learns nothing from a reply
+                    raise _BadMac(f"request {number} failed its MAC (tampered, replayed, "
+                                  "or from another session)")
+                req = wire.decode_request(body)
+                if not isinstance(req, wire.Release) and req.namespace and \
+                        self._namespace and req.namespace != self._namespace:
+                    raise _WrongNamespace(f"request for namespace {req.namespace!r}, this "
+                                          f"holder serves {self._namespace!r}")
                 if isinstance(req, wire.Pull):
-                    self._send_chunks(conn, req.keys, req.select)
+                    self._send_chunks(conn, session, number, req)
                 elif isinstance(req, wire.Pin):
-                    self._pin_chunks(conn, peer, req.keys, pins)
+                    self._pin_chunks(conn, session, number, peer, req.keys, pins)
                 elif isinstance(req, wire.Send):
-                    self._send_over_ucx(conn, req)
+                    self._send_over_ucx(conn, session, number, req)
                 else:
                     self._release(peer, req.pins, pins)
             except BadRequest as e:
-                self._log.warning("bad-request", "p2pkv: rejected a data-plane request from "
+                status = wire.Status.BAD_REQUEST
+                if isinstance(e, _WrongNamespace):
+                    status = wire.Status.WRONG_NAMESPACE
+                    with self._lock:
+                        self._wrong_namespace += 1
+                self._log.warning(status.name, "p2pkv: rejected a data-plane request from "
                                   "%s: %s", _peer_name(conn), e)
-                send_views(conn, [wire.pack_item(wire.Status.BAD_REQUEST)], limits.response_s)
+                send_views(conn, sess.reply(session, number, wire.pack_item(status)),
+                           limits.response_s)
                 return
 
-    def _send_chunks(self, conn: socket.socket, keys: list[bytes],
-                     select: Selection | None) -> None:
+    def _send_chunks(self, conn: socket.socket, session: Session, number: int,
+                     req: wire.Pull) -> None:
+        select = req.select
         if select is not None and (why := select.check(self._store.slot_bytes)):
             raise BadRequest(f"selection does not fit this holder's chunks: {why}")
-        pinned = [self._store.pin(key) for key in keys]  # type: ignore[arg-type]
+        if req.keyed and not session.authenticated:
+            raise BadRequest("a keyed digest on a connection without a cluster secret")
+        pinned = [self._store.pin(key) for key in req.keys]  # type: ignore[arg-type]
         try:
+            if req.keyed:
+                self._send_keyed(conn, session, number, pinned, select)
+                return
             if select is None:
                 headers = b"".join(
                     wire.pack_item(wire.Status.MISSING) if p is None
@@ -162,11 +208,21 @@ class Server:
                 bodies = [p.view for p in pinned if p is not None]
             else:
                 headers, bodies = self._selected(pinned, select)
-            send_views(conn, [headers, *bodies], self._limits.response_s)
+            send_views(conn, [*sess.reply(session, number, headers), *bodies],
+                       self._limits.response_s)
         finally:
             for p in pinned:
                 if p is not None:
                     self._store.unpin(p)
+
+    def _send_keyed(self, conn: socket.socket, session: Session, number: int,
+                    pinned: list[PinnedChunk | None], select: Selection | None) -> None:
+        def corrupt(p: PinnedChunk) -> None:
+            self._log.warning("corrupt", "p2pkv data-plane server: chunk in slot %d no longer "
+                              "matches its digest: sent as a mismatch", p.index)
+
+        stream.send_keyed(conn, session, number, pinned, select,
+                          time.monotonic() + self._limits.response_s, self._hashes, corrupt)
 
     @staticmethod
     def _selected(pinned: list[PinnedChunk | None], select: Selection
@@ -191,7 +247,8 @@ class Server:
             bodies.extend(views)
         return b"".join(headers), bodies
 
-    def _send_over_ucx(self, conn: socket.socket, req: wire.Send) -> None:
+    def _send_over_ucx(self, conn: socket.socket, session: Session, number: int,
+                       req: wire.Send) -> None:
         if self._ucx is None:
             raise BadRequest("this holder has no UCX")
         deadline = time.monotonic() + req.timeout_ms / 1000
@@ -203,9 +260,9 @@ class Server:
                 self._store.unpin(p)
 
         try:
-            send_views(conn, [b"".join(
+            send_views(conn, sess.reply(session, number, b"".join(
                 wire.pack_item(wire.Status.MISSING) if p is None
-                else wire.pack_item(wire.Status.OK, p.view.nbytes, p.digest) for p in pinned)],
+                else wire.pack_item(wire.Status.OK, p.view.nbytes, p.digest) for p in pinned)),
                 self._limits.response_s)
         except BaseException:
             release()
@@ -218,8 +275,8 @@ class Server:
         except TransportError as e:
             logger.info("UCX send to a puller failed: %s", e)
 
-    def _pin_chunks(self, conn: socket.socket, peer: str, keys: list[bytes],
-                    pins: list[PinnedChunk]) -> None:
+    def _pin_chunks(self, conn: socket.socket, session: Session, number: int, peer: str,
+                    keys: list[bytes], pins: list[PinnedChunk]) -> None:
         if not self._store.shm_path:
             raise BadRequest("this holder has no shared slab")
         if len(pins) + len(keys) > self._limits.pins_per_conn:
@@ -237,7 +294,8 @@ class Server:
                                          p.generation))
         with self._lock:
             self._unclaim(peer, allowed - held)  # claimed for keys the store did not have
-        send_views(conn, [b"".join(headers)], self._limits.response_s)
+        send_views(conn, sess.reply(session, number, b"".join(headers)),
+                   self._limits.response_s)
 
     def _claim(self, peer: str, n: int) -> int:
         """Reserve up to ``n`` pins of ``peer``'s allowance; how many it got."""

@@ -29,7 +29,8 @@ from p2pkv.transport import wire
 from p2pkv.transport.base import PullItem, PullResult, checked, host_pieces, mismatch, missing, ok
 from p2pkv.transport.land import scatter
 from p2pkv.transport.selection import Selection
-from p2pkv.transport.sockio import recv_exact, send_views
+from p2pkv.transport.session import Session, encode_request, read_reply
+from p2pkv.transport.sockio import send_views
 from p2pkv.transport.wire import PeerInfo
 
 # A holder's slab is always an fd of the holder's, unlinked file (store._SharedSlab): a PeerInfo
@@ -155,14 +156,16 @@ def _copy_selected(src: np.ndarray, select: Selection, dest: Sequence[memoryview
     return xxhash.xxh3_64_intdigest(src)
 
 
-def pull(sock: socket.socket, slab: MappedSlab, items: Sequence[PullItem], deadline: float
-         ) -> list[PullResult]:
-    """Pin ``items`` on the holder over ``sock``, copy them out of ``slab`` (checking each
-    digest), release the pins. Raises TransportError/OSError when the whole pull failed
-    (the connection is then unusable)."""
-    send_views(sock, [wire.encode_request(wire.Pin([bytes(i.key) for i in items]))],
+def pull(sock: socket.socket, session: Session, slab: MappedSlab, items: Sequence[PullItem],
+         deadline: float, namespace: str = "") -> list[PullResult]:
+    """Pin ``items`` on the holder over ``sock`` (its ``session``), copy them out of ``slab``
+    (checking each digest), release the pins. Raises TransportError/OSError when the whole
+    pull failed (the connection is then unusable)."""
+    number = session.requests
+    send_views(sock, [encode_request(session, wire.Pin([bytes(i.key) for i in items],
+                                                       namespace=namespace))],
                max(deadline - time.monotonic(), 0.001))
-    table = recv_exact(sock, wire.PIN_HEADER_BYTES * len(items), deadline)
+    table = read_reply(sock, session, number, wire.PIN_HEADER_BYTES, len(items), deadline)
     n = wire.PIN_HEADER_BYTES
     headers = [wire.unpack_pin(table[i * n:(i + 1) * n]) for i in range(len(items))]
     pinned = [(h.slot, h.generation) for h in headers if h.status is wire.Status.OK]
@@ -170,7 +173,7 @@ def pull(sock: socket.socket, slab: MappedSlab, items: Sequence[PullItem], deadl
         return [_copy_out(slab, item, h, deadline) for item, h in zip(items, headers)]
     finally:
         if pinned:
-            send_views(sock, [wire.encode_request(wire.Release(pinned))],
+            send_views(sock, [encode_request(session, wire.Release(pinned))],
                        max(deadline - time.monotonic(), 0.001))
 
 

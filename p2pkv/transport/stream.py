@@ -2,19 +2,28 @@
 zero-copy ``recv_into`` straight into the destination pieces.
 
 The puller sends ``Pull(keys)`` (``conn.request_items``), the holder answers one ItemHeader per
-key and then the OK chunks' bytes back to back. Host destinations receive in place, hashed as
-they land; GPU destinations receive into a page-locked staging buffer, are checked, then go up
-with one copy (``land.scatter``). Used by ``PeerTransport`` for holders without a better path.
+key and then the OK chunks' bytes back to back; on a ``keyed`` connection (``conn.ChunkDigest``)
+each chunk's bytes are followed by its keyed BLAKE3 tag, checked instead of the holder's
+xxh3-64; the holder's half of that reply is ``send_keyed`` (called by ``server.py``). Host
+destinations receive in place, hashed as they land; GPU destinations receive into a
+page-locked staging buffer, are checked, then go up with one copy (``land.scatter``). Used
+by ``PeerTransport`` for holders without a better path.
 """
 
 from __future__ import annotations
 
+import secrets
 import socket
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
 
+import blake3
 import xxhash
 
 from p2pkv.cuda import StagingPool
+from p2pkv.errors import DeadlineExceeded
+from p2pkv.store import PinnedChunk
 from p2pkv.transport import wire
 from p2pkv.transport.base import (
     Outcome,
@@ -23,30 +32,57 @@ from p2pkv.transport.base import (
     checked,
     common_selection,
     host_pieces,
+    mismatch,
     missing,
+    ok,
 )
-from p2pkv.transport.conn import request_items
+from p2pkv.transport.conn import Conn, request_items
 from p2pkv.transport.land import scatter
-from p2pkv.transport.sockio import recv_views
+from p2pkv.transport.selection import Selection
+from p2pkv.transport.session import TAG_BYTES, Session, reply
+from p2pkv.transport.sockio import recv_exact, recv_views, send_views
 
 HASH_STEP = 4 << 20  # bytes received per system call before they are hashed
 
 
-def pull(sock: socket.socket, items: Sequence[PullItem], deadline: float,
+class Hasher(Protocol):
+    """xxh3-64 or a keyed BLAKE3: what ``recv_hashed`` feeds."""
+
+    def update(self, data: memoryview, /) -> object: ...
+
+
+H = TypeVar("H", bound=Hasher)
+
+
+def pull(conn: Conn, items: Sequence[PullItem], deadline: float,
          staging: StagingPool) -> list[PullResult]:
-    """Pull ``items`` over ``sock``; one result per item. Raises TransportError/OSError when
+    """Pull ``items`` over ``conn``; one result per item. Raises TransportError/OSError when
     the whole pull failed (the connection is then unusable)."""
-    headers = request_items(sock, wire.Pull([bytes(i.key) for i in items],
-                                            select=common_selection(items)), items, deadline)
+    sock, session = conn.sock, conn.session
+    number = session.requests
+    headers = request_items(sock, session, wire.Pull(
+        [bytes(i.key) for i in items], select=common_selection(items),
+        namespace=conn.namespace, keyed=conn.keyed), items, deadline)
     results = []
-    for item, h in zip(items, headers):
+
+    def receive(index: int, item: PullItem, dest: Sequence[memoryview],
+                want: int) -> PullResult:
+        if not conn.keyed:
+            got = recv_hashed(sock, dest, deadline, xxhash.xxh3_64())
+            return checked(item, got.intdigest(), want)
+        got = recv_hashed(sock, dest, deadline, blake3.blake3()).digest()
+        tag = recv_exact(sock, TAG_BYTES, deadline)
+        return ok(item) if secrets.compare_digest(tag, session.chunk_tag(number, index, got)) \
+            else mismatch(item)
+
+    for index, (item, h) in enumerate(zip(items, headers)):
         if h.status is wire.Status.MISSING:
             results.append(missing(item))
             continue
         if not host_pieces(item.dest):
             # GPU destination: into a page-locked host buffer, checked, then one copy up
             buf = staging.host(item.nbytes, page_locked=True)
-            result = checked(item, recv_hashed(sock, [memoryview(buf)], deadline), h.digest)
+            result = receive(index, item, [memoryview(buf)], h.digest)
             if result.outcome is Outcome.OK:
                 scatter(buf, item.dest)
             results.append(result)
@@ -56,19 +92,85 @@ def pull(sock: socket.socket, items: Sequence[PullItem], deadline: float,
         # speed on loopback). Each piece is hashed right after it lands, while it is still
         # in cache and while the kernel keeps receiving the next one: the digest then
         # overlaps the transfer instead of adding to it (~15 % of a 64 MiB pull).
-        got = recv_hashed(sock, item.dest, deadline)  # type: ignore[arg-type]
-        results.append(checked(item, got, h.digest))
+        results.append(receive(index, item, item.dest, h.digest))  # type: ignore[arg-type]
     return results
 
 
-def recv_hashed(sock: socket.socket, dest: Sequence[memoryview], deadline: float) -> int:
-    """Receive into ``dest``; the xxh3-64 of what arrived."""
-    h = xxhash.xxh3_64()
+def recv_hashed(sock: socket.socket, dest: Sequence[memoryview], deadline: float, h: H) -> H:
+    """Receive into ``dest``, feeding ``h`` (xxh3-64, or a keyed BLAKE3) as bytes land."""
     for group in _groups(dest, HASH_STEP):
         recv_views(sock, group, deadline)
         for v in group:
             h.update(v)
-    return h.intdigest()
+    return h
+
+
+class ChunkHashes:
+    """The holder's BLAKE3 of its stored chunks, by slot and generation (one entry per slot
+    at most), so that a chunk is hashed once, when it is first pulled keyed, however often
+    it is pulled. Shared by the server's connection threads (each dict operation is atomic;
+    two threads hashing one chunk at once both get the same hash)."""
+
+    def __init__(self) -> None:
+        self._by_slot: dict[int, tuple[int, bytes]] = {}
+
+    def get(self, p: PinnedChunk) -> bytes | None:
+        got = self._by_slot.get(p.index)
+        return got[1] if got is not None and got[0] == p.generation else None
+
+    def put(self, p: PinnedChunk, chunk_hash: bytes) -> None:
+        self._by_slot[p.index] = (p.generation, chunk_hash)
+
+
+def send_keyed(sock: socket.socket, session: Session, number: int,
+               pinned: Sequence[PinnedChunk | None], select: Selection | None,
+               deadline: float, hashes: ChunkHashes,
+               corrupt: Callable[[PinnedChunk], None]) -> None:
+    """The holder's reply to keyed Pull ``number``: headers without digests, then each
+    chunk's bytes (or the ``select``ed part) followed by its tag, all by ``deadline``.
+
+    A whole chunk's BLAKE3 comes from ``hashes`` when it was hashed before: then the reply
+    goes with one gather send, at no hashing cost. Otherwise (and for parts, which are
+    never kept) the bytes are sent HASH_STEP at a time, each step hashed right after its
+    send (this side hashes step j while the puller copies it out of the socket), and a whole
+    chunk is checked against its stored xxh3 digest before its hash is kept: a chunk that
+    changed in this store since it was saved gets a tag that cannot verify (and is reported
+    to ``corrupt``), and one that changes later no longer matches its kept hash."""
+    headers = b"".join(
+        wire.pack_item(wire.Status.MISSING) if p is None else wire.pack_item(
+            wire.Status.OK, select.nbytes(p.view.nbytes) if select else p.view.nbytes)
+        for p in pinned)
+    out: list[bytes | memoryview] = reply(session, number, headers)
+    for i, p in enumerate(pinned):
+        if p is None:
+            continue
+        known = hashes.get(p) if select is None else None
+        if known is not None:
+            out += [p.view, session.chunk_tag(number, i, known)]
+            continue
+        views = ([p.view] if select is None else
+                 [p.view[off:off + n] for off, n in select.ranges(p.view.nbytes)])
+        h = blake3.blake3()
+        for group in _groups(views, HASH_STEP):
+            send_views(sock, [*out, *group], _left(deadline))
+            out = []
+            for v in group:
+                h.update(v)
+        chunk_hash = h.digest()
+        if xxhash.xxh3_64_intdigest(p.view) != p.digest:
+            corrupt(p)
+            chunk_hash = bytes(b ^ 0xFF for b in chunk_hash)
+        elif select is None:
+            hashes.put(p, chunk_hash)
+        out = [session.chunk_tag(number, i, chunk_hash)]
+    send_views(sock, out, _left(deadline))
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceeded("deadline passed while sending")
+    return left
 
 
 def _groups(views: Sequence[memoryview], step: int) -> list[list[memoryview]]:

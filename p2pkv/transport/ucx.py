@@ -49,6 +49,7 @@ from p2pkv.errors import DeadlineExceeded, TransportError
 from p2pkv.transport import wire
 from p2pkv.transport.base import PullItem, PullResult, is_device, mismatch, missing, ok
 from p2pkv.transport.conn import request_items
+from p2pkv.transport.session import Session
 from p2pkv.transport.land import scatter
 
 logger = logging.getLogger(__name__)
@@ -255,10 +256,14 @@ def new_tag() -> int:
     return secrets.randbits(62)
 
 
-def pull(engine: UcxEngine, staging: StagingPool, sock: socket.socket,
-         items: Sequence[PullItem], deadline: float) -> list[PullResult]:
-    """The puller's half of one UCX pull: ``Send`` on the control connection ``sock``, the
-    bytes into a staging buffer over UCX, then checked (host) and scattered into place.
+def pull(engine: UcxEngine, staging: StagingPool, sock: socket.socket, session: Session,
+         items: Sequence[PullItem], deadline: float, namespace: str = "") -> list[PullResult]:
+    """The puller's half of one UCX pull: ``Send`` on the control connection ``sock`` (its
+    ``session``), the bytes into a staging buffer over UCX, then checked (host) and scattered
+    into place.
+
+    NOTE: the bytes over UCX carry the holder's xxh3-64 (in MACed headers), not a keyed
+    digest: that catches corruption, not an attacker on an RDMA fabric.
 
     Returns one result per item; raises TransportError/OSError when the whole pull failed.
     """
@@ -268,8 +273,8 @@ def pull(engine: UcxEngine, staging: StagingPool, sock: socket.socket,
     if left <= 0:
         raise DeadlineExceeded("deadline passed before the UCX request")
     request = wire.Send([bytes(i.key) for i in items], tag, worker.address,
-                        max(1, int(left * 1000)))
-    headers = request_items(sock, request, items, deadline)
+                        max(1, int(left * 1000)), namespace=namespace)
+    headers = request_items(sock, session, request, items, deadline)
     device_piece = next((p for i in items for p in i.dest if is_device(p)), None)
     ok_items = [n for n, h in enumerate(headers) if h.status is wire.Status.OK]
     total = sum(items[n].nbytes for n in ok_items)

@@ -6,17 +6,27 @@ one at a time::
     server hello : "P2KV" | u16 version | u16 flags (bit 0: auth required) | 32 B nonce_s
     client proof : u16 version | 6 pad | 32 B nonce_c | 32 B HMAC(key, "c" nonce_s nonce_c)
     server reply : u8 status | 7 pad | 32 B HMAC(key, "s" nonce_c nonce_s) | u32 n | n B PeerInfo
-    request      : u32 length | msgpack Request (Pull | Pin | Release | Send)
+    request      : u32 length (of what follows) | 16 B MAC | msgpack Request
+                   (Pull | Pin | Release | Send)
+    reply        : the header table (below) | 16 B MAC of it
     Pull reply   : one ItemHeader per key (u8 status, 7 pad, u64 nbytes, u64 xxh3-64 digest),
                    then the payloads of the OK items, back to back, in the same order; with
                    ``select`` (a ``selection.Selection``) each payload is only the selected
-                   bytes of its chunk, and the digest is the holder's xxh3-64 of those
+                   bytes of its chunk, and the digest is the holder's xxh3-64 of those.
+                   With ``keyed``: digests are 0 and each payload is followed by its
+                   16-byte keyed BLAKE3 tag (``session.py``)
     Pin reply    : one PinHeader per key (ItemHeader + u64 slot + u64 generation); the server
                    keeps those slots pinned until the client's Release (or the connection ends)
     Release      : no reply
     Send reply   : one ItemHeader per key; then the holder sends each OK chunk over UCX
                    (tag + its index in the request) to the UCX worker at ``reply_to``, and
                    keeps it pinned until UCX is done with it (see ``transport/ucx.py``)
+    error reply  : one ItemHeader (BAD_REQUEST, WRONG_NAMESPACE) | 16 B MAC; then the holder
+                   closes the connection
+
+The MACs are under the session key from the handshake's nonces, over the direction and the
+request's number on the connection (``session.py``); a request whose MAC fails is dropped
+with the connection, unanswered, and counted (``ServerHealth.bad_macs``).
 
 Without a cluster secret both MACs are zeros and the hello says "no auth"; a side that has a
 secret refuses a peer that has none. A bad proof gets status AUTH_FAILED before any chunk byte.
@@ -33,6 +43,10 @@ History: 1 — walking skeleton (whole chunks by key, per-chunk digest).
          3 — ``Pull.select``: part of each chunk (a range of KV heads and layers, for a
              puller at a higher tensor parallelism than the holder). A v2 holder would
              ignore the field and send whole chunks, hence the bump.
+         4 — a session key from the handshake; a 16-byte MAC on every request and reply
+             header; ``Pull.keyed`` (a keyed BLAKE3 tag after each payload, for pulls
+             between hosts); ``namespace`` on Pull, Pin and Send (a holder of another
+             refuses with WRONG_NAMESPACE).
 """
 
 from __future__ import annotations
@@ -49,12 +63,13 @@ from p2pkv.errors import AuthError, BadRequest
 from p2pkv.keys import MAX_KEY_BYTES
 from p2pkv.transport.selection import Selection
 
-WIRE_VERSION = 3
+WIRE_VERSION = 4
 MAX_REQUEST_BYTES = 1 << 20
 MAX_KEYS_PER_REQUEST = 4096
 MAGIC = b"P2KV"
 NONCE_BYTES = 32
 MAC_BYTES = 32
+TAG_BYTES = 16  # the MAC on requests and reply headers, and a keyed chunk digest
 FLAG_AUTH = 1
 
 _LEN = struct.Struct("<I")
@@ -83,15 +98,21 @@ class Status(enum.IntEnum):
     """The request was malformed; the holder closes the connection after this header."""
     AUTH_FAILED = 3
     """The handshake's proof was wrong (or the versions differ); nothing else follows."""
+    WRONG_NAMESPACE = 4
+    """The request names another namespace than the holder's; the holder closes the
+    connection after this header."""
 
 
 class Pull(msgspec.Struct, frozen=True, tag="pull"):
     keys: list[bytes]
     select: Selection | None = None  # the same part of every chunk (None: whole chunks)
+    namespace: str = ""  # the puller's ("": not checked)
+    keyed: bool = False  # a keyed BLAKE3 tag after each payload instead of the xxh3 digest
 
 
 class Pin(msgspec.Struct, frozen=True, tag="pin"):
     keys: list[bytes]
+    namespace: str = ""
 
 
 class Release(msgspec.Struct, frozen=True, tag="release"):
@@ -103,6 +124,7 @@ class Send(msgspec.Struct, frozen=True, tag="send"):
     tag: int  # item i goes with UCX tag ``tag + i``
     reply_to: bytes  # the puller's UCX worker address
     timeout_ms: int  # the holder gives up on the sends after this long
+    namespace: str = ""
 
 
 Request = Pull | Pin | Release | Send
@@ -194,15 +216,29 @@ def decode_info(data: bytes) -> PeerInfo:
         raise BadRequest(f"undecodable peer info: {e}") from None
 
 
+def encode_body(req: Request) -> bytes:
+    return _encoder.encode(req)
+
+
+def frame_request(tag: bytes, body: bytes) -> bytes:
+    """``u32 length | tag | body`` (the tag from ``session.Session.tag``)."""
+    assert len(tag) == TAG_BYTES
+    return _LEN.pack(TAG_BYTES + len(body)) + tag + body
+
+
 def encode_request(req: Request) -> bytes:
-    body = _encoder.encode(req)
-    return _LEN.pack(len(body)) + body
+    """A request framed with a zero MAC: what a connection without a cluster secret carries
+    (tests and the fault bench; the transport frames with ``session.encode_request``)."""
+    return frame_request(bytes(TAG_BYTES), encode_body(req))
 
 
 def request_length(prefix: bytes) -> int:
+    """What follows a request's length prefix (its MAC and body), checked."""
     (n,) = _LEN.unpack(prefix)
-    if n > MAX_REQUEST_BYTES:
+    if n > MAX_REQUEST_BYTES + TAG_BYTES:
         raise BadRequest(f"request of {n} bytes exceeds {MAX_REQUEST_BYTES}")
+    if n < TAG_BYTES:
+        raise BadRequest(f"request of {n} bytes has no room for its MAC")
     return n
 
 

@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass, fields
 from typing import Any
 
+from p2pkv.directory.shards import ShardSpec, parse_directory
 from p2pkv.errors import ConfigError
 from p2pkv.transport.choose import TRANSPORT_KINDS
 
@@ -15,7 +16,9 @@ from p2pkv.transport.choose import TRANSPORT_KINDS
 @dataclass(frozen=True, slots=True)
 class ConnectorConfig:
     directory: str
-    """Directory endpoint, e.g. ``tcp://10.0.0.5:7420``."""
+    """Directory endpoint, e.g. ``tcp://10.0.0.5:7420``; or a sharded directory: a list (or a
+    comma-separated string) of shards, each ``PRIMARY[|REPLICA]``, in the same order on every
+    instance and the router (``directory/shards.py``: ``parse_directory``)."""
     transport: str = "auto"
     bind_host: str = "127.0.0.1"
     """Where this instance's data-plane server listens (use the host's cluster address)."""
@@ -46,9 +49,10 @@ class ConnectorConfig:
     """p2pkv's log level inside vLLM (e.g. DEBUG); default: the same as vLLM's."""
 
     def __post_init__(self) -> None:
-        if not self.directory.startswith(("tcp://", "ipc://")):
-            raise ConfigError("directory must be a tcp:// or ipc:// endpoint, not "
+        if not isinstance(self.directory, str):
+            raise ConfigError("directory must be a tcp:// or ipc:// endpoint (or shards), not "
                               f"{self.directory!r}")
+        parse_directory(self.directory)
         if self.transport not in TRANSPORT_KINDS:
             raise ConfigError(f"transport must be one of {TRANSPORT_KINDS}")
         for name in ("chunk_tokens", "pull_threads"):
@@ -76,6 +80,8 @@ class ConnectorConfig:
         values: dict[str, Any] = {}
         for name, value in extra.items():
             default = known[name].default
+            if name == "directory" and isinstance(value, (list, tuple)):
+                value = ",".join(str(v) for v in value)  # shards
             want = type(default) if name != "directory" else str
             if want is bool and not isinstance(value, bool):  # bool("false") is True
                 raise ConfigError(f"{name}={value!r} is not true or false")
@@ -84,6 +90,11 @@ class ConnectorConfig:
             except (TypeError, ValueError):
                 raise ConfigError(f"{name}={value!r} is not a valid {want.__name__}") from None
         return cls(**values)
+
+    @property
+    def shards(self) -> list[ShardSpec]:
+        """The directory's processes (one, or shards with replicas)."""
+        return parse_directory(self.directory)
 
     @property
     def store_bytes(self) -> int:

@@ -23,7 +23,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from p2pkv.affinity import widen_cpu_affinity
-from p2pkv.directory.client import DirectoryClient
+from p2pkv.directory.shards import connect as connect_directory
 from p2pkv.errors import ConfigError
 from p2pkv.keys import InstanceId, NamespaceSpec, probe_of
 from p2pkv.secret import load_secret
@@ -169,8 +169,8 @@ class P2PKVConnector(KVConnectorBase_V1):
         secret = load_secret(self._config.secret_file) if self._config.secret_file else None
         if secret is None:
             logger.warning("p2pkv: no secret_file: directory traffic is unauthenticated")
-        directory = DirectoryClient(self._config.directory, secret=secret,
-                                    thread_init=widen_cpu_affinity)
+        directory = connect_directory(self._config.shards, secret=secret,
+                                      thread_init=widen_cpu_affinity)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:

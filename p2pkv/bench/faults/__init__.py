@@ -14,13 +14,17 @@ holder is back to its baseline file descriptors after the fault stops, and the h
     malformed         10,000 malformed frames: bad handshakes and garbage after good ones
                       (pulls go on until all of them were sent)
     corrupt           a byte flipped in one stored chunk (pulls of it must fail)
+    corrupt-keyed     the same with a cluster secret and keyed chunk tags (as between
+                      hosts: the holder checks its stored digest before it tags a chunk)
 
 The router's cases (a flood on its port, malformed requests, a 1 GB body, under 16
 concurrent clients: ``faults/router.py``) and the directory's (a flood on its port,
 malformed frames, a member forging the holder's registration, while lookups run:
-``faults/directory.py``) follow. The cases of the issue that need vLLM (64 clients through
-the router over 2 vLLM instances, a holder SIGKILLed or SIGSTOPped, the directory restarted
-under that load) are listed as not run: no figures are made up for them.
+``faults/directory.py``) follow. With ``--vllm``, the cases of the issue that need vLLM
+(64 clients through the router over 2 vLLM instances, a holder SIGSTOPped and one SIGKILLed,
+the directory restarted under that load: ``faults/vllm.py``) run last (``--only-vllm``:
+only those); without it they are listed as not run: no figures are made up for them. They
+start vLLM: run them under the machine's vLLM lock.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import numpy as np
 
 from p2pkv.bench.faults.row import Row, fds, rss_mib
 from p2pkv.keys import ChunkKey
+from p2pkv.secret import ClusterSecret
 from p2pkv.transport import wire
 from p2pkv.transport.base import Outcome, PullItem
 from p2pkv.transport.choose import make_transport
@@ -46,6 +51,7 @@ from p2pkv.transport.choose import make_transport
 CHUNK = 256 << 10
 CHUNKS = 8
 PULL_TIMEOUT_S = 5.0
+SECRET = ClusterSecret(b"bench-faults-cluster-secret-0123")  # the keyed case's own
 NOT_RUN = {
     "router load (64 clients, 60 s, 2 vLLM)": "needs vLLM instances",
     "holder SIGKILL / SIGSTOP under load": "needs vLLM instances",
@@ -61,8 +67,14 @@ def _bytes(i: int) -> np.ndarray:
     return np.random.default_rng([13, i]).integers(0, 256, CHUNK, dtype=np.uint8)
 
 
-def _holder(corrupt: int, pipe) -> None:
-    transport = make_transport("tcp", bind_host="127.0.0.1")
+def _transport(keyed: bool):
+    if not keyed:
+        return make_transport("tcp", bind_host="127.0.0.1")
+    return make_transport("tcp", bind_host="127.0.0.1", secret=SECRET, chunk_digest="keyed")
+
+
+def _holder(corrupt: int, keyed: bool, pipe) -> None:
+    transport = _transport(keyed)
     store = transport.create_store(CHUNK, CHUNKS)
     for i in range(CHUNKS):
         w = store.reserve(_key(i))
@@ -133,15 +145,16 @@ def _malformed(address: str, frames: int, stop, count) -> None:
             pass
 
 
-def _pull_loop(address: str, seconds: float, row: Row, expect_bad: int = -1) -> None:
+def _pull_loop(address: str, seconds: float, row: Row, expect_bad: int = -1,
+               keyed: bool = False) -> None:
     """Pull every chunk, one pull each, over and over for ``seconds``; a new connection
     every fourth round."""
     end = time.monotonic() + seconds
     rounds = 0
-    pooled = make_transport("tcp", bind_host="127.0.0.1")
+    pooled = _transport(keyed)
     try:
         while time.monotonic() < end:
-            fresh = make_transport("tcp", bind_host="127.0.0.1") if rounds % 4 == 0 else None
+            fresh = _transport(keyed) if rounds % 4 == 0 else None
             t = fresh or pooled
             for i in range(CHUNKS):
                 dest = np.zeros(CHUNK, dtype=np.uint8)
@@ -168,15 +181,15 @@ def _pull_loop(address: str, seconds: float, row: Row, expect_bad: int = -1) -> 
 
 def _case(name: str, seconds: float,
           fault: Callable[[str, object, object], mp.Process] | None, unit: str = "",
-          corrupt: int = -1, finish: bool = False) -> Row:
+          corrupt: int = -1, finish: bool = False, keyed: bool = False) -> Row:
     ctx = mp.get_context("spawn")
     mine, theirs = ctx.Pipe()
-    holder = ctx.Process(target=_holder, args=(corrupt, theirs), daemon=True)
+    holder = ctx.Process(target=_holder, args=(corrupt, keyed, theirs), daemon=True)
     holder.start()
     row = Row(name)
     try:
         address, pid = mine.recv()
-        _pull_loop(address, 0.5, Row("warm-up"))
+        _pull_loop(address, 0.5, Row("warm-up"), keyed=keyed)
         time.sleep(0.5)
         baseline_fds, row.rss_before = fds(pid), rss_mib(pid)
         stop, count = ctx.Event(), ctx.Value("q", 0)
@@ -184,12 +197,12 @@ def _case(name: str, seconds: float,
         if proc is not None:
             proc.start()
             time.sleep(1.0)  # the fault is on before the pulls start
-        _pull_loop(address, seconds, row, expect_bad=corrupt)
+        _pull_loop(address, seconds, row, expect_bad=corrupt, keyed=keyed)
         if proc is not None:
             if finish:  # the fault has a fixed size: pull on until all of it was sent
                 t_end = time.monotonic() + 300
                 while proc.is_alive() and time.monotonic() < t_end:
-                    _pull_loop(address, 1.0, row, expect_bad=corrupt)
+                    _pull_loop(address, 1.0, row, expect_bad=corrupt, keyed=keyed)
             stop.set()
             proc.join(5)
             if proc.is_alive():
@@ -212,8 +225,11 @@ def _case(name: str, seconds: float,
     return row
 
 
-def run(seconds: float, router: bool = True, directory: bool = True) -> list[Row]:
+def run(seconds: float, router: bool = True, directory: bool = True,
+        data_plane: bool = True) -> list[Row]:
     ctx = mp.get_context("spawn")
+    if not data_plane:
+        return []
     rows = [
         _case("baseline", seconds, None),
         _case("flood", seconds, lambda a, stop, n: ctx.Process(
@@ -223,6 +239,7 @@ def run(seconds: float, router: bool = True, directory: bool = True) -> list[Row
             target=_malformed, args=(a, 10_000, stop, n), daemon=True), "malformed frames",
             finish=True),
         _case("corrupt", seconds, None, corrupt=3),
+        _case("corrupt-keyed", seconds, None, corrupt=3, keyed=True),
     ]
     if router:
         from p2pkv.bench.faults import router as faults_router
@@ -241,23 +258,51 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-router", action="store_true", help="skip the router's cases")
     parser.add_argument("--no-directory", action="store_true",
                         help="skip the directory's cases")
+    parser.add_argument("--vllm", action="store_true",
+                        help="also run the cases on real vLLM (2 instances, the router)")
+    parser.add_argument("--only-vllm", action="store_true", help="only the vLLM cases")
+    parser.add_argument("--vllm-load-s", type=float, default=60.0,
+                        help="the vLLM load case's length")
+    parser.add_argument("--vllm-fault-s", type=float, default=20.0,
+                        help="each vLLM fault case's length")
+    parser.add_argument("--vllm-fault-after-s", type=float, default=0.3,
+                        help="when the fault comes in each vLLM fault case")
+    parser.add_argument("--clients", type=int, default=64,
+                        help="concurrent clients in the vLLM cases")
 
 
 def main(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
-    rows = run(args.seconds, router=not args.no_router, directory=not args.no_directory)
-    print(f"{'case':<10} {'sent':>6} {'correct':>7} {'caught':>6} {'failed':>6} "
+    only = args.only_vllm
+    rows = run(args.seconds, router=not (args.no_router or only),
+               directory=not (args.no_directory or only), data_plane=not only)
+    notes: list[str] = []
+    if args.vllm or only:
+        from p2pkv.bench.faults import vllm as faults_vllm
+
+        vllm_rows, notes = faults_vllm.run(args.vllm_load_s, args.vllm_fault_s, args.clients,
+                                           args.vllm_fault_after_s)
+        rows += vllm_rows
+    print(f"{'case':<13} {'sent':>6} {'correct':>7} {'caught':>6} {'failed':>6} "
           f"{'wrong':>5} {'slowest':>9} {'recover':>8} {'RSS before':>10} {'after':>7}  fault")
     for r in rows:
         recover = f"{r.recover_s:.1f} s" if r.recover_s is not None else "never"
-        print(f"{r.case:<10} {r.sent:>6} {r.correct:>7} {r.caught:>6} {r.failed:>6} "
+        print(f"{r.case:<13} {r.sent:>6} {r.correct:>7} {r.caught:>6} {r.failed:>6} "
               f"{r.wrong:>5} {r.slowest_ms:>6.0f} ms {recover:>8} {r.rss_before:>6.0f} MiB "
               f"{r.rss_after:>4.0f} MiB  {r.fault}")
-    for case, why in NOT_RUN.items():
-        print(f"not run: {case} ({why})")
-    print(f"(data plane: {CHUNKS} chunks of {CHUNK >> 10} KiB, pull deadline "
-          f"{PULL_TIMEOUT_S:g} s, the holder with the default ServerLimits; "
-          f"{time.monotonic() - t0:.0f} s)")
+    if not (args.vllm or only):
+        for case, why in NOT_RUN.items():
+            print(f"not run: {case} ({why})")
+    else:
+        print(f"(vLLM cases: {args.clients} clients through the router over instances A and "
+              f"B, load {args.vllm_load_s:g} s, each fault case {args.vllm_fault_s:g} s; "
+              "RSS: A's process group)")
+    for note in notes:
+        print(f"note: {note}")
+    if not only:
+        print(f"(data plane: {CHUNKS} chunks of {CHUNK >> 10} KiB, pull deadline "
+              f"{PULL_TIMEOUT_S:g} s, the holder with the default ServerLimits)")
+    print(f"({time.monotonic() - t0:.0f} s in all)")
     bad = any(r.wrong or r.failed for r in rows)
     return 1 if bad else 0
 
