@@ -85,7 +85,7 @@ def test_streamed_disaggregated_request(cluster):
 @pytest.fixture(scope="module")
 def pd_results(cluster):
     c, p, d, router, model = cluster
-    ep = cluster_endpoints(c, p.url, d.url)
+    ep = cluster_endpoints(c, p, d, holder_partial=True)
     return {r.case.name: r for r in run_cases(pd_cases(), document_tokens(model), ep)}
 
 

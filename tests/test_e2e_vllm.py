@@ -24,7 +24,8 @@ if os.environ.get("P2PKV_REQUIRE_E2E") != "1":
 from p2pkv.harness import documents  # noqa: E402
 from p2pkv.harness.cluster import LocalCluster, wait_healthy  # noqa: E402
 from p2pkv.harness.documents import document_messages  # noqa: E402
-from p2pkv.harness.openai_client import chat  # noqa: E402
+from p2pkv.harness.held import HeldWaiter  # noqa: E402
+from p2pkv.harness.openai_client import chat, chat_body  # noqa: E402
 
 MAX_TOKENS = 24
 
@@ -44,6 +45,13 @@ def cluster(tmp_path_factory):
         b = c.start_vllm("B")
         wait_healthy([a, b], timeout_s=600)
         yield c, a, b
+
+
+def wait_held(c: LocalCluster, engine: str, messages: list[dict[str, str]]) -> None:
+    """Until the directory shows ``engine`` holding the prompt's chunks: it publishes them
+    from its save thread, maybe after its answer came back."""
+    waiter = HeldWaiter(c.directory, c.model)
+    waiter.wait_held(engine, waiter.chat_keys(chat_body(messages, max_tokens=MAX_TOKENS)))
 
 
 def total(c: LocalCluster, key: str) -> int:
@@ -66,6 +74,7 @@ def test_pulled_kv_gives_the_holders_answer(cluster):
     messages = document_messages(document_part(0), "Who founded the cooperative?")
     chat(a.url, messages, max_tokens=MAX_TOKENS)  # A computes, saves and publishes
     a_local = chat(a.url, messages, max_tokens=MAX_TOKENS)  # A's own prefix-cache hit
+    wait_held(c, a.name, messages)
     b_pulled = chat(b.url, messages, max_tokens=MAX_TOKENS)
     # Only B pulls in this test, so any pulled chunk is B's.
     assert wait_total_above(c, "chunks_pulled", 0) >= 1, "B did not pull any chunk from A"
@@ -77,6 +86,7 @@ def test_dead_holder_means_recompute(cluster):
     c, a, b = cluster
     messages = document_messages(document_part(1), "How many steps does the staircase have?")
     chat(a.url, messages, max_tokens=MAX_TOKENS)  # A now holds this document's chunks
+    wait_held(c, a.name, messages)  # and the directory points at A for them
     failed_before = total(c, "chunks_failed")
     a.proc.kill()  # a crash: A never unregisters, so the directory still points at it
     t0 = time.monotonic()

@@ -25,8 +25,10 @@ if os.environ.get("P2PKV_REQUIRE_E2E") != "1":
 import httpx  # noqa: E402
 
 from p2pkv.harness.cluster import LocalCluster, wait_healthy  # noqa: E402
+from p2pkv.harness.held import HeldWaiter  # noqa: E402
 
 CHUNK_TOKENS = 128  # chunk_tokens default (8 of MLA's 16-token CPU blocks)
+MLA_BLOCK_TOKENS = 16  # vLLM's CPU MLA backend takes this block size only
 
 
 def mla_model(dest: Path) -> Path:
@@ -79,6 +81,8 @@ def test_mla_chunks_are_stored_once_and_pulled_into_tp1_unchanged(cluster, lengt
     c, a, b = cluster
     tokens = [random.Random(length).randrange(1000, 40000) for _ in range(length)]
     generate(a.url, tokens)  # A computes; only its rank 0 saves
+    waiter = HeldWaiter(c.directory, c.model, block_size=MLA_BLOCK_TOKENS)
+    waiter.wait_held("A", waiter.keys(tokens))  # published from A's save thread
     reference = generate(a.url, tokens)  # from A's own store (no vLLM prefix cache here)
     before = c.counter_totals().get("chunks_pulled", 0)
     pulled = generate(b.url, tokens)

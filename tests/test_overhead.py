@@ -46,3 +46,24 @@ def test_summary_ratios_goals_and_table():
     assert any("goal p2pkv cold miss <= 1.02x" in line and "(met)" in line for line in lines)
     worse = overhead.summarize(samples + _samples("p2pkv", [], [9.0, 9.0, 9.0]))
     assert "NOT met" in "\n".join(overhead.render(worse, "x"))
+
+
+def test_setups_always_include_plain_vllm_and_refuse_unknown_ones(monkeypatch):
+    monkeypatch.setattr(overhead.lmcache, "installed", lambda: False)
+    assert overhead.setups_available() == ["vllm", "p2pkv"]
+    assert overhead.setups_available(["p2pkv"]) == ["vllm", "p2pkv"]
+    monkeypatch.setattr(overhead.lmcache, "installed", lambda: True)
+    assert overhead.setups_available() == ["vllm", "p2pkv", "lmcache"]
+    assert overhead.setups_available(["p2pkv", "vllm"]) == ["vllm", "p2pkv"]
+    try:
+        overhead.setups_available(["plain"])
+    except ValueError as e:
+        assert "unknown overhead setups" in str(e)
+    else:
+        raise AssertionError("an unknown setup was accepted")
+
+
+def test_table_names_the_load_it_was_measured_under():
+    s = overhead.summarize(_samples("vllm", [8.0], [0.5]) + _samples("p2pkv", [8.0], [0.5]))
+    assert "load average 1.5 -> 2.2" in overhead.render(s, "x", (1.5, 2.25))[0]
+    assert "load average" not in overhead.render(s, "x")[0]

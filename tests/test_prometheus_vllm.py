@@ -33,7 +33,8 @@ from p2pkv.harness.cluster import (  # noqa: E402
     wait_healthy,
 )
 from p2pkv.harness.documents import document_messages, document_part  # noqa: E402
-from p2pkv.harness.openai_client import chat  # noqa: E402
+from p2pkv.harness.held import HeldWaiter  # noqa: E402
+from p2pkv.harness.openai_client import chat, chat_body  # noqa: E402
 from p2pkv.harness.prometheus import find_prometheus, start_prometheus  # noqa: E402
 
 if find_prometheus() is None:
@@ -90,6 +91,8 @@ def test_prometheus_has_p2pkv_series_after_a_remote_hit(stack):
     c, a, b, router, prom = stack
     messages = document_messages(document_part(0, 6), "Who founded the cooperative?")
     chat(a.url, messages, max_tokens=4)  # A computes and publishes
+    waiter = HeldWaiter(c.directory, c.model)  # A publishes from its save thread: wait for it
+    waiter.wait_held("A", waiter.chat_keys(chat_body(messages, max_tokens=4)))
     chat(b.url, messages, max_tokens=4)  # B pulls A's chunks: a remote hit
     chat(router.url, document_messages(document_part(1, 6), "Why?"), max_tokens=4)
 

@@ -26,6 +26,7 @@ if os.environ.get("P2PKV_REQUIRE_E2E") != "1":
 from p2pkv.harness import documents  # noqa: E402
 from p2pkv.harness.cluster import LocalCluster, wait_healthy  # noqa: E402
 from p2pkv.harness.documents import document_messages  # noqa: E402
+from p2pkv.harness.held import HeldWaiter  # noqa: E402
 from p2pkv.harness.openai_client import CHAT, chat_body, post  # noqa: E402
 
 MAX_TOKENS = 12
@@ -50,10 +51,13 @@ def cluster(tmp_path_factory):
         yield c, a, b, router, model
 
 
-def ask(url: str, doc: int, question: str, stream: bool = False) -> httpx.Response:
-    body = chat_body(document_messages(document_part(doc), question), max_tokens=MAX_TOKENS,
+def body_of(doc: int, question: str, stream: bool = False) -> dict:
+    return chat_body(document_messages(document_part(doc), question), max_tokens=MAX_TOKENS,
                      stream=stream)
-    return post(url, CHAT, body, timeout_s=300)
+
+
+def ask(url: str, doc: int, question: str, stream: bool = False) -> httpx.Response:
+    return post(url, CHAT, body_of(doc, question, stream), timeout_s=300)
 
 
 def test_router_token_ids_match_the_instances(cluster):
@@ -85,7 +89,10 @@ def test_second_question_goes_to_the_holder(cluster):
 def test_a_document_computed_behind_the_routers_back_is_found_through_the_feed(cluster):
     c, a, b, router, model = cluster
     ask(b.url, 2, "Where was the granite quarried?")  # straight to B: only the feed knows
-    time.sleep(1.0)
+    # B publishes from its save thread, maybe after answering: wait until the directory (whose
+    # feed the router follows) shows B holding the prompt's chunks.
+    waiter = HeldWaiter(c.directory, model)
+    waiter.wait_held("B", waiter.chat_keys(body_of(2, "Where was the granite quarried?")))
     r = ask(router.url, 2, "How many steps does the staircase have?")
     assert r.headers["x-p2pkv-instance"] == "B"
     assert int(r.headers["x-p2pkv-cached-tokens"]) >= 128

@@ -87,16 +87,19 @@ def test_both_prefill_ranks_register_their_halves(cluster):
 def test_decode_at_tp1_answers_like_the_tp2_prefill_instance(cluster, length):
     c, p, d, _ = cluster
     tokens = prompt(7000 + length, length)
+    def held() -> dict[str, int]:
+        reply = c.stats()
+        return {i.instance: i.chunks for i in (reply.instances if reply else ())}
+
+    since = held()
     answer(p.url, tokens)  # P computes and saves every chunk, the partial last one too
-    # NOTE: a producer saves the partial chunk once the whole prompt is computed; both of
-    # P's ranks must hold every chunk before D looks them up
+    # NOTE: a producer saves the partial chunk once the whole prompt is computed (on a save
+    # thread, after the answer); both of P's ranks must hold every new chunk before D looks
+    # them up (they keep earlier cases' chunks: count from ``since``)
     chunks = -(-length // CHUNK)
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        reply = c.stats()
-        held = {i.instance: i.chunks for i in (reply.instances if reply else ())}
-        if held.get("P", 0) >= chunks and held.get("P/1", 0) >= chunks:
-            break
+    while not all(held().get(r, 0) >= since.get(r, 0) + chunks for r in ("P", "P/1")):
+        assert time.monotonic() < deadline, f"P did not publish {chunks} chunks on both ranks"
         time.sleep(0.1)
     reference = answer(p.url, tokens)  # P's own prefix-cache hit
     before = rank_counter(c, "D", "chunks_pulled")

@@ -90,17 +90,25 @@ def wait_counter_above(c: LocalCluster, engine: str, key: str, floor: int,
         time.sleep(0.2)
 
 
-def held_by(c: LocalCluster, engine: str, chunks: int, timeout_s: float = 15.0) -> None:
-    """Wait until every registered rank of ``engine`` has published at least ``chunks``."""
+def published(c: LocalCluster, engine: str) -> dict[str, int]:
+    """How many chunks each registered rank of ``engine`` has published so far."""
+    reply = c.stats()
+    return {i.instance: i.chunks for i in (reply.instances if reply else ())
+            if i.instance == engine or i.instance.startswith(engine + "/")}
+
+
+def held_by(c: LocalCluster, engine: str, chunks: int, since: dict[str, int],
+            timeout_s: float = 15.0) -> None:
+    """Wait until every registered rank of ``engine`` has published ``chunks`` more than it had
+    in ``since`` (taken before the request: ranks keep the chunks of earlier tests, and a
+    request's chunks are published from a save thread after its answer)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        reply = c.stats()
-        ranks = [i for i in (reply.instances if reply else ())
-                 if i.instance == engine or i.instance.startswith(engine + "/")]
-        if ranks and all(i.chunks >= chunks for i in ranks):
+        ranks = published(c, engine)
+        if ranks and all(n >= since.get(r, 0) + chunks for r, n in ranks.items()):
             return
         time.sleep(0.1)
-    raise AssertionError(f"{engine} did not publish {chunks} chunks on every rank")
+    raise AssertionError(f"{engine} did not publish {chunks} more chunks on every rank")
 
 
 def test_every_rank_registers_its_slice(cluster):
@@ -126,8 +134,9 @@ def test_puller_answers_like_the_holders_own_prefix_cache(cluster, holder, pulle
     c, *instances = cluster
     url = {i.name: i.url for i in instances}
     tokens = prompt(hash((holder, puller, length)) & 0xFFFF, length)
+    since = published(c, holder)
     generate(url[holder], tokens)  # the holder computes, saves and publishes
-    held_by(c, holder, length // CHUNK)
+    held_by(c, holder, length // CHUNK, since)
     reference = generate(url[holder], tokens)  # its own prefix-cache hit
     before = counters(c, puller).get("chunks_pulled", 0)
     pulled = generate(url[puller], tokens)
@@ -210,8 +219,9 @@ def test_a_dead_holder_rank_means_every_rank_recomputes(cluster):
     c, a, b, cc = cluster
     tokens = prompt(4242, 3 * CHUNK + 9)
     cold = generate(cc.url, tokens, salt="cold")  # C's own answer, computed from scratch
+    since = published(c, "A")
     generate(a.url, tokens)
-    held_by(c, "A", 3)
+    held_by(c, "A", 3, since)
     workers = _worker_pids(a.proc.popen.pid)
     assert len(workers) == 2, workers
     rest = [p for p in _pgid_pids(a.proc.popen.pid) if p not in workers]

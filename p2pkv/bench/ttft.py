@@ -28,7 +28,9 @@ served them, ``@tp2``/``@tp1``). Their JSON has each worker rank's bytes pulled.
 Every run ends with the *overhead table* (:mod:`p2pkv.harness.overhead`): a cold miss and a
 local hit on plain vLLM, on p2pkv and (where installed) on LMCache, one instance each, started
 together and measured interleaved (``--overhead-samples`` documents), all with the same
-placement of vLLM's threads. Writes JSON and, with matplotlib, a PNG plot.
+placement of vLLM's threads. ``--only-overhead`` runs the overhead table alone,
+``--overhead-samples 0`` skips it, ``--overhead-setups`` picks its setups. Writes JSON and,
+with matplotlib, a PNG plot.
 """
 
 from __future__ import annotations
@@ -245,6 +247,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "with and without a connector, interleaved); a multiple of the "
                              "setups (2 or 3) gives each setup each place in the order "
                              "equally; 0: no overhead table")
+    parser.add_argument("--only-overhead", action="store_true",
+                        help="run only the overhead table (no --configs)")
+    parser.add_argument("--overhead-setups", default=",".join(overhead.SETUPS),
+                        help="setups of the overhead table (plain vllm always; lmcache only "
+                             "where installed)")
     parser.add_argument("--settle-s", type=float, default=1.5)
     parser.add_argument("--out", type=Path, default=Path("docs/bench/ttft.json"))
     parser.add_argument("--workdir", type=Path, default=Path(".p2pkv-run/bench-ttft"))
@@ -266,7 +273,9 @@ def main(args: argparse.Namespace) -> int:
     requests = (qa_requests(tokens, [int(x) for x in args.lengths.split(",")],
                             args.docs * args.repeats, args.questions, tokenize)
                 + chat_requests(tokens, args.users * args.repeats, args.rounds, tokenize))
-    configs = [c for c in args.configs.split(",") if c]
+    configs = [] if args.only_overhead else [c for c in args.configs.split(",") if c]
+    if args.only_overhead and args.overhead_samples <= 0:
+        raise SystemExit("--only-overhead needs --overhead-samples of at least 1")
     unknown = sorted(set(configs) - set(CONFIGS))
     if unknown:
         raise SystemExit(f"unknown configs {unknown}; known: {list(CONFIGS)}")
@@ -279,7 +288,7 @@ def main(args: argparse.Namespace) -> int:
                      "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()[0],
                      "repeats": args.repeats, "requests_per_config": len(requests),
                      "configs": {}, "records": []}
-    setups = overhead.setups_available()
+    setups = overhead.setups_available([s for s in args.overhead_setups.split(",") if s])
     samples = max(0, args.overhead_samples)
     total = len(requests) * len(configs) + samples * len(setups) * len(overhead.KINDS)
     with tqdm(total=total, desc="requests", unit="req") as bar:
@@ -298,11 +307,12 @@ def main(args: argparse.Namespace) -> int:
                 continue
             results["configs"][name] = summarize(records, extra)
             results["records"] += [asdict(r) for r in records]
+            _write(results, args.out)  # a run stopped later keeps the configs done so far
         if samples:
             bar.set_postfix_str("overhead: starting instances")
-            results["overhead"] = run_overhead(tokens, max(int(x) for x in args.lengths.split(",")),
-                                               samples, tokenize, model, args.workdir,
-                                               args.settle_s, bar.update)
+            results["overhead"] = run_overhead(
+                tokens, max(int(x) for x in args.lengths.split(",")), samples, tokenize, model,
+                args.workdir, args.settle_s, bar.update, setups)
     _report(results, args.out)
     return 0
 
@@ -314,15 +324,26 @@ def placement() -> str:
 
 
 def run_overhead(tokens: list[int], length: int, samples: int, tokenize, model: Path,
-                 workdir: Path, settle_s: float, progress) -> dict:
-    """The overhead table's samples: new documents of ``length`` tokens, two questions each."""
+                 workdir: Path, settle_s: float, progress,
+                 setups: list[str] | tuple[str, ...] = overhead.SETUPS) -> dict:
+    """The overhead table's samples: new documents of ``length`` tokens, two questions each.
+    Records the host's load average before the instances start, when the first sample is in
+    and at the end (other jobs on the host spread the samples)."""
     reqs = qa_requests(tokens, [length], samples, 2, tokenize)
     pairs = [overhead.DocumentPair(a.prompt, b.prompt) for a, b in zip(reqs[0::2], reqs[1::2])]
     load = os.getloadavg()[0]
+    loads: list[float] = []
+
+    def first_progress(n: int) -> None:
+        if not loads:
+            loads.append(os.getloadavg()[0])  # the instances are up: the first sample is in
+        progress(n)
+
     with LocalCluster(workdir / "overhead", model) as cluster:
-        measured = overhead.run(pairs, cluster, settle_s, progress)
+        measured = overhead.run(pairs, cluster, settle_s, first_progress, setups)
         counters = cluster.counter_totals()
     return {"length": length, "placement": placement(), "load_avg_at_start": load,
+            "load_avg_measuring": [loads[0] if loads else load, os.getloadavg()[0]],
             **overhead.summarize(measured), "p2pkv_counters": counters,
             "samples": [asdict(m) for m in measured]}
 
@@ -349,11 +370,15 @@ def goals(configs: dict) -> dict:
     return out
 
 
-def _report(results: dict, out: Path) -> None:
-    configs = results["configs"]
-    results["goals"] = goals(configs)
+def _write(results: dict, out: Path) -> None:
+    results["goals"] = goals(results["configs"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
+
+
+def _report(results: dict, out: Path) -> None:
+    configs = results["configs"]
+    _write(results, out)
     if not configs:
         _report_overhead(results, out)
         return
@@ -403,7 +428,8 @@ def _report(results: dict, out: Path) -> None:
 def _report_overhead(results: dict, out: Path) -> None:
     o = results.get("overhead")
     if o:
-        print("\n".join(overhead.render(o, o["placement"])))
+        load = o.get("load_avg_measuring")
+        print("\n".join(overhead.render(o, o["placement"], tuple(load) if load else None)))
         c = o.get("p2pkv_counters", {})
         if "save_copy_ms" in c:
             print(f"  p2pkv's save thread: {c.get('chunks_saved', 0)} chunks copied in "

@@ -4,7 +4,9 @@ Each case sends one prompt (token ids, so lengths are exact) to the *holder* twi
 again so it is served from the holder's own prefix cache (the reference) — and to the *puller*,
 which pulls the holder's chunks. The puller's greedy output must equal the reference token for
 token. The holder computed those bytes, so a corrupted or misplaced pull shows up as a
-different answer. Each case also checks whether chunks were pulled when they should (and were
+different answer. The holder saves and publishes on a save thread, maybe after answering, so
+each case waits (with a deadline, :mod:`p2pkv.harness.held`) until the directory shows the
+holder holding the prompt's chunks before it asks the puller. Each case also checks whether chunks were pulled when they should (and were
 not when they must not be, e.g. across ``cache_salt`` tenants).
 
 :func:`run_suite` starts the holder and the pullers in a :class:`LocalCluster`;
@@ -23,8 +25,9 @@ from pathlib import Path
 
 import httpx
 
-from p2pkv.harness.cluster import LocalCluster, wait_healthy
+from p2pkv.harness.cluster import Instance, LocalCluster, wait_healthy
 from p2pkv.harness.documents import document_tokens
+from p2pkv.harness.held import HeldWaiter, NotHeld
 from p2pkv.harness.openai_client import complete
 
 MAX_TOKENS = 16
@@ -65,6 +68,14 @@ class Endpoints:
     """A puller with a tiny KV cache, for ``small_cache`` cases (empty: they fail)."""
     preemptions: Callable[[], int] = field(default=lambda: 0)
     """How many requests the small puller has preempted so far."""
+    wait_held: Callable[[Sequence[int], str | None], float | None] = field(
+        default=lambda tokens, salt: None)
+    """Return once the directory shows the holder holding the chunks it saves for a prompt
+    (token ids, ``cache_salt``), returning the seconds waited; raise :class:`NotHeld` at its
+    deadline. The holder saves and publishes on a save thread, after its answer may have come
+    back."""
+    puller_counters: Callable[[str], dict[str, int]] = field(default=lambda url: {})
+    """A puller's connector counters (from its ``/metrics``), to say why nothing was pulled."""
 
 
 def small_cases(block: int = 128) -> list[Case]:
@@ -134,9 +145,15 @@ def run_case(case: Case, tokens: Sequence[int], ep: Endpoints) -> CaseResult:
     if not puller:
         return CaseResult(case, False, "no puller with a small KV cache was started")
     references: dict[int, str] = {}
+    waited = 0.0
     for start, prompt in zip(starts, prompts):
         if start not in references:
             _answer(ep.holder, prompt, case.holder_salt)  # computes, saves, publishes
+            try:
+                # its save thread may publish after the answer: wait until the directory has it
+                waited = max(waited, float(ep.wait_held(prompt, case.holder_salt) or 0.0))
+            except NotHeld as e:
+                return CaseResult(case, False, f"holder: {e}")
             references[start] = _answer(ep.holder, prompt, case.holder_salt)  # own cache
     before, preempted_before = ep.chunks_pulled(), ep.preemptions()
     with concurrent.futures.ThreadPoolExecutor(case.concurrent) as pool:
@@ -146,10 +163,12 @@ def run_case(case: Case, tokens: Sequence[int], ep: Endpoints) -> CaseResult:
     if wrong:
         return CaseResult(case, False, f"puller said {wrong[0][0]!r}, holder said {wrong[0][1]!r}")
     if case.expect_pull and pulled == 0:
-        return CaseResult(case, False, "no chunk was pulled")
+        return CaseResult(case, False, "no chunk was pulled (the holder held them all; puller "
+                                       f"counters {ep.puller_counters(puller)})")
     if not case.expect_pull and pulled:
         return CaseResult(case, False, f"{pulled} chunks were pulled where none may be")
-    detail = f"identical output, {pulled} chunks pulled"
+    detail = (f"identical output, {pulled} chunks pulled (the holder's publish was seen "
+              f"{waited * 1000:.0f} ms after its answer)")
     if case.small_cache:
         preempted = ep.preemptions() - preempted_before
         if not preempted:
@@ -158,8 +177,9 @@ def run_case(case: Case, tokens: Sequence[int], ep: Endpoints) -> CaseResult:
     return CaseResult(case, True, detail)
 
 
-def _pulled_since(ep: Endpoints, before: int, expect: bool, timeout_s: float = 5.0) -> int:
-    """Counters reach the directory asynchronously: wait for them when a pull is expected,
+def _pulled_since(ep: Endpoints, before: int, expect: bool, timeout_s: float = 15.0) -> int:
+    """Counters reach the directory asynchronously (the puller reports them in the step that
+    hands vLLM the pulled request, before its answer): wait for them when a pull is expected,
     and give a pull that must not happen a moment to show up."""
     deadline = time.monotonic() + (timeout_s if expect else 1.0)
     while True:
@@ -187,12 +207,37 @@ def preemptions(url: str, timeout_s: float = 5.0) -> int:
                    if line.startswith("vllm:num_preemptions_total")))
 
 
-def cluster_endpoints(cluster: LocalCluster, holder: str, puller: str, small_puller: str = ""
-                      ) -> Endpoints:
-    """The instances' URLs, with the pulled chunks as ``cluster``'s directory counts them."""
-    return Endpoints(holder, puller, lambda: cluster.counter_totals().get("chunks_pulled", 0),
-                     small_puller,
-                     (lambda: preemptions(small_puller)) if small_puller else (lambda: 0))
+def connector_counters(url: str, timeout_s: float = 5.0) -> dict[str, int]:
+    """An instance's ``p2pkv_connector_*_total`` counters from its Prometheus metrics."""
+    out: dict[str, int] = {}
+    try:
+        text = httpx.get(url + "/metrics", timeout=timeout_s).text
+    except httpx.HTTPError:
+        return out
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if name.startswith("p2pkv_connector_") and name.endswith("_total"):
+            key = name.removeprefix("p2pkv_connector_").removesuffix("_total")
+            out[key] = out.get(key, 0) + int(float(rest.split()[-1]))
+    return out
+
+
+def cluster_endpoints(cluster: LocalCluster, holder: Instance, puller: Instance,
+                      small_puller: Instance | None = None, *, holder_partial: bool = False,
+                      held_timeout_s: float = 60.0) -> Endpoints:
+    """The instances' URLs, with the pulled chunks as ``cluster``'s directory counts them.
+    ``holder_partial``: the holder is a ``kv_producer`` (it saves prompts' partial chunks)."""
+    waiter = HeldWaiter(cluster.directory, cluster.model)
+    small = small_puller.url if small_puller is not None else ""
+
+    def wait_held(tokens: Sequence[int], salt: str | None) -> float:
+        keys = waiter.keys(tokens, salt, partial=holder_partial)
+        return waiter.wait_held(holder.name, keys, held_timeout_s)
+
+    return Endpoints(holder.url, puller.url,
+                     lambda: cluster.counter_totals().get("chunks_pulled", 0), small,
+                     (lambda: preemptions(small)) if small else (lambda: 0),
+                     wait_held, connector_counters)
 
 
 def run_suite(cluster: LocalCluster, cases: list[Case], model: Path) -> list[CaseResult]:
@@ -204,8 +249,7 @@ def run_suite(cluster: LocalCluster, cases: list[Case], model: Path) -> list[Cas
             "small-puller", max_model_len=SMALL_CACHE_MAX_MODEL_LEN,
             extra_args=["--num-gpu-blocks-override", str(SMALL_CACHE_BLOCKS)]))
     wait_healthy(insts, timeout_s=600)
-    ep = cluster_endpoints(cluster, insts[0].url, insts[1].url,
-                           insts[2].url if len(insts) > 2 else "")
+    ep = cluster_endpoints(cluster, insts[0], insts[1], insts[2] if len(insts) > 2 else None)
     return run_cases(cases, document_tokens(model), ep,
                      progress=lambda r: print(f"  {'ok  ' if r.ok else 'FAIL'} "
                                               f"{r.case.name:<22} {r.detail}", flush=True))

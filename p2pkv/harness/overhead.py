@@ -49,8 +49,14 @@ class DocumentPair:
     hit: tuple[int, ...]
 
 
-def setups_available() -> list[str]:
-    return [s for s in SETUPS if s != "lmcache" or lmcache.installed()]
+def setups_available(wanted: Sequence[str] = SETUPS) -> list[str]:
+    """The ``wanted`` setups that can run here (``lmcache`` only where it is installed), in
+    :data:`SETUPS` order; plain ``vllm`` always (the ratios are over it)."""
+    unknown = sorted(set(wanted) - set(SETUPS))
+    if unknown:
+        raise ValueError(f"unknown overhead setups {unknown}; known: {list(SETUPS)}")
+    return [s for s in SETUPS
+            if (s in wanted or s == "vllm") and (s != "lmcache" or lmcache.installed())]
 
 
 def start_setups(cluster: LocalCluster, setups: Sequence[str]) -> dict[str, Instance]:
@@ -88,8 +94,9 @@ def measure(pairs: Sequence[DocumentPair], instances: dict[str, Instance], settl
 
 
 def run(pairs: Sequence[DocumentPair], cluster: LocalCluster, settle_s: float,
-        progress: Callable[[int], None] = lambda n: None) -> list[Sample]:
-    instances = start_setups(cluster, setups_available())
+        progress: Callable[[int], None] = lambda n: None,
+        setups: Sequence[str] = SETUPS) -> list[Sample]:
+    instances = start_setups(cluster, setups_available(setups))
     wait_healthy(list(instances.values()), timeout_s=600)
     return measure(pairs, instances, settle_s, progress)
 
@@ -126,11 +133,15 @@ def summarize(samples: Sequence[Sample]) -> dict:
     return {"table": table, "goals": goals, "goal_ratio": GOAL_RATIO}
 
 
-def render(summary: dict, placement: str) -> list[str]:
+def render(summary: dict, placement: str, load: tuple[float, float] | None = None
+           ) -> list[str]:
+    """The table; ``load``: the host's 1-minute load average when the measured requests
+    began and when they ended."""
     table = summary["table"]
     setups = [s for s in SETUPS if s in table]
     lines = [f"OVERHEAD: TTFT p50 (s) where a connector cannot help, interleaved samples, "
-             f"same placement for all ({placement})",
+             f"same placement for all ({placement})"
+             + (f", load average {load[0]:.1f} -> {load[1]:.1f}" if load else ""),
              f"{'kind':<30}{'n':>4}" + "".join(f"{s:>16}" for s in setups)]
     labels = {"cold": "cold miss (new document)", "hit": "local hit (same document)"}
     for k in KINDS:
@@ -151,5 +162,6 @@ def render(summary: dict, placement: str) -> list[str]:
                          f"{summary['goal_ratio']:.2f}x vLLM (p50s): {ratio:.3f}x ({met}); "
                          f"median of per-document ratios {paired:.3f}x")
     if "lmcache" not in table:
-        lines.append("  lmcache: not installed (scripts/install_lmcache.sh adds the column)")
+        lines.append("  lmcache: not installed (scripts/install_lmcache.sh adds the column)"
+                     if not lmcache.installed() else "  lmcache: not measured in this run")
     return lines
