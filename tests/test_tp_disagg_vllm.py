@@ -87,6 +87,7 @@ def test_both_prefill_ranks_register_their_halves(cluster):
 def test_decode_at_tp1_answers_like_the_tp2_prefill_instance(cluster, length):
     c, p, d, _ = cluster
     tokens = prompt(7000 + length, length)
+
     def held() -> dict[str, int]:
         reply = c.stats()
         return {i.instance: i.chunks for i in (reply.instances if reply else ())}
