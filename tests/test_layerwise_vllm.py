@@ -68,7 +68,7 @@ def layerwise_loads(c: LocalCluster) -> int:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_layerwise_pull_gives_the_holders_answer(cluster, case):
     c, (holder, puller, small), tokens = cluster
-    ep = cluster_endpoints(c, holder.url, puller.url, small.url)
+    ep = cluster_endpoints(c, holder, puller, small)
     before = layerwise_loads(c)
     result = run_case(case, tokens, ep)
     assert result.ok, result.detail

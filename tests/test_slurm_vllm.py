@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import sys
 import time
@@ -172,8 +173,10 @@ def test_sbatch_two_nodes_remote_hit_across_nodes_then_scancel_cleans_up(slurm: 
     decode_log = (job_dir / "logs" / node2 / "decode-1.log").read_text(errors="replace")
     peer = stats["instances"]["prefill-0"]["address"]
     assert f"pulling from {peer} over tcp, not shm: it runs on another host" in decode_log
+    # the worker's line: "p2pkv: rank 0 pulled 9/9 chunks (53.1 MB) for <req> from <peer> in ..."
     pulled = [line for line in decode_log.splitlines()
-              if "p2pkv: pulled" in line and f"from {peer} in" in line]
+              if re.search(r"p2pkv: rank \d+ pulled \d+/\d+ chunks", line)
+              and f"from {peer} in" in line]
     assert pulled, decode_log[-3000:]
     print(f"job {job}: {prompt_tokens} prompt tokens; decode-1 on {node2} pulled "
           f"{decode['chunks_pulled']} chunks ({decode['bytes_pulled']} B) from prefill-0 on "

@@ -115,7 +115,7 @@ def test_decode_at_tp1_answers_like_the_tp2_prefill_instance(cluster, length):
 def pd_results(cluster):
     c, p, d, _ = cluster
     source = prompt(99, 4000)
-    ep = cluster_endpoints(c, p.url, d.url)
+    ep = cluster_endpoints(c, p, d, holder_partial=True)
     return {r.case.name: r for r in run_cases(pd_cases(), source, ep)}
 
 

@@ -105,15 +105,21 @@ class HeldWaiter:
 
 
 def _held_run(client: DirectoryClient, engine: str, keys: Sequence[ChunkKey]) -> int:
+    """The run every registered rank of ``engine`` holds (the shortest of theirs: a puller
+    at another tensor parallelism needs every holder rank's part)."""
     if not keys:
         return 0
-    namespace = _namespace_of(client.call(Stats(), CALL_TIMEOUT_S), engine)
+    stats = client.call(Stats(), CALL_TIMEOUT_S)
+    namespace = _namespace_of(stats, engine)
     if namespace is None:
         return 0
+    assert isinstance(stats, StatsReply)
+    ranks = {info.instance for info in stats.instances if engine in (info.engine, info.instance)}
     reply = client.call(Lookup(namespace=namespace, keys=list(keys)), CALL_TIMEOUT_S)
     if not isinstance(reply, LookupReply):
         return 0
-    return max((h.run for h in reply.holders if engine in (h.engine, h.instance)), default=0)
+    runs = {h.instance: h.run for h in reply.holders if h.instance in ranks}
+    return min((runs.get(rank, 0) for rank in ranks), default=0)
 
 
 def _namespace_of(reply: object, engine: str) -> Namespace | None:
