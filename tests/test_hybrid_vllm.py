@@ -13,7 +13,6 @@ From H, B's one rank pulls each of H's ranks' head (TP2→TP1), both groups' sel
 from __future__ import annotations
 
 import os
-import random
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ if os.environ.get("P2PKV_REQUIRE_E2E") != "1":
 import httpx  # noqa: E402
 
 from p2pkv.harness.cluster import LocalCluster, wait_healthy  # noqa: E402
+from tests.ranks import held, prompt, wait_held  # noqa: E402
 
 CHUNK = 128  # the CPU block size; chunk_tokens defaults to one block
 WINDOW = 200
@@ -48,31 +48,6 @@ def cluster(tmp_path_factory):
         h = c.start_vllm("H", max_model_len=2048, tensor_parallel_size=2)
         wait_healthy([a, b, h], timeout_s=900)
         yield c, a, b, h
-
-
-def prompt(seed: int, length: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(1000, 40000) for _ in range(length)]
-
-
-def held(c: LocalCluster, engine: str) -> dict[str, int]:
-    """Chunks published by each registered rank of ``engine`` ("A", "A/1", ...)."""
-    reply = c.stats()
-    return {i.instance: i.chunks for i in (reply.instances if reply else ())
-            if i.instance == engine or i.instance.startswith(engine + "/")}
-
-
-def wait_held(c: LocalCluster, engine: str, before: dict[str, int], new: int,
-              timeout_s: float = 15.0) -> None:
-    """Wait until every rank of ``engine`` has published ``new`` more chunks (saves are
-    asynchronous: a puller asking earlier would find fewer)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        now = held(c, engine)
-        if now and all(n >= before.get(k, 0) + new for k, n in now.items()):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{engine} did not publish {new} more chunks on every rank")
 
 
 def generate(url: str, tokens: list[int]) -> str:

@@ -10,7 +10,6 @@ equal the holder's own prefix-cache output, token for token.
 from __future__ import annotations
 
 import os
-import random
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ if os.environ.get("P2PKV_REQUIRE_E2E") != "1":
 import httpx  # noqa: E402
 
 from p2pkv.harness.cluster import LocalCluster, wait_healthy  # noqa: E402
+from tests.ranks import held, prompt, wait_held  # noqa: E402
 
 CHUNK = 128
 
@@ -50,31 +50,6 @@ def cluster(tmp_path_factory):
         b = c.start_vllm("B", max_model_len=2048)
         wait_healthy([a, b], timeout_s=900)
         yield c, a, b
-
-
-def prompt(seed: int, length: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(1000, 40000) for _ in range(length)]
-
-
-def held(c: LocalCluster, engine: str) -> dict[str, int]:
-    """Chunks published by each registered rank of ``engine`` ("A", "A/1", ...)."""
-    reply = c.stats()
-    return {i.instance: i.chunks for i in (reply.instances if reply else ())
-            if i.instance == engine or i.instance.startswith(engine + "/")}
-
-
-def wait_held(c: LocalCluster, engine: str, before: dict[str, int], new: int,
-              timeout_s: float = 15.0) -> None:
-    """Wait until every rank of ``engine`` has published ``new`` more chunks (saves are
-    asynchronous: a puller asking earlier would find fewer)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        now = held(c, engine)
-        if now and all(n >= before.get(k, 0) + new for k, n in now.items()):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{engine} did not publish {new} more chunks on every rank")
 
 
 def generate(url: str, tokens: list[int]) -> str:

@@ -12,7 +12,6 @@ suite's P/D cases run on the same pair, and one request goes through ``p2pkv rou
 from __future__ import annotations
 
 import os
-import random
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ if os.environ.get("P2PKV_REQUIRE_E2E") != "1":
     pytest.importorskip("vllm", reason="vLLM is not installed (run scripts/setup.sh)")
 
 from p2pkv.harness.cluster import LocalCluster, wait_healthy  # noqa: E402
+from tests.ranks import held, prompt, wait_held  # noqa: E402
 from p2pkv.harness.correctness import cluster_endpoints, pd_cases, run_cases  # noqa: E402
 from p2pkv.harness.openai_client import COMPLETIONS, complete, post  # noqa: E402
 
@@ -45,11 +45,6 @@ def cluster(tmp_path_factory):
         d = c.start_vllm("D", kv_role="kv_consumer", **common)
         wait_healthy([p, d], timeout_s=900)
         yield c, p, d, model
-
-
-def prompt(seed: int, length: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(1000, 40000) for _ in range(length)]
 
 
 def answer(url: str, tokens: list[int]) -> str:
@@ -88,20 +83,13 @@ def test_decode_at_tp1_answers_like_the_tp2_prefill_instance(cluster, length):
     c, p, d, _ = cluster
     tokens = prompt(7000 + length, length)
 
-    def held() -> dict[str, int]:
-        reply = c.stats()
-        return {i.instance: i.chunks for i in (reply.instances if reply else ())}
-
-    since = held()
+    since = held(c, "P")
     answer(p.url, tokens)  # P computes and saves every chunk, the partial last one too
     # NOTE: a producer saves the partial chunk once the whole prompt is computed (on a save
     # thread, after the answer); both of P's ranks must hold every new chunk before D looks
-    # them up (they keep earlier cases' chunks: count from ``since``)
+    # them up
     chunks = -(-length // CHUNK)
-    deadline = time.monotonic() + 15
-    while not all(held().get(r, 0) >= since.get(r, 0) + chunks for r in ("P", "P/1")):
-        assert time.monotonic() < deadline, f"P did not publish {chunks} chunks on both ranks"
-        time.sleep(0.1)
+    wait_held(c, "P", since, chunks)
     reference = answer(p.url, tokens)  # P's own prefix-cache hit
     before = rank_counter(c, "D", "chunks_pulled")
     decoded = answer(d.url, tokens)

@@ -13,7 +13,6 @@ its answer is its own cold answer (the same prompt under another ``cache_salt``)
 from __future__ import annotations
 
 import os
-import random
 import re
 import signal
 import socket
@@ -30,6 +29,7 @@ if os.environ.get("P2PKV_REQUIRE_E2E") != "1":
 import httpx  # noqa: E402
 
 from p2pkv.harness.cluster import LocalCluster, wait_healthy  # noqa: E402
+from tests.ranks import held, prompt, wait_held  # noqa: E402
 
 CHUNK = 128  # the CPU block size; chunk_tokens defaults to one block
 MAX_TOKENS = 12
@@ -51,11 +51,6 @@ def cluster(tmp_path_factory):
         cc = c.start_vllm("C", tensor_parallel_size=2, **common)
         wait_healthy([a, b, cc], timeout_s=900)
         yield c, a, b, cc
-
-
-def prompt(seed: int, length: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(1000, 40000) for _ in range(length)]
 
 
 def generate(url: str, tokens: list[int], salt: str | None = None) -> str:
@@ -90,27 +85,6 @@ def wait_counter_above(c: LocalCluster, engine: str, key: str, floor: int,
         time.sleep(0.2)
 
 
-def published(c: LocalCluster, engine: str) -> dict[str, int]:
-    """How many chunks each registered rank of ``engine`` has published so far."""
-    reply = c.stats()
-    return {i.instance: i.chunks for i in (reply.instances if reply else ())
-            if i.instance == engine or i.instance.startswith(engine + "/")}
-
-
-def held_by(c: LocalCluster, engine: str, chunks: int, since: dict[str, int],
-            timeout_s: float = 15.0) -> None:
-    """Wait until every registered rank of ``engine`` has published ``chunks`` more than it had
-    in ``since`` (taken before the request: ranks keep the chunks of earlier tests, and a
-    request's chunks are published from a save thread after its answer)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        ranks = published(c, engine)
-        if ranks and all(n >= since.get(r, 0) + chunks for r, n in ranks.items()):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{engine} did not publish {chunks} more chunks on every rank")
-
-
 def test_every_rank_registers_its_slice(cluster):
     c, *_ = cluster
     reply = c.stats()
@@ -134,9 +108,9 @@ def test_puller_answers_like_the_holders_own_prefix_cache(cluster, holder, pulle
     c, *instances = cluster
     url = {i.name: i.url for i in instances}
     tokens = prompt(hash((holder, puller, length)) & 0xFFFF, length)
-    since = published(c, holder)
+    since = held(c, holder)
     generate(url[holder], tokens)  # the holder computes, saves and publishes
-    held_by(c, holder, length // CHUNK, since)
+    wait_held(c, holder, since, length // CHUNK)
     reference = generate(url[holder], tokens)  # its own prefix-cache hit
     before = counters(c, puller).get("chunks_pulled", 0)
     pulled = generate(url[puller], tokens)
@@ -219,9 +193,9 @@ def test_a_dead_holder_rank_means_every_rank_recomputes(cluster):
     c, a, b, cc = cluster
     tokens = prompt(4242, 3 * CHUNK + 9)
     cold = generate(cc.url, tokens, salt="cold")  # C's own answer, computed from scratch
-    since = published(c, "A")
+    since = held(c, "A")
     generate(a.url, tokens)
-    held_by(c, "A", 3, since)
+    wait_held(c, "A", since, 3)
     workers = _worker_pids(a.proc.popen.pid)
     assert len(workers) == 2, workers
     rest = [p for p in _pgid_pids(a.proc.popen.pid) if p not in workers]

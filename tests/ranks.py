@@ -1,0 +1,37 @@
+"""Helpers for the real-vLLM tests at TP/PP > 1: token prompts and waiting for every worker
+rank of an engine to publish a request's chunks (saves run on a save thread, after the
+answer; ranks keep earlier cases' chunks, so counts are taken relative to a snapshot)."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from p2pkv.harness.cluster import LocalCluster
+
+
+def prompt(seed: int, length: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(1000, 40000) for _ in range(length)]
+
+
+def held(c: LocalCluster, engine: str) -> dict[str, int]:
+    """Chunks published by each registered rank of ``engine`` ("A", "A/1", ...)."""
+    reply = c.stats()
+    return {i.instance: i.chunks for i in (reply.instances if reply else ())
+            if i.instance == engine or i.instance.startswith(engine + "/")}
+
+
+def wait_held(c: LocalCluster, engine: str, before: dict[str, int], new: int,
+              timeout_s: float = 15.0) -> None:
+    """Wait until every rank of ``engine`` has published ``new`` more chunks than in
+    ``before`` (saves are asynchronous: a puller asking earlier would find fewer)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        now = held(c, engine)
+        if now and all(n >= before.get(k, 0) + new for k, n in now.items()):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{engine} did not publish {new} more chunks on every rank")
