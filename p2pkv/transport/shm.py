@@ -18,7 +18,8 @@ import re
 import socket
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import xxhash
@@ -161,6 +162,15 @@ def pull(sock: socket.socket, session: Session, slab: MappedSlab, items: Sequenc
     """Pin ``items`` on the holder over ``sock`` (its ``session``), copy them out of ``slab``
     (checking each digest), release the pins. Raises TransportError/OSError when the whole
     pull failed (the connection is then unusable)."""
+    with pins(sock, session, items, deadline, namespace) as headers:
+        return [_copy_out(slab, item, h, deadline) for item, h in zip(items, headers)]
+
+
+@contextmanager
+def pins(sock: socket.socket, session: Session, items: Sequence[PullItem], deadline: float,
+         namespace: str = "") -> Iterator[list[wire.PinHeader]]:
+    """Pin ``items``' chunks on the holder over ``sock`` (its ``session``): yields one
+    ``PinHeader`` per item and releases the pinned ones on exit, whatever happened."""
     number = session.requests
     send_views(sock, [encode_request(session, wire.Pin([bytes(i.key) for i in items],
                                                        namespace=namespace))],
@@ -170,7 +180,7 @@ def pull(sock: socket.socket, session: Session, slab: MappedSlab, items: Sequenc
     headers = [wire.unpack_pin(table[i * n:(i + 1) * n]) for i in range(len(items))]
     pinned = [(h.slot, h.generation) for h in headers if h.status is wire.Status.OK]
     try:
-        return [_copy_out(slab, item, h, deadline) for item, h in zip(items, headers)]
+        yield headers
     finally:
         if pinned:
             send_views(sock, [encode_request(session, wire.Release(pinned))],

@@ -36,8 +36,8 @@ from p2pkv.transport.base import (
     ok,
 )
 from p2pkv.transport.selection import Selection
-from p2pkv.transport.session import Session, encode_request, read_reply
-from p2pkv.transport.sockio import send_views
+from p2pkv.transport.session import Session
+from p2pkv.transport.shm import pins
 
 OnStage = Callable[[int], None]
 """Called with a stage's index once its bytes have landed (on the pulling thread)."""
@@ -68,15 +68,7 @@ def pull_shm(sock: socket.socket, session: Session, slab, stages: Sequence[Seque
     unusable)."""
     check_stages(stages)
     items = stages[0]
-    number = session.requests
-    send_views(sock, [encode_request(session, wire.Pin([bytes(i.key) for i in items],
-                                                       namespace=namespace))],
-               max(deadline - time.monotonic(), 0.001))
-    table = read_reply(sock, session, number, wire.PIN_HEADER_BYTES, len(items), deadline)
-    n = wire.PIN_HEADER_BYTES
-    headers = [wire.unpack_pin(table[i * n:(i + 1) * n]) for i in range(len(items))]
-    pinned = [(h.slot, h.generation) for h in headers if h.status is wire.Status.OK]
-    try:
+    with pins(sock, session, items, deadline, namespace) as headers:
         sources = [_source(slab, stages, i, h) for i, h in enumerate(headers)]
         for s, stage in enumerate(stages):
             for item, src in zip(stage, sources):
@@ -90,10 +82,6 @@ def pull_shm(sock: socket.socket, session: Session, slab, stages: Sequence[Seque
                    for item, src, h in zip(items, sources, headers)]
         return [[PullResult(item.key, r.outcome, r.reason) for item, r in zip(stage, outcome)]
                 for stage in stages]
-    finally:
-        if pinned:
-            send_views(sock, [encode_request(session, wire.Release(pinned))],
-                       max(deadline - time.monotonic(), 0.001))
 
 
 def _source(slab, stages: Sequence[Sequence[PullItem]], i: int, h: wire.PinHeader
