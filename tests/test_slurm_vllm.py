@@ -165,7 +165,14 @@ def test_sbatch_two_nodes_remote_hit_across_nodes_then_scancel_cleans_up(slurm: 
     assert stats["secure"], stats  # the directory runs with the job's generated secret
     assert stats["instances"]["prefill-0"]["address"].startswith(f"{slurm.address(node1)}:")
     assert stats["instances"]["decode-1"]["address"].startswith(f"{slurm.address(node2)}:")
-    assert decode["chunks_pulled"] >= full_chunks >= 5, (prompt_tokens, stats)
+    if decode["chunks_pulled"] < full_chunks:  # say why: the counters and p2pkv's log lines
+        decode_log = (job_dir / "logs" / node2 / "decode-1.log").read_text(errors="replace")
+        lines = "\n".join(line for line in decode_log.splitlines() if "p2pkv" in line)
+        pytest.fail(f"decode-1 pulled {decode['chunks_pulled']} of {full_chunks} chunks "
+                    f"({prompt_tokens} prompt tokens)\ncounters: {json.dumps(decode)}\n"
+                    f"directory: {json.dumps(stats)[:4000]}\ndecode-1's p2pkv lines:\n"
+                    f"{lines[-6000:]}\n{job_report(slurm, job, job_dir)}")
+    assert full_chunks >= 5, prompt_tokens
     assert decode["bytes_pulled"] > 0 and decode["chunks_failed"] == 0, stats
     # prefill-0 holds what decode-1 pulled (its chunks_served counter reaches the directory
     # only with its next engine step's report, and a prefill instance is idle by then)
