@@ -23,8 +23,11 @@ class FakeDirectory:
     replies: list = field(default_factory=list)  # what successive polls return
     asked: list = field(default_factory=list)
 
+    timeouts: list = field(default_factory=list)
+
     def start_lookup(self, namespace, keys, timeout_s):
         self.asked.append(list(keys))
+        self.timeouts.append(timeout_s)
         return len(self.asked)
 
     def wait_lookup(self, rid, max_wait_s):
@@ -214,6 +217,14 @@ def test_decode_pulls_the_partial_chunk_and_the_whole_prompt():
                                                req_ids=[], num_computed_tokens=[])),
                            lambda _: ([],)).loads
     assert [c.block_ids for c in plan.chunks] == [(10, 11), (12, 13), (14, None)]
+
+
+def test_a_decode_instance_waits_longer_for_the_directory_than_a_kv_both_one():
+    both, consumer = FakeDirectory([reply(1)]), FakeDirectory([reply(1)])
+    side(both, lookup_timeout_s=0.25).get_num_new_matched_tokens(request("r", 2), 0)
+    side(consumer, load_partial=True, lookup_timeout_s=0.25,
+         consumer_lookup_timeout_s=1.5).get_num_new_matched_tokens(request("r", 2), 0)
+    assert both.timeouts == [0.25] and consumer.timeouts == [1.5]
 
 
 def test_a_run_without_the_partial_chunk_stops_at_the_last_full_chunk():

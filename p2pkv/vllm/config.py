@@ -32,6 +32,10 @@ class ConnectorConfig:
     """Host memory for saved chunks (the slab is touched lazily)."""
     lookup_timeout_s: float = 0.25
     """Longest a request waits for the directory before it is treated as a miss."""
+    consumer_lookup_timeout_s: float = 1.0
+    """``lookup_timeout_s`` of a decode (``kv_consumer``) instance: its prompts were prefilled
+    elsewhere just before, so a miss recomputes the whole prompt; a loaded host's directory may
+    answer later than 250 ms (seen in CI), and waiting longer costs less than the recompute."""
     lookup_inline_wait_s: float = 0.002
     """How long a lookup may block the scheduler before it answers "ask again next step"."""
     directory_backoff_s: float = 5.0
@@ -70,7 +74,8 @@ class ConnectorConfig:
         for name in ("chunk_tokens", "pull_threads", "layer_groups"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
-        for name in ("store_gib", "lookup_timeout_s", "pull_timeout_s"):
+        for name in ("store_gib", "lookup_timeout_s", "consumer_lookup_timeout_s",
+                     "pull_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if self.log_level and self.log_level.upper() not in logging.getLevelNamesMapping():

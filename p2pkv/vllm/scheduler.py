@@ -244,7 +244,9 @@ class SchedulerSide:
             return None
         self.counters.lookups += 1
         wanted = keys[first:]
-        rid = self._directory.start_lookup(self._namespace, wanted, self._config.lookup_timeout_s)
+        timeout = (self._config.consumer_lookup_timeout_s if self._load_partial
+                   else self._config.lookup_timeout_s)
+        rid = self._directory.start_lookup(self._namespace, wanted, timeout)
         return _Lookup(rid, first, wanted, prompt_tokens // self._chunk_tokens, prompt_tokens,
                        self._clock())
 
