@@ -44,12 +44,34 @@ def document_parts(parts: int) -> list[str]:
     return [document_part(i, parts) for i in range(parts)]
 
 
-def document_tokens(model: Path) -> list[int]:
+def document_tokens(model: Path, at_least: int = 0) -> list[int]:
     """The whole document as ``model``'s tokenizer makes it (a token source for prompts of
-    exact lengths)."""
+    exact lengths). ``at_least``: for prompts longer than the document (~3,560 tokens), the
+    document followed by its sections again in other orders (:func:`long_document`) until
+    there are that many tokens."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model))(document())["input_ids"]
+    tok = AutoTokenizer.from_pretrained(str(model))
+    text = document()
+    for copy in range(1, 64):
+        ids = tok(text)["input_ids"]
+        if len(ids) >= at_least:
+            return ids
+        text = long_document(copy + 1)
+    raise AssertionError("unreachable: 64 copies of the document")
+
+
+def long_document(copies: int) -> str:
+    """The document, then ``copies - 1`` more arrangements of its sections (each copy's
+    paragraphs rotated by a different amount), as one text: a long-document source whose
+    chunks all differ. NOTE: vLLM's chained block hashes make a repeated paragraph a new chunk
+    anyway; rotating keeps the text from being one period repeated."""
+    paras = [p for p in document().split("\n\n") if p.strip()]
+    out = [document()]
+    for c in range(1, copies):
+        shift = (c * 7) % len(paras)
+        out.append("\n\n".join(paras[shift:] + paras[:shift]))
+    return "\n\n".join(out)
 
 
 def document_messages(document: str, question: str) -> list[dict[str, str]]:

@@ -59,7 +59,8 @@ def setups_available(wanted: Sequence[str] = SETUPS) -> list[str]:
             if (s in wanted or s == "vllm") and (s != "lmcache" or lmcache.installed())]
 
 
-def start_setups(cluster: LocalCluster, setups: Sequence[str]) -> dict[str, Instance]:
+def start_setups(cluster: LocalCluster, setups: Sequence[str], max_model_len: int = 4096
+                 ) -> dict[str, Instance]:
     out = {}
     if "p2pkv" in setups:
         cluster.start_directory()
@@ -68,9 +69,10 @@ def start_setups(cluster: LocalCluster, setups: Sequence[str]) -> dict[str, Inst
             server = lmcache.start_server(cluster, "tcp")
             out[name] = cluster.start_vllm("overhead-lmcache", connector=False,
                                            extra_args=server.vllm_args(),
-                                           extra_env=lmcache.ENV)
+                                           extra_env=lmcache.ENV, max_model_len=max_model_len)
         else:
-            out[name] = cluster.start_vllm(f"overhead-{name}", connector=name == "p2pkv")
+            out[name] = cluster.start_vllm(f"overhead-{name}", connector=name == "p2pkv",
+                                           max_model_len=max_model_len)
     return out
 
 
@@ -95,8 +97,8 @@ def measure(pairs: Sequence[DocumentPair], instances: dict[str, Instance], settl
 
 def run(pairs: Sequence[DocumentPair], cluster: LocalCluster, settle_s: float,
         progress: Callable[[int], None] = lambda n: None,
-        setups: Sequence[str] = SETUPS) -> list[Sample]:
-    instances = start_setups(cluster, setups_available(setups))
+        setups: Sequence[str] = SETUPS, max_model_len: int = 4096) -> list[Sample]:
+    instances = start_setups(cluster, setups_available(setups), max_model_len)
     wait_healthy(list(instances.values()), timeout_s=600)
     return measure(pairs, instances, settle_s, progress)
 

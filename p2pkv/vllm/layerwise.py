@@ -65,6 +65,11 @@ class LoadOutcome:
     nbytes: int
     elapsed_s: float
     addresses: tuple[str, ...]
+    waited_s: float = 0.0
+    """How long the step's attention layers were blocked waiting for this load's groups (the
+    part of the pull the forward pass did not hide)."""
+    landed_s: tuple[float, ...] = ()
+    """Per layer group: when its last part landed, from the load's start."""
 
 
 @dataclass(slots=True)
@@ -77,6 +82,8 @@ class _Load:
     futures: list[Future] = field(default_factory=list)
     late: str = ""  # why a layer ran before its group was there ("" if never)
     done_at: float = 0.0  # when its last pull returned (the pull's own duration, not the step's)
+    waited: float = 0.0  # seconds wait_layer blocked on this load
+    landed_at: list[float] = field(default_factory=list)  # per group, latest over the sources
 
 
 class LayerwiseLoads:
@@ -103,6 +110,7 @@ class LayerwiseLoads:
     def start(self, plan: LoadPlan, sources: tuple[Source, ...]) -> None:
         """Start pulling ``plan`` from ``sources`` (this rank's), group by group."""
         load = _Load(plan, sources, time.monotonic())
+        load.landed_at = [0.0] * len(self._groups)
         self._loads.append(load)
         for source in sources:
             events = [threading.Event() for _ in self._groups]
@@ -144,10 +152,14 @@ class LayerwiseLoads:
         for s, stage in enumerate(stages):
             if not stage:
                 events[s].set()
+        def landed(i: int) -> None:
+            g = live[i]
+            load.landed_at[g] = max(load.landed_at[g], time.monotonic() - load.started)
+            events[g].set()
+
         try:
             return self._transport.pull_staged(source.address, [stages[s] for s in live],
-                                               self._timeout_s,
-                                               lambda i: events[live[i]].set())
+                                               self._timeout_s, landed)
         finally:
             load.done_at = max(load.done_at, time.monotonic())
             for ev in events:
@@ -168,8 +180,11 @@ class LayerwiseLoads:
             return
         # NOTE: the transport returns within the pull's deadline; a margin for a loaded
         # machine, then the layer runs without it and the whole load is failed.
-        limit = max(0.0, load.started + self._timeout_s + 1.0 - time.monotonic())
-        if not event.wait(limit):
+        t0 = time.monotonic()
+        limit = max(0.0, load.started + self._timeout_s + 1.0 - t0)
+        arrived = event.wait(limit)
+        load.waited += time.monotonic() - t0
+        if not arrived:
             load.late = f"layers {self._groups[group]} were not there when they were read"
             logger.warning("p2pkv: %s: %s; the load is reported failed", load.plan.req_id,
                            load.late)
@@ -221,7 +236,8 @@ class LayerwiseLoads:
         nbytes = sum(ok * chunk_bytes * s.part.area // self._mine.area for s in load.sources)
         return LoadOutcome(plan.req_id, len(plan.chunks), ok, missing, frozenset(failed),
                            nbytes, (load.done_at or time.monotonic()) - load.started,
-                           tuple(s.address for s in load.sources))
+                           tuple(s.address for s in load.sources), load.waited,
+                           tuple(load.landed_at))
 
     def close(self) -> None:
         self.finish()

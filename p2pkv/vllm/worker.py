@@ -217,8 +217,10 @@ class WorkerSide:
         """Count a layer-wise load's outcome. NOTE: never in ``finished_recving``: the request
         of a synchronous load is running, not waiting (vLLM asserts on it)."""
         logger.info("p2pkv: rank %d pulled %d/%d chunks (%.1f MB) for %s layer-wise from %s "
-                    "in %.1f ms", self._rank, o.ok, o.chunks, o.nbytes / 1e6, o.req_id,
-                    ", ".join(o.addresses), o.elapsed_s * 1000)
+                    "in %.1f ms; layers waited %.1f ms; groups landed at %s ms", self._rank,
+                    o.ok, o.chunks, o.nbytes / 1e6, o.req_id, ", ".join(o.addresses),
+                    o.elapsed_s * 1000, o.waited_s * 1000,
+                    "/".join(f"{t * 1000:.0f}" for t in o.landed_s))
         with self._lock:
             self._failed_blocks |= o.failed_blocks
             c = self.counters
