@@ -20,6 +20,7 @@ from p2pkv.directory.protocol import InstanceInfo, RefusedRegistration, Stats, S
 from p2pkv.doctor.checks import address_findings, namespace_findings, probe_findings, server_findings
 from p2pkv.keys import InstanceId, Namespace
 from p2pkv.secret import ClusterSecret
+from p2pkv.transport.ucx import ucx_unavailable_reason
 from tests.conftest import python_env
 from tests.test_directory_service import Directory
 
@@ -107,6 +108,37 @@ def test_all_good_exits_0_and_names_each_path(spawn, directory, secret_file):
     code, report, _ = doctor(*args[:4], "--transport", "tcp")
     assert code == 0 and {p["transport"] for p in report["peers"]} == {"tcp"}
     print(table(*args))
+
+
+UCX_MISSING = ucx_unavailable_reason()
+
+
+@pytest.mark.skipif(bool(UCX_MISSING) and os.environ.get("P2PKV_REQUIRE_UCX") != "1",
+                    reason=UCX_MISSING or "-")
+def test_gpu_pulls_name_the_ucx_device_path_and_why(spawn, directory, secret_file,
+                                                    monkeypatch):
+    """From a host whose KV is in GPU memory (``--kv-memory gpu``), ``auto`` pulls over UCX
+    from a holder that offers it (``ucx-device``: same host, but out of its host store, so not
+    cuda_ipc) and out of the slab of one that does not; into host memory (``auto`` without
+    a GPU or RDMA uses no UCX) the UCX-only holder, which has no slab, over tcp."""
+    monkeypatch.setenv("UCX_TLS", "tcp")
+    peer(spawn, directory.endpoint, "inst-u", kind="ucx")
+    peer(spawn, directory.endpoint, "inst-s", kind="shm")
+    stats_until(directory.endpoint, lambda s: len(s.instances) == 2)
+    args = ("--directory", directory.endpoint, "--secret-file", str(secret_file),
+            "--transport", "auto")
+    code, report, _ = doctor(*args, "--kv-memory", "gpu")
+    assert code == 0 and report["transport"]["kv_memory"] == "gpu", report
+    peers = {p["instance"]: p for p in report["peers"]}
+    assert peers["inst-u"]["transport"] == "ucx-device", peers
+    assert "not cuda_ipc" in peers["inst-u"]["transport_reason"]
+    assert peers["inst-s"]["transport"] == "shm"
+    assert "offers no UCX" in peers["inst-s"]["transport_reason"]
+    code, report, _ = doctor(*args, "--kv-memory", "host")
+    peers = {p["instance"]: p for p in report["peers"]}
+    assert code == 0 and peers["inst-u"]["transport"] == "tcp", report  # ucx only: no slab
+    assert peers["inst-s"]["transport"] == "shm"
+    print(table(*args, "--kv-memory", "gpu"))
 
 
 def test_mismatched_probe_is_an_error_naming_the_instances(spawn, directory, secret_file):

@@ -11,7 +11,8 @@ What is checked, because it is what breaks clusters in practice:
 * every instance advertises an address other hosts can reach (not loopback in a cluster whose
   directory is not on loopback);
 * every data plane accepts a connection and the HMAC challenge-response from this host within
-  the deadline, and which path (shm or tcp) a pull from here would take, and why.
+  the deadline, and which path (cuda_ipc, ucx-device, ucx-host, shm or tcp:
+  ``choose.explain_path``) a pull from here would take, and why.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from p2pkv.transport.choose import choose_transport
 from p2pkv.transport.shm import host_id
 
 MAX_PARALLEL_PEERS = 16
+KV_MEMORY = ("host", "gpu")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,19 +46,28 @@ class DoctorConfig:
     """Their store size (``auto`` picks shm only if /dev/shm has room for it)."""
     timeout_s: float = 2.0
     """Deadline of each network wait (the directory's answer; each peer's handshake)."""
+    kv_memory: str = "host"
+    """Where this host's instances keep their KV cache: ``host`` (CPU instances) or ``gpu``
+    (pulls land in device memory: ``auto`` then wants UCX, and the paths differ)."""
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:
             raise ConfigError("timeout must be positive")
-        choose_transport(self.transport, self.store_bytes)  # raises ConfigError if unknown
+        if self.kv_memory not in KV_MEMORY:
+            raise ConfigError(f"kv_memory must be one of {KV_MEMORY}, not {self.kv_memory!r}")
+        self.choice()  # raises ConfigError if unknown
+
+    def choice(self) -> TransportChoice:
+        return choose_transport(self.transport, self.store_bytes,
+                                0 if self.kv_memory == "gpu" else None)
 
 
 def diagnose(config: DoctorConfig) -> DoctorReport:
     """Run every check. Each network wait is bounded by ``config.timeout_s``; peers are
     checked MAX_PARALLEL_PEERS at a time, so a run takes at most one timeout for the
     directory plus one per MAX_PARALLEL_PEERS instances."""
-    choice = choose_transport(config.transport, config.store_bytes)
-    transport = TransportInfo(config.transport, choice.name, choice.reason)
+    choice = config.choice()
+    transport = TransportInfo(config.transport, choice.name, choice.reason, config.kv_memory)
     answer = ask_directory(config.directory, config.secret, config.timeout_s)
     findings: list[Finding] = []
     peers: list[PeerCheck] = []
@@ -82,8 +93,8 @@ def _check_peers(config: DoctorConfig, choice: TransportChoice,
     key = derive(config.secret, "data-plane") if config.secret is not None else None
     here = host_id()
     with ThreadPoolExecutor(min(MAX_PARALLEL_PEERS, len(instances))) as pool:
-        return list(pool.map(lambda i: check_peer(i, key, choice, here, config.timeout_s),
-                             instances))
+        return list(pool.map(lambda i: check_peer(i, key, choice, here, config.timeout_s,
+                                                  config.kv_memory == "gpu"), instances))
 
 
 def _directory_finding(config: DoctorConfig, stats: StatsReply, elapsed_ms: float) -> Finding:

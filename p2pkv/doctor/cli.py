@@ -26,9 +26,22 @@ def add_doctor_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="their store size, for auto's /dev/shm check (default 2)")
     parser.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS",
                         help="deadline of each network wait (default 2)")
+    parser.add_argument("--kv-memory", choices=("auto", "host", "gpu"), default="auto",
+                        help="where this host's instances keep their KV cache, which decides "
+                             "the path of a pull (default auto: gpu when an NVIDIA device is "
+                             "visible here)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(func=_run)
     return parser
+
+
+def _visible_kv_memory() -> str:
+    """``gpu`` when an NVIDIA device node is visible (no CUDA import: the doctor stays fast)."""
+    try:
+        gpus = [n for n in os.listdir("/dev") if n.startswith("nvidia") and n[6:].isdigit()]
+    except OSError:
+        gpus = []
+    return "gpu" if gpus else "host"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -40,7 +53,8 @@ def _run(args: argparse.Namespace) -> int:
             directory=args.directory,
             secret=load_secret(args.secret_file) if args.secret_file else None,
             transport=args.transport, store_bytes=int(args.store_gib * (1 << 30)),
-            timeout_s=args.timeout)
+            timeout_s=args.timeout,
+            kv_memory=args.kv_memory if args.kv_memory != "auto" else _visible_kv_memory())
     except ConfigError as e:
         print(f"p2pkv doctor: {e}", file=sys.stderr)
         return 2

@@ -6,8 +6,8 @@ ZeroMQ monitor attached: CURVE failures are silent to a socket's user, but the m
 events tell "nothing accepts TCP connections" from "TCP connected, handshake refused" (wrong
 or missing secret) from "authenticated, no answer" (a stuck directory). The data plane is
 checked with the transport's own connect + HMAC challenge-response (``connect_peer``) and its
-own shm-or-tcp decision (``open_peer_slab``) and path rule (``TransportChoice.path``), so the
-doctor cannot disagree with a real pull.
+own shm-or-tcp decision (``open_peer_slab``) and path rule (``TransportChoice.path``, explained
+by ``choose.explain_path``), so the doctor cannot disagree with a real pull.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from p2pkv.doctor.report import PeerCheck
 from p2pkv.errors import AuthError, DeadlineExceeded, TransportError
 from p2pkv.secret import ClusterSecret
 from p2pkv.transport.base import TransportChoice
+from p2pkv.transport.choose import explain_path
 from p2pkv.transport.conn import connect_peer
 from p2pkv.transport.shm import open_peer_slab
 from p2pkv.transport.sockio import parse_address
@@ -144,9 +145,10 @@ def _silence(seen: _Seen, endpoint: str, timeout_s: float, have_secret: bool) ->
 
 
 def check_peer(info: InstanceInfo, key: bytes | None, choice: TransportChoice,
-               host: str, timeout_s: float) -> PeerCheck:
+               host: str, timeout_s: float, to_gpu: bool = False) -> PeerCheck:
     """Connect to ``info.address`` and run the data-plane handshake, within ``timeout_s``;
-    say which path a pull from this host (transport ``choice``, host id ``host``) would take."""
+    say which path a pull from this host (transport ``choice``, host id ``host``; ``to_gpu``:
+    into a KV cache in GPU memory) would take, and why (``choose.explain_path``)."""
     base = dict(instance=str(info.instance), namespace=str(info.namespace),
                 address=info.address)
     t0 = time.monotonic()
@@ -164,24 +166,17 @@ def check_peer(info: InstanceInfo, key: bytes | None, choice: TransportChoice,
         return PeerCheck(**base, reachable=False, error=f"{kind}: {e}")
     handshake_ms = _ms_since(t0)
     sock.close()
-    if not choice.same_host:
-        path, why = "tcp", f"this host uses tcp ({choice.reason})"
-    else:
-        slab, reason = open_peer_slab(peer_info, host)
+    same_host = bool(peer_info.host_id) and peer_info.host_id == host
+    slab_mapped, slab_reason = False, ""
+    if choice.same_host:
+        slab, slab_reason = open_peer_slab(peer_info, host)
         if slab is not None:
             slab.close()
-            path, why = "shm", "same host: its slab maps here"
-        else:
-            path, why = "tcp", reason
-    if choice.ucx:
-        rule = dict(peer_offers_ucx=bool(peer_info.ucx_address), slab_mapped=path == "shm")
-        if choice.path(to_gpu=False, **rule) == "ucx":
-            path, why = "ucx", f"it offers UCX ({choice.reason})"
-        elif choice.path(to_gpu=True, **rule) == "ucx":
-            why += "; pulls into GPU memory: ucx (it offers UCX)"
-        else:
-            why += ("; it offers no UCX, so pulls into GPU memory stage through page-locked "
-                    "memory")
+            slab_mapped = True
+    explained = explain_path(choice, peer_offers_ucx=bool(peer_info.ucx_address),
+                             same_host=same_host, slab_mapped=slab_mapped,
+                             slab_reason=slab_reason, to_gpu=to_gpu)
+    path, why = explained.path, explained.why
     return PeerCheck(**base, reachable=True, handshake_ms=round(handshake_ms, 2),
                      transport=path, transport_reason=why)
 

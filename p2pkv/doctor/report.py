@@ -33,7 +33,8 @@ class PeerCheck(msgspec.Struct, frozen=True, kw_only=True):
     """Connected and passed the HMAC challenge-response both ways within the deadline."""
     handshake_ms: float = 0.0
     transport: str = ""
-    """What a pull from here would use: ``tcp``, ``shm`` or ``ucx`` ("" when unreachable)."""
+    """What a pull from here would use (``choose.PullPath``): ``cuda_ipc``, ``ucx-device``,
+    ``ucx-host``, ``shm`` or ``tcp`` ("" when unreachable)."""
     transport_reason: str = ""
     error: str = ""
 
@@ -44,6 +45,8 @@ class TransportInfo(msgspec.Struct, frozen=True):
     configured: str
     resolved: str
     reason: str
+    kv_memory: str = "host"
+    """Where the pulls the peers' paths describe land (``host`` or ``gpu``)."""
 
 
 class DoctorReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -77,7 +80,8 @@ def to_table(report: DoctorReport) -> str:
     t = report.transport
     lines = [f"p2pkv doctor: directory {report.directory}, "
              f"{'with' if report.secret else 'without'} a cluster secret, "
-             f"transport {t.configured} -> {t.resolved} here ({t.reason})"]
+             f"transport {t.configured} -> {t.resolved} here ({t.reason}), "
+             f"pulls into {t.kv_memory} memory"]
     header = ("LEVEL", "CHECK", "SUBJECT", "DETAIL")
     rows = [(f.level, f.check, f.subject, f.detail) for f in report.findings]
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(3)]

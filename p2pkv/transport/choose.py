@@ -12,6 +12,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+from dataclasses import dataclass
+from typing import Literal
 
 from p2pkv.errors import ConfigError
 from p2pkv.keys import Namespace
@@ -70,6 +72,63 @@ def choose_transport(kind: str, store_bytes: int = 0, cuda_device: int | None = 
                                True, rdma)
     why = missing or "not worth it without a GPU or RDMA"
     return TransportChoice(same_host, f"auto: {shm}, tcp for the others (ucx: {why})")
+
+
+PullPath = Literal["cuda_ipc", "ucx-device", "ucx-host", "shm", "tcp"]
+"""How a pull from one holder moves its bytes, as ``p2pkv doctor`` names it: the transport's
+path (``TransportChoice.path``) with UCX split by where the bytes land (and, into GPU memory
+on one host from a holder serving device memory, UCX's ``cuda_ipc`` transport)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PathExplanation:
+    """Which way a pull from one holder would go, and why (for humans: ``p2pkv doctor``)."""
+
+    path: PullPath
+    why: str
+
+
+def explain_path(choice: TransportChoice, *, peer_offers_ucx: bool, same_host: bool,
+                 slab_mapped: bool, slab_reason: str = "", to_gpu: bool = False,
+                 holder_serves_device: bool = False) -> PathExplanation:
+    """The path a pull from a holder would take, decided by the transport's own rule
+    (``choice.path``), and the reasons for it. ``slab_mapped``: its shared slab maps here
+    (``shm.open_peer_slab``; ``slab_reason`` says why not); ``to_gpu``: the pulling instance's
+    KV cache is in GPU memory; ``holder_serves_device``: the holder offers its chunks from
+    device memory. Pure (tests feed it facts).
+
+    NOTE: every holder serves from its host-memory store today (PeerInfo says nothing else),
+    so same-host pulls into a GPU are UCX host-to-device copies, not ``cuda_ipc``: that needs
+    the holder's bytes in device memory on both ends."""
+    path = choice.path(peer_offers_ucx=peer_offers_ucx, slab_mapped=slab_mapped,
+                       to_gpu=to_gpu)
+    if path == "ucx":
+        if not to_gpu:
+            no_slab = f"; no slab ({slab_reason})" if slab_reason else ""
+            return PathExplanation("ucx-host", f"it offers UCX, which host pulls use here "
+                                   f"({choice.reason}){no_slab}")
+        if same_host and holder_serves_device:
+            return PathExplanation("cuda_ipc", "same host, its chunks in device memory and "
+                                   "this KV cache on a GPU: UCX's cuda_ipc, no host hop")
+        where = ("same host, but out of its host-memory store, so not cuda_ipc"
+                 if same_host else "from another host")
+        return PathExplanation("ucx-device", "it offers UCX and this KV cache is on a GPU: "
+                               f"UCX writes into device memory ({where})")
+    notes = []
+    if path == "shm":
+        notes.append("same host: its slab maps here")
+        if to_gpu:
+            notes.append("into GPU memory through a page-locked copy")
+    elif not choice.same_host:
+        notes.append(f"this host uses tcp ({choice.reason})")
+    else:
+        notes.append(slab_reason or "its slab does not map here")
+    if to_gpu or choice.host_over_ucx:
+        if not choice.ucx:
+            notes.append(f"no UCX here ({choice.reason})")
+        elif not peer_offers_ucx:
+            notes.append("it offers no UCX")
+    return PathExplanation(path, "; ".join(notes))
 
 
 def is_loopback_host(host: str) -> bool:
