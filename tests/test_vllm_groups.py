@@ -257,3 +257,19 @@ def test_a_hybrid_worker_pulls_each_chunks_groups_over_tcp_and_fails_per_request
     assert puller.take_failed_requests() == {"m"}
     holder.shutdown()
     puller.shutdown()
+
+
+def test_layerwise_is_refused_at_start_up_for_several_groups():
+    """load_mode layerwise with a hybrid model's groups is a start-up error naming them, not a
+    silent fallback; one group loads layer-wise on CPU only (GPU stays async)."""
+    from p2pkv.errors import ConfigError
+    from p2pkv.vllm.connector import uses_layerwise
+    from p2pkv.vllm.groups import KVGroup
+
+    full = KVGroup(0, ("l0", "l2"))
+    window = KVGroup(1, ("l1", "l3"), window=256)
+    with pytest.raises(ConfigError, match="one KV-cache group.*fullx2\\+sw256x2.*async"):
+        uses_layerwise("layerwise", "cpu", (full, window))
+    assert uses_layerwise("layerwise", "cpu", (full,))
+    assert not uses_layerwise("layerwise", "cuda", (full,))
+    assert not uses_layerwise("async", "cpu", (full, window))

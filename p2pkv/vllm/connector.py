@@ -32,7 +32,7 @@ from p2pkv.secret import load_secret
 from p2pkv.slices import KVSlice, is_lowest_replica, tp_slices
 from p2pkv.transport.choose import make_transport
 from p2pkv.vllm.config import ConnectorConfig
-from p2pkv.vllm.groups import KVGroup, has_window, kv_groups
+from p2pkv.vllm.groups import KVGroup, describe, has_window, kv_groups
 from p2pkv.vllm.layout import KVLayout
 from p2pkv.vllm.metadata import P2PKVMetadata
 from p2pkv.vllm.prom import P2PKVPromMetrics, P2PKVStats
@@ -79,6 +79,22 @@ def namespace_of(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig,
         hash_algorithm=str(vllm_config.cache_config.prefix_caching_hash_algo),
     )
     return ns, chunk_blocks
+
+
+def uses_layerwise(load_mode: str, device_type: str, groups: tuple[KVGroup, ...]) -> bool:
+    """Whether remote hits load layer-wise (``p2pkv.vllm.layerwise``): ``load_mode``
+    layerwise on a CPU cache (GPU caches stay async, with a warning). ConfigError at start-up
+    for a model with several KV-cache groups (hybrid attention, sliding windows): a layer-wise
+    load pulls one group's blocks, and a silent fallback would hide that the mode asked for
+    is not the one running."""
+    if load_mode != "layerwise":
+        return False
+    if len(groups) > 1:
+        raise ConfigError(
+            f"p2pkv: load_mode layerwise supports one KV-cache group; this model has "
+            f"{len(groups)} ({describe(groups)}): set load_mode to async (remote hits then "
+            f"load before the step, every group)")
+    return device_type == "cpu"
 
 
 def _num_layers(groups: tuple[KVGroup, ...]) -> int:
@@ -198,7 +214,8 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
         spec, chunk_blocks = namespace_of(vllm_config, kv_cache_config, self._config)
         namespace = spec.fingerprint()
         on_cpu = vllm_config.device_config.device_type == "cpu"
-        layerwise = self._config.load_mode == "layerwise" and on_cpu and len(self._groups) == 1
+        layerwise = uses_layerwise(self._config.load_mode,
+                                   str(vllm_config.device_config.device_type), self._groups)
         rank = 0
         if role != KVConnectorRole.SCHEDULER and len(slices) > 1:
             rank = worker_rank(vllm_config)
@@ -224,9 +241,8 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
                 hit_below_prompt=has_window(self._groups),
                 layerwise=layerwise)
             if self._config.load_mode == "layerwise" and not layerwise:
-                logger.warning("p2pkv: load_mode layerwise is built for CPU caches with one "
-                               "KV-cache group only; loads on %s with %d groups stay async",
-                               vllm_config.device_config.device_type, len(self._groups))
+                logger.warning("p2pkv: load_mode layerwise is built for CPU caches; loads on "
+                               "%s stay async", vllm_config.device_config.device_type)
             if not on_cpu:
                 logger.info("p2pkv: on %s, pulls only from instances at the same tensor "
                             "parallelism (a head range is not one byte range in GPU KV "
