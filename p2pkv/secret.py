@@ -45,3 +45,11 @@ def derive(secret: ClusterSecret, purpose: str) -> bytes:
     """A 32-byte key for one purpose (e.g. "directory-curve-server"), so that no two uses of
     the secret share a key."""
     return hmac.new(secret, b"p2pkv/" + purpose.encode(), hashlib.sha256).digest()
+
+
+def data_plane_secret(secret: ClusterSecret) -> ClusterSecret:
+    """What the data plane's keys are derived from (``make_transport(secret=...)``): not the
+    cluster secret itself, so that an instance's credential file can carry it without
+    carrying the secret (the data plane keeps one member key: pulling is what members are
+    for). Every member, with the secret or a credential, keys its data plane with this."""
+    return ClusterSecret(derive(secret, "data-plane-members"))

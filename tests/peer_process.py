@@ -5,7 +5,8 @@ random chunks, serves it, writes its address to a ready file, and runs until kil
 
 KIND is tcp (default) or shm. Test hooks, from the environment (only this script reads them):
 P2PKV_TEST_SECRET (the cluster secret), P2PKV_TEST_CORRUPT=i (flip a byte of chunk i after
-it is committed, so its digest no longer matches), P2PKV_TEST_BIND_HOST (default 127.0.0.1).
+it is committed, so its digest no longer matches), P2PKV_TEST_BIND_HOST (default 127.0.0.1),
+P2PKV_TEST_MEMBER_PLANE=1 (key the data plane from ``data_plane_secret``, as the connector).
 With P2PKV_TEST_DIRECTORY=ENDPOINT the peer also registers there, as an instance would, and
 publishes its keys, then reports its server's health (``ServerHealth.counters``) every
 0.2 s: P2PKV_TEST_INSTANCE (default peer-PID), P2PKV_TEST_NAMESPACE (default
@@ -20,7 +21,7 @@ import numpy as np
 
 from p2pkv.directory.client import DirectoryClient, Registration
 from p2pkv.keys import ChunkKey, InstanceId, Namespace
-from p2pkv.secret import ClusterSecret
+from p2pkv.secret import ClusterSecret, data_plane_secret
 from p2pkv.transport.choose import make_transport
 
 
@@ -38,8 +39,12 @@ def main() -> None:
     env = os.environ
     secret = ClusterSecret(env["P2PKV_TEST_SECRET"].encode()) if env.get("P2PKV_TEST_SECRET") \
         else None
+    # P2PKV_TEST_MEMBER_PLANE=1: key the data plane as the connector does (from
+    # data_plane_secret, what a credential file carries), as p2pkv doctor expects
+    plane = (data_plane_secret(secret) if secret is not None
+             and env.get("P2PKV_TEST_MEMBER_PLANE") else secret)
     transport = make_transport(kind, bind_host=env.get("P2PKV_TEST_BIND_HOST", "127.0.0.1"),
-                               secret=secret)
+                               secret=plane)
     store = transport.create_store(size, n)
     for i in range(n):
         w = store.reserve(key_of(i))

@@ -48,7 +48,8 @@ def directory(tmp_path: Path, secret_file: Path):
 def peer(spawn, directory: str | None, instance: str, probe: str = "p1", kind: str = "shm",
          secret: str | None = SECRET):
     env = {"P2PKV_TEST_INSTANCE": instance, "P2PKV_TEST_PROBE": probe,
-           "P2PKV_TEST_NAMESPACE": NS, "P2PKV_TEST_SECRET": secret or ""}
+           "P2PKV_TEST_NAMESPACE": NS, "P2PKV_TEST_SECRET": secret or "",
+           "P2PKV_TEST_MEMBER_PLANE": "1"}
     if directory:
         env["P2PKV_TEST_DIRECTORY"] = directory
     return spawn(["-m", "tests.peer_process", f"{instance}.ready", "4096", "2", "3", kind],

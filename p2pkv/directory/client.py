@@ -23,7 +23,6 @@ beyond one non-blocking drain.
 from __future__ import annotations
 
 import itertools
-import secrets
 import logging
 import threading
 import time
@@ -39,6 +38,7 @@ from p2pkv.directory.protocol import (
     SnapshotReply, Status,
 )
 from p2pkv.directory.registration import RegistrationMachine, Registration, RegState
+from p2pkv.errors import ConfigError
 from p2pkv.keys import ChunkKey, Namespace
 from p2pkv.secret import ClusterSecret
 
@@ -67,9 +67,15 @@ class DirectoryClient:
 
     ``context``: a ZeroMQ context to open the socket in (its owner terminates it); by default
     the client owns one.
+
+    Keys (a CURVE directory): ``credential`` (an instance's, from its credential file: it
+    may register that instance and its ranks), else with ``secret`` the members' shared key,
+    which only reads; a client holding the ``secret`` derives the registering instance's own
+    key in :meth:`register` (reopening its socket). Neither: no CURVE (a loopback directory).
     """
 
     def __init__(self, endpoint: str, *, secret: ClusterSecret | None = None,
+                 credential: auth.Credential | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  thread_init: Callable[[], None] | None = None,
                  context: zmq.Context | None = None) -> None:
@@ -78,20 +84,10 @@ class DirectoryClient:
         self._thread_init = thread_init
         self._own_context = context is None
         self._context = zmq.Context() if context is None else context
-        self._socket = self._context.socket(zmq.DEALER)
-        # NOTE: a random routing id of our own, kept across reconnects (the server hands it
-        # over): the connection that registered an instance owns it for its lease, and
-        # nobody else can guess the id to act as us.
-        self._socket.setsockopt(zmq.ROUTING_ID, b"p2pkv-" + secrets.token_bytes(16))
-        for option, value in ((zmq.LINGER, 0), (zmq.SNDHWM, SEND_HWM), (zmq.IMMEDIATE, 1),
-                              (zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_IVL_MS),
-                              (zmq.HEARTBEAT_TIMEOUT, ZMTP_HEARTBEAT_TIMEOUT_MS),
-                              (zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS),
-                              (zmq.MAXMSGSIZE, 4 * protocol.MAX_MESSAGE_BYTES)):
-            self._socket.setsockopt(option, value)
-        if secret is not None:
-            auth.secure_client_socket(self._socket, secret)
-        self._socket.connect(endpoint)
+        self._secret = secret if credential is None else None
+        self._credential = (credential if credential is not None else
+                            auth.member_credential(secret) if secret is not None else None)
+        self._socket = self._open()
         self._lock = threading.Lock()
         self._rids = itertools.count(1)
         self._lookups = Lookups()
@@ -103,13 +99,48 @@ class DirectoryClient:
         self.directory_epoch: int | None = None
         """``directory_epoch`` of the last reply; a change means the directory restarted."""
 
+    def _open(self) -> zmq.Socket:
+        sock = self._context.socket(zmq.DEALER)
+        # NOTE: a random routing id of our own, kept across reconnects (the server hands it
+        # over): the connection that registered an instance owns it for its lease, and
+        # nobody else can guess the id to act as us. It names our credential's instance,
+        # whose key the server then expects (auth.routing_id).
+        cred = self._credential
+        sock.setsockopt(zmq.ROUTING_ID, auth.routing_id(cred.instance if cred else None))
+        for option, value in ((zmq.LINGER, 0), (zmq.SNDHWM, SEND_HWM), (zmq.IMMEDIATE, 1),
+                              (zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_IVL_MS),
+                              (zmq.HEARTBEAT_TIMEOUT, ZMTP_HEARTBEAT_TIMEOUT_MS),
+                              (zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS),
+                              (zmq.MAXMSGSIZE, 4 * protocol.MAX_MESSAGE_BYTES)):
+            sock.setsockopt(option, value)
+        if cred is not None:
+            auth.secure_client_socket(sock, cred)
+        sock.connect(self.endpoint)
+        return sock
+
     # -- registration (worker side) ---------------------------------------------------------
 
     def register(self, registration: Registration, wait_connected_s: float = 0.0) -> None:
         """Become ``registration`` and stay registered: the keeper thread registers,
         heartbeats, and re-registers and republishes after a directory restart. Blocks only
-        up to ``wait_connected_s`` for the connection (start-up: registers sooner)."""
+        up to ``wait_connected_s`` for the connection (start-up: registers sooner).
+
+        Raises ConfigError if this client's credential may not act as the instance."""
         with self._lock:
+            cred = self._credential
+            if cred is not None and not (cred.instance is not None and auth.covers(
+                    cred.instance, registration.instance)):
+                if self._secret is None:
+                    raise ConfigError(
+                        f"cannot register instance {registration.instance} with "
+                        + (f"the credential of instance {cred.instance}" if cred.instance
+                           else "the members' shared key (read-only)")
+                        + ": give it its own credential file or the cluster secret")
+                # NOTE: lookups in flight on the old socket are lost (they end as None).
+                self._credential = auth.instance_credential(self._secret,
+                                                            registration.instance)
+                self._socket.close(linger=0)
+                self._socket = self._open()
             if wait_connected_s > 0:
                 self._socket.poll(poll_ms(wait_connected_s), zmq.POLLOUT)
             self._reg = RegistrationMachine(registration, can_send=self._writable,

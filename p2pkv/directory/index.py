@@ -66,6 +66,9 @@ class Member:
     owner: bytes = b""
     """The connection (ZeroMQ routing id) that registered it: only it may change it while
     the lease runs."""
+    quota: bytes = b""
+    """Whose quota of registrations it counts against: the instance credential it was
+    registered with (a CURVE directory), else its connection (``owner``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,15 +410,17 @@ class DirectoryIndex:
 
     def register(self, instance: InstanceId, epoch: int, namespace: Namespace, address: str,
                  probe: str, capabilities: Sequence[str], now: float, *,
-                 owner: bytes = b"", engine: str = "", slice: KVSlice | None = None,
-                 spec: str = "") -> Registered:
+                 owner: bytes = b"", quota: bytes | None = None, engine: str = "",
+                 slice: KVSlice | None = None, spec: str = "") -> Registered:
         """Add, refresh or replace a registration; raises DirectoryIndexError on refusal.
 
         ``owner``: the connection asking. While the lease runs, only the connection that
         registered an instance may refresh or replace it (INSTANCE_TAKEN, with
-        ``retry_after_s``); at most ``max_registrations`` per connection (OVER_QUOTA).
+        ``retry_after_s``); at most ``max_registrations`` per ``quota`` (OVER_QUOTA; by
+        default the connection, with CURVE the instance credential asking).
         ``engine``/``slice``/``spec``: which vLLM engine this worker rank belongs to, the KV
         heads x layers it holds, the namespace's fields in clear."""
+        quota = owner if quota is None else quota
         old = self._members.get(instance)
         if old is not None and epoch < old.epoch:
             raise DirectoryIndexError(
@@ -426,11 +431,11 @@ class DirectoryIndex:
                 Status.INSTANCE_TAKEN, f"instance {instance} is registered by another "
                 f"connection for {old.expires_at - now:.1f} s more (unless it renews it)",
                 retry_after_s=old.expires_at - now)
-        mine = self._owned.get(owner, set())
-        if (old is None or old.owner != owner) and len(mine) >= self.max_registrations:
+        mine = self._owned.get(quota, set())
+        if (old is None or old.quota != quota) and len(mine) >= self.max_registrations:
             raise DirectoryIndexError(
-                Status.OVER_QUOTA, f"this connection already registers {len(mine)} instances "
-                f"(at most {self.max_registrations})")
+                Status.OVER_QUOTA, f"this {'connection' if quota == owner else 'credential'} "
+                f"already registers {len(mine)} instances (at most {self.max_registrations})")
         if (old is not None and old.epoch == epoch and old.namespace == namespace
                 and old.probe == probe and old.engine == engine and old.slice == slice):
             old.address = address
@@ -443,11 +448,11 @@ class DirectoryIndex:
         if old is not None:
             self.drop(instance)
         member = Member(instance, epoch, namespace, address, probe, tuple(capabilities),
-                        -1, now + self.lease_s, owner=owner, engine=engine,
+                        -1, now + self.lease_s, owner=owner, quota=quota, engine=engine,
                         slice=slice, spec=spec)
         member.handle = self._spaces.setdefault(namespace, _Space()).take_handle(member)
         self._members[instance] = member
-        self._owned.setdefault(owner, set()).add(instance)
+        self._owned.setdefault(quota, set()).add(instance)
         self._ns_members.setdefault(namespace, set()).add(instance)
         logger.info("registered %s epoch %s namespace %s at %s%s", instance, epoch, namespace,
                     address, f" (replacing epoch {old.epoch})" if old is not None else "")
@@ -484,10 +489,10 @@ class DirectoryIndex:
         space.retire(member.handle, member.chunks)
         if space.idle:
             del self._spaces[member.namespace]
-        owned = self._owned[member.owner]
+        owned = self._owned[member.quota]
         owned.discard(instance)
         if not owned:
-            del self._owned[member.owner]
+            del self._owned[member.quota]
         names = self._ns_members[member.namespace]
         names.discard(instance)
         if not names:

@@ -41,7 +41,11 @@ PROTOCOL_VERSION = 4
 #      Register and InstanceInfo carry ``spec``, the namespace's fields in clear.
 #      A v3 peer would take every rank for a whole instance, hence the bump.
 #      Compatible additions since: StatsReply.lookup_buckets (Lookups by the directory's
-#      handling time, bounds LOOKUP_BUCKETS_S).
+#      handling time, bounds LOOKUP_BUCKETS_S). Status NOT_THIS_INSTANCE (issue 13,
+#      per-instance credentials): with a cluster secret, Register/Publish/Heartbeat/Report/
+#      Unregister for instance i need i's own CURVE key (derived from the secret and i); the
+#      members' shared key only reads. No message changed shape, so no bump: a v4 peer
+#      without a credential reads the refusal as an Error with a reason.
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """Largest encoded message either side accepts."""
@@ -128,7 +132,12 @@ class Status:
     """Another connection holds a live lease on this instance id; retry after
     ``Error.retry_after_ms`` (when that lease lapses, unless it is renewed)."""
     OVER_QUOTA = "over_quota"
-    """Too many keys in one registration, or registrations on one connection."""
+    """Too many keys in one registration, or registrations on one connection (with CURVE:
+    one instance credential)."""
+    NOT_THIS_INSTANCE = "not_this_instance"
+    """A CURVE directory: this connection's key may not act as the instance named (the
+    members' shared key only reads; an instance credential acts only as its instance and
+    that instance's ranks ``<instance>/<n>``)."""
     INTERNAL = "internal_error"
 
 

@@ -17,6 +17,9 @@ States (``RegState``)::
     REGISTERING --PROBE_MISMATCH--> REFUSED (retried every REFUSED_RETRY_INTERVALS)
     REGISTERING --INSTANCE_TAKEN--> REFUSED (retried when the other connection's lease
                                     lapses: Error.retry_after_ms)
+    REGISTERING --NOT_THIS_INSTANCE--> REFUSED (our key may not act as this instance: a
+                                    wrong credential file; retried every
+                                    REFUSED_RETRY_INTERVALS)
     any --STALE_EPOCH--> REFUSED (a newer process of this instance runs; retried every
                                   REFUSED_RETRY_INTERVALS, in case that one was a forgery
                                   and its lease lapsed)
@@ -248,7 +251,8 @@ class RegistrationMachine:
         if reply.status == Status.INSTANCE_TAKEN:
             # NOTE: a little after the other lease would lapse, so that it has lapsed
             self._next_attempt = now + reply.retry_after_ms / 1000 + self.heartbeat_s / 2
-        elif reply.status in (Status.STALE_EPOCH, Status.PROBE_MISMATCH):
+        elif reply.status in (Status.STALE_EPOCH, Status.PROBE_MISMATCH,
+                              Status.NOT_THIS_INSTANCE):
             self._next_attempt = now + REFUSED_RETRY_INTERVALS * self.heartbeat_s
         else:
             self.state = RegState.UNREGISTERED

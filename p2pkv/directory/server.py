@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 import msgspec
 import zmq
-import zmq.utils.z85
 
 from p2pkv.directory import auth, protocol
 from p2pkv.directory.index import DirectoryIndex, HoldingsCursor, Member
@@ -61,6 +60,8 @@ so an instance that keeps trying stays visible, and one that gave up drops out."
 MIN_REFUSAL_MEMORY_S = 60.0
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+AUTH_WARNING_INTERVAL_S = 10.0
+"""At most one warning this often about messages dropped for their key (a flood logs one)."""
 _BAD_INPUT = frozenset({Status.BAD_REQUEST, Status.VERSION, Status.INTERNAL})
 
 
@@ -128,19 +129,20 @@ class DirectoryServer:
         self._wall_clock_ns = wall_clock_ns
         self._context = zmq.Context()
         self._zap: zmq.Socket | None = None
-        self._allowed_key: bytes | None = None
+        self._callers: auth.Callers | None = None
         try:
             if config.secret is not None:
                 self._zap = self._context.socket(zmq.REP)
                 self._zap.bind(ZAP_ENDPOINT)
-                self._allowed_key = zmq.utils.z85.decode(auth.client_keys(config.secret).public)
-            self._socket = self._bound(zmq.ROUTER, config.bind)
+                self._callers = auth.Callers(config.secret)
+            self._socket = self._bound(zmq.ROUTER, config.bind, auth.ROUTER_DOMAIN)
             # NOTE: clients choose a random routing id and keep it across reconnects; the
             # id that registered an instance owns it (index.Member.owner), and a reconnect
             # must hand the id over to the new connection, not refuse it.
             self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
             self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
-            self._feed = self._bound(zmq.XPUB, config.feed_bind or _port0(self.endpoint))
+            self._feed = self._bound(zmq.XPUB, config.feed_bind or _port0(self.endpoint),
+                                     auth.FEED_DOMAIN)
             self.feed_endpoint: str = self._feed.getsockopt_string(zmq.LAST_ENDPOINT)
         except (zmq.ZMQError, ConfigError):
             self._context.destroy(linger=0)
@@ -159,13 +161,14 @@ class DirectoryServer:
         self._subscribers = 0
         self._next_purge = 0.0
         self._snapshots: deque[_SnapshotJob] = deque()
+        self._next_auth_warning = 0.0
 
-    def _bound(self, kind: int, endpoint: str) -> zmq.Socket:
+    def _bound(self, kind: int, endpoint: str, domain: bytes) -> zmq.Socket:
         sock = self._context.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
         if self.config.secret is not None:
-            auth.secure_server_socket(sock, self.config.secret)
+            auth.secure_server_socket(sock, self.config.secret, domain)
         sock.bind(endpoint)
         return sock
 
@@ -206,12 +209,20 @@ class DirectoryServer:
 
     def _handle_batch(self) -> None:
         for _ in range(MAX_BATCH):
+            caller: auth.Caller | None = None
             try:
-                frames = self._socket.recv_multipart(zmq.NOBLOCK)
+                if self._callers is None:
+                    frames = self._socket.recv_multipart(zmq.NOBLOCK)
+                else:
+                    parts = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                    frames = [part.bytes for part in parts]
+                    caller = self._caller(frames[0], parts[-1])
+                    if caller is None:
+                        continue
             except zmq.Again:
                 return
             t0 = time.perf_counter()
-            envelope, replies = self._handle_frames(frames)
+            envelope, replies = self._handle_frames(frames, caller)
             for reply in replies:
                 self._send(envelope, reply)
             if replies and isinstance(replies[0], LookupReply):
@@ -221,24 +232,48 @@ class DirectoryServer:
                 c.lookup_seconds += took
 
     def _answer_zap(self) -> None:
-        """ZAP (RFC 27) inside the loop: allow exactly the members' client key."""
-        assert self._zap is not None
+        """ZAP (RFC 27) inside the loop: the member key gets in (user id ``member``), and on
+        the ROUTER any other CURVE key, with the key as user id: whose key it is is checked
+        per message (``_caller``), since ZAP is not told the client's routing id."""
+        assert self._zap is not None and self._callers is not None
         while True:
             try:
                 frames = self._zap.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             request_id = frames[1] if len(frames) > 1 else b""
+            domain = frames[2] if len(frames) > 2 else b""
             mechanism = frames[5] if len(frames) > 5 else b""
-            ok = mechanism == b"CURVE" and len(frames) > 6 and frames[6] == self._allowed_key
-            if not ok:
+            user = self._callers.zap_user(domain, mechanism, frames[6] if len(frames) > 6
+                                          else b"")
+            if user is None:
                 self.counters.auth_refused += 1
                 address = frames[3].decode(errors="replace") if len(frames) > 3 else "?"
                 logger.warning("refused a %s connection from %s: not a cluster member "
                                "(wrong or no secret)", mechanism.decode(errors="replace"),
                                address)
-            self._zap.send_multipart([b"1.0", request_id, b"200" if ok else b"400",
-                                      b"OK" if ok else b"not a cluster member", b"", b""])
+            self._zap.send_multipart([b"1.0", request_id, b"400" if user is None else b"200",
+                                      b"not a cluster member" if user is None else b"OK",
+                                      (user or "").encode(), b""])
+
+    def _caller(self, rid: bytes, frame: zmq.Frame) -> auth.Caller | None:
+        """Who sent ``frame`` (its ZAP user id, checked against the instance its routing id
+        names); None, counted and logged, for a key that is nobody's: dropped unanswered."""
+        assert self._callers is not None
+        try:
+            user = frame.get("User-Id")
+        except zmq.ZMQError:
+            user = ""
+        caller = self._callers.caller(rid, user if isinstance(user, str) else "")
+        if caller is None:
+            self.counters.auth_refused += 1
+            now = self._clock()
+            if now >= self._next_auth_warning:
+                self._next_auth_warning = now + AUTH_WARNING_INTERVAL_S
+                logger.warning("dropped a message from a connection whose key is neither the "
+                               "members' nor that of the instance its routing id names "
+                               "(%s): not a cluster member", auth.routing_instance(rid))
+        return caller
 
     def _track_subscribers(self) -> None:
         while True:
@@ -269,8 +304,9 @@ class DirectoryServer:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def _handle_frames(self, frames: list[bytes]) -> tuple[list[bytes], list[Reply]]:
-        """Split the ROUTER envelope and answer the body."""
+    def _handle_frames(self, frames: list[bytes], caller: auth.Caller | None = None
+                       ) -> tuple[list[bytes], list[Reply]]:
+        """Split the ROUTER envelope and answer the body (``caller``: see :meth:`_handle`)."""
         # DEALER peers send [body]; REQ peers send ["", body]. ROUTER prepends the identity.
         if len(frames) == 2:
             envelope, body = frames[:1], frames[1]
@@ -283,14 +319,21 @@ class DirectoryServer:
             return envelope, [self._refuse(0, Status.BAD_REQUEST, f"message of {len(body)} "
                                            f"bytes exceeds {protocol.MAX_MESSAGE_BYTES}")]
         try:
-            return envelope, self._handle(body, owner=frames[0], envelope=envelope)
+            return envelope, self._handle(body, owner=frames[0], envelope=envelope,
+                                          caller=caller)
         except Exception:  # noqa: BLE001 - one bad message must never stop the directory
             logger.exception("internal error handling a message")
             return envelope, [self._refuse(0, Status.INTERNAL, "internal error in the directory")]
 
-    def _handle(self, body: bytes, owner: bytes = b"", envelope: list[bytes] | None = None
-                ) -> list[Reply]:
-        """Answer one message from the connection whose ROUTER identity is ``owner``."""
+    def _handle(self, body: bytes, owner: bytes = b"", envelope: list[bytes] | None = None,
+                caller: auth.Caller | None = None) -> list[Reply]:
+        """Answer one message from the connection whose ROUTER identity is ``owner``.
+
+        ``caller``: whose CURVE key sent it (None: a directory without a secret, where
+        anyone may do anything). Messages that change instance ``i`` need ``i``'s key (or
+        its engine's, for a rank ``i/<n>``): NOT_THIS_INSTANCE otherwise, before the
+        connection binding is even looked at; registrations count against the credential's
+        quota, not the connection's."""
         try:
             msg = protocol.decode(body)
         except ProtocolError as e:
@@ -306,6 +349,12 @@ class DirectoryServer:
             return [self._refuse(msg.rid, Status.VERSION, protocol.version_mismatch_reason(msg.v))]
         rid = msg.rid
         now = self._clock()
+        if caller is not None and isinstance(msg, _WRITES) and not caller.may_act_as(
+                msg.instance):
+            return [self._refuse(rid, Status.NOT_THIS_INSTANCE, _not_this_instance(
+                caller, msg.instance))]
+        quota = (caller.credential.encode() if caller is not None and caller.credential
+                 else owner)
         try:
             match msg:
                 case Lookup():
@@ -323,7 +372,7 @@ class DirectoryServer:
                     self.counters.heartbeats += 1
                     self.index.heartbeat(msg.instance, msg.epoch, msg.seq, now, owner=owner)
                 case Register():
-                    return [self._register(msg, now, owner)]
+                    return [self._register(msg, now, owner, quota)]
                 case Report():
                     self.index.set_counters(msg.instance, msg.counters, now, epoch=msg.epoch,
                                             owner=owner)
@@ -342,7 +391,8 @@ class DirectoryServer:
             return [self._refuse(rid, e.status, str(e), e.retry_after_s)]
         return [Ok(rid=rid, directory_epoch=self.directory_epoch)]
 
-    def _register(self, msg: Register, now: float, owner: bytes) -> RegisterReply:
+    def _register(self, msg: Register, now: float, owner: bytes, quota: bytes
+                  ) -> RegisterReply:
         try:
             ahead_s = (msg.epoch - self._wall_clock_ns()) / 1e9
             if ahead_s > protocol.MAX_EPOCH_AHEAD_S:
@@ -352,7 +402,7 @@ class DirectoryServer:
                     "are wall-clock nanoseconds (time.time_ns())")
             outcome = self.index.register(msg.instance, msg.epoch, msg.namespace, msg.address,
                                           msg.probe, msg.capabilities, now, owner=owner,
-                                          engine=msg.engine, slice=msg.slice, spec=msg.spec)
+                                          quota=quota, engine=msg.engine, slice=msg.slice, spec=msg.spec)
         except DirectoryIndexError as e:
             if self._refused.remember(msg, e.status, str(e), now):
                 logger.warning("refused to register %s at %s: %s", msg.instance, msg.address, e)
@@ -467,6 +517,21 @@ class _SnapshotJob:
     instances: list[InstanceInfo]
     cursor: HoldingsCursor
     first: bool = True
+
+
+_WRITES = (Register, Publish, Heartbeat, Report, Unregister)
+"""Requests that change an instance's state (each names its ``instance``)."""
+
+
+def _not_this_instance(caller: auth.Caller, instance: str) -> str:
+    if caller.credential is None:
+        return (f"the members' shared key may only look up (Lookup, Stats, Snapshot), not act "
+                f"as instance {instance}: give the instance its credential file "
+                f"(credential_file, written by the launcher or `p2pkv credential`) or the "
+                f"cluster secret")
+    return (f"this connection holds the credential of instance {caller.credential}, which "
+            f"may act only as {caller.credential} and its ranks {caller.credential}/<n>, not "
+            f"as {instance}")
 
 
 def _with_seq(event: FeedEvent, seq: int, epoch: int) -> FeedEvent:

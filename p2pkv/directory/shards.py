@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from p2pkv.directory.auth import Credential
 from p2pkv.directory.client import DirectoryClient
 from p2pkv.directory.feed import FeedSubscriber
 from p2pkv.directory.lookups import PENDING, LookupResult
@@ -110,12 +111,15 @@ def is_single(specs: Sequence[ShardSpec]) -> bool:
 
 
 def connect(specs: Sequence[ShardSpec], *, secret: ClusterSecret | None = None,
+            credential: Credential | None = None,
             thread_init: Callable[[], None] | None = None) -> DirectoryClient | ShardedClient:
     """The directory client for ``specs``: a ``DirectoryClient`` for one process (exactly as
-    without sharding), else a ``ShardedClient``."""
+    without sharding), else a ``ShardedClient``. ``secret``/``credential``: see
+    ``DirectoryClient``."""
     if is_single(specs):
-        return DirectoryClient(specs[0].primary, secret=secret, thread_init=thread_init)
-    return ShardedClient(specs, secret=secret, thread_init=thread_init)
+        return DirectoryClient(specs[0].primary, secret=secret, credential=credential,
+                               thread_init=thread_init)
+    return ShardedClient(specs, secret=secret, credential=credential, thread_init=thread_init)
 
 
 def follow(specs: Sequence[ShardSpec], *,
@@ -153,6 +157,7 @@ class ShardedClient:
     scheduler side does); registration and publishes are, as each client's are."""
 
     def __init__(self, shards: Sequence[ShardSpec], *, secret: ClusterSecret | None = None,
+                 credential: Credential | None = None,
                  failover_s: float = DEFAULT_FAILOVER_S, warmup_s: float = DEFAULT_WARMUP_S,
                  clock: Callable[[], float] = time.monotonic,
                  thread_init: Callable[[], None] | None = None) -> None:
@@ -165,8 +170,8 @@ class ShardedClient:
         # NOTE: one ZeroMQ context (its I/O thread) for all 2S sockets; terminated in close.
         self._context = zmq.Context()
         self.clients: dict[ShardId, list[DirectoryClient]] = {
-            s.shard: [DirectoryClient(e, secret=secret, clock=clock, thread_init=thread_init,
-                                      context=self._context)
+            s.shard: [DirectoryClient(e, secret=secret, credential=credential, clock=clock,
+                                      thread_init=thread_init, context=self._context)
                       for e in s.endpoints] for s in shards}
         self._rids = itertools.count(1)
         self._lookups: dict[int, _Lookup] = {}

@@ -27,7 +27,7 @@ from p2pkv.directory.protocol import InstanceInfo, RefusedRegistration, Status, 
 from p2pkv.doctor.probe import ask_directory, check_peer
 from p2pkv.doctor.report import DoctorReport, Finding, PeerCheck, TransportInfo
 from p2pkv.errors import ConfigError
-from p2pkv.secret import ClusterSecret, derive
+from p2pkv.secret import ClusterSecret, data_plane_secret, derive
 from p2pkv.transport.base import TransportChoice
 from p2pkv.transport.choose import choose_transport
 from p2pkv.transport.shm import host_id
@@ -90,7 +90,8 @@ def _check_peers(config: DoctorConfig, choice: TransportChoice,
                  instances: Sequence[InstanceInfo]) -> list[PeerCheck]:
     if not instances:
         return []
-    key = derive(config.secret, "data-plane") if config.secret is not None else None
+    key = (derive(data_plane_secret(config.secret), "data-plane")
+           if config.secret is not None else None)
     here = host_id()
     with ThreadPoolExecutor(min(MAX_PARALLEL_PEERS, len(instances))) as pool:
         return list(pool.map(lambda i: check_peer(i, key, choice, here, config.timeout_s,

@@ -46,8 +46,13 @@ class ConnectorConfig:
     model_id: str = ""
     """Overrides the model identity in the namespace (default: the model name vLLM was given)."""
     secret_file: str = ""
-    """File holding the cluster secret; without one, directory and data plane are
-    unauthenticated and must stay on loopback or a private network."""
+    """File holding the cluster secret; without one (and without ``credential_file``),
+    directory and data plane are unauthenticated and must stay on loopback or a private
+    network. With it the instance derives its own credential (``p2pkv.credential``)."""
+    credential_file: str = ""
+    """This instance's credential file (``p2pkv.credential``, written by the launcher for
+    the ``engine_id`` it names), instead of ``secret_file``: the instance then cannot act as
+    any other instance at the directory."""
     insecure_any_address: bool = False
     """Serve the data plane on a non-loopback ``bind_host`` without a secret (refused
     otherwise): only on a trusted private network."""
@@ -78,6 +83,8 @@ class ConnectorConfig:
                      "pull_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.secret_file and self.credential_file:
+            raise ConfigError("give secret_file or credential_file, not both")
         if self.log_level and self.log_level.upper() not in logging.getLevelNamesMapping():
             raise ConfigError(f"log_level {self.log_level!r} is not a logging level")
         for name in ("lookup_inline_wait_s", "directory_backoff_s"):

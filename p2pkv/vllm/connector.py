@@ -25,6 +25,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from p2pkv.affinity import widen_cpu_affinity
+from p2pkv.credential import InstanceCredential, credential_for, load_credential
 from p2pkv.directory.shards import connect as connect_directory
 from p2pkv.errors import ConfigError
 from p2pkv.keys import InstanceId, NamespaceSpec, probe_of
@@ -182,6 +183,21 @@ def probe_hash(vllm_config: VllmConfig) -> str:
     return probe_of(none_hash)
 
 
+def instance_credential(config: ConnectorConfig, engine: InstanceId
+                        ) -> InstanceCredential | None:
+    """This engine's credential: from ``credential_file`` (which must name the engine), or
+    derived from ``secret_file``; None without either (no authentication)."""
+    if config.credential_file:
+        credential = load_credential(config.credential_file)
+        if credential.instance != engine:
+            raise ConfigError(f"the credential file {config.credential_file!r} is instance "
+                              f"{credential.instance}'s, but this engine_id is {engine}")
+        return credential
+    if config.secret_file:
+        return credential_for(load_secret(config.secret_file), engine)
+    return None
+
+
 def _log_like_vllm(level: str) -> None:
     """Inside vLLM's processes, send p2pkv's log records to vLLM's handlers (once)."""
     ours, theirs = logging.getLogger("p2pkv"), logging.getLogger("vllm")
@@ -222,11 +238,13 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
         # NOTE: rank 0 registers under the engine id itself (what a router knows an instance
         # by, and what a TP 1 instance always was), the others as "<engine_id>/<rank>".
         self._instance = InstanceId(engine if rank == 0 else f"{engine}/{rank}")
-        secret = load_secret(self._config.secret_file) if self._config.secret_file else None
-        if secret is None:
-            logger.warning("p2pkv: no secret_file: directory traffic is unauthenticated")
-        directory = connect_directory(self._config.shards, secret=secret,
-                                      thread_init=widen_cpu_affinity)
+        credential = instance_credential(self._config, InstanceId(engine))
+        if credential is None:
+            logger.warning("p2pkv: no secret_file or credential_file: directory traffic is "
+                           "unauthenticated")
+        directory = connect_directory(
+            self._config.shards, credential=credential.directory if credential else None,
+            thread_init=widen_cpu_affinity)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
@@ -256,7 +274,8 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
                 cuda_device = torch.cuda.current_device()
             transport = make_transport(self._config.transport, bind_host=self._config.bind_host,
                                        advertise_host=self._config.advertise_host or None,
-                                       secret=secret, store_bytes=self._config.store_bytes,
+                                       secret=credential.data_plane if credential else None,
+                                       store_bytes=self._config.store_bytes,
                                        cuda_device=cuda_device,
                                        insecure_any_address=self._config.insecure_any_address,
                                        namespace=namespace)

@@ -1,0 +1,112 @@
+"""Per-instance credential files: what a launcher gives an instance instead of the cluster
+secret.
+
+A credential names one instance (a vLLM engine id; it also covers that engine's worker
+ranks ``<id>/<n>``) and carries, all derived from the cluster secret ``S``: the instance's
+CURVE key pair for the directory (``directory-curve-instance/<id>``), the directory's server
+public key, and the data plane's secret (``secret.data_plane_secret``). Not ``S``: an
+instance that is broken into can then act at the directory only as itself (and still pull
+and serve as any member: the data plane keeps one member key).
+
+Written by ``LocalCluster`` (the demo, benches and tests), ``p2pkv launch node`` and
+``p2pkv credential``; read by the connector (``credential_file`` in its config). The file is
+JSON, readable by its owner only (refused otherwise, like the secret file).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import zmq
+
+from p2pkv.directory.auth import Credential, CurveKeys, check_credential_instance
+from p2pkv.directory import auth
+from p2pkv.errors import ConfigError
+from p2pkv.keys import InstanceId
+from p2pkv.secret import ClusterSecret, data_plane_secret
+
+FORMAT = 1
+
+
+class _File(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    p2pkv_credential: int
+    instance: str
+    directory_server_key: str
+    public_key: str
+    secret_key: str
+    data_plane_secret: str
+    """Hex."""
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceCredential:
+    """One instance's credential: its directory keys and the data plane's secret."""
+
+    directory: Credential
+    data_plane: ClusterSecret
+
+    @property
+    def instance(self) -> InstanceId:
+        assert self.directory.instance is not None
+        return self.directory.instance
+
+
+def credential_for(secret: ClusterSecret, instance: InstanceId) -> InstanceCredential:
+    """Instance ``instance``'s credential, derived from the cluster secret."""
+    return InstanceCredential(auth.instance_credential(secret, instance),
+                              data_plane_secret(secret))
+
+
+def write_credential(path: str | Path, credential: InstanceCredential) -> None:
+    """Write ``credential`` to ``path`` (mode 0600, atomically: a reader never sees half)."""
+    c = credential.directory
+    data = msgspec.json.encode(_File(
+        p2pkv_credential=FORMAT, instance=credential.instance,
+        directory_server_key=c.server_public.decode(), public_key=c.keys.public.decode(),
+        secret_key=c.keys.secret.decode(), data_plane_secret=credential.data_plane.hex()))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data + b"\n")
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def load_credential(path: str | Path) -> InstanceCredential:
+    """Read and check a credential file; ConfigError if it is unreadable, readable by group
+    or others, malformed, or its key pair does not match."""
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read the credential file {str(path)!r}: {e}") from None
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        raise ConfigError(f"the credential file {str(path)!r} has mode "
+                          f"{stat.S_IMODE(mode):o}: its group or others can read it; make it "
+                          f"readable by its owner only (chmod 600)")
+    try:
+        f = msgspec.json.decode(data, type=_File)
+        if f.p2pkv_credential != FORMAT:
+            raise ValueError(f"format {f.p2pkv_credential}, this p2pkv reads {FORMAT}")
+        check_credential_instance(f.instance)
+        keys = CurveKeys(f.public_key.encode(), f.secret_key.encode())
+        if zmq.curve_public(keys.secret) != keys.public:
+            raise ValueError("its public key is not that of its secret key")
+        server = f.directory_server_key.encode()
+        if len(server) != 40 or len(keys.secret) != 40:
+            raise ValueError("CURVE keys are 40 Z85 characters")
+        plane = bytes.fromhex(f.data_plane_secret)
+        if len(plane) != 32:
+            raise ValueError("the data plane's secret is 32 bytes")
+    except (msgspec.DecodeError, ValueError, ConfigError, zmq.ZMQError) as e:
+        raise ConfigError(f"{str(path)!r} is not a p2pkv credential file: {e}") from None
+    return InstanceCredential(Credential(server, keys, InstanceId(f.instance)),
+                              ClusterSecret(plane))
