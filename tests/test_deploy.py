@@ -81,7 +81,8 @@ def test_plan_two_nodes_four_gpus():
         assert kv["kv_connector"] == "P2PKVConnector"
         assert kv["engine_id"] == inst.name and kv["kv_role"] == "kv_both"
         assert kv["kv_connector_extra_config"] == {
-            "directory": plan.directory, "secret_file": "/jobs/7/secret",
+            "directory": plan.directory,
+            "credential_file": f"/jobs/7/credentials/{inst.name}.credential",
             "transport": "auto", "bind_host": ADDR}
         assert inst.argv[inst.argv.index("--host") + 1] == ADDR
     router = plan.launches[-1].argv
@@ -211,6 +212,13 @@ def test_runner_stops_everything_when_one_process_exits(tmp_path):
     assert runner.run(poll_s=0.1) == 1
     assert time.monotonic() - t0 < 10
     assert sorted(runner.procs) == ["quitter", "sleeper"]
+    # each instance started got its own credential file, private, naming it (issue 13)
+    from p2pkv.credential import load_credential
+    for name in ("quitter", "sleeper"):
+        cred = tmp_path / "credentials" / f"{name}.credential"
+        assert stat.S_IMODE(cred.stat().st_mode) == 0o600
+        assert load_credential(cred).instance == name
+    assert not (tmp_path / "credentials" / "elsewhere.credential").exists()
     assert runner.procs["sleeper"].returncode == -signal.SIGTERM
     assert (tmp_path / "logs" / "n0" / "sleeper.log").exists()
     assert not (tmp_path / "nodes" / "n0.addr").exists()

@@ -11,6 +11,7 @@ into a failure.
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -39,7 +40,12 @@ def cluster(tmp_path_factory):
     from p2pkv.harness.demo_model import prepare
 
     workdir = Path(tmp_path_factory.mktemp("e2e"))
-    with LocalCluster(workdir, prepare()) as c:
+    # NOTE: with a cluster secret: the directory is CURVE, and A and B each register with a
+    # credential file of their own (issue 13), not the secret.
+    secret = workdir / "secret"
+    secret.write_text(secrets.token_hex(32) + "\n")
+    secret.chmod(0o600)
+    with LocalCluster(workdir, prepare(), secret_file=secret) as c:
         c.start_directory()
         a = c.start_vllm("A")
         b = c.start_vllm("B")
@@ -50,7 +56,7 @@ def cluster(tmp_path_factory):
 def wait_held(c: LocalCluster, engine: str, messages: list[dict[str, str]]) -> None:
     """Until the directory shows ``engine`` holding the prompt's chunks: it publishes them
     from its save thread, maybe after its answer came back."""
-    waiter = HeldWaiter(c.directory, c.model)
+    waiter = HeldWaiter(c.directory, c.model, secret=c.secret)
     waiter.wait_held(engine, waiter.chat_keys(chat_body(messages, max_tokens=MAX_TOKENS)))
 
 

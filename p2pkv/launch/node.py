@@ -26,8 +26,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from p2pkv.credential import credential_for, write_credential
 from p2pkv.errors import ConfigError
-from p2pkv.launch.plan import Launch, Plan, fill, referenced_nodes
+from p2pkv.keys import InstanceId
+from p2pkv.launch.plan import Launch, Plan, credential_path, fill, referenced_nodes
+from p2pkv.secret import load_secret
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +143,17 @@ class NodeRunner:
                      for n in needed}
         return [fill(a, self.address, addresses) for a in launch.argv]
 
+    def write_credential(self, launch: Launch) -> None:
+        """An instance's own credential file (``p2pkv.credential``), from the secret."""
+        path = Path(credential_path(self.plan.spec, launch.name))
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_credential(path, credential_for(load_secret(self.plan.spec.secret_file),
+                                              InstanceId(launch.name)))
+
     def start(self, launch: Launch) -> subprocess.Popen:
         argv = self.resolve(launch)
+        if launch.role == "vllm":
+            self.write_credential(launch)
         env = {**os.environ, **launch.env, "PYTHONUNBUFFERED": "1"}
         if launch.gpus:
             env["CUDA_VISIBLE_DEVICES"] = visible_gpus(launch,

@@ -182,9 +182,17 @@ def router_argv(spec: ClusterSpec, directory: str, instances: list[Launch]) -> l
 KV_ROLES: dict[str, str] = {"": "kv_both", "prefill": "kv_producer", "decode": "kv_consumer"}
 
 
+def credential_path(spec: ClusterSpec, name: str) -> str:
+    """Where instance ``name``'s credential file goes (``p2pkv launch node`` writes it from
+    the secret just before starting the instance; the instance never reads the secret)."""
+    return f"{spec.job_dir}/credentials/{name}.credential"
+
+
 def kv_transfer_config(spec: ClusterSpec, directory: str, engine_id: str = "",
                        pd: str = "") -> str:
-    extra: dict[str, object] = {"directory": directory, "secret_file": spec.secret_file,
+    auth: dict[str, object] = ({"credential_file": credential_path(spec, engine_id)}
+                               if engine_id else {"secret_file": spec.secret_file})
+    extra: dict[str, object] = {"directory": directory, **auth,
                                 "transport": spec.transport, "bind_host": ADDR}
     if spec.store_gib:
         extra["store_gib"] = spec.store_gib
@@ -250,7 +258,10 @@ def render(plan: Plan) -> str:
         f"directory  {_shown(plan.directory)}",
         f"router     {_shown(plan.router_url)}",
         f"transport  {spec.transport}   UCX: {ucx}",
-        f"secret     {spec.secret_file} (a file readable by its owner only; never in argv)",
+        f"secret     {spec.secret_file} (a file readable by its owner only; never in argv;"
+        f" directory, router and node runners read it)",
+        f"credential {spec.job_dir}/credentials/<name>.credential per instance (written by its "
+        f"node's runner; the instance reads that, not the secret)",
         f"logs       {spec.job_dir}/logs/<node>/<name>.log",
         "",
     ]
