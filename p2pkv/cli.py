@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from p2pkv.directory.cli import add_directory_parser, add_status_parser
+from p2pkv.directory.cli import add_credential_parser, add_directory_parser, add_status_parser
 from p2pkv.doctor.cli import add_doctor_parser
 from p2pkv.launch.cli import add_launch_parser
 from p2pkv.router.cli import add_router_parser
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_directory_parser(subparsers)
     add_status_parser(subparsers)
+    add_credential_parser(subparsers)
     add_doctor_parser(subparsers)
     add_router_parser(subparsers)
     _add_demo_parser(subparsers)

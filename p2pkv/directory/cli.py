@@ -23,6 +23,7 @@ from p2pkv.directory.protocol import (
     StatsReply,
 )
 from p2pkv.errors import ConfigError
+from p2pkv.keys import InstanceId
 from p2pkv.secret import ClusterSecret, load_secret
 
 if TYPE_CHECKING:
@@ -53,6 +54,36 @@ def add_status_parser(subparsers: Any) -> argparse.ArgumentParser:
     _add_secret_arg(parser)
     parser.set_defaults(func=_run_status)
     return parser
+
+
+def add_credential_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``credential``: write one instance's credential file from the cluster secret."""
+    parser = subparsers.add_parser(
+        "credential", help="write an instance's credential file (its directory keys and the "
+                           "data plane's secret, derived from the cluster secret; not the "
+                           "secret): give it to the instance as credential_file")
+    parser.add_argument("--instance", required=True,
+                        help="the instance id (vLLM engine_id); covers its ranks ID/<n> too")
+    parser.add_argument("--out", required=True, metavar="PATH",
+                        help="file to write (mode 0600)")
+    _add_secret_arg(parser)
+    parser.set_defaults(func=_run_credential)
+    return parser
+
+
+def _run_credential(args: argparse.Namespace) -> int:
+    from p2pkv.credential import credential_for, write_credential
+
+    try:
+        secret = _secret(args)
+        if secret is None:
+            raise ConfigError("a credential is derived from the cluster secret: pass "
+                              "--secret-file (or set P2PKV_SECRET_FILE)")
+        write_credential(args.out, credential_for(secret, InstanceId(args.instance)))
+    except (ConfigError, OSError) as e:
+        print(f"p2pkv credential: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def directory_main(argv: list[str] | None = None) -> int:
