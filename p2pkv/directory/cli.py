@@ -125,7 +125,8 @@ def _add_directory_args(parser: argparse.ArgumentParser) -> None:
                              f"(env P2PKV_HEARTBEAT_LIVENESS, default {HEARTBEAT_LIVENESS})")
     parser.add_argument("--max-registrations-per-connection", type=int,
                         default=MAX_REGISTRATIONS_PER_CONNECTION, metavar="N",
-                        help="instance ids one client connection may register (default "
+                        help="instance ids one client connection (with a secret: one "
+                             "instance credential) may register (default "
                              f"{MAX_REGISTRATIONS_PER_CONNECTION}; a simulated fleet needs more)")
     parser.add_argument("--metrics-port", type=int,
                         default=int(env["P2PKV_METRICS_PORT"]) if env.get("P2PKV_METRICS_PORT")
