@@ -3,7 +3,8 @@ byte against the seeded data, then prints one JSON line and exits (0: all chunks
 
     python -m tests.pull_process ADDRESS CHUNK_BYTES NUM_CHUNKS SEED [KIND]
 
-KIND is the puller's transport (default auto). P2PKV_TEST_SECRET: the cluster secret. The line
+KIND is the puller's transport (default auto). P2PKV_TEST_SECRET: the cluster secret
+(P2PKV_TEST_MEMBER_PLANE=1: key the data plane from data_plane_secret, as peer_process). The line
 says how many chunks arrived intact and over which path (``tcp``/``shm`` pull counts), so a
 test run in another network namespace can check both the bytes and the path they took.
 """
@@ -14,7 +15,7 @@ import sys
 
 import numpy as np
 
-from p2pkv.secret import ClusterSecret
+from p2pkv.secret import ClusterSecret, data_plane_secret
 from p2pkv.transport.base import Outcome, PullItem
 from p2pkv.transport.choose import make_transport
 from tests.peer_process import chunk_bytes, key_of
@@ -26,8 +27,10 @@ def main() -> int:
     address, size, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     kind = sys.argv[5] if len(sys.argv) > 5 else "auto"
     secret = os.environ.get("P2PKV_TEST_SECRET")
-    transport = make_transport(kind, bind_host="127.0.0.1", store_bytes=size * n,
-                               secret=ClusterSecret(secret.encode()) if secret else None)
+    key = ClusterSecret(secret.encode()) if secret else None
+    if key is not None and os.environ.get("P2PKV_TEST_MEMBER_PLANE"):
+        key = data_plane_secret(key)  # keyed as the connector and p2pkv doctor key it
+    transport = make_transport(kind, bind_host="127.0.0.1", store_bytes=size * n, secret=key)
     try:
         bufs = [np.zeros(size, dtype=np.uint8) for _ in range(n)]
         items = [PullItem(key_of(i), (memoryview(buf),)) for i, buf in enumerate(bufs)]

@@ -141,6 +141,7 @@ def start_cluster(hosts: TwoHosts) -> tuple[str, dict[str, str]]:
                                   str(CHUNK_BYTES), str(CHUNKS), str(SEED), "shm"],
                               f"peer-{h}.ready",
                               env={"P2PKV_TEST_SECRET": SECRET, "P2PKV_TEST_DIRECTORY": endpoint,
+                                   "P2PKV_TEST_MEMBER_PLANE": "1",
                                    "P2PKV_TEST_INSTANCE": f"inst-{h}",
                                    "P2PKV_TEST_BIND_HOST": ADDRESSES[h]})
     return endpoint, data
@@ -148,7 +149,8 @@ def start_cluster(hosts: TwoHosts) -> tuple[str, dict[str, str]]:
 
 def pull(hosts: TwoHosts, host: str, address: str, hostname: str = "") -> dict:
     r = hosts.run(host, ["-m", "tests.pull_process", address, str(CHUNK_BYTES), str(CHUNKS),
-                         str(SEED), "shm"], env={"P2PKV_TEST_SECRET": SECRET},
+                         str(SEED), "shm"], env={"P2PKV_TEST_SECRET": SECRET,
+                                                 "P2PKV_TEST_MEMBER_PLANE": "1"},
                   hostname=hostname)
     assert r.stdout, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
