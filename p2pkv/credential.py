@@ -23,8 +23,9 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from p2pkv.directory.auth import Credential, CurveKeys, check_credential_instance
-from p2pkv.directory import auth
+from p2pkv.directory.auth import (
+    Credential, CurveKeys, check_credential_instance, instance_credential,
+)
 from p2pkv.errors import ConfigError
 from p2pkv.keys import InstanceId
 from p2pkv.secret import ClusterSecret, data_plane_secret
@@ -57,7 +58,7 @@ class InstanceCredential:
 
 def credential_for(secret: ClusterSecret, instance: InstanceId) -> InstanceCredential:
     """Instance ``instance``'s credential, derived from the cluster secret."""
-    return InstanceCredential(auth.instance_credential(secret, instance),
+    return InstanceCredential(instance_credential(secret, instance),
                               data_plane_secret(secret))
 
 
