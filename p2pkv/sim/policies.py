@@ -33,7 +33,8 @@ from p2pkv.sim.fleet import Fleet
 from p2pkv.sim.sharded_fleet import ShardedFleet, ShardEndpoints
 from p2pkv.sim.trace import TraceRequest
 
-NAMES = ("round-robin", "kv-aware", "p2pkv", "p2pkv+planner", "p2pkv+multi", "global-pool")
+NAMES = ("round-robin", "kv-aware", "p2pkv", "p2pkv+planner", "p2pkv+planner+save", "p2pkv+multi",
+         "global-pool")
 DIRECTORY_POLICIES = ("p2pkv", "p2pkv+planner", "p2pkv+multi")
 
 @dataclass(frozen=True, slots=True)
