@@ -9,8 +9,9 @@
 4. ``p2pkv+planner``: the planner routes (lowest expected TTFT, spreading over candidates
    within ``PLANNER_SPREAD`` of it) and the instance pulls only when the pull is expected
    to beat recomputing (``planner/decide.py``), learning each peer's link from its pulls.
-   ``p2pkv+multi``: the same with two connector changes not built yet: pulls from up to
-   4 holders (one Lookup each) and pulled chunks saved to the puller's store.
+   ``p2pkv+planner+save``, ``+holdersN``, ``+multi`` (``P2pkvOptions``): the same with
+   connector changes not built yet: pulled chunks saved to the puller's store, pulls from
+   up to N holders (one Lookup each), both (N = 4).
 5. ``global-pool``: one LRU with the whole cluster's capacity, free transfers, least-queued
    routing: an upper bound (Mooncake Store with an ideal network).
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from p2pkv.keys import InstanceId, Namespace
 from p2pkv.planner.cost import CostModel
@@ -29,6 +29,10 @@ from p2pkv.sim.cache import BlockLRU, LocalHit
 from p2pkv.sim.cluster import Cluster, ClusterSpec, best_per_run, leading_runs
 from p2pkv.sim.directory_view import BlockKeys, FeedView
 from p2pkv.sim.losses import HostIndex, LossTally, first_missing_reason
+from p2pkv.sim.options import P2pkvOptions, p2pkv_options, uses_directory
+
+__all__ = ["NAMES", "DIRECTORY_POLICIES", "P2pkvOptions", "p2pkv_options", "uses_directory",
+           "SimPolicy", "RoundRobin", "KvAware", "GlobalPool", "P2pkv"]
 from p2pkv.sim.fleet import Fleet
 from p2pkv.sim.sharded_fleet import ShardedFleet, ShardEndpoints
 from p2pkv.sim.trace import TraceRequest
@@ -36,54 +40,6 @@ from p2pkv.sim.trace import TraceRequest
 NAMES = ("round-robin", "kv-aware", "p2pkv", "p2pkv+planner", "p2pkv+planner+save", "p2pkv+multi",
          "global-pool")
 DIRECTORY_POLICIES = ("p2pkv", "p2pkv+planner", "p2pkv+multi")
-
-@dataclass(frozen=True, slots=True)
-class P2pkvOptions:
-    """A p2pkv policy's mechanisms, from its name: ``p2pkv`` then ``+``-joined features:
-    ``planner`` (route by expected TTFT and pull only when it pays), ``holdersN`` (pull one
-    request's chunks from up to N holders, a Lookup each), ``save`` (pulled chunks are saved
-    to the puller's store, so it can serve them too), ``fastest`` (of the holders of the
-    longest run, pull from the one expected fastest, not the first by name), ``sticky``
-    (the planner's router, among the candidates within its spread, takes the shortest queue
-    and then the most cached tokens, not the fewest requests in flight); ``multi`` is
-    ``planner+holders4+save``."""
-
-    planner: bool = False
-    max_holders: int = 1
-    save_pulled: bool = False
-    fastest_holder: bool = False
-    sticky: bool = False
-
-
-def p2pkv_options(name: str) -> P2pkvOptions | None:
-    """The options a p2pkv policy name stands for; None for other policies. Raises
-    ValueError for an unknown feature."""
-    head, *features = name.split("+")
-    if head != "p2pkv":
-        return None
-    planner, holders, save, fastest, sticky = False, 1, False, False, False
-    for f in features:
-        if f == "planner":
-            planner = True
-        elif f == "multi":
-            planner, holders, save = True, max(holders, 4), True
-        elif f == "save":
-            save = True
-        elif f == "fastest":
-            fastest = True
-        elif f == "sticky":
-            planner = sticky = True
-        elif f.startswith("holders") and f[7:].isdigit() and int(f[7:]) >= 1:
-            holders = int(f[7:])
-        else:
-            raise ValueError(f"policy {name!r}: unknown feature {f!r} (planner, multi, save, "
-                             "fastest, holdersN)")
-    return P2pkvOptions(planner, holders, save, fastest, sticky)
-
-
-def uses_directory(name: str) -> bool:
-    return name.split("+", 1)[0] == "p2pkv"
-
 
 PLANNER_SPREAD = 0.1
 """The planner's router spreads over candidates expected within 10 % of the best."""
