@@ -1,8 +1,9 @@
 """Cluster-scale replay of a production trace against the real directory (no vLLM).
 
 ``p2pkv bench trace [--trace F] [--instances 1000] [--speedup 10] [--sweep 10,100,1000]``.
-The trace's requests are replayed in time order, sped up, through five policies side by
-side (``sim/policies.py``), each on its own simulated cluster of ``--instances`` instances
+The trace's requests are replayed in time order, sped up, through the policies side by
+side (``sim/policies.py``; p2pkv variants are named by their mechanisms, ``sim/options.py``,
+and each reports where it lost reusable tokens, ``sim/losses.py``), each on its own simulated cluster of ``--instances`` instances
 whose KV capacity, prefill speed and links come from ``--profile``
 (``planner/profiles.py``). The two p2pkv policies register every simulated instance with a
 real directory process (leases, publishes, lookups, change feed: real traffic, from one
