@@ -181,6 +181,21 @@ def test_leases_expire_unless_renewed(seq) -> None:
     assert len(index) == 0 and index.num_chunks == 0
 
 
+def test_expiry_skips_replaced_and_dropped_registrations() -> None:
+    index = DirectoryIndex(LEASE)
+    reg(index, A, epoch=1, now=0.0)
+    reg(index, A, epoch=2, now=1.0)  # a new process replaces epoch 1
+    reg(index, B, now=0.0)
+    index.unregister(B, 1, 0.5)
+    reg(index, C, now=0.0)
+    for t in (1.0, 2.0, 3.0, 3.5):  # C heartbeats on, past its first deadline (3.0)
+        index.heartbeat(C, 1, 0, t)
+        assert index.expire(t) == []
+    assert [(m.instance, m.epoch) for m in index.expire(1.0 + LEASE)] == [(A, 2)]
+    assert [m.instance for m in index.expire(3.5 + LEASE)] == [C]
+    assert len(index) == 0 and index.expire(100.0) == []
+
+
 def test_handles_are_reused_and_bitmasks_stay_small(seq) -> None:
     index = DirectoryIndex(LEASE)
     for i in range(8):

@@ -18,6 +18,8 @@ from p2pkv.planner.profiles import LLAMA31_8B_H100
 from p2pkv.sim.cache import BlockLRU
 from p2pkv.sim.cluster import ClusterSpec, best_per_run, leading_runs
 from p2pkv.sim.directory_view import BlockKeys
+from p2pkv.sim.losses import HostIndex, first_missing_reason
+from p2pkv.sim.policies import P2pkvOptions, p2pkv_options, uses_directory
 from p2pkv.sim.fleet import Fleet
 from p2pkv.sim.processes import DirectoryProcess
 from p2pkv.bench.trace import summarize
@@ -46,6 +48,37 @@ def test_leading_runs_and_best_per_run():
     assert leading_runs(index, [9, 1]) == {}
     load = {0: (5, 0), 1: (0, 0), 2: (0, 1), 3: (0, 0)}
     assert best_per_run({0: 3, 1: 2, 2: 2, 3: 2}, load.__getitem__) == [(0, 3), (1, 2)]
+
+
+def test_p2pkv_policy_names_say_their_mechanisms():
+    assert p2pkv_options("round-robin") is None and uses_directory("p2pkv+save")
+    assert p2pkv_options("p2pkv") == P2pkvOptions()
+    assert p2pkv_options("p2pkv+planner+holders2+save") == P2pkvOptions(True, 2, True)
+    assert p2pkv_options("p2pkv+multi") == P2pkvOptions(True, 4, True)
+    with pytest.raises(ValueError, match="unknown feature 'fast'"):
+        p2pkv_options("p2pkv+fast")
+
+
+def test_a_missing_block_is_charged_to_the_first_reason_that_applies():
+    host = HostIndex()
+    host.update(1, [10, 11], [])
+    host.update(0, [12], [])
+    engines = {10: {1}, 11: {1}, 12: {0}, 13: {2}}
+
+    def why(block: int, **kw) -> str:
+        args = dict(refused=False, holder_lost=False, holders_used=1, max_holders=1,
+                    host=host, engine_holders=engines)
+        return first_missing_reason(block, 0, **(args | kw))
+
+    assert why(10, refused=True) == "refused"
+    assert why(10, holder_lost=True) == "holder-lost"
+    assert why(10) == "next-holder"  # instance 1's store has it; one holder was used
+    assert why(10, max_holders=4) == "not-published"  # the directory did not name it
+    assert why(12) == "own-store"
+    assert why(13) == "engine-only"
+    assert why(14) == "evicted"
+    host.update(1, [], [10])
+    assert host.copies(10) == 0 and host.copies(11) == 1
 
 
 def test_reusable_blocks_is_the_leading_run_seen_before():
@@ -116,8 +149,8 @@ def test_bench_trace_small_replay(tmp_path):
     assert bench_trace.main(args) == 0
     report = json.loads((tmp_path / "trace.json").read_text())
     res = {r["policy"]: r for r in report["run"]["results"]}
-    assert list(res) == ["round-robin", "kv-aware", "p2pkv", "p2pkv+planner", "p2pkv+multi",
-                         "global-pool"]
+    assert list(res) == ["round-robin", "kv-aware", "p2pkv", "p2pkv+planner",
+                         "p2pkv+planner+save", "p2pkv+multi", "global-pool"]
     reusable = res["global-pool"]["reusable_tokens"]
     assert reusable > 0 and res["global-pool"]["reuse_captured"] == 1.0
     for r in res.values():
@@ -125,13 +158,15 @@ def test_bench_trace_small_replay(tmp_path):
         assert 0 <= r["saved_tokens"] <= reusable == r["reusable_tokens"]
     assert res["p2pkv"]["pulled_tokens"] > 0
     assert res["p2pkv"]["saved_tokens"] > res["round-robin"]["saved_tokens"]
-    for name in ("p2pkv", "p2pkv+planner", "p2pkv+multi"):
+    for name in ("p2pkv", "p2pkv+planner", "p2pkv+planner+save", "p2pkv+multi"):
+        # every reusable token not served is charged to exactly one reason
+        assert sum(res[name]["losses"]["tokens"].values()) == res[name]["recomputed_tokens"]
         client = res[name]["directory_client"]
         assert client["registrations"] == 20 and client["lookups_failed"] == 0
         assert client["lookups"] > 0 and client["errors"] == {}
     d = report["run"]["directory"]
     [proc] = d["processes"]
-    assert proc["instances"] == 60 and proc["chunks"] > 0 and proc["lookups"] > 0
+    assert proc["instances"] == 80 and proc["chunks"] > 0 and proc["lookups"] > 0
     assert d["lookups_failed"] == 0 and d["messages_per_s"] > 0
     assert [p["instances"] for p in report["sweep"]] == [10, 20]
     assert (tmp_path / "trace.png").stat().st_size > 0

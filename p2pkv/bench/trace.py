@@ -1,8 +1,9 @@
 """Cluster-scale replay of a production trace against the real directory (no vLLM).
 
 ``p2pkv bench trace [--trace F] [--instances 1000] [--speedup 10] [--sweep 10,100,1000]``.
-The trace's requests are replayed in time order, sped up, through five policies side by
-side (``sim/policies.py``), each on its own simulated cluster of ``--instances`` instances
+The trace's requests are replayed in time order, sped up, through the policies side by
+side (``sim/policies.py``; p2pkv variants are named by their mechanisms, ``sim/options.py``,
+and each reports where it lost reusable tokens, ``sim/losses.py``), each on its own simulated cluster of ``--instances`` instances
 whose KV capacity, prefill speed and links come from ``--profile``
 (``planner/profiles.py``). The two p2pkv policies register every simulated instance with a
 real directory process (leases, publishes, lookups, change feed: real traffic, from one
@@ -38,7 +39,7 @@ from p2pkv.keys import Namespace
 from p2pkv.planner.profiles import PROFILES
 from p2pkv.sim.cluster import ClusterSpec
 from p2pkv.sim.directory_view import BlockKeys
-from p2pkv.sim.policies import DIRECTORY_POLICIES, NAMES
+from p2pkv.sim.policies import NAMES, uses_directory
 from p2pkv.directory.ring import ShardId
 from p2pkv.sim.processes import WORKER_TIMEOUT_S, DirectoryProcess, run_workers
 from p2pkv.sim.policies import P2pkv, SimPolicy
@@ -209,6 +210,7 @@ def summarize(policy: SimPolicy, duration_s: float) -> dict:
                  "busy_share_mean": round(statistics.fmean(busy), 4)},
     }
     if isinstance(policy, P2pkv):
+        out["losses"] = policy.losses.as_dict()
         s = policy.fleet.stats
         rtts = s.lookup_rtts
         out["directory_client"] = {
@@ -228,7 +230,7 @@ def _start_probe(args: argparse.Namespace, config: ReplayConfig,
                  procs: dict[str, DirectoryProcess], shards: tuple[ShardEndpoints, ...],
                  speedup: float):
     """The latency probe process (or None): (process, go event, stop event, result queue)."""
-    names = [p for p in config.policies if p in DIRECTORY_POLICIES]
+    names = [p for p in config.policies if uses_directory(p)]
     if args.probe_rate <= 0 or not names:
         return None
     ctx = mp.get_context("spawn")
@@ -397,6 +399,12 @@ def table(run: dict) -> str:
     lines = [f"{run['instances']} instances, speedup {run['speedup']:g}: replay took "
              f"{run['wall_s']:.1f} s (load avg {run['load_avg_1m']['start']:.1f} -> "
              f"{run['load_avg_1m']['end']:.1f})", table_text(_POLICY_COLUMNS, rows)]
+    for r in run["results"]:
+        if "losses" in r:
+            reusable = max(1, r["reusable_tokens"])
+            lost = ", ".join(f"{k} {v / reusable:.1%}" for k, v in r["losses"]["tokens"].items()
+                             if v)
+            lines.append(f"  {r['policy']}: reusable tokens not served: {lost or 'none'}")
     d = run["directory"]
     rtt = "; ".join(f"{k} p50 {v['p50']:.2f} p99 {v['p99']:.2f} ms"
                     for k, v in d["lookup_rtt_ms"].items())

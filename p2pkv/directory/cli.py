@@ -10,6 +10,7 @@ server itself knows nothing of them.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -198,6 +199,12 @@ def run_directory(config: ServerConfig, ready_file: str | None = None,
         logger.info("p2pkv directory listening on %s", server.endpoint)
         if not server.secure:
             logger.warning("p2pkv directory is UNAUTHENTICATED (no --secret-file)")
+        # NOTE: the start-up's objects (modules, classes, functions: ~10^5 tracked by the
+        # cyclic GC) never die; frozen, a full collection no longer walks them while lookups
+        # wait (measured: 66 ms for one right after the imports). The index holds no object
+        # the GC visits (index.py), so what it traverses later is the little the loop makes.
+        gc.collect()
+        gc.freeze()
         server.serve(stop)
     finally:
         for sig, handler in previous.items():

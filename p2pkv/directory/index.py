@@ -240,7 +240,9 @@ class _Space:
         table, gone, rest = self.table, job.handles, job.rest
         end = min(len(job.keys), job.pos + budget)
         get = table.get
-        for key in islice(job.keys, job.pos, end):
+        # NOTE: a slice, not islice: islice walks the list from its start every step, which
+        # made a sweep of n keys O(n^2 / budget) (steps of 1-40 ms under the trace replay)
+        for key in job.keys[job.pos:end]:
             value = get(key)
             if value is None:
                 continue
@@ -362,6 +364,11 @@ class DirectoryIndex:
         self._members: dict[InstanceId, Member] = {}
         self._spaces: dict[Namespace, _Space] = {}
         self._ns_members: dict[Namespace, set[InstanceId]] = {}
+        self._expiries: list[tuple[float, int, Member]] = []
+        """Heap of (earliest expiry, tie-break, member). NOTE: a lease only ever moves later,
+        so an entry is a lower bound on its member's expiry: ``expire`` pops what is due and
+        pushes back members renewed since, instead of scanning every member each tick."""
+        self._pushed = 0
 
     def __len__(self) -> int:
         """Number of registered instances."""
@@ -452,6 +459,7 @@ class DirectoryIndex:
                         slice=slice, spec=spec)
         member.handle = self._spaces.setdefault(namespace, _Space()).take_handle(member)
         self._members[instance] = member
+        self._push_expiry(member)
         self._owned.setdefault(quota, set()).add(instance)
         self._ns_members.setdefault(namespace, set()).add(instance)
         logger.info("registered %s epoch %s namespace %s at %s%s", instance, epoch, namespace,
@@ -527,9 +535,24 @@ class DirectoryIndex:
         return member
 
     def expire(self, now: float) -> list[Member]:
-        """Drop every registration whose lease ran out; returns them."""
-        gone = [m.instance for m in self._members.values() if m.expires_at <= now]
-        return [m for m in (self.drop(i) for i in gone) if m is not None]
+        """Drop every registration whose lease ran out; returns them. O(log n) per member
+        due or renewed since its entry, not O(members)."""
+        heap = self._expiries
+        gone: list[Member] = []
+        while heap and heap[0][0] <= now:
+            _, _, member = heapq.heappop(heap)
+            if self._members.get(member.instance) is not member:
+                continue  # dropped or replaced since
+            if member.expires_at <= now:
+                self.drop(member.instance)
+                gone.append(member)
+            else:
+                self._push_expiry(member)
+        return gone
+
+    def _push_expiry(self, member: Member) -> None:
+        self._pushed += 1
+        heapq.heappush(self._expiries, (member.expires_at, self._pushed, member))
 
     def set_counters(self, instance: InstanceId, counters: Mapping[str, int],
                      now: float, *, epoch: int | None = None,

@@ -9,8 +9,9 @@
 4. ``p2pkv+planner``: the planner routes (lowest expected TTFT, spreading over candidates
    within ``PLANNER_SPREAD`` of it) and the instance pulls only when the pull is expected
    to beat recomputing (``planner/decide.py``), learning each peer's link from its pulls.
-   ``p2pkv+multi``: the same with two connector changes not built yet: pulls from up to
-   4 holders (one Lookup each) and pulled chunks saved to the puller's store.
+   ``p2pkv+planner+save``, ``+holdersN``, ``+multi`` (``P2pkvOptions``): the same with
+   connector changes not built yet: pulled chunks saved to the puller's store, pulls from
+   up to N holders (one Lookup each), both (N = 4).
 5. ``global-pool``: one LRU with the whole cluster's capacity, free transfers, least-queued
    routing: an upper bound (Mooncake Store with an ideal network).
 """
@@ -27,11 +28,17 @@ from p2pkv.router.policy import Candidate, Policy, choose
 from p2pkv.sim.cache import BlockLRU, LocalHit
 from p2pkv.sim.cluster import Cluster, ClusterSpec, best_per_run, leading_runs
 from p2pkv.sim.directory_view import BlockKeys, FeedView
+from p2pkv.sim.losses import HostIndex, LossTally, first_missing_reason
+from p2pkv.sim.options import P2pkvOptions, p2pkv_options, uses_directory
+
+__all__ = ["NAMES", "DIRECTORY_POLICIES", "P2pkvOptions", "p2pkv_options", "uses_directory",
+           "SimPolicy", "RoundRobin", "KvAware", "GlobalPool", "P2pkv"]
 from p2pkv.sim.fleet import Fleet
 from p2pkv.sim.sharded_fleet import ShardedFleet, ShardEndpoints
 from p2pkv.sim.trace import TraceRequest
 
-NAMES = ("round-robin", "kv-aware", "p2pkv", "p2pkv+planner", "p2pkv+multi", "global-pool")
+NAMES = ("round-robin", "kv-aware", "p2pkv", "p2pkv+planner", "p2pkv+planner+save", "p2pkv+multi",
+         "global-pool")
 DIRECTORY_POLICIES = ("p2pkv", "p2pkv+planner", "p2pkv+multi")
 
 PLANNER_SPREAD = 0.1
@@ -44,12 +51,16 @@ HINT_TTL_S = 30.0
 class SimPolicy:
     name = ""
 
+    reusable_now = 0
+    """The current request's reusable leading blocks (what the global pool serves)."""
+
     def __init__(self, spec: ClusterSpec, *, track_holders: bool = False) -> None:
         self.spec = spec
         self.cluster = Cluster(spec, track_holders=track_holders)
 
     def serve(self, req: TraceRequest, reusable_blocks: int) -> None:
         self.cluster.advance(req.arrival_s)
+        self.reusable_now = reusable_blocks
         self.cluster.tally.reusable_tokens += req.prefix_tokens(reusable_blocks,
                                                                 self.spec.block_tokens)
         self._serve(req, req.arrival_s)
@@ -124,9 +135,16 @@ class P2pkv(SimPolicy):
                  keys: BlockKeys, lookup_timeout_s: float = 0.5,
                  shards: Sequence[ShardEndpoints] = (),
                  max_holders: int = 1, save_pulled: bool = False, spread: float = 0.0,
-                 policy: Policy = Policy(),
+                 policy: Policy = Policy(), fastest_holder: bool = False,
+                 sticky: bool = False,
                  fleet_factory: Callable[..., Fleet] = Fleet) -> None:
-        super().__init__(spec)
+        # NOTE: the exact index of both tiers is the simulation's truth for the loss
+        # attribution (``sim/losses.py``); routing and lookups never read it.
+        super().__init__(spec, track_holders=True)
+        self._fastest = fastest_holder
+        self._sticky = sticky
+        self.host_truth = HostIndex()
+        self.losses = LossTally()
         self.name = name
         self._planner = planner
         self._policy = policy
@@ -222,6 +240,8 @@ class P2pkv(SimPolicy):
                                         in_flight=c.in_flight[i]))
         choice = choose_route(self.router_cost, req.input_tokens, cands, spread=self._spread)
         assert choice is not None
+        if self._sticky:
+            return self._index[InstanceId(_sticky_pick(choice, cands, self._spread))]
         if choice.reason == "reroute":
             c.tally.decisions["reroute"] += 1
         return self._index[InstanceId(choice.instance)]
@@ -233,13 +253,24 @@ class P2pkv(SimPolicy):
         self._hint(i, req, now)
         hit = c.instances[i].local_hit(req.blocks)
         segments, lookup_s = self._lookups(i, req, hit.blocks)
-        pulled, pull_s = self._pull(i, req, now, hit, segments)
+        pulled, pull_s, ended = self._pull(i, req, now, hit, segments)
         decision = ("pull" if pulled else "skip-pull" if segments
                     else "local" if hit.blocks else "recompute")
         cached = c.count_hit(req, hit, pulled)
+        got = hit.blocks + pulled
+        if got < self.reusable_now:
+            bt = self.spec.block_tokens
+            assert c.holders is not None
+            reason = first_missing_reason(
+                req.blocks[got], i, refused=ended == "refused", holder_lost=ended == "lost",
+                holders_used=len(segments), max_holders=self._max_holders,
+                host=self.host_truth, engine_holders=c.holders)
+            self.losses.charge(reason, req.prefix_tokens(self.reusable_now, bt)
+                               - req.prefix_tokens(got, bt))
         c.run(i, req, now, cached, max(c.host_load_s(hit), lookup_s + pull_s), decision)
         added, evicted = c.store(i, req.blocks,
                                  hit.blocks + (0 if self._save_pulled else pulled))
+        self.host_truth.update(i, added, evicted)
         if added or evicted:
             self.fleet.publish(i, self._keys.flat(added), self._keys.flat(evicted))
 
@@ -258,20 +289,40 @@ class P2pkv(SimPolicy):
             found = None
             for h in reply.holders:
                 j = self._index.get(h.instance)
-                if j is not None and j != i and h.run // self._keys.per_block > 0:
-                    found = (j, h.run // self._keys.per_block)
+                run = h.run // self._keys.per_block
+                if j is None or j == i or run <= 0:
+                    continue
+                if found is None:
+                    found = (j, run)
+                    if not self._fastest:
+                        break
+                elif run < found[1]:
                     break
+                elif self._pull_rate(i, j) > self._pull_rate(i, found[0]):
+                    # NOTE: among the holders of the longest run the connector takes the
+                    # first by name; ``fastest_holder`` takes the one its cost model
+                    # expects fastest (a slow link would otherwise make the planner refuse)
+                    found = (j, run)
             if found is None:
                 break
             segments.append(found)
             pos += found[1]
         return segments, lookup_s
 
+    def _pull_rate(self, i: int, j: int) -> float:
+        """Bytes/s instance ``i`` expects from ``j``: its own estimate with the planner,
+        else the link as the instances' registrations would describe it."""
+        if self._planner:
+            return self.costs[i].links.link(self.ids[j]).bytes_per_s
+        c = self.cluster
+        return min(c.instances[i].link_factor, c.instances[j].link_factor)
+
     def _pull(self, i: int, req: TraceRequest, now: float, hit: LocalHit,
-              segments: list[tuple[int, int]]) -> tuple[int, float]:
+              segments: list[tuple[int, int]]) -> tuple[int, float, str | None]:
         """Pull the segments the plan keeps, in order, from their holders (in parallel);
-        returns (blocks pulled, seconds). A block the holder no longer has ends the pull:
-        the connector recomputes from the first missing chunk."""
+        returns (blocks pulled, seconds, why it ended early: "refused", "lost" or None).
+        A block the holder no longer has ends the pull: the connector recomputes from the
+        first missing chunk."""
         c = self.cluster
         bt = self.spec.block_tokens
         kv = self.spec.profile.kv_bytes_per_token
@@ -285,7 +336,7 @@ class P2pkv(SimPolicy):
                                  host_tokens=hit.host_only * bt,
                                  queue_s=max(c.queue_s(i, now), pull_s))
                 if not plan.pull:
-                    break
+                    return pos - hit.blocks, pull_s, "refused"
             held = c.instances[holder].host
             valid = 0
             for b in req.blocks[pos:pos + run]:
@@ -304,8 +355,17 @@ class P2pkv(SimPolicy):
             if valid < run:
                 self.pull_failed += 1
                 c.tally.decisions["pull-missing"] += 1
-                break
-        return pos - hit.blocks, pull_s
+                return pos - hit.blocks, pull_s, "lost"
+        return pos - hit.blocks, pull_s, None
+
+
+def _sticky_pick(choice, cands: list[RouteCandidate], spread: float) -> str:
+    """Of the candidates expected within ``spread`` of the best (``choice.expected``): the
+    shortest queue, then the most cached tokens, then the fewest in flight."""
+    best = min(t for _, t in choice.expected)
+    limit = best * (1 + spread)
+    within = [c for c, (_, t) in zip(cands, choice.expected) if t <= limit]
+    return min(within, key=lambda c: (c.queue_s, -c.local_tokens, c.in_flight)).instance
 
 
 def _choose_by_score(c: Cluster, runs: dict[int, int], req: TraceRequest,

@@ -109,10 +109,10 @@ class DirectoryProcess:
 
 def group_policies(policies: tuple[str, ...]) -> list[tuple[str, ...]]:
     """One group per directory policy, one for all the rest."""
-    from p2pkv.sim.policies import DIRECTORY_POLICIES
+    from p2pkv.sim.policies import uses_directory
 
-    local = tuple(p for p in policies if p not in DIRECTORY_POLICIES)
-    groups = [(p,) for p in policies if p in DIRECTORY_POLICIES]
+    local = tuple(p for p in policies if not uses_directory(p))
+    groups = [(p,) for p in policies if uses_directory(p)]
     return ([local] if local else []) + groups
 
 

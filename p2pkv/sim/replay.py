@@ -18,6 +18,7 @@ from p2pkv.sim.directory_view import BlockKeys
 from p2pkv.sim.sharded_fleet import ShardEndpoints
 from p2pkv.sim.policies import (
     DIRECTORY_POLICIES, PLANNER_SPREAD, GlobalPool, KvAware, P2pkv, RoundRobin, SimPolicy,
+    p2pkv_options, uses_directory,
 )
 from p2pkv.sim.trace import TraceRequest
 
@@ -51,9 +52,10 @@ class ReplayConfig:
     def __post_init__(self) -> None:
         if self.speedup < 0:
             raise ValueError("speedup must not be negative (0: as fast as possible)")
-        if (any(p in DIRECTORY_POLICIES for p in self.policies) and not self.endpoint
+        if (any(uses_directory(p) for p in self.policies) and not self.endpoint
                 and not self.shards):
-            raise ValueError(f"policies {DIRECTORY_POLICIES} need a directory endpoint")
+            raise ValueError(f"policies {DIRECTORY_POLICIES} (p2pkv+...) need a directory "
+                             "endpoint")
 
 
 def reusable_blocks(trace: Sequence[TraceRequest]) -> list[int]:
@@ -83,14 +85,14 @@ def make_policies(config: ReplayConfig) -> list[SimPolicy]:
             made.append(KvAware(local_spec))
         elif name == "global-pool":
             made.append(GlobalPool(config.spec))
-        elif name in DIRECTORY_POLICIES:
-            multi = name == "p2pkv+multi"
-            made.append(P2pkv(config.spec, name=name, planner=name != "p2pkv",
+        elif (opts := p2pkv_options(name)) is not None:
+            made.append(P2pkv(config.spec, name=name, planner=opts.planner,
                               endpoint=config.endpoint or "", keys=keys, shards=config.shards,
                               lookup_timeout_s=config.lookup_timeout_s,
-                              max_holders=4 if multi else config.max_holders,
-                              save_pulled=multi or config.save_pulled,
-                              spread=0.0 if name == "p2pkv" else PLANNER_SPREAD))
+                              max_holders=max(opts.max_holders, config.max_holders),
+                              save_pulled=opts.save_pulled or config.save_pulled,
+                              fastest_holder=opts.fastest_holder, sticky=opts.sticky,
+                              spread=PLANNER_SPREAD if opts.planner else 0.0))
         else:
             raise ValueError(f"unknown policy {name!r}")
     return made
