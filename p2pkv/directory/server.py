@@ -30,7 +30,8 @@ import zmq.utils.z85
 from p2pkv.directory import auth, protocol
 from p2pkv.directory.index import DirectoryIndex, HoldingsCursor, Member
 from p2pkv.directory.protocol import (
-    LOOKUP_BUCKETS_S, MAX_KEYS_PER_MESSAGE, PROTOCOL_VERSION, ChunksChanged, Error, FeedEvent, Heartbeat, Holding,
+    LOOKUP_BUCKETS_S, MAX_KEYS_PER_MESSAGE, PROTOCOL_VERSION, BeatRefusal, ChunksChanged, Error,
+    FeedEvent, Heartbeat, Heartbeats, HeartbeatsReply, Holding,
     InstanceInfo, InstanceJoined, InstanceLeft, Lookup, LookupReply, Ok, ProtocolError, Publish, Register,
     RegisterReply, Reply, Report, Snapshot, SnapshotReply, Stats, StatsReply, Status, Unregister,
 )
@@ -322,6 +323,8 @@ class DirectoryServer:
                 case Heartbeat():
                     self.counters.heartbeats += 1
                     self.index.heartbeat(msg.instance, msg.epoch, msg.seq, now, owner=owner)
+                case Heartbeats():
+                    return [self._heartbeats(msg, now, owner)]
                 case Register():
                     return [self._register(msg, now, owner)]
                 case Report():
@@ -368,6 +371,19 @@ class DirectoryServer:
         return RegisterReply(rid=msg.rid, directory_epoch=self.directory_epoch,
                              heartbeat_ms=int(self.config.heartbeat_interval_s * 1000),
                              liveness=self.config.liveness)
+
+    def _heartbeats(self, msg: Heartbeats, now: float, owner: bytes) -> HeartbeatsReply:
+        """Each entry as its own Heartbeat; the refused ones are listed (and counted)."""
+        refused = []
+        for i, beat in enumerate(msg.beats):
+            try:
+                self.index.heartbeat(beat.instance, beat.epoch, beat.seq, now, owner=owner)
+            except DirectoryIndexError as e:
+                err = self._refuse(msg.rid, e.status, str(e), e.retry_after_s)
+                refused.append(BeatRefusal(i, err.status, err.reason, err.retry_after_ms))
+        self.counters.heartbeats += len(msg.beats)
+        return HeartbeatsReply(rid=msg.rid, directory_epoch=self.directory_epoch,
+                               refused=refused)
 
     def _lookup(self, msg: Lookup) -> LookupReply:
         holders = self.index.lookup(msg.namespace, msg.keys)
