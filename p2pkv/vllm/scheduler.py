@@ -123,7 +123,7 @@ class SchedulerSide:
         self._planner = planner
         self._planner_status_at = -1e300
         self._planner_status: dict[str, int] = {}
-        self._gauges_at = -1e300
+        self._gauges: dict[str, float] = {}
         self._layerwise = layerwise and len(groups) == 1
         self._hold_saves: dict[str, int] = {}  # req_id -> build_meta calls left to skip
         self._config = config
@@ -443,9 +443,10 @@ class SchedulerSide:
         """What the counters gained, and the lookup latencies seen, since the last call
         (with the planner's gauges)."""
         delta = self._stats.take(asdict(self.counters))
-        if self._planner is not None and self._clock() - self._gauges_at >= 1.0:
-            self._gauges_at = self._clock()
-            delta.gauges = self._planner.gauges()
+        if self._planner is not None:
+            gauges = self._planner.gauges()
+            if gauges != self._gauges:  # changes only with a new measurement
+                self._gauges = delta.gauges = gauges
         return delta
 
     def request_finished(self, req_id: str) -> None:

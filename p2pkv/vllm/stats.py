@@ -57,7 +57,8 @@ GAUGES: dict[str, tuple[str, str]] = {
                                  "peer"),
 }
 """Gauge key -> (help text, its extra label); exported as ``p2pkv_connector_<key>``, set from
-``StatsDelta.gauges`` entries keyed ``"<key>|<label value>"`` (scheduler side, ~1/s)."""
+``StatsDelta.gauges`` entries keyed ``"<key>|<label value>"`` (scheduler side, when a
+measurement changed them)."""
 
 
 def exported_names() -> set[str]:
