@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from p2pkv.bench import directory, directory_shards
+from p2pkv.bench import directory
+from p2pkv.bench.directory import shards as directory_shards
 
 pytestmark = pytest.mark.timeout(240)
 

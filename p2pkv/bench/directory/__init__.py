@@ -6,7 +6,7 @@ batches; one load *process* pipelines 64-key Lookups for throughput; then 16 cli
 *processes* (each with its own DirectoryClient) send 1,000 Lookups/s in total, paced, and
 measure round trips. Goals (issue 3): ≥ 200k key-lookups/s, p99 ≤ 1 ms at 1k req/s,
 ≤ 200 B RSS per indexed chunk. ``--shards 1,2,4``: key lookups/s per shard and in total over
-real shard processes, instead (``bench/directory_shards.py``, issue 15).
+real shard processes, instead (``bench/directory/shards.py``, issue 15).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--shards", default="",
                         help="e.g. 1,2,4: key lookups/s per shard and in total for each shard "
-                             "count, with real shard processes (bench/directory_shards.py; "
+                             "count, with real shard processes (bench/directory/shards.py; "
                              "uses --chunks, --instances, --batch, --lookup-keys, "
                              "--throughput-s)")
 
@@ -168,7 +168,7 @@ def _handler_only(width: int, seconds: float = 2.0) -> dict[str, float]:
 
 def main(args: argparse.Namespace) -> int:
     if args.shards:
-        from p2pkv.bench import directory_shards
+        from p2pkv.bench.directory import shards as directory_shards
 
         args.shards = directory_shards.parse_shards(args.shards)
         return directory_shards.main(args)

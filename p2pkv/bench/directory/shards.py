@@ -13,6 +13,9 @@ NOTE: each shard is one single-threaded process, so the total can grow with S on
 the host has a free core per shard *and* per load process. On a host with fewer cores
 than 2 x S (this project's runners: 2 cores, shared) the total is bounded by the cores, and
 the per-shard figure falls as S grows; the per-shard CPU share says which one limited it.
+
+Run through ``bench/directory`` (``--shards``), whose arguments it uses; it imports
+nothing from there (its few helpers are its own), so the two do not import each other.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -29,15 +33,41 @@ from pathlib import Path
 
 import zmq
 
-from p2pkv.bench.directory import NS, _keys, _say, _stats, _until
 from p2pkv.directory import protocol
 from p2pkv.directory.client import DirectoryClient, RegState, Registration
-from p2pkv.directory.protocol import Lookup
+from p2pkv.directory.protocol import Lookup, Stats, StatsReply
 from p2pkv.directory.ring import HashRing, ShardId
-from p2pkv.keys import InstanceId
+from p2pkv.keys import ChunkKey, InstanceId, Namespace
 
+NS = Namespace("bench")
 POOL_KEYS = 20_000
 """Keys per instance the load processes draw their lookups from."""
+
+
+def _keys(instance: int, n: int) -> list[ChunkKey]:
+    """Instance ``instance``'s keys (the same as ``bench/directory.py``'s)."""
+    rng = random.Random(instance)
+    return [ChunkKey(rng.randbytes(32)) for _ in range(n)]
+
+
+def _stats(client: DirectoryClient) -> StatsReply:
+    reply = client.call(Stats(), 10)
+    if not isinstance(reply, StatsReply):
+        raise RuntimeError(f"directory did not answer Stats: {reply}")
+    return reply
+
+
+def _until(predicate, timeout_s: float, step: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark step did not finish in time")
+        time.sleep(step)
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.json:
+        print(text, file=sys.stderr, flush=True)
 
 
 def parse_shards(text: str) -> list[int]:
