@@ -66,6 +66,16 @@ class ConnectorConfig:
     (``p2pkv.vllm.layerwise``)."""
     layer_groups: int = 4
     """``layerwise``: how many groups of consecutive layers a load is split into."""
+    planner: bool = True
+    """Skip a remote hit's pull when recomputing it is expected to be faster, from this
+    instance's measured prefill speed and the peer's measured pulls (``p2pkv.vllm.planning``;
+    it skips only on measurements of both, so a fresh instance pulls as without it)."""
+    planner_profile: str = ""
+    """The planner's priors: a name in ``p2pkv.planner.profiles.PROFILES``, or "" for priors
+    under which every pull wins until measured (``planning.optimistic_profile``)."""
+    planner_link_max_age_s: float = 60.0
+    """A peer's measured link is forgotten this long after its last pull (then pulled
+    again: a peer skipped as slow is no longer measured)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.directory, str):
@@ -80,11 +90,17 @@ class ConnectorConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         for name in ("store_gib", "lookup_timeout_s", "consumer_lookup_timeout_s",
-                     "pull_timeout_s"):
+                     "pull_timeout_s", "planner_link_max_age_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if self.secret_file and self.credential_file:
             raise ConfigError("give secret_file or credential_file, not both")
+        if self.planner_profile:
+            from p2pkv.planner.profiles import PROFILES
+
+            if self.planner_profile not in PROFILES:
+                raise ConfigError(f"planner_profile {self.planner_profile!r} is not one of "
+                                  f"{sorted(PROFILES)}")
         if self.log_level and self.log_level.upper() not in logging.getLevelNamesMapping():
             raise ConfigError(f"log_level {self.log_level!r} is not a logging level")
         for name in ("lookup_inline_wait_s", "directory_backoff_s"):
