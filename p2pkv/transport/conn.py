@@ -36,8 +36,8 @@ CLIENT_IDLE_S = 60.0  # a client reuses an idle connection only this long (< SER
 Peer = tuple[str, int]  # (host, port) of a holder's data-plane server
 
 ChunkDigest = Literal["auto", "keyed", "xxh3"]
-"""How a puller has its chunk bytes checked on TCP pulls: ``keyed`` (BLAKE3 under the session
-key: nobody on the path can change a byte unnoticed), ``xxh3`` (the holder's stored digest:
+"""How a puller has its chunk bytes checked on TCP pulls: ``keyed`` (a tag under the session
+key, ``session.py``: nobody on the path can change a byte unnoticed), ``xxh3`` (the holder's stored digest:
 catches corruption, not an attacker; for same-host peers and trusted networks), ``auto``
 (keyed with holders on other hosts, xxh3 with same-host ones, where there is no wire).
 Without a cluster secret it is always xxh3 (there is no key)."""

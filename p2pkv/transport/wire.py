@@ -14,7 +14,8 @@ one at a time::
                    ``select`` (a ``selection.Selection``) each payload is only the selected
                    bytes of its chunk, and the digest is the holder's xxh3-64 of those.
                    With ``keyed``: digests are 0 and each payload is followed by its
-                   16-byte keyed BLAKE3 tag (``session.py``)
+                   16-byte keyed tag (``session.py``: keyed BLAKE3 of the chunk's
+                   Poly1305)
     Pin reply    : one PinHeader per key (ItemHeader + u64 slot + u64 generation); the server
                    keeps those slots pinned until the client's Release (or the connection ends)
     Release      : no reply
@@ -47,6 +48,10 @@ History: 1 — walking skeleton (whole chunks by key, per-chunk digest).
              header; ``Pull.keyed`` (a keyed BLAKE3 tag after each payload, for pulls
              between hosts); ``namespace`` on Pull, Pin and Send (a holder of another
              refuses with WRONG_NAMESPACE).
+         5 — the keyed tag is computed over the chunk's Poly1305 under a data-plane key
+             (was: its BLAKE3; Poly1305 hashes ~2x faster, ``session.py``); ``epoch`` on
+             Pull, Pin and Send (the holder instance's, from the directory: a holder of
+             another epoch refuses with WRONG_EPOCH).
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ from p2pkv.errors import AuthError, BadRequest
 from p2pkv.keys import MAX_KEY_BYTES
 from p2pkv.transport.selection import Selection
 
-WIRE_VERSION = 4
+WIRE_VERSION = 5
 MAX_REQUEST_BYTES = 1 << 20
 MAX_KEYS_PER_REQUEST = 4096
 MAGIC = b"P2KV"
@@ -107,7 +112,7 @@ class Pull(msgspec.Struct, frozen=True, tag="pull"):
     keys: list[bytes]
     select: Selection | None = None  # the same part of every chunk (None: whole chunks)
     namespace: str = ""  # the puller's ("": not checked)
-    keyed: bool = False  # a keyed BLAKE3 tag after each payload instead of the xxh3 digest
+    keyed: bool = False  # a keyed tag after each payload instead of the xxh3 digest
 
 
 class Pin(msgspec.Struct, frozen=True, tag="pin"):
