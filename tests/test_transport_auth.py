@@ -45,10 +45,12 @@ def _store(n: int, size: int = SIZE) -> ChunkStore:
 class Holder:
     """An in-process holder with a secret, and the length of its side of the handshake."""
 
-    def __init__(self, n: int = 4, namespace: str = "ns", key: bytes | None = KEY) -> None:
+    def __init__(self, n: int = 4, namespace: str = "ns", key: bytes | None = KEY,
+                 epoch: int = 0) -> None:
         self.store = _store(n)
         self.info = wire.PeerInfo(host_id="holder-host", slab_bytes=self.store.slab_bytes,
-                                  slot_bytes=self.store.slot_bytes, namespace=namespace)
+                                  slot_bytes=self.store.slot_bytes, namespace=namespace,
+                                  epoch=epoch)
         self.server = Server(self.store, "127.0.0.1", key, self.info)
         self.address = f"127.0.0.1:{self.server.port}"
         self.handshake_bytes = (wire.HELLO_BYTES + wire.VERDICT_BYTES
@@ -133,11 +135,11 @@ def _client(chunk_digest: str = "keyed", key: bytes | None = KEY) -> PeerTranspo
     return PeerTransport(key=key, namespace=Namespace("ns"), chunk_digest=chunk_digest)
 
 
-def _pull(t: PeerTransport, address: str, keys: list[int], size: int = SIZE):
+def _pull(t: PeerTransport, address: str, keys: list[int], size: int = SIZE, epoch: int = 0):
     bufs = [np.zeros(size, dtype=np.uint8) for _ in keys]
     items = [PullItem(key_of(k), (memoryview(b[: size // 3]), memoryview(b[size // 3:])))
              for k, b in zip(keys, bufs)]
-    return t.pull(address, items, 5.0), bufs
+    return t.pull(address, items, 5.0, epoch), bufs
 
 
 def _wait(cond, timeout_s: float = 5.0) -> bool:
@@ -325,6 +327,38 @@ def test_a_request_for_another_namespace_is_refused(holder):
         assert _closed_unanswered(sock)
     h = holder.server.health()
     assert h.wrong_namespace == 1 and h.alive
+
+
+def test_a_request_for_another_epoch_is_refused_and_so_is_a_holder_of_another():
+    h = Holder(epoch=7)
+    try:
+        sock, session = _session_to(h)
+        with sock:
+            sock.sendall(sess.encode_request(session, wire.Pull([bytes(key_of(0))],
+                                                                namespace="ns", epoch=6)))
+            with pytest.raises(TransportError, match="WRONG_EPOCH"):
+                sess.read_reply(sock, session, 0, wire.ITEM_HEADER_BYTES, 1,
+                                time.monotonic() + 5)
+            assert _closed_unanswered(sock)
+        health = h.server.health()
+        assert health.wrong_epoch == 1 and health.alive
+        assert health.counters()["server_wrong_epoch"] == 1
+        t = _client("keyed")
+        try:
+            # the puller sees the holder's epoch in its PeerInfo: refused before a request
+            results, bufs = _pull(t, h.address, [0], epoch=6)
+            assert results[0].outcome is Outcome.FAILED and "epoch 7" in results[0].reason
+            assert not bufs[0].any()
+            # the epoch the directory named, and no epoch at all (not checked), are served
+            for epoch in (7, 0):
+                results, bufs = _pull(t, h.address, [0], epoch=epoch)
+                assert results[0].outcome is Outcome.OK
+                assert np.array_equal(bufs[0], chunk_bytes(SEED, 0, SIZE))
+        finally:
+            t.close()
+        assert h.server.health().wrong_epoch == 1
+    finally:
+        h.close()
 
 
 def test_a_keyed_pull_without_a_secret_is_a_bad_request():

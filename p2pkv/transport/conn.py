@@ -136,12 +136,14 @@ def peer_closed(sock: socket.socket) -> bool:
 class Conn:
     """One authenticated connection to a holder, with its slab mapped if it is on this host.
     ``keyed``: its Pulls carry keyed chunk digests (see ``ChunkDigest``); ``namespace``: the
-    puller's, named in every request."""
+    puller's, named in every request; ``epoch``: the holder's instance epoch the current pull
+    expects (set per pull by its one user, 0: not checked), named in its requests."""
 
     def __init__(self, sock: socket.socket, info: wire.PeerInfo, slab: MappedSlab | None,
                  session: Session, keyed: bool = False, namespace: Namespace = Namespace("")):
         self.sock, self.info, self.slab = sock, info, slab
         self.session, self.keyed, self.namespace = session, keyed, namespace
+        self.epoch = 0
 
     def close(self) -> None:
         self.sock.close()

@@ -51,6 +51,10 @@ class _WrongNamespace(BadRequest):
     """A request names another namespace than this holder's."""
 
 
+class _WrongEpoch(BadRequest):
+    """A request names another instance epoch than this holder's."""
+
+
 class _BadMac(TransportError):
     """A request failed its MAC: the connection is dropped, unanswered."""
 
@@ -66,6 +70,7 @@ class Server:
                  start_thread: StartThread = start_daemon_thread) -> None:
         self._store = store
         self._namespace = info.namespace
+        self._epoch = info.epoch
         self._hashes = stream.ChunkHashes()
         self._ucx = ucx
         self._limits = limits
@@ -79,6 +84,7 @@ class Server:
         self._pins_refused = 0
         self._bad_macs = 0
         self._wrong_namespace = 0
+        self._wrong_epoch = 0
         self._log = RateLimitedLog(logger)
         self._acceptor = Acceptor(bind_host, key, wire.encode_info(info), limits,
                                   hand_over=self._hand_over,
@@ -91,13 +97,15 @@ class Server:
             conns, thread_failures, pins_refused = (len(self._conns), self._thread_failures,
                                                     self._pins_refused)
             bad_macs, wrong_namespace = self._bad_macs, self._wrong_namespace
+            wrong_epoch = self._wrong_epoch
         recent = time.monotonic() - c.last_turned_away < self._limits.saturated_window_s
         return ServerHealth(alive=self._acceptor.alive and not self._closed, saturated=recent,
                             handshaking=self._acceptor.handshaking, connections=conns,
                             refused=c.refused + c.dropped, expired=c.expired,
                             failed_handshakes=c.failed, thread_failures=thread_failures,
                             pins_refused=pins_refused, loop_errors=c.loop_errors,
-                            bad_macs=bad_macs, wrong_namespace=wrong_namespace)
+                            bad_macs=bad_macs, wrong_namespace=wrong_namespace,
+                            wrong_epoch=wrong_epoch)
 
     def close(self) -> None:
         """Stop accepting and cut every open connection: a closed server serves nothing."""
@@ -168,6 +176,10 @@ class Server:
                         self._namespace and req.namespace != self._namespace:
                     raise _WrongNamespace(f"request for namespace {req.namespace!r}, this "
                                           f"holder serves {self._namespace!r}")
+                if not isinstance(req, wire.Release) and req.epoch and self._epoch and \
+                        req.epoch != self._epoch:
+                    raise _WrongEpoch(f"request for instance epoch {req.epoch}, this holder "
+                                      f"is epoch {self._epoch}")
                 if isinstance(req, wire.Pull):
                     self._send_chunks(conn, session, number, req)
                 elif isinstance(req, wire.Pin):
@@ -182,6 +194,10 @@ class Server:
                     status = wire.Status.WRONG_NAMESPACE
                     with self._lock:
                         self._wrong_namespace += 1
+                elif isinstance(e, _WrongEpoch):
+                    status = wire.Status.WRONG_EPOCH
+                    with self._lock:
+                        self._wrong_epoch += 1
                 self._log.warning(status.name, "p2pkv: rejected a data-plane request from "
                                   "%s: %s", _peer_name(conn), e)
                 send_views(conn, sess.reply(session, number, wire.pack_item(status)),

@@ -61,7 +61,7 @@ def pull(conn: Conn, items: Sequence[PullItem], deadline: float,
     number = session.requests
     headers = request_items(sock, session, wire.Pull(
         [bytes(i.key) for i in items], select=common_selection(items),
-        namespace=conn.namespace, keyed=conn.keyed), items, deadline)
+        namespace=conn.namespace, keyed=conn.keyed, epoch=conn.epoch), items, deadline)
     results = []
 
     def receive(index: int, item: PullItem, dest: Sequence[memoryview],

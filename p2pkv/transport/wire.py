@@ -22,7 +22,7 @@ one at a time::
     Send reply   : one ItemHeader per key; then the holder sends each OK chunk over UCX
                    (tag + its index in the request) to the UCX worker at ``reply_to``, and
                    keeps it pinned until UCX is done with it (see ``transport/ucx.py``)
-    error reply  : one ItemHeader (BAD_REQUEST, WRONG_NAMESPACE) | 16 B MAC; then the holder
+    error reply  : one ItemHeader (BAD_REQUEST, WRONG_NAMESPACE, WRONG_EPOCH) | 16 B MAC; then the holder
                    closes the connection
 
 The MACs are under the session key from the handshake's nonces, over the direction and the
@@ -106,6 +106,9 @@ class Status(enum.IntEnum):
     WRONG_NAMESPACE = 4
     """The request names another namespace than the holder's; the holder closes the
     connection after this header."""
+    WRONG_EPOCH = 5
+    """The request names another instance epoch than the holder's (the address now belongs
+    to another run of that instance, or to another instance); closed after this header."""
 
 
 class Pull(msgspec.Struct, frozen=True, tag="pull"):
@@ -113,11 +116,13 @@ class Pull(msgspec.Struct, frozen=True, tag="pull"):
     select: Selection | None = None  # the same part of every chunk (None: whole chunks)
     namespace: str = ""  # the puller's ("": not checked)
     keyed: bool = False  # a keyed tag after each payload instead of the xxh3 digest
+    epoch: int = 0  # the holder's instance epoch the puller expects (0: not checked)
 
 
 class Pin(msgspec.Struct, frozen=True, tag="pin"):
     keys: list[bytes]
     namespace: str = ""
+    epoch: int = 0
 
 
 class Release(msgspec.Struct, frozen=True, tag="release"):
@@ -130,6 +135,7 @@ class Send(msgspec.Struct, frozen=True, tag="send"):
     reply_to: bytes  # the puller's UCX worker address
     timeout_ms: int  # the holder gives up on the sends after this long
     namespace: str = ""
+    epoch: int = 0
 
 
 Request = Pull | Pin | Release | Send
@@ -147,6 +153,7 @@ class PeerInfo(msgspec.Struct, frozen=True):
     slot_bytes: int = 0
     ucx_address: bytes = b""
     namespace: str = ""  # the holder's namespace ("" = not told: a holder from before it)
+    epoch: int = 0  # the holder's instance epoch, as registered (0 = not told)
 
 
 class ItemHeader(NamedTuple):
