@@ -13,6 +13,8 @@ interleaved rep by rep, against the holder of ``p2pkv bench transport``. Candida
     poly1305-pipe    Poly1305 on a second thread
     gmac             AES-GCM's GHASH over the bytes as associated data (OpenSSL), inline
     gmac-pipe        GMAC on a second thread
+    aes-gcm          AES-256-GCM over the bytes as they land (what decrypting an encrypted
+                     stream would cost the puller; the holder would pay as much per pull)
 
     python scripts/digest_cost.py SIZES_MIB REPS [CANDIDATES]   e.g. 4,16,64 12
 """
@@ -62,9 +64,18 @@ def _gmac():
     return _Digest(e.authenticate_additional_data, lambda: (e.finalize(), e.tag)[1])
 
 
+def _aes_gcm():
+    e = Cipher(algorithms.AES(KEY32), modes.GCM(b"n" * 12)).encryptor()
+    out = bytearray((4 << 20) + 16)
+
+    def update(v):
+        e.update_into(v, out)
+    return _Digest(update, lambda: (e.finalize(), e.tag)[1])
+
+
 MAKERS = {"xxh3": xxhash.xxh3_64, "blake3": _b3, "blake3-1m": _b3,
           "blake3-mt": lambda: _b3(True), "blake3-pipe": _b3, "poly1305": _poly,
-          "poly1305-pipe": _poly, "gmac": _gmac, "gmac-pipe": _gmac}
+          "poly1305-pipe": _poly, "gmac": _gmac, "gmac-pipe": _gmac, "aes-gcm": _aes_gcm}
 _inline = stream.recv_hashed
 
 
@@ -152,7 +163,7 @@ def hash_only(nbytes: int = 64 << 20) -> None:
         return nbytes / min(ts) / 1e9
     print("hash alone (GB/s): " + ", ".join(
         f"{n} {best(MAKERS[n]):.2f}" for n in ("xxh3", "blake3", "blake3-mt", "poly1305",
-                                               "gmac")), flush=True)
+                                               "gmac", "aes-gcm")), flush=True)
 
 
 if __name__ == "__main__":
@@ -160,4 +171,4 @@ if __name__ == "__main__":
     main([int(s) for s in sys.argv[1].split(",")], int(sys.argv[2]),
          sys.argv[3].split(",") if len(sys.argv) > 3 else
          ["xxh3", "blake3", "blake3-1m", "blake3-mt", "blake3-pipe", "poly1305",
-          "poly1305-pipe", "gmac", "gmac-pipe"])
+          "poly1305-pipe", "gmac", "gmac-pipe", "aes-gcm"])
