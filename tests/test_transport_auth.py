@@ -73,6 +73,7 @@ class Relay:
         self._skip = {"c2s": wire.PROOF_BYTES, "s2c": holder_handshake}
         self._flip = flip
         self.sent_by_puller = bytearray()
+        self.received_by_puller = bytearray()
         self._upstream_socks: list[socket.socket] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
@@ -104,6 +105,8 @@ class Relay:
                     self._flip = None
                 if first and direction == "c2s" and pos + len(data) > 0:
                     self.sent_by_puller += data[max(0, -pos):]
+                if first and direction == "s2c":
+                    self.received_by_puller += data
                 pos += len(data)
                 dst.sendall(data)
         except OSError:
@@ -215,9 +218,10 @@ def test_a_tampered_reply_header_fails_the_pull_not_the_holder(holder, offset, w
     4 * wire.ITEM_HEADER_BYTES + wire.TAG_BYTES + SIZE + 2,  # the first chunk's tag
     4 * wire.ITEM_HEADER_BYTES + wire.TAG_BYTES + 2 * (SIZE + wire.TAG_BYTES) + 100,
 ])
-def test_a_tampered_chunk_is_a_mismatch_on_the_keyed_path(holder, offset):
+@pytest.mark.parametrize("mode", ["keyed", "sealed"])
+def test_a_tampered_chunk_is_a_mismatch_on_the_keyed_path(holder, offset, mode):
     relay = Relay(holder.address, holder.handshake_bytes, flip=("s2c", offset))
-    t = _client("keyed")
+    t = _client(mode)
     try:
         results, bufs = _pull(t, relay.address, [0, 1, 2, 3])
         bad = (offset - 4 * wire.ITEM_HEADER_BYTES - wire.TAG_BYTES) // (SIZE + wire.TAG_BYTES)
@@ -227,6 +231,25 @@ def test_a_tampered_chunk_is_a_mismatch_on_the_keyed_path(holder, offset):
         for i in range(4):
             if i != bad:
                 assert np.array_equal(bufs[i], chunk_bytes(SEED, i, SIZE))
+    finally:
+        t.close()
+        relay.close()
+
+
+def test_a_sealed_pull_returns_the_right_bytes_and_none_cross_in_clear(holder):
+    relay = Relay(holder.address, holder.handshake_bytes)
+    t = _client("sealed")
+    try:
+        for _ in range(2):  # two requests on one connection: two nonces
+            results, bufs = _pull(t, relay.address, [0, 99, 1])
+            assert [r.outcome for r in results] == [Outcome.OK, Outcome.MISSING, Outcome.OK]
+            assert np.array_equal(bufs[0], chunk_bytes(SEED, 0, SIZE))
+            assert np.array_equal(bufs[2], chunk_bytes(SEED, 1, SIZE))
+        (conn,) = t.pool.idle()
+        assert conn.sealed and conn.session.requests == 2
+        wire_bytes = bytes(relay.received_by_puller)
+        assert chunk_bytes(SEED, 0, SIZE).tobytes()[:64] not in wire_bytes
+        assert len(wire_bytes) >= 4 * SIZE
     finally:
         t.close()
         relay.close()
@@ -470,4 +493,18 @@ def test_a_keyed_pull_from_a_holder_dying_or_stalling_mid_transfer(spawn, sig):
     finally:
         if signum == signal.SIGSTOP:
             os.kill(proc.pid, signal.SIGCONT)
+        t.close()
+
+
+def test_a_chunk_changed_in_the_store_is_a_mismatch_on_a_sealed_pull(holder):
+    p = holder.store.pin(key_of(1))
+    holder.store.slot_view(p.index)[7] ^= 0xFF
+    holder.store.unpin(p)
+    t = _client("sealed")
+    try:
+        results, bufs = _pull(t, holder.address, [0, 1])
+        assert results[0].outcome is Outcome.OK
+        assert np.array_equal(bufs[0], chunk_bytes(SEED, 0, SIZE))
+        assert results[1].outcome is Outcome.FAILED and "checksum" in results[1].reason
+    finally:
         t.close()

@@ -35,13 +35,15 @@ CLIENT_IDLE_S = 60.0  # a client reuses an idle connection only this long (< SER
 
 Peer = tuple[str, int]  # (host, port) of a holder's data-plane server
 
-ChunkDigest = Literal["auto", "keyed", "xxh3"]
+ChunkDigest = Literal["auto", "keyed", "xxh3", "sealed"]
 """How a puller has its chunk bytes checked on TCP pulls: ``keyed`` (a tag under the session
 key, ``session.py``: nobody on the path can change a byte unnoticed), ``xxh3`` (the holder's stored digest:
 catches corruption, not an attacker; for same-host peers and trusted networks), ``auto``
 (keyed with holders on other hosts, xxh3 with same-host ones, where there is no wire).
-Without a cluster secret it is always xxh3 (there is no key)."""
-CHUNK_DIGESTS: tuple[ChunkDigest, ...] = ("auto", "keyed", "xxh3")
+``sealed``: every TCP pull's bytes encrypted and authenticated (AES-256-GCM, ``sealed.py``;
+for networks not trusted with the contents). Without a cluster secret it is always xxh3
+(there is no key)."""
+CHUNK_DIGESTS: tuple[ChunkDigest, ...] = ("auto", "keyed", "xxh3", "sealed")
 
 
 def connect_peer(peer: Peer, key: bytes | None, deadline: float
@@ -144,6 +146,7 @@ class Conn:
         self.sock, self.info, self.slab = sock, info, slab
         self.session, self.keyed, self.namespace = session, keyed, namespace
         self.epoch = 0
+        self.sealed = False
 
     def close(self) -> None:
         self.sock.close()
@@ -164,8 +167,8 @@ class ConnPool:
                  chunk_digest: ChunkDigest = "auto") -> None:
         if chunk_digest not in CHUNK_DIGESTS:
             raise ConfigError(f"chunk_digest must be one of {CHUNK_DIGESTS}")
-        if chunk_digest == "keyed" and key is None:
-            raise ConfigError("chunk_digest 'keyed' needs a cluster secret")
+        if chunk_digest in ("keyed", "sealed") and key is None:
+            raise ConfigError(f"chunk_digest {chunk_digest!r} needs a cluster secret")
         self._key = key
         self._chunk_digest = chunk_digest
         self._namespace = namespace
@@ -194,8 +197,10 @@ class ConnPool:
                 # another model or layout: its bytes must never land in our blocks
                 raise AuthError(f"holder at {peer[0]}:{peer[1]} serves namespace "
                                 f"{info.namespace}, not ours ({self._namespace})")
-            return Conn(sock, info, self._map_slab(peer, info), session,
+            conn = Conn(sock, info, self._map_slab(peer, info), session,
                         self._keyed(session, info), self._namespace)
+            conn.sealed = conn.keyed and self._chunk_digest == "sealed"
+            return conn
         except BaseException:
             sock.close()
             raise
@@ -224,7 +229,7 @@ class ConnPool:
     def _keyed(self, session: Session, info: wire.PeerInfo) -> bool:
         if not session.authenticated or self._chunk_digest == "xxh3":
             return False
-        return self._chunk_digest == "keyed" or info.host_id != self._host_id
+        return self._chunk_digest in ("keyed", "sealed") or info.host_id != self._host_id
 
     def _map_slab(self, peer: Peer, info: wire.PeerInfo) -> MappedSlab | None:
         if not self._same_host:

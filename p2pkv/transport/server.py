@@ -31,7 +31,7 @@ from p2pkv.errors import BadRequest, TransportError
 from p2pkv.ratelog import RateLimitedLog
 from p2pkv.store import ChunkStore, PinnedChunk
 from p2pkv.transport import session as sess
-from p2pkv.transport import stream, wire
+from p2pkv.transport import sealed, stream, wire
 from p2pkv.transport.accept import Acceptor, ServerLimits
 from p2pkv.transport.base import ServerHealth
 from p2pkv.transport.selection import Selection
@@ -209,10 +209,14 @@ class Server:
         select = req.select
         if select is not None and (why := select.check(self._store.slot_bytes)):
             raise BadRequest(f"selection does not fit this holder's chunks: {why}")
-        if req.keyed and not session.authenticated:
+        if (req.keyed or req.sealed) and not session.authenticated:
             raise BadRequest("a keyed digest on a connection without a cluster secret")
         pinned = [self._store.pin(key) for key in req.keys]  # type: ignore[arg-type]
         try:
+            if req.sealed:
+                sealed.send_sealed(conn, session, number, pinned, select,
+                                   time.monotonic() + self._limits.response_s, self._corrupt)
+                return
             if req.keyed:
                 self._send_keyed(conn, session, number, pinned, select)
                 return
@@ -233,12 +237,13 @@ class Server:
 
     def _send_keyed(self, conn: socket.socket, session: Session, number: int,
                     pinned: list[PinnedChunk | None], select: Selection | None) -> None:
-        def corrupt(p: PinnedChunk) -> None:
-            self._log.warning("corrupt", "p2pkv data-plane server: chunk in slot %d no longer "
-                              "matches its digest: sent as a mismatch", p.index)
-
         stream.send_keyed(conn, session, number, pinned, select,
-                          time.monotonic() + self._limits.response_s, self._hashes, corrupt)
+                          time.monotonic() + self._limits.response_s, self._hashes,
+                          self._corrupt)
+
+    def _corrupt(self, p: PinnedChunk) -> None:
+        self._log.warning("corrupt", "p2pkv data-plane server: chunk in slot %d no longer "
+                          "matches its digest: sent as a mismatch", p.index)
 
     @staticmethod
     def _selected(pinned: list[PinnedChunk | None], select: Selection

@@ -101,6 +101,13 @@ class Session:
             return True
         return secrets.compare_digest(tag, self.tag(direction, number, *parts))
 
+    def subkey(self, label: bytes) -> bytes:
+        """A key of this session's for ``label`` (``sealed.py``: chunk encryption). Raises
+        TransportError without a secret."""
+        if self._mac_key is None:
+            raise TransportError("a keyed chunk digest needs a cluster secret")
+        return hmac.new(self._mac_key, label, hashlib.sha256).digest()
+
     def chunk_hasher(self) -> ChunkHasher:
         """A new hash of one chunk's bytes (fed as they are sent or land), for
         :meth:`chunk_tag`. Raises TransportError without a key."""

@@ -23,7 +23,7 @@ import xxhash
 from p2pkv.cuda import StagingPool
 from p2pkv.errors import DeadlineExceeded
 from p2pkv.store import PinnedChunk
-from p2pkv.transport import wire
+from p2pkv.transport import sealed, wire
 from p2pkv.transport.base import (
     Outcome,
     PullItem,
@@ -61,11 +61,15 @@ def pull(conn: Conn, items: Sequence[PullItem], deadline: float,
     number = session.requests
     headers = request_items(sock, session, wire.Pull(
         [bytes(i.key) for i in items], select=common_selection(items),
-        namespace=conn.namespace, keyed=conn.keyed, epoch=conn.epoch), items, deadline)
+        namespace=conn.namespace, keyed=conn.keyed and not conn.sealed, epoch=conn.epoch,
+        sealed=conn.sealed), items, deadline)
     results = []
 
     def receive(index: int, item: PullItem, dest: Sequence[memoryview],
                 want: int) -> PullResult:
+        if conn.sealed:
+            return ok(item) if sealed.recv_sealed(sock, session, number, index, dest,
+                                                  deadline) else mismatch(item)
         if not conn.keyed:
             got = recv_hashed(sock, dest, deadline, xxhash.xxh3_64())
             return checked(item, got.intdigest(), want)

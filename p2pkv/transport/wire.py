@@ -51,7 +51,8 @@ History: 1 — walking skeleton (whole chunks by key, per-chunk digest).
          5 — the keyed tag is computed over the chunk's Poly1305 under a data-plane key
              (was: its BLAKE3; Poly1305 hashes ~2x faster, ``session.py``); ``epoch`` on
              Pull, Pin and Send (the holder instance's, from the directory: a holder of
-             another epoch refuses with WRONG_EPOCH).
+             another epoch refuses with WRONG_EPOCH); ``Pull.sealed`` (encrypted payloads,
+             ``sealed.py``).
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ class Pull(msgspec.Struct, frozen=True, tag="pull"):
     namespace: str = ""  # the puller's ("": not checked)
     keyed: bool = False  # a keyed tag after each payload instead of the xxh3 digest
     epoch: int = 0  # the holder's instance epoch the puller expects (0: not checked)
+    sealed: bool = False  # payloads AES-256-GCM encrypted, each followed by its GCM tag
 
 
 class Pin(msgspec.Struct, frozen=True, tag="pin"):

@@ -56,7 +56,9 @@ class ConnectorConfig:
     """How chunk bytes pulled over TCP are checked (``transport.conn.ChunkDigest``): ``auto``
     keys them (a tag under the connection's session key) when the holder is on another
     host, ``keyed`` always, ``xxh3`` never (a trusted network: the holder's stored digest
-    only catches corruption). Without ``secret_file`` there is no key: always xxh3."""
+    only catches corruption), ``sealed`` every TCP pull's bytes encrypted (AES-256-GCM: a
+    network not trusted with the contents). Without ``secret_file`` there is no key:
+    always xxh3."""
     log_level: str = ""
     """p2pkv's log level inside vLLM (e.g. DEBUG); default: the same as vLLM's."""
     load_mode: str = "async"
@@ -78,8 +80,9 @@ class ConnectorConfig:
         if self.chunk_digest not in CHUNK_DIGESTS:
             raise ConfigError(f"chunk_digest must be one of {CHUNK_DIGESTS}, not "
                               f"{self.chunk_digest!r}")
-        if self.chunk_digest == "keyed" and not self.secret_file:
-            raise ConfigError("chunk_digest 'keyed' needs a secret_file (the key)")
+        if self.chunk_digest in ("keyed", "sealed") and not self.secret_file:
+            raise ConfigError(f"chunk_digest {self.chunk_digest!r} needs a secret_file "
+                              "(the key)")
         if self.load_mode not in LOAD_MODES:
             raise ConfigError(f"load_mode must be one of {LOAD_MODES}, not {self.load_mode!r}")
         for name in ("chunk_tokens", "pull_threads", "layer_groups"):
