@@ -37,8 +37,9 @@ Peer = tuple[str, int]  # (host, port) of a holder's data-plane server
 
 ChunkDigest = Literal["auto", "keyed", "xxh3", "sealed"]
 """How a puller has its chunk bytes checked on TCP pulls: ``keyed`` (a tag under the session
-key, ``session.py``: nobody on the path can change a byte unnoticed), ``xxh3`` (the holder's stored digest:
-catches corruption, not an attacker; for same-host peers and trusted networks), ``auto``
+key, ``session.py``: nobody on the path can change a byte unnoticed), ``xxh3`` (the holder's
+stored digest: catches corruption, not an attacker; for same-host peers and trusted
+networks), ``auto``
 (keyed with holders on other hosts, xxh3 with same-host ones, where there is no wire).
 ``sealed``: every TCP pull's bytes encrypted and authenticated (AES-256-GCM, ``sealed.py``;
 for networks not trusted with the contents). Without a cluster secret it is always xxh3

@@ -155,8 +155,8 @@ def read_reply(sock: socket.socket, session: Session, number: int, header_bytes:
                count: int, deadline: float) -> bytes:
     """Receive the header table answering request ``number`` (``count`` headers of
     ``header_bytes``) and check its MAC; the table. Raises TransportError for an error reply
-    (one ItemHeader saying why: BAD_REQUEST, WRONG_NAMESPACE, WRONG_EPOCH) and AuthError when the MAC does
-    not match: the bytes were changed on the way, or are not from this session.
+    (one ItemHeader saying why: BAD_REQUEST, WRONG_NAMESPACE, WRONG_EPOCH) and AuthError when
+    the MAC does not match: the bytes were changed on the way, or are not from this session.
 
     NOTE: raising leaves the connection unusable: the caller closes it."""
     first = min(count * header_bytes, wire.ITEM_HEADER_BYTES)

@@ -15,15 +15,16 @@ one at a time::
                    bytes of its chunk, and the digest is the holder's xxh3-64 of those.
                    With ``keyed``: digests are 0 and each payload is followed by its
                    16-byte keyed tag (``session.py``: keyed BLAKE3 of the chunk's
-                   Poly1305)
+                   Poly1305); with ``sealed``: digests are 0 and each payload is
+                   AES-256-GCM ciphertext followed by its 16-byte GCM tag (``sealed.py``)
     Pin reply    : one PinHeader per key (ItemHeader + u64 slot + u64 generation); the server
                    keeps those slots pinned until the client's Release (or the connection ends)
     Release      : no reply
     Send reply   : one ItemHeader per key; then the holder sends each OK chunk over UCX
                    (tag + its index in the request) to the UCX worker at ``reply_to``, and
                    keeps it pinned until UCX is done with it (see ``transport/ucx.py``)
-    error reply  : one ItemHeader (BAD_REQUEST, WRONG_NAMESPACE, WRONG_EPOCH) | 16 B MAC; then the holder
-                   closes the connection
+    error reply  : one ItemHeader (BAD_REQUEST, WRONG_NAMESPACE, WRONG_EPOCH) | 16 B MAC;
+                   then the holder closes the connection
 
 The MACs are under the session key from the handshake's nonces, over the direction and the
 request's number on the connection (``session.py``); a request whose MAC fails is dropped
