@@ -11,6 +11,7 @@ from typing import Any
 from p2pkv.directory.shards import ShardSpec, parse_directory
 from p2pkv.errors import ConfigError
 from p2pkv.transport.choose import TRANSPORT_KINDS
+from p2pkv.transport.conn import CHUNK_DIGESTS, ChunkDigest
 
 LOAD_MODES = ("async", "layerwise")
 
@@ -56,6 +57,13 @@ class ConnectorConfig:
     insecure_any_address: bool = False
     """Serve the data plane on a non-loopback ``bind_host`` without a secret (refused
     otherwise): only on a trusted private network."""
+    chunk_digest: str = "auto"
+    """How chunk bytes pulled over TCP are checked (``transport.conn.ChunkDigest``): ``auto``
+    keys them (a tag under the connection's session key) when the holder is on another
+    host, ``keyed`` always, ``xxh3`` never (a trusted network: the holder's stored digest
+    only catches corruption), ``sealed`` every TCP pull's bytes encrypted (AES-256-GCM: a
+    network not trusted with the contents). Without ``secret_file`` or ``credential_file``
+    there is no key: always xxh3."""
     log_level: str = ""
     """p2pkv's log level inside vLLM (e.g. DEBUG); default: the same as vLLM's."""
     load_mode: str = "async"
@@ -84,6 +92,13 @@ class ConnectorConfig:
         parse_directory(self.directory)
         if self.transport not in TRANSPORT_KINDS:
             raise ConfigError(f"transport must be one of {TRANSPORT_KINDS}")
+        if self.chunk_digest not in CHUNK_DIGESTS:
+            raise ConfigError(f"chunk_digest must be one of {CHUNK_DIGESTS}, not "
+                              f"{self.chunk_digest!r}")
+        if self.chunk_digest in ("keyed", "sealed") and not (self.secret_file
+                                                              or self.credential_file):
+            raise ConfigError(f"chunk_digest {self.chunk_digest!r} needs a secret_file or a "
+                              "credential_file (the key)")
         if self.load_mode not in LOAD_MODES:
             raise ConfigError(f"load_mode must be one of {LOAD_MODES}, not {self.load_mode!r}")
         for name in ("chunk_tokens", "pull_threads", "layer_groups"):
@@ -135,6 +150,12 @@ class ConnectorConfig:
     def shards(self) -> list[ShardSpec]:
         """The directory's processes (one, or shards with replicas)."""
         return parse_directory(self.directory)
+
+    @property
+    def digest(self) -> ChunkDigest:
+        """``chunk_digest``, typed for ``make_transport`` (checked in ``__post_init__``)."""
+        assert self.chunk_digest in CHUNK_DIGESTS
+        return self.chunk_digest  # type: ignore[return-value]
 
     @property
     def store_bytes(self) -> int:

@@ -290,7 +290,8 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
                                        store_bytes=self._config.store_bytes,
                                        cuda_device=cuda_device,
                                        insecure_any_address=self._config.insecure_any_address,
-                                       namespace=namespace)
+                                       namespace=namespace,
+                                       chunk_digest=self._config.digest)
             self._worker = WorkerSide(self._config, instance=self._instance,
                                       namespace=namespace, chunk_blocks=chunk_blocks,
                                       transport=transport, directory=directory,

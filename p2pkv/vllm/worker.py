@@ -145,7 +145,7 @@ class WorkerSide:
             self._saver = AsyncSaver(layout, self._store)
         else:
             self._host_saver = HostSaver(layout, self._store, self._publish)
-        address = self._transport.serve(self._store)
+        address = self._transport.serve(self._store, self._epoch)
         # NOTE: the physical block layout joins the hash probe as "<seed probe>.<layout>":
         # instances whose bytes would not copy exactly (another attention backend's layout)
         # are refused by the directory like a hash-seed mismatch; the router compares the
@@ -319,7 +319,8 @@ class WorkerSide:
             items = [PullItem(plan.chunks[i].key,
                               layout.pull_dest(plan.chunks[i].block_ids, self._slice,
                                                source.part, k), select) for i in idx]
-            got = self._transport.pull(source.address, items, self._config.pull_timeout_s)
+            got = self._transport.pull(source.address, items, self._config.pull_timeout_s,
+                                       source.epoch)
             for i, item, r in zip(idx, items, got):
                 results[i] = r
                 if r.outcome is Outcome.OK:
