@@ -180,12 +180,10 @@ def tp_workers(tp: int, heads: int = 4, **kw):
 def sources_for(holders, wanted):
     from p2pkv.vllm.sources import plan_sources
 
-    class H:  # a lookup's holder, as the directory returns it
-        def __init__(self, d, sl):
-            self.instance, self.address, self.run = InstanceId("h"), d.registered[0], 1
-            self.engine, self.slice = "e", sl
+    from p2pkv.directory.protocol import Holder  # a lookup's holder, as the directory returns it
 
-    plan = plan_sources([H(d, sl) for _, _, d, sl in holders if d.registered],
+    plan = plan_sources([Holder(InstanceId("h"), d.registered[0], 1, "e", sl)
+                         for _, _, d, sl in holders if d.registered],
                         [sl for *_, sl in wanted])
     assert plan is not None
     return plan.per_rank

@@ -49,7 +49,8 @@ PROTOCOL_VERSION = 4
 #      Heartbeats/HeartbeatsReply (issue 15): many registrations' heartbeats in one message,
 #      each entry checked (epoch, owner, seq) and refused alone as a Heartbeat would be; a
 #      directory without them answers bad_request, and a sender then sends Heartbeats one by
-#      one (``heartbeats_unsupported``).
+#      one (``heartbeats_unsupported``). Holder.epoch (issue 13): the holder's registration
+#      epoch in Lookup answers, named in data-plane requests (default 0 = not checked).
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """Largest encoded message either side accepts."""
@@ -273,13 +274,16 @@ class Snapshot(_Message, tag="snap", frozen=True):
 
 class Holder(msgspec.Struct, frozen=True):
     """One instance (worker rank) holding its ``slice`` of keys[0:run] of a Lookup
-    contiguously (run >= 1); ``engine`` groups the ranks of one vLLM instance."""
+    contiguously (run >= 1); ``engine`` groups the ranks of one vLLM instance; ``epoch`` is
+    its registration's epoch, which the puller names in its data-plane requests (0: not
+    known, not checked) so that an address reused by another process never serves."""
 
     instance: _Instance
     address: _Address
     run: _U63
     engine: _Engine = ""
     slice: KVSlice | None = None
+    epoch: _U63 = 0
 
 
 class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -114,9 +114,7 @@ def _plan_engine(engine: str, ranks: dict[KVSlice, HolderRank], wanted: Sequence
                 return None
         for _, h, _ in parts:
             run = h.run if run is None else min(run, h.run)
-        # NOTE: getattr: the lookup's Holder carries the epoch once the directory sends it
-        # (directory protocol; until then 0: not checked)
-        per_rank.append(tuple(Source(h.address, h.instance, held, x, getattr(h, "epoch", 0))
+        per_rank.append(tuple(Source(h.address, h.instance, held, x, h.epoch)
                               for held, h, x in parts))
     assert run is not None
     return SourcePlan(engine, run, tuple(per_rank))
