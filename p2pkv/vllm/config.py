@@ -61,6 +61,11 @@ class ConnectorConfig:
     (``p2pkv.vllm.layerwise``)."""
     layer_groups: int = 4
     """``layerwise``: how many groups of consecutive layers a load is split into."""
+    relay_gib: float = 0.25
+    """Where worker ranks hold equal slices (MLA; KV heads replicated over ranks): shared
+    memory in which the lowest of them lands its pulls for its siblings on the same host, so
+    a chunk crosses the network once per instance (``p2pkv.vllm.relay``); 0: every rank
+    pulls for itself. Touched lazily."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.directory, str):
@@ -80,7 +85,7 @@ class ConnectorConfig:
                 raise ConfigError(f"{name} must be positive")
         if self.log_level and self.log_level.upper() not in logging.getLevelNamesMapping():
             raise ConfigError(f"log_level {self.log_level!r} is not a logging level")
-        for name in ("lookup_inline_wait_s", "directory_backoff_s"):
+        for name in ("lookup_inline_wait_s", "directory_backoff_s", "relay_gib"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
 
@@ -116,3 +121,7 @@ class ConnectorConfig:
     @property
     def store_bytes(self) -> int:
         return int(self.store_gib * (1 << 30))
+
+    @property
+    def relay_bytes(self) -> int:
+        return int(self.relay_gib * (1 << 30))
