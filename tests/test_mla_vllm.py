@@ -144,5 +144,7 @@ def test_an_mla_tp2_puller_moves_each_chunk_over_the_network_once(cluster):
     assert relayed - before.get("bytes_relayed", 0) == moved, "rank 1 takes them from rank 0"
     assert after["chunks_relayed"] - before.get("chunks_relayed", 0) == chunks
     assert after["chunk_bytes"] == MLA_CHUNK_BYTES  # A's store: one copy per chunk
+    # NOTE: a worker reports its counters at its next step: let B step once (no chunk)
+    generate(b.url, tokens[:20])
     assert _wait_counter(c, "B", "chunks_served", served) - served == chunks, \
         "B served each chunk once, not once per puller rank"
