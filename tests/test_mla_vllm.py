@@ -97,3 +97,54 @@ def test_mla_chunks_are_stored_once_and_pulled_into_tp1_unchanged(cluster, lengt
     while c.counter_totals().get("chunks_pulled", 0) <= before:
         assert time.monotonic() < deadline, "B did not pull"
         time.sleep(0.2)
+
+
+def _counters(c, instance: str) -> dict[str, int]:
+    reply = c.stats()
+    return next((dict(i.counters) for i in (reply.instances if reply else ())
+                 if i.instance == instance), {})
+
+
+def _wait_counter(c, instance: str, key: str, floor: int, timeout_s: float = 15.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while (v := _counters(c, instance).get(key, 0)) <= floor and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return v
+
+
+# an MLA chunk: 8 blocks x 16 tokens x (512 + 64) latent values x fp32 x 2 layers, stored
+# once per instance (by rank 0), whatever the instance's TP
+MLA_CHUNK_BYTES = CHUNK_TOKENS * 576 * 4 * 2
+
+
+def test_an_mla_tp2_puller_moves_each_chunk_over_the_network_once(cluster):
+    """B (TP 1) computes; A (TP 2) pulls: its rank 0 pulls every chunk from B once and relays
+    it to rank 1 through shared memory (``p2pkv.vllm.relay``); B serves each chunk once."""
+    c, a, b = cluster
+    length = 3 * CHUNK_TOKENS + 21
+    tokens = [random.Random(length + 7).randrange(1000, 40000) for _ in range(length)]
+    generate(b.url, tokens)
+    waiter = HeldWaiter(c.directory, c.model, block_size=MLA_BLOCK_TOKENS)
+    waiter.wait_held("B", waiter.keys(tokens))
+    reference = generate(b.url, tokens)  # from B's own store
+    time.sleep(1.0)  # B's counters after its own pull reach the directory
+    served = _wait_counter(c, "B", "chunks_served", 0)
+    before = _counters(c, "A")
+    pulled = generate(a.url, tokens)
+    assert pulled == reference, (pulled, reference)
+    relayed = _wait_counter(c, "A", "bytes_relayed", before.get("bytes_relayed", 0))
+    after = _counters(c, "A")
+    chunks = after["chunks_pulled"] - before.get("chunks_pulled", 0)
+    moved = after["bytes_pulled"] - before.get("bytes_pulled", 0)
+    print(f"MLA TP2 puller: {chunks} chunks, rank 0 pulled {moved} B over the network, "
+          f"relayed {relayed - before.get('bytes_relayed', 0)} B to rank 1; store bytes per "
+          f"chunk {after.get('chunk_bytes')} (one copy per instance)")
+    assert chunks == length // CHUNK_TOKENS, after
+    assert moved == chunks * MLA_CHUNK_BYTES, "rank 0 pulls each chunk once"
+    assert relayed - before.get("bytes_relayed", 0) == moved, "rank 1 takes them from rank 0"
+    assert after["chunks_relayed"] - before.get("chunks_relayed", 0) == chunks
+    assert after["chunk_bytes"] == MLA_CHUNK_BYTES  # A's store: one copy per chunk
+    # NOTE: a worker reports its counters at its next step: let B step once (no chunk)
+    generate(b.url, tokens[:20])
+    assert _wait_counter(c, "B", "chunks_served", served) - served == chunks, \
+        "B served each chunk once, not once per puller rank"

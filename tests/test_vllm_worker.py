@@ -125,9 +125,9 @@ def test_an_idle_step_waits_for_a_load_in_flight_and_a_forward_step_does_not():
     gate = threading.Event()
     real = puller._pull_part
 
-    def slow_pull(plan, source):
+    def slow_pull(plan, source, *args):
         gate.wait(5.0)
-        return real(plan, source)
+        return real(plan, source, *args)
 
     puller._pull_part = slow_pull
     puller.start_loads(P2PKVMetadata(loads=[load("r", d.registered[0], (ChunkLoad(key, (0, 7)),))],

@@ -84,6 +84,11 @@ class ConnectorConfig:
     planner_link_max_age_s: float = 60.0
     """A peer's measured link is forgotten this long after its last pull (then pulled
     again: a peer skipped as slow is no longer measured)."""
+    relay_gib: float = 0.25
+    """Where worker ranks hold equal slices (MLA; KV heads replicated over ranks): shared
+    memory in which the lowest of them lands its pulls for its siblings on the same host, so
+    a chunk crosses the network once per instance (``p2pkv.vllm.relay``); 0: every rank
+    pulls for itself. Touched lazily."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.directory, str):
@@ -118,7 +123,7 @@ class ConnectorConfig:
                                   f"{sorted(PROFILES)}")
         if self.log_level and self.log_level.upper() not in logging.getLevelNamesMapping():
             raise ConfigError(f"log_level {self.log_level!r} is not a logging level")
-        for name in ("lookup_inline_wait_s", "directory_backoff_s"):
+        for name in ("lookup_inline_wait_s", "directory_backoff_s", "relay_gib"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
 
@@ -160,3 +165,7 @@ class ConnectorConfig:
     @property
     def store_bytes(self) -> int:
         return int(self.store_gib * (1 << 30))
+
+    @property
+    def relay_bytes(self) -> int:
+        return int(self.relay_gib * (1 << 30))

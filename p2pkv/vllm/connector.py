@@ -38,6 +38,7 @@ from p2pkv.vllm.layout import KVLayout
 from p2pkv.vllm.metadata import P2PKVMetadata, P2PKVWorkerMeta
 from p2pkv.vllm.planning import ConnectorPlanner, connector_profile
 from p2pkv.vllm.prom import P2PKVPromMetrics, P2PKVStats
+from p2pkv.vllm.relay import RelayEndpoint, RelaySetup, has_replicas
 from p2pkv.vllm.scheduler import SchedulerSide
 from p2pkv.vllm.worker import WorkerSide
 
@@ -175,6 +176,18 @@ def worker_rank(vllm_config: VllmConfig) -> int:
     return pp_rank * parallel.tensor_parallel_size + get_tensor_model_parallel_rank()
 
 
+def gather_endpoints(me: RelayEndpoint) -> list[RelayEndpoint]:
+    """Every worker rank's relay endpoint (``p2pkv.vllm.relay``): a gather over vLLM's world
+    group (its CPU group), called by every rank in ``register_kv_caches``."""
+    import torch.distributed as dist
+    from vllm.distributed.parallel_state import get_world_group
+
+    group = get_world_group()
+    out: list[object] = [None] * group.world_size
+    dist.all_gather_object(out, me, group=group.cpu_group)
+    return [e for e in out if isinstance(e, RelayEndpoint)]
+
+
 def probe_hash(vllm_config: VllmConfig) -> str:
     """A fingerprint of this process's NONE_HASH: the seed every vLLM block-hash chain starts
     from. Two instances with different PYTHONHASHSEED (or a random per-process seed, which
@@ -298,7 +311,10 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
                                       probe=probe_hash(vllm_config), rank=rank,
                                       slice=slices[rank],
                                       saves=is_lowest_replica(slices, rank), engine=engine,
-                                      spec=spec.describe())
+                                      spec=spec.describe(), relay=RelaySetup(
+                                          slices, gather_endpoints, self._config.relay_bytes,
+                                          bind_host="127.0.0.1")
+                                      if has_replicas(slices) else None)
         logger.info("p2pkv connector (%s) for instance %s (%s), namespace %s, directory %s",
                     role.name, self._instance,
                     slices[rank] if self._worker else f"TP {len(slices)}", namespace,

@@ -27,18 +27,32 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from p2pkv.affinity import widen_cpu_affinity
 from p2pkv.directory.client import DirectoryClient, Registration
 from p2pkv.errors import ConfigError
 from p2pkv.keys import InstanceId, Namespace
 from p2pkv.slices import KVSlice
-from p2pkv.store import ChunkStore
+from p2pkv.store import ChunkStore, digest
 from p2pkv.transport.base import Outcome, PullItem, PullResult, Transport
+from p2pkv.transport.land import scatter
+from p2pkv.transport.shm import copy_and_digest
 from p2pkv.vllm.config import ConnectorConfig
 from p2pkv.vllm.layerwise import LayerwiseLoads, LoadOutcome
 from p2pkv.vllm.layout import KVLayout, pull_batches, pull_selection
 from p2pkv.vllm.metadata import LoadPlan, P2PKVMetadata, P2PKVWorkerMeta
 from p2pkv.vllm.planning import PullSample
+from p2pkv.vllm.relay import (
+    Landed,
+    Relayed,
+    RelayFollower,
+    RelayLeader,
+    RelaySetup,
+    Skip,
+    join_relay,
+    relay_leader,
+)
 from p2pkv.vllm.sources import Source
 from p2pkv.vllm.saver import HostSaver
 from p2pkv.vllm.stats import DeltaTracker, StatsDelta
@@ -60,6 +74,22 @@ pull deadline. Waiting here (woken as soon as a load ends) turns that loop into 
 second while loads run; a step with a forward pass never waits."""
 
 
+RELAY_GRACE_S = 1.0
+"""A follower waits for its leader's pulls this much longer than the pulls' own deadlines."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Relaying:
+    """A load this rank pulls for ``followers`` too: ``slots[part * chunks + chunk]``."""
+
+    leader: RelayLeader
+    followers: tuple[int, ...]
+    slots: tuple[int, ...]
+
+    def slot(self, part: int, chunk: int, chunks: int) -> int:
+        return self.slots[part * chunks + chunk]
+
+
 @dataclass(slots=True)
 class WorkerCounters:
     loads: int = 0
@@ -73,16 +103,23 @@ class WorkerCounters:
     save_copy_ms: int = 0  # CPU caches: time the save thread spent copying out of the cache
     save_fence_waits: int = 0  # steps that had to wait for a save's copy (issue 17)
     loads_layerwise: int = 0  # loads pulled layer group by layer group (issue 14)
+    chunk_bytes: int = 0  # bytes of one chunk in this rank's store (0: no store)
+    chunks_relayed: int = 0  # a relay leader: chunk parts its followers took (issue 11)
+    bytes_relayed: int = 0  # ... and their bytes (they moved over no network)
+    chunks_taken_from_relay: int = 0  # a follower: chunks taken from its leader's pulls
+    bytes_taken_from_relay: int = 0
 
 
 class WorkerSide:
     def __init__(self, config: ConnectorConfig, *, instance: InstanceId, namespace: Namespace,
                  chunk_blocks: int, transport: Transport, directory: DirectoryClient,
                  probe: str = "", rank: int = 0, slice: KVSlice | None = None,
-                 saves: bool = True, engine: str = "", spec: str = "") -> None:
+                 saves: bool = True, engine: str = "", spec: str = "",
+                 relay: RelaySetup | None = None) -> None:
         """``rank``: this worker's TP rank (its entry in ``LoadPlan.sources``); ``slice``: what
         it holds (None: the whole model, TP 1); ``saves``: it is the lowest rank holding its
-        slice, so it saves, serves and registers (the others only pull)."""
+        slice, so it saves, serves and registers (the others only pull); ``relay``: ranks
+        hold equal slices, so the lowest pulls them for all (``p2pkv.vllm.relay``)."""
         self._config = config
         self._rank = rank
         self._slice = slice
@@ -118,6 +155,9 @@ class WorkerSide:
         self.counters = WorkerCounters()
         self._stats = DeltaTracker()
         self._reported: dict[str, int] = {}
+        self._relay_setup = relay
+        self._leader: RelayLeader | None = None
+        self._follower: RelayFollower | None = None
         self._probe = probe
         self._epoch = time.time_ns()  # a restarted process registers a higher epoch
 
@@ -129,6 +169,7 @@ class WorkerSide:
             raise ConfigError(f"p2pkv: rank {self._rank} should hold {self._slice}, but vLLM "
                               f"gave it {layout.heads} KV heads in {layout.num_layers} layers")
         slot = layout.chunk_bytes(self._chunk_blocks)
+        self._join_relay(layout, slot)
         if not layout.on_gpu and layout.head_bytes:
             self._layerwise = LayerwiseLoads(
                 layout, self._slice, self._transport, groups=self._config.layer_groups,
@@ -139,6 +180,7 @@ class WorkerSide:
             return
         capacity = max(1, self._config.store_bytes // slot)
         self._store = self._transport.create_store(slot, capacity)
+        self.counters.chunk_bytes = slot
         if layout.on_gpu:
             from p2pkv.vllm.gpu import AsyncSaver
 
@@ -243,17 +285,28 @@ class WorkerSide:
         failed: set[int] = set()
         t0 = time.monotonic()
         sources = plan.sources[self._rank] if self._rank < len(plan.sources) else ()
+        via = ", ".join(s.address for s in sources)
+        relay: _Relaying | None = None
         try:
             if not sources:
                 raise ValueError(f"the plan names no sources for rank {self._rank}")
-            if len(sources) == 1:
-                per_source = [self._pull_part(plan, sources[0])]
+            per_source = self._take_relayed(plan, sources) if self._follows(plan, sources) \
+                else None
+            if per_source is not None:
+                via = f"rank {self._leader_rank()}'s pulls (relay)"
             else:
-                per_source = [f.result() for f in [self._parts.submit(self._pull_part, plan, s)
-                                                   for s in sources]]
+                relay = self._start_relaying(plan, sources)
+                if len(sources) == 1:
+                    per_source = [self._pull_part(plan, sources[0], 0, relay)]
+                else:
+                    per_source = [f.result() for f in [
+                        self._parts.submit(self._pull_part, plan, s, p, relay)
+                        for p, s in enumerate(sources)]]
         except Exception:  # noqa: BLE001 - a bug here must still release the request
             logger.exception("p2pkv: pull for %s crashed; recomputing", plan.req_id)
             per_source = [[]]
+            if relay is not None:  # the followers fail the same chunks, at once
+                self._announce_failed(plan, sources, relay, "the relay rank's pull crashed")
         ok = 0
         missing = 0
         for i, chunk in enumerate(plan.chunks):
@@ -271,9 +324,9 @@ class WorkerSide:
         assert self._slice is not None
         nbytes = sum(self._pulled_bytes.pop((plan.req_id, s.address), 0) for s in sources)
         elapsed = time.monotonic() - t0
-        logger.info("p2pkv: rank %d pulled %d/%d chunks (%.1f MB) for %s from %s in %.1f ms",
-                    self._rank, ok, len(plan.chunks), nbytes / 1e6, plan.req_id,
-                    ", ".join(s.address for s in sources), elapsed * 1000)
+        logger.info("p2pkv: rank %d pulled %d/%d chunks (%.1f MB over the network) for %s "
+                    "from %s in %.1f ms", self._rank, ok, len(plan.chunks), nbytes / 1e6,
+                    plan.req_id, via, elapsed * 1000)
         with self._lock:
             # NOTE: errors are recorded before the request is marked finished, so vLLM sees
             # them no later than the pass that reports the request (base.py contract).
@@ -302,9 +355,11 @@ class WorkerSide:
             out, self._pull_samples = self._pull_samples, []
         return P2PKVWorkerMeta(out)
 
-    def _pull_part(self, plan: LoadPlan, source: Source) -> list[PullResult]:
+    def _pull_part(self, plan: LoadPlan, source: Source, part: int = 0,
+                   relay: _Relaying | None = None) -> list[PullResult]:
         """Pull ``source.part`` of every chunk of ``plan`` from one holder rank, into the part's
-        byte ranges of this rank's blocks."""
+        byte ranges of this rank's blocks; with ``relay`` (this rank leads a relay) into its
+        slots first, announced to the followers, then copied into the blocks."""
         assert self._layout is not None and self._slice is not None
         layout = self._layout
         # NOTE: when the part is only some of the holder rank's heads (a puller at a higher
@@ -316,11 +371,19 @@ class WorkerSide:
         for k, idx in pull_batches(layout, [c.block_ids for c in plan.chunks]):
             select = pull_selection(source.holder, source.part, layout.head_bytes,
                                     layout.group_sizes, k, self._chunk_blocks)
-            items = [PullItem(plan.chunks[i].key,
-                              layout.pull_dest(plan.chunks[i].block_ids, self._slice,
-                                               source.part, k), select) for i in idx]
+            dests = [layout.pull_dest(plan.chunks[i].block_ids, self._slice, source.part, k)
+                     for i in idx]
+            if relay is None:
+                items = [PullItem(plan.chunks[i].key, d, select) for i, d in zip(idx, dests)]
+            else:
+                slots = [relay.slot(part, i, len(plan.chunks)) for i in idx]
+                items = [PullItem(plan.chunks[i].key,
+                                  (relay.leader.view(slot, sum(p.nbytes for p in d)),), select)
+                         for i, slot, d in zip(idx, slots, dests)]
             got = self._transport.pull(source.address, items, self._config.pull_timeout_s,
                                        source.epoch)
+            if relay is not None:
+                self._relay_batch(plan, part, relay, idx, slots, items, got, dests)
             for i, item, r in zip(idx, items, got):
                 results[i] = r
                 if r.outcome is Outcome.OK:
@@ -328,6 +391,130 @@ class WorkerSide:
         with self._lock:
             self._pulled_bytes[(plan.req_id, source.address)] = received
         return results  # type: ignore[return-value]
+
+    # -- the relay (p2pkv.vllm.relay): equal slices pulled once per instance ---------------
+
+    def _join_relay(self, layout: KVLayout, slot_bytes: int) -> None:
+        setup = self._relay_setup
+        # NOTE: every rank of the instance gets here with the same setup and device type, so
+        # either all of them join (join_relay's exchange is a collective) or none does.
+        if setup is None or layout.on_gpu or not layout.head_bytes:
+            return
+        hold_s = self._config.pull_timeout_s * (layout.num_groups + 1) + RELAY_GRACE_S
+        got = join_relay(setup, self._rank, slot_bytes=slot_bytes, hold_s=hold_s)
+        if isinstance(got, RelayLeader):
+            self._leader = got
+        elif isinstance(got, RelayFollower):
+            self._follower = got
+
+    def _leader_rank(self) -> int:
+        assert self._relay_setup is not None
+        return relay_leader(self._relay_setup.slices, self._rank)
+
+    def _follows(self, plan: LoadPlan, sources: tuple[Source, ...]) -> bool:
+        """This rank takes the load from its leader's pulls (same sources, leader alive)."""
+        if self._follower is None or not self._follower.alive:
+            return False
+        lead = self._leader_rank()
+        return lead < len(plan.sources) and plan.sources[lead] == sources
+
+    def _start_relaying(self, plan: LoadPlan, sources: tuple[Source, ...]
+                        ) -> _Relaying | None:
+        """A leader with followers that need this load's very parts: slots for them (else a
+        Skip: every rank pulls for itself)."""
+        leader = self._leader
+        if leader is None:
+            return None
+        followers = sorted(r for r in leader.followers
+                           if r < len(plan.sources) and plan.sources[r] == sources)
+        if not followers:
+            return None
+        slots = leader.acquire(plan.req_id, len(sources) * len(plan.chunks), followers)
+        if slots is None:
+            logger.info("p2pkv relay: no free slots for %s (%d chunks); every rank pulls it",
+                        plan.req_id, len(plan.chunks))
+            leader.announce(Skip(plan.req_id, "no free relay slots"), followers)
+            return None
+        return _Relaying(leader, tuple(followers), tuple(slots))
+
+    def _relay_batch(self, plan: LoadPlan, part: int, relay: _Relaying, idx: list[int],
+                     slots: list[int], items: list[PullItem], got: list[PullResult],
+                     dests: list[tuple]) -> None:
+        """Announce one pull's chunks (landed in the relay's slots) to the followers, then
+        copy the good ones into this rank's blocks."""
+        entries = [Relayed(i, slot, item.nbytes, digest(item.dest[0]), "ok")
+                   if r.outcome is Outcome.OK else
+                   Relayed(i, slot, 0, 0, r.outcome.value, r.reason)
+                   for i, slot, item, r in zip(idx, slots, items, got)]
+        relay.leader.announce(Landed(plan.req_id, part, entries), relay.followers)
+        for item, r, dest in zip(items, got, dests):
+            if r.outcome is Outcome.OK:
+                scatter(np.frombuffer(item.dest[0], dtype=np.uint8), dest)
+
+    def _announce_failed(self, plan: LoadPlan, sources: tuple[Source, ...],
+                         relay: _Relaying, reason: str) -> None:
+        for p in range(len(sources)):
+            relay.leader.announce(Landed(plan.req_id, p, [
+                Relayed(i, relay.slot(p, i, len(plan.chunks)), 0, 0, "failed", reason)
+                for i in range(len(plan.chunks))]), relay.followers)
+
+    def _take_relayed(self, plan: LoadPlan, sources: tuple[Source, ...]
+                      ) -> list[list[PullResult]] | None:
+        """A follower's load: wait for the leader's announcements and copy each announced
+        slot into this rank's blocks, checking the leader's digest; None when the leader
+        skipped the load (pull it yourself)."""
+        assert self._layout is not None and self._slice is not None
+        follower = self._follower
+        assert follower is not None
+        layout = self._layout
+        batches = pull_batches(layout, [c.block_ids for c in plan.chunks])
+        deadline = time.monotonic() + self._config.pull_timeout_s * len(batches) \
+            + RELAY_GRACE_S
+        got = follower.collect(plan.req_id, len(sources), len(plan.chunks), deadline)
+        if got.skipped:
+            logger.info("p2pkv relay: rank %d pulls %s itself (%s)", self._rank, plan.req_id,
+                        got.skipped)
+            return None
+        out: list[list[PullResult]] = []
+        good = taken = 0
+        for p, source in enumerate(sources):
+            results: list[PullResult] = [PullResult(c.key, Outcome.FAILED, "") for c in
+                                         plan.chunks]
+            for k, idx in batches:
+                for i in idx:
+                    dest = layout.pull_dest(plan.chunks[i].block_ids, self._slice,
+                                            source.part, k)
+                    results[i] = self._take_one(plan.chunks[i].key, got.parts[p].get(i),
+                                                dest, got.why)
+                    if results[i].outcome is Outcome.OK:
+                        good += 1
+                        taken += sum(d.nbytes for d in dest)
+            out.append(results)
+        follower.taken(plan.req_id, good, taken)
+        with self._lock:
+            self.counters.chunks_taken_from_relay += good
+            self.counters.bytes_taken_from_relay += taken
+        return out
+
+    def _take_one(self, key, entry: Relayed | None, dest: tuple, why: str) -> PullResult:
+        assert self._follower is not None
+        if entry is None:
+            return PullResult(key, Outcome.FAILED, f"relay: {why}")
+        if entry.outcome != Outcome.OK.value:
+            outcome = Outcome.MISSING if entry.outcome == Outcome.MISSING.value \
+                else Outcome.FAILED
+            return PullResult(key, outcome, f"relay rank: {entry.reason}")
+        if entry.nbytes != sum(d.nbytes for d in dest):
+            return PullResult(key, Outcome.FAILED, f"relay: {entry.nbytes} B announced, "
+                              f"{sum(d.nbytes for d in dest)} B expected")
+        try:
+            src = self._follower.slot(entry.slot, entry.nbytes)
+        except ValueError as e:
+            return PullResult(key, Outcome.FAILED, f"relay: {e}")
+        if copy_and_digest(src, dest) != entry.digest:
+            # NOTE: the leader reused the slot (this rank was slower than its hold)
+            return PullResult(key, Outcome.FAILED, "relay: checksum mismatch")
+        return PullResult(key, Outcome.OK)
 
     def take_finished_recving(self) -> set[str]:
         """The requests whose loads ended since the last call. On a step without a forward
@@ -382,6 +569,9 @@ class WorkerSide:
         with self._lock:
             if self._store is not None:
                 self.counters.chunks_served = self._store.counters.served
+            if self._leader is not None:
+                self.counters.chunks_relayed = self._leader.chunks_relayed
+                self.counters.bytes_relayed = self._leader.bytes_relayed
             if self._host_saver is not None:
                 self.counters.save_copy_ms = int(self._host_saver.copy_s * 1000)
                 self.counters.save_fence_waits = self._host_saver.fence_waits
@@ -411,6 +601,10 @@ class WorkerSide:
         self._parts.shutdown(wait=True, cancel_futures=True)
         if self._layerwise is not None:
             self._layerwise.close()
+        if self._follower is not None:
+            self._follower.close()
+        if self._leader is not None:
+            self._leader.close()
         if self._host_saver is not None:
             self._host_saver.close()
         if self._saver is not None:
