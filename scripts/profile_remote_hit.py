@@ -11,6 +11,7 @@ times (from B's log), and B's sampled CPU time by category and process. Needs
 
     python scripts/profile_remote_hit.py --docs 5 --length 3000 --out .p2pkv-run/profile
     python scripts/profile_remote_hit.py --hit local --docs 6 --out .p2pkv-run/profile-local
+    python scripts/profile_remote_hit.py --hit cold --docs 4 --out .p2pkv-run/profile-cold
 """
 
 from __future__ import annotations
@@ -78,12 +79,12 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     parser.add_argument("--settle-s", type=float, default=1.5)
     parser.add_argument("--out", type=Path, default=Path(".p2pkv-run/profile"))
-    parser.add_argument("--hit", choices=("remote", "local"), default="remote")
+    parser.add_argument("--hit", choices=("remote", "local", "cold"), default="remote")
     parser.add_argument("--no-connector", action="store_true",
                         help="plain vLLM (with --hit local: the baseline)")
     args = parser.parse_args()
     if args.no_connector and args.hit == "remote":
-        parser.error("--no-connector needs --hit local")
+        parser.error("--no-connector needs --hit local or cold")
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     model = prepare()
     from transformers import AutoTokenizer
@@ -98,10 +99,16 @@ def main() -> int:
     with LocalCluster(args.out, model) as cluster:
         if connector:
             cluster.start_directory()
-        holder, puller = (cluster.start_vllm(f"inst-{i}", connector=connector)
-                          for i in range(2))
-        wait_healthy([holder, puller], timeout_s=600)
-        for r in firsts if connector else ():
+        if args.hit == "cold":  # B alone; every request a new document
+            holder = puller = cluster.start_vllm("inst-1", connector=connector)
+            wait_healthy([puller], timeout_s=600)
+            remotes = firsts
+            complete(puller.url, "Warm-up: say hello.", max_tokens=2)  # a first request is slower
+        else:
+            holder, puller = (cluster.start_vllm(f"inst-{i}", connector=connector)
+                              for i in range(2))
+            wait_healthy([holder, puller], timeout_s=600)
+        for r in firsts if connector and args.hit != "cold" else ():
             complete(holder.url, list(r.prompt), max_tokens=1)
         if args.hit == "local":  # B computes (or pulls) each document, then hits it locally
             for r in remotes:

@@ -88,6 +88,29 @@ def test_pulled_kv_gives_the_holders_answer(cluster):
     assert b_pulled.text == a_local.text, (b_pulled.text, a_local.text)
 
 
+def directory_lookups(c: LocalCluster) -> int:
+    """Lookups the directory has answered so far (every instance's)."""
+    reply = c.stats()
+    assert reply is not None, "the directory did not answer a stats call"
+    return reply.lookups
+
+
+def test_a_fully_local_prefix_never_contacts_the_directory(cluster):
+    """Issue 17 on the real path: vLLM's own prefix-cache hit, with nothing beyond it worth
+    loading, must cost no directory round trip (nor the engine step a late reply costs)."""
+    c, a, b = cluster
+    # Half 2 of the document starts where no other test's prompt does: new on B.
+    messages = document_messages(documents.document_part(1, 2), "Who was the last keeper?")
+    before = directory_lookups(c)
+    chat(b.url, messages, max_tokens=MAX_TOKENS)  # a cold miss: B asks who holds it
+    after_cold = directory_lookups(c)
+    assert after_cold > before, "B's cold miss should have looked its chunks up"
+    chat(b.url, messages, max_tokens=MAX_TOKENS)  # the same prompt: all of it local on B
+    time.sleep(0.5)  # a lookup would have been sent before the answer; let it land
+    assert directory_lookups(c) == after_cold, \
+        "B's local prefix-cache hit contacted the directory"
+
+
 def test_dead_holder_means_recompute(cluster):
     c, a, b = cluster
     messages = document_messages(document_part(1), "How many steps does the staircase have?")

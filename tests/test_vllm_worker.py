@@ -307,6 +307,44 @@ def test_the_fence_waits_only_for_copies_of_blocks_the_step_writes():
     saver.close()
 
 
+def test_copies_wait_for_the_forward_pass_but_never_for_more_than_one():
+    """Issue 17: the save thread copies between this worker's forward passes (its copies
+    would stall the pass's OpenMP threads), and a chunk waits for one whole pass at most."""
+    from p2pkv.store import ChunkStore
+    from p2pkv.vllm.saver import HostSaver
+
+    caches = {f"l{i}": torch.randn(8, 2, 4, 8) for i in range(3)}
+    layout = KVLayout.from_kv_caches(caches)
+    saver = HostSaver(layout, ChunkStore(layout.chunk_bytes(2), 4), lambda keys: None)
+    real_copy = layout.copy_out
+    copied: list[tuple[int, ...]] = []
+    saver._layout = SimpleNamespace(
+        copy_out=lambda ids, view: (copied.append(tuple(ids)), real_copy(ids, view)))
+
+    def wait_copied(n: int) -> bool:
+        deadline = time.monotonic() + 5.0
+        while len(copied) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return len(copied) >= n
+
+    saver.forward_begins()
+    assert saver.save([(ChunkKey(b"a" * 32), (0, 1))]) == 1
+    time.sleep(0.3)
+    assert copied == []  # held back while the pass runs
+    saver.forward_ends()
+    assert wait_copied(1)
+    saver.forward_begins()
+    assert saver.save([(ChunkKey(b"b" * 32), (2, 3))]) == 1
+    time.sleep(0.2)
+    assert len(copied) == 1
+    saver.forward_ends()
+    saver.forward_begins()  # the next pass begins at once: the chunk waited for one already
+    assert wait_copied(2)
+    saver.forward_ends()
+    assert saver.wait_saved(5.0)
+    saver.close()
+
+
 def test_the_servers_health_is_reported_with_the_counters():
     d = RecordingDirectory()
     w, _ = make_worker(d)

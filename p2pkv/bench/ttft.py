@@ -482,7 +482,9 @@ def _report_overhead(results: dict, out: Path) -> None:
         c = o.get("p2pkv_counters", {})
         if "save_copy_ms" in c:
             print(f"  p2pkv's save thread: {c.get('chunks_saved', 0)} chunks copied in "
-                  f"{c['save_copy_ms']} ms, {c.get('save_fence_waits', 0)} steps waited for it")
+                  f"{c['save_copy_ms']} ms ({c.get('save_copy_in_forward_ms', 0)} ms of it "
+                  f"during a forward pass), {c.get('save_fence_waits', 0)} steps waited for it "
+                  f"({c.get('save_fence_wait_ms', 0)} ms)")
     print(f"wrote {out}")
 
 

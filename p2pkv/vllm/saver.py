@@ -12,8 +12,17 @@ at once or later) to a request in any later step, which then zeroes and writes i
 a step touches the cache, the connector (``handle_preemptions``, vLLM's first connector call
 in every ``execute_model``) calls :meth:`HostSaver.fence` with the blocks the scheduler handed
 out for that step (``P2PKVMetadata.new_blocks``): it waits only if a copy still reads one of
-them. Otherwise the copies overlap the next step too (a chunked prefill's next part). The
-digest and the publish need only the store slot.
+them. The digest and the publish need only the store slot.
+
+NOTE (issue 17, the forward gate): a copy never runs while this worker's forward pass does,
+if it can wait. On a CPU cache the forward's OpenMP threads take every core, and a save
+thread beside them stalls a whole parallel region whenever it preempts one of its threads
+(and takes the GIL between copies). A 3,000-token cold miss is prefilled in two steps (vLLM's
+2,048-token budget on CPU): the first step's 16 chunks were copied during the second step. The worker marks each forward pass
+(:meth:`HostSaver.forward_begins` before the step touches the cache, :meth:`forward_ends`
+in ``wait_for_save``); the save thread copies between passes, and a chunk waits for at most
+one whole pass after it was queued (so, a step later at most, it is published) and at most
+``MAX_DEFER_S``. A fence never waits behind the gate: it runs before its step's pass begins.
 """
 
 from __future__ import annotations
@@ -33,6 +42,10 @@ from p2pkv.vllm.layout import KVLayout
 
 logger = logging.getLogger(__name__)
 
+MAX_DEFER_S = 5.0
+"""Longest a queued chunk waits for a forward pass to end (a safety bound: a chunk waits for
+one pass at most, and passes are bounded by vLLM's token budget)."""
+
 FENCE_WARN_S = 5.0
 """A fence still waiting after this long is logged (and keeps waiting: letting the next step
 overwrite blocks under a running copy would store wrong bytes under a valid key)."""
@@ -45,6 +58,13 @@ class _Copy:
     block_ids: tuple[int, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    copies: list[_Copy]
+    queued: float  # time.monotonic() at save()
+    passes_ended: int  # forward passes ended when it was queued
+
+
 class HostSaver:
     """One thread that copies a step's chunks out of a CPU cache, commits and publishes them
     (``on_saved(keys)``, on that thread, once per step's batch)."""
@@ -55,13 +75,17 @@ class HostSaver:
         self._layout = layout
         self._store = store
         self._on_saved = on_saved
-        self._queue: queue.SimpleQueue[list[_Copy] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
         self._copying = 0  # chunks queued whose bytes are not copied out yet
         self._reading: Counter[int] = Counter()  # blocks those copies still read
         self._batches = 0  # batches queued, not published yet
         self._cond = threading.Condition()
+        self._in_forward = False  # a forward pass of this worker runs (the gate is shut)
+        self._passes_ended = 0
         self.copy_s = 0.0  # seconds spent copying (the part a fence may wait for)
+        self.copy_in_forward_s = 0.0  # of which while a forward pass ran (the gate gave way)
         self.fence_waits = 0  # fences that had to wait for a copy
+        self.fence_wait_s = 0.0  # how long they waited (the step's critical path)
         self._thread = threading.Thread(target=self._loop, name="p2pkv-save", daemon=True)
         self._thread.start()
 
@@ -79,8 +103,34 @@ class HostSaver:
                 for c in batch:
                     self._reading.update(c.block_ids)
                 self._batches += 1
-            self._queue.put(batch)
+                passes = self._passes_ended
+            self._queue.put(_Batch(batch, time.monotonic(), passes))
         return len(batch)
+
+    def forward_begins(self) -> None:
+        """A forward pass starts: copies wait (see the module's note on the gate)."""
+        with self._cond:
+            self._in_forward = True
+
+    def forward_ends(self) -> None:
+        """The forward pass ended: copies run."""
+        with self._cond:
+            if self._in_forward:
+                self._in_forward = False
+                self._passes_ended += 1
+                self._cond.notify_all()
+
+    def _wait_for_gate(self, batch: _Batch) -> bool:
+        """Until no forward pass runs, or the batch waited for a whole pass or MAX_DEFER_S;
+        returns whether a pass is running now (the copy then overlaps it)."""
+        with self._cond:
+            deadline = batch.queued + MAX_DEFER_S
+            while self._in_forward and self._passes_ended <= batch.passes_ended:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(timeout=left)
+            return self._in_forward
 
     def fence(self, blocks: Collection[int] | None = None) -> bool:
         """Return once no queued copy reads any of ``blocks`` (None: once every queued chunk
@@ -96,13 +146,15 @@ class HostSaver:
                                    time.monotonic() - t0)
             if waited:
                 self.fence_waits += 1
+                self.fence_wait_s += time.monotonic() - t0
             return waited
 
     def _loop(self) -> None:
         widen_cpu_affinity()
         while (batch := self._queue.get()) is not None:
             saved = []
-            for c in batch:
+            for c in batch.copies:
+                overlaps = self._wait_for_gate(batch)
                 t0 = time.monotonic()
                 try:
                     self._layout.copy_out(c.block_ids, c.slot.view)
@@ -113,6 +165,8 @@ class HostSaver:
                     copied = False
                 with self._cond:
                     self.copy_s += time.monotonic() - t0
+                    if overlaps:
+                        self.copy_in_forward_s += time.monotonic() - t0
                     self._copying -= 1
                     self._reading.subtract(c.block_ids)
                     self._reading = +self._reading  # drops blocks no copy reads
@@ -129,7 +183,9 @@ class HostSaver:
                 self._cond.notify_all()
 
     def wait_saved(self, timeout_s: float) -> bool:
-        """Wait until every queued chunk is committed and published; False on timeout."""
+        """Wait until every queued chunk is committed and published; False on timeout. The
+        caller runs no forward pass meanwhile (shutdown, tests): the gate opens."""
+        self.forward_ends()
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while self._batches:

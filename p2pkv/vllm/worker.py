@@ -102,6 +102,8 @@ class WorkerCounters:
     chunks_served: int = 0
     save_copy_ms: int = 0  # CPU caches: time the save thread spent copying out of the cache
     save_fence_waits: int = 0  # steps that had to wait for a save's copy (issue 17)
+    save_fence_wait_ms: int = 0  # how long those steps waited, in all
+    save_copy_in_forward_ms: int = 0  # copying that overlapped a forward pass (saver's gate)
     loads_layerwise: int = 0  # loads pulled layer group by layer group (issue 14)
     chunk_bytes: int = 0  # bytes of one chunk in this rank's store (0: no store)
     chunks_relayed: int = 0  # a relay leader: chunk parts its followers took (issue 11)
@@ -204,9 +206,12 @@ class WorkerSide:
 
     def fence(self, meta: P2PKVMetadata) -> None:
         """Before a step touches the cache: wait until no save still reads a block the step
-        may write (``meta.new_blocks``: freed blocks vLLM handed out again)."""
+        may write (``meta.new_blocks``: freed blocks vLLM handed out again); then the step's
+        forward pass begins, and the save thread holds its copies back until it ends."""
         if self._host_saver is not None:
+            self._host_saver.forward_ends()  # the last step is over, whether or not it said so
             self._host_saver.fence(meta.new_blocks)
+            self._host_saver.forward_begins()
         if self._saver is not None:
             self._saver.fence()
 
@@ -542,6 +547,9 @@ class WorkerSide:
     # -- saves ----------------------------------------------------------------------------
 
     def save(self, meta: P2PKVMetadata) -> None:
+        """After the step's forward pass (``wait_for_save``): queue its chunks' copies."""
+        if self._host_saver is not None:
+            self._host_saver.forward_ends()
         self.finish_layerwise()
         if not meta.saves or self._store is None or self._layout is None:
             return
@@ -575,6 +583,9 @@ class WorkerSide:
             if self._host_saver is not None:
                 self.counters.save_copy_ms = int(self._host_saver.copy_s * 1000)
                 self.counters.save_fence_waits = self._host_saver.fence_waits
+                self.counters.save_fence_wait_ms = int(self._host_saver.fence_wait_s * 1000)
+                self.counters.save_copy_in_forward_ms = int(
+                    self._host_saver.copy_in_forward_s * 1000)
             now = asdict(self.counters)
         now.update(self._planner_status)
         health = self._transport.health()
