@@ -24,6 +24,7 @@ from p2pkv.store import ChunkStore
 from p2pkv.transport.selection import Selection
 
 if TYPE_CHECKING:
+    from p2pkv.transport.leased import LeasedChunks
     import torch
 
 PathName = Literal["tcp", "shm", "ucx"]
@@ -199,8 +200,9 @@ class Transport(abc.ABC):
         return ChunkStore(slot_bytes, capacity)
 
     @abc.abstractmethod
-    def serve(self, store: ChunkStore) -> str:
-        """Start serving ``store`` in the background; return the address peers pull from."""
+    def serve(self, store: ChunkStore, leased: LeasedChunks | None = None) -> str:
+        """Start serving ``store`` in the background (and ``leased`` chunks, read in place:
+        ``transport/leased.py``); return the address peers pull from."""
 
     @abc.abstractmethod
     def pull(self, address: str, items: Sequence[PullItem], timeout_s: float) -> list[PullResult]:

@@ -37,6 +37,7 @@ from p2pkv.transport.base import Outcome, PullItem, PullResult, Transport
 from p2pkv.vllm.config import ConnectorConfig
 from p2pkv.vllm.layerwise import LayerwiseLoads, LoadOutcome
 from p2pkv.vllm.layout import KVLayout, pull_batches, pull_selection
+from p2pkv.vllm.leases import LeasedBlocks
 from p2pkv.vllm.metadata import LoadPlan, P2PKVMetadata
 from p2pkv.vllm.sources import Source
 from p2pkv.vllm.saver import HostSaver
@@ -98,6 +99,8 @@ class WorkerSide:
         self._store: ChunkStore | None = None
         self._saver: AsyncSaver | None = None  # GPU caches: saves are async copies
         self._host_saver: HostSaver | None = None  # CPU caches: saves on a save thread
+        self._leases: LeasedBlocks | None = None  # CPU caches with lease_s: tier 1
+        self._release_now: set[str] = set()  # granted leases this rank cannot serve
         self._pool = ThreadPoolExecutor(config.pull_threads, thread_name_prefix="p2pkv-pull",
                                         initializer=widen_cpu_affinity)
         # NOTE: a load's parts from several holder ranks run here, never on _pool, whose
@@ -142,7 +145,10 @@ class WorkerSide:
             self._saver = AsyncSaver(layout, self._store)
         else:
             self._host_saver = HostSaver(layout, self._store, self._publish)
-        address = self._transport.serve(self._store)
+            if self._config.lease_s > 0:
+                self._leases = LeasedBlocks(layout, self._store, self._directory.publish,
+                                            self._host_saver.save)
+        address = self._transport.serve(self._store, self._leases)
         # NOTE: the physical block layout joins the hash probe as "<seed probe>.<layout>":
         # instances whose bytes would not copy exactly (another attention backend's layout)
         # are refused by the directory like a hash-seed mismatch; the router compares the
@@ -175,6 +181,12 @@ class WorkerSide:
         if self._saver is not None:
             self._saver.fence()  # this step's kernels wait for last step's copies out
             self._publish(self._saver.collect())
+        if self._leases is not None:
+            self._leases.apply(meta)
+        else:
+            # NOTE: a rank that does not serve (a replica, a GPU cache) hands every grant
+            # back at once: vLLM frees the blocks once every rank has reported the request.
+            self._release_now.update(g.req_id for g in meta.grants)
         with self._lock:
             self._idle_step = meta.idle_step
             # NOTE: layer-wise loads end within this step, never through finished_recving
@@ -324,6 +336,18 @@ class WorkerSide:
         self._report_if_changed()
         return out
 
+    def take_finished_sending(self) -> set[str]:
+        """Leased requests whose blocks vLLM may free (``finished_sending``). On a step
+        without a forward pass with leases out (vLLM keeps stepping while it holds a finished
+        request's blocks), waits up to IDLE_STEP_WAIT_S for one to end instead of letting the
+        engine spin."""
+        out, self._release_now = self._release_now, set()
+        if self._leases is not None:
+            with self._lock:
+                idle = self._idle_step and not self._loads_in_flight
+            out |= self._leases.take_released(IDLE_STEP_WAIT_S if idle and not out else 0.0)
+        return out
+
     def take_failed_blocks(self) -> set[int]:
         self.finish_layerwise()  # vLLM may ask before wait_for_save (defer_finalize)
         with self._lock:
@@ -370,6 +394,8 @@ class WorkerSide:
                 self.counters.save_copy_ms = int(self._host_saver.copy_s * 1000)
                 self.counters.save_fence_waits = self._host_saver.fence_waits
             now = asdict(self.counters)
+        if self._leases is not None:
+            now.update(asdict(self._leases.counters))
         health = self._transport.health()
         if health is not None:
             now.update(health.counters())  # p2pkv status / doctor show a dead or busy server
