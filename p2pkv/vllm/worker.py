@@ -346,6 +346,10 @@ class WorkerSide:
             with self._lock:
                 idle = self._idle_step and not self._loads_in_flight
             out |= self._leases.take_released(IDLE_STEP_WAIT_S if idle and not out else 0.0)
+            if out:
+                # NOTE: vLLM may take no further step once it has freed these blocks (an
+                # idle instance): report the lease counters now, not at a next step
+                self._report_if_changed()
         return out
 
     def take_failed_blocks(self) -> set[int]:
