@@ -102,7 +102,7 @@ def test_a_producer_leases_the_partial_chunk_too():
 
 
 def test_past_the_caps_a_request_goes_to_the_store_without_a_lease():
-    s = leasing_side(free=(60, 100), lease_s=5.0, lease_min_free_fraction=0.59)
+    s = leasing_side(free=(60, 100), lease_s=5.0, lease_min_free_fraction=0.61)
     r = finished(request("r", 2), 2 * BLOCK)
     s.get_num_new_matched_tokens(r, 0)
     assert s.request_finished("r", status="FINISHED_STOPPED", block_ids=([1, 2],))

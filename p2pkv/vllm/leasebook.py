@@ -36,7 +36,9 @@ class LeaseBook:
         ``total`` blocks free: ``lease_s``, or 0 (no lease) past the caps. Either way the
         request is in the book until ``done``: its blocks are held for at least a step."""
         ttl = self._lease_s
-        if total <= 0 or free - blocks < self._min_free * total or \
+        # NOTE: ``free`` excludes the request's own blocks already (vLLM frees them after
+        # request_finished): a lease only keeps them from coming back
+        if total <= 0 or free < self._min_free * total or \
                 self.held_blocks() + blocks > self._max_fraction * total:
             ttl = 0.0
         self._held[req_id] = _Held(blocks if ttl > 0 else 0, self._clock(), ended=ttl <= 0)
