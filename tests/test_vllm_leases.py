@@ -284,3 +284,15 @@ def test_bytes_changed_under_a_lease_are_refused_by_the_stale_check():
     assert holder._leases.counters.lease_stale == 1
     t.close()
     holder.shutdown()
+
+
+def test_cut_selects_byte_ranges_across_pieces():
+    from p2pkv.transport.selection import cut
+
+    data = bytes(range(20))
+    views = [memoryview(data[0:5]), memoryview(data[5:12]), memoryview(data[12:20])]
+    ranges = [(0, 2), (4, 3), (11, 6), (19, 1)]
+    assert b"".join(bytes(v) for v in cut(views, ranges)) == b"".join(
+        data[o:o + n] for o, n in ranges)
+    with pytest.raises(ValueError):
+        cut(views, [(18, 5)])
