@@ -23,6 +23,7 @@ import secrets
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,13 +34,13 @@ from p2pkv.keys import ChunkKey
 logger = logging.getLogger(__name__)
 
 
-def digest(views: list[memoryview] | memoryview) -> int:
+def digest(views: Sequence[memoryview] | memoryview) -> int:
     """xxh3-64 over the concatenation of ``views``: the digest ``commit`` records with each
     chunk. The holder sends it with the chunk, and the puller hashes what arrived the same
     way (xxh3-64 of the chunk's bytes in slot order, incrementally as they land) and
     compares."""
     h = xxhash.xxh3_64()
-    for v in (views if isinstance(views, list) else [views]):
+    for v in ([views] if isinstance(views, memoryview) else views):
         h.update(v)
     return h.intdigest()
 
@@ -73,6 +74,15 @@ class PinnedChunk:
     generation: int
     digest: int
     view: memoryview
+
+    @property
+    def views(self) -> tuple[memoryview, ...]:
+        """The chunk's bytes as views in slot order (one: a slot; leased reads have several)."""
+        return (self.view,)
+
+    @property
+    def nbytes(self) -> int:
+        return self.view.nbytes
 
 
 @dataclass(slots=True)
@@ -154,6 +164,11 @@ class ChunkStore:
     def __contains__(self, key: object) -> bool:
         with self._lock:
             return key in self._lru
+
+    def holds(self, key: ChunkKey) -> bool:
+        """Whether ``key`` is stored or being written (a save is on its way)."""
+        with self._lock:
+            return key in self._lru or key in self._writing
 
     @property
     def shm_path(self) -> str:

@@ -24,6 +24,7 @@ from p2pkv.store import ChunkStore
 from p2pkv.transport.selection import Selection
 
 if TYPE_CHECKING:
+    from p2pkv.transport.leased import LeasedChunks
     import torch
 
 PathName = Literal["tcp", "shm", "ucx"]
@@ -202,10 +203,12 @@ class Transport(abc.ABC):
         return ChunkStore(slot_bytes, capacity)
 
     @abc.abstractmethod
-    def serve(self, store: ChunkStore, epoch: int = 0) -> str:
-        """Start serving ``store`` in the background; return the address peers pull from.
-        ``epoch``: this instance's, as registered with the directory (0: none): requests
-        naming another are refused."""
+    def serve(self, store: ChunkStore, epoch: int = 0, leased: LeasedChunks | None = None
+              ) -> str:
+        """Start serving ``store`` in the background (and ``leased`` chunks, read in place:
+        ``transport/leased.py``); return the address peers pull from. ``epoch``: this
+        instance's, as registered with the directory (0: none): requests naming another are
+        refused."""
 
     @abc.abstractmethod
     def pull(self, address: str, items: Sequence[PullItem], timeout_s: float,

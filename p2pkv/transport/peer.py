@@ -36,6 +36,7 @@ from p2pkv.transport.base import (
 )
 from p2pkv.transport.accept import ServerLimits
 from p2pkv.transport.conn import ChunkDigest, Conn, ConnPool
+from p2pkv.transport.leased import LeasedChunks
 from p2pkv.transport.server import Server
 from p2pkv.transport.sockio import parse_address
 
@@ -98,7 +99,8 @@ class PeerTransport(Transport):
         self._stores.append(store)
         return store
 
-    def serve(self, store: ChunkStore, epoch: int = 0) -> str:
+    def serve(self, store: ChunkStore, epoch: int = 0, leased: LeasedChunks | None = None
+              ) -> str:
         assert self._server is None, "serve() called twice"
         info = wire.PeerInfo(host_id=self._host_id, shm_path=store.shm_path,
                              shm_ident=store.shm_ident,
@@ -107,7 +109,7 @@ class PeerTransport(Transport):
         if self._ucx is not None:
             info = msgspec.structs.replace(info, ucx_address=self._ucx.address)
         self._server = Server(store, self._bind_host, self._key, info, ucx=self._ucx,
-                              limits=self._server_limits)
+                              limits=self._server_limits, leased=leased)
         address = f"{self._advertise_host}:{self._server.port}"
         logger.info("p2pkv %s transport serving on %s (%s)", self.name, address,
                     "authenticated" if self._key else "UNAUTHENTICATED: no cluster secret")

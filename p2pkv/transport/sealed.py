@@ -21,14 +21,14 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 
-import xxhash
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from p2pkv.errors import DeadlineExceeded
-from p2pkv.store import PinnedChunk
+from p2pkv.store import PinnedChunk, digest
 from p2pkv.transport import wire
-from p2pkv.transport.selection import Selection
+from p2pkv.transport.leased import LeasedRead
+from p2pkv.transport.selection import Selection, cut
 from p2pkv.transport.session import TAG_BYTES, Session, reply
 from p2pkv.transport.sockio import recv_exact, recv_views, send_views
 
@@ -41,24 +41,23 @@ def _cipher(key: bytes, number: int, index: int) -> Cipher:
 
 
 def send_sealed(sock: socket.socket, session: Session, number: int,
-                pinned: Sequence[PinnedChunk | None], select: Selection | None,
-                deadline: float, corrupt: Callable[[PinnedChunk], None]) -> None:
+                pinned: Sequence[PinnedChunk | LeasedRead | None], select: Selection | None,
+                deadline: float, corrupt: Callable[[PinnedChunk | LeasedRead], None]) -> None:
     """The holder's reply to sealed Pull ``number``, all by ``deadline``."""
     key = session.subkey(b"chunk-aead")
     headers = b"".join(
         wire.pack_item(wire.Status.MISSING) if p is None else wire.pack_item(
-            wire.Status.OK, select.nbytes(p.view.nbytes) if select else p.view.nbytes)
+            wire.Status.OK, select.nbytes(p.nbytes) if select else p.nbytes)
         for p in pinned)
     out: list[bytes | memoryview] = reply(session, number, headers)
     buf = bytearray(STEP + 15)
     for i, p in enumerate(pinned):
         if p is None:
             continue
-        bad = select is None and xxhash.xxh3_64_intdigest(p.view) != p.digest
+        bad = select is None and digest(p.views) != p.digest
         if bad:
             corrupt(p)
-        views = ([p.view] if select is None else
-                 [p.view[off:off + n] for off, n in select.ranges(p.view.nbytes)])
+        views = (list(p.views) if select is None else cut(p.views, select.ranges(p.nbytes)))
         enc = _cipher(key, number, i).encryptor()
         for v in views:
             for at in range(0, v.nbytes, STEP):

@@ -13,7 +13,7 @@ the same-host path (what to copy out of a peer's slab).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import msgspec
 
@@ -58,3 +58,23 @@ class Selection(msgspec.Struct, frozen=True):
                 continue
             for r in range(self.num_rows):
                 yield base + r * self.row_bytes, self.length
+
+
+def cut(views: Sequence[memoryview], ranges: Iterable[tuple[int, int]]) -> list[memoryview]:
+    """The byte ranges ``(offset, length)`` (in order, of the concatenation of ``views``) as
+    views into ``views``: a chunk held as several pieces (leased blocks) is selected without a
+    copy."""
+    flat = [v.cast("B") if v.format != "B" or v.ndim != 1 else v for v in views]
+    out: list[memoryview] = []
+    i, start = 0, 0  # flat[i] begins at byte ``start`` of the chunk
+    for off, n in ranges:
+        while n:
+            while i < len(flat) and off >= start + flat[i].nbytes:
+                start += flat[i].nbytes
+                i += 1
+            if i == len(flat):
+                raise ValueError("range past the end of the chunk")
+            take = min(n, start + flat[i].nbytes - off)
+            out.append(flat[i][off - start:off - start + take])
+            off, n = off + take, n - take
+    return out

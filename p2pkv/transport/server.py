@@ -29,12 +29,14 @@ import xxhash
 from p2pkv.affinity import widen_cpu_affinity
 from p2pkv.errors import BadRequest, TransportError
 from p2pkv.ratelog import RateLimitedLog
+from p2pkv.keys import ChunkKey
 from p2pkv.store import ChunkStore, PinnedChunk
 from p2pkv.transport import session as sess
 from p2pkv.transport import sealed, stream, wire
 from p2pkv.transport.accept import Acceptor, ServerLimits
 from p2pkv.transport.base import ServerHealth
-from p2pkv.transport.selection import Selection
+from p2pkv.transport.leased import LeasedChunks, LeasedRead
+from p2pkv.transport.selection import Selection, cut
 from p2pkv.transport.session import Session
 from p2pkv.transport.sockio import recv_exact, send_views
 
@@ -67,8 +69,13 @@ class Server:
     def __init__(self, store: ChunkStore, bind_host: str, key: bytes | None,
                  info: wire.PeerInfo, ucx: UcxEngine | None = None, *,
                  limits: ServerLimits = ServerLimits(),
-                 start_thread: StartThread = start_daemon_thread) -> None:
+                 start_thread: StartThread = start_daemon_thread,
+                 leased: LeasedChunks | None = None) -> None:
+        """``leased``: chunks served from outside the store (a lease on vLLM's paged blocks,
+        ``transport/leased.py``): a Pull of a key not in the store reads them in place; a
+        Pin or Send (which read store slots) copies them into the store first."""
         self._store = store
+        self._leased = leased
         self._namespace = info.namespace
         self._epoch = info.epoch
         self._hashes = stream.ChunkHashes()
@@ -211,7 +218,7 @@ class Server:
             raise BadRequest(f"selection does not fit this holder's chunks: {why}")
         if (req.keyed or req.sealed) and not session.authenticated:
             raise BadRequest("a keyed digest on a connection without a cluster secret")
-        pinned = [self._store.pin(key) for key in req.keys]  # type: ignore[arg-type]
+        pinned = [self._read(key) for key in req.keys]  # type: ignore[arg-type]
         try:
             if req.sealed:
                 sealed.send_sealed(conn, session, number, pinned, select,
@@ -223,30 +230,49 @@ class Server:
             if select is None:
                 headers = b"".join(
                     wire.pack_item(wire.Status.MISSING) if p is None
-                    else wire.pack_item(wire.Status.OK, p.view.nbytes, p.digest)
+                    else wire.pack_item(wire.Status.OK, p.nbytes, p.digest)
                     for p in pinned)
-                bodies = [p.view for p in pinned if p is not None]
+                bodies = [v for p in pinned if p is not None for v in p.views]
             else:
                 headers, bodies = self._selected(pinned, select)
             send_views(conn, [*sess.reply(session, number, headers), *bodies],
                        self._limits.response_s)
         finally:
             for p in pinned:
-                if p is not None:
+                if isinstance(p, LeasedRead):
+                    assert self._leased is not None
+                    self._leased.unpin(p)
+                elif p is not None:
                     self._store.unpin(p)
 
+    def _read(self, key: ChunkKey) -> PinnedChunk | LeasedRead | None:
+        """A Pull's read of ``key``: from the store, else from a leased chunk in place."""
+        p = self._store.pin(key)
+        if p is None and self._leased is not None:
+            return self._leased.pin(key)
+        return p
+
+    def _pin_stored(self, key: ChunkKey) -> PinnedChunk | None:
+        """Pin ``key`` in the store; a leased chunk is copied in first (Pin and Send read
+        store slots: the same-host slab, UCX's registered memory)."""
+        p = self._store.pin(key)
+        if p is None and self._leased is not None and self._leased.to_store(key):
+            p = self._store.pin(key)
+        return p
+
     def _send_keyed(self, conn: socket.socket, session: Session, number: int,
-                    pinned: list[PinnedChunk | None], select: Selection | None) -> None:
+                    pinned: list[PinnedChunk | LeasedRead | None], select: Selection | None
+                    ) -> None:
         stream.send_keyed(conn, session, number, pinned, select,
                           time.monotonic() + self._limits.response_s, self._hashes,
                           self._corrupt)
 
-    def _corrupt(self, p: PinnedChunk) -> None:
+    def _corrupt(self, p: PinnedChunk | LeasedRead) -> None:
         self._log.warning("corrupt", "p2pkv data-plane server: chunk in slot %d no longer "
                           "matches its digest: sent as a mismatch", p.index)
 
     @staticmethod
-    def _selected(pinned: list[PinnedChunk | None], select: Selection
+    def _selected(pinned: list[PinnedChunk | LeasedRead | None], select: Selection
                   ) -> tuple[bytes, list[memoryview]]:
         """Headers and bodies of a Pull with a selection: the selected byte ranges of each
         chunk, straight from the slots, under a digest of exactly those bytes.
@@ -259,11 +285,11 @@ class Server:
             if p is None:
                 headers.append(wire.pack_item(wire.Status.MISSING))
                 continue
-            views = [p.view[off:off + n] for off, n in select.ranges(p.view.nbytes)]
+            views = cut(p.views, select.ranges(p.nbytes))
             h = xxhash.xxh3_64()
             for v in views:
                 h.update(v)
-            headers.append(wire.pack_item(wire.Status.OK, select.nbytes(p.view.nbytes),
+            headers.append(wire.pack_item(wire.Status.OK, select.nbytes(p.nbytes),
                                           h.intdigest()))
             bodies.extend(views)
         return b"".join(headers), bodies
@@ -273,7 +299,7 @@ class Server:
         if self._ucx is None:
             raise BadRequest("this holder has no UCX")
         deadline = time.monotonic() + req.timeout_ms / 1000
-        pinned = [self._store.pin(key) for key in req.keys]  # type: ignore[arg-type]
+        pinned = [self._pin_stored(key) for key in req.keys]  # type: ignore[arg-type]
         held = [p for p in pinned if p is not None]
 
         def release() -> None:
@@ -305,7 +331,7 @@ class Server:
         allowed = self._claim(peer, len(keys))
         headers, held = [], 0
         for i, key in enumerate(keys):
-            p = self._store.pin(key) if i < allowed else None  # type: ignore[arg-type]
+            p = self._pin_stored(key) if i < allowed else None  # type: ignore[arg-type]
             if p is None:
                 headers.append(wire.pack_pin(wire.Status.MISSING))
                 continue

@@ -22,7 +22,7 @@ import xxhash
 
 from p2pkv.cuda import StagingPool
 from p2pkv.errors import DeadlineExceeded
-from p2pkv.store import PinnedChunk
+from p2pkv.store import PinnedChunk, digest
 from p2pkv.transport import sealed, wire
 from p2pkv.transport.base import (
     Outcome,
@@ -37,7 +37,8 @@ from p2pkv.transport.base import (
 )
 from p2pkv.transport.conn import Conn, request_items
 from p2pkv.transport.land import scatter
-from p2pkv.transport.selection import Selection
+from p2pkv.transport.leased import LeasedRead
+from p2pkv.transport.selection import Selection, cut
 from p2pkv.transport.session import TAG_BYTES, Session, reply
 from p2pkv.transport.sockio import recv_exact, recv_views, send_views
 
@@ -118,18 +119,22 @@ class ChunkHashes:
     def __init__(self) -> None:
         self._by_slot: dict[int, tuple[int, bytes]] = {}
 
-    def get(self, p: PinnedChunk) -> bytes | None:
+    def get(self, p: PinnedChunk | LeasedRead) -> bytes | None:
+        if p.index < 0:  # a leased read: no slot, never cached
+            return None
         got = self._by_slot.get(p.index)
         return got[1] if got is not None and got[0] == p.generation else None
 
-    def put(self, p: PinnedChunk, chunk_hash: bytes) -> None:
+    def put(self, p: PinnedChunk | LeasedRead, chunk_hash: bytes) -> None:
+        if p.index < 0:
+            return
         self._by_slot[p.index] = (p.generation, chunk_hash)
 
 
 def send_keyed(sock: socket.socket, session: Session, number: int,
-               pinned: Sequence[PinnedChunk | None], select: Selection | None,
+               pinned: Sequence[PinnedChunk | LeasedRead | None], select: Selection | None,
                deadline: float, hashes: ChunkHashes,
-               corrupt: Callable[[PinnedChunk], None]) -> None:
+               corrupt: Callable[[PinnedChunk | LeasedRead], None]) -> None:
     """The holder's reply to keyed Pull ``number``: headers without digests, then each
     chunk's bytes (or the ``select``ed part) followed by its tag, all by ``deadline``.
 
@@ -142,7 +147,7 @@ def send_keyed(sock: socket.socket, session: Session, number: int,
     to ``corrupt``), and one that changes later no longer matches its kept hash."""
     headers = b"".join(
         wire.pack_item(wire.Status.MISSING) if p is None else wire.pack_item(
-            wire.Status.OK, select.nbytes(p.view.nbytes) if select else p.view.nbytes)
+            wire.Status.OK, select.nbytes(p.nbytes) if select else p.nbytes)
         for p in pinned)
     out: list[bytes | memoryview] = reply(session, number, headers)
     for i, p in enumerate(pinned):
@@ -150,10 +155,9 @@ def send_keyed(sock: socket.socket, session: Session, number: int,
             continue
         known = hashes.get(p) if select is None else None
         if known is not None:
-            out += [p.view, session.chunk_tag(number, i, known)]
+            out += [*p.views, session.chunk_tag(number, i, known)]
             continue
-        views = ([p.view] if select is None else
-                 [p.view[off:off + n] for off, n in select.ranges(p.view.nbytes)])
+        views = (list(p.views) if select is None else cut(p.views, select.ranges(p.nbytes)))
         h = session.chunk_hasher()
         for group in _groups(views, HASH_STEP):
             send_views(sock, [*out, *group], _left(deadline))
@@ -161,7 +165,7 @@ def send_keyed(sock: socket.socket, session: Session, number: int,
             for v in group:
                 h.update(v)
         chunk_hash = h.digest()
-        if xxhash.xxh3_64_intdigest(p.view) != p.digest:
+        if digest(p.views) != p.digest:
             corrupt(p)
             chunk_hash = bytes(b ^ 0xFF for b in chunk_hash)
         elif select is None:

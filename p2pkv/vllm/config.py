@@ -89,6 +89,20 @@ class ConnectorConfig:
     memory in which the lowest of them lands its pulls for its siblings on the same host, so
     a chunk crosses the network once per instance (``p2pkv.vllm.relay``); 0: every rank
     pulls for itself. Touched lazily."""
+    lease_s: float = 0.0
+    """Serve a finished request's chunks straight from vLLM's paged blocks for this long
+    (tier 1, CPU caches: ``p2pkv.vllm.leases``); 0: off (chunks are saved into the store as
+    they complete). With a lease a request's chunks are published when it finishes, held
+    (``delay_free``) while the lease lasts and copied into the store when it ends."""
+    lease_pulls: int = 0
+    """Pulls (data-plane requests reading a leased chunk) after which a lease ends early;
+    0: none (it lasts ``lease_s``). A P/D prefill instance whose decode pulls once: 1."""
+    lease_max_fraction: float = 0.25
+    """Most of vLLM's KV blocks leases may hold at once; a request past it is not leased (its
+    chunks go to the store at once)."""
+    lease_min_free_fraction: float = 0.1
+    """Memory pressure: when vLLM's free blocks fall below this fraction of all blocks, the
+    oldest leases end early (and no new ones are granted)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.directory, str):
@@ -123,7 +137,11 @@ class ConnectorConfig:
                                   f"{sorted(PROFILES)}")
         if self.log_level and self.log_level.upper() not in logging.getLevelNamesMapping():
             raise ConfigError(f"log_level {self.log_level!r} is not a logging level")
-        for name in ("lookup_inline_wait_s", "directory_backoff_s", "relay_gib"):
+        for name in ("lease_max_fraction", "lease_min_free_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be between 0 and 1")
+        for name in ("lookup_inline_wait_s", "directory_backoff_s", "relay_gib", "lease_s",
+                     "lease_pulls"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
 

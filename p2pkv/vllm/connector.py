@@ -282,7 +282,12 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
                 slices=slices, exact_slices_only=not on_cpu,
                 groups=tuple(g.index for g in self._groups),
                 hit_below_prompt=has_window(self._groups),
-                layerwise=layerwise, planner=self._make_planner(kv_cache_config))
+                layerwise=layerwise, planner=self._make_planner(kv_cache_config),
+                free_blocks=self._free_blocks if on_cpu else None)
+            if self._config.lease_s > 0 and not on_cpu:
+                logger.warning("p2pkv: lease_s is built for CPU caches (tier 1 from host "
+                               "blocks); on %s chunks are saved as before",
+                               vllm_config.device_config.device_type)
             if self._config.load_mode == "layerwise" and not layerwise:
                 logger.warning("p2pkv: load_mode layerwise is built for CPU caches; loads on "
                                "%s stay async", vllm_config.device_config.device_type)
@@ -367,7 +372,8 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         assert self._worker is not None
-        return None, self._worker.take_finished_recving() or None
+        recving = self._worker.take_finished_recving()
+        return self._worker.take_finished_sending() or None, recving or None
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         assert self._worker is not None
@@ -376,8 +382,11 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
         # until its request finishes, distributed/kv_transfer/kv_connector/utils.py).
         finished = self._worker.take_finished_recving()
         failed = self._worker.take_failed_requests()
+        # NOTE: leased requests whose leases ended with no read left (vLLM frees their blocks)
+        sending = self._worker.take_finished_sending()
         return KVConnectorTransferResults(
-            finished_recving=finished, failed_recving=failed if self._per_request_errors else set())
+            finished_sending=sending, finished_recving=finished,
+            failed_recving=failed if self._per_request_errors else set())
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self._worker is not None
@@ -441,12 +450,26 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
 
     def request_finished(self, request: Request, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
-        assert self._scheduler is not None
-        self._scheduler.request_finished(request.request_id)
-        return False, None
+        return self.request_finished_all_groups(request, (block_ids,))
 
     def request_finished_all_groups(self, request: Request, block_ids: tuple[list[int], ...]
                                     ) -> tuple[bool, dict[str, Any] | None]:
-        # SupportsHMA: vLLM calls this one instead of request_finished (saves never hold a
-        # request's blocks: HostSaver's fence covers blocks handed out again)
-        return self.request_finished(request, block_ids[0] if block_ids else [])
+        # SupportsHMA: vLLM calls this one instead of request_finished. Saves never hold a
+        # request's blocks (HostSaver's fence covers blocks handed out again); a lease
+        # (lease_s) does: delay_free until the workers report it in finished_sending.
+        assert self._scheduler is not None
+        delay = self._scheduler.request_finished(
+            request.request_id, status=request.status.name, block_ids=block_ids)
+        return delay, None
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        assert self._scheduler is not None
+        self._scheduler.leases_done(connector_output.finished_sending or ())
+
+    def _free_blocks(self) -> tuple[int, int]:
+        """vLLM's free and total KV blocks (the lease caps and watermark)."""
+        manager = self._kv_cache_manager
+        if manager is None:
+            return 0, 0
+        pool = manager.block_pool
+        return pool.get_num_free_blocks(), pool.num_gpu_blocks - 1  # less the null block

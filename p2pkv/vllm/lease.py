@@ -1,4 +1,4 @@
-"""Leases on paged blocks (issue 14, tier 1; first code, not wired into the connector yet).
+"""Leases on paged blocks (issue 14, tier 1; used by ``p2pkv.vllm.leases``).
 
 A finished request's blocks can be kept from vLLM's free pool by ``request_finished``
 returning ``delay_free=True``; vLLM frees them when every worker rank has returned the
@@ -145,6 +145,16 @@ class LeaseTable:
                         if not holders:
                             del self._by_key[key]
             return out
+
+    def leases(self, key: ChunkKey) -> bool:
+        """Whether a lease not yet handed back holds ``key``."""
+        with self._lock:
+            return key in self._by_key
+
+    def open_leases(self) -> int:
+        """Leases not handed back yet (open, or ended with pins out)."""
+        with self._lock:
+            return len(self._leases)
 
     def held_blocks(self) -> set[int]:
         """Blocks of every lease not yet handed back (open or still pinned)."""

@@ -52,6 +52,18 @@ class SavePlan:
     block_ids: tuple[int, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class LeaseGrant:
+    """Serve ``chunks`` of finished request ``req_id`` from its blocks (held by vLLM until
+    every rank reports the request in ``finished_sending``) for ``ttl_s``; at most
+    ``max_pulls`` pulls (0: no limit). ``ttl_s`` 0: no lease, only the move to the store."""
+
+    req_id: str
+    chunks: tuple[SavePlan, ...]
+    ttl_s: float
+    max_pulls: int = 0
+
+
 @dataclass
 class P2PKVMetadata(KVConnectorMetadata):
     loads: list[LoadPlan] = field(default_factory=list)
@@ -59,6 +71,10 @@ class P2PKVMetadata(KVConnectorMetadata):
     new_blocks: frozenset[int] = frozenset()
     """Blocks vLLM handed to requests this step (this step may zero and write them): the
     worker's saves must be done reading them first (``p2pkv.vllm.saver``). Set by savers."""
+    grants: list[LeaseGrant] = field(default_factory=list)
+    """Leases on requests that finished (``SchedulerSide.request_finished``)."""
+    end_leases: list[str] = field(default_factory=list)
+    """Requests whose leases end now (the holder needs the memory)."""
     idle_step: bool = False
     """vLLM runs no forward pass this step (it only polls the connector, e.g. while requests
     wait for remote KV): a rank with loads in flight may wait for one in ``get_finished``

@@ -33,7 +33,15 @@ from p2pkv.keys import ChunkKey, Namespace, chunk_keys, partial_chunk_key, promp
 from p2pkv.slices import KVSlice
 from p2pkv.vllm.config import ConnectorConfig
 from p2pkv.vllm.groups import NULL_BLOCK
-from p2pkv.vllm.metadata import ChunkLoad, LoadPlan, P2PKVMetadata, P2PKVWorkerMeta, SavePlan
+from p2pkv.vllm.leasebook import LeaseBook
+from p2pkv.vllm.metadata import (
+    ChunkLoad,
+    LeaseGrant,
+    LoadPlan,
+    P2PKVMetadata,
+    P2PKVWorkerMeta,
+    SavePlan,
+)
 from p2pkv.vllm.planning import ConnectorPlanner
 from p2pkv.vllm.sources import Source, plan_sources
 from p2pkv.vllm.stats import DeltaTracker, StatsDelta
@@ -79,6 +87,14 @@ class SchedulerCounters:
     loads_planned: int = 0
     chunks_planned_for_save: int = 0
     pulls_skipped: int = 0  # remote hits the planner expected recomputing to beat
+    leases_granted: int = 0  # leases sent to the workers (ttl > 0)
+    leases_refused: int = 0  # finished requests past the lease caps: straight to the store
+    leases_ended_early: int = 0  # ended for memory pressure
+
+
+NORMAL_FINISH = ("FINISHED_STOPPED", "FINISHED_LENGTH_CAPPED")
+"""vLLM's ``RequestStatus`` names of a request that finished normally: only these are leased
+(an aborted or errored request's blocks are freed at once, as NIXL does)."""
 
 
 def new_blocks(scheduler_output: Any) -> frozenset[int]:
@@ -106,7 +122,8 @@ class SchedulerSide:
                  slices: tuple[KVSlice, ...] = (KVSlice.whole(1, 1),),
                  exact_slices_only: bool = False, groups: tuple[int, ...] = (0,),
                  hit_below_prompt: bool = False, layerwise: bool = False,
-                 planner: ConnectorPlanner | None = None) -> None:
+                 planner: ConnectorPlanner | None = None,
+                 free_blocks: Callable[[], tuple[int, int]] | None = None) -> None:
         """``slices``: what each of this instance's worker ranks holds (by TP rank; the
         default is one rank holding everything). ``exact_slices_only``: pull only from
         holder ranks with the same slices (layouts where a head range is not contiguous).
@@ -119,11 +136,21 @@ class SchedulerSide:
         (``p2pkv.vllm.layerwise``) where the load ends on a block boundary before the
         request's last token, else asynchronously (one KV-cache group only).
         ``planner``: decides each remote hit's pull against recomputing it (None: always
-        pull), learning from this side's steps and the workers' pulls."""
+        pull), learning from this side's steps and the workers' pulls.
+        ``free_blocks``: vLLM's (free, total) KV blocks; with it and ``config.lease_s`` > 0 on
+        an instance that saves, finished requests' chunks are leased (``request_finished``)
+        instead of saved as they complete."""
         self._planner = planner
         self._planner_status_at = -1e300
         self._planner_status: dict[str, int] = {}
         self._gauges: dict[str, float] = {}
+        self._book: LeaseBook | None = None
+        if config.lease_s > 0 and can_save and free_blocks is not None:
+            self._book = LeaseBook(config.lease_s, max_fraction=config.lease_max_fraction,
+                                   min_free_fraction=config.lease_min_free_fraction,
+                                   clock=clock)
+        self._free_blocks = free_blocks
+        self._pending_grants: list[LeaseGrant] = []
         self._layerwise = layerwise and len(groups) == 1
         self._hold_saves: dict[str, int] = {}  # req_id -> build_meta calls left to skip
         self._config = config
@@ -325,9 +352,20 @@ class SchedulerSide:
                 if req_id in self._hold_saves:
                     self._skip_saves(req_id, done)
                     continue
+                if self._book is not None:
+                    continue  # leased when it finishes (request_finished)
                 meta.saves.extend(self._newly_complete(req_id, done, block_ids_of))
                 if self._save_partial:
                     meta.saves.extend(self._partial_if_complete(req_id, done, block_ids_of))
+        if self._book is not None:
+            meta.grants, self._pending_grants = self._pending_grants, []
+            assert self._free_blocks is not None
+            ended = self._book.pressure(*self._free_blocks())
+            if ended:
+                logger.info("p2pkv: vLLM is short of free KV blocks: ending %d leases early",
+                            len(ended))
+                self.counters.leases_ended_early += len(ended)
+            meta.end_leases = ended
         for req_id in list(self._hold_saves):
             self._hold_saves[req_id] -= 1
             if self._hold_saves[req_id] <= 0:
@@ -393,13 +431,16 @@ class SchedulerSide:
         if prompt is None or computed_tokens < len(prompt):
             return []
         self._partial_saved.add(req_id)
+        return self._partial_plan(request, block_ids_of(req_id))
+
+    def _partial_plan(self, request: Any, groups: Sequence[Sequence[int]]) -> list[SavePlan]:
+        prompt = request.prompt_token_ids
         key = partial_chunk_key(request.block_hashes, prompt, self._block_size,
                                 self._chunk_blocks)
         if key is None:
             return []
         first = len(prompt) // self._chunk_tokens * self._chunk_blocks
         end = -(-len(prompt) // self._block_size)
-        groups = block_ids_of(req_id)
         flat: list[int] = []
         for g in self._groups:
             ids = list(groups[g][first:end])
@@ -449,7 +490,59 @@ class SchedulerSide:
                 self._gauges = delta.gauges = gauges
         return delta
 
-    def request_finished(self, req_id: str) -> None:
+    def request_finished(self, req_id: str, *, status: str = "",
+                         block_ids: Sequence[Sequence[int]] = ()) -> bool:
+        """vLLM is done with ``req_id`` (``status``: its ``RequestStatus`` name; ``block_ids``:
+        its blocks per KV-cache group). True: hold its blocks (``delay_free``) for a lease,
+        sent to the workers in the next step's metadata; they are freed when every rank
+        reports the request in ``finished_sending``."""
+        grant = self._lease(req_id, status, block_ids) if self._book is not None else None
+        self._forget(req_id)
+        if grant is None:
+            return False
+        self._pending_grants.append(grant)
+        return True
+
+    def _lease(self, req_id: str, status: str, block_ids: Sequence[Sequence[int]]
+               ) -> LeaseGrant | None:
+        """A lease on the chunks ``req_id`` computed itself (not its local hit or pulled
+        chunks: whoever computed those holds them), if it finished normally and has any."""
+        assert self._book is not None and self._free_blocks is not None
+        request = self._requests.get(req_id)
+        if request is None or status not in NORMAL_FINISH or not block_ids:
+            logger.debug("p2pkv: %s finished (%s): no lease", req_id, status)
+            return None
+        cb = self._chunk_blocks
+        per_group = [block_ids[g] for g in self._groups]
+        full = min([request.num_computed_tokens // self._chunk_tokens,
+                    len(request.block_hashes) // cb] + [len(ids) // cb for ids in per_group])
+        hashes = request.block_hashes
+        chunks = [SavePlan(ChunkKey(bytes(hashes[(c + 1) * cb - 1])),
+                           tuple(b for ids in per_group for b in ids[c * cb:(c + 1) * cb]))
+                  for c in range(self._saved_chunks.get(req_id, 0), full)]
+        self.counters.chunks_planned_for_save += len(chunks)  # the partial one counts itself
+        prompt = request.prompt_token_ids
+        if (self._save_partial and prompt is not None
+                and request.num_computed_tokens >= len(prompt)):
+            chunks += self._partial_plan(request, block_ids)
+        if not chunks:
+            return None
+        blocks = len({b for c in chunks for b in c.block_ids})
+        ttl = self._book.ttl(req_id, blocks, *self._free_blocks())
+        if ttl > 0:
+            self.counters.leases_granted += 1
+        else:
+            self.counters.leases_refused += 1
+        logger.info("p2pkv: %s finished (%s): lease of %d chunks (%d blocks) for %.1f s",
+                    req_id, status, len(chunks), blocks, ttl)
+        return LeaseGrant(req_id, tuple(chunks), ttl, self._config.lease_pulls)
+
+    def leases_done(self, req_ids: Sequence[str] | set[str]) -> None:
+        """vLLM freed these requests' blocks (``finished_sending`` from every rank)."""
+        if self._book is not None:
+            self._book.done(req_ids)
+
+    def _forget(self, req_id: str) -> None:
         self._requests.pop(req_id, None)
         self._lookups.pop(req_id, None)
         self._planned.pop(req_id, None)

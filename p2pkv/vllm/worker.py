@@ -41,6 +41,7 @@ from p2pkv.transport.shm import copy_and_digest
 from p2pkv.vllm.config import ConnectorConfig
 from p2pkv.vllm.layerwise import LayerwiseLoads, LoadOutcome
 from p2pkv.vllm.layout import KVLayout, pull_batches, pull_selection
+from p2pkv.vllm.leases import LeasedBlocks
 from p2pkv.vllm.metadata import LoadPlan, P2PKVMetadata, P2PKVWorkerMeta
 from p2pkv.vllm.planning import PullSample
 from p2pkv.vllm.relay import (
@@ -138,6 +139,8 @@ class WorkerSide:
         self._store: ChunkStore | None = None
         self._saver: AsyncSaver | None = None  # GPU caches: saves are async copies
         self._host_saver: HostSaver | None = None  # CPU caches: saves on a save thread
+        self._leases: LeasedBlocks | None = None  # CPU caches with lease_s: tier 1
+        self._release_now: set[str] = set()  # granted leases this rank cannot serve
         self._pool = ThreadPoolExecutor(config.pull_threads, thread_name_prefix="p2pkv-pull",
                                         initializer=widen_cpu_affinity)
         # NOTE: a load's parts from several holder ranks run here, never on _pool, whose
@@ -189,7 +192,10 @@ class WorkerSide:
             self._saver = AsyncSaver(layout, self._store)
         else:
             self._host_saver = HostSaver(layout, self._store, self._publish)
-        address = self._transport.serve(self._store, self._epoch)
+            if self._config.lease_s > 0:
+                self._leases = LeasedBlocks(layout, self._store, self._directory.publish,
+                                            self._host_saver.save)
+        address = self._transport.serve(self._store, self._epoch, self._leases)
         # NOTE: the physical block layout joins the hash probe as "<seed probe>.<layout>":
         # instances whose bytes would not copy exactly (another attention backend's layout)
         # are refused by the directory like a hash-seed mismatch; the router compares the
@@ -227,6 +233,12 @@ class WorkerSide:
             self._publish(self._saver.collect())
         if meta.planner_status is not None:
             self._planner_status = dict(meta.planner_status)
+        if self._leases is not None:
+            self._leases.apply(meta)
+        else:
+            # NOTE: a rank that does not serve (a replica, a GPU cache) hands every grant
+            # back at once: vLLM frees the blocks once every rank has reported the request.
+            self._release_now.update(g.req_id for g in meta.grants)
         with self._lock:
             self._idle_step = meta.idle_step
             # NOTE: layer-wise loads end within this step, never through finished_recving
@@ -532,6 +544,22 @@ class WorkerSide:
         self._report_if_changed()
         return out
 
+    def take_finished_sending(self) -> set[str]:
+        """Leased requests whose blocks vLLM may free (``finished_sending``). On a step
+        without a forward pass with leases out (vLLM keeps stepping while it holds a finished
+        request's blocks), waits up to IDLE_STEP_WAIT_S for one to end instead of letting the
+        engine spin."""
+        out, self._release_now = self._release_now, set()
+        if self._leases is not None:
+            with self._lock:
+                idle = self._idle_step and not self._loads_in_flight
+            out |= self._leases.take_released(IDLE_STEP_WAIT_S if idle and not out else 0.0)
+            if out:
+                # NOTE: vLLM may take no further step once it has freed these blocks (an
+                # idle instance): report the lease counters now, not at a next step
+                self._report_if_changed()
+        return out
+
     def take_failed_blocks(self) -> set[int]:
         self.finish_layerwise()  # vLLM may ask before wait_for_save (defer_finalize)
         with self._lock:
@@ -588,6 +616,8 @@ class WorkerSide:
                     self._host_saver.copy_in_forward_s * 1000)
             now = asdict(self.counters)
         now.update(self._planner_status)
+        if self._leases is not None:
+            now.update(asdict(self._leases.counters))
         health = self._transport.health()
         if health is not None:
             now.update(health.counters())  # p2pkv status / doctor show a dead or busy server
