@@ -363,3 +363,13 @@ def test_incremental_sweeps_answer_like_a_naive_model(ops, query) -> None:
         assert not model or all(v is not None for v in index._spaces[NS].table.values())
         if not model:
             assert index._spaces == {}
+
+
+def test_lookup_answers_name_the_holders_registration_epoch():
+    """The puller names this epoch in its data-plane requests (issue 13): a process that
+    reuses the address under a new epoch refuses them."""
+    index = DirectoryIndex(LEASE)
+    reg(index, A, epoch=1234)
+    pub(index, Seq(), A, added=K[:2])
+    (holder,) = index.lookup(NS, K[:2])
+    assert (holder.instance, holder.run, holder.epoch) == (A, 2, 1234)

@@ -226,6 +226,19 @@ def test_server_findings_say_dead_and_saturated():
     assert "40 connections" in busy.detail and "2 error(s)" in errors.detail
 
 
+def test_server_findings_say_failed_macs_and_wrong_namespaces_or_epochs():
+    infos = [_info("clean", "1", counters={"server_alive": 1, "server_bad_macs": 0}),
+             _info("tampered", "1", counters={"server_alive": 1, "server_bad_macs": 3}),
+             _info("reused", "1", counters={"server_alive": 1, "server_wrong_namespace": 2,
+                                            "server_wrong_epoch": 5})]
+    found = server_findings(infos)
+    assert {(f.subject.split()[0], f.level) for f in found} == {("tampered", "WARN"),
+                                                                ("reused", "WARN")}
+    tampered, reused = found
+    assert "3 connection(s)" in tampered.detail and "MAC" in tampered.detail
+    assert "2 for another namespace, 5 for another epoch" in reused.detail
+
+
 def test_a_flooded_holder_is_reported_saturated(spawn, directory, secret_file):
     _, address = peer(spawn, directory.endpoint, "inst-a", kind="tcp")
     spawn(["-m", "tests.flood_process", "flood", address, "400", "127.0.0.2"], "flood")

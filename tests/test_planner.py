@@ -111,3 +111,55 @@ def test_spread_prefers_the_less_loaded_of_near_equal_candidates():
     assert (choice.instance, choice.reason) == ("idle", "reroute")  # a 20 ms pull is < 10 %
     far = RouteCandidate("far", local_tokens=0, queue_s=0.0)  # recompute: not within 10 %
     assert choose_route(cost, PROMPT, [holder, far], spread=0.1).instance == "holder"
+
+
+def test_a_step_is_one_overhead_plus_each_requests_share():
+    curve = PrefillCurve(tokens_per_s=1000, quad_s_per_token2=1e-6, overhead_s=0.01)
+    # a 1,000-token prefill chunk after 500 cached, and one decode token at 2,000
+    assert curve.step_seconds([(500, 1500), (2000, 2001)]) == pytest.approx(
+        0.01 + 1.0 + 1e-6 * (1500**2 - 500**2) + 0.001 + 1e-6 * (2001**2 - 2000**2))
+    assert curve.step_seconds([]) == pytest.approx(0.01)
+
+
+def test_measured_steps_correct_the_prefill_prior_in_their_bucket():
+    cost = CostModel(SMOLLM2_CPU)
+    prior = cost.prefill_s(3000)
+    parts = [(0, 1024)]
+    cost.prefill.observe_step(3000, parts, SMOLLM2_CPU.prefill.step_seconds(parts) / 4)
+    assert cost.prefill_s(3000) == pytest.approx(prior / 4)  # 4x faster than the prior
+    assert cost.prefill_s(600) == pytest.approx(SMOLLM2_CPU.prefill.seconds(600))  # unmeasured
+    assert cost.prefill.tokens_per_s()[4096] == pytest.approx(
+        4 * 4096 / SMOLLM2_CPU.prefill.seconds(4096))
+
+
+def test_fitted_links_separate_round_trip_from_bandwidth():
+    from p2pkv.planner.cost import FittedLinkEstimator
+
+    links = FittedLinkEstimator(Link(bytes_per_s=100e9), alpha=0.2, min_samples=2,
+                                max_age_s=60)
+    truth = Link(bytes_per_s=1e9, rtt_s=0.002)
+    links.observe("b", 10_000_000, truth.seconds(10_000_000), now=0.0)
+    assert links.link("b") == Link(100e9)  # one pull (it may include connecting): the prior
+    for n in (1_000_000, 50_000_000, 5_000_000, 20_000_000):
+        links.observe("b", n, truth.seconds(n), now=1.0)
+    fit = links.link("b")
+    assert fit.bytes_per_s == pytest.approx(1e9, rel=1e-6)
+    assert fit.rtt_s == pytest.approx(0.002, rel=1e-3)
+    # one size only: the bandwidth under the prior's round trip (0 here)
+    same = FittedLinkEstimator(Link(bytes_per_s=100e9), min_samples=1)
+    same.observe("c", 1_000_000, 0.01)
+    assert same.link("c").bytes_per_s == pytest.approx(1e8)
+    # forgotten max_age_s after the last pull: back to the prior
+    links.expire(now=30.0)
+    assert links.link("b") == fit
+    links.expire(now=61.5)
+    assert links.link("b") == Link(100e9) and links.measured() == {}
+
+
+def test_cost_model_takes_a_fitted_estimator():
+    from p2pkv.planner.cost import FittedLinkEstimator
+
+    links = FittedLinkEstimator(LLAMA31_8B_H100.link, min_samples=1)
+    cost = CostModel(LLAMA31_8B_H100, links=links)
+    links.observe("slow", 1_000_000, 0.1)
+    assert cost.pull_s("slow", 6144) > 50 * cost.pull_s("other", 6144)

@@ -45,10 +45,12 @@ def _store(n: int, size: int = SIZE) -> ChunkStore:
 class Holder:
     """An in-process holder with a secret, and the length of its side of the handshake."""
 
-    def __init__(self, n: int = 4, namespace: str = "ns", key: bytes | None = KEY) -> None:
+    def __init__(self, n: int = 4, namespace: str = "ns", key: bytes | None = KEY,
+                 epoch: int = 0) -> None:
         self.store = _store(n)
         self.info = wire.PeerInfo(host_id="holder-host", slab_bytes=self.store.slab_bytes,
-                                  slot_bytes=self.store.slot_bytes, namespace=namespace)
+                                  slot_bytes=self.store.slot_bytes, namespace=namespace,
+                                  epoch=epoch)
         self.server = Server(self.store, "127.0.0.1", key, self.info)
         self.address = f"127.0.0.1:{self.server.port}"
         self.handshake_bytes = (wire.HELLO_BYTES + wire.VERDICT_BYTES
@@ -71,6 +73,7 @@ class Relay:
         self._skip = {"c2s": wire.PROOF_BYTES, "s2c": holder_handshake}
         self._flip = flip
         self.sent_by_puller = bytearray()
+        self.received_by_puller = bytearray()
         self._upstream_socks: list[socket.socket] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
@@ -102,6 +105,8 @@ class Relay:
                     self._flip = None
                 if first and direction == "c2s" and pos + len(data) > 0:
                     self.sent_by_puller += data[max(0, -pos):]
+                if first and direction == "s2c":
+                    self.received_by_puller += data
                 pos += len(data)
                 dst.sendall(data)
         except OSError:
@@ -133,11 +138,11 @@ def _client(chunk_digest: str = "keyed", key: bytes | None = KEY) -> PeerTranspo
     return PeerTransport(key=key, namespace=Namespace("ns"), chunk_digest=chunk_digest)
 
 
-def _pull(t: PeerTransport, address: str, keys: list[int], size: int = SIZE):
+def _pull(t: PeerTransport, address: str, keys: list[int], size: int = SIZE, epoch: int = 0):
     bufs = [np.zeros(size, dtype=np.uint8) for _ in keys]
     items = [PullItem(key_of(k), (memoryview(b[: size // 3]), memoryview(b[size // 3:])))
              for k, b in zip(keys, bufs)]
-    return t.pull(address, items, 5.0), bufs
+    return t.pull(address, items, 5.0, epoch), bufs
 
 
 def _wait(cond, timeout_s: float = 5.0) -> bool:
@@ -213,9 +218,10 @@ def test_a_tampered_reply_header_fails_the_pull_not_the_holder(holder, offset, w
     4 * wire.ITEM_HEADER_BYTES + wire.TAG_BYTES + SIZE + 2,  # the first chunk's tag
     4 * wire.ITEM_HEADER_BYTES + wire.TAG_BYTES + 2 * (SIZE + wire.TAG_BYTES) + 100,
 ])
-def test_a_tampered_chunk_is_a_mismatch_on_the_keyed_path(holder, offset):
+@pytest.mark.parametrize("mode", ["keyed", "sealed"])
+def test_a_tampered_chunk_is_a_mismatch_on_the_keyed_path(holder, offset, mode):
     relay = Relay(holder.address, holder.handshake_bytes, flip=("s2c", offset))
-    t = _client("keyed")
+    t = _client(mode)
     try:
         results, bufs = _pull(t, relay.address, [0, 1, 2, 3])
         bad = (offset - 4 * wire.ITEM_HEADER_BYTES - wire.TAG_BYTES) // (SIZE + wire.TAG_BYTES)
@@ -225,6 +231,25 @@ def test_a_tampered_chunk_is_a_mismatch_on_the_keyed_path(holder, offset):
         for i in range(4):
             if i != bad:
                 assert np.array_equal(bufs[i], chunk_bytes(SEED, i, SIZE))
+    finally:
+        t.close()
+        relay.close()
+
+
+def test_a_sealed_pull_returns_the_right_bytes_and_none_cross_in_clear(holder):
+    relay = Relay(holder.address, holder.handshake_bytes)
+    t = _client("sealed")
+    try:
+        for _ in range(2):  # two requests on one connection: two nonces
+            results, bufs = _pull(t, relay.address, [0, 99, 1])
+            assert [r.outcome for r in results] == [Outcome.OK, Outcome.MISSING, Outcome.OK]
+            assert np.array_equal(bufs[0], chunk_bytes(SEED, 0, SIZE))
+            assert np.array_equal(bufs[2], chunk_bytes(SEED, 1, SIZE))
+        (conn,) = t.pool.idle()
+        assert conn.sealed and conn.session.requests == 2
+        wire_bytes = bytes(relay.received_by_puller)
+        assert chunk_bytes(SEED, 0, SIZE).tobytes()[:64] not in wire_bytes
+        assert len(wire_bytes) >= 4 * SIZE
     finally:
         t.close()
         relay.close()
@@ -325,6 +350,38 @@ def test_a_request_for_another_namespace_is_refused(holder):
         assert _closed_unanswered(sock)
     h = holder.server.health()
     assert h.wrong_namespace == 1 and h.alive
+
+
+def test_a_request_for_another_epoch_is_refused_and_so_is_a_holder_of_another():
+    h = Holder(epoch=7)
+    try:
+        sock, session = _session_to(h)
+        with sock:
+            sock.sendall(sess.encode_request(session, wire.Pull([bytes(key_of(0))],
+                                                                namespace="ns", epoch=6)))
+            with pytest.raises(TransportError, match="WRONG_EPOCH"):
+                sess.read_reply(sock, session, 0, wire.ITEM_HEADER_BYTES, 1,
+                                time.monotonic() + 5)
+            assert _closed_unanswered(sock)
+        health = h.server.health()
+        assert health.wrong_epoch == 1 and health.alive
+        assert health.counters()["server_wrong_epoch"] == 1
+        t = _client("keyed")
+        try:
+            # the puller sees the holder's epoch in its PeerInfo: refused before a request
+            results, bufs = _pull(t, h.address, [0], epoch=6)
+            assert results[0].outcome is Outcome.FAILED and "epoch 7" in results[0].reason
+            assert not bufs[0].any()
+            # the epoch the directory named, and no epoch at all (not checked), are served
+            for epoch in (7, 0):
+                results, bufs = _pull(t, h.address, [0], epoch=epoch)
+                assert results[0].outcome is Outcome.OK
+                assert np.array_equal(bufs[0], chunk_bytes(SEED, 0, SIZE))
+        finally:
+            t.close()
+        assert h.server.health().wrong_epoch == 1
+    finally:
+        h.close()
 
 
 def test_a_keyed_pull_without_a_secret_is_a_bad_request():
@@ -436,4 +493,18 @@ def test_a_keyed_pull_from_a_holder_dying_or_stalling_mid_transfer(spawn, sig):
     finally:
         if signum == signal.SIGSTOP:
             os.kill(proc.pid, signal.SIGCONT)
+        t.close()
+
+
+def test_a_chunk_changed_in_the_store_is_a_mismatch_on_a_sealed_pull(holder):
+    p = holder.store.pin(key_of(1))
+    holder.store.slot_view(p.index)[7] ^= 0xFF
+    holder.store.unpin(p)
+    t = _client("sealed")
+    try:
+        results, bufs = _pull(t, holder.address, [0, 1])
+        assert results[0].outcome is Outcome.OK
+        assert np.array_equal(bufs[0], chunk_bytes(SEED, 0, SIZE))
+        assert results[1].outcome is Outcome.FAILED and "checksum" in results[1].reason
+    finally:
         t.close()

@@ -26,6 +26,8 @@ def test_only_directory_is_required():
     ({"directory": "tcp://h:1", "store_gib": "lots"}, "store_gib"),
     ({"directory": "tcp://h:1", "diretcory": "x"}, "unknown"),
     ({"directory": "tcp://h:1", "log_level": "LOUD"}, "log_level"),
+    ({"directory": "tcp://h:1", "chunk_digest": "md5"}, "chunk_digest"),
+    ({"directory": "tcp://h:1", "chunk_digest": "keyed"}, "secret_file"),
 ])
 def test_bad_config_is_refused_with_a_clear_message(extra, message):
     with pytest.raises(ConfigError, match=message):
@@ -36,6 +38,13 @@ def test_strings_from_json_are_converted():
     c = ConnectorConfig.from_extra_config({"directory": "tcp://h:1", "store_gib": "0.5",
                                            "pull_threads": "2"})
     assert c.store_gib == 0.5 and c.pull_threads == 2
+
+
+def test_chunk_digest_defaults_to_auto_and_reaches_the_transport_typed():
+    assert ConnectorConfig.from_extra_config({"directory": "tcp://h:1"}).digest == "auto"
+    c = ConnectorConfig.from_extra_config({"directory": "tcp://h:1", "chunk_digest": "keyed",
+                                           "secret_file": "/etc/p2pkv/secret"})
+    assert c.digest == "keyed"
 
 
 def cpu_caches(layers=3, blocks=5):

@@ -381,3 +381,58 @@ def test_save_pulled_is_off_where_the_instance_does_not_save_or_has_a_window():
         s.update_state_after_alloc(r, ([10, 11, 12, 13, 14, 15, 16],), 3 * BLOCK)
         keys = [p.key for p in _step(s, "r", 5 * BLOCK, BLOCK, [10, 11, 12, 13, 14, 15, 16])]
         assert keys == ([] if not can_save else [r.block_hashes[5]])
+
+
+def _planner_step(new=(), cached=()):
+    """A SchedulerOutput: ``new`` (req_id, prompt, computed, scheduled), ``cached``
+    (req_id, computed, scheduled)."""
+    return SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id=r, prompt_token_ids=list(range(p)),
+                                            num_computed_tokens=c, block_ids=([],))
+                            for r, p, c, _ in new],
+        num_scheduled_tokens={**{r: n for r, _, _, n in new}, **{r: n for r, _, n in cached}},
+        scheduled_cached_reqs=SimpleNamespace(req_ids=[r for r, _, _ in cached],
+                                              num_computed_tokens=[c for _, c, _ in cached]))
+
+
+def test_planner_skips_a_pull_from_a_peer_measured_slower_than_recomputing():
+    from p2pkv.vllm.metadata import P2PKVWorkerMeta
+    from p2pkv.vllm.planning import ConnectorPlanner, PullSample, optimistic_profile
+
+    now = [0.0]
+    clock = lambda: now[0]  # noqa: E731
+    kv = 1_000_000  # bytes per token
+    planner = ConnectorPlanner(optimistic_profile(kv), clock=clock)
+    d = FakeDirectory([reply(64), reply(64)])
+    config = ConnectorConfig(directory="tcp://127.0.0.1:1")
+    s = SchedulerSide(config, namespace=Namespace("ns"), block_size=BLOCK, chunk_blocks=1,
+                      can_load=True, can_save=False, directory=d, clock=clock,
+                      planner=planner)
+    # a fresh instance pulls
+    r1 = request("r1", 64)
+    assert s.get_num_new_matched_tokens(r1, 0) == (64 * BLOCK - 0, True)
+    s.update_state_after_alloc(r1, (list(range(64)),), 64 * BLOCK)
+    meta = s.build_meta(_planner_step(), lambda _: ([],))
+    assert meta.loads[0].peer == "a"
+    # the pulls were slow (10 MB/s) and this instance prefills 256 tokens in 10 ms
+    s.update_connector_output(P2PKVWorkerMeta(
+        [PullSample("a", n * kv, n * kv / 10e6) for n in (64, 256, 128)]))
+    s.build_meta(_planner_step(new=[("p", 256, 0, 256)]), lambda _: ([],))
+    now[0] += 0.010
+    s.update_connector_output(P2PKVWorkerMeta())
+    r2 = request("r2", 64)
+    assert s.get_num_new_matched_tokens(r2, 0) == (0, False)
+    assert s.counters.pulls_skipped == 1 and s.counters.loads_planned == 1
+    now[0] += 2.0
+    meta = s.build_meta(_planner_step(), lambda _: ([],))
+    assert meta.planner_status["planner_skipped"] == 1
+    assert meta.planner_status["planner_peer_MBps_a"] == 10
+    assert s.take_stats().gauges["planner_peer_bytes_per_second|a"] == pytest.approx(10e6)
+
+
+def test_worker_meta_of_several_ranks_aggregates_their_pulls():
+    from p2pkv.vllm.metadata import P2PKVWorkerMeta
+    from p2pkv.vllm.planning import PullSample
+
+    a, b = PullSample("x", 1, 0.1), PullSample("x", 2, 0.2)
+    assert P2PKVWorkerMeta([a]).aggregate(P2PKVWorkerMeta([b])).pulls == [a, b]

@@ -9,7 +9,14 @@ from types import SimpleNamespace
 import msgspec
 import pytest
 
-from p2pkv.vllm.stats import COUNTERS, HISTOGRAMS, DeltaTracker, StatsDelta, exported_names
+from p2pkv.vllm.stats import (
+    COUNTERS,
+    GAUGES,
+    HISTOGRAMS,
+    DeltaTracker,
+    StatsDelta,
+    exported_names,
+)
 
 
 def test_tracker_hands_out_what_grew_since_the_last_take():
@@ -40,7 +47,8 @@ def test_exported_names_cover_every_counter_and_histogram():
     names = exported_names()
     assert "p2pkv_connector_chunks_pulled_total" in names
     assert "p2pkv_connector_lookup_seconds_bucket" in names
-    assert len(names) == len(COUNTERS) + 3 * len(HISTOGRAMS)
+    assert "p2pkv_connector_planner_peer_bytes_per_second" in names
+    assert len(names) == len(COUNTERS) + 3 * len(HISTOGRAMS) + len(GAUGES)
 
 
 vllm = pytest.importorskip("vllm", reason="p2pkv.vllm.prom subclasses vLLM's stats types")
@@ -59,8 +67,10 @@ def test_prom_metrics_export_exactly_the_declared_names_and_add_deltas():
                             ["model_name", "engine"], {0: ["model", "0"]})
     worker = P2PKVStats.of(StatsDelta({"chunks_pulled": 4, "bytes_pulled": 4096},
                                       {"pull_seconds": [0.03]}))
-    scheduler = P2PKVStats.of(StatsDelta({"remote_hit_tokens": 512},
-                                         {"lookup_seconds": [0.001, 0.004]}))
+    scheduler = P2PKVStats.of(StatsDelta(
+        {"remote_hit_tokens": 512}, {"lookup_seconds": [0.001, 0.004]},
+        {"planner_prefill_tokens_per_second|4096": 900.0,
+         "planner_peer_bytes_per_second|b": 1e9, "planner_peer_rtt_seconds|b": 2e-4}))
     merged = worker.aggregate(scheduler)
     prom.observe(merged.to_dict(), 0)
     samples = {s.name: s for f in text_string_to_metric_families(generate_latest(registry)
@@ -73,7 +83,14 @@ def test_prom_metrics_export_exactly_the_declared_names_and_add_deltas():
     assert samples["p2pkv_connector_lookup_seconds_count"].value == 2
     assert samples["p2pkv_connector_chunks_pulled_total"].labels == {"model_name": "model",
                                                                      "engine": "0"}
+    assert samples["p2pkv_connector_planner_peer_bytes_per_second"].value == 1e9
+    assert samples["p2pkv_connector_planner_peer_bytes_per_second"].labels == {
+        "model_name": "model", "engine": "0", "peer": "b"}
     assert not worker.is_empty() and P2PKVStats(data={}).is_empty()
+    # a later delta's gauge replaces the earlier value
+    later = StatsDelta(gauges={"planner_peer_bytes_per_second|b": 5e8})
+    assert StatsDelta.from_dict(merged.to_dict()).merged(later).gauges[
+        "planner_peer_bytes_per_second|b"] == 5e8
 
 
 def test_scheduler_times_each_lookup_from_start_to_reply():

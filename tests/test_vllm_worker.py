@@ -180,12 +180,10 @@ def tp_workers(tp: int, heads: int = 4, **kw):
 def sources_for(holders, wanted):
     from p2pkv.vllm.sources import plan_sources
 
-    class H:  # a lookup's holder, as the directory returns it
-        def __init__(self, d, sl):
-            self.instance, self.address, self.run = InstanceId("h"), d.registered[0], 1
-            self.engine, self.slice = "e", sl
+    from p2pkv.directory.protocol import Holder  # a lookup's holder, as the directory returns it
 
-    plan = plan_sources([H(d, sl) for _, _, d, sl in holders if d.registered],
+    plan = plan_sources([Holder(InstanceId("h"), d.registered[0], 1, "e", sl)
+                         for _, _, d, sl in holders if d.registered],
                         [sl for *_, sl in wanted])
     assert plan is not None
     return plan.per_rank
@@ -317,3 +315,32 @@ def test_the_servers_health_is_reported_with_the_counters():
         assert d.reports[-1]["server_alive"] == 1 and d.reports[-1]["server_saturated"] == 0
     finally:
         w.shutdown()
+
+
+def test_whole_pulls_become_planner_samples_and_its_status_joins_the_report():
+    import dataclasses
+
+    d = RecordingDirectory()
+    holder, _ = make_worker(d)
+    puller_dir = RecordingDirectory()
+    puller, _ = make_worker(puller_dir)
+    key = ChunkKey(b"k" * 32)
+    holder.save(P2PKVMetadata(saves=[SavePlan(key, (5, 2))]))
+    assert holder.wait_saved(5.0)
+    good = dataclasses.replace(load("r", d.registered[0], (ChunkLoad(key, (0, 7)),)), peer="H")
+    bad = dataclasses.replace(load("m", d.registered[0], (ChunkLoad(ChunkKey(b"m" * 32),
+                                                                    (1, 2)),)), peer="H")
+    puller.start_loads(P2PKVMetadata(loads=[good, bad],
+                                     planner_status={"planner_pulls": 2}))
+    done: set[str] = set()
+    deadline = time.monotonic() + 5
+    while done != {"r", "m"}:
+        assert time.monotonic() < deadline, done
+        done |= puller.take_finished_recving()
+        time.sleep(0.01)
+    (sample,) = puller.take_worker_meta().pulls  # the failed load teaches nothing
+    assert sample.peer == "H" and sample.nbytes == 2 * 3 * 2 * 4 * 8 * 4 and sample.seconds > 0
+    assert puller.take_worker_meta().pulls == []
+    assert puller_dir.reports[-1]["planner_pulls"] == 2
+    holder.shutdown()
+    puller.shutdown()

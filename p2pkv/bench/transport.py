@@ -6,7 +6,8 @@ shm-capable transport, plus a raw-socket server that sends the same slab bytes w
 
     tcp  (our pull over the socket)      vs  raw socket sendall / recv_into loop
     tcp-mac   (with a cluster secret: MACed headers, xxh3 digests)  vs  raw socket
-    tcp-keyed (with a cluster secret and keyed BLAKE3 chunk tags, as between hosts)  vs  raw
+    tcp-keyed (with a cluster secret and keyed chunk tags, as between hosts)  vs  raw
+    tcp-sealed (chunk bytes AES-256-GCM encrypted: ``chunk_digest: sealed``)  vs  raw
     shm  (our pull from the shared slab) vs  memcpy (numpy copyto, same bytes, same dest)
 
     ucx-tcp (bytes over UCX's tcp)      vs  raw socket
@@ -121,6 +122,8 @@ def run(sizes_mib: list[int], budget_mib: int, with_ucx: bool
         mac = make_transport("tcp", bind_host="127.0.0.1", secret=SECRET, chunk_digest="xxh3")
         keyed = make_transport("tcp", bind_host="127.0.0.1", secret=SECRET,
                                chunk_digest="keyed")
+        sealed = make_transport("tcp", bind_host="127.0.0.1", secret=SECRET,
+                                chunk_digest="sealed")
         ucx = {p: _ucx(c) for p, c in UCX_PATHS.items()} if with_ucx else {}
         for size in sizes:
             dest = np.zeros(size, dtype=np.uint8)
@@ -136,6 +139,7 @@ def run(sizes_mib: list[int], budget_mib: int, with_ucx: bool
             cases = {"tcp": lambda: pull(tcp), "raw": lambda: _raw_pull(raw, size, dest),
                      "tcp-mac": lambda: pull(mac, "auth"),
                      "tcp-keyed": lambda: pull(keyed, "auth"),
+                     "tcp-sealed": lambda: pull(sealed, "auth"),
                      "shm": lambda: pull(shm), "memcpy": lambda: np.copyto(dest, src)}
             for path, t in ucx.items():
                 cases[path] = lambda t=t, path=path: pull(t, path)
@@ -150,14 +154,16 @@ def run(sizes_mib: list[int], budget_mib: int, with_ucx: bool
             rows.append((size, "tcp", med["tcp"], "raw socket", med["raw"]))
             rows.append((size, "tcp-mac", med["tcp-mac"], "raw socket", med["raw"]))
             rows.append((size, "tcp-keyed", med["tcp-keyed"], "raw socket", med["raw"]))
+            rows.append((size, "tcp-sealed", med["tcp-sealed"], "raw socket", med["raw"]))
             rows.append((size, "shm", med["shm"], "memcpy", med["memcpy"]))
             if ucx:
                 rows.append((size, "ucx-tcp", med["ucx-tcp"], "raw socket", med["raw"]))
                 rows.append((size, "ucx", med["ucx"], "memcpy", med["memcpy"]))
             assert tcp.counters.shm == 0 and shm.counters.tcp == 0
             assert keyed.pool.idle()[0].keyed and not mac.pool.idle()[0].keyed
+            assert sealed.pool.idle()[0].sealed and not keyed.pool.idle()[0].sealed
             assert all(t.counters.tcp == t.counters.shm == 0 for t in ucx.values())
-        for t in [tcp, mac, keyed, shm, *ucx.values()]:
+        for t in [tcp, mac, keyed, sealed, shm, *ucx.values()]:
             t.close()
         raw.close()
     finally:
@@ -190,7 +196,7 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     missing = ucx_unavailable_reason()
     rows = run([int(s) for s in args.sizes.split(",")], args.budget_mib, not missing)
-    print(table([Column("chunk", 8), Column("path", 9, align="<"), Column("GB/s", 6, ".2f"),
+    print(table([Column("chunk", 8), Column("path", 10, align="<"), Column("GB/s", 6, ".2f"),
                  Column("limit", 11, align="<"), Column("GB/s", 6, ".2f"),
                  Column("ratio", 6, ".0%"), Column("goal", align="<")],
                 ([f"{size // MiB} MiB", path, ours, limit, base, ours / base,

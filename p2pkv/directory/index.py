@@ -603,7 +603,7 @@ class DirectoryIndex:
         if space is None or not keys:
             return []
         members = space.members
-        result = [Holder(m.instance, m.address, run, m.engine, m.slice)
+        result = [Holder(m.instance, m.address, run, m.engine, m.slice, m.epoch)
                   for h, run in space.runs(keys).items()
                   if (m := members.get(h)) is not None]
         result.sort(key=lambda holder: (-holder.run, holder.instance))

@@ -46,6 +46,11 @@ PROTOCOL_VERSION = 4
 #      Unregister for instance i need i's own CURVE key (derived from the secret and i); the
 #      members' shared key only reads. No message changed shape, so no bump: a v4 peer
 #      without a credential reads the refusal as an Error with a reason.
+#      Heartbeats/HeartbeatsReply (issue 15): many registrations' heartbeats in one message,
+#      each entry checked (epoch, owner, seq) and refused alone as a Heartbeat would be; a
+#      directory without them answers bad_request, and a sender then sends Heartbeats one by
+#      one (``heartbeats_unsupported``). Holder.epoch (issue 13): the holder's registration
+#      epoch in Lookup answers, named in data-plane requests (default 0 = not checked).
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """Largest encoded message either side accepts."""
@@ -60,6 +65,9 @@ MAX_COUNTERS = 256
 """Most counters in one Report."""
 
 MAX_CAPABILITIES = 16
+
+MAX_BEATS_PER_MESSAGE = 4096
+"""Most registrations in one Heartbeats (~60 B each: 4096 fit in ~250 KB)."""
 
 MAX_REFUSED = 256
 """Most refused registrations a StatsReply lists (the directory remembers no more)."""
@@ -208,6 +216,24 @@ class Heartbeat(_Message, tag="hb", frozen=True):
     seq: _U63 = 0
 
 
+class Beat(msgspec.Struct, frozen=True):
+    """One registration's entry in a Heartbeats: what its own Heartbeat would carry."""
+
+    instance: _Instance
+    epoch: _U63
+    seq: _U63 = 0
+
+
+class Heartbeats(_Message, tag="hbs", frozen=True):
+    """Heartbeats of many registrations of one connection in one message (a process hosting
+    many simulated instances, a client holding several ranks' registrations): each entry
+    renews its lease, or is refused, exactly as its own Heartbeat would be (another epoch:
+    STALE_EPOCH, another connection's id: INSTANCE_TAKEN, a lost publish: SEQ_GAP).
+    Answered by one HeartbeatsReply listing the refused entries."""
+
+    beats: Annotated[list[Beat], msgspec.Meta(max_length=MAX_BEATS_PER_MESSAGE)]
+
+
 class Lookup(_Message, tag="look", frozen=True):
     """Who holds the longest leading run of ``keys`` (given in prefix order)?"""
 
@@ -248,13 +274,16 @@ class Snapshot(_Message, tag="snap", frozen=True):
 
 class Holder(msgspec.Struct, frozen=True):
     """One instance (worker rank) holding its ``slice`` of keys[0:run] of a Lookup
-    contiguously (run >= 1); ``engine`` groups the ranks of one vLLM instance."""
+    contiguously (run >= 1); ``engine`` groups the ranks of one vLLM instance; ``epoch`` is
+    its registration's epoch, which the puller names in its data-plane requests (0: not
+    known, not checked) so that an address reused by another process never serves."""
 
     instance: _Instance
     address: _Address
     run: _U63
     engine: _Engine = ""
     slice: KVSlice | None = None
+    epoch: _U63 = 0
 
 
 class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -317,6 +346,21 @@ class RegisterReply(_Reply, tag="regr", frozen=True):
 
     heartbeat_ms: _U63
     liveness: _U63
+
+
+class BeatRefusal(msgspec.Struct, frozen=True):
+    """Why entry ``index`` of a Heartbeats was refused (the Error its Heartbeat would get)."""
+
+    index: _U63
+    status: _Name
+    reason: _Reason = ""
+    retry_after_ms: _U63 = 0
+
+
+class HeartbeatsReply(_Reply, tag="hbsr", frozen=True):
+    """The entries of a Heartbeats that were refused; every other one was applied."""
+
+    refused: Annotated[list[BeatRefusal], msgspec.Meta(max_length=MAX_BEATS_PER_MESSAGE)] = []
 
 
 class LookupReply(_Reply, tag="lookr", frozen=True):
@@ -395,8 +439,10 @@ class ChunksChanged(_Event, tag="chunks", frozen=True):
     reset: bool = False
 
 
-Request = Union[Register, Publish, Heartbeat, Lookup, Report, Stats, Unregister, Snapshot]
-Reply = Union[Ok, Error, RegisterReply, LookupReply, StatsReply, SnapshotReply]
+Request = Union[Register, Publish, Heartbeat, Heartbeats, Lookup, Report, Stats, Unregister,
+                Snapshot]
+Reply = Union[Ok, Error, RegisterReply, LookupReply, StatsReply, SnapshotReply,
+              HeartbeatsReply]
 Message = Union[Request, Reply]
 FeedEvent = Union[InstanceJoined, InstanceLeft, ChunksChanged]
 
@@ -462,3 +508,37 @@ def version_mismatch_reason(peer_version: int) -> str:
 def decode_event(data: bytes | memoryview) -> FeedEvent:
     """Parse one change-feed message; raises :class:`ProtocolError`."""
     return _decode_with(_EVENT_DECODER, data, "event")
+
+
+def batch_heartbeats(beats: list[Heartbeat]) -> list[Heartbeats]:
+    """Heartbeats of one connection's registrations, MAX_BEATS_PER_MESSAGE per message."""
+    entries = [Beat(b.instance, b.epoch, b.seq) for b in beats]
+    return [Heartbeats(beats=entries[i:i + MAX_BEATS_PER_MESSAGE])
+            for i in range(0, len(entries), MAX_BEATS_PER_MESSAGE)]
+
+
+def split_heartbeats_reply(sent: Heartbeats, reply: Reply) -> list[tuple[InstanceId, Reply]]:
+    """Per entry of ``sent``, the reply its own Heartbeat would have got (same rid and
+    directory epoch): Ok, or the entry's Error; an Error for the whole message (e.g. the
+    directory's quota) is every entry's. So each registration's state machine takes its
+    answer unchanged (``RegistrationMachine.on_reply``)."""
+    if isinstance(reply, Error):
+        return [(b.instance, reply) for b in sent.beats]
+    if not isinstance(reply, HeartbeatsReply):
+        raise ProtocolError(f"a Heartbeats was answered by {type(reply).__name__}")
+    refused = {r.index: r for r in reply.refused}
+    out: list[tuple[InstanceId, Reply]] = []
+    for i, b in enumerate(sent.beats):
+        r = refused.get(i)
+        out.append((b.instance, Ok(rid=reply.rid, directory_epoch=reply.directory_epoch)
+                    if r is None else
+                    Error(rid=reply.rid, directory_epoch=reply.directory_epoch, status=r.status,
+                          reason=r.reason, retry_after_ms=r.retry_after_ms)))
+    return out
+
+
+def heartbeats_unsupported(reply: Reply) -> bool:
+    """Whether a directory answered a Heartbeats as a message it does not know (older v4):
+    send single Heartbeats to it."""
+    return (isinstance(reply, Error) and reply.status == Status.BAD_REQUEST
+            and "hbs" in reply.reason)

@@ -29,7 +29,8 @@ import zmq
 from p2pkv.directory import auth, protocol
 from p2pkv.directory.index import DirectoryIndex, HoldingsCursor, Member
 from p2pkv.directory.protocol import (
-    LOOKUP_BUCKETS_S, MAX_KEYS_PER_MESSAGE, PROTOCOL_VERSION, ChunksChanged, Error, FeedEvent, Heartbeat, Holding,
+    LOOKUP_BUCKETS_S, MAX_KEYS_PER_MESSAGE, PROTOCOL_VERSION, BeatRefusal, ChunksChanged, Error,
+    FeedEvent, Heartbeat, Heartbeats, HeartbeatsReply, Holding,
     InstanceInfo, InstanceJoined, InstanceLeft, Lookup, LookupReply, Ok, ProtocolError, Publish, Register,
     RegisterReply, Reply, Report, Snapshot, SnapshotReply, Stats, StatsReply, Status, Unregister,
 )
@@ -371,6 +372,8 @@ class DirectoryServer:
                 case Heartbeat():
                     self.counters.heartbeats += 1
                     self.index.heartbeat(msg.instance, msg.epoch, msg.seq, now, owner=owner)
+                case Heartbeats():
+                    return [self._heartbeats(msg, now, owner, caller)]
                 case Register():
                     return [self._register(msg, now, owner, quota)]
                 case Report():
@@ -418,6 +421,27 @@ class DirectoryServer:
         return RegisterReply(rid=msg.rid, directory_epoch=self.directory_epoch,
                              heartbeat_ms=int(self.config.heartbeat_interval_s * 1000),
                              liveness=self.config.liveness)
+
+    def _heartbeats(self, msg: Heartbeats, now: float, owner: bytes,
+                    caller: auth.Caller | None = None) -> HeartbeatsReply:
+        """Each entry as its own Heartbeat; the refused ones are listed (and counted). With
+        credentials, an entry for an instance the caller may not act as is refused alone
+        (NOT_THIS_INSTANCE), as its own Heartbeat would be."""
+        refused = []
+        for i, beat in enumerate(msg.beats):
+            if caller is not None and not caller.may_act_as(beat.instance):
+                err = self._refuse(msg.rid, Status.NOT_THIS_INSTANCE,
+                                   _not_this_instance(caller, beat.instance))
+                refused.append(BeatRefusal(i, err.status, err.reason, err.retry_after_ms))
+                continue
+            try:
+                self.index.heartbeat(beat.instance, beat.epoch, beat.seq, now, owner=owner)
+            except DirectoryIndexError as e:
+                err = self._refuse(msg.rid, e.status, str(e), e.retry_after_s)
+                refused.append(BeatRefusal(i, err.status, err.reason, err.retry_after_ms))
+        self.counters.heartbeats += len(msg.beats)
+        return HeartbeatsReply(rid=msg.rid, directory_epoch=self.directory_epoch,
+                               refused=refused)
 
     def _lookup(self, msg: Lookup) -> LookupReply:
         holders = self.index.lookup(msg.namespace, msg.keys)

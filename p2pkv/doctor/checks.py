@@ -204,7 +204,9 @@ def address_findings(directory: str, instances: Sequence[InstanceInfo]) -> list[
 def server_findings(instances: Sequence[InstanceInfo]) -> list[Finding]:
     """What each instance's worker reported about its own data-plane server (the
     ``server_*`` counters, ``ServerHealth.counters``): dead is an error, having turned
-    connections away recently (a flood, or more peers than its caps) a warning. Pure."""
+    connections away recently (a flood, or more peers than its caps) a warning, and so are
+    requests it refused: failed MACs (bytes changed on the path, replays) and requests for
+    another namespace or instance epoch (pullers sent to a reused address). Pure."""
     findings = []
     for i in instances:
         c = i.counters
@@ -224,6 +226,20 @@ def server_findings(instances: Sequence[InstanceInfo]) -> list[Finding]:
                                     "closed because no thread could be started, "
                                     f"{c.get('server_loop_errors', 0)} error(s) survived by "
                                     "its accept loop (see its log)"))
+        if c.get("server_bad_macs"):
+            findings.append(Finding("WARN", "data-plane server", subject,
+                                    f"dropped {c['server_bad_macs']} connection(s) whose "
+                                    "request failed its MAC: changed on the way, replayed, or "
+                                    "not from that session (an attacker or a broken middlebox "
+                                    "on the path; see its log for the peers)"))
+        wrong = [f"{c[k]} for another {what}" for k, what in
+                 (("server_wrong_namespace", "namespace"), ("server_wrong_epoch", "epoch"))
+                 if c.get(k)]
+        if wrong:
+            findings.append(Finding("WARN", "data-plane server", subject,
+                                    f"refused requests: {', '.join(wrong)} (pullers that "
+                                    "reached it at an address the directory had listed for "
+                                    "another instance or an earlier run of it)"))
     return findings
 
 

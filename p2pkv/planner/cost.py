@@ -11,6 +11,7 @@ prompt-length bucket (:class:`PrefillEstimator`) and, per peer, pull bandwidth a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from p2pkv.errors import ConfigError
@@ -38,6 +39,13 @@ class PrefillCurve:
         new = total - cached
         return (self.overhead_s + new / self.tokens_per_s
                 + self.quad_s_per_token2 * (total * total - cached * cached))
+
+    def step_seconds(self, parts: Sequence[tuple[int, int]]) -> float:
+        """One engine step computing, per request, the tokens ``[start, end)`` of its
+        sequence (a prefill chunk, or one decode token): one overhead for the step."""
+        return self.overhead_s + sum(
+            (end - start) / self.tokens_per_s + self.quad_s_per_token2 * (end * end - start * start)
+            for start, end in parts if end > start)
 
     def scaled(self, factor: float) -> PrefillCurve:
         """The same shape, ``factor`` times the time."""
@@ -120,6 +128,16 @@ class PrefillEstimator:
             self.ratios.setdefault(length_bucket(total), Ewma(self.alpha)).update(
                 seconds / expected)
 
+    def observe_step(self, prompt_tokens: int, parts: Sequence[tuple[int, int]],
+                     seconds: float) -> None:
+        """One measured engine step (``PrefillCurve.step_seconds``'s parts), counted in the
+        bucket of ``prompt_tokens`` (the longest prompt it prefilled). The connector measures
+        its own steps; a whole prompt is many steps under chunked prefill."""
+        expected = self.prior.step_seconds(parts)
+        if seconds > 0 and expected > 0:
+            self.ratios.setdefault(length_bucket(prompt_tokens), Ewma(self.alpha)).update(
+                seconds / expected)
+
     def seconds(self, total: int, cached: int = 0) -> float:
         ratio = self.ratios.get(length_bucket(total))
         scale = ratio.value if ratio is not None else 1.0
@@ -163,13 +181,90 @@ class LinkEstimator:
                     est.rtt.value if est.rtt.count else self.prior.rtt_s)
 
 
-class CostModel:
-    """Expected times for one instance: the profile's priors corrected by its measurements."""
+@dataclass(slots=True)
+class _LinkFit:
+    """Exponentially weighted least squares of ``seconds = rtt + bytes / bandwidth``."""
 
-    def __init__(self, profile: Profile, *, alpha: float = DEFAULT_ALPHA) -> None:
+    w: float = 0.0
+    sx: float = 0.0
+    sy: float = 0.0
+    sxx: float = 0.0
+    sxy: float = 0.0
+    count: int = 0
+    last_at: float = 0.0
+
+
+class FittedLinkEstimator:
+    """Per peer: round trip and bandwidth fitted to real pulls of any sizes (a pull's time
+    has a fixed part and a per-byte part; pulls of several sizes separate the two), for
+    callers that cannot time a pull's first reply (the connector: a pull is one call).
+
+    A peer's fit is used from ``min_samples`` pulls on and forgotten ``max_age_s`` after its
+    last one (back to the prior): a peer measured slow once is tried again later, since a
+    planner that skips its pulls would never measure it again. Pulls of one size only give
+    the bandwidth under the prior's round trip (at most the pulls' mean time).
+    Same ``link(peer)`` as :class:`LinkEstimator`."""
+
+    def __init__(self, prior: Link, alpha: float = DEFAULT_ALPHA, *, min_samples: int = 1,
+                 max_age_s: float = math.inf) -> None:
+        self.prior = prior
+        self.alpha = alpha
+        self.min_samples = min_samples
+        self.max_age_s = max_age_s
+        self.peers: dict[str, _LinkFit] = {}
+
+    def observe(self, peer: str, nbytes: int, seconds: float, rtt_s: float | None = None,
+                *, now: float = 0.0) -> None:
+        if nbytes <= 0 or seconds <= 0:
+            return
+        fit = self.peers.get(peer)
+        if fit is None or now - fit.last_at > self.max_age_s:
+            fit = self.peers[peer] = _LinkFit()
+        keep = 1.0 - self.alpha if fit.count else 0.0
+        x, y = float(nbytes), float(seconds)
+        fit.w = fit.w * keep + 1.0
+        fit.sx = fit.sx * keep + x
+        fit.sy = fit.sy * keep + y
+        fit.sxx = fit.sxx * keep + x * x
+        fit.sxy = fit.sxy * keep + x * y
+        fit.count += 1
+        fit.last_at = now
+
+    def expire(self, now: float) -> None:
+        """Forget peers whose last pull is older than ``max_age_s``."""
+        for peer in [p for p, f in self.peers.items() if now - f.last_at > self.max_age_s]:
+            del self.peers[peer]
+
+    def link(self, peer: str) -> Link:
+        fit = self.peers.get(peer)
+        if fit is None or fit.count < self.min_samples:
+            return self.prior
+        mx, my = fit.sx / fit.w, fit.sy / fit.w
+        var = fit.sxx / fit.w - mx * mx
+        if var > (0.25 * mx) ** 2:  # sizes spread enough to separate rtt from bandwidth
+            slope = (fit.sxy / fit.w - mx * my) / var
+            rtt = my - slope * mx
+            if slope > 0 and 0 <= rtt < my:
+                return Link(1.0 / slope, rtt)
+        rtt = min(self.prior.rtt_s, 0.5 * my)
+        return Link(mx / (my - rtt), rtt)
+
+    def measured(self) -> dict[str, Link]:
+        """The peers with a fit in use (for metrics and ``p2pkv status``)."""
+        return {p: self.link(p) for p, f in sorted(self.peers.items())
+                if f.count >= self.min_samples}
+
+
+class CostModel:
+    """Expected times for one instance: the profile's priors corrected by its measurements.
+    ``links``: a per-peer estimator with :class:`LinkEstimator`'s ``link(peer)`` (default:
+    a :class:`LinkEstimator` over the profile's link)."""
+
+    def __init__(self, profile: Profile, *, alpha: float = DEFAULT_ALPHA,
+                 links: LinkEstimator | FittedLinkEstimator | None = None) -> None:
         self.profile = profile
         self.prefill = PrefillEstimator(profile.prefill, alpha)
-        self.links = LinkEstimator(profile.link, alpha)
+        self.links = links if links is not None else LinkEstimator(profile.link, alpha)
 
     def prefill_s(self, total: int, cached: int = 0) -> float:
         return self.prefill.seconds(total, cached)

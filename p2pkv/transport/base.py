@@ -175,6 +175,8 @@ class ServerHealth:
     another session)."""
     wrong_namespace: int = 0
     """Requests refused because they named another namespace."""
+    wrong_epoch: int = 0
+    """Requests refused because they named another instance epoch (a reused address)."""
 
     def counters(self) -> dict[str, int]:
         """As connector counters (``server_*``), reported to the directory; only values that
@@ -183,7 +185,8 @@ class ServerHealth:
                 "server_refused": self.refused, "server_thread_failures": self.thread_failures,
                 "server_pins_refused": self.pins_refused, "server_loop_errors": self.loop_errors,
                 "server_bad_macs": self.bad_macs,
-                "server_wrong_namespace": self.wrong_namespace}
+                "server_wrong_namespace": self.wrong_namespace,
+                "server_wrong_epoch": self.wrong_epoch}
 
 
 class Transport(abc.ABC):
@@ -199,17 +202,23 @@ class Transport(abc.ABC):
         return ChunkStore(slot_bytes, capacity)
 
     @abc.abstractmethod
-    def serve(self, store: ChunkStore) -> str:
-        """Start serving ``store`` in the background; return the address peers pull from."""
+    def serve(self, store: ChunkStore, epoch: int = 0) -> str:
+        """Start serving ``store`` in the background; return the address peers pull from.
+        ``epoch``: this instance's, as registered with the directory (0: none): requests
+        naming another are refused."""
 
     @abc.abstractmethod
-    def pull(self, address: str, items: Sequence[PullItem], timeout_s: float) -> list[PullResult]:
+    def pull(self, address: str, items: Sequence[PullItem], timeout_s: float,
+             epoch: int = 0) -> list[PullResult]:
         """Pull ``items`` from the peer at ``address``; never raises for peer errors and
         returns within ``timeout_s`` (plus scheduling noise). Items not OK may hold partial
-        bytes in their destination: the caller must treat them as garbage."""
+        bytes in their destination: the caller must treat them as garbage. ``epoch``: the
+        holder's instance epoch from the directory's lookup (0: not checked); a holder that
+        is another epoch (a reused address) serves none of them."""
 
     def pull_staged(self, address: str, stages: Sequence[Sequence[PullItem]], timeout_s: float,
-                    on_stage: Callable[[int], None]) -> list[list[PullResult]]:
+                    on_stage: Callable[[int], None], epoch: int = 0
+                    ) -> list[list[PullResult]]:
         """Pull the same chunks in ``stages`` (each with its own selection), in order, calling
         ``on_stage(s)`` once stage ``s`` has landed (``staged.py``); one result list per
         stage, final only on return. Never raises for peer errors; returns within
@@ -218,7 +227,8 @@ class Transport(abc.ABC):
         deadline = time.monotonic() + timeout_s
         out = []
         for s, stage in enumerate(stages):
-            out.append(self.pull(address, stage, max(deadline - time.monotonic(), 0.001)))
+            out.append(self.pull(address, stage, max(deadline - time.monotonic(), 0.001),
+                                 epoch))
             on_stage(s)
         return out
 

@@ -35,13 +35,16 @@ CLIENT_IDLE_S = 60.0  # a client reuses an idle connection only this long (< SER
 
 Peer = tuple[str, int]  # (host, port) of a holder's data-plane server
 
-ChunkDigest = Literal["auto", "keyed", "xxh3"]
-"""How a puller has its chunk bytes checked on TCP pulls: ``keyed`` (BLAKE3 under the session
-key: nobody on the path can change a byte unnoticed), ``xxh3`` (the holder's stored digest:
-catches corruption, not an attacker; for same-host peers and trusted networks), ``auto``
+ChunkDigest = Literal["auto", "keyed", "xxh3", "sealed"]
+"""How a puller has its chunk bytes checked on TCP pulls: ``keyed`` (a tag under the session
+key, ``session.py``: nobody on the path can change a byte unnoticed), ``xxh3`` (the holder's
+stored digest: catches corruption, not an attacker; for same-host peers and trusted
+networks), ``auto``
 (keyed with holders on other hosts, xxh3 with same-host ones, where there is no wire).
-Without a cluster secret it is always xxh3 (there is no key)."""
-CHUNK_DIGESTS: tuple[ChunkDigest, ...] = ("auto", "keyed", "xxh3")
+``sealed``: every TCP pull's bytes encrypted and authenticated (AES-256-GCM, ``sealed.py``;
+for networks not trusted with the contents). Without a cluster secret it is always xxh3
+(there is no key)."""
+CHUNK_DIGESTS: tuple[ChunkDigest, ...] = ("auto", "keyed", "xxh3", "sealed")
 
 
 def connect_peer(peer: Peer, key: bytes | None, deadline: float
@@ -136,12 +139,15 @@ def peer_closed(sock: socket.socket) -> bool:
 class Conn:
     """One authenticated connection to a holder, with its slab mapped if it is on this host.
     ``keyed``: its Pulls carry keyed chunk digests (see ``ChunkDigest``); ``namespace``: the
-    puller's, named in every request."""
+    puller's, named in every request; ``epoch``: the holder's instance epoch the current pull
+    expects (set per pull by its one user, 0: not checked), named in its requests."""
 
     def __init__(self, sock: socket.socket, info: wire.PeerInfo, slab: MappedSlab | None,
                  session: Session, keyed: bool = False, namespace: Namespace = Namespace("")):
         self.sock, self.info, self.slab = sock, info, slab
         self.session, self.keyed, self.namespace = session, keyed, namespace
+        self.epoch = 0
+        self.sealed = False
 
     def close(self) -> None:
         self.sock.close()
@@ -162,8 +168,8 @@ class ConnPool:
                  chunk_digest: ChunkDigest = "auto") -> None:
         if chunk_digest not in CHUNK_DIGESTS:
             raise ConfigError(f"chunk_digest must be one of {CHUNK_DIGESTS}")
-        if chunk_digest == "keyed" and key is None:
-            raise ConfigError("chunk_digest 'keyed' needs a cluster secret")
+        if chunk_digest in ("keyed", "sealed") and key is None:
+            raise ConfigError(f"chunk_digest {chunk_digest!r} needs a cluster secret")
         self._key = key
         self._chunk_digest = chunk_digest
         self._namespace = namespace
@@ -192,8 +198,10 @@ class ConnPool:
                 # another model or layout: its bytes must never land in our blocks
                 raise AuthError(f"holder at {peer[0]}:{peer[1]} serves namespace "
                                 f"{info.namespace}, not ours ({self._namespace})")
-            return Conn(sock, info, self._map_slab(peer, info), session,
+            conn = Conn(sock, info, self._map_slab(peer, info), session,
                         self._keyed(session, info), self._namespace)
+            conn.sealed = conn.keyed and self._chunk_digest == "sealed"
+            return conn
         except BaseException:
             sock.close()
             raise
@@ -222,7 +230,7 @@ class ConnPool:
     def _keyed(self, session: Session, info: wire.PeerInfo) -> bool:
         if not session.authenticated or self._chunk_digest == "xxh3":
             return False
-        return self._chunk_digest == "keyed" or info.host_id != self._host_id
+        return self._chunk_digest in ("keyed", "sealed") or info.host_id != self._host_id
 
     def _map_slab(self, peer: Peer, info: wire.PeerInfo) -> MappedSlab | None:
         if not self._same_host:

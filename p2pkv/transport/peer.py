@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import msgspec
 
 from p2pkv.cuda import StagingPool
-from p2pkv.errors import TransportError
+from p2pkv.errors import AuthError, TransportError
 from p2pkv.keys import Namespace
 from p2pkv.store import ChunkStore
 from p2pkv.transport import shm, staged, stream, ucx, wire
@@ -98,12 +98,12 @@ class PeerTransport(Transport):
         self._stores.append(store)
         return store
 
-    def serve(self, store: ChunkStore) -> str:
+    def serve(self, store: ChunkStore, epoch: int = 0) -> str:
         assert self._server is None, "serve() called twice"
         info = wire.PeerInfo(host_id=self._host_id, shm_path=store.shm_path,
                              shm_ident=store.shm_ident,
                              slab_bytes=store.slab_bytes, slot_bytes=store.slot_bytes,
-                             namespace=self._namespace)
+                             namespace=self._namespace, epoch=epoch)
         if self._ucx is not None:
             info = msgspec.structs.replace(info, ucx_address=self._ucx.address)
         self._server = Server(store, self._bind_host, self._key, info, ucx=self._ucx,
@@ -116,11 +116,13 @@ class PeerTransport(Transport):
     def health(self) -> ServerHealth | None:
         return self._server.health() if self._server is not None else None
 
-    def pull(self, address: str, items: Sequence[PullItem], timeout_s: float) -> list[PullResult]:
+    def pull(self, address: str, items: Sequence[PullItem], timeout_s: float,
+             epoch: int = 0) -> list[PullResult]:
         deadline = time.monotonic() + timeout_s
         try:
             peer = parse_address(address)
             conn = self._pool.checkout(peer, deadline)
+            _expect_epoch(conn, address, epoch)
         except (OSError, TransportError) as e:
             return failed(items, f"connect {address}: {e}")
         t_connected = time.monotonic()
@@ -136,7 +138,8 @@ class PeerTransport(Transport):
         return results
 
     def pull_staged(self, address: str, stages: Sequence[Sequence[PullItem]], timeout_s: float,
-                    on_stage: Callable[[int], None]) -> list[list[PullResult]]:
+                    on_stage: Callable[[int], None], epoch: int = 0
+                    ) -> list[list[PullResult]]:
         """All stages on one connection: out of a mapped same-host slab with every chunk's
         digest checked once (``staged.pull_shm``), else one ``Pull`` per stage over the
         stream. A stage that cannot be pulled is still announced (its results are FAILED)."""
@@ -152,6 +155,7 @@ class PeerTransport(Transport):
         try:
             peer = parse_address(address)
             conn = self._pool.checkout(peer, deadline)
+            _expect_epoch(conn, address, epoch)
         except (OSError, TransportError) as e:
             for s in range(len(stages)):
                 announce(s)
@@ -161,7 +165,7 @@ class PeerTransport(Transport):
             if conn.slab is not None and all(host_pieces(i.dest) for st in stages for i in st):
                 self.counters.shm += 1
                 out = staged.pull_shm(conn.sock, conn.session, conn.slab, stages, deadline,
-                                      announce, conn.namespace)
+                                      announce, conn.namespace, conn.epoch)
             else:
                 for s, stage in enumerate(stages):
                     self.counters.tcp += 1
@@ -192,12 +196,12 @@ class PeerTransport(Transport):
             assert self._ucx is not None
             self.counters.ucx += 1
             return path, ucx.pull(self._ucx, self._staging, conn.sock, conn.session, items,
-                                  deadline, conn.namespace)
+                                  deadline, conn.namespace, conn.epoch)
         if path == "shm":
             assert conn.slab is not None
             self.counters.shm += 1
             return path, shm.pull(conn.sock, conn.session, conn.slab, items, deadline,
-                                  conn.namespace)
+                                  conn.namespace, conn.epoch)
         self.counters.tcp += 1
         return path, stream.pull(conn, items, deadline, self._staging)
 
@@ -210,3 +214,17 @@ class PeerTransport(Transport):
         self._pool.close()
         if self._ucx is not None:
             self._ucx.close()
+
+
+def _expect_epoch(conn: Conn, address: str, epoch: int) -> None:
+    """Name ``epoch`` in ``conn``'s next requests; refuse (closing it) a holder whose
+    PeerInfo says it is another epoch, before any request: the address the directory gave
+    now belongs to another run of that instance or to another instance.
+
+    NOTE: the holder checks the epoch of every request too (WRONG_EPOCH): this check only
+    saves the round trip and names both epochs."""
+    conn.epoch = epoch
+    if epoch and conn.info.epoch and conn.info.epoch != epoch:
+        conn.close()
+        raise AuthError(f"holder at {address} is instance epoch {conn.info.epoch}, the "
+                        f"directory named epoch {epoch}: not the holder it lists")

@@ -31,7 +31,7 @@ from p2pkv.errors import BadRequest, TransportError
 from p2pkv.ratelog import RateLimitedLog
 from p2pkv.store import ChunkStore, PinnedChunk
 from p2pkv.transport import session as sess
-from p2pkv.transport import stream, wire
+from p2pkv.transport import sealed, stream, wire
 from p2pkv.transport.accept import Acceptor, ServerLimits
 from p2pkv.transport.base import ServerHealth
 from p2pkv.transport.selection import Selection
@@ -51,6 +51,10 @@ class _WrongNamespace(BadRequest):
     """A request names another namespace than this holder's."""
 
 
+class _WrongEpoch(BadRequest):
+    """A request names another instance epoch than this holder's."""
+
+
 class _BadMac(TransportError):
     """A request failed its MAC: the connection is dropped, unanswered."""
 
@@ -66,6 +70,7 @@ class Server:
                  start_thread: StartThread = start_daemon_thread) -> None:
         self._store = store
         self._namespace = info.namespace
+        self._epoch = info.epoch
         self._hashes = stream.ChunkHashes()
         self._ucx = ucx
         self._limits = limits
@@ -79,6 +84,7 @@ class Server:
         self._pins_refused = 0
         self._bad_macs = 0
         self._wrong_namespace = 0
+        self._wrong_epoch = 0
         self._log = RateLimitedLog(logger)
         self._acceptor = Acceptor(bind_host, key, wire.encode_info(info), limits,
                                   hand_over=self._hand_over,
@@ -91,13 +97,15 @@ class Server:
             conns, thread_failures, pins_refused = (len(self._conns), self._thread_failures,
                                                     self._pins_refused)
             bad_macs, wrong_namespace = self._bad_macs, self._wrong_namespace
+            wrong_epoch = self._wrong_epoch
         recent = time.monotonic() - c.last_turned_away < self._limits.saturated_window_s
         return ServerHealth(alive=self._acceptor.alive and not self._closed, saturated=recent,
                             handshaking=self._acceptor.handshaking, connections=conns,
                             refused=c.refused + c.dropped, expired=c.expired,
                             failed_handshakes=c.failed, thread_failures=thread_failures,
                             pins_refused=pins_refused, loop_errors=c.loop_errors,
-                            bad_macs=bad_macs, wrong_namespace=wrong_namespace)
+                            bad_macs=bad_macs, wrong_namespace=wrong_namespace,
+                            wrong_epoch=wrong_epoch)
 
     def close(self) -> None:
         """Stop accepting and cut every open connection: a closed server serves nothing."""
@@ -168,6 +176,10 @@ class Server:
                         self._namespace and req.namespace != self._namespace:
                     raise _WrongNamespace(f"request for namespace {req.namespace!r}, this "
                                           f"holder serves {self._namespace!r}")
+                if not isinstance(req, wire.Release) and req.epoch and self._epoch and \
+                        req.epoch != self._epoch:
+                    raise _WrongEpoch(f"request for instance epoch {req.epoch}, this holder "
+                                      f"is epoch {self._epoch}")
                 if isinstance(req, wire.Pull):
                     self._send_chunks(conn, session, number, req)
                 elif isinstance(req, wire.Pin):
@@ -182,6 +194,10 @@ class Server:
                     status = wire.Status.WRONG_NAMESPACE
                     with self._lock:
                         self._wrong_namespace += 1
+                elif isinstance(e, _WrongEpoch):
+                    status = wire.Status.WRONG_EPOCH
+                    with self._lock:
+                        self._wrong_epoch += 1
                 self._log.warning(status.name, "p2pkv: rejected a data-plane request from "
                                   "%s: %s", _peer_name(conn), e)
                 send_views(conn, sess.reply(session, number, wire.pack_item(status)),
@@ -193,10 +209,14 @@ class Server:
         select = req.select
         if select is not None and (why := select.check(self._store.slot_bytes)):
             raise BadRequest(f"selection does not fit this holder's chunks: {why}")
-        if req.keyed and not session.authenticated:
+        if (req.keyed or req.sealed) and not session.authenticated:
             raise BadRequest("a keyed digest on a connection without a cluster secret")
         pinned = [self._store.pin(key) for key in req.keys]  # type: ignore[arg-type]
         try:
+            if req.sealed:
+                sealed.send_sealed(conn, session, number, pinned, select,
+                                   time.monotonic() + self._limits.response_s, self._corrupt)
+                return
             if req.keyed:
                 self._send_keyed(conn, session, number, pinned, select)
                 return
@@ -217,12 +237,13 @@ class Server:
 
     def _send_keyed(self, conn: socket.socket, session: Session, number: int,
                     pinned: list[PinnedChunk | None], select: Selection | None) -> None:
-        def corrupt(p: PinnedChunk) -> None:
-            self._log.warning("corrupt", "p2pkv data-plane server: chunk in slot %d no longer "
-                              "matches its digest: sent as a mismatch", p.index)
-
         stream.send_keyed(conn, session, number, pinned, select,
-                          time.monotonic() + self._limits.response_s, self._hashes, corrupt)
+                          time.monotonic() + self._limits.response_s, self._hashes,
+                          self._corrupt)
+
+    def _corrupt(self, p: PinnedChunk) -> None:
+        self._log.warning("corrupt", "p2pkv data-plane server: chunk in slot %d no longer "
+                          "matches its digest: sent as a mismatch", p.index)
 
     @staticmethod
     def _selected(pinned: list[PinnedChunk | None], select: Selection

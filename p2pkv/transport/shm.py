@@ -158,22 +158,22 @@ def _copy_selected(src: np.ndarray, select: Selection, dest: Sequence[memoryview
 
 
 def pull(sock: socket.socket, session: Session, slab: MappedSlab, items: Sequence[PullItem],
-         deadline: float, namespace: str = "") -> list[PullResult]:
+         deadline: float, namespace: str = "", epoch: int = 0) -> list[PullResult]:
     """Pin ``items`` on the holder over ``sock`` (its ``session``), copy them out of ``slab``
     (checking each digest), release the pins. Raises TransportError/OSError when the whole
     pull failed (the connection is then unusable)."""
-    with pins(sock, session, items, deadline, namespace) as headers:
+    with pins(sock, session, items, deadline, namespace, epoch) as headers:
         return [_copy_out(slab, item, h, deadline) for item, h in zip(items, headers)]
 
 
 @contextmanager
 def pins(sock: socket.socket, session: Session, items: Sequence[PullItem], deadline: float,
-         namespace: str = "") -> Iterator[list[wire.PinHeader]]:
+         namespace: str = "", epoch: int = 0) -> Iterator[list[wire.PinHeader]]:
     """Pin ``items``' chunks on the holder over ``sock`` (its ``session``): yields one
     ``PinHeader`` per item and releases the pinned ones on exit, whatever happened."""
     number = session.requests
     send_views(sock, [encode_request(session, wire.Pin([bytes(i.key) for i in items],
-                                                       namespace=namespace))],
+                                                       namespace=namespace, epoch=epoch))],
                max(deadline - time.monotonic(), 0.001))
     table = read_reply(sock, session, number, wire.PIN_HEADER_BYTES, len(items), deadline)
     n = wire.PIN_HEADER_BYTES

@@ -60,7 +60,8 @@ def merge(stages: Sequence[list[PullResult]]) -> list[PullResult]:
 
 
 def pull_shm(sock: socket.socket, session: Session, slab, stages: Sequence[Sequence[PullItem]],
-             deadline: float, on_stage: OnStage, namespace: str = "") -> list[list[PullResult]]:
+             deadline: float, on_stage: OnStage, namespace: str = "", epoch: int = 0
+             ) -> list[list[PullResult]]:
     """Pin the chunks on the holder over ``sock`` (its ``session``), copy each stage's bytes
     out of ``slab`` (a ``shm.MappedSlab``), announcing each, check every chunk's digest once,
     release the pins. One result list per stage (a chunk's outcome is the same in every
@@ -68,7 +69,7 @@ def pull_shm(sock: socket.socket, session: Session, slab, stages: Sequence[Seque
     unusable)."""
     check_stages(stages)
     items = stages[0]
-    with pins(sock, session, items, deadline, namespace) as headers:
+    with pins(sock, session, items, deadline, namespace, epoch) as headers:
         sources = [_source(slab, stages, i, h) for i, h in enumerate(headers)]
         for s, stage in enumerate(stages):
             for item, src in zip(stage, sources):

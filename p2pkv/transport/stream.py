@@ -3,7 +3,7 @@ zero-copy ``recv_into`` straight into the destination pieces.
 
 The puller sends ``Pull(keys)`` (``conn.request_items``), the holder answers one ItemHeader per
 key and then the OK chunks' bytes back to back; on a ``keyed`` connection (``conn.ChunkDigest``)
-each chunk's bytes are followed by its keyed BLAKE3 tag, checked instead of the holder's
+each chunk's bytes are followed by its keyed tag (``session.py``), checked instead of the holder's
 xxh3-64; the holder's half of that reply is ``send_keyed`` (called by ``server.py``). Host
 destinations receive in place, hashed as they land; GPU destinations receive into a
 page-locked staging buffer, are checked, then go up with one copy (``land.scatter``). Used
@@ -18,13 +18,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
-import blake3
 import xxhash
 
 from p2pkv.cuda import StagingPool
 from p2pkv.errors import DeadlineExceeded
 from p2pkv.store import PinnedChunk
-from p2pkv.transport import wire
+from p2pkv.transport import sealed, wire
 from p2pkv.transport.base import (
     Outcome,
     PullItem,
@@ -46,7 +45,7 @@ HASH_STEP = 4 << 20  # bytes received per system call before they are hashed
 
 
 class Hasher(Protocol):
-    """xxh3-64 or a keyed BLAKE3: what ``recv_hashed`` feeds."""
+    """xxh3-64 or a session's chunk hash: what ``recv_hashed`` feeds."""
 
     def update(self, data: memoryview, /) -> object: ...
 
@@ -62,15 +61,19 @@ def pull(conn: Conn, items: Sequence[PullItem], deadline: float,
     number = session.requests
     headers = request_items(sock, session, wire.Pull(
         [bytes(i.key) for i in items], select=common_selection(items),
-        namespace=conn.namespace, keyed=conn.keyed), items, deadline)
+        namespace=conn.namespace, keyed=conn.keyed and not conn.sealed, epoch=conn.epoch,
+        sealed=conn.sealed), items, deadline)
     results = []
 
     def receive(index: int, item: PullItem, dest: Sequence[memoryview],
                 want: int) -> PullResult:
+        if conn.sealed:
+            return ok(item) if sealed.recv_sealed(sock, session, number, index, dest,
+                                                  deadline) else mismatch(item)
         if not conn.keyed:
             got = recv_hashed(sock, dest, deadline, xxhash.xxh3_64())
             return checked(item, got.intdigest(), want)
-        got = recv_hashed(sock, dest, deadline, blake3.blake3()).digest()
+        got = recv_hashed(sock, dest, deadline, session.chunk_hasher()).digest()
         tag = recv_exact(sock, TAG_BYTES, deadline)
         return ok(item) if secrets.compare_digest(tag, session.chunk_tag(number, index, got)) \
             else mismatch(item)
@@ -97,7 +100,7 @@ def pull(conn: Conn, items: Sequence[PullItem], deadline: float,
 
 
 def recv_hashed(sock: socket.socket, dest: Sequence[memoryview], deadline: float, h: H) -> H:
-    """Receive into ``dest``, feeding ``h`` (xxh3-64, or a keyed BLAKE3) as bytes land."""
+    """Receive into ``dest``, feeding ``h`` (xxh3-64, or a chunk hash) as bytes land."""
     for group in _groups(dest, HASH_STEP):
         recv_views(sock, group, deadline)
         for v in group:
@@ -106,7 +109,8 @@ def recv_hashed(sock: socket.socket, dest: Sequence[memoryview], deadline: float
 
 
 class ChunkHashes:
-    """The holder's BLAKE3 of its stored chunks, by slot and generation (one entry per slot
+    """The holder's chunk hashes (``Session.chunk_hasher``: the same key on every
+    connection) of its stored chunks, by slot and generation (one entry per slot
     at most), so that a chunk is hashed once, when it is first pulled keyed, however often
     it is pulled. Shared by the server's connection threads (each dict operation is atomic;
     two threads hashing one chunk at once both get the same hash)."""
@@ -129,7 +133,7 @@ def send_keyed(sock: socket.socket, session: Session, number: int,
     """The holder's reply to keyed Pull ``number``: headers without digests, then each
     chunk's bytes (or the ``select``ed part) followed by its tag, all by ``deadline``.
 
-    A whole chunk's BLAKE3 comes from ``hashes`` when it was hashed before: then the reply
+    A whole chunk's hash comes from ``hashes`` when it was hashed before: then the reply
     goes with one gather send, at no hashing cost. Otherwise (and for parts, which are
     never kept) the bytes are sent HASH_STEP at a time, each step hashed right after its
     send (this side hashes step j while the puller copies it out of the socket), and a whole
@@ -150,7 +154,7 @@ def send_keyed(sock: socket.socket, session: Session, number: int,
             continue
         views = ([p.view] if select is None else
                  [p.view[off:off + n] for off, n in select.ranges(p.view.nbytes)])
-        h = blake3.blake3()
+        h = session.chunk_hasher()
         for group in _groups(views, HASH_STEP):
             send_views(sock, [*out, *group], _left(deadline))
             out = []

@@ -257,7 +257,8 @@ def new_tag() -> int:
 
 
 def pull(engine: UcxEngine, staging: StagingPool, sock: socket.socket, session: Session,
-         items: Sequence[PullItem], deadline: float, namespace: str = "") -> list[PullResult]:
+         items: Sequence[PullItem], deadline: float, namespace: str = "", epoch: int = 0
+         ) -> list[PullResult]:
     """The puller's half of one UCX pull: ``Send`` on the control connection ``sock`` (its
     ``session``), the bytes into a staging buffer over UCX, then checked (host) and scattered
     into place.
@@ -273,7 +274,8 @@ def pull(engine: UcxEngine, staging: StagingPool, sock: socket.socket, session: 
     if left <= 0:
         raise DeadlineExceeded("deadline passed before the UCX request")
     request = wire.Send([bytes(i.key) for i in items], tag, worker.address,
-                        max(1, int(left * 1000)), namespace=namespace)
+                        max(1, int(left * 1000)), namespace=namespace,
+                        epoch=epoch)
     headers = request_items(sock, session, request, items, deadline)
     device_piece = next((p for i in items for p in i.dest if is_device(p)), None)
     ok_items = [n for n, h in enumerate(headers) if h.status is wire.Status.OK]

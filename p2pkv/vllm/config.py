@@ -11,6 +11,7 @@ from typing import Any
 from p2pkv.directory.shards import ShardSpec, parse_directory
 from p2pkv.errors import ConfigError
 from p2pkv.transport.choose import TRANSPORT_KINDS
+from p2pkv.transport.conn import CHUNK_DIGESTS, ChunkDigest
 
 LOAD_MODES = ("async", "layerwise")
 
@@ -56,6 +57,13 @@ class ConnectorConfig:
     insecure_any_address: bool = False
     """Serve the data plane on a non-loopback ``bind_host`` without a secret (refused
     otherwise): only on a trusted private network."""
+    chunk_digest: str = "auto"
+    """How chunk bytes pulled over TCP are checked (``transport.conn.ChunkDigest``): ``auto``
+    keys them (a tag under the connection's session key) when the holder is on another
+    host, ``keyed`` always, ``xxh3`` never (a trusted network: the holder's stored digest
+    only catches corruption), ``sealed`` every TCP pull's bytes encrypted (AES-256-GCM: a
+    network not trusted with the contents). Without ``secret_file`` or ``credential_file``
+    there is no key: always xxh3."""
     log_level: str = ""
     """p2pkv's log level inside vLLM (e.g. DEBUG); default: the same as vLLM's."""
     load_mode: str = "async"
@@ -73,6 +81,16 @@ class ConnectorConfig:
     global pool's prefill savings instead of 86 %. Never on ``kv_consumer`` (a decode
     instance only loads) nor ``kv_producer`` (it never pulls); not for layer-wise loads nor
     models with sliding windows (their pulled chunks are not whole in the puller's blocks)."""
+    planner: bool = True
+    """Skip a remote hit's pull when recomputing it is expected to be faster, from this
+    instance's measured prefill speed and the peer's measured pulls (``p2pkv.vllm.planning``;
+    it skips only on measurements of both, so a fresh instance pulls as without it)."""
+    planner_profile: str = ""
+    """The planner's priors: a name in ``p2pkv.planner.profiles.PROFILES``, or "" for priors
+    under which every pull wins until measured (``planning.optimistic_profile``)."""
+    planner_link_max_age_s: float = 60.0
+    """A peer's measured link is forgotten this long after its last pull (then pulled
+    again: a peer skipped as slow is no longer measured)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.directory, str):
@@ -81,17 +99,30 @@ class ConnectorConfig:
         parse_directory(self.directory)
         if self.transport not in TRANSPORT_KINDS:
             raise ConfigError(f"transport must be one of {TRANSPORT_KINDS}")
+        if self.chunk_digest not in CHUNK_DIGESTS:
+            raise ConfigError(f"chunk_digest must be one of {CHUNK_DIGESTS}, not "
+                              f"{self.chunk_digest!r}")
+        if self.chunk_digest in ("keyed", "sealed") and not (self.secret_file
+                                                              or self.credential_file):
+            raise ConfigError(f"chunk_digest {self.chunk_digest!r} needs a secret_file or a "
+                              "credential_file (the key)")
         if self.load_mode not in LOAD_MODES:
             raise ConfigError(f"load_mode must be one of {LOAD_MODES}, not {self.load_mode!r}")
         for name in ("chunk_tokens", "pull_threads", "layer_groups"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         for name in ("store_gib", "lookup_timeout_s", "consumer_lookup_timeout_s",
-                     "pull_timeout_s"):
+                     "pull_timeout_s", "planner_link_max_age_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if self.secret_file and self.credential_file:
             raise ConfigError("give secret_file or credential_file, not both")
+        if self.planner_profile:
+            from p2pkv.planner.profiles import PROFILES
+
+            if self.planner_profile not in PROFILES:
+                raise ConfigError(f"planner_profile {self.planner_profile!r} is not one of "
+                                  f"{sorted(PROFILES)}")
         if self.log_level and self.log_level.upper() not in logging.getLevelNamesMapping():
             raise ConfigError(f"log_level {self.log_level!r} is not a logging level")
         for name in ("lookup_inline_wait_s", "directory_backoff_s"):
@@ -126,6 +157,12 @@ class ConnectorConfig:
     def shards(self) -> list[ShardSpec]:
         """The directory's processes (one, or shards with replicas)."""
         return parse_directory(self.directory)
+
+    @property
+    def digest(self) -> ChunkDigest:
+        """``chunk_digest``, typed for ``make_transport`` (checked in ``__post_init__``)."""
+        assert self.chunk_digest in CHUNK_DIGESTS
+        return self.chunk_digest  # type: ignore[return-value]
 
     @property
     def store_bytes(self) -> int:

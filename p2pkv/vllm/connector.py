@@ -35,7 +35,8 @@ from p2pkv.transport.choose import make_transport
 from p2pkv.vllm.config import ConnectorConfig
 from p2pkv.vllm.groups import KVGroup, describe, has_window, kv_groups
 from p2pkv.vllm.layout import KVLayout
-from p2pkv.vllm.metadata import P2PKVMetadata
+from p2pkv.vllm.metadata import P2PKVMetadata, P2PKVWorkerMeta
+from p2pkv.vllm.planning import ConnectorPlanner, connector_profile
 from p2pkv.vllm.prom import P2PKVPromMetrics, P2PKVStats
 from p2pkv.vllm.scheduler import SchedulerSide
 from p2pkv.vllm.worker import WorkerSide
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
@@ -96,6 +98,16 @@ def uses_layerwise(load_mode: str, device_type: str, groups: tuple[KVGroup, ...]
             f"{len(groups)} ({describe(groups)}): set load_mode to async (remote hits then "
             f"load before the step, every group)")
     return device_type == "cpu"
+
+
+def rank_kv_bytes_per_token(kv_cache_config: KVCacheConfig, groups: tuple[KVGroup, ...]) -> int:
+    """KV bytes of one token on one worker rank (what a rank pulls per token): each group's
+    page per layer and block, over its layers, per block token."""
+    total = 0.0
+    for g in groups:
+        spec = kv_cache_config.kv_cache_groups[g.index].kv_cache_spec
+        total += spec.page_size_bytes * len(g.layer_names) / spec.block_size
+    return int(total)
 
 
 def _num_layers(groups: tuple[KVGroup, ...]) -> int:
@@ -257,7 +269,7 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
                 slices=slices, exact_slices_only=not on_cpu,
                 groups=tuple(g.index for g in self._groups),
                 hit_below_prompt=has_window(self._groups),
-                layerwise=layerwise)
+                layerwise=layerwise, planner=self._make_planner(kv_cache_config))
             if self._config.load_mode == "layerwise" and not layerwise:
                 logger.warning("p2pkv: load_mode layerwise is built for CPU caches; loads on "
                                "%s stay async", vllm_config.device_config.device_type)
@@ -278,7 +290,8 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
                                        store_bytes=self._config.store_bytes,
                                        cuda_device=cuda_device,
                                        insecure_any_address=self._config.insecure_any_address,
-                                       namespace=namespace)
+                                       namespace=namespace,
+                                       chunk_digest=self._config.digest)
             self._worker = WorkerSide(self._config, instance=self._instance,
                                       namespace=namespace, chunk_blocks=chunk_blocks,
                                       transport=transport, directory=directory,
@@ -290,6 +303,15 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
                     role.name, self._instance,
                     slices[rank] if self._worker else f"TP {len(slices)}", namespace,
                     self._config.directory)
+
+    def _make_planner(self, kv_cache_config: KVCacheConfig) -> ConnectorPlanner | None:
+        if not self._config.planner:
+            return None
+        profile = connector_profile(self._config.planner_profile,
+                                    rank_kv_bytes_per_token(kv_cache_config, self._groups))
+        logger.info("p2pkv planner on: priors %s (%d KV bytes per token and rank)",
+                    profile.name, profile.kv_bytes_per_token)
+        return ConnectorPlanner(profile, link_max_age_s=self._config.planner_link_max_age_s)
 
     # -- worker side ------------------------------------------------------------------------
 
@@ -345,6 +367,13 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
         assert self._worker is not None
         blocks = self._worker.take_failed_blocks()
         return set() if self._per_request_errors else blocks
+
+    def build_connector_worker_meta(self) -> P2PKVWorkerMeta | None:
+        return self._worker.take_worker_meta() if self._worker is not None else None
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        if self._scheduler is not None:
+            self._scheduler.update_connector_output(connector_output.kv_connector_worker_meta)
 
     def shutdown(self) -> None:
         if self._worker is not None:

@@ -159,7 +159,7 @@ class LayerwiseLoads:
 
         try:
             return self._transport.pull_staged(source.address, [stages[s] for s in live],
-                                               self._timeout_s, landed)
+                                               self._timeout_s, landed, source.epoch)
         finally:
             load.done_at = max(load.done_at, time.monotonic())
             for ev in events:

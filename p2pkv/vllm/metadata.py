@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
+)
 
 from p2pkv.keys import ChunkKey
+from p2pkv.vllm.planning import PullSample
 from p2pkv.vllm.sources import Source
 
 
@@ -36,6 +40,8 @@ class LoadPlan:
     chunks: tuple[ChunkLoad, ...]
     sources: tuple[tuple[Source, ...], ...]
     layerwise: bool = False
+    peer: str = ""
+    """The holder engine (the planner's per-peer link estimate learns from this pull)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,3 +63,20 @@ class P2PKVMetadata(KVConnectorMetadata):
     """vLLM runs no forward pass this step (it only polls the connector, e.g. while requests
     wait for remote KV): a rank with loads in flight may wait for one in ``get_finished``
     (``WorkerSide.take_finished_recving``) instead of letting vLLM step again at once."""
+    planner_status: dict[str, int] | None = None
+    """The planner's numbers for ``p2pkv status`` when they changed (at most once a second):
+    the registering worker ranks add them to their directory Report."""
+
+
+@dataclass
+class P2PKVWorkerMeta(KVConnectorWorkerMetadata):
+    """Worker ranks -> scheduler side, every step (vLLM aggregates the ranks'): the pulls
+    that ended, for the planner's link estimates. Sent even when empty, so the scheduler
+    side hears of every executed step (its prefill-speed samples pair steps with outputs)."""
+
+    pulls: list[PullSample] = field(default_factory=list)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        if not isinstance(other, P2PKVWorkerMeta):
+            return self
+        return P2PKVWorkerMeta(self.pulls + other.pulls)

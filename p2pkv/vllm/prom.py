@@ -16,7 +16,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorStats,
 )
 
-from p2pkv.vllm.stats import COUNTERS, HISTOGRAMS, PREFIX, StatsDelta
+from p2pkv.vllm.stats import COUNTERS, GAUGES, HISTOGRAMS, PREFIX, StatsDelta
 
 
 @dataclass
@@ -54,6 +54,13 @@ class P2PKVPromMetrics(KVConnectorPromMetrics):
                                                    buckets=list(buckets),
                                                    labelnames=labelnames)
                             for k, (doc, buckets) in HISTOGRAMS.items()}
+        # NOTE: gauges carry one more label (bucket or peer), so their children are made on
+        # first use; "mostrecent": the scheduler side's latest value wins.
+        self._gauges = {k: self._gauge_cls(name=PREFIX + k, documentation=doc,
+                                           labelnames=[*labelnames, label],
+                                           multiprocess_mode="mostrecent")
+                        for k, (doc, label) in GAUGES.items()}
+        self._labelvalues = {idx: list(values) for idx, values in per_engine_labelvalues.items()}
         # Children per engine up front, so every series exists (at 0) from the first scrape.
         self._per_engine = {
             idx: ({k: m.labels(*values) for k, m in self._counters.items()},
@@ -70,3 +77,7 @@ class P2PKVPromMetrics(KVConnectorPromMetrics):
             if k in histograms:
                 for v in values:
                     histograms[k].observe(v)
+        for key, value in delta.gauges.items():
+            name, _, label = key.partition("|")
+            if name in self._gauges:
+                self._gauges[name].labels(*self._labelvalues[engine_idx], label).set(value)

@@ -39,7 +39,8 @@ from p2pkv.keys import ChunkKey, Namespace, chunk_keys, partial_chunk_key, promp
 from p2pkv.slices import KVSlice
 from p2pkv.vllm.config import ConnectorConfig
 from p2pkv.vllm.groups import NULL_BLOCK
-from p2pkv.vllm.metadata import ChunkLoad, LoadPlan, P2PKVMetadata, SavePlan
+from p2pkv.vllm.metadata import ChunkLoad, LoadPlan, P2PKVMetadata, P2PKVWorkerMeta, SavePlan
+from p2pkv.vllm.planning import ConnectorPlanner
 from p2pkv.vllm.sources import Source, plan_sources
 from p2pkv.vllm.stats import DeltaTracker, StatsDelta
 
@@ -73,6 +74,7 @@ class _PlannedLoad:
     num_local_tokens: int
     end_tokens: int  # tokens present once the load is done
     layerwise: bool = False  # vLLM's synchronous load, pulled layer group by layer group
+    peer: str = ""  # the holder engine
 
 
 @dataclass(slots=True)
@@ -82,6 +84,7 @@ class SchedulerCounters:
     remote_hit_tokens: int = 0
     loads_planned: int = 0
     chunks_planned_for_save: int = 0
+    pulls_skipped: int = 0  # remote hits the planner expected recomputing to beat
 
 
 def new_blocks(scheduler_output: Any) -> frozenset[int]:
@@ -108,7 +111,8 @@ class SchedulerSide:
                  save_partial: bool = False, load_partial: bool = False,
                  slices: tuple[KVSlice, ...] = (KVSlice.whole(1, 1),),
                  exact_slices_only: bool = False, groups: tuple[int, ...] = (0,),
-                 hit_below_prompt: bool = False, layerwise: bool = False) -> None:
+                 hit_below_prompt: bool = False, layerwise: bool = False,
+                 planner: ConnectorPlanner | None = None) -> None:
         """``slices``: what each of this instance's worker ranks holds (by TP rank; the
         default is one rank holding everything). ``exact_slices_only``: pull only from
         holder ranks with the same slices (layouts where a head range is not contiguous).
@@ -119,7 +123,13 @@ class SchedulerSide:
         the blocks it keeps for the hit).
         ``layerwise``: load remote hits layer-wise within the step that computes the rest
         (``p2pkv.vllm.layerwise``) where the load ends on a block boundary before the
-        request's last token, else asynchronously (one KV-cache group only)."""
+        request's last token, else asynchronously (one KV-cache group only).
+        ``planner``: decides each remote hit's pull against recomputing it (None: always
+        pull), learning from this side's steps and the workers' pulls."""
+        self._planner = planner
+        self._planner_status_at = -1e300
+        self._planner_status: dict[str, int] = {}
+        self._gauges: dict[str, float] = {}
         self._layerwise = layerwise and len(groups) == 1
         self._hold_saves: dict[str, int] = {}  # req_id -> build_meta calls left to skip
         self._config = config
@@ -218,6 +228,15 @@ class SchedulerSide:
         external = end_tokens - num_computed_tokens
         if external <= 0:
             return 0, False
+        if self._planner is not None:
+            plan = self._planner.decide(best.engine, lookup.prompt_tokens, num_computed_tokens,
+                                        external)
+            if not plan.pull:
+                self.counters.pulls_skipped += 1
+                logger.info("p2pkv: %s: not pulling %d tokens from %s: expected %.1f ms, "
+                            "recomputing them %.1f ms", req_id, external, best.engine,
+                            plan.pull_s * 1e3, plan.recompute_s * 1e3)
+                return 0, False
         # NOTE: a synchronous load must leave vLLM at least one token to compute (it asserts
         # on it), and vLLM writes that step's new tokens into the cache before each layer
         # waits for its load (``unified_kv_cache_update``): a load ending inside a block the
@@ -227,7 +246,7 @@ class SchedulerSide:
                      and end_tokens < request.num_tokens)
         self._planned[req_id] = _PlannedLoad(best.per_rank, lookup.first_chunk,
                                              lookup.keys[:run], num_computed_tokens,
-                                             end_tokens, layerwise)
+                                             end_tokens, layerwise, best.engine)
         self.counters.remote_hit_tokens += external
         logger.debug("p2pkv: %s remote hit of %d tokens at %s (%s)%s", req_id, external,
                      best.engine, ", ".join(best.addresses), ", layer-wise" if layerwise else "")
@@ -282,7 +301,7 @@ class SchedulerSide:
                         for b in range(start, start + self._chunk_blocks))
             chunks.append(ChunkLoad(key, ids))
         self._pending_loads.append(LoadPlan(request.request_id, tuple(chunks), planned.sources,
-                                            layerwise=planned.layerwise))
+                                            layerwise=planned.layerwise, peer=planned.peer))
         if planned.layerwise:
             self._hold_saves[request.request_id] = LAYERWISE_SAVE_HOLD_STEPS
         self._loaded.add(request.request_id)
@@ -304,6 +323,9 @@ class SchedulerSide:
         """``block_ids_of(req_id)``: the request's block ids per vLLM KV-cache group."""
         meta = P2PKVMetadata(loads=self._pending_loads)
         self._pending_loads = []
+        if self._planner is not None:
+            self._planner.step_scheduled(self._step_work(scheduler_output))
+            meta.planner_status = self._status_if_changed()
         if self._can_save:
             meta.new_blocks = new_blocks(scheduler_output)
             progress = [(r.req_id, r.num_computed_tokens)
@@ -323,6 +345,44 @@ class SchedulerSide:
             if self._hold_saves[req_id] <= 0:
                 del self._hold_saves[req_id]
         return meta
+
+    def _step_work(self, scheduler_output: Any) -> list[tuple[int, int, int]]:
+        """Per scheduled request: (prompt tokens, tokens computed before, tokens this step)."""
+        scheduled = scheduler_output.num_scheduled_tokens
+        out = []
+        for r in scheduler_output.scheduled_new_reqs:
+            prompt = r.prompt_token_ids
+            request = self._requests.get(r.req_id)
+            tokens = (len(prompt) if prompt is not None
+                      else getattr(request, "num_prompt_tokens", 0) or 0)
+            out.append((tokens, r.num_computed_tokens, scheduled.get(r.req_id, 0)))
+        cached = scheduler_output.scheduled_cached_reqs
+        for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens):
+            request = self._requests.get(req_id)
+            prompt = getattr(request, "prompt_token_ids", None)
+            tokens = len(prompt) if prompt is not None else 0
+            out.append((tokens, computed, scheduled.get(req_id, 0)))
+        return out
+
+    def _status_if_changed(self) -> dict[str, int] | None:
+        assert self._planner is not None
+        now = self._clock()
+        if now - self._planner_status_at < 1.0:
+            return None
+        self._planner_status_at = now
+        status = self._planner.status_counters()
+        if status == self._planner_status:
+            return None
+        self._planner_status = status
+        return status
+
+    def update_connector_output(self, worker_meta: Any) -> None:
+        """A step's output came back (``worker_meta``: the ranks' ``P2PKVWorkerMeta``)."""
+        if self._planner is None:
+            return
+        self._planner.step_done()
+        if isinstance(worker_meta, P2PKVWorkerMeta) and worker_meta.pulls:
+            self._planner.observe_pulls(worker_meta.pulls)
 
     def _skip_saves(self, req_id: str, computed_tokens: int) -> None:
         """A layer-wise loaded request's chunks completed while its load may yet fail are
@@ -392,8 +452,14 @@ class SchedulerSide:
         return plans
 
     def take_stats(self) -> StatsDelta:
-        """What the counters gained, and the lookup latencies seen, since the last call."""
-        return self._stats.take(asdict(self.counters))
+        """What the counters gained, and the lookup latencies seen, since the last call
+        (with the planner's gauges)."""
+        delta = self._stats.take(asdict(self.counters))
+        if self._planner is not None:
+            gauges = self._planner.gauges()
+            if gauges != self._gauges:  # changes only with a new measurement
+                self._gauges = delta.gauges = gauges
+        return delta
 
     def request_finished(self, req_id: str) -> None:
         self._requests.pop(req_id, None)

@@ -44,6 +44,9 @@ class Source:
     instance: InstanceId
     holder: KVSlice
     part: KVSlice
+    epoch: int = 0
+    """The holder's instance epoch from the lookup (0: not known, not checked): the holder
+    refuses a pull that names another (the address was reused)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +114,8 @@ def _plan_engine(engine: str, ranks: dict[KVSlice, HolderRank], wanted: Sequence
                 return None
         for _, h, _ in parts:
             run = h.run if run is None else min(run, h.run)
-        per_rank.append(tuple(Source(h.address, h.instance, held, x) for held, h, x in parts))
+        per_rank.append(tuple(Source(h.address, h.instance, held, x, h.epoch)
+                              for held, h, x in parts))
     assert run is not None
     return SourcePlan(engine, run, tuple(per_rank))
 

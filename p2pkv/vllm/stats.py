@@ -24,6 +24,7 @@ COUNTERS: dict[str, str] = {
     "lookup_timeouts": "lookups without a reply within lookup_timeout_s (a miss)",
     "remote_hit_tokens": "prompt tokens planned to be pulled from peers",
     "loads_planned": "requests planned to pull",
+    "pulls_skipped": "remote hits not pulled: the planner expected recomputing to be faster",
     # worker side
     "loads": "pulls finished (one per request)",
     "loads_layerwise": "of those, loaded layer group by layer group (load_mode layerwise)",
@@ -46,9 +47,23 @@ HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
 """Histogram key -> (help text, buckets); exported as ``p2pkv_connector_<key>``."""
 
 
+GAUGES: dict[str, tuple[str, str]] = {
+    "planner_prefill_tokens_per_second": (
+        "the planner's measured prefill speed of whole prompts, by prompt-length bucket",
+        "bucket"),
+    "planner_peer_bytes_per_second": ("the planner's measured pull bandwidth per peer engine",
+                                      "peer"),
+    "planner_peer_rtt_seconds": ("the planner's measured fixed time per pull, per peer engine",
+                                 "peer"),
+}
+"""Gauge key -> (help text, its extra label); exported as ``p2pkv_connector_<key>``, set from
+``StatsDelta.gauges`` entries keyed ``"<key>|<label value>"`` (scheduler side, when a
+measurement changed them)."""
+
+
 def exported_names() -> set[str]:
     """Every sample name the connector's metrics add to vLLM's ``/metrics``."""
-    names = {f"{PREFIX}{k}_total" for k in COUNTERS}
+    names = {f"{PREFIX}{k}_total" for k in COUNTERS} | {PREFIX + k for k in GAUGES}
     for k in HISTOGRAMS:
         names |= {f"{PREFIX}{k}{s}" for s in ("_bucket", "_sum", "_count")}
     return names
@@ -60,21 +75,28 @@ class StatsDelta:
 
     counters: dict[str, int] = field(default_factory=dict)
     observations: dict[str, list[float]] = field(default_factory=dict)
+    gauges: dict[str, float] = field(default_factory=dict)
+    """Current values (``GAUGES`` key ``|`` label value); a later one replaces an earlier."""
 
     def is_empty(self) -> bool:
-        return not any(self.counters.values()) and not any(self.observations.values())
+        return (not any(self.counters.values()) and not any(self.observations.values())
+                and not self.gauges)
 
     def to_dict(self) -> dict[str, dict]:
         """Plain data (msgpack-able: it crosses vLLM's process boundaries)."""
-        return {"counters": dict(self.counters),
-                "observations": {k: list(v) for k, v in self.observations.items()}}
+        out: dict[str, dict] = {"counters": dict(self.counters),
+                                "observations": {k: list(v) for k, v in self.observations.items()}}
+        if self.gauges:
+            out["gauges"] = dict(self.gauges)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict | None) -> StatsDelta:
         data = data or {}
         return cls({k: int(v) for k, v in (data.get("counters") or {}).items()},
                    {k: [float(x) for x in v]
-                    for k, v in (data.get("observations") or {}).items()})
+                    for k, v in (data.get("observations") or {}).items()},
+                   {k: float(v) for k, v in (data.get("gauges") or {}).items()})
 
     def merged(self, other: StatsDelta) -> StatsDelta:
         """A new delta with both (neither input is changed)."""
@@ -84,7 +106,7 @@ class StatsDelta:
         observations = {k: list(v) for k, v in self.observations.items()}
         for k, v in other.observations.items():
             observations.setdefault(k, []).extend(v)
-        return StatsDelta(counters, observations)
+        return StatsDelta(counters, observations, {**self.gauges, **other.gauges})
 
     def summary(self) -> dict[str, int | float]:
         """Counters, and each latency's count and mean in ms (vLLM's periodic log line)."""

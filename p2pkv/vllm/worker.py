@@ -37,7 +37,8 @@ from p2pkv.transport.base import Outcome, PullItem, PullResult, Transport
 from p2pkv.vllm.config import ConnectorConfig
 from p2pkv.vllm.layerwise import LayerwiseLoads, LoadOutcome
 from p2pkv.vllm.layout import KVLayout, pull_batches, pull_selection
-from p2pkv.vllm.metadata import LoadPlan, P2PKVMetadata
+from p2pkv.vllm.metadata import LoadPlan, P2PKVMetadata, P2PKVWorkerMeta
+from p2pkv.vllm.planning import PullSample
 from p2pkv.vllm.sources import Source
 from p2pkv.vllm.saver import HostSaver
 from p2pkv.vllm.stats import DeltaTracker, StatsDelta
@@ -112,6 +113,8 @@ class WorkerSide:
         self._failed_blocks: set[int] = set()
         self._failed_reqs: set[str] = set()  # loads with a failed chunk (hybrid: see connector)
         self._pulled_bytes: dict[tuple[str, str], int] = {}  # (req, holder) -> bytes received
+        self._pull_samples: list[PullSample] = []  # for the scheduler side's planner
+        self._planner_status: dict[str, int] = {}  # the scheduler side's, for Report
         self.counters = WorkerCounters()
         self._stats = DeltaTracker()
         self._reported: dict[str, int] = {}
@@ -142,7 +145,7 @@ class WorkerSide:
             self._saver = AsyncSaver(layout, self._store)
         else:
             self._host_saver = HostSaver(layout, self._store, self._publish)
-        address = self._transport.serve(self._store)
+        address = self._transport.serve(self._store, self._epoch)
         # NOTE: the physical block layout joins the hash probe as "<seed probe>.<layout>":
         # instances whose bytes would not copy exactly (another attention backend's layout)
         # are refused by the directory like a hash-seed mismatch; the router compares the
@@ -175,6 +178,8 @@ class WorkerSide:
         if self._saver is not None:
             self._saver.fence()  # this step's kernels wait for last step's copies out
             self._publish(self._saver.collect())
+        if meta.planner_status is not None:
+            self._planner_status = dict(meta.planner_status)
         with self._lock:
             self._idle_step = meta.idle_step
             # NOTE: layer-wise loads end within this step, never through finished_recving
@@ -286,6 +291,16 @@ class WorkerSide:
             c.chunks_failed += len(plan.chunks) - ok - missing
             c.pull_ms += int(elapsed * 1000)
             self._stats.observe("pull_seconds", elapsed)
+            # NOTE: only whole pulls teach the planner a link's speed: a failed one ended
+            # early (missing chunk) or at its deadline (a dead peer is not a slow link).
+            if ok == len(plan.chunks) and nbytes > 0 and plan.peer:
+                self._pull_samples.append(PullSample(plan.peer, nbytes, elapsed))
+
+    def take_worker_meta(self) -> P2PKVWorkerMeta:
+        """The pulls that ended since the last call (every step, even when none did)."""
+        with self._lock:
+            out, self._pull_samples = self._pull_samples, []
+        return P2PKVWorkerMeta(out)
 
     def _pull_part(self, plan: LoadPlan, source: Source) -> list[PullResult]:
         """Pull ``source.part`` of every chunk of ``plan`` from one holder rank, into the part's
@@ -304,7 +319,8 @@ class WorkerSide:
             items = [PullItem(plan.chunks[i].key,
                               layout.pull_dest(plan.chunks[i].block_ids, self._slice,
                                                source.part, k), select) for i in idx]
-            got = self._transport.pull(source.address, items, self._config.pull_timeout_s)
+            got = self._transport.pull(source.address, items, self._config.pull_timeout_s,
+                                       source.epoch)
             for i, item, r in zip(idx, items, got):
                 results[i] = r
                 if r.outcome is Outcome.OK:
@@ -370,6 +386,7 @@ class WorkerSide:
                 self.counters.save_copy_ms = int(self._host_saver.copy_s * 1000)
                 self.counters.save_fence_waits = self._host_saver.fence_waits
             now = asdict(self.counters)
+        now.update(self._planner_status)
         health = self._transport.health()
         if health is not None:
             now.update(health.counters())  # p2pkv status / doctor show a dead or busy server

@@ -5,7 +5,8 @@ process on loopback (so its RSS is its own); 8 instances publish 1M distinct 32-
 batches; one load *process* pipelines 64-key Lookups for throughput; then 16 client
 *processes* (each with its own DirectoryClient) send 1,000 Lookups/s in total, paced, and
 measure round trips. Goals (issue 3): ≥ 200k key-lookups/s, p99 ≤ 1 ms at 1k req/s,
-≤ 200 B RSS per indexed chunk.
+≤ 200 B RSS per indexed chunk. ``--shards 1,2,4``: key lookups/s per shard and in total over
+real shard processes, instead (``bench/directory/shards.py``, issue 15).
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=1000.0, help="total Lookups/s")
     parser.add_argument("--latency-s", type=float, default=10.0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--shards", default="",
+                        help="e.g. 1,2,4: key lookups/s per shard and in total for each shard "
+                             "count, with real shard processes (bench/directory/shards.py; "
+                             "uses --chunks, --instances, --batch, --lookup-keys, "
+                             "--throughput-s)")
 
 
 def _keys(instance: int, n: int) -> list[ChunkKey]:
@@ -161,6 +167,11 @@ def _handler_only(width: int, seconds: float = 2.0) -> dict[str, float]:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.shards:
+        from p2pkv.bench.directory import shards as directory_shards
+
+        args.shards = directory_shards.parse_shards(args.shards)
+        return directory_shards.main(args)
     per = args.chunks // args.instances
     workdir = Path(tempfile.mkdtemp(prefix="p2pkv-bench-dir-"))
     ready = workdir / "ready"

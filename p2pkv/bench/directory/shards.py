@@ -1,0 +1,231 @@
+"""Key lookups/s per directory shard, for several shard counts in one run (issue 15).
+
+``p2pkv bench directory --shards 1,2,4 [--chunks N] [--instances I]``: for each S, S real
+directory processes on loopback; I instances register with every shard process (as
+``ShardedClient`` does) and publish their keys, each key to the shard the ring
+(``directory/ring.py``) places it on; then one load process per shard pipelines Lookups of
+that shard's part of the instances' prompts (the keys of a run that the ring gives the shard,
+in order: what a sharded lookup sends it), all shards at once for ``--throughput-s``. It
+prints per shard and in total: Lookups/s, key lookups/s, and the share of one CPU the shard
+process used, with the host's load average before and after each S.
+
+NOTE: each shard is one single-threaded process, so the total can grow with S only while
+the host has a free core per shard *and* per load process. On a host with fewer cores
+than 2 x S (this project's runners: 2 cores, shared) the total is bounded by the cores, and
+the per-shard figure falls as S grows; the per-shard CPU share says which one limited it.
+
+Run through ``bench/directory`` (``--shards``), whose arguments it uses; it imports
+nothing from there (its few helpers are its own), so the two do not import each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import zmq
+
+from p2pkv.directory import protocol
+from p2pkv.directory.client import DirectoryClient, RegState, Registration
+from p2pkv.directory.protocol import Lookup, Stats, StatsReply
+from p2pkv.directory.ring import HashRing, ShardId
+from p2pkv.keys import ChunkKey, InstanceId, Namespace
+
+NS = Namespace("bench")
+POOL_KEYS = 20_000
+"""Keys per instance the load processes draw their lookups from."""
+
+
+def _keys(instance: int, n: int) -> list[ChunkKey]:
+    """Instance ``instance``'s keys (the same as ``bench/directory.py``'s)."""
+    rng = random.Random(instance)
+    return [ChunkKey(rng.randbytes(32)) for _ in range(n)]
+
+
+def _stats(client: DirectoryClient) -> StatsReply:
+    reply = client.call(Stats(), 10)
+    if not isinstance(reply, StatsReply):
+        raise RuntimeError(f"directory did not answer Stats: {reply}")
+    return reply
+
+
+def _until(predicate, timeout_s: float, step: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark step did not finish in time")
+        time.sleep(step)
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.json:
+        print(text, file=sys.stderr, flush=True)
+
+
+def parse_shards(text: str) -> list[int]:
+    counts = [int(s) for s in text.split(",") if s.strip()]
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"--shards wants counts like 1,2,4, not {text!r}")
+    return counts
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _shard_load(endpoint: str, shards: list[str], shard: str, instances: int, per: int,
+                width: int, seconds: float, start_at: float, out: mp.Queue) -> None:
+    """Pipelined Lookups (64 in flight) of this shard's part of the instances' runs."""
+    ring = HashRing([ShardId(s) for s in shards])
+    pools = [[k for k in _keys(i, min(per, POOL_KEYS)) if ring.shard_of(k) == shard]
+             for i in range(instances)]
+    msgs = []
+    for rid in range(2000):
+        pool = pools[rid % instances]
+        start = (rid * 7919) % max(1, len(pool) - width)
+        msgs.append(protocol.encode(Lookup(namespace=NS, keys=pool[start:start + width],
+                                           rid=rid + 1)))
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    while time.time() < start_at:
+        time.sleep(min(0.05, max(0.0, start_at - time.time())))
+    inflight = done = hit = i = 0
+    t0 = time.perf_counter()
+    end = t0 + seconds
+    while True:
+        now = time.perf_counter()
+        while inflight < 64 and now < end:
+            sock.send(msgs[i % len(msgs)])
+            i += 1
+            inflight += 1
+        if inflight == 0 or not sock.poll(2000):
+            break
+        reply = protocol.decode(sock.recv())
+        hit += reply.holders[0].run if getattr(reply, "holders", None) else 0
+        inflight -= 1
+        done += 1
+    elapsed = time.perf_counter() - t0
+    sock.close()
+    ctx.term()
+    out.put({"shard": shard, "lookups": done, "keys": done * width, "seconds": elapsed,
+             "keys_hit": hit})
+
+
+def _start(workdir: Path, name: str) -> tuple[subprocess.Popen, Path]:
+    ready = workdir / f"ready-{name}"
+    proc = subprocess.Popen([sys.executable, "-m", "p2pkv.directory", "--bind",
+                             "tcp://127.0.0.1:0", "--ready-file", str(ready),
+                             "--heartbeat-interval", "1", "--liveness", "600",
+                             "--log-level", "WARNING"])
+    return proc, ready
+
+
+def run_shards(args: argparse.Namespace, count: int) -> dict[str, object]:
+    """One shard count: start, load, measure, stop."""
+    names = [f"s{i}" for i in range(count)]
+    ring = HashRing([ShardId(s) for s in names])
+    per = args.chunks // args.instances
+    workdir = Path(tempfile.mkdtemp(prefix="p2pkv-bench-shards-"))
+    procs = [_start(workdir, n) for n in names]
+    clients: list[DirectoryClient] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not all(r.exists() for _, r in procs):
+            if any(p.poll() is not None for p, _ in procs) or time.monotonic() > deadline:
+                raise RuntimeError("a directory shard did not start")
+            time.sleep(0.05)
+        endpoints = [r.read_text().strip() for _, r in procs]
+        admins = [DirectoryClient(e) for e in endpoints]
+        clients += admins
+        by_shard: list[list[DirectoryClient]] = [[] for _ in names]
+        for i in range(args.instances):
+            for s, e in enumerate(endpoints):
+                c = DirectoryClient(e)
+                c.register(Registration(InstanceId(f"inst{i}"), 1, NS, f"127.0.0.1:{9000 + i}"),
+                           wait_connected_s=5)
+                clients.append(c)
+                by_shard[s].append(c)
+        _until(lambda: all(c.state is RegState.REGISTERED for cs in by_shard for c in cs), 30)
+        for i in range(args.instances):
+            keys = _keys(i, per)
+            parts = ring.partition(keys)
+            for s, name in enumerate(names):
+                mine = [keys[j] for j in parts.get(ShardId(name), [])]
+                for b in range(0, len(mine), args.batch):
+                    by_shard[s][i].publish(mine[b:b + args.batch])
+        _until(lambda: sum(_stats(a).chunks for a in admins) >= per * args.instances, 180,
+               step=0.1)
+        chunks = [_stats(a).chunks for a in admins]
+        q: mp.Queue = mp.Queue()
+        start_at = time.time() + 3.0 + 0.5 * count  # every load process has built its keys
+        loads = [mp.Process(target=_shard_load,
+                            args=(endpoints[s], names, names[s], args.instances, per,
+                                  args.lookup_keys, args.throughput_s, start_at, q))
+                 for s in range(count)]
+        for p in loads:
+            p.start()
+        while time.time() < start_at:
+            time.sleep(0.01)
+        load_before = os.getloadavg()
+        cpu0 = [_cpu_s(p.pid) for p, _ in procs]
+        t0 = time.perf_counter()
+        results = {r["shard"]: r for r in (q.get(timeout=args.throughput_s + 120)
+                                           for _ in loads)}
+        wall = time.perf_counter() - t0
+        cpu = [_cpu_s(p.pid) - c for (p, _), c in zip(procs, cpu0)]
+        for p in loads:
+            p.join(10)
+        shards = []
+        for s, name in enumerate(names):
+            r = results[name]
+            shards.append({"shard": name, "chunks": chunks[s],
+                           "lookups_per_s": round(r["lookups"] / r["seconds"]),
+                           "key_lookups_per_s": round(r["keys"] / r["seconds"]),
+                           "hit_ratio": round(r["keys_hit"] / max(1, r["keys"]), 3),
+                           "cpu_share": round(cpu[s] / wall, 2)})
+        return {"shards": count, "per_shard": shards,
+                "total_key_lookups_per_s": sum(s["key_lookups_per_s"] for s in shards),
+                "total_lookups_per_s": sum(s["lookups_per_s"] for s in shards),
+                "load_avg_before": [round(x, 2) for x in load_before],
+                "load_avg_after": [round(x, 2) for x in os.getloadavg()]}
+    finally:
+        for c in clients:
+            c.close()
+        for p, _ in procs:
+            p.terminate()
+        for p, _ in procs:
+            p.wait(10)
+
+
+def main(args: argparse.Namespace) -> int:
+    runs = []
+    for count in args.shards:
+        _say(args, f"{count} shard(s): starting, publishing {args.chunks:,} keys")
+        run = run_shards(args, count)
+        runs.append(run)
+        if not args.json:
+            for s in run["per_shard"]:
+                print(f"S={count} {s['shard']}: {s['key_lookups_per_s']:>10,} key lookups/s "
+                      f"({s['lookups_per_s']:,} Lookups/s of {args.lookup_keys} keys, "
+                      f"hit {s['hit_ratio']:.0%}), shard process at {s['cpu_share']:.0%} "
+                      f"of a CPU", file=sys.stderr, flush=True)
+            print(f"S={count} total: {run['total_key_lookups_per_s']:,} key lookups/s; load "
+                  f"average {run['load_avg_before']} before, {run['load_avg_after']} after",
+                  file=sys.stderr, flush=True)
+    result = {"host_cpus": os.cpu_count(), "chunks": args.chunks, "instances": args.instances,
+              "keys_per_lookup": args.lookup_keys, "throughput_s": args.throughput_s,
+              "runs": runs}
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0

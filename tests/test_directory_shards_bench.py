@@ -1,0 +1,38 @@
+"""``p2pkv bench directory --shards``: real shard processes, key lookups/s per shard and in
+total for each shard count (small sizes: this checks the bench, not the numbers)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from p2pkv.bench import directory
+from p2pkv.bench.directory import shards as directory_shards
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def test_bench_reports_every_shard_of_every_count(capsys) -> None:
+    parser = argparse.ArgumentParser()
+    directory.add_args(parser)
+    args = parser.parse_args(["--shards", "1,2", "--chunks", "4000", "--instances", "2",
+                              "--throughput-s", "0.5", "--json"])
+    assert directory.main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [r["shards"] for r in result["runs"]] == [1, 2]
+    for run in result["runs"]:
+        assert [s["shard"] for s in run["per_shard"]] == [f"s{i}" for i in range(run["shards"])]
+        assert sum(s["chunks"] for s in run["per_shard"]) == 4000
+        assert all(s["key_lookups_per_s"] > 0 and s["hit_ratio"] == 1.0
+                   for s in run["per_shard"])
+        assert run["total_key_lookups_per_s"] == sum(s["key_lookups_per_s"]
+                                                     for s in run["per_shard"])
+        assert len(run["load_avg_before"]) == 3
+
+
+def test_shard_counts_are_parsed() -> None:
+    assert directory_shards.parse_shards("1,2,4") == [1, 2, 4]
+    with pytest.raises(argparse.ArgumentTypeError):
+        directory_shards.parse_shards("0")
