@@ -30,6 +30,9 @@ from p2pkv.harness.openai_client import chat, chat_body  # noqa: E402
 
 MAX_TOKENS = 24
 
+HOLDER_ANSWERS: dict[str, str] = {}
+"""A's answer per question, for tests that ask again once A is gone."""
+
 
 def document_part(i: int, parts: int = 3) -> str:
     return documents.document_part(i, parts)
@@ -86,6 +89,7 @@ def test_pulled_kv_gives_the_holders_answer(cluster):
     assert wait_total_above(c, "chunks_pulled", 0) >= 1, "B did not pull any chunk from A"
     assert b_pulled.prompt_tokens > 128
     assert b_pulled.text == a_local.text, (b_pulled.text, a_local.text)
+    HOLDER_ANSWERS["cooperative"] = a_local.text
 
 
 def directory_lookups(c: LocalCluster) -> int:
@@ -124,6 +128,24 @@ def test_dead_holder_means_recompute(cluster):
     assert time.monotonic() - t0 < 120
     assert wait_total_above(c, "chunks_failed", failed_before) > failed_before, \
         "B should have tried A, failed, and recomputed"
+
+
+def test_a_puller_serves_what_it_pulled_once_the_holder_died(cluster):
+    """save_pulled (issue 15): B saved and published the chunks it pulled from A in the first
+    test; A is dead (the test before), so C pulls them from B and answers as A did."""
+    c, a, b = cluster
+    if "cooperative" not in HOLDER_ANSWERS or a.proc.alive():
+        pytest.skip("needs test_pulled_kv_gives_the_holders_answer and a dead A")
+    messages = document_messages(document_part(0), "Who founded the cooperative?")
+    wait_held(c, b.name, messages)  # B holds what it pulled
+    d = c.start_vllm("C")
+    wait_healthy([d], timeout_s=600)
+    pulled_before = total(c, "chunks_pulled")
+    answer = chat(d.url, messages, max_tokens=MAX_TOKENS, timeout_s=300)
+    assert wait_total_above(c, "chunks_pulled", pulled_before) > pulled_before, \
+        "C did not pull from B"
+    assert answer.text == HOLDER_ANSWERS["cooperative"], (answer.text, HOLDER_ANSWERS)
+    d.proc.stop()
 
 
 def test_dead_directory_means_recompute(cluster):

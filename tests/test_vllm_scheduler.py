@@ -315,6 +315,74 @@ def test_the_step_names_the_blocks_it_may_write_for_the_save_fence():
     assert s.build_meta(out, lambda _: ([],)).new_blocks == {1, 2, 7, 9, 11}
 
 
+def _pulled(s, blocks=(10, 11, 12, 13, 14, 15)):
+    """Request ``r`` of 6 blocks: blocks 0-1 local, chunks 2-4 pulled into ``blocks``."""
+    r = request("r", 6)
+    assert s.get_num_new_matched_tokens(r, 2 * BLOCK) == (3 * BLOCK, True)
+    s.update_state_after_alloc(r, (list(blocks),), 3 * BLOCK)
+    # the load's step: the request waits for its KV (vLLM schedules it not), nothing is saved
+    empty = SimpleNamespace(scheduled_new_reqs=[], num_scheduled_tokens={},
+                            scheduled_cached_reqs=SimpleNamespace(req_ids=[],
+                                                                  num_computed_tokens=[]))
+    meta = s.build_meta(empty, lambda _: (list(blocks),))
+    assert len(meta.loads) == 1 and meta.saves == []
+    return r
+
+
+def test_pulled_chunks_that_landed_are_saved_once_after_the_load():
+    d = FakeDirectory([reply(3)])
+    s = side(d)
+    r = _pulled(s)
+    blocks = [10, 11, 12, 13, 14, 15]
+    # vLLM schedules it once every chunk landed: num_computed_tokens covers the pull
+    saves = _step(s, "r", 5 * BLOCK, BLOCK, blocks)
+    assert [(p.key, p.block_ids) for p in saves] == [
+        (r.block_hashes[2], (12,)), (r.block_hashes[3], (13,)), (r.block_hashes[4], (14,)),
+        (r.block_hashes[5], (15,))]  # the pulled chunks, then the one computed
+    assert _step(s, "r", 6 * BLOCK, 1, blocks, new=False) == []  # once per chunk
+
+
+def test_a_failed_pull_is_not_saved_its_recompute_is():
+    s = side(FakeDirectory([reply(3)]))
+    r = _pulled(s)
+    blocks = [10, 11, 12, 13, 14, 15]
+    # chunk 3 failed: vLLM cut num_computed_tokens back to its first block
+    assert [p.key for p in _step(s, "r", 3 * BLOCK, 1, blocks)] == [r.block_hashes[2]]
+    assert _step(s, "r", 3 * BLOCK + 1, BLOCK - 2, blocks, new=False) == []  # not whole yet
+    assert [p.key for p in _step(s, "r", 4 * BLOCK - 1, 2 * BLOCK + 1, blocks,
+                                 new=False)] == r.block_hashes[3:6]  # recomputed
+
+
+def test_a_whole_request_failure_saves_nothing_pulled():
+    s = side(FakeDirectory([reply(3)]))
+    r = _pulled(s)
+    blocks = [20, 21, 22, 23, 24, 25]
+    # per-request failure: vLLM sets num_computed_tokens to 0 and asks again (local hit)
+    assert s.get_num_new_matched_tokens(r, 2 * BLOCK) == (0, False)
+    assert _step(s, "r", 2 * BLOCK, 1, blocks) == []
+
+
+def test_without_save_pulled_only_computed_chunks_are_saved():
+    s = side(FakeDirectory([reply(3)]), save_pulled=False)
+    r = _pulled(s)
+    blocks = [10, 11, 12, 13, 14, 15]
+    assert [p.key for p in _step(s, "r", 5 * BLOCK, BLOCK, blocks)] == [r.block_hashes[5]]
+
+
+def test_save_pulled_is_off_where_the_instance_does_not_save_or_has_a_window():
+    config = ConnectorConfig(directory="tcp://127.0.0.1:1")
+    for can_save, window in ((False, False), (True, True)):
+        s = SchedulerSide(config, namespace=Namespace("ns"), block_size=BLOCK,
+                          chunk_blocks=1, can_load=True, can_save=can_save,
+                          directory=FakeDirectory([reply(3)]), load_partial=not can_save,
+                          hit_below_prompt=window)
+        r = request("r", 6, extra_tokens=1)
+        assert s.get_num_new_matched_tokens(r, 2 * BLOCK)[0] == 3 * BLOCK
+        s.update_state_after_alloc(r, ([10, 11, 12, 13, 14, 15, 16],), 3 * BLOCK)
+        keys = [p.key for p in _step(s, "r", 5 * BLOCK, BLOCK, [10, 11, 12, 13, 14, 15, 16])]
+        assert keys == ([] if not can_save else [r.block_hashes[5]])
+
+
 def _planner_step(new=(), cached=()):
     """A SchedulerOutput: ``new`` (req_id, prompt, computed, scheduled), ``cached``
     (req_id, computed, scheduled)."""

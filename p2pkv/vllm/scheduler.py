@@ -14,7 +14,13 @@ hold them.
 NOTE (issue 17): a request whose local hit leaves nothing worth loading (no chunk beyond it, or
 one block or less to gain) never contacts the directory and is answered at once, so it never
 waits an engine step; the chunks of a local hit are not planned for saving again (whoever
-computed them saved them; pulled ones stay with their holder).
+computed or pulled them saved them).
+
+NOTE (issue 15, ``save_pulled``): the chunks an asynchronous load pulled are planned for saving
+like computed ones, in the first step that schedules the request after the load: vLLM has by
+then cut ``num_computed_tokens`` back to the first block the load failed to fill
+(``_handle_invalid_blocks``; to 0 for a whole-request failure), so only chunks that landed
+whole count as computed, and the failed rest is recomputed (and saved as computed).
 
 It knows vLLM only through duck-typed ``request`` / ``scheduler_output`` fields and is driven
 by :class:`p2pkv.vllm.connector.P2PKVConnector`.
@@ -165,6 +171,9 @@ class SchedulerSide:
         self._can_load = can_load
         self._can_save = can_save
         self._save_partial = save_partial and can_save
+        # NOTE: a sliding-window group's pulled blocks cover only the window of the load's end,
+        # so a chunk saved from them would lack bytes a shorter pull of it needs.
+        self._save_pulled = config.save_pulled and can_save and not hit_below_prompt
         self._load_partial = load_partial and can_load
         self._partial_saved: set[str] = set()
         self._directory = directory
@@ -323,13 +332,16 @@ class SchedulerSide:
         if planned.layerwise:
             self._hold_saves[request.request_id] = LAYERWISE_SAVE_HOLD_STEPS
         self._loaded.add(request.request_id)
-        # NOTE: pulled chunks are not saved again here: the copy would sit on the critical path
-        # of exactly the request the pull was meant to speed up (measured: 27 chunks, ~0.2-0.4 s
-        # on this CPU). The holder keeps serving them; an asynchronous saver can add them later.
+        self.counters.loads_planned += 1
+        if self._save_pulled and not planned.layerwise:
+            # Saved once landed (build_meta, from the request's num_computed_tokens), off the
+            # critical path on the save thread (issue 17; a synchronous copy cost the pulling
+            # request 0.2-0.4 s for 27 chunks on this CPU).
+            return
+        # Without save_pulled (or for a layer-wise load) the holder keeps serving them.
         end = planned.first_chunk + len(planned.keys)
         self._saved_chunks[request.request_id] = max(
             self._saved_chunks.get(request.request_id, 0), end)
-        self.counters.loads_planned += 1
 
     # -- per step -------------------------------------------------------------------------
 
