@@ -24,14 +24,14 @@ from pathlib import Path
 
 import zmq
 
+from p2pkv.bench.directory.steps import _keys, _say, _stats, _until
 from p2pkv.bench.report import pct
 from p2pkv.directory import protocol
 from p2pkv.directory.client import DirectoryClient, RegState, Registration
-from p2pkv.directory.protocol import Lookup, Stats, StatsReply
-from p2pkv.keys import ChunkKey, InstanceId, Namespace
+from p2pkv.directory.protocol import Lookup
+from p2pkv.keys import InstanceId, Namespace
 
 NS = Namespace("bench")
-KEY_BYTES = 32
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -51,23 +51,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "--throughput-s)")
 
 
-def _keys(instance: int, n: int) -> list[ChunkKey]:
-    rng = random.Random(instance)
-    return [ChunkKey(rng.randbytes(KEY_BYTES)) for _ in range(n)]
-
-
 def _rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS")
-
-
-def _stats(client: DirectoryClient) -> StatsReply:
-    reply = client.call(Stats(), 10)
-    if not isinstance(reply, StatsReply):
-        raise RuntimeError(f"directory did not answer Stats: {reply}")
-    return reply
 
 
 def _throughput(endpoint: str, instances: int, per: int, width: int, seconds: float,
@@ -267,16 +255,3 @@ def main(args: argparse.Namespace) -> int:
         proc.wait(10)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
-
-
-def _until(predicate, timeout_s: float, step: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("benchmark step did not finish in time")
-        time.sleep(step)
-
-
-def _say(args: argparse.Namespace, text: str) -> None:
-    if not args.json:
-        print(text, file=sys.stderr, flush=True)

@@ -24,7 +24,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -33,41 +32,16 @@ from pathlib import Path
 
 import zmq
 
+from p2pkv.bench.directory.steps import _keys, _say, _stats, _until
 from p2pkv.directory import protocol
 from p2pkv.directory.client import DirectoryClient, RegState, Registration
-from p2pkv.directory.protocol import Lookup, Stats, StatsReply
+from p2pkv.directory.protocol import Lookup
 from p2pkv.directory.ring import HashRing, ShardId
-from p2pkv.keys import ChunkKey, InstanceId, Namespace
+from p2pkv.keys import InstanceId, Namespace
 
 NS = Namespace("bench")
 POOL_KEYS = 20_000
 """Keys per instance the load processes draw their lookups from."""
-
-
-def _keys(instance: int, n: int) -> list[ChunkKey]:
-    """Instance ``instance``'s keys (the same as ``bench/directory.py``'s)."""
-    rng = random.Random(instance)
-    return [ChunkKey(rng.randbytes(32)) for _ in range(n)]
-
-
-def _stats(client: DirectoryClient) -> StatsReply:
-    reply = client.call(Stats(), 10)
-    if not isinstance(reply, StatsReply):
-        raise RuntimeError(f"directory did not answer Stats: {reply}")
-    return reply
-
-
-def _until(predicate, timeout_s: float, step: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("benchmark step did not finish in time")
-        time.sleep(step)
-
-
-def _say(args: argparse.Namespace, text: str) -> None:
-    if not args.json:
-        print(text, file=sys.stderr, flush=True)
 
 
 def parse_shards(text: str) -> list[int]:
