@@ -16,7 +16,6 @@ JSON, readable by its owner only (refused otherwise, like the secret file).
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from p2pkv.directory.auth import (
 )
 from p2pkv.errors import ConfigError
 from p2pkv.keys import InstanceId
-from p2pkv.secret import ClusterSecret, data_plane_secret
+from p2pkv.secret import ClusterSecret, data_plane_secret, read_private_file
 
 FORMAT = 1
 
@@ -83,16 +82,7 @@ def write_credential(path: str | Path, credential: InstanceCredential) -> None:
 def load_credential(path: str | Path) -> InstanceCredential:
     """Read and check a credential file; ConfigError if it is unreadable, readable by group
     or others, malformed, or its key pair does not match."""
-    try:
-        with open(path, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            data = f.read()
-    except OSError as e:
-        raise ConfigError(f"cannot read the credential file {str(path)!r}: {e}") from None
-    if mode & (stat.S_IRGRP | stat.S_IROTH):
-        raise ConfigError(f"the credential file {str(path)!r} has mode "
-                          f"{stat.S_IMODE(mode):o}: its group or others can read it; make it "
-                          f"readable by its owner only (chmod 600)")
+    data = read_private_file(path, "credential file")
     try:
         f = msgspec.json.decode(data, type=_File)
         if f.p2pkv_credential != FORMAT:

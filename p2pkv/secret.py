@@ -21,20 +21,27 @@ ClusterSecret = NewType("ClusterSecret", bytes)
 MIN_SECRET_BYTES = 16
 
 
+def read_private_file(path: str | Path, what: str) -> bytes:
+    """The bytes of a file only its owner may read (a secret, a credential); ConfigError
+    naming ``what`` when it cannot be read or its group or others can read it."""
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read the {what} {str(path)!r}: {e}") from None
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        raise ConfigError(f"the {what} {str(path)!r} has mode "
+                          f"{stat.S_IMODE(mode):o}: its group or others can read it; make it "
+                          f"readable by its owner only (chmod 600)")
+    return data
+
+
 def load_secret(path: str | Path) -> ClusterSecret:
     """Read a secret file (surrounding whitespace ignored); refuse short or missing ones, and
     ones that the file's group or others may read (its mode, after symlinks: a Kubernetes
     secret volume's ``defaultMode`` 0400 passes)."""
-    try:
-        with open(path, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            data = f.read().strip()
-    except OSError as e:
-        raise ConfigError(f"cannot read the cluster secret file {str(path)!r}: {e}") from None
-    if mode & (stat.S_IRGRP | stat.S_IROTH):
-        raise ConfigError(f"the cluster secret file {str(path)!r} has mode "
-                          f"{stat.S_IMODE(mode):o}: its group or others can read it; make it "
-                          f"readable by its owner only (chmod 600)")
+    data = read_private_file(path, "cluster secret file").strip()
     if len(data) < MIN_SECRET_BYTES:
         raise ConfigError(f"the cluster secret in {str(path)!r} is shorter than "
                           f"{MIN_SECRET_BYTES} bytes")
