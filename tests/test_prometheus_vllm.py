@@ -103,8 +103,8 @@ def test_prometheus_has_p2pkv_series_after_a_remote_hit(stack):
     assert prom.wait_value("sum(p2pkv_connector_lookup_seconds_count)", 1) >= 1
     buckets = prom.query("p2pkv_connector_lookup_seconds_bucket")
     assert len({s["metric"]["le"] for s in buckets}) > 3  # a histogram, not a counter
-    # NOTE: the planner's prefill gauge (issue 15) did not appear in a clean-clone CI run of
-    # the merged tree (it did on its branch): not asserted here until that is understood.
+    # the connector's planner measured A's prefill steps (issue 15)
+    assert prom.wait_value("max(p2pkv_connector_planner_prefill_tokens_per_second)", 1) > 0
     assert prom.wait_value("max(p2pkv_directory_chunks)", 1) >= 1
     assert prom.wait_value("max(p2pkv_directory_instances)", 2) == 2
     assert prom.wait_value("sum(p2pkv_router_requests_total)", 1) >= 1

@@ -396,10 +396,6 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
     def build_connector_worker_meta(self) -> P2PKVWorkerMeta | None:
         return self._worker.take_worker_meta() if self._worker is not None else None
 
-    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        if self._scheduler is not None:
-            self._scheduler.update_connector_output(connector_output.kv_connector_worker_meta)
-
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
@@ -463,7 +459,11 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
         return delay, None
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        # NOTE (issue 15): one method for both uses. The merge of the planner and the leases
+        # left two definitions; the later (leases only) replaced the planner's, which then
+        # never saw a step come back: no prefill speed, no links, no gauges.
         assert self._scheduler is not None
+        self._scheduler.update_connector_output(connector_output.kv_connector_worker_meta)
         self._scheduler.leases_done(connector_output.finished_sending or ())
 
     def _free_blocks(self) -> tuple[int, int]:
