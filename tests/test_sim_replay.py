@@ -114,10 +114,12 @@ def directory():
 
 
 def test_fleet_registers_publishes_looks_up_and_keeps_leases(directory):
+    """With single Heartbeats (what a fleet falls back to on a directory without batches)."""
     keys = BlockKeys(4)
     held: dict[int, list[int]] = {i: [] for i in range(50)}
     fleet = Fleet(directory.endpoint, Namespace("t"), [InstanceId(f"i{i}") for i in range(50)],
-                  keys_of=lambda i: keys.flat(held[i]), address_of=lambda i: f"10.0.0.{i}:1")
+                  keys_of=lambda i: keys.flat(held[i]), address_of=lambda i: f"10.0.0.{i}:1",
+                  batch_heartbeats=False)
     admin = DirectoryClient(directory.endpoint)
     try:
         fleet.start(10)

@@ -220,7 +220,7 @@ def summarize(policy: SimPolicy, duration_s: float) -> dict:
             "lookups": len(rtts), "lookups_failed": s.lookups_failed,
             "lookup_rtt_ms": {"p50": pct(rtts, 0.5) * 1e3, "p99": pct(rtts, 0.99) * 1e3,
                               "max": max(rtts, default=float("nan")) * 1e3},
-            "registrations": s.registrations, "snapshots": s.snapshots,
+            "registrations": s.registrations, "snapshots": s.snapshots, "heartbeats": s.beats,
             "feed_events": policy.feed.events, "pulls_missing": policy.pull_failed,
             "failovers": getattr(policy.fleet, "failovers", 0)}
     return out

@@ -9,6 +9,14 @@ sequence numbers, and repairs what the directory reports as the real client does
 (``unknown_instance`` or a new ``directory_epoch``: register again and resend a snapshot;
 ``seq_gap``: resend a snapshot). Not thread-safe: the replay loop calls :meth:`service`
 between requests.
+
+Heartbeats (issue 15): by default the members' heartbeats due together go out as one
+``Heartbeats`` message (up to ``MAX_BEATS_PER_MESSAGE`` entries; a member due within
+``BATCH_AHEAD`` of its interval joins the batch early, so batches grow instead of one per
+phase), and each entry's answer is handled as its own Heartbeat's would be
+(``protocol.split_heartbeats_reply``). A directory that does not know the message
+(``protocol.heartbeats_unsupported``) gets single Heartbeats from then on, as does a fleet
+made with ``batch_heartbeats=False``.
 """
 
 from __future__ import annotations
@@ -25,8 +33,8 @@ import zmq
 
 from p2pkv.directory import auth, protocol
 from p2pkv.directory.protocol import (
-    MAX_KEYS_PER_MESSAGE, Error, Heartbeat, Lookup, LookupReply, Publish, Register,
-    RegisterReply, Request, Status, Unregister,
+    MAX_KEYS_PER_MESSAGE, Error, Heartbeat, Heartbeats, Lookup, LookupReply, Publish,
+    Register, RegisterReply, Reply, Request, Status, Unregister,
 )
 from p2pkv.errors import P2PKVError
 from p2pkv.keys import ChunkKey, InstanceId, Namespace
@@ -36,6 +44,10 @@ logger = logging.getLogger(__name__)
 
 HWM = 200_000
 """Queued messages per direction (a whole fleet registers at once)."""
+
+BATCH_AHEAD = 0.125
+"""With batched heartbeats, a member whose heartbeat is due within this fraction of its
+interval goes in the batch being sent (early: its lease is liveness intervals long)."""
 
 
 class FleetError(P2PKVError):
@@ -66,6 +78,8 @@ class FleetStats:
     lookups_failed: int = 0
     registrations: int = 0
     snapshots: int = 0
+    beats: int = 0
+    """Heartbeats sent: single Heartbeat messages plus the entries of Heartbeats."""
 
 
 class Fleet:
@@ -75,8 +89,11 @@ class Fleet:
     def __init__(self, endpoint: str, namespace: Namespace, instances: Sequence[InstanceId],
                  *, keys_of: Callable[[int], list[ChunkKey]], address_of: Callable[[int], str],
                  epoch: int | None = None, secret: ClusterSecret | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 batch_heartbeats: bool = True) -> None:
         self.endpoint = endpoint
+        self.batch_heartbeats = batch_heartbeats
+        """Send due heartbeats as one Heartbeats (off after a directory refused it)."""
         self.namespace = namespace
         self._keys_of = keys_of
         self._address_of = address_of
@@ -95,6 +112,8 @@ class Fleet:
         self._rids = itertools.count(1)
         self._pending: dict[int, tuple[int, str]] = {}
         """rid -> (member index, request kind) for replies that change a member's state."""
+        self._batches: dict[int, tuple[Heartbeats, list[int]]] = {}
+        """rid -> a Heartbeats in flight and its entries' member indices."""
         self._lookups: dict[int, LookupReply | None] = {}
         self._heartbeats: deque[tuple[float, int, int]] = deque()
         self._unregistered: set[int] = set(range(len(self._members)))
@@ -144,15 +163,28 @@ class Fleet:
         self._drain()
         now = self._clock()
         hb = self._heartbeats
+        due: list[int] = []
         while hb and hb[0][0] <= now:
             _, idx, generation = hb.popleft()
             m = self._members[idx]
             if not m.registered or generation != m.generation:
                 continue
-            rid = self._send(Heartbeat(instance=m.instance, epoch=self._epoch, seq=m.seq))
-            if rid >= 0:
-                self._pending[rid] = (idx, "hb")
-            hb.append((now + m.heartbeat_s, idx, generation))
+            due.append(idx)
+        if due and self.batch_heartbeats:
+            # the members due soon join this batch
+            while hb and hb[0][0] <= now + BATCH_AHEAD * self._members[hb[0][1]].heartbeat_s:
+                _, idx, generation = hb.popleft()
+                m = self._members[idx]
+                if m.registered and generation == m.generation:
+                    due.append(idx)
+        if self.batch_heartbeats:
+            self._send_batches(due)
+        else:
+            for idx in due:
+                self._send_heartbeat(idx)
+        for idx in due:
+            m = self._members[idx]
+            hb.append((now + m.heartbeat_s, idx, m.generation))
         if self._unregistered and now >= self._retry_at:
             self._retry_at = now + 1.0
             for idx in sorted(self._unregistered):
@@ -212,6 +244,44 @@ class Fleet:
 
     # -- internals --------------------------------------------------------------------------
 
+    def _send_heartbeat(self, idx: int) -> None:
+        m = self._members[idx]
+        rid = self._send(Heartbeat(instance=m.instance, epoch=self._epoch, seq=m.seq))
+        if rid >= 0:
+            self.stats.beats += 1
+            self._pending[rid] = (idx, "hb")
+
+    def _send_batches(self, due: list[int]) -> None:
+        if not due:
+            return
+        beats = [Heartbeat(instance=self._members[i].instance, epoch=self._epoch,
+                           seq=self._members[i].seq) for i in due]
+        start = 0
+        for msg in protocol.batch_heartbeats(beats):
+            members = due[start:start + len(msg.beats)]
+            start += len(members)
+            rid = self._send(msg)
+            if rid >= 0:
+                self.stats.beats += len(members)
+                self._batches[rid] = (msgspec.structs.replace(msg, rid=rid), members)
+
+    def _on_batch_reply(self, reply: Reply, sent: Heartbeats, members: list[int]) -> None:
+        if protocol.heartbeats_unsupported(reply):
+            logger.info("directory %s does not take batched heartbeats: sending them one by "
+                        "one", self.endpoint)
+            self.batch_heartbeats = False
+            for idx in members:
+                if self._members[idx].registered:
+                    self._send_heartbeat(idx)
+            return
+        try:
+            answers = protocol.split_heartbeats_reply(sent, reply)
+        except protocol.ProtocolError:
+            self.stats.errors["undecodable"] += 1
+            return
+        for idx, (_, answer) in zip(members, answers):
+            self._on_member_reply(idx, "hb", answer)
+
     def _register(self, idx: int) -> None:
         m = self._members[idx]
         rid = self._send(Register(instance=m.instance, epoch=self._epoch,
@@ -260,13 +330,19 @@ class Fleet:
             if reply.rid in self._lookups:
                 self._lookups[reply.rid] = reply
             return
+        batch = self._batches.pop(reply.rid, None)
+        if batch is not None:
+            self._on_batch_reply(reply, *batch)
+            return
         pending = self._pending.pop(reply.rid, None)
         if isinstance(reply, Error) and reply.rid in self._lookups:
             self._lookups.pop(reply.rid)
             self.stats.lookups_failed += 1
         if pending is None:
             return
-        idx, kind = pending
+        self._on_member_reply(*pending, reply)
+
+    def _on_member_reply(self, idx: int, kind: str, reply: Reply) -> None:
         m = self._members[idx]
         if isinstance(reply, RegisterReply) and kind == "reg":
             if not m.registered:

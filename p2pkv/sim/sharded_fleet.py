@@ -66,6 +66,7 @@ class ShardedFleet:
             total.by_kind.update(s.by_kind)
             total.errors.update(s.errors)
             total.snapshots += s.snapshots
+            total.beats += s.beats
         total.registrations = min(f.stats.registrations for f in self._all)
         total.lookup_rtts = self.lookup_rtts
         total.lookups_failed = self.lookups_failed
