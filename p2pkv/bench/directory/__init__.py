@@ -6,7 +6,9 @@ batches; one load *process* pipelines 64-key Lookups for throughput; then 16 cli
 *processes* (each with its own DirectoryClient) send 1,000 Lookups/s in total, paced, and
 measure round trips. Goals (issue 3): ≥ 200k key-lookups/s, p99 ≤ 1 ms at 1k req/s,
 ≤ 200 B RSS per indexed chunk. ``--shards 1,2,4``: key lookups/s per shard and in total over
-real shard processes, instead (``bench/directory/shards.py``, issue 15).
+real shard processes, instead (``bench/directory/shards.py``, issue 15). ``--heartbeats
+2000``: what heartbeats of that many simulated instances cost, single against batched
+(``bench/directory/heartbeats.py``, issue 15).
 """
 
 from __future__ import annotations
@@ -49,6 +51,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "count, with real shard processes (bench/directory/shards.py; "
                              "uses --chunks, --instances, --batch, --lookup-keys, "
                              "--throughput-s)")
+    parser.add_argument("--heartbeats", default="",
+                        help="e.g. 2000,8000: what heartbeats of that many simulated instances "
+                             "(one Fleet) cost the directory, single Heartbeat messages and "
+                             "batched Heartbeats side by side (bench/directory/heartbeats.py; "
+                             "uses --throughput-s)")
+    parser.add_argument("--heartbeat-interval-s", type=float, default=0.25,
+                        help="with --heartbeats: the directory's heartbeat interval")
+    parser.add_argument("--heartbeat-rounds", type=int, default=2,
+                        help="with --heartbeats: rounds of each mode, alternating")
 
 
 def _rss_bytes(pid: int) -> int:
@@ -155,6 +166,11 @@ def _handler_only(width: int, seconds: float = 2.0) -> dict[str, float]:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.heartbeats:
+        from p2pkv.bench.directory import heartbeats as directory_heartbeats
+
+        args.heartbeats = directory_heartbeats.parse_sizes(args.heartbeats)
+        return directory_heartbeats.main(args)
     if args.shards:
         from p2pkv.bench.directory import shards as directory_shards
 
