@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -115,6 +116,23 @@ def test_prometheus_has_p2pkv_series_after_a_remote_hit(stack):
     assert prom.wait_value('count(vllm:prompt_tokens_total{job="vllm"})', 2) == 2
     ups = {t["labels"]["job"]: t["health"] for t in prom.targets()}
     assert set(ups.values()) == {"up"} and len(ups) == 3, prom.targets()
+
+
+def test_p2pkv_status_shows_the_planners_figures(stack):
+    """A's scheduler side hands its planner's figures to its workers, which report them to
+    the directory: ``p2pkv status`` lists them (after the remote-hit test's steps)."""
+    c, a, b, router, prom = stack
+    chat(a.url, document_messages(document_part(2, 6), "When?"), max_tokens=4)
+    deadline = time.monotonic() + 30
+    while True:
+        out = subprocess.run([sys.executable, "-m", "p2pkv", "status", "--directory",
+                              c.directory, "--timeout", "5"], capture_output=True, text=True,
+                             timeout=30)
+        if "planner_prefill_tok_s_" in out.stdout:
+            break
+        assert time.monotonic() < deadline, out.stdout + out.stderr
+        time.sleep(1)
+    assert "planner_pulls" in out.stdout, out.stdout
 
 
 def test_every_dashboard_metric_is_in_prometheus(stack):
