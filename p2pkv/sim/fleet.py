@@ -21,10 +21,11 @@ made with ``batch_heartbeats=False``.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -115,7 +116,9 @@ class Fleet:
         self._batches: dict[int, tuple[Heartbeats, list[int]]] = {}
         """rid -> a Heartbeats in flight and its entries' member indices."""
         self._lookups: dict[int, LookupReply | None] = {}
-        self._heartbeats: deque[tuple[float, int, int]] = deque()
+        # NOTE: a heap (due time first): members register at different times, and in arrival
+        # order one late registration would hold back every beat queued behind it.
+        self._heartbeats: list[tuple[float, int, int]] = []
         self._unregistered: set[int] = set(range(len(self._members)))
         self._retry_at = 0.0
         self.directory_epoch = 0
@@ -165,7 +168,7 @@ class Fleet:
         hb = self._heartbeats
         due: list[int] = []
         while hb and hb[0][0] <= now:
-            _, idx, generation = hb.popleft()
+            _, idx, generation = heapq.heappop(hb)
             m = self._members[idx]
             if not m.registered or generation != m.generation:
                 continue
@@ -173,7 +176,7 @@ class Fleet:
         if due and self.batch_heartbeats:
             # the members due soon join this batch
             while hb and hb[0][0] <= now + BATCH_AHEAD * self._members[hb[0][1]].heartbeat_s:
-                _, idx, generation = hb.popleft()
+                _, idx, generation = heapq.heappop(hb)
                 m = self._members[idx]
                 if m.registered and generation == m.generation:
                     due.append(idx)
@@ -184,7 +187,7 @@ class Fleet:
                 self._send_heartbeat(idx)
         for idx in due:
             m = self._members[idx]
-            hb.append((now + m.heartbeat_s, idx, m.generation))
+            heapq.heappush(hb, (now + m.heartbeat_s, idx, m.generation))
         if self._unregistered and now >= self._retry_at:
             self._retry_at = now + 1.0
             for idx in sorted(self._unregistered):
@@ -353,7 +356,7 @@ class Fleet:
                 self.stats.registrations += 1
                 # NOTE: each member's heartbeat phase is spread over one interval.
                 phase = m.heartbeat_s * (idx % 64) / 64
-                self._heartbeats.append((self._clock() + phase, idx, m.generation))
+                heapq.heappush(self._heartbeats, (self._clock() + phase, idx, m.generation))
                 self._snapshot(idx)
         elif isinstance(reply, Error):
             self.stats.errors[reply.status] += 1
