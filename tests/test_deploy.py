@@ -418,6 +418,12 @@ def test_k8s_kustomize_builds_validate(tmp_path):
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stdout + out.stderr
         assert "secret/p2pkv-cluster-secret" in out.stdout + out.stderr
+        yaml = pytest.importorskip("yaml")
+        [vllm] = [d for d in yaml.safe_load_all(built.stdout) if d and d["kind"] == "StatefulSet"]
+        pod = vllm["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        assert not _secret_volumes(pod) & {m["name"] for m in container["volumeMounts"]}
+        assert [c["name"] for c in pod["initContainers"]] == ["credential"]
     assert "--prefill=p2pkv-vllm-0=http://p2pkv-vllm-0.p2pkv-vllm:8000" in (tmp_path / "pd.yaml").read_text()
 
 
@@ -435,19 +441,107 @@ def test_k8s_pods_have_probes_resources_and_the_secret_as_a_file():
         assert pod["enableServiceLinks"] is False
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert volumes["cluster-secret"]["secret"]["defaultMode"] == 0o400
+        for c in pod["containers"] + pod.get("initContainers", []):
+            assert c["resources"]["requests"] and c["resources"]["limits"]
+            assert "p2pkv-cluster-secret" not in json.dumps(c.get("env", []))  # a file only
+            assert "envFrom" not in c
         for c in pod["containers"]:
             assert c.get("readinessProbe") and c.get("livenessProbe"), c["name"]
-            assert c["resources"]["requests"] and c["resources"]["limits"]
-            assert "/etc/p2pkv/secret" in json.dumps(c)
-            assert "p2pkv-cluster-secret" not in json.dumps(c.get("env", []))  # a file only
+            if doc["kind"] == "Deployment":  # the directory and the router hold the secret
+                assert "/etc/p2pkv/secret" in json.dumps(c)
     vllm = next(d for _, d in docs if d["kind"] == "StatefulSet")
     container = vllm["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     kv = next(a for a in container["args"] if a.startswith("--kv-transfer-config="))
     extra = json.loads(kv.split("=", 1)[1])["kv_connector_extra_config"]
     assert extra == {"directory": "tcp://p2pkv-directory:7420",
-                     "secret_file": "/etc/p2pkv/secret", "transport": "$(TRANSPORT)",
+                     "credential_file": "/run/p2pkv/credential", "transport": "$(TRANSPORT)",
                      "bind_host": "$(POD_IP)"}
+
+
+def _vllm_pod() -> dict:
+    return next(d for _, d in _k8s_docs() if d["kind"] == "StatefulSet")["spec"]["template"]["spec"]
+
+
+def _secret_volumes(pod: dict) -> set[str]:
+    return {v["name"] for v in pod["volumes"]
+            if v.get("secret", {}).get("secretName") == "p2pkv-cluster-secret"}
+
+
+def test_k8s_vllm_container_gets_its_credential_not_the_secret():
+    """Issue 13: only the init container that mints the pod's credential sees the cluster
+    secret; the vLLM container mounts the credential's emptyDir read-only and nothing else
+    of it, and has no service account token to read the secret through the API."""
+    pod = _vllm_pod()
+    assert pod["automountServiceAccountToken"] is False
+    secret_volumes = _secret_volumes(pod)
+    assert secret_volumes == {"cluster-secret"}
+    assert not any("projected" in v or "csi" in v for v in pod["volumes"])
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["credential"]["emptyDir"]["medium"] == "Memory"  # never on the node's disk
+    [init] = pod["initContainers"]
+    [vllm] = pod["containers"]
+    mounts = {m["name"]: m for m in vllm["volumeMounts"]}
+    assert not secret_volumes & set(mounts)
+    assert "/etc/p2pkv" not in json.dumps(vllm) and "secret_file" not in json.dumps(vllm)
+    assert "secretKeyRef" not in json.dumps([e for e in vllm["env"] if e["name"] != "HF_TOKEN"])
+    assert mounts["credential"] == {"name": "credential", "mountPath": "/run/p2pkv",
+                                    "readOnly": True}
+
+    assert init["image"] == vllm["image"]
+    assert init["command"] == ["python3", "-m", "p2pkv", "credential"]
+    assert sorted(init["args"]) == sorted(["--instance=$(POD_NAME)",
+                                           "--secret-file=/etc/p2pkv/secret",
+                                           "--out=/run/p2pkv/credential"])
+    env = {e["name"]: e for e in init["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    vllm_env = {e["name"]: e for e in vllm["env"]}
+    assert vllm_env["POD_NAME"] == env["POD_NAME"]  # the credential names the engine_id
+    kv = next(a for a in vllm["args"] if a.startswith("--kv-transfer-config="))
+    assert json.loads(kv.split("=", 1)[1])["engine_id"] == "$(POD_NAME)"
+    init_mounts = {m["name"]: m for m in init["volumeMounts"]}
+    assert init_mounts["cluster-secret"] == {"name": "cluster-secret", "mountPath": "/etc/p2pkv",
+                                             "readOnly": True}
+    assert init_mounts["credential"]["mountPath"] == "/run/p2pkv"
+    assert not init_mounts["credential"].get("readOnly")
+    assert init["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_k8s_init_container_command_writes_a_private_credential(tmp_path):
+    """Run the init container's command as the pod would (its mount paths moved under
+    tmp_path, $(POD_NAME) expanded): the file the vLLM container is pointed at is mode 0600,
+    names the pod, and carries no cluster secret."""
+    from p2pkv.cli import build_parser
+    from p2pkv.credential import load_credential
+
+    pod = _vllm_pod()
+    [init] = pod["initContainers"]
+    [vllm] = pod["containers"]
+    roots = {m["mountPath"]: tmp_path / m["name"] for m in init["volumeMounts"]}
+    for root in roots.values():
+        root.mkdir()
+    secret = roots["/etc/p2pkv"] / "secret"
+    secret.write_text("a-test-secret-of-enough-bytes\n")
+    secret.chmod(0o400)  # the secret volume's defaultMode
+
+    def here(arg: str) -> str:
+        arg = arg.replace("$(POD_NAME)", "p2pkv-vllm-1")
+        for mount, root in roots.items():
+            arg = arg.replace(mount + "/", f"{root}/")
+        return arg
+
+    args = [here(a) for a in init["args"]]
+    assert build_parser().parse_args(init["command"][3:] + args).func  # the real CLI takes it
+    out = subprocess.run([sys.executable, *init["command"][1:], *args], env=python_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    kv = next(a for a in vllm["args"] if a.startswith("--kv-transfer-config="))
+    path = Path(here(json.loads(kv.split("=", 1)[1])["kv_connector_extra_config"]
+                     ["credential_file"]))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_credential(path).instance == "p2pkv-vllm-1"
+    assert b"a-test-secret-of-enough-bytes" not in path.read_bytes()
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp file left
 
 
 # ---- Dockerfile and shell ------------------------------------------------------------------
