@@ -104,7 +104,7 @@ def shm_room() -> int:
     return st.f_bavail * st.f_frsize
 
 
-class _SharedSlab:
+class SharedSlab:
     """A tmpfs file mapped read-write that only its open descriptor keeps alive.
 
     NOTE: the file is unlinked as soon as it is created, so no crash can leak it; same-host
@@ -142,7 +142,7 @@ class ChunkStore:
             raise ValueError("slot_bytes and capacity must be positive")
         self.slot_bytes = slot_bytes
         self.capacity = capacity
-        self._shared = _SharedSlab(slot_bytes * capacity) if shared else None
+        self._shared = SharedSlab(slot_bytes * capacity) if shared else None
         if self._shared is not None:
             self._slab = np.frombuffer(self._shared.map, dtype=np.uint8).reshape(
                 capacity, slot_bytes)

@@ -34,7 +34,7 @@ from p2pkv.transport.session import Session, encode_request, read_reply
 from p2pkv.transport.sockio import send_views
 from p2pkv.transport.wire import PeerInfo
 
-# A holder's slab is always an fd of the holder's, unlinked file (store._SharedSlab): a PeerInfo
+# A holder's slab is always an fd of the holder's, unlinked file (store.SharedSlab): a PeerInfo
 # naming anything else is refused before it is opened.
 _SLAB_PATH = re.compile(r"/proc/[1-9][0-9]{0,9}/fd/[0-9]{1,10}")
 

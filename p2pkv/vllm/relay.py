@@ -3,7 +3,7 @@
 Where several worker ranks of an instance hold the same slice (MLA's latent KV, the same on
 every TP rank; KV heads replicated because ``num_kv_heads < tp``), each of them needs the
 same bytes of a remote hit. Only the lowest of them, the *leader*, pulls them from the
-holder: into slots of a shared-memory slab it owns (``store._SharedSlab``, an unlinked
+holder: into slots of a shared-memory slab it owns (``store.SharedSlab``, an unlinked
 /dev/shm file), announces each landed chunk to its *followers* (the sibling ranks on its
 host) over a loopback connection, and copies it into its own blocks. A follower copies the
 announced slot into its own blocks, checks the digest the leader sent, and says when it is
@@ -43,7 +43,7 @@ import numpy as np
 
 from p2pkv.errors import TransportError
 from p2pkv.slices import KVSlice
-from p2pkv.store import _SharedSlab, shm_room
+from p2pkv.store import SharedSlab, shm_room
 from p2pkv.transport.shm import MappedSlab, host_id
 
 logger = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ class RelayLeader:
         if slot_bytes <= 0 or capacity <= 0:
             raise ValueError("slot_bytes and capacity must be positive")
         self.slot_bytes, self.capacity = slot_bytes, capacity
-        self._slab = _SharedSlab(slot_bytes * capacity)
+        self._slab = SharedSlab(slot_bytes * capacity)
         self._array = np.frombuffer(self._slab.map, dtype=np.uint8)
         self.token = secrets.token_hex(16)
         self._hold_s = hold_s
