@@ -426,6 +426,13 @@ def test_no_prefault_while_a_forward_pass_runs():
     caches = {f"l{i}": torch.randn(8, 2, 16, 64) for i in range(3)}
     layout = KVLayout.from_kv_caches(caches)
     store = ChunkStore(layout.chunk_bytes(2), 4)
+    real_prefault = store.prefault
+
+    def slow_prefault(*args, **kwargs):  # tiny slots fault in at once: slow each down so the
+        time.sleep(0.2)  # thread cannot finish them all before forward_begins under load
+        return real_prefault(*args, **kwargs)
+
+    store.prefault = slow_prefault
     saver = HostSaver(layout, store, lambda keys: None)
     saver.forward_begins()  # races the thread's first prefault: one slot at most
     time.sleep(0.3)
