@@ -43,7 +43,7 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 BENCHES = ("directory", "index", "transport", "ttft", "correctness", "router", "disagg", "trace",
-           "faults", "serve")
+           "faults", "serve", "save")
 """Each is a module ``p2pkv.bench.NAME`` with ``add_args(parser)`` and ``main(args) -> int``."""
 
 

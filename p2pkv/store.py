@@ -12,6 +12,12 @@ holds a stale (slot, generation) pair can tell that the bytes are no longer its 
 With ``shared=True`` the slab is an (already unlinked) file in /dev/shm that same-host peers
 map read-only: the shm transport copies straight out of it while the holder keeps the chunks
 pinned.
+
+NOTE (prefault, issue 17): the first write to a slot pays a page fault per page (on the shm
+slab, the kernel allocates and zeroes each one), which made a save's copy ~10x slower than
+into a slot written before. :meth:`ChunkStore.untouched_ahead` names the free slots that
+``reserve`` hands out next and were never touched, and :meth:`ChunkStore.prefault` faults one
+in (``p2pkv.pages``); the save thread does it while the worker is idle (``vllm/saver.py``).
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ import secrets
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import xxhash
 
 from p2pkv.keys import ChunkKey
+from p2pkv.pages import populate
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +60,7 @@ class _Slot:
     digest: int = 0
     pins: int = 0
     ready: bool = False
+    touched: bool = False  # its pages were written or faulted in (never untouched again)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +216,7 @@ class ChunkStore:
             slot = self._slots[index]
             slot.key, slot.ready, slot.digest = key, False, 0
             slot.generation += 1
+            slot.touched = True  # the caller writes it now
             self._writing[key] = index
             return WritableSlot(key, index, slot.generation, self.slot_view(index))
 
@@ -246,6 +255,29 @@ class ChunkStore:
             assert slot.pins > 0 and slot.generation == p.generation
             slot.pins -= 1
             self.counters.served += 1
+
+    def untouched_ahead(self, limit: int) -> list[int]:
+        """Of the next ``limit`` slots ``reserve`` would hand out without evicting, those whose
+        pages were never touched (in the order they will be handed out)."""
+        with self._lock:
+            ahead = self._free[::-1][:limit]
+            return [i for i in ahead if not self._slots[i].touched]
+
+    def prefault(self, index: int, piece_bytes: int = 1 << 20,
+                 should_stop: Callable[[], bool] = lambda: False) -> bool:
+        """Fault in slot ``index``'s pages, ``piece_bytes`` at a time, asking ``should_stop``
+        between pieces; returns whether it finished (the slot then counts as touched). Safe
+        while another thread writes the slot (bytes already there are kept). Raises
+        ``OSError`` where the kernel cannot (``p2pkv.pages.populate``)."""
+        row = self._slab[index]
+        base = row.ctypes.data
+        for off in range(0, self.slot_bytes, piece_bytes):
+            if should_stop():
+                return False
+            populate(base + off, min(piece_bytes, self.slot_bytes - off))
+        with self._lock:
+            self._slots[index].touched = True
+        return True
 
     def take_evicted(self) -> list[ChunkKey]:
         """Keys evicted since the last call (for publishing removals)."""

@@ -59,3 +59,41 @@ def test_abort_frees_the_slot():
 def test_invalid_sizes():
     with pytest.raises(ValueError):
         ChunkStore(0, 1)
+
+
+def test_untouched_ahead_names_the_next_free_slots_until_written_or_prefaulted():
+    """Issue 17: the save thread faults in the slots ``reserve`` hands out next."""
+    s = ChunkStore(3 * 4096, 4)
+    assert s.untouched_ahead(2) == [0, 1]
+    put(s, 1)  # takes slot 0
+    assert s.untouched_ahead(2) == [1, 2]
+    assert s.prefault(1) is True
+    assert s.untouched_ahead(2) == [2]  # of the next two (1, 2), slot 1 is faulted in
+    assert s.untouched_ahead(10) == [2, 3]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_prefault_keeps_the_bytes_of_a_slot_being_written(shared):
+    s = ChunkStore(5 * 4096 + 100, 2, shared=shared)
+    w = s.reserve(k(7))
+    assert w is not None
+    np.frombuffer(w.view, dtype=np.uint8)[:] = 7
+    assert s.prefault(w.index, piece_bytes=4096) is True  # e.g. a prefault racing a save
+    s.commit(w)
+    p = s.pin(k(7))
+    assert p is not None and bytes(p.view) == bytes([7]) * s.slot_bytes
+    assert p.digest == digest(memoryview(bytes([7]) * s.slot_bytes))
+    s.unpin(p)
+    s.close()
+
+
+def test_prefault_stops_between_pieces_when_asked():
+    s = ChunkStore(4 * 4096, 2)
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) > 2
+
+    assert s.prefault(0, piece_bytes=4096, should_stop=stop) is False
+    assert s.untouched_ahead(1) == [0]  # not counted as touched

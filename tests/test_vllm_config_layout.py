@@ -203,3 +203,20 @@ def test_whole_chunk_copies_match_the_piece_by_piece_slot_order(order):
     for name in src:
         assert torch.equal(dst[name][1], src[name][5]) and torch.equal(dst[name][4], src[name][2])
         assert torch.count_nonzero(dst[name][0]) == 0  # the None block's bytes were dropped
+
+
+def test_copy_out_by_runs_of_consecutive_blocks_matches_block_by_block():
+    """Issue 17: copy_out copies one run of consecutive block ids per layer at once; the slot
+    is still block-major, then layer, byte for byte."""
+    from p2pkv.vllm.layout import block_runs
+
+    assert block_runs([2, 3, 4, 7, 8, 1], 10) == [(0, 2, 3), (3, 7, 2), (5, 1, 1)]
+    caches = cpu_caches(layers=4, blocks=10)
+    layout = KVLayout.from_kv_caches(caches)
+    ids = [2, 3, 4, 7, 8, 1]
+    slot = bytearray(layout.chunk_bytes(len(ids)))
+    layout.copy_out(ids, memoryview(slot))
+    want = b"".join(t[b].numpy().tobytes() for b in ids for t in caches.values())
+    assert bytes(slot) == want
+    with pytest.raises(ValueError):
+        layout.copy_out([9, 10], memoryview(slot))

@@ -382,3 +382,66 @@ def test_whole_pulls_become_planner_samples_and_its_status_joins_the_report():
     assert puller_dir.reports[-1]["planner_pulls"] == 2
     holder.shutdown()
     puller.shutdown()
+
+
+def test_the_save_thread_prefaults_free_slots_only_while_idle():
+    """Issue 17: while nothing is queued and no forward pass runs, the save thread faults in
+    the store slots the next saves will write (their first write no longer page-faults), and
+    it stops when a pass begins; the saved bytes are unchanged."""
+    from p2pkv.store import ChunkStore
+    from p2pkv.vllm.saver import HostSaver
+
+    caches = {f"l{i}": torch.randn(8, 2, 16, 64) for i in range(3)}
+    layout = KVLayout.from_kv_caches(caches)
+    store = ChunkStore(layout.chunk_bytes(2), 6, shared=True)
+    saved: list[ChunkKey] = []
+    saver = HostSaver(layout, store, saved.extend)
+
+    def wait_for(cond) -> bool:
+        deadline = time.monotonic() + 5.0
+        while not cond() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return cond()
+
+    assert wait_for(lambda: store.untouched_ahead(6) == [])
+    assert saver.prefaulted == 6
+    key = ChunkKey(b"p" * 32)
+    saver.forward_begins()
+    assert saver.save([(key, (3, 4))]) == 1
+    saver.forward_ends()
+    assert saver.wait_saved(5.0) and saved == [key]
+    p = store.pin(key)
+    assert p is not None
+    assert bytes(p.view) == b"".join(t[b].numpy().tobytes() for b in (3, 4)
+                                     for t in caches.values())
+    store.unpin(p)
+    saver.close()
+    store.close()
+
+
+def test_no_prefault_while_a_forward_pass_runs():
+    from p2pkv.store import ChunkStore
+    from p2pkv.vllm.saver import HostSaver
+
+    caches = {f"l{i}": torch.randn(8, 2, 16, 64) for i in range(3)}
+    layout = KVLayout.from_kv_caches(caches)
+    store = ChunkStore(layout.chunk_bytes(2), 4)
+    real_prefault = store.prefault
+
+    def slow_prefault(*args, **kwargs):  # tiny slots fault in at once: slow each down so the
+        time.sleep(0.2)  # thread cannot finish them all before forward_begins under load
+        return real_prefault(*args, **kwargs)
+
+    store.prefault = slow_prefault
+    saver = HostSaver(layout, store, lambda keys: None)
+    saver.forward_begins()  # races the thread's first prefault: one slot at most
+    time.sleep(0.3)
+    first = saver.prefaulted
+    time.sleep(0.3)
+    assert saver.prefaulted == first <= 1
+    saver.forward_ends()
+    deadline = time.monotonic() + 5.0
+    while saver.prefaulted < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert saver.prefaulted == 4
+    saver.close()

@@ -484,7 +484,8 @@ def _report_overhead(results: dict, out: Path) -> None:
             print(f"  p2pkv's save thread: {c.get('chunks_saved', 0)} chunks copied in "
                   f"{c['save_copy_ms']} ms ({c.get('save_copy_in_forward_ms', 0)} ms of it "
                   f"during a forward pass), {c.get('save_fence_waits', 0)} steps waited for it "
-                  f"({c.get('save_fence_wait_ms', 0)} ms)")
+                  f"({c.get('save_fence_wait_ms', 0)} ms); {c.get('save_prefaulted', 0)} "
+                  f"store slots faulted in ahead while idle ({c.get('save_prefault_ms', 0)} ms)")
     print(f"wrote {out}")
 
 

@@ -23,6 +23,14 @@ thread beside them stalls a whole parallel region whenever it preempts one of it
 in ``wait_for_save``); the save thread copies between passes, and a chunk waits for at most
 one whole pass after it was queued (so, a step later at most, it is published) and at most
 ``MAX_DEFER_S``. A fence never waits behind the gate: it runs before its step's pass begins.
+
+NOTE (issue 17, prefault): a store slot's first write page-faults every page (on the shm slab
+the kernel allocates and zeroes each: ~90 % of a copy into a fresh slot, ``p2pkv bench
+save``). While nothing is queued and no forward pass runs, the save thread faults in the next
+``PREFAULT_AHEAD_BYTES`` of never-touched free slots (``ChunkStore.prefault``), a MiB at a
+time, stopping as soon as a pass begins or a batch arrives; so the copies of a cold miss
+mostly land in slots faulted in while the instance was idle. It commits that much of the
+store's memory ahead of its use.
 """
 
 from __future__ import annotations
@@ -45,6 +53,13 @@ logger = logging.getLogger(__name__)
 MAX_DEFER_S = 5.0
 """Longest a queued chunk waits for a forward pass to end (a safety bound: a chunk waits for
 one pass at most, and passes are bounded by vLLM's token budget)."""
+
+PREFAULT_AHEAD_BYTES = 256 << 20
+"""How much of the store, in never-touched free slots, the save thread faults in ahead."""
+
+IDLE_RECHECK_S = 1.0
+"""Longest the save thread sleeps between looks at the gate while it has prefaulting left
+(forward_ends and save wake it at once; this bounds a missed wake-up)."""
 
 FENCE_WARN_S = 5.0
 """A fence still waiting after this long is logged (and keeps waiting: letting the next step
@@ -86,6 +101,10 @@ class HostSaver:
         self.copy_in_forward_s = 0.0  # of which while a forward pass ran (the gate gave way)
         self.fence_waits = 0  # fences that had to wait for a copy
         self.fence_wait_s = 0.0  # how long they waited (the step's critical path)
+        self.prefaulted = 0  # slots faulted in ahead of their first write
+        self.prefault_s = 0.0  # seconds spent doing it (while idle)
+        self._ahead = max(1, PREFAULT_AHEAD_BYTES // store.slot_bytes)
+        self._prefault = True  # there may be slots to fault in (rechecked after each batch)
         self._thread = threading.Thread(target=self._loop, name="p2pkv-save", daemon=True)
         self._thread.start()
 
@@ -103,8 +122,8 @@ class HostSaver:
                 for c in batch:
                     self._reading.update(c.block_ids)
                 self._batches += 1
-                passes = self._passes_ended
-            self._queue.put(_Batch(batch, time.monotonic(), passes))
+                self._queue.put(_Batch(batch, time.monotonic(), self._passes_ended))
+                self._cond.notify_all()  # a prefault in progress stops
         return len(batch)
 
     def forward_begins(self) -> None:
@@ -149,9 +168,42 @@ class HostSaver:
                 self.fence_wait_s += time.monotonic() - t0
             return waited
 
+    def _next_batch(self) -> _Batch | None:
+        """The next queued batch (None: close); while none is queued, prefault slots whenever
+        no forward pass runs."""
+        while self._prefault:
+            try:
+                return self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            with self._cond:
+                if self._in_forward:
+                    self._cond.wait(timeout=IDLE_RECHECK_S)
+                    continue
+            self._prefault_one()
+        return self._queue.get()
+
+    def _prefault_one(self) -> None:
+        """Fault in the next never-touched free slot, or note that there is none."""
+        ahead = self._store.untouched_ahead(self._ahead)
+        if not ahead:
+            self._prefault = False
+            return
+        t0 = time.monotonic()
+        try:
+            done = self._store.prefault(
+                ahead[0], should_stop=lambda: self._in_forward or not self._queue.empty())
+        except OSError as e:  # an older kernel, or no memory: saves touch slots as they write
+            logger.info("p2pkv: store slots are not faulted in ahead (%s)", e)
+            self._prefault = False
+            self._ahead = 0
+            return
+        self.prefault_s += time.monotonic() - t0
+        self.prefaulted += done
+
     def _loop(self) -> None:
         widen_cpu_affinity()
-        while (batch := self._queue.get()) is not None:
+        while (batch := self._next_batch()) is not None:
             saved = []
             for c in batch.copies:
                 overlaps = self._wait_for_gate(batch)
@@ -180,6 +232,7 @@ class HostSaver:
                 logger.exception("p2pkv: publishing saved chunks failed")
             with self._cond:
                 self._batches -= 1
+                self._prefault = self._ahead > 0
                 self._cond.notify_all()
 
     def wait_saved(self, timeout_s: float) -> bool:
@@ -197,5 +250,7 @@ class HostSaver:
 
     def close(self) -> None:
         """Finish the queued saves and stop the thread."""
-        self._queue.put(None)
+        with self._cond:
+            self._queue.put(None)
+            self._cond.notify_all()
         self._thread.join(timeout=30)

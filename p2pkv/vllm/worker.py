@@ -105,6 +105,8 @@ class WorkerCounters:
     save_fence_waits: int = 0  # steps that had to wait for a save's copy (issue 17)
     save_fence_wait_ms: int = 0  # how long those steps waited, in all
     save_copy_in_forward_ms: int = 0  # copying that overlapped a forward pass (saver's gate)
+    save_prefaulted: int = 0  # store slots faulted in ahead of their first write, while idle
+    save_prefault_ms: int = 0  # time the save thread spent doing it
     loads_layerwise: int = 0  # loads pulled layer group by layer group (issue 14)
     chunk_bytes: int = 0  # bytes of one chunk in this rank's store (0: no store)
     chunks_relayed: int = 0  # a relay leader: chunk parts its followers took (issue 11)
@@ -614,6 +616,8 @@ class WorkerSide:
                 self.counters.save_fence_wait_ms = int(self._host_saver.fence_wait_s * 1000)
                 self.counters.save_copy_in_forward_ms = int(
                     self._host_saver.copy_in_forward_s * 1000)
+                self.counters.save_prefaulted = self._host_saver.prefaulted
+                self.counters.save_prefault_ms = int(self._host_saver.prefault_s * 1000)
             now = asdict(self.counters)
         now.update(self._planner_status)
         if self._leases is not None:
