@@ -89,7 +89,8 @@ def test_plan_two_nodes_four_gpus():
     assert router[router.index("--instances") + 1] == ",".join(
         f"{i.name}={i.url}" for i in instances)  # ID=URL, the ID being the engine_id
     for flag, value in (("--model", "org/model"), ("--host", ADDR),
-                        ("--directory", plan.directory), ("--secret-file", "/jobs/7/secret")):
+                        ("--directory", plan.directory),
+                        ("--credential-file", "/jobs/7/credentials/router.reader.credential")):
         assert router[router.index(flag) + 1] == value
     from p2pkv.cli import build_parser  # the real router CLI accepts exactly this argv
     build_parser().parse_args(list(router[router.index("router"):]))
@@ -359,6 +360,9 @@ def test_sbatch_runs_a_node_and_tears_it_down_on_sigterm(tmp_path):
         router = records["router"][0]["argv"]
         assert router[router.index("--instances") + 1] == ",".join(
             f"vllm-{i}=http://127.0.0.1:{ports['vllm'] + i}" for i in range(2))
+        assert "--secret-file" not in router  # a reader credential, written for it
+        from p2pkv.credential import load_reader_credential
+        assert load_reader_credential(router[router.index("--credential-file") + 1])
         key = secret.read_text().strip()
         for record in [*vllm, *records["router"]]:
             pid = record["pid"]
@@ -419,11 +423,15 @@ def test_k8s_kustomize_builds_validate(tmp_path):
         assert out.returncode == 0, out.stdout + out.stderr
         assert "secret/p2pkv-cluster-secret" in out.stdout + out.stderr
         yaml = pytest.importorskip("yaml")
-        [vllm] = [d for d in yaml.safe_load_all(built.stdout) if d and d["kind"] == "StatefulSet"]
-        pod = vllm["spec"]["template"]["spec"]
-        [container] = pod["containers"]
-        assert not _secret_volumes(pod) & {m["name"] for m in container["volumeMounts"]}
-        assert [c["name"] for c in pod["initContainers"]] == ["credential"]
+        for doc in yaml.safe_load_all(built.stdout):
+            if not doc or doc["metadata"]["name"] not in ("p2pkv-vllm", "p2pkv-router") \
+                    or doc["kind"] == "Service":
+                continue
+            pod = doc["spec"]["template"]["spec"]
+            [container] = pod["containers"]
+            assert not _secret_volumes(pod) & {m["name"] for m in container["volumeMounts"]}
+            assert "--secret-file" not in json.dumps(container)
+            assert [c["name"] for c in pod["initContainers"]] == ["credential"]
     assert "--prefill=p2pkv-vllm-0=http://p2pkv-vllm-0.p2pkv-vllm:8000" in (tmp_path / "pd.yaml").read_text()
 
 
@@ -447,8 +455,9 @@ def test_k8s_pods_have_probes_resources_and_the_secret_as_a_file():
             assert "envFrom" not in c
         for c in pod["containers"]:
             assert c.get("readinessProbe") and c.get("livenessProbe"), c["name"]
-            if doc["kind"] == "Deployment":  # the directory and the router hold the secret
-                assert "/etc/p2pkv/secret" in json.dumps(c)
+            # only the directory holds the secret; the router and vLLM pods get credentials
+            assert ("/etc/p2pkv/secret" in json.dumps(c)) == (
+                doc["metadata"]["name"] == "p2pkv-directory")
     vllm = next(d for _, d in docs if d["kind"] == "StatefulSet")
     container = vllm["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -505,6 +514,57 @@ def test_k8s_vllm_container_gets_its_credential_not_the_secret():
     assert init_mounts["credential"]["mountPath"] == "/run/p2pkv"
     assert not init_mounts["credential"].get("readOnly")
     assert init["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def _router_pod() -> dict:
+    return next(d for _, d in _k8s_docs() if d["kind"] == "Deployment"
+                and d["metadata"]["name"] == "p2pkv-router")["spec"]["template"]["spec"]
+
+
+def test_k8s_router_gets_a_reader_credential_not_the_secret(tmp_path):
+    """Issue 13: the router pod's init container mints a read-only credential (lookups and the
+    feed only) into a memory emptyDir; the router container mounts that, never the secret.
+    Its command, run as the pod would, writes a file `p2pkv router --credential-file` loads."""
+    from p2pkv.cli import build_parser
+    from p2pkv.credential import load_reader_credential
+
+    pod = _router_pod()
+    assert pod["automountServiceAccountToken"] is False
+    assert _secret_volumes(pod) == {"cluster-secret"}
+    assert {v["name"]: v for v in pod["volumes"]}["credential"]["emptyDir"]["medium"] == "Memory"
+    [init] = pod["initContainers"]
+    [router] = pod["containers"]
+    mounts = {m["name"]: m for m in router["volumeMounts"]}
+    assert set(mounts) == {"credential"} and mounts["credential"]["readOnly"] is True
+    assert "/etc/p2pkv" not in json.dumps(router)
+    assert "--credential-file=/run/p2pkv/credential" in router["args"]
+    assert init["command"] == ["python3", "-m", "p2pkv", "credential"]
+    assert sorted(init["args"]) == sorted(["--reader", "--secret-file=/etc/p2pkv/secret",
+                                           "--out=/run/p2pkv/credential"])
+    roots = {m["mountPath"]: tmp_path / m["name"] for m in init["volumeMounts"]}
+    for root in roots.values():
+        root.mkdir()
+    (roots["/etc/p2pkv"] / "secret").write_text("a-test-secret-of-enough-bytes\n")
+    (roots["/etc/p2pkv"] / "secret").chmod(0o400)
+
+    def here(arg: str) -> str:
+        for mount, root in roots.items():
+            arg = arg.replace(mount + "/", f"{root}/")
+        return arg
+
+    args = [here(a) for a in init["args"]]
+    assert build_parser().parse_args(init["command"][3:] + args).func
+    out = subprocess.run([sys.executable, *init["command"][1:], *args], env=python_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    path = Path(here(next(a for a in router["args"] if a.startswith("--credential-file="))
+                     .split("=", 1)[1]))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_reader_credential(path).directory.instance is None
+    assert b"a-test-secret-of-enough-bytes" not in path.read_bytes()
+    router_args = build_parser().parse_args(
+        ["router", *[here(a).replace("$(MODEL)", "m") for a in router["args"]]])
+    assert router_args.credential_file == str(path) and not router_args.secret_file
 
 
 def test_k8s_init_container_command_writes_a_private_credential(tmp_path):

@@ -227,3 +227,75 @@ def test_covers_an_instance_and_its_ranks_only() -> None:
     rid = auth.routing_id(a)
     assert auth.routing_instance(rid) == a and auth.routing_instance(auth.routing_id(None)) \
         is None
+
+
+def test_a_reader_credential_reads_and_follows_the_feed_only(tmp_path: Path, connect,
+                                                              directory: Directory) -> None:
+    """The router's credential (`p2pkv credential --reader`): the members' read-only pair and
+    the directory's key; no instance, no data-plane secret. The directory refuses its writes;
+    its lookups, snapshot and feed work (the router's Holdings syncs with it)."""
+    from p2pkv.credential import load_reader_credential
+    from p2pkv.directory.feed import FeedSubscriber
+    from p2pkv.router.holdings import Holdings
+
+    path = tmp_path / "router.credential"
+    out = subprocess.run([sys.executable, "-m", "p2pkv", "credential", "--reader", "--out",
+                          str(path), "--secret-file", str(tmp_path / "secret")],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert path.stat().st_mode & 0o777 == 0o600
+    text = path.read_text()
+    assert "data_plane" not in text and "instance" not in text and S.decode() not in text
+    assert data_plane_secret(S).hex() not in text
+    reader = load_reader_credential(path).directory
+    assert reader.instance is None and reader == auth.member_credential(S)
+    epoch = time.time_ns()
+    i = connect(auth.instance_credential(S, I))
+    assert isinstance(ask(i, register(I, epoch)), RegisterReply)
+    r = connect(reader)
+    for msg in writes(I, epoch) + writes(I, epoch + 1):
+        reply = ask(r, msg)
+        assert refused(reply) and "only look up" in reply.reason, (msg, reply)
+    assert members(r) == {I: (epoch, "127.0.0.1:1", 0)}  # untouched
+    sub = FeedSubscriber(directory.endpoint, credential=reader)
+    holdings = Holdings(directory.endpoint, credential=reader)
+    holdings.start()
+    try:
+        assert sub.sync(timeout_s=5.0) and set(sub.instances) == {I}
+        # the feed may drop events sent before its CURVE handshake ends (PUB/SUB): publish
+        # again until one arrives (a later one after a drop is a gap: it resyncs)
+        deadline, seq = time.monotonic() + 20, 0
+        while sub.holders(NS, K[0]) != [I]:
+            assert time.monotonic() < deadline, sub.holdings
+            seq += 1
+            added = K if seq == 1 else [ChunkKey(bytes([100 + seq % 100]) * 32)]
+            assert isinstance(ask(i, Publish(instance=I, namespace=NS, added=added, removed=[],
+                                             seq=seq, epoch=epoch)), Ok)
+            sub.poll(0.5)
+        assert holdings.synced.wait(10)
+    finally:
+        holdings.close()
+        sub.close()
+
+
+def test_each_credential_loader_refuses_the_other_kind(tmp_path: Path) -> None:
+    from p2pkv.credential import load_reader_credential, reader_credential_for
+
+    inst, reader = tmp_path / "i", tmp_path / "r"
+    write_credential(inst, credential_for(S, I))
+    write_credential(reader, reader_credential_for(S))
+    with pytest.raises(ConfigError, match="is a reader credential"):
+        load_credential(reader)
+    with pytest.raises(ConfigError, match="not a reader credential"):
+        load_reader_credential(inst)
+    reader.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_reader_credential(reader)
+    reader.chmod(0o600)
+    reader.write_text(reader.read_text().replace("true", "false"))
+    with pytest.raises(ConfigError, match="'reader' must be true"):
+        load_reader_credential(reader)
+    out = subprocess.run([sys.executable, "-m", "p2pkv", "credential", "--reader",
+                          "--instance", "x", "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "not allowed with" in out.stderr

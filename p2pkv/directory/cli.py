@@ -58,13 +58,19 @@ def add_status_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def add_credential_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``credential``: write one instance's credential file from the cluster secret."""
+    """Add ``credential``: write one instance's credential file, or the router's read-only
+    one, from the cluster secret."""
     parser = subparsers.add_parser(
         "credential", help="write an instance's credential file (its directory keys and the "
                            "data plane's secret, derived from the cluster secret; not the "
-                           "secret): give it to the instance as credential_file")
-    parser.add_argument("--instance", required=True,
-                        help="the instance id (vLLM engine_id); covers its ranks ID/<n> too")
+                           "secret): give it to the instance as credential_file; or, with "
+                           "--reader, the router's read-only one (--credential-file)")
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument("--instance",
+                     help="the instance id (vLLM engine_id); covers its ranks ID/<n> too")
+    who.add_argument("--reader", action="store_true",
+                     help="a read-only credential (lookups and the change feed; no writes, no "
+                          "data plane): the router's")
     parser.add_argument("--out", required=True, metavar="PATH",
                         help="file to write (mode 0600)")
     _add_secret_arg(parser)
@@ -73,14 +79,15 @@ def add_credential_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _run_credential(args: argparse.Namespace) -> int:
-    from p2pkv.credential import credential_for, write_credential
+    from p2pkv.credential import credential_for, reader_credential_for, write_credential
 
     try:
         secret = _secret(args)
         if secret is None:
             raise ConfigError("a credential is derived from the cluster secret: pass "
                               "--secret-file (or set P2PKV_SECRET_FILE)")
-        write_credential(args.out, credential_for(secret, InstanceId(args.instance)))
+        write_credential(args.out, reader_credential_for(secret) if args.reader
+                         else credential_for(secret, InstanceId(args.instance)))
     except (ConfigError, OSError) as e:
         print(f"p2pkv credential: {e}", file=sys.stderr)
         return 2

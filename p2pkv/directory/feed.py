@@ -35,10 +35,14 @@ class FeedSubscriber:
     calls :meth:`poll`.
     """
 
-    def __init__(self, endpoint: str, *, secret: ClusterSecret | None = None) -> None:
-        self._secret = secret
+    def __init__(self, endpoint: str, *, secret: ClusterSecret | None = None,
+                 credential: auth.Credential | None = None) -> None:
+        # a feed only reads: the secret's member keys, or a reader credential's (the router's)
+        self._keys: auth.Credential | ClusterSecret | None = (
+            credential if credential is not None else secret)
         self._context = zmq.Context()
-        self._client = DirectoryClient(endpoint, secret=secret, context=self._context)
+        self._client = DirectoryClient(endpoint, secret=secret, credential=credential,
+                                       context=self._context)
         self._sub: zmq.Socket | None = None
         self._feed_endpoint = ""
         self.seq = 0
@@ -122,8 +126,8 @@ class FeedSubscriber:
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, SUB_RCVHWM)
         sub.setsockopt(zmq.MAXMSGSIZE, 4 * protocol.MAX_MESSAGE_BYTES)
-        if self._secret is not None:
-            auth.secure_client_socket(sub, self._secret)
+        if self._keys is not None:
+            auth.secure_client_socket(sub, self._keys)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.connect(feed_endpoint)
         self._sub, self._feed_endpoint = sub, feed_endpoint

@@ -123,11 +123,12 @@ def connect(specs: Sequence[ShardSpec], *, secret: ClusterSecret | None = None,
 
 
 def follow(specs: Sequence[ShardSpec], *,
-           secret: ClusterSecret | None = None) -> FeedSubscriber | ShardedFeed:
+           secret: ClusterSecret | None = None,
+           credential: Credential | None = None) -> FeedSubscriber | ShardedFeed:
     """The change-feed replica for ``specs`` (a ``FeedSubscriber`` for one process)."""
     if is_single(specs):
-        return FeedSubscriber(specs[0].primary, secret=secret)
-    return ShardedFeed(specs, secret=secret)
+        return FeedSubscriber(specs[0].primary, secret=secret, credential=credential)
+    return ShardedFeed(specs, secret=secret, credential=credential)
 
 
 @dataclass(slots=True)
@@ -333,12 +334,15 @@ class ShardedFeed:
     """Every shard's change feed, merged. Each shard is followed at its primary, or at its
     replica when the primary does not answer the snapshot."""
 
-    def __init__(self, shards: Sequence[ShardSpec], *, secret: ClusterSecret | None = None) -> None:
+    def __init__(self, shards: Sequence[ShardSpec], *, secret: ClusterSecret | None = None,
+                 credential: Credential | None = None) -> None:
         self.ring = HashRing(s.shard for s in shards)
         self._specs = {s.shard: s for s in shards}
         self._secret = secret
+        self._credential = credential
         self.subscribers: dict[ShardId, FeedSubscriber] = {
-            s.shard: FeedSubscriber(s.primary, secret=secret) for s in shards}
+            s.shard: FeedSubscriber(s.primary, secret=secret, credential=credential)
+            for s in shards}
         self.holdings = _Holdings(self)
 
     @property
@@ -356,7 +360,8 @@ class ShardedFeed:
             spec = self._specs[shard]
             if spec.replica is not None:
                 sub.close()
-                sub = self.subscribers[shard] = FeedSubscriber(spec.replica, secret=self._secret)
+                sub = self.subscribers[shard] = FeedSubscriber(
+                    spec.replica, secret=self._secret, credential=self._credential)
                 if sub.sync(timeout_s):
                     continue
             ok = False

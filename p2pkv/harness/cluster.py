@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from p2pkv.credential import credential_for, write_credential
+from p2pkv.credential import credential_for, reader_credential_for, write_credential
 from p2pkv.directory.client import DirectoryClient
 from p2pkv.directory.protocol import Stats, StatsReply
 from p2pkv.keys import InstanceId
@@ -214,7 +214,7 @@ class LocalCluster:
         ready.unlink(missing_ok=True)
         argv = [sys.executable, "-m", "p2pkv", "router", "--model", str(model),
                 "--directory", self.directory, "--ready-file", str(ready),
-                *self._secret_args()]
+                *self._reader_args()]
         for flag, group in (("--instances", instances), ("--prefill", prefill),
                             ("--decode", decode)):
             if group:
@@ -241,6 +241,14 @@ class LocalCluster:
     @property
     def secret(self) -> ClusterSecret | None:
         return load_secret(self.secret_file) if self.secret_file else None
+
+    def _reader_args(self) -> list[str]:
+        """The router's keys: a read-only credential file, never the secret."""
+        if not self.secret_file:
+            return []
+        path = self.workdir / "router.reader.credential"
+        write_credential(path, reader_credential_for(load_secret(self.secret_file)))
+        return ["--credential-file", str(path)]
 
     def _secret_args(self) -> list[str]:
         return ["--secret-file", str(self.secret_file)] if self.secret_file else []

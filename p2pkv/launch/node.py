@@ -26,10 +26,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from p2pkv.credential import credential_for, write_credential
+from p2pkv.credential import credential_for, reader_credential_for, write_credential
 from p2pkv.errors import ConfigError
 from p2pkv.keys import InstanceId
-from p2pkv.launch.plan import Launch, Plan, credential_path, fill, referenced_nodes
+from p2pkv.launch.plan import (
+    Launch, Plan, credential_path, fill, referenced_nodes, router_credential_path,
+)
 from p2pkv.secret import load_secret
 
 logger = logging.getLogger(__name__)
@@ -150,10 +152,18 @@ class NodeRunner:
         write_credential(path, credential_for(load_secret(self.plan.spec.secret_file),
                                               InstanceId(launch.name)))
 
+    def write_reader_credential(self) -> None:
+        """The router's read-only credential (lookups and the feed), from the secret."""
+        path = Path(router_credential_path(self.plan.spec))
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_credential(path, reader_credential_for(load_secret(self.plan.spec.secret_file)))
+
     def start(self, launch: Launch) -> subprocess.Popen:
         argv = self.resolve(launch)
         if launch.role == "vllm":
             self.write_credential(launch)
+        elif launch.role == "router":
+            self.write_reader_credential()
         env = {**os.environ, **launch.env, "PYTHONUNBUFFERED": "1"}
         if launch.gpus:
             env["CUDA_VISIBLE_DEVICES"] = visible_gpus(launch,

@@ -173,7 +173,7 @@ def router_argv(spec: ClusterSpec, directory: str, instances: list[Launch]) -> l
     ids = lambda pd: ",".join(f"{i.name}={i.url}" for i in instances if i.pd == pd)  # noqa: E731
     base = [*spec.p2pkv_command, "router", "--model", spec.model, "--host", ADDR,
             "--port", str(spec.router_port), "--directory", directory,
-            "--secret-file", spec.secret_file]
+            "--credential-file", router_credential_path(spec)]
     if spec.prefill:
         return [*base, "--prefill", ids("prefill"), "--decode", ids("decode")]
     return [*base, "--instances", ids("")]
@@ -186,6 +186,12 @@ def credential_path(spec: ClusterSpec, name: str) -> str:
     """Where instance ``name``'s credential file goes (``p2pkv launch node`` writes it from
     the secret just before starting the instance; the instance never reads the secret)."""
     return f"{spec.job_dir}/credentials/{name}.credential"
+
+
+def router_credential_path(spec: ClusterSpec) -> str:
+    """Where the router's read-only credential goes (``p2pkv launch node`` writes it from the
+    secret just before starting the router, which never reads the secret)."""
+    return f"{spec.job_dir}/credentials/router.reader.credential"
 
 
 def kv_transfer_config(spec: ClusterSpec, directory: str, engine_id: str = "",

@@ -33,7 +33,14 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--directory", default=None,
                    help="directory endpoint, or shards as PRIMARY[|REPLICA],... in the "
                         "connectors' order; without it the router balances by load only")
-    p.add_argument("--secret-file", default=os.environ.get("P2PKV_SECRET_FILE", ""))
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--credential-file",
+                      default=os.environ.get("P2PKV_CREDENTIAL_FILE", ""),
+                      help="a reader credential (`p2pkv credential --reader`): the directory "
+                           "lets it only look up and follow the feed (env "
+                           "P2PKV_CREDENTIAL_FILE); preferred over the secret")
+    keys.add_argument("--secret-file", default=os.environ.get("P2PKV_SECRET_FILE", ""),
+                      help="the cluster secret (the router then uses its read-only keys)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--ready-file", type=Path, default=None)
@@ -71,6 +78,7 @@ def run_router(args: argparse.Namespace) -> int:
     from p2pkv.router.holdings import Holdings
     from p2pkv.router.policy import Policy
     from p2pkv.router.prompts import PromptKeyer
+    from p2pkv.credential import load_reader_credential
     from p2pkv.secret import load_secret
 
     config = RouterConfig(instances=_specs(args.instances), prefill=_specs(args.prefill),
@@ -84,8 +92,12 @@ def run_router(args: argparse.Namespace) -> int:
                           api_key=args.api_key)
     keyer = PromptKeyer(args.model, block_size=args.block_size,
                         chunk_tokens=args.chunk_tokens, hash_algorithm=args.hash_algorithm)
-    secret = load_secret(args.secret_file) if args.secret_file else None
-    holdings = Holdings(args.directory, secret=secret, probe=keyer.probe)
+    credential = (load_reader_credential(args.credential_file).directory
+                  if args.credential_file else None)
+    secret = (load_secret(args.secret_file) if args.secret_file and credential is None
+              else None)
+    holdings = Holdings(args.directory, secret=secret, credential=credential,
+                        probe=keyer.probe)
     router = Router(config, keyer, holdings)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

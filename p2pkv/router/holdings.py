@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from p2pkv.directory.auth import Credential
 from p2pkv.directory.feed import FeedSubscriber
 from p2pkv.directory.shards import ShardedFeed, follow, parse_directory
 from p2pkv.keys import ChunkKey, InstanceId, seed_part
@@ -29,11 +30,13 @@ MAX_HINTS_PER_INSTANCE = 100_000
 
 class Holdings:
     def __init__(self, directory: str | None, *, secret: ClusterSecret | None = None,
-                 probe: str = "", hint_ttl_s: float = 30.0, read_wait_s: float = 0.05,
+                 credential: Credential | None = None, probe: str = "",
+                 hint_ttl_s: float = 30.0, read_wait_s: float = 0.05,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._directory = directory
         self._shards = parse_directory(directory) if directory is not None else []
         self._secret = secret
+        self._credential = credential  # a reader credential's keys (read-only)
         self._probe = probe
         self._hint_ttl_s = hint_ttl_s
         self._read_wait_s = read_wait_s
@@ -118,7 +121,7 @@ class Holdings:
 
     def _follow(self) -> None:
         assert self._directory is not None
-        feed = follow(self._shards, secret=self._secret)
+        feed = follow(self._shards, secret=self._secret, credential=self._credential)
         while not self._stop.is_set() and not feed.sync(timeout_s=2.0):
             logger.warning("router: directory %s does not answer; routing by load until it "
                            "does", self._directory)
