@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import json
 
-from p2pkv.bench.ttft import CONFIGS, Record, chat_requests, goals, kind, qa_requests, summarize
+from p2pkv.bench.ttft import (
+    CONFIGS,
+    Record,
+    chat_requests,
+    goals,
+    kind,
+    qa_requests,
+    summarize,
+    warm_up_plan,
+    warm_up_prompts,
+)
 from p2pkv.harness import lmcache
 from p2pkv.harness.correctness import full_cases, preemption_cases
 
@@ -125,3 +135,26 @@ def test_vllm_p2p_start_failure_is_the_exception_and_its_vllm_line(tmp_path):
     assert vllm_p2p.start_failure(log) == (
         "Exception: CPU Offloading is currently only supported on CUDA-alike and XPU GPUs "
         "(raised at vllm/v1/kv_offload/cpu/spec.py:200 in get_worker)")
+
+
+def test_warm_up_gives_each_instance_its_own_prompt_then_asks_it_on_the_other():
+    assert warm_up_plan(2, cross=True) == [(0, 0), (0, 1), (1, 1), (1, 0)]
+    assert warm_up_plan(2, cross=False) == [(0, 0), (1, 1)]
+    prompts = warm_up_prompts(2)
+    assert len(set(prompts)) == 2
+    assert all(len(p.split()) > 2 * 128 // 2 for p in prompts)  # ~300 tokens: 2 full blocks
+    docs = qa_requests(TOKENS, [1000], docs=2, questions=3, tokenize=tokenize)
+    warm = [tokenize(p)[:128] for p in prompts]
+    assert not any(list(r.prompt[:128]) in warm for r in docs)
+
+
+def test_tp_rows_compare_a_remote_hit_with_the_local_hit_at_the_same_tp():
+    recs = [Record("p2pkv-tp2-tp1", "qa", g, step, 1500, inst, t, t)
+            for g, (step, inst, t) in enumerate([(1, 1, 0.22), (2, 1, 0.20), (1, 0, 0.33),
+                                                 (2, 0, 0.30), (0, 0, 1.0)])]
+    configs = {"p2pkv-tp2-tp1": summarize(recs, {"busy_s": 5.0, "tp": (2, 1)}),
+               "p2pkv-tp2": summarize(_records("p2pkv-tp2", 0.3, 0.3, 1.0), {"busy_s": 5.0})}
+    ratios = goals(configs)["remote_over_local_by_length"]  # no plain "p2pkv" config in the run
+    assert abs(ratios["p2pkv-tp2-tp1"]["1500@tp1"] - 0.22 / 0.20) < 1e-9
+    assert abs(ratios["p2pkv-tp2-tp1"]["1500@tp2"] - 0.33 / 0.30) < 1e-9
+    assert set(ratios["p2pkv-tp2"]) == {3000}
