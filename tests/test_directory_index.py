@@ -373,29 +373,3 @@ def test_lookup_answers_name_the_holders_registration_epoch():
     pub(index, Seq(), A, added=K[:2])
     (holder,) = index.lookup(NS, K[:2])
     assert (holder.instance, holder.run, holder.epoch) == (A, 2, 1234)
-
-
-def test_lookups_say_how_much_of_a_run_leased_blocks_serve_and_for_how_long(index, seq) -> None:
-    """Issue 14 tiers: keys published with a lease count in Holder.leased while it runs,
-    with the least time left; a lease that ran out, a key published again without one, a
-    removed key and a reset are the store's (or nobody's)."""
-    index.publish(A, NS, seq(A), False, K[:2], [], 10.0, lease_s=5.0)
-    pub(index, seq, A, K[2:4], now=10.0)
-    index.publish(A, NS, seq(A), False, K[3:4], [], 11.0, lease_s=2.0)
-    [h] = index.lookup(NS, K[:4], 12.0)
-    assert (h.run, h.leased, h.lease_left_ms) == (4, 3, 1000)  # K[3]'s lease: 1 s left
-    [h] = index.lookup(NS, K[:4], 13.5)
-    assert (h.leased, h.lease_left_ms) == (2, 1500)  # K[3]'s lease ended: its store serves it
-    assert [(x.leased, x.lease_left_ms) for x in index.lookup(NS, K[:4])] == [(0, 0)]  # no clock
-    pub(index, seq, A, K[:1], now=13.5)  # K[0] moved to the store
-    pub(index, seq, A, removed=K[1:2], now=13.5)
-    [h] = index.lookup(NS, K[:4], 13.6)
-    assert (h.run, h.leased) == (1, 0)
-    index.publish(A, NS, seq(A), False, K[4:5], [], 14.0, lease_s=5.0)
-    index.publish(A, NS, 0, True, K[4:5], [], 14.0)  # a reset: every key is the store's
-    assert index.member(A).leased == {}
-    with pytest.raises(Exception):  # the wire refuses leases over an hour
-        import msgspec
-        from p2pkv.directory.protocol import MAX_LEASE_MS, Publish, decode, encode
-        decode(encode(Publish(instance=A, namespace=NS, added=K[:1], removed=[],
-                              lease_ms=MAX_LEASE_MS + 1)))

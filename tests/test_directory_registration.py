@@ -340,20 +340,3 @@ def test_other_refusals_retry_after_one_interval(machine, link) -> None:
     assert machine.on_tick(HEARTBEAT_INTERVAL_S - 0.01) == []
     [again] = link(machine, machine.on_tick(HEARTBEAT_INTERVAL_S), HEARTBEAT_INTERVAL_S)
     assert isinstance(again, Register)
-
-
-def test_leased_keys_are_published_with_their_lease_and_again_in_a_snapshot(
-        machine, link) -> None:
-    """Issue 14 tiers: a Publish of leased keys carries lease_ms; a re-registration's
-    snapshot says which keys are still leased and for about how long; a key published again
-    without a lease (moved to the store) is no longer leased."""
-    registered(machine, link)
-    [p] = link(machine, machine.publish(K[:2], lease_s=30.0), 0.0)
-    assert isinstance(p, Publish) and p.lease_ms == 30_000 and p.added == K[:2]
-    [q] = link(machine, machine.publish(K[2:3]), 0.0)
-    assert q.lease_ms == 0
-    link(machine, machine.publish(K[1:2]), 0.0)  # K[1] moved to the store
-    out = machine._snapshot()
-    assert out[0].reset and out[0].lease_ms == 0 and set(out[0].added) == set(K[:3])
-    [again] = out[1:]
-    assert again.added == [K[0]] and not again.reset and 29_000 < again.lease_ms <= 30_000

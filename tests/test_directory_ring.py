@@ -60,13 +60,3 @@ def test_merge_runs_over_shards():
     answers[b] = ShardAnswer([1, 3, 5], [])
     assert merge_runs(6, answers) == [Holder("x", "h:1", 1), Holder("y", "h:2", 1)]
     assert merge_runs(6, {a: ShardAnswer([0, 2, 4], [])}) == []
-
-
-def test_merged_runs_carry_the_shards_leased_counts_capped_at_the_run():
-    a, b = ShardId("a"), ShardId("b")
-    answers = {
-        a: ShardAnswer([0, 2, 4], [Holder("x", "h:1", 3, leased=3, lease_left_ms=900)]),
-        b: ShardAnswer([1, 3, 5], [Holder("x", "h:1", 1, leased=1, lease_left_ms=400)]),
-    }
-    [x] = merge_runs(6, answers)
-    assert (x.run, x.leased, x.lease_left_ms) == (3, 3, 400)  # keys 0-2; 4 leased, cap 3

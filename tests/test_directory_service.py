@@ -173,30 +173,6 @@ def test_register_publish_lookup_stats(client: DirectoryClient, clients) -> None
     assert s.directory_epoch == client.directory_epoch
 
 
-def test_a_lookup_names_the_tier_that_serves(client: DirectoryClient, clients) -> None:
-    """Issue 14: keys published with a lease are answered as served from leased blocks
-    (Holder.leased, lease_left_ms) by the real directory process; published again without
-    one (moved to the store) they are the store's."""
-    a = clients()
-    a.register(REG(A, port=7001))
-    a.publish(added=K[:2])
-    a.publish(added=K[2:4], lease_s=30.0)
-    registered(a)
-    wait_lookup_equals(client, K[:4], [("a", "127.0.0.1:7001", 4)])
-
-    def tier() -> tuple[int, int]:
-        [h] = client.wait_lookup(client.start_lookup(NS, K[:4], timeout_s=5), 5).holders
-        return h.leased, h.lease_left_ms
-
-    leased, left = tier()
-    assert leased == 2 and 25_000 < left <= 30_000
-    a.publish(added=K[2:3])  # K[2]'s lease ended; the store has it
-    deadline = time.monotonic() + 5
-    while tier()[0] != 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-
-
 def test_poll_lookup_goes_pending_then_reply(client: DirectoryClient, clients) -> None:
     a = clients()
     a.register(REG(A))

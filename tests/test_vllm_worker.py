@@ -37,7 +37,6 @@ class RecordingDirectory:
     registered: list = field(default_factory=list)
     registrations: list = field(default_factory=list)
     published: list = field(default_factory=list)
-    lease_s: list = field(default_factory=list)  # each publish's lease_s (issue 14 tiers)
     reports: list = field(default_factory=list)
     unregistered: bool = False
 
@@ -45,9 +44,8 @@ class RecordingDirectory:
         self.registered.append(registration.address)
         self.registrations.append(registration)
 
-    def publish(self, added=(), removed=(), *, lease_s=0.0):
+    def publish(self, added=(), removed=()):
         self.published.append((list(added), list(removed)))
-        self.lease_s.append(lease_s)
 
     def report(self, counters):
         self.reports.append(dict(counters))

@@ -165,10 +165,8 @@ class DirectoryClient:
         """Full snapshots sent (after registering, a seq gap or a dropped publish)."""
         return self._reg.resyncs if self._reg is not None else 0
 
-    def publish(self, added: Iterable[ChunkKey] = (), removed: Iterable[ChunkKey] = (), *,
-                lease_s: float = 0.0) -> None:
-        """Record the store's changes and send them (one message per MAX_KEYS_PER_MESSAGE);
-        ``lease_s`` > 0: ``added`` are served from leased paged blocks that long (issue 14).
+    def publish(self, added: Iterable[ChunkKey] = (), removed: Iterable[ChunkKey] = ()) -> None:
+        """Record the store's changes and send them (one message per MAX_KEYS_PER_MESSAGE).
 
         While not registered only the record changes: the snapshot after (re-)registration
         carries everything. Never blocks.
@@ -177,7 +175,7 @@ class DirectoryClient:
             if self._reg is None:
                 raise RuntimeError("publish() before register()")
             self._drain()
-            self._send_all(self._reg.publish(added, removed, lease_s=lease_s))
+            self._send_all(self._reg.publish(added, removed))
 
     def report(self, counters: Mapping[str, int]) -> None:
         """Send connector counters (shown by ``p2pkv status``); kept and resent after a

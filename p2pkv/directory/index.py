@@ -69,10 +69,6 @@ class Member:
     quota: bytes = b""
     """Whose quota of registrations it counts against: the instance credential it was
     registered with (a CURVE directory), else its connection (``owner``)."""
-    leased: dict[ChunkKey, float] = field(default_factory=dict)
-    """Its keys served from leased paged blocks (issue 14, tier 1), with when each lease
-    ends (the index's clock). Only keys published with a lease: bounded by what its leases
-    hold, emptied of ended leases at its next Publish."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,20 +90,6 @@ Holders = int | bytes
 
 _HANDLE = "I"
 assert array(_HANDLE).itemsize == 4
-
-
-def _leased(leased: dict[ChunkKey, float], keys: Sequence[ChunkKey], run: int,
-            now: float | None) -> tuple[int, int]:
-    """(keys of ``keys[0:run]`` under a lease still running at ``now``, least ms left)."""
-    if not leased or now is None:
-        return 0, 0
-    n, least = 0, float("inf")
-    for key in keys[:run]:
-        until = leased.get(key)
-        if until is not None and until > now:
-            n += 1
-            least = min(least, until - now)
-    return (n, max(1, int(least * 1000))) if n else (0, 0)
 
 
 def _unpack(value: bytes) -> list[int]:
@@ -582,8 +564,7 @@ class DirectoryIndex:
 
     def publish(self, instance: InstanceId, namespace: Namespace, seq: int, reset: bool,
                 added: Sequence[ChunkKey], removed: Iterable[ChunkKey], now: float, *,
-                epoch: int | None = None, owner: bytes | None = None,
-                lease_s: float = 0.0) -> None:
+                epoch: int | None = None, owner: bytes | None = None) -> None:
         """Apply one Publish (reset: drop all keys first). Raises SEQ_GAP / WRONG_NAMESPACE /
         UNKNOWN_INSTANCE / STALE_EPOCH / INSTANCE_TAKEN / OVER_QUOTA without applying
         anything."""
@@ -612,45 +593,17 @@ class DirectoryIndex:
         for key in removed:
             n -= remove(key, h)
         member.chunks += n
-        self._set_tiers(member, reset, added, removed, now, lease_s)
 
-    @staticmethod
-    def _set_tiers(member: Member, reset: bool, added: Sequence[ChunkKey],
-                   removed: Iterable[ChunkKey], now: float, lease_s: float) -> None:
-        """Which of the member's keys its leased blocks serve, and until when."""
-        leased = member.leased
-        if not (leased or lease_s > 0):
-            return
-        if reset:
-            leased.clear()
-        else:
-            for key in list(leased):
-                if leased[key] <= now:
-                    del leased[key]
-            for key in removed:
-                leased.pop(key, None)
-        if lease_s > 0:
-            until = now + lease_s
-            for key in added:
-                leased[key] = until
-        else:
-            for key in added:
-                leased.pop(key, None)
+    def lookup(self, namespace: Namespace, keys: Sequence[ChunkKey]) -> list[Holder]:
+        """Instances holding ``keys[0:run]`` contiguously, run >= 1, longest run first.
 
-    def lookup(self, namespace: Namespace, keys: Sequence[ChunkKey],
-               now: float | None = None) -> list[Holder]:
-        """Instances holding ``keys[0:run]`` contiguously, run >= 1, longest run first; with
-        ``now``, which of each run its leased blocks serve (``Holder.leased``).
-
-        O(len(keys)): one dict probe per key, set operations where the holders change (and
-        one probe per key of a run for a holder with leases).
+        O(len(keys)): one dict probe per key, set operations where the holders change.
         """
         space = self._spaces.get(namespace)
         if space is None or not keys:
             return []
         members = space.members
-        result = [Holder(m.instance, m.address, run, m.engine, m.slice, m.epoch,
-                         *_leased(m.leased, keys, run, now))
+        result = [Holder(m.instance, m.address, run, m.engine, m.slice, m.epoch)
                   for h, run in space.runs(keys).items()
                   if (m := members.get(h)) is not None]
         result.sort(key=lambda holder: (-holder.run, holder.instance))

@@ -51,10 +51,6 @@ PROTOCOL_VERSION = 4
 #      directory without them answers bad_request, and a sender then sends Heartbeats one by
 #      one (``heartbeats_unsupported``). Holder.epoch (issue 13): the holder's registration
 #      epoch in Lookup answers, named in data-plane requests (default 0 = not checked).
-#      Publish.lease_ms, Holder.leased and Holder.lease_left_ms (issue 14, tiers): a Publish
-#      may say its added keys are served from leased paged blocks for lease_ms; a Lookup
-#      answer says how many of a holder's run are so served and the least lease time left
-#      (an older directory ignores lease_ms and answers 0: "from the store").
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """Largest encoded message either side accepts."""
@@ -110,9 +106,6 @@ def tick_s(heartbeat_interval_s: float) -> float:
 
 _U63 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 _I64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
-MAX_LEASE_MS = 3_600_000
-"""Longest lease a Publish may announce (an hour; leases are seconds in practice)."""
-_LeaseMs = Annotated[int, msgspec.Meta(ge=0, le=MAX_LEASE_MS)]
 _Key = Annotated[ChunkKey, msgspec.Meta(min_length=1, max_length=MAX_KEY_BYTES)]
 _Keys = Annotated[list[_Key], msgspec.Meta(max_length=MAX_KEYS_PER_MESSAGE)]
 _Instance = Annotated[InstanceId, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
@@ -209,10 +202,6 @@ class Publish(_Message, tag="pub", frozen=True):
     reset: bool = False
     epoch: _U63 = 0
     """The registration's epoch (v3): a Publish of another epoch is refused."""
-    lease_ms: _LeaseMs = 0
-    """The ``added`` keys are served from the instance's leased paged blocks (tier 1) for
-    this long from now (issue 14); 0: from its store (the durable tier). A later Publish
-    adding a key again sets its tier anew."""
 
     def __post_init__(self) -> None:
         if len(self.added) + len(self.removed) > MAX_KEYS_PER_MESSAGE:
@@ -295,11 +284,6 @@ class Holder(msgspec.Struct, frozen=True):
     engine: _Engine = ""
     slice: KVSlice | None = None
     epoch: _U63 = 0
-    leased: _U63 = 0
-    """How many of keys[0:run] it serves from leased paged blocks (tier 1, issue 14); the
-    rest from its store. A chunk whose lease ended early is served from the store anyway."""
-    lease_left_ms: _U63 = 0
-    """The least time left on those leases (0 when ``leased`` is 0)."""
 
 
 class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):

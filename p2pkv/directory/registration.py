@@ -33,12 +33,11 @@ from __future__ import annotations
 
 import enum
 import logging
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from p2pkv.directory.protocol import (
-    HEARTBEAT_INTERVAL_S, MAX_KEYS_PER_MESSAGE, MAX_LEASE_MS, MIN_HEARTBEAT_S, REFUSED_RETRY_INTERVALS, Error,
+    HEARTBEAT_INTERVAL_S, MAX_KEYS_PER_MESSAGE, MIN_HEARTBEAT_S, REFUSED_RETRY_INTERVALS, Error,
     Heartbeat, Publish, Register, RegisterReply, Reply, Report, Request, Status, Unregister,
     tick_s,
 )
@@ -107,9 +106,6 @@ class RegistrationMachine:
         self.resyncs = 0
         """Full snapshots queued (after registering, a seq gap or a dropped publish)."""
         self.keys: set[ChunkKey] = set()
-        self.leased: dict[ChunkKey, float] = {}
-        """Keys published as served from leased blocks (issue 14), with when each lease
-        ends (``time.monotonic``): a snapshot tells the directory again."""
         self._counters: dict[str, int] | None = None
         self._rid = 0
         """rid of the last Register queued; replies to older requests cannot change the state."""
@@ -175,35 +171,18 @@ class RegistrationMachine:
         return []
 
     def publish(self, added: Iterable[ChunkKey] = (),
-                removed: Iterable[ChunkKey] = (), *, lease_s: float = 0.0) -> list[Request]:
+                removed: Iterable[ChunkKey] = ()) -> list[Request]:
         """The store gained ``added`` and lost ``removed``: record them, and send them (one
         message per MAX_KEYS_PER_MESSAGE) while registered; otherwise the snapshot after
-        (re-)registration carries them. ``lease_s`` > 0: ``added`` are served from leased
-        paged blocks for that long (issue 14); 0: from the store (again, for a key whose
-        lease ended)."""
+        (re-)registration carries them."""
         added, removed = list(added), list(removed)
         self.keys.update(added)
         self.keys.difference_update(removed)
-        self._note_leases(added, removed, lease_s)
         if self._need_snapshot:
             return self._snapshot()
         if self.state is RegState.REGISTERED:
-            return self._publishes(added, removed, reset=False, lease_s=lease_s)
+            return self._publishes(added, removed, reset=False)
         return []
-
-    def _note_leases(self, added: list[ChunkKey], removed: list[ChunkKey],
-                     lease_s: float) -> None:
-        leased = self.leased
-        if not (leased or lease_s > 0):
-            return
-        now = time.monotonic()
-        for key in [k for k, until in leased.items() if until <= now] + removed:
-            leased.pop(key, None)
-        for key in added:
-            if lease_s > 0:
-                leased[key] = now + lease_s
-            else:
-                leased.pop(key, None)
 
     def report(self, counters: Mapping[str, int]) -> list[Request]:
         """Connector counters: kept (and resent after a re-registration), sent if registered."""
@@ -294,18 +273,10 @@ class RegistrationMachine:
             self._need_snapshot = True
             return []
         self._need_snapshot = False
-        out = self._publishes(list(self.keys), [], reset=True)
-        now = time.monotonic()
-        by_end: dict[int, list[ChunkKey]] = {}  # leases still running, by ms left
-        for key, until in self.leased.items():
-            if until > now and key in self.keys:
-                by_end.setdefault(max(1, int((until - now) * 1000)), []).append(key)
-        for ms, keys in sorted(by_end.items()):
-            out += self._publishes(keys, [], reset=False, lease_s=ms / 1000)
-        return out
+        return self._publishes(list(self.keys), [], reset=True)
 
     def _publishes(self, added: list[ChunkKey], removed: Sequence[ChunkKey],
-                   reset: bool, lease_s: float = 0.0) -> list[Request]:
+                   reset: bool) -> list[Request]:
         """Publishes within MAX_KEYS_PER_MESSAGE (at least one: an empty reset still resets),
         numbered on from ``seq``."""
         removed = list(removed)
@@ -318,8 +289,7 @@ class RegistrationMachine:
             self.seq += 1
             out.append(Publish(instance=reg.instance, namespace=reg.namespace,
                                added=batch_added, removed=batch_removed, seq=self.seq,
-                               reset=reset and not out, epoch=reg.epoch,
-                               lease_ms=min(MAX_LEASE_MS, int(lease_s * 1000))))
+                               reset=reset and not out, epoch=reg.epoch))
         return out
 
     def _warn_once(self, message: str) -> None:

@@ -89,15 +89,6 @@ def merge_runs(n_keys: int, answers: Mapping[ShardId, ShardAnswer]) -> list[Hold
             if run < len(answer.positions):
                 limit = min(limit, answer.positions[run])
         limits[instance] = limit
-    leased: dict[str, int] = {}  # leased keys (issue 14) over every shard's part, and the
-    left: dict[str, int] = {}  # least lease time left: a shard's part of a run may reach past
-    for answer in answers.values():  # the merged run, so ``leased`` is capped at it
-        for h in answer.holders or ():
-            if h.leased:
-                leased[h.instance] = leased.get(h.instance, 0) + h.leased
-                left[h.instance] = min(left.get(h.instance, h.lease_left_ms), h.lease_left_ms)
-    merged = [msgspec.structs.replace(seen[i], run=run, leased=min(run, leased.get(i, 0)),
-                                      lease_left_ms=left.get(i, 0))
-              for i, run in limits.items() if run > 0]
+    merged = [msgspec.structs.replace(seen[i], run=run) for i, run in limits.items() if run > 0]
     merged.sort(key=lambda h: (-h.run, h.instance))
     return merged

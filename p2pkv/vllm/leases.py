@@ -50,11 +50,11 @@ class LeaseCounters:
 
 class LeasedBlocks:
     """``transport.leased.LeasedChunks`` over one rank's CPU cache. ``publish(added,
-    removed, lease_s=...)``: tell the directory (``lease_s``: the keys' tier, issue 14); ``save(plans)``: queue copies into the store (the save
+    removed)``: tell the directory; ``save(plans)``: queue copies into the store (the save
     thread, ``HostSaver.save``)."""
 
     def __init__(self, layout: KVLayout, store: ChunkStore,
-                 publish: Callable[..., None],
+                 publish: Callable[[list[ChunkKey], list[ChunkKey]], None],
                  save: Callable[[Sequence[tuple[ChunkKey, Sequence[int]]]], int], *,
                  clock: Callable[[], float] = time.monotonic) -> None:
         assert not layout.on_gpu, "leases serve host blocks in place (CPU caches)"
@@ -80,7 +80,7 @@ class LeasedBlocks:
                 self._grants[g.req_id] = g
                 self._reads[g.req_id] = Counter()
             if self._table.grant(g.req_id, chunks, g.ttl_s):
-                self._publish([c.key for c in g.chunks], [], lease_s=g.ttl_s)
+                self._publish([c.key for c in g.chunks], [])
                 with self._lock:
                     self.counters.leases_granted += 1
                 logger.info("p2pkv: lease on %s: %d chunks for %.1f s", g.req_id,
@@ -110,11 +110,8 @@ class LeasedBlocks:
             lost = [k for k, _ in need if not self._store.holds(k) and not self._table.leases(k)]
             with self._lock:
                 self.counters.chunks_moved_to_store += queued
-            gone = set(lost)
-            kept = [c.key for c in g.chunks if c.key not in gone
-                    and not self._table.leases(c.key)]
-            if lost or kept:  # kept: now served from the store (the directory's tier)
-                self._publish(kept, lost)
+            if lost:
+                self._publish([], lost)
             logger.debug("p2pkv: lease on %s ended: %d chunks to the store, %d dropped",
                          req_id, queued, len(lost))
         return out
