@@ -100,7 +100,9 @@ def test_all_good_exits_0_and_names_each_path(spawn, directory, secret_file):
     code, report, _ = doctor(*args)
     assert code == 0 and report["ok"] and report["errors"] == 0, report
     assert {f["check"] for f in report["findings"]} == {"directory", "hash-probe", "namespace",
-                                                       "data-plane"}
+                                                       "data-plane", "tier"}
+    tiers = [f for f in report["findings"] if f["check"] == "tier"]
+    assert len(tiers) == 2 and all("host store (no leases out)" in f["detail"] for f in tiers)
     peers = {p["instance"]: p for p in report["peers"]}
     assert all(p["reachable"] for p in peers.values())
     # same host and a slab: shm; a tcp-only holder: tcp, and the doctor says why

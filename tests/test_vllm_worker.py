@@ -44,8 +44,12 @@ class RecordingDirectory:
         self.registered.append(registration.address)
         self.registrations.append(registration)
 
-    def publish(self, added=(), removed=()):
+    leased: list = field(default_factory=list)  # (keys, lease_s) published as leased
+
+    def publish(self, added=(), removed=(), lease_s=0.0):
         self.published.append((list(added), list(removed)))
+        if lease_s > 0:
+            self.leased.append((list(added), lease_s))
 
     def report(self, counters):
         self.reports.append(dict(counters))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from p2pkv.bench import disagg_tiers
 from p2pkv.bench.report import Column, median, table
 from p2pkv.harness.cluster import LocalCluster, wait_healthy
 from p2pkv.harness.documents import QUESTIONS, document_messages, document_parts
@@ -29,6 +30,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--workdir", type=Path, default=Path(".p2pkv-run/bench-disagg"))
+    disagg_tiers.add_args(parser)
 
 
 def _progress(t: float, ready: list[str]) -> None:
@@ -36,6 +38,8 @@ def _progress(t: float, ready: list[str]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.tiers:
+        return disagg_tiers.main(args)
     from p2pkv.harness.demo_model import prepare
 
     model = prepare()

@@ -260,8 +260,9 @@ def print_status(reply: StatsReply, endpoint: str, out: TextIO) -> None:
     """Render a StatsReply as a table of instances and lines of totals."""
     out.write(f"directory {endpoint} (epoch {reply.directory_epoch}, protocol v{reply.v}, "
               f"{'CURVE' if reply.secure else 'unauthenticated'}, feed {reply.feed_endpoint})\n")
-    header = ("INSTANCE", "ADDRESS", "EPOCH", "CHUNKS", "LEASE", "COUNTERS")
+    header = ("INSTANCE", "ADDRESS", "EPOCH", "CHUNKS", "LEASE", "LEASED", "COUNTERS")
     rows = [(i.instance, i.address, str(i.epoch), str(i.chunks), f"{i.lease_left_ms / 1000:.1f}s",
+             f"{i.leased_chunks} ({i.lease_ends_ms / 1000:.1f}s)" if i.leased_chunks else "-",
              " ".join(f"{k}={v}" for k, v in sorted(i.counters.items())) or "-")
             for i in reply.instances]
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header) - 1)]

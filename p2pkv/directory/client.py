@@ -165,8 +165,11 @@ class DirectoryClient:
         """Full snapshots sent (after registering, a seq gap or a dropped publish)."""
         return self._reg.resyncs if self._reg is not None else 0
 
-    def publish(self, added: Iterable[ChunkKey] = (), removed: Iterable[ChunkKey] = ()) -> None:
+    def publish(self, added: Iterable[ChunkKey] = (), removed: Iterable[ChunkKey] = (), *,
+                lease_s: float = 0.0) -> None:
         """Record the store's changes and send them (one message per MAX_KEYS_PER_MESSAGE).
+        ``lease_s`` > 0: ``added`` are served from leased paged blocks for that long, not
+        from the store (the directory's lookups say so: ``Holder.tier``, issue 14).
 
         While not registered only the record changes: the snapshot after (re-)registration
         carries everything. Never blocks.
@@ -175,7 +178,7 @@ class DirectoryClient:
             if self._reg is None:
                 raise RuntimeError("publish() before register()")
             self._drain()
-            self._send_all(self._reg.publish(added, removed))
+            self._send_all(self._reg.publish(added, removed, lease_s=lease_s))
 
     def report(self, counters: Mapping[str, int]) -> None:
         """Send connector counters (shown by ``p2pkv status``); kept and resent after a

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import time
 from array import array
 from collections import deque
 from itertools import islice
@@ -30,7 +31,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from p2pkv.directory.protocol import (
-    MAX_KEYS_PER_REGISTRATION, MAX_REGISTRATIONS_PER_CONNECTION, Holder, InstanceInfo, Status,
+    MAX_KEYS_PER_REGISTRATION, MAX_REGISTRATIONS_PER_CONNECTION, TIER_LEASED, TIER_STORE, Holder,
+    InstanceInfo, Status,
 )
 from p2pkv.errors import DirectoryIndexError
 from p2pkv.keys import ChunkKey, InstanceId, Namespace
@@ -66,6 +68,9 @@ class Member:
     owner: bytes = b""
     """The connection (ZeroMQ routing id) that registered it: only it may change it while
     the lease runs."""
+    leased: dict[ChunkKey, float] = field(default_factory=dict)
+    """Issue 14: keys served from leased paged blocks only, and when (the directory's clock)
+    each lease ends; every other key is in the host store."""
     quota: bytes = b""
     """Whose quota of registrations it counts against: the instance credential it was
     registered with (a CURVE directory), else its connection (``owner``)."""
@@ -564,8 +569,10 @@ class DirectoryIndex:
 
     def publish(self, instance: InstanceId, namespace: Namespace, seq: int, reset: bool,
                 added: Sequence[ChunkKey], removed: Iterable[ChunkKey], now: float, *,
-                epoch: int | None = None, owner: bytes | None = None) -> None:
-        """Apply one Publish (reset: drop all keys first). Raises SEQ_GAP / WRONG_NAMESPACE /
+                epoch: int | None = None, owner: bytes | None = None,
+                lease_s: float = 0.0) -> None:
+        """Apply one Publish (reset: drop all keys first). ``lease_s`` > 0: ``added`` are in
+        leased paged blocks until ``now + lease_s``; 0: in the host store. Raises SEQ_GAP / WRONG_NAMESPACE /
         UNKNOWN_INSTANCE / STALE_EPOCH / INSTANCE_TAKEN / OVER_QUOTA without applying
         anything."""
         member = self.touch(instance, now, epoch=epoch, owner=owner)
@@ -586,6 +593,18 @@ class DirectoryIndex:
         if reset and member.chunks:
             space.retire(member.handle, member.chunks)
             member.handle, member.chunks = space.take_handle(member), 0
+        if reset:
+            member.leased.clear()
+        leased = member.leased
+        if lease_s > 0:
+            until = now + lease_s
+            leased.update((key, until) for key in added)
+        elif leased:
+            for key in added:
+                leased.pop(key, None)
+        if leased:
+            for key in removed:
+                leased.pop(key, None)
         add, remove, h = space.add, space.remove, member.handle
         n = 0
         for key in added:
@@ -594,16 +613,20 @@ class DirectoryIndex:
             n -= remove(key, h)
         member.chunks += n
 
-    def lookup(self, namespace: Namespace, keys: Sequence[ChunkKey]) -> list[Holder]:
-        """Instances holding ``keys[0:run]`` contiguously, run >= 1, longest run first.
+    def lookup(self, namespace: Namespace, keys: Sequence[ChunkKey],
+               now: float | None = None) -> list[Holder]:
+        """Instances holding ``keys[0:run]`` contiguously, run >= 1, longest run first, each
+        with the tier that serves the run (``Holder.tier``, issue 14).
 
-        O(len(keys)): one dict probe per key, set operations where the holders change.
+        O(len(keys)): one dict probe per key, set operations where the holders change; a
+        holder with leases out costs one more probe per key of its run.
         """
         space = self._spaces.get(namespace)
         if space is None or not keys:
             return []
         members = space.members
-        result = [Holder(m.instance, m.address, run, m.engine, m.slice, m.epoch)
+        when = time.monotonic() if now is None else now
+        result = [_holder(m, keys, run, when)
                   for h, run in space.runs(keys).items()
                   if (m := members.get(h)) is not None]
         result.sort(key=lambda holder: (-holder.run, holder.instance))
@@ -617,7 +640,9 @@ class DirectoryIndex:
                              epoch=m.epoch, chunks=m.chunks, counters=dict(m.counters),
                              probe=m.probe, capabilities=list(m.capabilities),
                              lease_left_ms=int((m.expires_at - now) * 1000),
-                             engine=m.engine, slice=m.slice, spec=m.spec)
+                             engine=m.engine, slice=m.slice, spec=m.spec,
+                             leased_chunks=len(m.leased),
+                             lease_ends_ms=_ms_left(min(m.leased.values(), default=now), now))
                 for _, m in sorted(self._members.items())]
 
     def members(self) -> Iterator[Member]:
@@ -640,3 +665,23 @@ class DirectoryIndex:
                                       f"instance {instance} is registered by another "
                                       "connection")
         return member
+
+
+def _ms_left(until: float, now: float) -> int:
+    return max(0, int((until - now) * 1000))
+
+
+def _holder(m: Member, keys: Sequence[ChunkKey], run: int, now: float) -> Holder:
+    """``m``'s Holder of ``keys[0:run]``: TIER_LEASED until the earliest lease among them
+    ends, when any is only leased; else TIER_STORE."""
+    ends = None
+    if m.leased:
+        got = m.leased.get
+        for key in keys[:run]:
+            until = got(key)
+            if until is not None and (ends is None or until < ends):
+                ends = until
+    if ends is None:
+        return Holder(m.instance, m.address, run, m.engine, m.slice, m.epoch, TIER_STORE)
+    return Holder(m.instance, m.address, run, m.engine, m.slice, m.epoch, TIER_LEASED,
+                  _ms_left(ends, now))

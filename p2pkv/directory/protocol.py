@@ -51,6 +51,11 @@ PROTOCOL_VERSION = 4
 #      directory without them answers bad_request, and a sender then sends Heartbeats one by
 #      one (``heartbeats_unsupported``). Holder.epoch (issue 13): the holder's registration
 #      epoch in Lookup answers, named in data-plane requests (default 0 = not checked).
+#      Tiers (issue 14): Publish.lease_ms (the added keys are served from leased paged
+#      blocks for that long; 0 = the host store), Holder.tier/lease_left_ms and
+#      InstanceInfo.leased_chunks/lease_ends_ms. Defaults mean "the store" (a Publish of an
+#      older client) and "not said" (a Holder of an older directory: tier ""); older peers
+#      ignore the fields, so no bump.
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """Largest encoded message either side accepts."""
@@ -119,6 +124,16 @@ _Spec = Annotated[str, msgspec.Meta(max_length=4096)]
 _Counters = Annotated[dict[_Name, _I64], msgspec.Meta(max_length=MAX_COUNTERS)]
 _Capabilities = Annotated[list[_Name], msgspec.Meta(max_length=MAX_CAPABILITIES)]
 _Reason = Annotated[str, msgspec.Meta(max_length=4096)]
+
+
+TIER_LEASED = "leased"
+"""Holder.tier: some of the run is served from the holder's paged KV blocks under a lease
+(until ``lease_left_ms``; after it, from the store if the copy made it there, else not)."""
+TIER_STORE = "store"
+"""Holder.tier: the whole run is served from the holder's host store (the durable tier)."""
+MAX_LEASE_MS = 86_400_000
+"""Longest lease a Publish may name (a day; leases are seconds)."""
+_Tier = Annotated[str, msgspec.Meta(max_length=16)]
 
 
 class Status:
@@ -202,6 +217,9 @@ class Publish(_Message, tag="pub", frozen=True):
     reset: bool = False
     epoch: _U63 = 0
     """The registration's epoch (v3): a Publish of another epoch is refused."""
+    lease_ms: Annotated[int, msgspec.Meta(ge=0, le=MAX_LEASE_MS)] = 0
+    """Issue 14: ``added`` are served from leased paged blocks for this long (TIER_LEASED);
+    0: from the host store (a leased key published again with 0 moved to the store)."""
 
     def __post_init__(self) -> None:
         if len(self.added) + len(self.removed) > MAX_KEYS_PER_MESSAGE:
@@ -284,6 +302,12 @@ class Holder(msgspec.Struct, frozen=True):
     engine: _Engine = ""
     slice: KVSlice | None = None
     epoch: _U63 = 0
+    tier: _Tier = ""
+    """Which tier serves keys[0:run] (issue 14): TIER_LEASED when some of them are only in
+    leased paged blocks, TIER_STORE when all are in the host store; "" from older
+    directories."""
+    lease_left_ms: _U63 = 0
+    """With TIER_LEASED: until the earliest of those leases ends (0: ending now)."""
 
 
 class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -301,6 +325,10 @@ class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):
     engine: _Engine = ""
     slice: KVSlice | None = None
     spec: _Spec = ""
+    leased_chunks: _U63 = 0
+    """Keys served from leased paged blocks only (issue 14; the rest: the host store)."""
+    lease_ends_ms: _U63 = 0
+    """With leased_chunks: until the earliest of those leases ends."""
 
 
 class RefusedRegistration(msgspec.Struct, frozen=True, kw_only=True):

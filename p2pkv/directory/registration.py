@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from p2pkv.directory.protocol import (
-    HEARTBEAT_INTERVAL_S, MAX_KEYS_PER_MESSAGE, MIN_HEARTBEAT_S, REFUSED_RETRY_INTERVALS, Error,
-    Heartbeat, Publish, Register, RegisterReply, Reply, Report, Request, Status, Unregister,
-    tick_s,
+    HEARTBEAT_INTERVAL_S, MAX_KEYS_PER_MESSAGE, MAX_LEASE_MS, MIN_HEARTBEAT_S,
+    REFUSED_RETRY_INTERVALS, Error, Heartbeat, Publish, Register, RegisterReply, Reply, Report,
+    Request, Status, Unregister, tick_s,
 )
 from p2pkv.keys import ChunkKey, InstanceId, Namespace
 from p2pkv.slices import KVSlice
@@ -106,6 +107,9 @@ class RegistrationMachine:
         self.resyncs = 0
         """Full snapshots queued (after registering, a seq gap or a dropped publish)."""
         self.keys: set[ChunkKey] = set()
+        self._leased: dict[ChunkKey, float] = {}
+        """Keys of ``keys`` published as leased (issue 14), and when (time.monotonic) each
+        lease ends: a snapshot names them leased for what is left."""
         self._counters: dict[str, int] | None = None
         self._rid = 0
         """rid of the last Register queued; replies to older requests cannot change the state."""
@@ -171,17 +175,28 @@ class RegistrationMachine:
         return []
 
     def publish(self, added: Iterable[ChunkKey] = (),
-                removed: Iterable[ChunkKey] = ()) -> list[Request]:
+                removed: Iterable[ChunkKey] = (), *, lease_s: float = 0.0) -> list[Request]:
         """The store gained ``added`` and lost ``removed``: record them, and send them (one
         message per MAX_KEYS_PER_MESSAGE) while registered; otherwise the snapshot after
-        (re-)registration carries them."""
+        (re-)registration carries them. ``lease_s`` > 0: ``added`` are in leased paged
+        blocks for that long (``Publish.lease_ms``; a snapshot names them so for what is left)."""
         added, removed = list(added), list(removed)
         self.keys.update(added)
         self.keys.difference_update(removed)
+        if lease_s > 0:
+            until = time.monotonic() + lease_s
+            self._leased.update((k, until) for k in added)
+        elif self._leased:
+            for k in added:
+                self._leased.pop(k, None)
+        if self._leased:
+            for k in removed:
+                self._leased.pop(k, None)
         if self._need_snapshot:
             return self._snapshot()
         if self.state is RegState.REGISTERED:
-            return self._publishes(added, removed, reset=False)
+            return self._publishes(added, removed, reset=False,
+                                   lease_ms=max(1, int(lease_s * 1000)) if lease_s > 0 else 0)
         return []
 
     def report(self, counters: Mapping[str, int]) -> list[Request]:
@@ -273,10 +288,21 @@ class RegistrationMachine:
             self._need_snapshot = True
             return []
         self._need_snapshot = False
-        return self._publishes(list(self.keys), [], reset=True)
+        now = time.monotonic()
+        by_end: dict[int, list[ChunkKey]] = {}
+        for k, until in list(self._leased.items()):
+            if until <= now:
+                del self._leased[k]  # ended: the holder republishes or unpublishes it
+            else:
+                by_end.setdefault(max(1, int((until - now) * 1000)), []).append(k)
+        leased = set(self._leased)
+        out = self._publishes([k for k in self.keys if k not in leased], [], reset=True)
+        for ms, keys in sorted(by_end.items()):
+            out.extend(self._publishes(keys, [], reset=False, lease_ms=ms))
+        return out
 
     def _publishes(self, added: list[ChunkKey], removed: Sequence[ChunkKey],
-                   reset: bool) -> list[Request]:
+                   reset: bool, lease_ms: int = 0) -> list[Request]:
         """Publishes within MAX_KEYS_PER_MESSAGE (at least one: an empty reset still resets),
         numbered on from ``seq``."""
         removed = list(removed)
@@ -289,7 +315,8 @@ class RegistrationMachine:
             self.seq += 1
             out.append(Publish(instance=reg.instance, namespace=reg.namespace,
                                added=batch_added, removed=batch_removed, seq=self.seq,
-                               reset=reset and not out, epoch=reg.epoch))
+                               reset=reset and not out, epoch=reg.epoch,
+                               lease_ms=min(lease_ms, MAX_LEASE_MS)))
         return out
 
     def _warn_once(self, message: str) -> None:

@@ -17,7 +17,7 @@ from typing import NewType
 
 import msgspec
 
-from p2pkv.directory.protocol import Holder
+from p2pkv.directory.protocol import TIER_LEASED, Holder
 from p2pkv.keys import ChunkKey
 
 ShardId = NewType("ShardId", str)
@@ -89,6 +89,18 @@ def merge_runs(n_keys: int, answers: Mapping[ShardId, ShardAnswer]) -> list[Hold
             if run < len(answer.positions):
                 limit = min(limit, answer.positions[run])
         limits[instance] = limit
-    merged = [msgspec.structs.replace(seen[i], run=run) for i, run in limits.items() if run > 0]
+    merged = [_tiered(msgspec.structs.replace(seen[i], run=run), answers)
+              for i, run in limits.items() if run > 0]
     merged.sort(key=lambda h: (-h.run, h.instance))
     return merged
+
+
+def _tiered(h: Holder, answers: Mapping[ShardId, ShardAnswer]) -> Holder:
+    """``h`` with the tier over every shard (issue 14): TIER_LEASED, until the earliest
+    lease, when any shard says so (its run may reach past the merged one: the worse answer,
+    never a wrong "store"); else what the shards said."""
+    leased = [x.lease_left_ms for a in answers.values() for x in a.holders or ()
+              if x.instance == h.instance and x.tier == TIER_LEASED]
+    if leased:
+        return msgspec.structs.replace(h, tier=TIER_LEASED, lease_left_ms=min(leased))
+    return h

@@ -359,11 +359,11 @@ class DirectoryServer:
         try:
             match msg:
                 case Lookup():
-                    return [self._lookup(msg)]
+                    return [self._lookup(msg, now)]
                 case Publish():
                     self.index.publish(msg.instance, msg.namespace, msg.seq, msg.reset,
                                        msg.added, msg.removed, now, epoch=msg.epoch,
-                                       owner=owner)
+                                       owner=owner, lease_s=msg.lease_ms / 1000)
                     self.counters.publishes += 1
                     self._emit(ChunksChanged(
                         seq=0, directory_epoch=0, instance=msg.instance,
@@ -443,8 +443,8 @@ class DirectoryServer:
         return HeartbeatsReply(rid=msg.rid, directory_epoch=self.directory_epoch,
                                refused=refused)
 
-    def _lookup(self, msg: Lookup) -> LookupReply:
-        holders = self.index.lookup(msg.namespace, msg.keys)
+    def _lookup(self, msg: Lookup, now: float) -> LookupReply:
+        holders = self.index.lookup(msg.namespace, msg.keys, now)
         c = self.counters
         c.lookups += 1
         c.keys_looked_up += len(msg.keys)

@@ -187,7 +187,8 @@ class ShardedClient:
         for client in self._all():
             client.register(registration, wait_connected_s)
 
-    def publish(self, added: Iterable[ChunkKey] = (), removed: Iterable[ChunkKey] = ()) -> None:
+    def publish(self, added: Iterable[ChunkKey] = (), removed: Iterable[ChunkKey] = (), *,
+                lease_s: float = 0.0) -> None:
         parts: dict[ShardId, tuple[list[ChunkKey], list[ChunkKey]]] = {
             s: ([], []) for s in self.clients}
         shard_of = self.ring.shard_of
@@ -198,7 +199,7 @@ class ShardedClient:
         for shard, (a, r) in parts.items():
             if a or r:
                 for client in self.clients[shard]:
-                    client.publish(a, r)
+                    client.publish(a, r, lease_s=lease_s)
 
     def report(self, counters: Mapping[str, int]) -> None:
         for client in self._all():

@@ -80,6 +80,7 @@ def diagnose(config: DoctorConfig) -> DoctorReport:
         findings.extend(namespace_findings(stats.instances))
         findings.extend(address_findings(config.directory, stats.instances))
         findings.extend(server_findings(stats.instances))
+        findings.extend(tier_findings(stats.instances))
         peers = _check_peers(config, choice, stats.instances)
         findings.extend(_peer_finding(p) for p in peers)
     return DoctorReport(directory=config.directory, secret=config.secret is not None,
@@ -240,6 +241,22 @@ def server_findings(instances: Sequence[InstanceInfo]) -> list[Finding]:
                                     f"refused requests: {', '.join(wrong)} (pullers that "
                                     "reached it at an address the directory had listed for "
                                     "another instance or an earlier run of it)"))
+    return findings
+
+
+def tier_findings(instances: Sequence[InstanceInfo]) -> list[Finding]:
+    """Per instance: which tier serves its chunks (issue 14): leased paged blocks (until the
+    earliest lease ends) or the host store. Pure (tests feed it structs)."""
+    findings = []
+    for i in instances:
+        subject = f"{i.instance} ({i.address})"
+        if i.leased_chunks:
+            detail = (f"{i.leased_chunks} of {i.chunks} chunk(s) served from leased paged "
+                      f"blocks (earliest lease ends in {i.lease_ends_ms / 1000:.1f} s, then "
+                      f"from the store if copied there), the rest from the host store")
+        else:
+            detail = f"{i.chunks} chunk(s) served from the host store (no leases out)"
+        findings.append(Finding("OK", "tier", subject, detail))
     return findings
 
 

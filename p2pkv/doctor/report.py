@@ -18,7 +18,8 @@ class Finding(msgspec.Struct, frozen=True):
 
     level: Level
     check: str
-    """``directory``, ``hash-probe``, ``address`` or ``data-plane``."""
+    """``directory``, ``hash-probe``, ``namespace``, ``address``, ``data-plane``,
+    ``data-plane server`` or ``tier``."""
     subject: str
     detail: str
 

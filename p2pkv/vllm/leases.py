@@ -6,8 +6,9 @@ One worker rank's lender: the data-plane server asks it for keys its store does 
 rank hands the request back (``take_released`` → ``finished_sending``). The
 :class:`~p2pkv.vllm.lease.LeaseTable` decides when: the lease expired, every chunk was pulled
 ``max_pulls`` times, or the scheduler side ended it (memory pressure), and no read is still
-out. A chunk's keys are published when its lease is granted; when the lease ends its chunks are
-copied into the store (the durable tier; the save thread's copy, fenced like every save before
+out. A chunk's keys are published when its lease is granted, as leased for its ttl (the
+directory's lookups name the tier, ``Holder.tier``; keys the store holds already stay stored);
+when the lease ends its chunks are copied into the store (published again, as stored) (the durable tier; the save thread's copy, fenced like every save before
 vLLM reuses the blocks) and the keys the store could not take are unpublished.
 
 NOTE (stale check): a read pins its lease, and a lease is handed back only with no pins out,
@@ -50,11 +51,11 @@ class LeaseCounters:
 
 class LeasedBlocks:
     """``transport.leased.LeasedChunks`` over one rank's CPU cache. ``publish(added,
-    removed)``: tell the directory; ``save(plans)``: queue copies into the store (the save
+    removed, lease_s=...)``: tell the directory (``DirectoryClient.publish``); ``save(plans)``: queue copies into the store (the save
     thread, ``HostSaver.save``)."""
 
     def __init__(self, layout: KVLayout, store: ChunkStore,
-                 publish: Callable[[list[ChunkKey], list[ChunkKey]], None],
+                 publish: Callable[..., None],
                  save: Callable[[Sequence[tuple[ChunkKey, Sequence[int]]]], int], *,
                  clock: Callable[[], float] = time.monotonic) -> None:
         assert not layout.on_gpu, "leases serve host blocks in place (CPU caches)"
@@ -80,7 +81,9 @@ class LeasedBlocks:
                 self._grants[g.req_id] = g
                 self._reads[g.req_id] = Counter()
             if self._table.grant(g.req_id, chunks, g.ttl_s):
-                self._publish([c.key for c in g.chunks], [])
+                fresh = [c.key for c in g.chunks if not self._store.holds(c.key)]
+                if fresh:
+                    self._publish(fresh, [], lease_s=g.ttl_s)
                 with self._lock:
                     self.counters.leases_granted += 1
                 logger.info("p2pkv: lease on %s: %d chunks for %.1f s", g.req_id,
