@@ -248,3 +248,50 @@ def test_a_selection_pulls_only_those_bytes_of_each_chunk(spawn, kind):
         assert [r.outcome for r in results] == [Outcome.OK] * 2, results
     finally:
         t.close()
+
+
+def _slab_fd(pid: int) -> str:
+    """The /proc path of holder ``pid``'s shared slab (an unlinked /dev/shm file)."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        path = f"/proc/{pid}/fd/{fd}"
+        try:
+            if "p2pkv-slab-" in os.readlink(path):
+                return path
+        except OSError:
+            continue
+    raise AssertionError(f"no slab among {pid}'s descriptors")
+
+
+def test_a_slab_rewritten_by_a_third_process_is_a_checksum_error_never_wrong_bytes(spawn):
+    """Issue 13: the holder's slab is an unlinked file of mode 0600 (only its user reaches
+    it, through /proc/PID/fd). A third process of that user that rewrites a chunk's bytes in
+    it does not get them served: the puller checks each chunk against the digest the holder
+    sent over the MACed control connection, fails that chunk (recompute), and takes the
+    others."""
+    import subprocess
+    import sys
+
+    size = 65_536
+    proc, address = peer(spawn, size, 3, "shm")
+    path = _slab_fd(proc.pid)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    t = client("shm")
+    try:
+        bufs, items = dests(size, 3)
+        assert [r.outcome for r in t.pull(address, items, 5)] == [Outcome.OK] * 3
+        assert t.counters.shm == 1
+        tamper = ("import mmap, os, sys\n"
+                  "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+                  "m = mmap.mmap(fd, 0)\n"
+                  "n = int(sys.argv[2])\n"
+                  "for i in range(0, len(m), n):\n"
+                  "    m[i + n // 2] ^= 0xFF\n"  # one byte in the middle of every slot
+                  "m.flush()\n")
+        subprocess.run([sys.executable, "-c", tamper, path, str(size)], check=True, timeout=30)
+        bufs, items = dests(size, 3)
+        results = t.pull(address, items, 5)
+        assert [r.outcome for r in results] == [Outcome.FAILED] * 3, results
+        assert all("checksum" in r.reason for r in results)
+        assert proc.poll() is None  # the holder lives on
+    finally:
+        t.close()
