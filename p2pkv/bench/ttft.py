@@ -52,6 +52,7 @@ from p2pkv.bench.report import Column, median, pct, plot_lines, table
 from p2pkv.harness import lmcache, overhead, vllm_p2p
 from p2pkv.harness.cluster import Instance, LocalCluster, free_port, reserved_cpus, wait_healthy
 from p2pkv.harness.documents import QUESTIONS, document_tokens
+from p2pkv.harness.model_len import max_model_len, model_positions
 from p2pkv.harness.openai_client import complete
 
 
@@ -140,22 +141,6 @@ def chat_requests(tokens: list[int], users: int, rounds: int, tokenize) -> list[
             out.append(Request("chat", u, r, len(history), (u + r) % 2, tuple(history)))
             history = history + tokenize(f" Part {r + 1} is described in the text above.")
     return out
-
-
-def max_model_len(longest: int, model_positions: int) -> int:
-    """The instances' ``--max-model-len`` for prompts of up to ``longest`` tokens (plus a
-    question and one output token): at least vLLM's usual 4,096, at most what the model's
-    positions allow (ValueError, a caller error, when the prompts do not fit)."""
-    need = longest + 128
-    if need > model_positions:
-        raise ValueError(f"prompts of {longest} tokens (plus a question) do not fit the "
-                         f"model's {model_positions} positions")
-    return min(model_positions, max(4096, need))
-
-
-def model_positions(model: Path) -> int:
-    """The model's ``max_position_embeddings`` (its config.json)."""
-    return int(json.loads((model / "config.json").read_text())["max_position_embeddings"])
 
 
 def start_instances(cluster: LocalCluster, name: str,

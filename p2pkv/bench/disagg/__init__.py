@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from p2pkv.bench import disagg_tiers
+from p2pkv.bench.disagg import tiers as disagg_tiers
 from p2pkv.bench.report import Column, median, table
 from p2pkv.harness.cluster import LocalCluster, wait_healthy
 from p2pkv.harness.documents import QUESTIONS, document_messages, document_parts

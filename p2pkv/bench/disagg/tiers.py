@@ -45,7 +45,7 @@ def _counters(cluster: LocalCluster, name: str) -> dict[str, int]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from p2pkv.bench.ttft import max_model_len, model_positions
+    from p2pkv.harness.model_len import max_model_len, model_positions
     from p2pkv.harness.demo_model import prepare
 
     model = prepare()
