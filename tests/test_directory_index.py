@@ -41,7 +41,7 @@ def pub(index: DirectoryIndex, seq: Seq, inst: InstanceId, added=(), removed=(),
 
 
 def runs(index: DirectoryIndex, keys: list[ChunkKey], ns: Namespace = NS) -> list[tuple]:
-    return [(h.instance, h.address, h.run) for h in index.lookup(ns, keys)]
+    return [(h.instance, h.address, h.run) for h in index.lookup(ns, keys, 0.0)]
 
 
 def chunks(index: DirectoryIndex, inst: InstanceId) -> int:
@@ -272,7 +272,7 @@ def test_matches_a_naive_model(ops, query) -> None:
         if run:
             expected.append((inst, run))
     expected.sort(key=lambda x: (-x[1], x[0]))
-    assert [(h.instance, h.run) for h in index.lookup(NS, query)] == expected
+    assert [(h.instance, h.run) for h in index.lookup(NS, query, 0.0)] == expected
     assert index.num_chunks == len(set().union(*model.values())) if model else True
     for inst, keys in model.items():
         assert index.keys_of(inst) == keys and index.member(inst).chunks == len(keys)
@@ -290,7 +290,7 @@ def test_ranks_of_instances_at_different_tp_share_a_namespace(seq) -> None:
     index.register(InstanceId("e1"), 1, NS, "h:9", "p", (), 0.0, engine="e1",
                    slice=KVSlice.whole(4, 2))
     pub(index, seq, InstanceId("e1"), K[:1])
-    holders = index.lookup(NS, K[:2])
+    holders = index.lookup(NS, K[:2], 0.0)
     assert [(h.instance, h.engine, h.slice, h.run) for h in holders] == [
         ("e2/0", "e2", tp2[0], 2), ("e1", "e1", KVSlice.whole(4, 2), 1),
         ("e2/1", "e2", tp2[1], 1)]
@@ -354,7 +354,7 @@ def test_incremental_sweeps_answer_like_a_naive_model(ops, query) -> None:
             if run:
                 expected.append((inst, run))
         expected.sort(key=lambda x: (-x[1], x[0]))
-        assert [(h.instance, h.run) for h in index.lookup(NS, query)] == expected
+        assert [(h.instance, h.run) for h in index.lookup(NS, query, 0.0)] == expected
         for inst, keys in model.items():
             assert index.keys_of(inst) == keys and index.member(inst).chunks == len(keys)
         while index.sweeping:
@@ -371,5 +371,5 @@ def test_lookup_answers_name_the_holders_registration_epoch():
     index = DirectoryIndex(LEASE)
     reg(index, A, epoch=1234)
     pub(index, Seq(), A, added=K[:2])
-    (holder,) = index.lookup(NS, K[:2])
+    (holder,) = index.lookup(NS, K[:2], 0.0)
     assert (holder.instance, holder.run, holder.epoch) == (A, 2, 1234)

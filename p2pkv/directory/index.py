@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-import time
 from array import array
 from collections import deque
 from itertools import islice
@@ -34,6 +33,7 @@ from p2pkv.directory.protocol import (
     MAX_KEYS_PER_REGISTRATION, MAX_REGISTRATIONS_PER_CONNECTION, TIER_LEASED, TIER_STORE, Holder,
     InstanceInfo, Status,
 )
+from p2pkv.directory.tiers import apply_publish
 from p2pkv.errors import DirectoryIndexError
 from p2pkv.keys import ChunkKey, InstanceId, Namespace
 from p2pkv.slices import KVSlice
@@ -572,9 +572,9 @@ class DirectoryIndex:
                 epoch: int | None = None, owner: bytes | None = None,
                 lease_s: float = 0.0) -> None:
         """Apply one Publish (reset: drop all keys first). ``lease_s`` > 0: ``added`` are in
-        leased paged blocks until ``now + lease_s``; 0: in the host store. Raises SEQ_GAP / WRONG_NAMESPACE /
-        UNKNOWN_INSTANCE / STALE_EPOCH / INSTANCE_TAKEN / OVER_QUOTA without applying
-        anything."""
+        leased paged blocks until ``now + lease_s``; 0: in the host store. Raises SEQ_GAP /
+        WRONG_NAMESPACE / UNKNOWN_INSTANCE / STALE_EPOCH / INSTANCE_TAKEN / OVER_QUOTA
+        without applying anything."""
         member = self.touch(instance, now, epoch=epoch, owner=owner)
         if member.namespace != namespace:
             raise DirectoryIndexError(
@@ -595,16 +595,7 @@ class DirectoryIndex:
             member.handle, member.chunks = space.take_handle(member), 0
         if reset:
             member.leased.clear()
-        leased = member.leased
-        if lease_s > 0:
-            until = now + lease_s
-            leased.update((key, until) for key in added)
-        elif leased:
-            for key in added:
-                leased.pop(key, None)
-        if leased:
-            for key in removed:
-                leased.pop(key, None)
+        apply_publish(member.leased, added, removed, now + lease_s if lease_s > 0 else None)
         add, remove, h = space.add, space.remove, member.handle
         n = 0
         for key in added:
@@ -614,7 +605,7 @@ class DirectoryIndex:
         member.chunks += n
 
     def lookup(self, namespace: Namespace, keys: Sequence[ChunkKey],
-               now: float | None = None) -> list[Holder]:
+               now: float) -> list[Holder]:
         """Instances holding ``keys[0:run]`` contiguously, run >= 1, longest run first, each
         with the tier that serves the run (``Holder.tier``, issue 14).
 
@@ -625,8 +616,7 @@ class DirectoryIndex:
         if space is None or not keys:
             return []
         members = space.members
-        when = time.monotonic() if now is None else now
-        result = [_holder(m, keys, run, when)
+        result = [_holder(m, keys, run, now)
                   for h, run in space.runs(keys).items()
                   if (m := members.get(h)) is not None]
         result.sort(key=lambda holder: (-holder.run, holder.instance))

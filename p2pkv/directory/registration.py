@@ -42,6 +42,7 @@ from p2pkv.directory.protocol import (
     REFUSED_RETRY_INTERVALS, Error, Heartbeat, Publish, Register, RegisterReply, Reply, Report,
     Request, Status, Unregister, tick_s,
 )
+from p2pkv.directory.tiers import apply_publish
 from p2pkv.keys import ChunkKey, InstanceId, Namespace
 from p2pkv.slices import KVSlice
 
@@ -183,15 +184,8 @@ class RegistrationMachine:
         added, removed = list(added), list(removed)
         self.keys.update(added)
         self.keys.difference_update(removed)
-        if lease_s > 0:
-            until = time.monotonic() + lease_s
-            self._leased.update((k, until) for k in added)
-        elif self._leased:
-            for k in added:
-                self._leased.pop(k, None)
-        if self._leased:
-            for k in removed:
-                self._leased.pop(k, None)
+        apply_publish(self._leased, added, removed,
+                      time.monotonic() + lease_s if lease_s > 0 else None)
         if self._need_snapshot:
             return self._snapshot()
         if self.state is RegState.REGISTERED:

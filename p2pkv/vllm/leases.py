@@ -7,9 +7,10 @@ rank hands the request back (``take_released`` → ``finished_sending``). The
 :class:`~p2pkv.vllm.lease.LeaseTable` decides when: the lease expired, every chunk was pulled
 ``max_pulls`` times, or the scheduler side ended it (memory pressure), and no read is still
 out. A chunk's keys are published when its lease is granted, as leased for its ttl (the
-directory's lookups name the tier, ``Holder.tier``; keys the store holds already stay stored);
-when the lease ends its chunks are copied into the store (published again, as stored) (the durable tier; the save thread's copy, fenced like every save before
-vLLM reuses the blocks) and the keys the store could not take are unpublished.
+directory's lookups name the tier, ``Holder.tier``; keys the store holds already stay stored).
+When the lease ends its chunks are copied into the store, the durable tier (the save thread's
+copy, fenced like every save before vLLM reuses the blocks), and published again, as stored;
+the keys the store could not take are unpublished.
 
 NOTE (stale check): a read pins its lease, and a lease is handed back only with no pins out,
 so vLLM cannot reuse a block under a read. On top of that the first read of a chunk records
@@ -51,8 +52,8 @@ class LeaseCounters:
 
 class LeasedBlocks:
     """``transport.leased.LeasedChunks`` over one rank's CPU cache. ``publish(added,
-    removed, lease_s=...)``: tell the directory (``DirectoryClient.publish``); ``save(plans)``: queue copies into the store (the save
-    thread, ``HostSaver.save``)."""
+    removed, lease_s=...)``: tell the directory (``DirectoryClient.publish``);
+    ``save(plans)``: queue copies into the store (the save thread, ``HostSaver.save``)."""
 
     def __init__(self, layout: KVLayout, store: ChunkStore,
                  publish: Callable[..., None],
