@@ -59,9 +59,14 @@ class Lookups:
         self._lookups[rid] = _Lookup(deadline=now, done=True)
 
     def on_reply(self, reply: Reply, now: float) -> None:
-        """Any reply; the one to a tracked lookup (before its deadline) ends it."""
+        """Any reply; the one to a tracked lookup not yet reported as timed out ends it.
+
+        NOTE: ``now`` is when the reply was *read*, not when it arrived: a scheduler polls once
+        per engine step, and one slow step (seen in CI: ~290 ms, against a 250 ms deadline)
+        would otherwise throw away a reply that sat in the socket in time. The deadline only
+        says when :meth:`result` stops waiting; a reply already here is never wasted."""
         entry = self._lookups.get(reply.rid)
-        if entry is not None and not entry.done and now < entry.deadline:
+        if entry is not None and not entry.done:
             entry.done = True
             entry.reply = reply if isinstance(reply, LookupReply) else None
 
