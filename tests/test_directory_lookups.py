@@ -30,11 +30,16 @@ def test_no_reply_by_the_deadline_is_none() -> None:
     assert table.result(1, 1.1) is None
 
 
-def test_a_late_or_refused_reply_is_none() -> None:
+def test_a_reply_after_the_miss_or_a_refusal_is_none() -> None:
     table = Lookups()
     table.start(1, deadline=1.0, now=0.0)
-    table.on_reply(REPLY, 1.0)
-    assert table.result(1, 0.9) is PENDING  # the late reply did not count
+    assert table.result(1, 1.0) is None  # the deadline passed: reported as a miss
+    table.on_reply(REPLY, 1.1)
+    assert table.result(1, 1.2) is None  # the reply after that does not count
+    read_late = Lookups()
+    read_late.start(1, deadline=1.0, now=0.0)
+    read_late.on_reply(REPLY, 1.5)  # read late, but before anyone was told "miss": it counts
+    assert read_late.result(1, 1.6) is REPLY
     table.start(2, deadline=1.0, now=0.0)
     table.on_reply(Error(rid=2, status=Status.BAD_REQUEST), 0.1)
     assert table.result(2, 0.2) is None
