@@ -364,7 +364,7 @@ class DirectoryClient:
 
     def _dispatch(self, reply: Reply) -> None:
         now = self._clock()
-        self._lookups.on_reply(reply, now)
+        self._lookups.on_reply(reply)
         if self._reg is not None:
             self._send_all(self._reg.on_reply(reply, now))
         if isinstance(reply, Error) and reply.status not in (Status.SEQ_GAP,

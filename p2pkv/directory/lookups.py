@@ -2,7 +2,7 @@
 
 Owned by :class:`~p2pkv.directory.client.DirectoryClient` (under its lock), which sends the
 Lookup and hands every reply here; time comes in as ``now`` arguments. A lookup ends once:
-with its LookupReply, or as None (refused, or no reply before its deadline).
+with its LookupReply, or as None (refused, or no reply read by the first poll past its deadline).
 """
 
 from __future__ import annotations
@@ -58,12 +58,12 @@ class Lookups:
             self._purge(now)
         self._lookups[rid] = _Lookup(deadline=now, done=True)
 
-    def on_reply(self, reply: Reply, now: float) -> None:
+    def on_reply(self, reply: Reply) -> None:
         """Any reply; the one to a tracked lookup not yet reported as timed out ends it.
 
-        NOTE: ``now`` is when the reply was *read*, not when it arrived: a scheduler polls once
-        per engine step, and one slow step (seen in CI: ~290 ms, against a 250 ms deadline)
-        would otherwise throw away a reply that sat in the socket in time. The deadline only
+        NOTE: no deadline check here: a reply is read when the scheduler polls, once per engine
+        step, and one slow step (seen in CI: ~290 ms, against a 250 ms deadline) would throw
+        away a reply that sat in the socket in time. The deadline only
         says when :meth:`result` stops waiting; a reply already here is never wasted."""
         entry = self._lookups.get(reply.rid)
         if entry is not None and not entry.done:
