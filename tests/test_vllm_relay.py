@@ -123,7 +123,8 @@ def test_mla_tp2_pulls_each_chunk_over_the_network_once():
     holder = holder_with(KEYS, heads=1)
     mla = (KVSlice.whole(1, LAYERS),) * 2
     pullers = instance(mla)
-    assert pullers[0][0]._leader is not None and pullers[1][0]._follower is not None
+    assert pullers[0][0]._relay.leader is not None
+    assert pullers[1][0]._relay.follower is not None
     sources = sources_for(holder, pullers)
     served = holder[0][0]._store.counters.served
     pull_all(pullers, "r", LOADS, sources)
@@ -135,7 +136,7 @@ def test_mla_tp2_pulls_each_chunk_over_the_network_once():
     assert [w.counters.chunks_pulled for w, *_ in pullers] == [3, 3]
     assert pullers[1][0].counters.bytes_taken_from_relay == n
     deadline = time.monotonic() + 5  # the follower's Taken reaches the leader asynchronously
-    while pullers[0][0]._leader.bytes_relayed < n:
+    while pullers[0][0]._relay.leader.bytes_relayed < n:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     pullers[0][0].take_finished_recving()  # reports the counters
@@ -191,7 +192,7 @@ def test_a_follower_whose_leader_dies_mid_load_fails_at_once():
     follower.start_loads(P2PKVMetadata(loads=[LoadPlan("r", tuple(LOADS), sources)]))
     time.sleep(0.2)
     t0 = time.monotonic()
-    pullers[0][0]._leader.close()
+    pullers[0][0]._relay.leader.close()
     wait_finished(follower, "r", timeout_s=5)
     assert time.monotonic() - t0 < 1.0
     assert follower.take_failed_blocks() == {b for c in LOADS for b in c.block_ids}

@@ -7,7 +7,8 @@ registered by itself (leases, re-registration, republishing: see ``p2pkv.directo
 the worker only tells it what the store gained and lost. Pulls run on a small thread pool,
 straight into the blocks vLLM allocated: a rank pulls its slice from the holder ranks the
 scheduler side chose for it (``LoadPlan.sources[rank]``), from several in parallel, each
-part written at its heads' offset in the blocks. Their outcomes are handed back to vLLM
+part written at its heads' offset in the blocks; ranks holding equal slices pull them once
+per instance (``p2pkv.vllm.relaying.RankRelay``). Their outcomes are handed back to vLLM
 through ``get_finished`` / ``get_block_ids_with_load_errors``; vLLM waits for every rank to
 report a request and unions the ranks' failed blocks, so every rank recomputes the same
 blocks. Saves copy completed chunks out of the paged cache after the step's forward pass,
@@ -27,33 +28,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from p2pkv.affinity import widen_cpu_affinity
 from p2pkv.directory.client import DirectoryClient, Registration
 from p2pkv.errors import ConfigError
 from p2pkv.keys import InstanceId, Namespace
 from p2pkv.slices import KVSlice
-from p2pkv.store import ChunkStore, digest
+from p2pkv.store import ChunkStore
 from p2pkv.transport.base import Outcome, PullItem, PullResult, Transport
-from p2pkv.transport.land import scatter
-from p2pkv.transport.shm import copy_and_digest
 from p2pkv.vllm.config import ConnectorConfig
 from p2pkv.vllm.layerwise import LayerwiseLoads, LoadOutcome
 from p2pkv.vllm.layout import KVLayout, pull_batches, pull_selection
 from p2pkv.vllm.leases import LeasedBlocks
 from p2pkv.vllm.metadata import LoadPlan, P2PKVMetadata, P2PKVWorkerMeta
 from p2pkv.vllm.planning import PullSample
-from p2pkv.vllm.relay import (
-    Landed,
-    Relayed,
-    RelayFollower,
-    RelayLeader,
-    RelaySetup,
-    Skip,
-    join_relay,
-    relay_leader,
-)
+from p2pkv.vllm.relay import RelaySetup
+from p2pkv.vllm.relaying import RankRelay, Relaying, TakenLoad
 from p2pkv.vllm.sources import Source
 from p2pkv.vllm.saver import HostSaver
 from p2pkv.vllm.stats import DeltaTracker, StatsDelta
@@ -73,22 +62,6 @@ TP 2 on a 2-CPU host that is three busy processes: measured, a waiting puller to
 both CPUs and the holder's serve threads (another process) did not run for 5 s, until the
 pull deadline. Waiting here (woken as soon as a load ends) turns that loop into ~50 steps a
 second while loads run; a step with a forward pass never waits."""
-
-
-RELAY_GRACE_S = 1.0
-"""A follower waits for its leader's pulls this much longer than the pulls' own deadlines."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Relaying:
-    """A load this rank pulls for ``followers`` too: ``slots[part * chunks + chunk]``."""
-
-    leader: RelayLeader
-    followers: tuple[int, ...]
-    slots: tuple[int, ...]
-
-    def slot(self, part: int, chunk: int, chunks: int) -> int:
-        return self.slots[part * chunks + chunk]
 
 
 @dataclass(slots=True)
@@ -162,9 +135,7 @@ class WorkerSide:
         self.counters = WorkerCounters()
         self._stats = DeltaTracker()
         self._reported: dict[str, int] = {}
-        self._relay_setup = relay
-        self._leader: RelayLeader | None = None
-        self._follower: RelayFollower | None = None
+        self._relay = RankRelay(relay, rank, pull_timeout_s=config.pull_timeout_s)
         self._probe = probe
         self._epoch = time.time_ns()  # a restarted process registers a higher epoch
 
@@ -176,7 +147,7 @@ class WorkerSide:
             raise ConfigError(f"p2pkv: rank {self._rank} should hold {self._slice}, but vLLM "
                               f"gave it {layout.heads} KV heads in {layout.num_layers} layers")
         slot = layout.chunk_bytes(self._chunk_blocks)
-        self._join_relay(layout, slot)
+        self._relay.join(layout, self._slice, slot)
         if not layout.on_gpu and layout.head_bytes:
             self._layerwise = LayerwiseLoads(
                 layout, self._slice, self._transport, groups=self._config.layer_groups,
@@ -305,16 +276,17 @@ class WorkerSide:
         t0 = time.monotonic()
         sources = plan.sources[self._rank] if self._rank < len(plan.sources) else ()
         via = ", ".join(s.address for s in sources)
-        relay: _Relaying | None = None
+        relay: Relaying | None = None
+        taken: TakenLoad | None = None
         try:
             if not sources:
                 raise ValueError(f"the plan names no sources for rank {self._rank}")
-            per_source = self._take_relayed(plan, sources) if self._follows(plan, sources) \
-                else None
-            if per_source is not None:
-                via = f"rank {self._leader_rank()}'s pulls (relay)"
+            taken = self._relay.take(plan, sources)
+            if taken is not None:
+                per_source = taken.per_source
+                via = f"rank {self._relay.leader_rank()}'s pulls (relay)"
             else:
-                relay = self._start_relaying(plan, sources)
+                relay = self._relay.start(plan, sources)
                 if len(sources) == 1:
                     per_source = [self._pull_part(plan, sources[0], 0, relay)]
                 else:
@@ -325,7 +297,7 @@ class WorkerSide:
             logger.exception("p2pkv: pull for %s crashed; recomputing", plan.req_id)
             per_source = [[]]
             if relay is not None:  # the followers fail the same chunks, at once
-                self._announce_failed(plan, sources, relay, "the relay rank's pull crashed")
+                relay.fail("the relay rank's pull crashed")
         ok = 0
         missing = 0
         for i, chunk in enumerate(plan.chunks):
@@ -362,6 +334,9 @@ class WorkerSide:
             c.chunks_missing += missing
             c.chunks_failed += len(plan.chunks) - ok - missing
             c.pull_ms += int(elapsed * 1000)
+            if taken is not None:
+                c.chunks_taken_from_relay += taken.chunks
+                c.bytes_taken_from_relay += taken.nbytes
             self._stats.observe("pull_seconds", elapsed)
             # NOTE: only whole pulls teach the planner a link's speed: a failed one ended
             # early (missing chunk) or at its deadline (a dead peer is not a slow link).
@@ -375,7 +350,7 @@ class WorkerSide:
         return P2PKVWorkerMeta(out)
 
     def _pull_part(self, plan: LoadPlan, source: Source, part: int = 0,
-                   relay: _Relaying | None = None) -> list[PullResult]:
+                   relay: Relaying | None = None) -> list[PullResult]:
         """Pull ``source.part`` of every chunk of ``plan`` from one holder rank, into the part's
         byte ranges of this rank's blocks; with ``relay`` (this rank leads a relay) into its
         slots first, announced to the followers, then copied into the blocks."""
@@ -395,14 +370,11 @@ class WorkerSide:
             if relay is None:
                 items = [PullItem(plan.chunks[i].key, d, select) for i, d in zip(idx, dests)]
             else:
-                slots = [relay.slot(part, i, len(plan.chunks)) for i in idx]
-                items = [PullItem(plan.chunks[i].key,
-                                  (relay.leader.view(slot, sum(p.nbytes for p in d)),), select)
-                         for i, slot, d in zip(idx, slots, dests)]
+                items = relay.items(part, idx, dests, select)
             got = self._transport.pull(source.address, items, self._config.pull_timeout_s,
                                        source.epoch)
             if relay is not None:
-                self._relay_batch(plan, part, relay, idx, slots, items, got, dests)
+                relay.landed(part, idx, items, got, dests)
             for i, item, r in zip(idx, items, got):
                 results[i] = r
                 if r.outcome is Outcome.OK:
@@ -410,130 +382,6 @@ class WorkerSide:
         with self._lock:
             self._pulled_bytes[(plan.req_id, source.address)] = received
         return results  # type: ignore[return-value]
-
-    # -- the relay (p2pkv.vllm.relay): equal slices pulled once per instance ---------------
-
-    def _join_relay(self, layout: KVLayout, slot_bytes: int) -> None:
-        setup = self._relay_setup
-        # NOTE: every rank of the instance gets here with the same setup and device type, so
-        # either all of them join (join_relay's exchange is a collective) or none does.
-        if setup is None or layout.on_gpu or not layout.head_bytes:
-            return
-        hold_s = self._config.pull_timeout_s * (layout.num_groups + 1) + RELAY_GRACE_S
-        got = join_relay(setup, self._rank, slot_bytes=slot_bytes, hold_s=hold_s)
-        if isinstance(got, RelayLeader):
-            self._leader = got
-        elif isinstance(got, RelayFollower):
-            self._follower = got
-
-    def _leader_rank(self) -> int:
-        assert self._relay_setup is not None
-        return relay_leader(self._relay_setup.slices, self._rank)
-
-    def _follows(self, plan: LoadPlan, sources: tuple[Source, ...]) -> bool:
-        """This rank takes the load from its leader's pulls (same sources, leader alive)."""
-        if self._follower is None or not self._follower.alive:
-            return False
-        lead = self._leader_rank()
-        return lead < len(plan.sources) and plan.sources[lead] == sources
-
-    def _start_relaying(self, plan: LoadPlan, sources: tuple[Source, ...]
-                        ) -> _Relaying | None:
-        """A leader with followers that need this load's very parts: slots for them (else a
-        Skip: every rank pulls for itself)."""
-        leader = self._leader
-        if leader is None:
-            return None
-        followers = sorted(r for r in leader.followers
-                           if r < len(plan.sources) and plan.sources[r] == sources)
-        if not followers:
-            return None
-        slots = leader.acquire(plan.req_id, len(sources) * len(plan.chunks), followers)
-        if slots is None:
-            logger.info("p2pkv relay: no free slots for %s (%d chunks); every rank pulls it",
-                        plan.req_id, len(plan.chunks))
-            leader.announce(Skip(plan.req_id, "no free relay slots"), followers)
-            return None
-        return _Relaying(leader, tuple(followers), tuple(slots))
-
-    def _relay_batch(self, plan: LoadPlan, part: int, relay: _Relaying, idx: list[int],
-                     slots: list[int], items: list[PullItem], got: list[PullResult],
-                     dests: list[tuple]) -> None:
-        """Announce one pull's chunks (landed in the relay's slots) to the followers, then
-        copy the good ones into this rank's blocks."""
-        entries = [Relayed(i, slot, item.nbytes, digest(item.dest[0]), "ok")
-                   if r.outcome is Outcome.OK else
-                   Relayed(i, slot, 0, 0, r.outcome.value, r.reason)
-                   for i, slot, item, r in zip(idx, slots, items, got)]
-        relay.leader.announce(Landed(plan.req_id, part, entries), relay.followers)
-        for item, r, dest in zip(items, got, dests):
-            if r.outcome is Outcome.OK:
-                scatter(np.frombuffer(item.dest[0], dtype=np.uint8), dest)
-
-    def _announce_failed(self, plan: LoadPlan, sources: tuple[Source, ...],
-                         relay: _Relaying, reason: str) -> None:
-        for p in range(len(sources)):
-            relay.leader.announce(Landed(plan.req_id, p, [
-                Relayed(i, relay.slot(p, i, len(plan.chunks)), 0, 0, "failed", reason)
-                for i in range(len(plan.chunks))]), relay.followers)
-
-    def _take_relayed(self, plan: LoadPlan, sources: tuple[Source, ...]
-                      ) -> list[list[PullResult]] | None:
-        """A follower's load: wait for the leader's announcements and copy each announced
-        slot into this rank's blocks, checking the leader's digest; None when the leader
-        skipped the load (pull it yourself)."""
-        assert self._layout is not None and self._slice is not None
-        follower = self._follower
-        assert follower is not None
-        layout = self._layout
-        batches = pull_batches(layout, [c.block_ids for c in plan.chunks])
-        deadline = time.monotonic() + self._config.pull_timeout_s * len(batches) \
-            + RELAY_GRACE_S
-        got = follower.collect(plan.req_id, len(sources), len(plan.chunks), deadline)
-        if got.skipped:
-            logger.info("p2pkv relay: rank %d pulls %s itself (%s)", self._rank, plan.req_id,
-                        got.skipped)
-            return None
-        out: list[list[PullResult]] = []
-        good = taken = 0
-        for p, source in enumerate(sources):
-            results: list[PullResult] = [PullResult(c.key, Outcome.FAILED, "") for c in
-                                         plan.chunks]
-            for k, idx in batches:
-                for i in idx:
-                    dest = layout.pull_dest(plan.chunks[i].block_ids, self._slice,
-                                            source.part, k)
-                    results[i] = self._take_one(plan.chunks[i].key, got.parts[p].get(i),
-                                                dest, got.why)
-                    if results[i].outcome is Outcome.OK:
-                        good += 1
-                        taken += sum(d.nbytes for d in dest)
-            out.append(results)
-        follower.taken(plan.req_id, good, taken)
-        with self._lock:
-            self.counters.chunks_taken_from_relay += good
-            self.counters.bytes_taken_from_relay += taken
-        return out
-
-    def _take_one(self, key, entry: Relayed | None, dest: tuple, why: str) -> PullResult:
-        assert self._follower is not None
-        if entry is None:
-            return PullResult(key, Outcome.FAILED, f"relay: {why}")
-        if entry.outcome != Outcome.OK.value:
-            outcome = Outcome.MISSING if entry.outcome == Outcome.MISSING.value \
-                else Outcome.FAILED
-            return PullResult(key, outcome, f"relay rank: {entry.reason}")
-        if entry.nbytes != sum(d.nbytes for d in dest):
-            return PullResult(key, Outcome.FAILED, f"relay: {entry.nbytes} B announced, "
-                              f"{sum(d.nbytes for d in dest)} B expected")
-        try:
-            src = self._follower.slot(entry.slot, entry.nbytes)
-        except ValueError as e:
-            return PullResult(key, Outcome.FAILED, f"relay: {e}")
-        if copy_and_digest(src, dest) != entry.digest:
-            # NOTE: the leader reused the slot (this rank was slower than its hold)
-            return PullResult(key, Outcome.FAILED, "relay: checksum mismatch")
-        return PullResult(key, Outcome.OK)
 
     def take_finished_recving(self) -> set[str]:
         """The requests whose loads ended since the last call. On a step without a forward
@@ -607,9 +455,9 @@ class WorkerSide:
         with self._lock:
             if self._store is not None:
                 self.counters.chunks_served = self._store.counters.served
-            if self._leader is not None:
-                self.counters.chunks_relayed = self._leader.chunks_relayed
-                self.counters.bytes_relayed = self._leader.bytes_relayed
+            if (leader := self._relay.leader) is not None:
+                self.counters.chunks_relayed = leader.chunks_relayed
+                self.counters.bytes_relayed = leader.bytes_relayed
             if self._host_saver is not None:
                 self.counters.save_copy_ms = int(self._host_saver.copy_s * 1000)
                 self.counters.save_fence_waits = self._host_saver.fence_waits
@@ -646,10 +494,7 @@ class WorkerSide:
         self._parts.shutdown(wait=True, cancel_futures=True)
         if self._layerwise is not None:
             self._layerwise.close()
-        if self._follower is not None:
-            self._follower.close()
-        if self._leader is not None:
-            self._leader.close()
+        self._relay.close()
         if self._host_saver is not None:
             self._host_saver.close()
         if self._saver is not None:
