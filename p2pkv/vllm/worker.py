@@ -260,15 +260,20 @@ class WorkerSide:
                     "/".join(f"{t * 1000:.0f}" for t in o.landed_s))
         with self._lock:
             self._failed_blocks |= o.failed_blocks
-            c = self.counters
-            c.loads += 1
-            c.loads_layerwise += 1
-            c.chunks_pulled += o.ok
-            c.bytes_pulled += o.nbytes
-            c.chunks_missing += o.missing
-            c.chunks_failed += o.chunks - o.ok - o.missing
-            c.pull_ms += int(o.elapsed_s * 1000)
-            self._stats.observe("pull_seconds", o.elapsed_s)
+            self.counters.loads_layerwise += 1
+            self._count_load(o.chunks, o.ok, o.missing, o.nbytes, o.elapsed_s)
+
+    def _count_load(self, chunks: int, ok: int, missing: int, nbytes: int,
+                    elapsed_s: float) -> None:
+        """Count a finished load (the caller holds ``_lock``)."""
+        c = self.counters
+        c.loads += 1
+        c.chunks_pulled += ok
+        c.bytes_pulled += nbytes
+        c.chunks_missing += missing
+        c.chunks_failed += chunks - ok - missing
+        c.pull_ms += int(elapsed_s * 1000)
+        self._stats.observe("pull_seconds", elapsed_s)
 
     def _run_load(self, plan: LoadPlan) -> None:
         assert self._layout is not None
@@ -327,17 +332,10 @@ class WorkerSide:
             self._finished_recving.add(plan.req_id)
             self._loads_in_flight -= 1
             self._load_ended.notify_all()
-            c = self.counters
-            c.loads += 1
-            c.chunks_pulled += ok
-            c.bytes_pulled += nbytes
-            c.chunks_missing += missing
-            c.chunks_failed += len(plan.chunks) - ok - missing
-            c.pull_ms += int(elapsed * 1000)
+            self._count_load(len(plan.chunks), ok, missing, nbytes, elapsed)
             if taken is not None:
-                c.chunks_taken_from_relay += taken.chunks
-                c.bytes_taken_from_relay += taken.nbytes
-            self._stats.observe("pull_seconds", elapsed)
+                self.counters.chunks_taken_from_relay += taken.chunks
+                self.counters.bytes_taken_from_relay += taken.nbytes
             # NOTE: only whole pulls teach the planner a link's speed: a failed one ended
             # early (missing chunk) or at its deadline (a dead peer is not a slow link).
             if ok == len(plan.chunks) and nbytes > 0 and plan.peer:
