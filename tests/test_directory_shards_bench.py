@@ -30,6 +30,11 @@ def test_bench_reports_every_shard_of_every_count(capsys) -> None:
         assert run["total_key_lookups_per_s"] == sum(s["key_lookups_per_s"]
                                                      for s in run["per_shard"])
         assert len(run["load_avg_before"]) == 3
+        # the shards' load windows (each ~0.5 s; on a loaded host one may start late, so
+        # the overlap is not asserted positive); the total over the whole window can only
+        # be lower than the sum of the per-shard rates
+        assert run["overlap_s"] <= run["window_s"] and run["window_s"] > 0
+        assert 0 < run["key_lookups_per_s_over_window"] <= run["total_key_lookups_per_s"]
 
 
 def test_shard_counts_are_parsed() -> None:
