@@ -32,9 +32,12 @@ def test_bench_reports_every_shard_of_every_count(capsys) -> None:
         assert len(run["load_avg_before"]) == 3
         # the shards' load windows (each ~0.5 s; on a loaded host one may start late, so
         # the overlap is not asserted positive); the total over the whole window can only
-        # be lower than the sum of the per-shard rates
+        # be lower than the sum of the per-shard rates (a flaky test until the window was
+        # kept at least as long as each shard's own run, see shards.run_shards)
         assert run["overlap_s"] <= run["window_s"] and run["window_s"] > 0
-        assert 0 < run["key_lookups_per_s_over_window"] <= run["total_key_lookups_per_s"]
+        # (each per-shard rate is rounded, by up to 0.5)
+        assert (0 < run["key_lookups_per_s_over_window"]
+                <= run["total_key_lookups_per_s"] + 0.5 * run["shards"])
 
 
 def test_shard_counts_are_parsed() -> None:
