@@ -30,6 +30,14 @@ def test_bench_reports_every_shard_of_every_count(capsys) -> None:
         assert run["total_key_lookups_per_s"] == sum(s["key_lookups_per_s"]
                                                      for s in run["per_shard"])
         assert len(run["load_avg_before"]) == 3
+        # the shards' load windows (each ~0.5 s; on a loaded host one may start late, so
+        # the overlap is not asserted positive); the total over the whole window can only
+        # be lower than the sum of the per-shard rates (a flaky test until the window was
+        # kept at least as long as each shard's own run, see shards.run_shards)
+        assert run["overlap_s"] <= run["window_s"] and run["window_s"] > 0
+        # (each per-shard rate is rounded, by up to 0.5)
+        assert (0 < run["key_lookups_per_s_over_window"]
+                <= run["total_key_lookups_per_s"] + 0.5 * run["shards"])
 
 
 def test_shard_counts_are_parsed() -> None:

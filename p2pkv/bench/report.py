@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -59,6 +59,10 @@ class Panel:
     """Log x axis, ticks at the xs given."""
     log_y: bool = False
     title: str = ""
+    styles: dict[str, str] = field(default_factory=dict)
+    """Matplotlib format strings per series name (``"C0--"``: colour 0, dashed); default:
+    matplotlib's colour cycle, solid."""
+    legend: bool = True
 
 
 def plot_panels(path: Path, panels: Sequence[Panel], *, size: tuple[float, float] = (6, 4)
@@ -75,18 +79,23 @@ def plot_panels(path: Path, panels: Sequence[Panel], *, size: tuple[float, float
                              squeeze=False)
     for ax, panel in zip(axes[0], panels):
         for name, (xs, ys) in panel.series.items():
-            ax.plot(xs, ys, marker="o", label=name)
+            ax.plot(xs, ys, panel.styles.get(name, "-"), marker="o", label=name)
         if panel.log_x:
             ticks = sorted({x for xs, _ in panel.series.values() for x in xs})
             ax.set_xscale("log")
             ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
             ax.minorticks_off()
         if panel.log_y:
+            from matplotlib.ticker import FormatStrFormatter
+
             ax.set_yscale("log")
+            for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                axis(FormatStrFormatter("%g"))  # 0.5, not 5x10^-1
         ax.set_xlabel(panel.xlabel)
         ax.set_ylabel(panel.ylabel)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        if panel.legend:
+            ax.legend(fontsize=8)
         if panel.title:
             ax.set_title(panel.title, fontsize=9)
     fig.tight_layout()

@@ -1,6 +1,6 @@
 """Replaying a trace through a group of policies in one process, in time order, sped up.
 
-Called by ``p2pkv bench trace`` (one worker process per group, see ``bench/trace.py``) and by
+Called by ``p2pkv bench trace`` (one worker process per group, see ``bench/trace/``) and by
 the tests. With ``speedup > 0`` request ``r`` is served at wall time
 ``start + r.arrival_s / speedup`` and the policies' network state (leases, feed) is serviced
 while waiting; with ``speedup == 0`` the replay runs as fast as it can.

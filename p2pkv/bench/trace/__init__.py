@@ -11,7 +11,8 @@ worker process each). ``--shards S --replica`` puts the directory on S shards wi
 each (``directory/ring.py``); ``--kill-shard-after T`` kills shard s0's primary T seconds into
 the replay and restarts it ``--restart-after`` later. Output: a table, ``--out
 DIR/trace.json`` and ``DIR/trace.png`` (share of prompt tokens served from cache and TTFT
-against cluster size, with ``--sweep``).
+against cluster size, with ``--sweep``; ``--merge A/trace.json,B/trace.json --out DIR``
+joins sweeps run as separate commands, ``bench/trace/sweep.py``).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-from p2pkv.bench.report import Column, Panel, pct, plot_panels
+from p2pkv.bench.report import Column, pct
 from p2pkv.bench.report import table as table_text
+from p2pkv.bench.trace.sweep import MergeError, load_reports, merge, plot, sweep_point
 from p2pkv.directory.client import DirectoryClient
 from p2pkv.directory.protocol import (
     LOOKUP_BUCKETS_S, MAX_KEYS_PER_MESSAGE, LookupReply, Stats, StatsReply,
@@ -91,6 +93,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="niceness added to the replay's worker processes, so that on a "
                              "machine with few cores the simulated clients, not the directory "
                              "and the probe, wait for the CPU")
+    parser.add_argument("--merge", default="", metavar="JSON,JSON",
+                        help="replay nothing: merge these trace.json files (sweep points run "
+                             "as separate commands) into one sweep in --out")
     parser.add_argument("--out", type=Path, default=None, help="write trace.json, trace.png")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -351,6 +356,8 @@ def main(args: argparse.Namespace) -> int:
     if args.shards < 1 or (args.kill_shard_after is not None and not args.replica):
         print("--shards must be >= 1; --kill-shard-after needs --replica", file=sys.stderr)
         return 2
+    if args.merge:
+        return _merge_main(args)
     if not args.trace.exists():
         print(f"trace {args.trace} not found (--trace)", file=sys.stderr)
         return 2
@@ -367,10 +374,32 @@ def main(args: argparse.Namespace) -> int:
     sizes = sorted({int(s) for s in args.sweep.split(",") if s.strip()})
     for n in sizes:
         point = headline if n == args.instances else run_once(args, n, args.sweep_speedup)
-        report["sweep"].append({"instances": n, "wall_s": point["wall_s"],
-                                "results": point["results"]})
+        report["sweep"].append(sweep_point(point))
         _say(args, f"sweep: {n} instances in {point['wall_s']:.1f} s")
     report["total_wall_s"] = time.monotonic() - t0
+    _write(args, report)
+    return 0
+
+
+def _merge_main(args: argparse.Namespace) -> int:
+    if args.out is None:
+        print("--merge needs --out", file=sys.stderr)
+        return 2
+    paths = [Path(p) for p in args.merge.split(",") if p.strip()]
+    try:
+        report = merge(load_reports(paths), [str(p) for p in paths])
+    except (OSError, MergeError, json.JSONDecodeError, KeyError) as e:
+        print(f"--merge: {e}", file=sys.stderr)
+        return 2
+    _say(args, table(report["run"]))
+    for point in report["sweep"]:
+        _say(args, f"sweep: {point['instances']} instances in {point['wall_s']:.1f} s "
+                   f"(speedup {point.get('speedup')})")
+    _write(args, report)
+    return 0
+
+
+def _write(args: argparse.Namespace, report: dict) -> None:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "trace.json").write_text(json.dumps(report, indent=1, default=_nan_none))
@@ -380,11 +409,10 @@ def main(args: argparse.Namespace) -> int:
                        + (f", {args.out / 'trace.png'}" if plotted else " (no matplotlib: no plot)"))
     if args.json:
         print(json.dumps(report, default=_nan_none))
-    return 0
 
 
 _POLICY_COLUMNS = (
-    Column("policy", 14, align="<"), Column("saved", 6, ".1%"), Column("of reuse", 8, ".1%"),
+    Column("policy", 18, align="<"), Column("saved", 6, ".1%"), Column("of reuse", 8, ".1%"),
     Column("local Mtok", 10, ".2f"), Column("pulled", 7, ".2f"), Column("recomp", 7, ".2f"),
     Column("TTFT p50", 8, ".3f"), Column("p90", 6, ".2f"), Column("p99", 6, ".2f"),
     Column("max req/inst", 12), Column("max busy", 8, ".1%"))
@@ -432,23 +460,6 @@ def table(run: dict) -> str:
     for e in d.get("events", []):
         lines.append(f"  {e}")
     return "\n".join(lines)
-
-
-def plot(report: dict, path: Path) -> bool:
-    """Share of prompt tokens from cache and TTFT p50/p90 against cluster size."""
-    sweep = report["sweep"]
-    sizes = [p["instances"] for p in sweep]
-    hits: dict[str, tuple[list[int], list[float]]] = {}
-    ttft: dict[str, tuple[list[int], list[float]]] = {}
-    for name in [r["policy"] for r in sweep[0]["results"]]:
-        rows = [next(r for r in p["results"] if r["policy"] == name) for p in sweep]
-        hits[name] = (sizes, [100 * r["saved_share"] for r in rows])
-        for q in ("p50", "p90"):
-            ttft[f"{name} {q}"] = (sizes, [r["ttft_s"][q] for r in rows])
-    return plot_panels(path, [
-        Panel(hits, "instances", "prompt tokens served from cache (%)", log_x=True,
-              title=f"{Path(report['trace']).name}, {report['profile']}"),
-        Panel(ttft, "instances", "estimated TTFT (s)", log_x=True)], size=(5.5, 4.2))
 
 
 def _bucket_pct(buckets: list[int], p: float) -> float | None:
