@@ -84,9 +84,11 @@ def prepare(cache_dir: Path | None = None) -> Path:
 
 
 def tiny_model(dest: Path, source: Path | None = None, *, seed: int = 0,
-               num_layers: int = 2, num_heads: int = 2, num_kv_heads: int = 1) -> Path:
+               num_layers: int = 2, num_heads: int = 2, num_kv_heads: int = 1,
+               hidden_size: int = 128, intermediate_size: int = 256) -> Path:
     """Write a tiny random-weight Llama (default: 2 layers, hidden 128, 2 heads, 1 KV head,
-    head size 64) at ``dest`` using the tokenizer and chat template of ``source`` (a prepared
+    head size 64; ``hidden_size``/``intermediate_size`` give it a real model's compute per KV
+    byte, e.g. 512/1536 for SmolLM2-135M's) at ``dest`` using the tokenizer and chat template of ``source`` (a prepared
     SmolLM2 directory; default: the default cache, which must already be prepared). Cached
     like ``prepare``: returns at once when ``dest`` is already complete (so a ``dest`` names
     one shape: give models of other shapes other paths).
@@ -100,7 +102,8 @@ def tiny_model(dest: Path, source: Path | None = None, *, seed: int = 0,
             f"{src} is not a prepared model; run `python -m p2pkv.harness.demo_model prepare` first"
         )
     shape = {"num_hidden_layers": num_layers, "num_attention_heads": num_heads,
-             "num_key_value_heads": num_kv_heads}
+             "num_key_value_heads": num_kv_heads, "hidden_size": hidden_size,
+             "intermediate_size": intermediate_size}
     return _build_atomically(dest, lambda work: _build_tiny(work, src, seed, shape))
 
 
@@ -233,10 +236,8 @@ def _build_tiny(work: Path, src: Path, seed: int, shape: dict[str, int] | None =
     tok = AutoTokenizer.from_pretrained(src)
     cfg = LlamaConfig(
         vocab_size=src_cfg.vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
-        **{"num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-           **(shape or {})},
+        **{"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+           "num_attention_heads": 2, "num_key_value_heads": 1, **(shape or {})},
         head_dim=64,
         max_position_embeddings=2048,
         rms_norm_eps=src_cfg.rms_norm_eps,
@@ -302,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--source", type=Path, default=None,
                    help="prepared SmolLM2 directory for the tokenizer (default: the cache's)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--heads", type=int, default=2)
+    t.add_argument("--kv-heads", type=int, default=1)
+    t.add_argument("--hidden", type=int, default=128)
+    t.add_argument("--intermediate", type=int, default=256)
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -310,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         path = prepare(args.cache_dir if args.cache_dir is not None else _cache_root_from_env())
     else:
         source = args.source if args.source is not None else model_dir(_cache_root_from_env())
-        path = tiny_model(args.dest, source, seed=args.seed)
+        path = tiny_model(args.dest, source, seed=args.seed, num_layers=args.layers,
+                          num_heads=args.heads, num_kv_heads=args.kv_heads,
+                          hidden_size=args.hidden, intermediate_size=args.intermediate)
     print(path)
     return 0
 
