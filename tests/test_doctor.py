@@ -299,22 +299,36 @@ def test_loopback_address_in_a_networked_cluster_is_a_warning():
     assert f.level == "WARN" and f.subject == "a 127.0.0.1:5"
 
 
-def _real_probe(seed: str) -> str:
+def _real_probes(*seeds: str) -> list[str]:
     """vLLM's own hash probe (p2pkv.vllm.connector.probe_hash) in a process whose
-    PYTHONHASHSEED is ``seed``, as an instance started with it computes it."""
+    PYTHONHASHSEED is each of ``seeds``, as an instance started with it computes it. The
+    processes run at once: each spends its time importing vLLM (~25 s each, one after the
+    other, on a loaded 2-CPU host)."""
     code = ("from types import SimpleNamespace as N; from p2pkv.vllm.connector import probe_hash;"
             "print(probe_hash(N(cache_config=N(prefix_caching_hash_algo='sha256'))))")
-    env = dict(os.environ, PYTHONHASHSEED=seed)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=180, check=True)
-    return out.stdout.strip().splitlines()[-1]
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, PYTHONHASHSEED=s),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for s in seeds]
+    deadline = time.monotonic() + 180
+    probes = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            assert proc.returncode == 0, err[-2000:]
+            probes.append(out.strip().splitlines()[-1])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    return probes
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 def test_a_deliberately_mismatched_hash_seed_is_an_error(spawn, directory, secret_file):
     """Issue 7's check, with vLLM's real probe: PYTHONHASHSEED=1 vs 2 differ, doctor says so."""
-    p1, p2 = _real_probe("1"), _real_probe("2")
-    assert p1 != p2 and p1 == _real_probe("1")
+    p1, p2, p1_again = _real_probes("1", "2", "1")
+    assert p1 != p2 and p1 == p1_again
     peer(spawn, directory.endpoint, "seed-1", probe=p1)
     stats_until(directory.endpoint, lambda s: len(s.instances) == 1)
     peer(spawn, directory.endpoint, "seed-2", probe=p2)

@@ -269,6 +269,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="when the fault comes in each vLLM fault case")
     parser.add_argument("--clients", type=int, default=64,
                         help="concurrent clients in the vLLM cases")
+    parser.add_argument("--cases", default=None, metavar="NAMES",
+                        help="only these vLLM cases, comma-separated, run in their usual order "
+                             "on one cluster: load, SIGSTOP, directory, SIGKILL (default: all; "
+                             "splits a run that would exceed a 10-minute window)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -281,7 +285,8 @@ def main(args: argparse.Namespace) -> int:
         from p2pkv.bench.faults import vllm as faults_vllm
 
         vllm_rows, notes = faults_vllm.run(args.vllm_load_s, args.vllm_fault_s, args.clients,
-                                           args.vllm_fault_after_s)
+                                           args.vllm_fault_after_s,
+                                           cases=faults_vllm.select_cases(args.cases))
         rows += vllm_rows
     print(f"{'case':<13} {'sent':>6} {'correct':>7} {'caught':>6} {'failed':>6} "
           f"{'wrong':>5} {'slowest':>9} {'recover':>8} {'RSS before':>10} {'after':>7}  fault")

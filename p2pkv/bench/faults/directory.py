@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from p2pkv import heaptrim
 from p2pkv.bench.faults.row import Row, hold_silent_sockets, rss_mib
 
 LOOKUP_DEADLINE_S = 0.25  # the connector's default lookup_timeout_s
@@ -166,7 +167,7 @@ def case(name: str, seconds: float, fault: Callable | None,
                 if fault_proc.is_alive():
                     fault_proc.kill()
                 row.fault = describe(count.value)
-            time.sleep(0.5)
+            time.sleep(0.5 + heaptrim.INTERVAL_S)  # the directory's heap trimmed since
             row.rss_after = rss_mib(proc.pid)
             row.recover_s = 0.0 if proc.poll() is None else None
         finally:

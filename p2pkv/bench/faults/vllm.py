@@ -55,6 +55,23 @@ REQUEST_TIMEOUT_S = 120.0
 STOP_S = 6.0
 DIRECTORY_DOWN_S = 3.0
 Prompt = tuple[int, str]
+CASES = ("load", "SIGSTOP", "directory", "SIGKILL")  # the order they run in, on one cluster
+
+
+def select_cases(spec: str | None) -> tuple[str, ...]:
+    """The cases named in ``spec`` (comma-separated, any case; None or "all": every case), in
+    :data:`CASES`' order whatever order they are named in (SIGKILL, which does not restart B,
+    stays last). Splits a long run in two (``--cases load,SIGSTOP`` then
+    ``--cases directory,SIGKILL``): each case keeps its own documents."""
+    if spec is None or spec.strip().lower() == "all":
+        return CASES
+    by_name = {c.lower(): c for c in CASES}
+    named = [n.strip().lower() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in named if n not in by_name]
+    if unknown or not named:
+        raise ValueError(f"unknown vLLM fault case(s) {unknown or spec!r}: "
+                         f"choose from {', '.join(CASES)}")
+    return tuple(c for c in CASES if c.lower() in named)
 
 
 def _prompts(case: int) -> list[Prompt]:
@@ -197,9 +214,10 @@ def _restart_directory(cluster: LocalCluster, endpoint: str, feed: str) -> Proc:
 
 
 def run(load_s: float = 60.0, fault_s: float = 20.0, clients: int = CLIENTS,
-        fault_after_s: float = 0.3, workdir: Path | None = None, log=print
-        ) -> tuple[list[Row], list[str]]:
-    """The cases; the rows and the first error lines (for the report)."""
+        fault_after_s: float = 0.3, workdir: Path | None = None, log=print,
+        cases: tuple[str, ...] = CASES) -> tuple[list[Row], list[str]]:
+    """The cases (those of ``cases``, see :func:`select_cases`); the rows and the first error
+    lines (for the report)."""
     from p2pkv.harness.demo_model import prepare
 
     model = prepare()
@@ -220,7 +238,7 @@ def run(load_s: float = 60.0, fault_s: float = 20.0, clients: int = CLIENTS,
 
         def case(name: str, seconds: float, fault=None, what: str = "") -> None:
             with httpx.Client() as client:
-                refs = {p: _answer(client, b.url, p) for p in _prompts(len(rows))}
+                refs = {p: _answer(client, b.url, p) for p in _prompts(CASES.index(name))}
             time.sleep(0.5)  # B's saves published
             row = Row(name)
             row.rss_before = _group_rss_mib(a.proc.popen.pid)
@@ -239,8 +257,10 @@ def run(load_s: float = 60.0, fault_s: float = 20.0, clients: int = CLIENTS,
                         f"{failed:.0f} failed (recomputed)"
             rows.append(row)
             notes.extend(f"{name}: {e}" for e in load.errors[:5])
+            recover = f"{row.recover_s:.1f} s" if row.recover_s is not None else "never"
             log(f"{name}: {row.sent} sent, {row.correct} correct, {row.failed} failed, "
-                f"{row.wrong} wrong; {row.fault}")
+                f"{row.wrong} wrong, slowest {row.slowest_ms:.0f} ms, recovered {recover}, "
+                f"A's RSS {row.rss_before:.0f} -> {row.rss_after:.0f} MiB; {row.fault}")
 
         def stop_b() -> None:
             os.killpg(b.proc.popen.pid, signal.SIGSTOP)
@@ -252,11 +272,13 @@ def run(load_s: float = 60.0, fault_s: float = 20.0, clients: int = CLIENTS,
             time.sleep(DIRECTORY_DOWN_S)
             _restart_directory(cluster, endpoint, feed)
 
-        case("load", load_s)
-        case("SIGSTOP", fault_s, stop_b, f"B stopped {STOP_S:g} s")
-        case("directory", fault_s, restart_directory,
-             f"directory down {DIRECTORY_DOWN_S:g} s, restarted")
-        case("SIGKILL", fault_s, b.proc.kill, "B killed")
+        faults = {"load": (load_s, None, ""),
+                  "SIGSTOP": (fault_s, stop_b, f"B stopped {STOP_S:g} s"),
+                  "directory": (fault_s, restart_directory,
+                                f"directory down {DIRECTORY_DOWN_S:g} s, restarted"),
+                  "SIGKILL": (fault_s, b.proc.kill, "B killed")}
+        for name in cases:
+            case(name, *faults[name])
         if not a.proc.alive():
             rows[-1].failed += 1
             notes.append(f"instance A died:\n{a.proc.tail()}")
