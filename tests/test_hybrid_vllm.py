@@ -26,7 +26,7 @@ if os.environ.get("P2PKV_REQUIRE_E2E") != "1":
 import httpx  # noqa: E402
 
 from p2pkv.harness.cluster import LocalCluster, wait_healthy  # noqa: E402
-from tests.ranks import held, prompt, wait_held  # noqa: E402
+from tests.ranks import LOADED_HOST_CONFIG, held, prompt, wait_held  # noqa: E402
 
 CHUNK = 128  # the CPU block size; chunk_tokens defaults to one block
 WINDOW = 200
@@ -43,9 +43,10 @@ def cluster(tmp_path_factory):
                               num_kv_heads=KV_HEADS, sliding_window=WINDOW)
     with LocalCluster(workdir, model) as c:
         c.start_directory()
-        a = c.start_vllm("A", max_model_len=2048)
-        b = c.start_vllm("B", max_model_len=2048)
-        h = c.start_vllm("H", max_model_len=2048, tensor_parallel_size=2)
+        a = c.start_vllm("A", max_model_len=2048, extra_config=LOADED_HOST_CONFIG)
+        b = c.start_vllm("B", max_model_len=2048, extra_config=LOADED_HOST_CONFIG)
+        h = c.start_vllm("H", max_model_len=2048, tensor_parallel_size=2,
+                         extra_config=LOADED_HOST_CONFIG)
         wait_healthy([a, b, h], timeout_s=900)
         yield c, a, b, h
 

@@ -26,6 +26,7 @@ import httpx  # noqa: E402
 
 from p2pkv.harness.cluster import LocalCluster, wait_healthy  # noqa: E402
 from p2pkv.harness.held import HeldWaiter  # noqa: E402
+from tests.ranks import LOADED_HOST_CONFIG  # noqa: E402
 
 CHUNK_TOKENS = 128  # chunk_tokens default (8 of MLA's 16-token CPU blocks)
 MLA_BLOCK_TOKENS = 16  # vLLM's CPU MLA backend takes this block size only
@@ -62,8 +63,9 @@ def cluster(tmp_path_factory):
     workdir = Path(tmp_path_factory.mktemp("mla"))
     with LocalCluster(workdir, mla_model(workdir / "tiny-mla")) as c:
         c.start_directory()
-        a = c.start_vllm("A", tensor_parallel_size=2, max_model_len=2048)
-        b = c.start_vllm("B", max_model_len=2048)
+        a = c.start_vllm("A", tensor_parallel_size=2, max_model_len=2048,
+                         extra_config=LOADED_HOST_CONFIG)
+        b = c.start_vllm("B", max_model_len=2048, extra_config=LOADED_HOST_CONFIG)
         wait_healthy([a, b], timeout_s=900)
         yield c, a, b
 

@@ -23,7 +23,7 @@ if os.environ.get("P2PKV_REQUIRE_E2E") != "1":
 import httpx  # noqa: E402
 
 from p2pkv.harness.cluster import LocalCluster, wait_healthy  # noqa: E402
-from tests.ranks import held, prompt, wait_held  # noqa: E402
+from tests.ranks import LOADED_HOST_CONFIG, held, prompt, wait_held  # noqa: E402
 
 CHUNK = 128
 
@@ -44,10 +44,11 @@ def cluster(tmp_path_factory):
         # (v1/worker/gpu_model_runner.py, sync_and_gather_intermediate_tensors: assert
         # self.intermediate_tensors is not None)
         a = c.start_vllm("A", max_model_len=2048, enforce_eager=False,
+                         extra_config=LOADED_HOST_CONFIG,
                          extra_args=["--pipeline-parallel-size", "2"],
                          extra_env={"VLLM_CPU_OMP_THREADS_BIND":
                                     f"{cores[0]}|{cores[1 % len(cores)]}"})
-        b = c.start_vllm("B", max_model_len=2048)
+        b = c.start_vllm("B", max_model_len=2048, extra_config=LOADED_HOST_CONFIG)
         wait_healthy([a, b], timeout_s=900)
         yield c, a, b
 

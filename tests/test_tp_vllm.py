@@ -29,7 +29,7 @@ if os.environ.get("P2PKV_REQUIRE_E2E") != "1":
 import httpx  # noqa: E402
 
 from p2pkv.harness.cluster import LocalCluster, wait_healthy  # noqa: E402
-from tests.ranks import held, prompt, wait_held  # noqa: E402
+from tests.ranks import LOADED_HOST_CONFIG, held, prompt, wait_held  # noqa: E402
 
 CHUNK = 128  # the CPU block size; chunk_tokens defaults to one block
 MAX_TOKENS = 12
@@ -45,7 +45,7 @@ def cluster(tmp_path_factory):
     with LocalCluster(workdir, model) as c:
         # NOTE: a long lease keeps a killed rank listed while the dead-rank test pulls
         c.start_directory(env={"P2PKV_HEARTBEAT_LIVENESS": "30"})
-        common = dict(max_model_len=2048, kv_cache_gib=1)
+        common = dict(max_model_len=2048, kv_cache_gib=1, extra_config=LOADED_HOST_CONFIG)
         a = c.start_vllm("A", tensor_parallel_size=2, **common)
         b = c.start_vllm("B", **common)
         cc = c.start_vllm("C", tensor_parallel_size=2, **common)
