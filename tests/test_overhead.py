@@ -67,3 +67,25 @@ def test_table_names_the_load_it_was_measured_under():
     s = overhead.summarize(_samples("vllm", [8.0], [0.5]) + _samples("p2pkv", [8.0], [0.5]))
     assert "load average 1.5 -> 2.2" in overhead.render(s, "x", (1.5, 2.25))[0]
     assert "load average" not in overhead.render(s, "x")[0]
+
+
+def test_a_control_instance_shows_the_noise_floor_next_to_the_goal():
+    samples = (_samples("vllm", [8.0, 9.0, 10.0], [0.50, 0.40, 0.60])
+               + _samples("p2pkv", [8.0, 9.0, 10.0], [0.52, 0.42, 0.62])
+               + _samples("vllm-control", [8.8, 9.9, 11.0], [0.55, 0.44, 0.66]))
+    s = overhead.summarize(samples)
+    assert abs(s["control"]["hit"]["over_vllm"] - 1.1) < 1e-9
+    assert abs(s["control"]["cold"]["paired_over_vllm_p50"] - 1.1) < 1e-9
+    assert "vllm-control_hit_over_vllm" not in s["goals"]  # the goals stay p2pkv's
+    text = "\n".join(overhead.render(s, "x"))
+    assert "A/A control (a second plain vLLM instance): 1.100x" in text
+    assert "vllm-control" in text.splitlines()[1]  # its own column
+    assert "A/A control" not in "\n".join(overhead.render(overhead.summarize(
+        samples[:12]), "x"))
+
+
+def test_the_control_is_asked_for_not_default(monkeypatch):
+    monkeypatch.setattr(overhead.lmcache, "installed", lambda: False)
+    assert "vllm-control" not in overhead.setups_available()
+    assert overhead.setups_available(["vllm-control", "p2pkv"]) == ["vllm", "p2pkv",
+                                                                   "vllm-control"]

@@ -317,9 +317,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "equally; 0: no overhead table")
     parser.add_argument("--only-overhead", action="store_true",
                         help="run only the overhead table (no --configs)")
-    parser.add_argument("--overhead-setups", default=",".join(overhead.SETUPS),
+    parser.add_argument("--overhead-setups", default=",".join(overhead.DEFAULT_SETUPS),
                         help="setups of the overhead table (plain vllm always; lmcache only "
-                             "where installed)")
+                             "where installed; vllm-control: a second plain vLLM instance, "
+                             "the A/A control of what identical instances differ by)")
     parser.add_argument("--settle-s", type=float, default=1.5)
     parser.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                         help="time each instance's first requests too (by default each "
@@ -402,7 +403,7 @@ def placement() -> str:
 
 def run_overhead(tokens: list[int], length: int, samples: int, tokenize, model: Path,
                  workdir: Path, settle_s: float, progress,
-                 setups: list[str] | tuple[str, ...] = overhead.SETUPS,
+                 setups: list[str] | tuple[str, ...] = overhead.DEFAULT_SETUPS,
                  max_len: int = 4096) -> dict:
     """The overhead table's samples: new documents of ``length`` tokens, two questions each.
     Records the host's load average before the instances start, when the first sample is in

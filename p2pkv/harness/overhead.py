@@ -13,6 +13,11 @@ keeps the comparison fair), and each request starts on an idle machine (``settle
 instance runs with the same placement of vLLM's threads
 (:func:`p2pkv.harness.cluster.reserved_cpus`).
 
+``vllm-control`` (optional) is a second plain vLLM instance, measured like the others: its
+ratio over ``vllm`` is what two identical instances differ by on this host (an A/A control).
+A p2pkv ratio inside that spread is not an overhead the run can resolve; the table prints
+the control's ratios next to p2pkv's.
+
 Called by :mod:`p2pkv.bench.ttft`, which prints :func:`render`'s lines; the prompts come from its
 request plan.
 """
@@ -27,7 +32,10 @@ from p2pkv.harness import lmcache
 from p2pkv.harness.cluster import Instance, LocalCluster, wait_healthy
 from p2pkv.harness.openai_client import complete
 
-SETUPS = ("vllm", "p2pkv", "lmcache")
+SETUPS = ("vllm", "p2pkv", "lmcache", "vllm-control")
+DEFAULT_SETUPS = ("vllm", "p2pkv", "lmcache")
+"""What a run measures unless asked: the control costs one more instance and its samples."""
+CONTROL = "vllm-control"
 KINDS = ("cold", "hit")
 GOAL_RATIO = 1.02
 """Issue 17: p2pkv's p50 at most this many times plain vLLM's, for both kinds."""
@@ -49,7 +57,7 @@ class DocumentPair:
     hit: tuple[int, ...]
 
 
-def setups_available(wanted: Sequence[str] = SETUPS) -> list[str]:
+def setups_available(wanted: Sequence[str] = DEFAULT_SETUPS) -> list[str]:
     """The ``wanted`` setups that can run here (``lmcache`` only where it is installed), in
     :data:`SETUPS` order; plain ``vllm`` always (the ratios are over it)."""
     unknown = sorted(set(wanted) - set(SETUPS))
@@ -97,7 +105,7 @@ def measure(pairs: Sequence[DocumentPair], instances: dict[str, Instance], settl
 
 def run(pairs: Sequence[DocumentPair], cluster: LocalCluster, settle_s: float,
         progress: Callable[[int], None] = lambda n: None,
-        setups: Sequence[str] = SETUPS, max_model_len: int = 4096) -> list[Sample]:
+        setups: Sequence[str] = DEFAULT_SETUPS, max_model_len: int = 4096) -> list[Sample]:
     instances = start_setups(cluster, setups_available(setups), max_model_len)
     wait_healthy(list(instances.values()), timeout_s=600)
     return measure(pairs, instances, settle_s, progress)
@@ -132,7 +140,13 @@ def summarize(samples: Sequence[Sample]) -> dict:
                 row["paired_over_vllm_p50"] = _p50(pairs)
     goals = {f"p2pkv_{k}_over_vllm": table["p2pkv"][k]["over_vllm"]
              for k in KINDS if "p2pkv" in table and "over_vllm" in table["p2pkv"].get(k, {})}
-    return {"table": table, "goals": goals, "goal_ratio": GOAL_RATIO}
+    out = {"table": table, "goals": goals, "goal_ratio": GOAL_RATIO}
+    control = {k: {"over_vllm": row["over_vllm"],
+                   "paired_over_vllm_p50": row["paired_over_vllm_p50"]}
+               for k, row in table.get(CONTROL, {}).items() if "over_vllm" in row}
+    if control:
+        out["control"] = control
+    return out
 
 
 def render(summary: dict, placement: str, load: tuple[float, float] | None = None
@@ -163,6 +177,12 @@ def render(summary: dict, placement: str, load: tuple[float, float] | None = Non
             lines.append(f"  goal p2pkv {labels[k].split(' (')[0]} <= "
                          f"{summary['goal_ratio']:.2f}x vLLM (p50s): {ratio:.3f}x ({met}); "
                          f"median of per-document ratios {paired:.3f}x")
+            control = summary.get("control", {}).get(k)
+            if control:
+                lines.append(f"    A/A control (a second plain vLLM instance): "
+                             f"{control['over_vllm']:.3f}x (p50s), "
+                             f"{control['paired_over_vllm_p50']:.3f}x (per-document): "
+                             "two identical instances differ by this much here")
     if "lmcache" not in table:
         lines.append("  lmcache: not installed (scripts/install_lmcache.sh adds the column)"
                      if not lmcache.installed() else "  lmcache: not measured in this run")
