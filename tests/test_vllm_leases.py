@@ -212,9 +212,13 @@ def test_a_lease_ended_by_its_pulls_wakes_the_engines_idle_wait():
     holder.start_loads(P2PKVMetadata(
         grants=[LeaseGrant("r", (SavePlan(key, (5, 2)),), 30.0, 1)], idle_step=True,
         idle_wait=True, wake_port=wake.getsockname()[1]))
-    t0 = time.monotonic()
-    assert holder.take_finished_sending() == set()
-    assert time.monotonic() - t0 < 0.015, "the EngineCore waits; the rank must not"
+    took = []
+    for _ in range(5):
+        t0 = time.monotonic()
+        assert holder.take_finished_sending() == set()
+        took.append(time.monotonic() - t0)
+    # NOTE: min of 5: a loaded host may stall one call; a rank that waits takes 20 ms each
+    assert min(took) < 0.01, f"the EngineCore waits; the rank must not ({took})"
     puller = PeerTransport()
     got, _ = pull(puller, d.registered[0], key, len(chunk_bytes(caches, (5, 2))))
     assert got.outcome is Outcome.OK
