@@ -49,10 +49,19 @@ def test_a_pinned_lease_is_not_handed_back_until_unpinned():
     t.end("r", "puller done")
     assert t.pin(key(1)) is None
     assert t.take_released() == set(), "a pinned block was handed back to vLLM"
-    t.unpin(pin)
+    assert t.unpin(pin), "the last pin of an ended lease says it can be handed back"
     assert t.take_released() == {"r"}
     with pytest.raises(LeaseError):
         t.unpin(pin)
+
+
+def test_unpin_says_when_a_lease_becomes_ready_to_hand_back():
+    t = LeaseTable(clock=Clock())
+    t.grant("r", [(key(1), (3,))], ttl_s=5.0)
+    a, b = t.pin(key(1)), t.pin(key(1))
+    assert not t.unpin(a), "an open lease is not ready"
+    t.end("r", "pulled")
+    assert t.unpin(b), "its last read ended after it ended: ready (the engine is woken)"
 
 
 def test_a_puller_that_never_comes_costs_one_lease():

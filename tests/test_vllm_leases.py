@@ -4,6 +4,7 @@ worker rank serving leased chunks in place over real TCP on loopback (no vLLM en
 from __future__ import annotations
 
 import threading
+import socket
 import time
 from types import SimpleNamespace
 
@@ -195,6 +196,35 @@ def test_a_leased_chunk_is_published_served_in_place_and_moved_to_the_store_at_t
     assert got.outcome is Outcome.OK and data == want  # now from the store
     c = holder._leases.counters
     assert (c.leases_granted, c.chunks_served_leased, c.chunks_moved_to_store) == (1, 1, 1)
+    puller.close()
+    holder.shutdown()
+
+
+def test_a_lease_ended_by_its_pulls_wakes_the_engines_idle_wait():
+    """With the EngineCore waiting out idle steps (``meta.idle_wait``) the rank does not wait
+    in ``get_finished``, and pings the wait's port once the lease can be handed back."""
+    d = RecordingDirectory()
+    holder, caches = make_worker(d, lease_s=30.0, lease_pulls=1)
+    wake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    wake.bind(("127.0.0.1", 0))
+    wake.settimeout(5.0)
+    key = ChunkKey(b"w" * 32)
+    holder.start_loads(P2PKVMetadata(
+        grants=[LeaseGrant("r", (SavePlan(key, (5, 2)),), 30.0, 1)], idle_step=True,
+        idle_wait=True, wake_port=wake.getsockname()[1]))
+    took = []
+    for _ in range(5):
+        t0 = time.monotonic()
+        assert holder.take_finished_sending() == set()
+        took.append(time.monotonic() - t0)
+    # NOTE: min of 5: a loaded host may stall one call; a rank that waits takes 20 ms each
+    assert min(took) < 0.01, f"the EngineCore waits; the rank must not ({took})"
+    puller = PeerTransport()
+    got, _ = pull(puller, d.registered[0], key, len(chunk_bytes(caches, (5, 2))))
+    assert got.outcome is Outcome.OK
+    assert wake.recv(64), "the engine's idle wait should have been woken"
+    assert holder.take_finished_sending() == {"r"}
+    wake.close()
     puller.close()
     holder.shutdown()
 

@@ -34,6 +34,7 @@ from p2pkv.slices import KVSlice, is_lowest_replica, tp_slices
 from p2pkv.transport.choose import make_transport
 from p2pkv.vllm.config import ConnectorConfig
 from p2pkv.vllm.groups import KVGroup, describe, has_window, kv_groups
+from p2pkv.vllm.idlewait import IdleWait
 from p2pkv.vllm.layout import KVLayout
 from p2pkv.vllm.metadata import P2PKVMetadata, P2PKVWorkerMeta
 from p2pkv.vllm.planning import ConnectorPlanner, connector_profile
@@ -272,6 +273,7 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
             thread_init=widen_cpu_affinity)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
+        self._idle: IdleWait | None = None
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = SchedulerSide(
                 self._config, namespace=namespace,
@@ -284,6 +286,8 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
                 hit_below_prompt=has_window(self._groups),
                 layerwise=layerwise, planner=self._make_planner(kv_cache_config),
                 free_blocks=self._free_blocks if on_cpu else None)
+            if self._config.lease_s > 0 and on_cpu and ktc.kv_role != "kv_consumer":
+                self._idle = IdleWait()
             if self._config.lease_s > 0 and not on_cpu:
                 logger.warning("p2pkv: lease_s is built for CPU caches (tier 1 from host "
                                "blocks); on %s chunks are saved as before",
@@ -399,6 +403,8 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._idle is not None:
+            self._idle.close()
 
     # -- metrics (both roles; vLLM merges them into its own /metrics, see p2pkv.vllm.prom) --
 
@@ -442,6 +448,15 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
         assert manager is not None
         meta = self._scheduler.build_meta(scheduler_output, manager.get_block_ids)
         meta.idle_step = scheduler_output.total_num_scheduled_tokens == 0
+        idle = self._idle
+        if idle is not None and idle.active():
+            meta.idle_wait, meta.wake_port = True, idle.port
+            # NOTE: only a step that tells the workers nothing waits (a grant, an early end,
+            # a finished request must reach them now), and only while a lease holds vLLM
+            if (meta.idle_step and self._scheduler.leases_out() and not meta.loads
+                    and not meta.saves and not meta.grants and not meta.end_leases
+                    and not scheduler_output.finished_req_ids):
+                idle.wait(lease_end=self._scheduler.next_lease_end())
         return meta
 
     def request_finished(self, request: Request, block_ids: list[int]

@@ -98,12 +98,15 @@ class LeaseTable:
                 return LeasePin(req_id, key, lease.chunks[key], self._serial)
             return None
 
-    def unpin(self, pin: LeasePin) -> None:
+    def unpin(self, pin: LeasePin) -> bool:
+        """Return a pin; True when that was the last pin of an ended lease (it can be handed
+        back now)."""
         with self._lock:
             lease = self._leases.get(pin.req_id)
             if lease is None or pin.serial not in lease.pins:
                 raise LeaseError(f"pin {pin.serial} of {pin.req_id} is not out")
             lease.pins.discard(pin.serial)
+            return not lease.open and not lease.pins
 
     def end(self, req_id: str, why: str) -> None:
         """End a lease early (the puller is done, the holder needs the memory): no new pins."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 class _Held:
     blocks: int
     granted: float
+    ends: float  # when the lease runs out (the book's clock; the workers time it a step later)
     ended: bool = False  # told to end (pressure); its blocks are on their way back
 
 
@@ -41,7 +42,8 @@ class LeaseBook:
         if total <= 0 or free < self._min_free * total or \
                 self.held_blocks() + blocks > self._max_fraction * total:
             ttl = 0.0
-        self._held[req_id] = _Held(blocks if ttl > 0 else 0, self._clock(), ended=ttl <= 0)
+        now = self._clock()
+        self._held[req_id] = _Held(blocks if ttl > 0 else 0, now, now + ttl, ended=ttl <= 0)
         return ttl
 
     def pressure(self, free: int, total: int) -> list[str]:
@@ -65,6 +67,11 @@ class LeaseBook:
         """vLLM freed these requests' blocks (``finished_sending``)."""
         for r in req_ids:
             self._held.pop(r, None)
+
+    def next_end(self) -> float | None:
+        """When the first lease neither ended nor handed back runs out (None: none is open;
+        the ended ones come back when their last read ends)."""
+        return min((h.ends for h in self._held.values() if not h.ended), default=None)
 
     def held_blocks(self) -> int:
         """Blocks of leases neither ended nor handed back."""

@@ -58,13 +58,18 @@ class LeasedBlocks:
     def __init__(self, layout: KVLayout, store: ChunkStore,
                  publish: Callable[..., None],
                  save: Callable[[Sequence[tuple[ChunkKey, Sequence[int]]]], int], *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_ready: Callable[[], None] | None = None) -> None:
+        """``on_ready()``: a lease ended by its reads (pulled ``max_pulls`` times, or its last
+        read after it ended) can be handed back now, before any step asks: the worker wakes
+        the EngineCore's idle wait (``p2pkv.vllm.idlewait``). Called on a server thread."""
         assert not layout.on_gpu, "leases serve host blocks in place (CPU caches)"
         self._layout = layout
         self._store = store
         self._publish = publish
         self._save = save
         self._table = LeaseTable(clock=clock)
+        self._on_ready = on_ready
         self._lock = threading.Lock()
         self._ended = threading.Condition(self._lock)  # a lease may be handed back
         self._grants: dict[str, LeaseGrant] = {}
@@ -187,6 +192,8 @@ class LeasedBlocks:
             self._unpin(read.token)  # type: ignore[arg-type]
 
     def _unpin(self, lp: LeasePin) -> None:
-        self._table.unpin(lp)
+        ready = self._table.unpin(lp)
         with self._lock:
             self._ended.notify_all()
+        if ready and self._on_ready is not None:
+            self._on_ready()

@@ -79,6 +79,12 @@ class P2PKVMetadata(KVConnectorMetadata):
     """vLLM runs no forward pass this step (it only polls the connector, e.g. while requests
     wait for remote KV): a rank with loads in flight may wait for one in ``get_finished``
     (``WorkerSide.take_finished_recving``) instead of letting vLLM step again at once."""
+    idle_wait: bool = False
+    """The scheduler side waits between idle steps while leases are out (in the EngineCore,
+    ``p2pkv.vllm.idlewait``), so a rank does not wait for a lease to end in ``get_finished``."""
+    wake_port: int = 0
+    """UDP port on 127.0.0.1 of that wait: a rank pings it when a lease can be handed back
+    before its end (0: none)."""
     planner_status: dict[str, int] | None = None
     """The planner's numbers for ``p2pkv status`` when they changed (at most once a second):
     the registering worker ranks add them to their directory Report."""

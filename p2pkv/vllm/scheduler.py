@@ -554,6 +554,14 @@ class SchedulerSide:
         if self._book is not None:
             self._book.done(req_ids)
 
+    def leases_out(self) -> bool:
+        """Whether vLLM still holds blocks for a lease (granted, not yet handed back)."""
+        return self._book is not None and len(self._book) > 0
+
+    def next_lease_end(self) -> float | None:
+        """When the first open lease runs out (this side's clock; None: none is open)."""
+        return self._book.next_end() if self._book is not None else None
+
     def _forget(self, req_id: str) -> None:
         self._requests.pop(req_id, None)
         self._lookups.pop(req_id, None)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,7 @@ from p2pkv.slices import KVSlice
 from p2pkv.store import ChunkStore
 from p2pkv.transport.base import Outcome, PullItem, PullResult, Transport
 from p2pkv.vllm.config import ConnectorConfig
+from p2pkv.vllm.idlewait import send_wake
 from p2pkv.vllm.layerwise import LayerwiseLoads, LoadOutcome
 from p2pkv.vllm.layout import KVLayout, pull_batches, pull_selection
 from p2pkv.vllm.leases import LeasedBlocks
@@ -116,6 +118,9 @@ class WorkerSide:
         self._host_saver: HostSaver | None = None  # CPU caches: saves on a save thread
         self._leases: LeasedBlocks | None = None  # CPU caches with lease_s: tier 1
         self._release_now: set[str] = set()  # granted leases this rank cannot serve
+        self._engine_waits = False  # the EngineCore waits out idle steps (meta.idle_wait)
+        self._wake_port = 0  # ... and is woken there by a datagram (meta.wake_port)
+        self._wake_sock: socket.socket | None = None
         self._pool = ThreadPoolExecutor(config.pull_threads, thread_name_prefix="p2pkv-pull",
                                         initializer=widen_cpu_affinity)
         # NOTE: a load's parts from several holder ranks run here, never on _pool, whose
@@ -166,8 +171,9 @@ class WorkerSide:
         else:
             self._host_saver = HostSaver(layout, self._store, self._publish)
             if self._config.lease_s > 0:
+                self._wake_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 self._leases = LeasedBlocks(layout, self._store, self._directory.publish,
-                                            self._host_saver.save)
+                                            self._host_saver.save, on_ready=self._wake_engine)
         address = self._transport.serve(self._store, self._epoch, self._leases)
         # NOTE: the physical block layout joins the hash probe as "<seed probe>.<layout>":
         # instances whose bytes would not copy exactly (another attention backend's layout)
@@ -206,6 +212,7 @@ class WorkerSide:
             self._publish(self._saver.collect())
         if meta.planner_status is not None:
             self._planner_status = dict(meta.planner_status)
+        self._engine_waits, self._wake_port = meta.idle_wait, meta.wake_port
         if self._leases is not None:
             self._leases.apply(meta)
         else:
@@ -396,17 +403,24 @@ class WorkerSide:
         """Leased requests whose blocks vLLM may free (``finished_sending``). On a step
         without a forward pass with leases out (vLLM keeps stepping while it holds a finished
         request's blocks), waits up to IDLE_STEP_WAIT_S for one to end instead of letting the
-        engine spin."""
+        engine spin, unless the EngineCore waits out such steps itself (``meta.idle_wait``:
+        then the wait there is woken by ``_wake_engine``)."""
         out, self._release_now = self._release_now, set()
         if self._leases is not None:
             with self._lock:
-                idle = self._idle_step and not self._loads_in_flight
+                idle = self._idle_step and not self._loads_in_flight and not self._engine_waits
             out |= self._leases.take_released(IDLE_STEP_WAIT_S if idle and not out else 0.0)
             if out:
                 # NOTE: vLLM may take no further step once it has freed these blocks (an
                 # idle instance): report the lease counters now, not at a next step
                 self._report_if_changed()
         return out
+
+    def _wake_engine(self) -> None:
+        """A lease can be handed back (a server thread): end the EngineCore's idle wait so
+        that vLLM steps and takes it (``p2pkv.vllm.idlewait``)."""
+        if self._wake_sock is not None and self._wake_port:
+            send_wake(self._wake_sock, self._wake_port)
 
     def take_failed_blocks(self) -> set[int]:
         self.finish_layerwise()  # vLLM may ask before wait_for_save (defer_finalize)
@@ -499,3 +513,5 @@ class WorkerSide:
             self._saver.close()
         self._transport.close()
         self._directory.close()
+        if self._wake_sock is not None:
+            self._wake_sock.close()
