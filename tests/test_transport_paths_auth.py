@@ -363,3 +363,29 @@ def test_identity_is_the_instance_curve_pair_and_binds_the_session():
         ident.shared(bytes(32))  # a low-order point
     assert msgspec.msgpack.decode(wire.encode_info(wire.PeerInfo(identity=ident.public)),
                                   type=wire.PeerInfo).identity == ident.public
+
+
+def test_a_keyed_pin_without_a_secret_is_a_bad_request():
+    """Keyed tags need a session key: a holder without a secret refuses a keyed Pin."""
+    from p2pkv.errors import TransportError
+    from p2pkv.store import ChunkStore
+    from p2pkv.transport import session as sess
+    from p2pkv.transport.conn import connect_session
+    from p2pkv.transport.server import Server
+
+    store = ChunkStore(1024, 1, shared=True)
+    w = store.reserve(key_of(0))
+    store.commit(w)
+    server = Server(store, "127.0.0.1", None, wire.PeerInfo(shm_path=store.shm_path))
+    try:
+        sock, _, session = connect_session(("127.0.0.1", server.port), None,
+                                           time.monotonic() + 5)
+        with sock:
+            sock.sendall(sess.encode_request(session, wire.Pin([bytes(key_of(0))],
+                                                               keyed=True)))
+            with pytest.raises(TransportError, match="BAD_REQUEST"):
+                sess.read_reply(sock, session, 0, wire.KEYED_PIN_HEADER_BYTES, 1,
+                                time.monotonic() + 5)
+    finally:
+        server.close()
+        store.close()

@@ -4,12 +4,12 @@ The holder's store lives in a /dev/shm file (``ChunkStore(shared=True)``). Over 
 connection the puller asks the holder to pin the chunks (``wire.Pin``: the store's refcount,
 not page-locking); the reply gives each chunk's slot, generation, size and digest (on a keyed
 connection, ``conn.ChunkDigest``: its keyed tag instead, ``wire.Pin.keyed``, so that whoever
-can write the slab cannot change a byte unnoticed either). The puller copies from its
-read-only mapping of the slab into the destination pieces, checks the digest or tag
-(``session.Expected``), and releases the pins with one message (``wire.Release``). A pinned slot is never rewritten,
-so the bytes copied are the chunk's; an evicted chunk cannot be pinned and is reported
-missing. Used by ``PeerTransport`` when the holder's ``PeerInfo`` says it runs on this host
-and its slab file can be opened here (the connection pool maps it: ``conn.py``).
+can write the slab cannot change a byte unnoticed either). The puller copies from its read-only
+mapping of the slab into the destination pieces, checks the digest or tag
+(``session.Expected``), and releases the pins with one message (``wire.Release``). A pinned
+slot is never rewritten, so the bytes copied are the chunk's; an evicted chunk cannot be pinned
+and is reported missing. Used by ``PeerTransport`` when the holder's ``PeerInfo`` says it runs
+on this host and its slab file can be opened here (the connection pool maps it: ``conn.py``).
 """
 
 from __future__ import annotations

@@ -62,10 +62,10 @@ def pull_shm(sock: socket.socket, session: Session, slab, stages: Sequence[Seque
              deadline: float, on_stage: OnStage, namespace: str = "", epoch: int = 0,
              keyed: bool = False) -> list[list[PullResult]]:
     """Pin the chunks on the holder over ``sock`` (its ``session``), copy each stage's bytes
-    out of ``slab`` (a ``shm.MappedSlab``), announcing each, check every chunk's digest once,
-    release the pins (``keyed``: check keyed tags, ``shm.pull``). One result list per stage (a chunk's outcome is the same in every
-    stage). Raises TransportError/OSError when the whole pull failed (the connection is then
-    unusable)."""
+    out of ``slab`` (a ``shm.MappedSlab``), announcing each, check every chunk's digest (with
+    ``keyed``: its keyed tag, as ``shm.pull``) once, release the pins. One result list per
+    stage (a chunk's outcome is the same in every stage). Raises TransportError/OSError when
+    the whole pull failed (the connection is then unusable)."""
     check_stages(stages)
     items = stages[0]
     with pins(sock, session, items, deadline, namespace, epoch, keyed) as pinned:
