@@ -6,13 +6,18 @@ random chunks, serves it, writes its address to a ready file, and runs until kil
 KIND is tcp (default) or shm. Test hooks, from the environment (only this script reads them):
 P2PKV_TEST_SECRET (the cluster secret), P2PKV_TEST_CORRUPT=i (flip a byte of chunk i after
 it is committed, so its digest no longer matches), P2PKV_TEST_BIND_HOST (default 127.0.0.1),
-P2PKV_TEST_MEMBER_PLANE=1 (key the data plane from ``data_plane_secret``, as the connector).
+P2PKV_TEST_MEMBER_PLANE=1 (key the data plane from ``data_plane_secret``, as the connector),
+P2PKV_TEST_IDENTITY=INSTANCE (serve with that instance's key pair, derived from the secret, as
+the connector does: ``transport/identity.py``), P2PKV_TEST_HEALTH=FILE (write the server's
+``ServerHealth`` there as JSON every 0.1 s).
 With P2PKV_TEST_DIRECTORY=ENDPOINT the peer also registers there, as an instance would, and
 publishes its keys, then reports its server's health (``ServerHealth.counters``) every
 0.2 s: P2PKV_TEST_INSTANCE (default peer-PID), P2PKV_TEST_NAMESPACE (default
 "test"), P2PKV_TEST_PROBE (the hash-seed probe, default "probe").
 """
 
+import dataclasses
+import json
 import os
 import sys
 import time
@@ -21,8 +26,10 @@ import numpy as np
 
 from p2pkv.directory.client import DirectoryClient, Registration
 from p2pkv.keys import ChunkKey, InstanceId, Namespace
+from p2pkv.directory.auth import instance_keys
 from p2pkv.secret import ClusterSecret, data_plane_secret
 from p2pkv.transport.choose import make_transport
+from p2pkv.transport.identity import Identity
 
 
 def chunk_bytes(seed: int, index: int, size: int) -> np.ndarray:
@@ -43,8 +50,12 @@ def main() -> None:
     # data_plane_secret, what a credential file carries), as p2pkv doctor expects
     plane = (data_plane_secret(secret) if secret is not None
              and env.get("P2PKV_TEST_MEMBER_PLANE") else secret)
+    identity = None
+    if secret is not None and env.get("P2PKV_TEST_IDENTITY"):
+        identity = Identity.from_curve_secret(
+            instance_keys(secret, InstanceId(env["P2PKV_TEST_IDENTITY"])).secret)
     transport = make_transport(kind, bind_host=env.get("P2PKV_TEST_BIND_HOST", "127.0.0.1"),
-                               secret=plane)
+                               secret=plane, identity=identity)
     store = transport.create_store(size, n)
     for i in range(n):
         w = store.reserve(key_of(i))
@@ -67,11 +78,16 @@ def main() -> None:
     with open(ready + ".tmp", "w") as f:
         f.write(address)
     os.replace(ready + ".tmp", ready)
+    health = env.get("P2PKV_TEST_HEALTH")
     try:
         while True:
             if directory is not None:  # as the worker does: its server's health
                 directory.report(transport.health().counters())
-            time.sleep(0.2)
+            if health:
+                with open(health + ".tmp", "w") as f:
+                    json.dump(dataclasses.asdict(transport.health()), f)
+                os.replace(health + ".tmp", health)
+            time.sleep(0.1 if health else 0.2)
     finally:
         if directory is not None:
             directory.close()

@@ -197,6 +197,11 @@ def test_clients_with_a_credential_or_the_secret_register(directory: Directory,
                 break
             time.sleep(0.05)
         assert runs == [(f"{I}/1", 2), (J, 1)]
+        # each holder names the key it registered with (a rank: its engine's credential),
+        # what its data plane must prove to a puller (transport/identity.py)
+        assert {h.instance: h.key for h in reply.holders} == {
+            f"{I}/1": auth.instance_keys(S, I).public.decode(),
+            J: auth.instance_keys(S, J).public.decode()}
     finally:
         for c in (with_file, with_secret, reader):
             c.close()

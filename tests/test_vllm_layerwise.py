@@ -142,7 +142,7 @@ class GatedTransport(PeerTransport):
         self.release = threading.Event()
         self.fail_late = fail_late
 
-    def pull_staged(self, address, stages, timeout_s, on_stage, epoch=0):
+    def pull_staged(self, address, stages, timeout_s, on_stage, epoch=0, holder_key=None):
         out = [[PullResult(i.key, Outcome.OK) for i in stages[0]]]
         on_stage(0)
         self.release.wait(10)

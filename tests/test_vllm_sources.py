@@ -156,3 +156,23 @@ def test_a_sharded_lookup_keeps_each_holder_ranks_engine_and_slice():
     by_instance = {h.instance: h for h in merged}
     assert by_instance[a0.instance].run == 3 and by_instance[a1.instance].run == 1
     assert by_instance[a0.instance].slice == a0.slice and by_instance[a1.instance].engine == "a"
+
+
+def test_sources_carry_the_holders_key_and_epoch():
+    """Each source names the key its holder registered with (issue 13: the puller's data
+    plane checks the holder proves it); a holder without one, or with a malformed one, is
+    not checked (None), as from a directory without a secret."""
+    import zmq
+
+    from p2pkv.transport.identity import holder_key
+
+    public, _ = zmq.curve_keypair()
+    whole = KVSlice(0, 4, 4, 0, L, L)
+    holders = [Holder(InstanceId("a"), "ha:1", 3, "a", whole, epoch=7, key=public.decode()),
+               Holder(InstanceId("b"), "hb:1", 3, "b", whole, epoch=8),
+               Holder(InstanceId("c"), "hc:1", 3, "c", whole, key="not-a-key")]
+    for h, key in zip(holders, [holder_key(public), None, None]):
+        plan = plan_sources([h], [whole])
+        assert plan is not None
+        (src,) = plan.per_rank[0]
+        assert (src.epoch, src.key) == (h.epoch, key)

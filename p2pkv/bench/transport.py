@@ -9,8 +9,11 @@ shm-capable transport, plus a raw-socket server that sends the same slab bytes w
     tcp-keyed (with a cluster secret and keyed chunk tags, as between hosts)  vs  raw
     tcp-sealed (chunk bytes AES-256-GCM encrypted: ``chunk_digest: sealed``)  vs  raw
     shm  (our pull from the shared slab) vs  memcpy (numpy copyto, same bytes, same dest)
+    shm-keyed (with a cluster secret, keyed tags checked on the copy: ``chunk_digest:
+              keyed``) vs  memcpy
 
     ucx-tcp (bytes over UCX's tcp)      vs  raw socket
+    ucx-tcp-keyed (with a cluster secret and keyed tags, as between hosts) vs  raw socket
     ucx  (UCX, all its transports: cma/shm on one host) vs  memcpy
 
 and prints GB/s and ratios. Goals: tcp (and tcp-keyed) >= 90 % of raw socket, shm >= 50 % of
@@ -59,17 +62,21 @@ def _raw_server(sock: socket.socket, views: dict[int, memoryview]) -> None:
 UCX_PATHS = {"ucx-tcp": {"TLS": "tcp"}, "ucx": {}}  # path -> UCX options
 
 
-def _ucx(config: dict[str, str]):
-    return make_transport("ucx", bind_host="127.0.0.1", ucx_config=config)
+def _ucx(config: dict[str, str], secret: ClusterSecret | None = None, digest: str = "auto"):
+    return make_transport("ucx", bind_host="127.0.0.1", ucx_config=config, secret=secret,
+                          chunk_digest=digest)  # type: ignore[arg-type]
 
 
 def _holder(sizes: list[int], with_ucx: bool, pipe) -> None:
     transports, addresses, views = [], {}, {}
     for size in sizes:
         makers = {"shm": lambda: make_transport("shm", bind_host="127.0.0.1"),
-                  "auth": lambda: make_transport("tcp", bind_host="127.0.0.1", secret=SECRET)}
+                  "auth": lambda: make_transport("tcp", bind_host="127.0.0.1", secret=SECRET),
+                  "shm-auth": lambda: make_transport("shm", bind_host="127.0.0.1",
+                                                     secret=SECRET)}
         if with_ucx:
             makers.update({p: (lambda c=c: _ucx(c)) for p, c in UCX_PATHS.items()})
+            makers["ucx-tcp-auth"] = lambda: _ucx(UCX_PATHS["ucx-tcp"], SECRET)
         for path, make in makers.items():
             t = make()
             store = t.create_store(size, 1)
@@ -124,7 +131,12 @@ def run(sizes_mib: list[int], budget_mib: int, with_ucx: bool
                                chunk_digest="keyed")
         sealed = make_transport("tcp", bind_host="127.0.0.1", secret=SECRET,
                                 chunk_digest="sealed")
+        shm_keyed = make_transport("shm", bind_host="127.0.0.1", secret=SECRET,
+                                   chunk_digest="keyed")
         ucx = {p: _ucx(c) for p, c in UCX_PATHS.items()} if with_ucx else {}
+        if with_ucx:
+            ucx["ucx-tcp-keyed"] = _ucx(UCX_PATHS["ucx-tcp"], SECRET, "keyed")
+        ucx_at = {"ucx-tcp": "ucx-tcp", "ucx": "ucx", "ucx-tcp-keyed": "ucx-tcp-auth"}
         for size in sizes:
             dest = np.zeros(size, dtype=np.uint8)
             src = _chunk(size)
@@ -140,9 +152,10 @@ def run(sizes_mib: list[int], budget_mib: int, with_ucx: bool
                      "tcp-mac": lambda: pull(mac, "auth"),
                      "tcp-keyed": lambda: pull(keyed, "auth"),
                      "tcp-sealed": lambda: pull(sealed, "auth"),
-                     "shm": lambda: pull(shm), "memcpy": lambda: np.copyto(dest, src)}
+                     "shm": lambda: pull(shm), "memcpy": lambda: np.copyto(dest, src),
+                     "shm-keyed": lambda: pull(shm_keyed, "shm-auth")}
             for path, t in ucx.items():
-                cases[path] = lambda t=t, path=path: pull(t, path)
+                cases[path] = lambda t=t, path=path: pull(t, ucx_at[path])
             for fn in cases.values():  # warm up: connect, map, fault the pages in
                 fn()
             got: dict[str, list[float]] = {name: [] for name in cases}
@@ -156,14 +169,18 @@ def run(sizes_mib: list[int], budget_mib: int, with_ucx: bool
             rows.append((size, "tcp-keyed", med["tcp-keyed"], "raw socket", med["raw"]))
             rows.append((size, "tcp-sealed", med["tcp-sealed"], "raw socket", med["raw"]))
             rows.append((size, "shm", med["shm"], "memcpy", med["memcpy"]))
+            rows.append((size, "shm-keyed", med["shm-keyed"], "memcpy", med["memcpy"]))
             if ucx:
                 rows.append((size, "ucx-tcp", med["ucx-tcp"], "raw socket", med["raw"]))
+                rows.append((size, "ucx-tcp-keyed", med["ucx-tcp-keyed"], "raw socket",
+                             med["raw"]))
                 rows.append((size, "ucx", med["ucx"], "memcpy", med["memcpy"]))
             assert tcp.counters.shm == 0 and shm.counters.tcp == 0
             assert keyed.pool.idle()[0].keyed and not mac.pool.idle()[0].keyed
             assert sealed.pool.idle()[0].sealed and not keyed.pool.idle()[0].sealed
+            assert shm_keyed.pool.idle()[0].keyed and shm_keyed.counters.tcp == 0
             assert all(t.counters.tcp == t.counters.shm == 0 for t in ucx.values())
-        for t in [tcp, mac, keyed, sealed, shm, *ucx.values()]:
+        for t in [tcp, mac, keyed, sealed, shm, shm_keyed, *ucx.values()]:
             t.close()
         raw.close()
     finally:
@@ -196,7 +213,7 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     missing = ucx_unavailable_reason()
     rows = run([int(s) for s in args.sizes.split(",")], args.budget_mib, not missing)
-    print(table([Column("chunk", 8), Column("path", 10, align="<"), Column("GB/s", 6, ".2f"),
+    print(table([Column("chunk", 8), Column("path", 13, align="<"), Column("GB/s", 6, ".2f"),
                  Column("limit", 11, align="<"), Column("GB/s", 6, ".2f"),
                  Column("ratio", 6, ".0%"), Column("goal", align="<")],
                 ([f"{size // MiB} MiB", path, ours, limit, base, ours / base,

@@ -140,6 +140,8 @@ class Caller:
     reads only) or instance ``credential``'s key (reads; writes for it and its ranks)."""
 
     credential: InstanceId | None = None
+    key: str = ""
+    """With ``credential``: its Z85 public key (what a Holder of its registrations names)."""
 
     def may_act_as(self, instance: InstanceId) -> bool:
         return self.credential is not None and covers(self.credential, instance)
@@ -191,7 +193,7 @@ class Callers:
         instance = routing_instance(rid)
         if instance is None or len(instance.encode()) > MAX_CREDENTIAL_INSTANCE_BYTES:
             return None
-        return (Caller(instance) if instance_keys(self._secret, instance).public
+        return (Caller(instance, user) if instance_keys(self._secret, instance).public
                 == user.encode() else None)
 
 

@@ -74,6 +74,9 @@ class Member:
     quota: bytes = b""
     """Whose quota of registrations it counts against: the instance credential it was
     registered with (a CURVE directory), else its connection (``owner``)."""
+    key: str = ""
+    """The Z85 CURVE public key it registered with (a CURVE directory; "" otherwise): named
+    in its Holders, for the puller to check the data plane's identity against."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,7 +426,7 @@ class DirectoryIndex:
     def register(self, instance: InstanceId, epoch: int, namespace: Namespace, address: str,
                  probe: str, capabilities: Sequence[str], now: float, *,
                  owner: bytes = b"", quota: bytes | None = None, engine: str = "",
-                 slice: KVSlice | None = None, spec: str = "") -> Registered:
+                 slice: KVSlice | None = None, spec: str = "", key: str = "") -> Registered:
         """Add, refresh or replace a registration; raises DirectoryIndexError on refusal.
 
         ``owner``: the connection asking. While the lease runs, only the connection that
@@ -431,7 +434,8 @@ class DirectoryIndex:
         ``retry_after_s``); at most ``max_registrations`` per ``quota`` (OVER_QUOTA; by
         default the connection, with CURVE the instance credential asking).
         ``engine``/``slice``/``spec``: which vLLM engine this worker rank belongs to, the KV
-        heads x layers it holds, the namespace's fields in clear."""
+        heads x layers it holds, the namespace's fields in clear. ``key``: the CURVE key
+        it registered with (see ``Member.key``)."""
         quota = owner if quota is None else quota
         old = self._members.get(instance)
         if old is not None and epoch < old.epoch:
@@ -453,6 +457,7 @@ class DirectoryIndex:
             old.address = address
             old.capabilities = tuple(capabilities)
             old.spec = spec
+            old.key = key
             old.expires_at = now + self.lease_s
             return Registered(old, joined=False, replaced=None)
         self._check_probe(instance, namespace, probe)
@@ -461,7 +466,7 @@ class DirectoryIndex:
             self.drop(instance)
         member = Member(instance, epoch, namespace, address, probe, tuple(capabilities),
                         -1, now + self.lease_s, owner=owner, quota=quota, engine=engine,
-                        slice=slice, spec=spec)
+                        slice=slice, spec=spec, key=key)
         member.handle = self._spaces.setdefault(namespace, _Space()).take_handle(member)
         self._members[instance] = member
         self._push_expiry(member)
@@ -672,6 +677,7 @@ def _holder(m: Member, keys: Sequence[ChunkKey], run: int, now: float) -> Holder
             if until is not None and (ends is None or until < ends):
                 ends = until
     if ends is None:
-        return Holder(m.instance, m.address, run, m.engine, m.slice, m.epoch, TIER_STORE)
+        return Holder(m.instance, m.address, run, m.engine, m.slice, m.epoch, TIER_STORE,
+                      key=m.key)
     return Holder(m.instance, m.address, run, m.engine, m.slice, m.epoch, TIER_LEASED,
-                  _ms_left(ends, now))
+                  _ms_left(ends, now), key=m.key)

@@ -55,7 +55,10 @@ PROTOCOL_VERSION = 4
 #      blocks for that long; 0 = the host store), Holder.tier/lease_left_ms and
 #      InstanceInfo.leased_chunks/lease_ends_ms. Defaults mean "the store" (a Publish of an
 #      older client) and "not said" (a Holder of an older directory: tier ""); older peers
-#      ignore the fields, so no bump.
+#      ignore the fields, so no bump. Holder.key (issue 13, holder identity): the Z85 CURVE
+#      public key the holder registered with (its instance's, "" = none: a directory
+#      without a secret, or an older one); the puller expects its data plane to prove it
+#      (``transport/identity.py``). Older peers ignore it, so no bump.
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """Largest encoded message either side accepts."""
@@ -134,6 +137,7 @@ TIER_STORE = "store"
 MAX_LEASE_MS = 86_400_000
 """Longest lease a Publish may name (a day; leases are seconds)."""
 _Tier = Annotated[str, msgspec.Meta(max_length=16)]
+_PublicKey = Annotated[str, msgspec.Meta(max_length=40)]  # Z85 CURVE public key, or ""
 
 
 class Status:
@@ -308,6 +312,9 @@ class Holder(msgspec.Struct, frozen=True):
     directories."""
     lease_left_ms: _U63 = 0
     """With TIER_LEASED: until the earliest of those leases ends (0: ending now)."""
+    key: _PublicKey = ""
+    """The Z85 CURVE public key the holder registered with (its instance credential's; "":
+    none, a directory without a secret): what its data plane must prove to the puller."""
 
 
 class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -375,7 +375,8 @@ class DirectoryServer:
                 case Heartbeats():
                     return [self._heartbeats(msg, now, owner, caller)]
                 case Register():
-                    return [self._register(msg, now, owner, quota)]
+                    return [self._register(msg, now, owner, quota,
+                                           caller.key if caller is not None else "")]
                 case Report():
                     self.index.set_counters(msg.instance, msg.counters, now, epoch=msg.epoch,
                                             owner=owner)
@@ -394,7 +395,7 @@ class DirectoryServer:
             return [self._refuse(rid, e.status, str(e), e.retry_after_s)]
         return [Ok(rid=rid, directory_epoch=self.directory_epoch)]
 
-    def _register(self, msg: Register, now: float, owner: bytes, quota: bytes
+    def _register(self, msg: Register, now: float, owner: bytes, quota: bytes, key: str = ""
                   ) -> RegisterReply:
         try:
             ahead_s = (msg.epoch - self._wall_clock_ns()) / 1e9
@@ -405,7 +406,8 @@ class DirectoryServer:
                     "are wall-clock nanoseconds (time.time_ns())")
             outcome = self.index.register(msg.instance, msg.epoch, msg.namespace, msg.address,
                                           msg.probe, msg.capabilities, now, owner=owner,
-                                          quota=quota, engine=msg.engine, slice=msg.slice, spec=msg.spec)
+                                          quota=quota, engine=msg.engine, slice=msg.slice, spec=msg.spec,
+                                          key=key)
         except DirectoryIndexError as e:
             if self._refused.remember(msg, e.status, str(e), now):
                 logger.warning("refused to register %s at %s: %s", msg.instance, msg.address, e)

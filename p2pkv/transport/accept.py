@@ -35,7 +35,9 @@ from dataclasses import dataclass, field
 
 from p2pkv.affinity import widen_cpu_affinity
 from p2pkv.ratelog import RateLimitedLog
+from p2pkv.errors import AuthError
 from p2pkv.transport import wire
+from p2pkv.transport.identity import Identity
 from p2pkv.transport.session import Session
 from p2pkv.transport.sockio import make_blocking
 
@@ -114,9 +116,12 @@ class Acceptor:
 
     def __init__(self, bind_host: str, key: bytes | None, info: bytes, limits: ServerLimits,
                  *, hand_over: Callable[[socket.socket, Session], None],
-                 authenticated: Callable[[], int]) -> None:
+                 authenticated: Callable[[], int], identity: Identity | None = None) -> None:
+        """``identity``: this holder's instance key pair, whose public half ``info`` (an
+        encoded PeerInfo) names (None: it names none)."""
         self._key = key
         self._info = info
+        self._identity = identity
         self._limits = limits
         self._hand_over = hand_over
         self._authenticated = authenticated
@@ -271,10 +276,17 @@ class Acceptor:
         version, nonce_c, proof = wire.unpack_proof(bytes(hs.got))
         good = version == wire.WIRE_VERSION and secrets.compare_digest(
             proof, wire.mac(self._key, b"c", hs.nonce, nonce_c))
+        dh = b""
+        if good and self._identity is not None and self._key is not None:
+            # NOTE: only after the proof: a non-member never costs an X25519
+            try:
+                dh = self._identity.shared(nonce_c)
+            except AuthError:
+                good = False
         if good:
-            hs.session = Session(self._key, hs.nonce, nonce_c)
-            verdict = wire.pack_verdict(wire.Status.OK, wire.mac(self._key, b"s", nonce_c,
-                                                                 hs.nonce), self._info)
+            hs.session = Session(self._key, hs.nonce, nonce_c, dh)
+            verdict = wire.pack_verdict(wire.Status.OK, wire.mac(
+                self._key, b"s", nonce_c, hs.nonce, dh, self._info), self._info)
         else:
             self.counters.failed += 1
             why = (f"wire version {version}" if version != wire.WIRE_VERSION

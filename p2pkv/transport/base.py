@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Literal, Union
 from p2pkv.errors import ChecksumMismatch
 from p2pkv.keys import ChunkKey
 from p2pkv.store import ChunkStore
+from p2pkv.transport.identity import HolderKey
 from p2pkv.transport.selection import Selection
 
 if TYPE_CHECKING:
@@ -212,16 +213,18 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def pull(self, address: str, items: Sequence[PullItem], timeout_s: float,
-             epoch: int = 0) -> list[PullResult]:
+             epoch: int = 0, holder_key: HolderKey | None = None) -> list[PullResult]:
         """Pull ``items`` from the peer at ``address``; never raises for peer errors and
         returns within ``timeout_s`` (plus scheduling noise). Items not OK may hold partial
         bytes in their destination: the caller must treat them as garbage. ``epoch``: the
         holder's instance epoch from the directory's lookup (0: not checked); a holder that
-        is another epoch (a reused address) serves none of them."""
+        is another epoch (a reused address) serves none of them. ``holder_key``: the
+        holder instance's public key from the lookup (None: not checked); a holder that
+        cannot prove it (another member at that address) serves none of them."""
 
     def pull_staged(self, address: str, stages: Sequence[Sequence[PullItem]], timeout_s: float,
-                    on_stage: Callable[[int], None], epoch: int = 0
-                    ) -> list[list[PullResult]]:
+                    on_stage: Callable[[int], None], epoch: int = 0,
+                    holder_key: HolderKey | None = None) -> list[list[PullResult]]:
         """Pull the same chunks in ``stages`` (each with its own selection), in order, calling
         ``on_stage(s)`` once stage ``s`` has landed (``staged.py``); one result list per
         stage, final only on return. Never raises for peer errors; returns within
@@ -231,7 +234,7 @@ class Transport(abc.ABC):
         out = []
         for s, stage in enumerate(stages):
             out.append(self.pull(address, stage, max(deadline - time.monotonic(), 0.001),
-                                 epoch))
+                                 epoch, holder_key))
             on_stage(s)
         return out
 

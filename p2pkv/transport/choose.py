@@ -21,6 +21,7 @@ from p2pkv.secret import ClusterSecret, derive
 from p2pkv.store import shm_room
 from p2pkv.transport.base import TransportChoice
 from p2pkv.transport.conn import ChunkDigest
+from p2pkv.transport.identity import Identity
 from p2pkv.transport.peer import PeerTransport
 from p2pkv.transport.ucx import UcxEngine, ucx_unavailable_reason
 
@@ -148,7 +149,8 @@ def make_transport(kind: str, *, bind_host: str, advertise_host: str | None = No
                    ucx_config: dict[str, str] | None = None,
                    insecure_any_address: bool = False,
                    namespace: Namespace = Namespace(""),
-                   chunk_digest: ChunkDigest = "auto") -> PeerTransport:
+                   chunk_digest: ChunkDigest = "auto",
+                   identity: Identity | None = None) -> PeerTransport:
     """The one place that maps config to a transport (the decision itself is
     :func:`choose_transport`).
 
@@ -158,8 +160,9 @@ def make_transport(kind: str, *, bind_host: str, advertise_host: str | None = No
     holder that serves another is refused (see ``PeerTransport``). ``store_bytes``,
     ``cuda_device``: see :func:`choose_transport`. ``ucx_config``: UCX options without the UCX_
     prefix (e.g. {"TLS": "tcp"}; the UCX_* environment applies otherwise). ``chunk_digest``:
-    how TCP pulls check chunk bytes (``conn.ChunkDigest``: by default keyed with holders on
-    other hosts).
+    how pulls check chunk bytes (``conn.ChunkDigest``: by default keyed with holders on
+    other hosts). ``identity``: this instance's key pair, proven to pullers
+    (``transport/identity.py``; None: none).
     """
     if secret is None and not insecure_any_address and not is_loopback_host(bind_host):
         raise ConfigError(f"refusing to serve the data plane on {bind_host} without a cluster "
@@ -176,7 +179,7 @@ def make_transport(kind: str, *, bind_host: str, advertise_host: str | None = No
         return PeerTransport(choice, bind_host=bind_host, advertise_host=advertise_host,
                              connections_per_peer=connections_per_peer, key=key,
                              ucx_engine=engine, namespace=namespace,
-                             chunk_digest=chunk_digest)
+                             chunk_digest=chunk_digest, identity=identity)
 
     if choice.ucx:
         try:

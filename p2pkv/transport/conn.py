@@ -25,6 +25,7 @@ from p2pkv.keys import Namespace
 from p2pkv.transport import session as sess
 from p2pkv.transport import wire
 from p2pkv.transport.base import PullItem
+from p2pkv.transport.identity import Ephemeral, HolderKey
 from p2pkv.transport.session import Session
 from p2pkv.transport.shm import MappedSlab, open_peer_slab
 from p2pkv.transport.sockio import make_blocking, recv_exact, send_views
@@ -88,16 +89,33 @@ def client_handshake(sock: socket.socket, key: bytes | None, deadline: float
     auth, nonce_s = wire.unpack_hello(hello)
     if key is not None and not auth:
         raise AuthError("peer has no cluster secret: refusing an unauthenticated peer")
-    nonce_c = secrets.token_bytes(wire.NONCE_BYTES)
+    ephemeral = Ephemeral()
+    nonce_c = ephemeral.public
     proof = wire.mac(key, b"c", nonce_s, nonce_c)
     send_views(sock, [wire.pack_proof(nonce_c, proof)], max(deadline - time.monotonic(), 0.001))
     status, proof_s, n = wire.unpack_verdict(recv_exact(sock, wire.VERDICT_BYTES, deadline))
     if status != wire.Status.OK:
         raise AuthError("peer refused us: wrong or missing cluster secret")
-    if not secrets.compare_digest(proof_s, wire.mac(key, b"s", nonce_c, nonce_s)):
-        raise AuthError("peer failed to prove it holds the cluster secret")
-    info = wire.decode_info(recv_exact(sock, n, deadline))
-    return info, Session(key, nonce_s, nonce_c)
+    info_bytes = recv_exact(sock, n, deadline)
+    info = wire.decode_info(info_bytes)
+    # NOTE: the proof covers the PeerInfo and, when it names an identity, the X25519 with
+    # our ephemeral key: only the holder of that identity's private key can make it
+    dh = ephemeral.shared(info.identity) if info.identity and key is not None else b""
+    if not secrets.compare_digest(proof_s, wire.mac(key, b"s", nonce_c, nonce_s, dh,
+                                                    info_bytes)):
+        raise AuthError("peer failed to prove it holds the cluster secret"
+                        + (" and its identity's key" if dh else ""))
+    return info, Session(key, nonce_s, nonce_c, dh)
+
+
+def check_holder(info: wire.PeerInfo, expected: HolderKey | None, address: str) -> None:
+    """AuthError unless the holder proved the identity ``expected`` (the directory's key for
+    the instance it says holds the chunks; None: not checked). The handshake already
+    checked that the holder holds the private half of the key its PeerInfo names."""
+    if expected and info.identity != expected:
+        named = info.identity.hex()[:16] if info.identity else "none"
+        raise AuthError(f"holder at {address} is not the instance the directory named: it "
+                        f"proves identity {named}, not {bytes(expected).hex()[:16]}")
 
 
 def request_items(sock: socket.socket, session: Session, request: wire.Pull | wire.Send,
@@ -106,14 +124,28 @@ def request_items(sock: socket.socket, session: Session, request: wire.Pull | wi
     return the headers, MAC-checked and checked against ``items``.
 
     NOTE: raising closes the connection: the stream cannot be resynchronised."""
+    return [h for h, _ in _request_table(sock, session, request, items, deadline, False)]
+
+
+def request_keyed_items(sock: socket.socket, session: Session, request: wire.Send,
+                        items: Sequence[PullItem], deadline: float
+                        ) -> list[tuple[wire.ItemHeader, bytes]]:
+    """:func:`request_items` for a keyed ``Send``: each header with its chunk's keyed tag."""
+    return _request_table(sock, session, request, items, deadline, True)
+
+
+def _request_table(sock: socket.socket, session: Session, request: wire.Pull | wire.Send,
+                   items: Sequence[PullItem], deadline: float, keyed: bool
+                   ) -> list[tuple[wire.ItemHeader, bytes]]:
     number = session.requests
     send_views(sock, [sess.encode_request(session, request)],
                max(deadline - time.monotonic(), 0.001))
-    table = sess.read_reply(sock, session, number, wire.ITEM_HEADER_BYTES, len(items),
-                            deadline)
-    n = wire.ITEM_HEADER_BYTES
-    headers = [wire.unpack_item(table[i * n:(i + 1) * n]) for i in range(len(items))]
-    for item, h in zip(items, headers):
+    n = wire.KEYED_ITEM_HEADER_BYTES if keyed else wire.ITEM_HEADER_BYTES
+    table = sess.read_reply(sock, session, number, n, len(items), deadline)
+    headers = [wire.unpack_keyed_item(table[i * n:(i + 1) * n]) if keyed
+               else (wire.unpack_item(table[i * n:(i + 1) * n]), b"")
+               for i in range(len(items))]
+    for item, (h, _) in zip(items, headers):
         if h.status not in (wire.Status.OK, wire.Status.MISSING):
             raise TransportError(f"holder answered {h.status.name}")
         if h.status is wire.Status.OK and h.nbytes != item.nbytes:

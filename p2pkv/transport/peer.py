@@ -35,7 +35,8 @@ from p2pkv.transport.base import (
     host_pieces,
 )
 from p2pkv.transport.accept import ServerLimits
-from p2pkv.transport.conn import ChunkDigest, Conn, ConnPool
+from p2pkv.transport.conn import ChunkDigest, Conn, ConnPool, check_holder
+from p2pkv.transport.identity import HolderKey, Identity
 from p2pkv.transport.leased import LeasedChunks
 from p2pkv.transport.server import Server
 from p2pkv.transport.sockio import parse_address
@@ -62,19 +63,22 @@ class PeerTransport(Transport):
                  key: bytes | None = None, ucx_engine: ucx.UcxEngine | None = None,
                  server_limits: ServerLimits = ServerLimits(),
                  namespace: Namespace = Namespace(""),
-                 chunk_digest: ChunkDigest = "auto") -> None:
+                 chunk_digest: ChunkDigest = "auto", identity: Identity | None = None) -> None:
         """``key``: the data-plane key derived from the cluster secret (None: no auth).
         ``chunk_digest``: how TCP pulls check chunk bytes (``conn.ChunkDigest``; ``keyed``
         needs a key).
         ``ucx_engine``: required when ``choice.ucx`` (this transport closes it).
         ``namespace``: this instance's (``keys.Namespace``): served in its PeerInfo, and
-        holders that serve another are refused ("": neither)."""
+        holders that serve another are refused ("": neither).
+        ``identity``: this instance's key pair (``identity.py``): the server proves it to
+        pullers (ignored without ``key``: without a cluster secret nothing is proven)."""
         self._namespace = namespace
         assert choice.ucx == (ucx_engine is not None), "choice.ucx needs a UcxEngine"
         self._choice = choice
         self._bind_host = bind_host
         self._advertise_host = advertise_host or bind_host
         self._key = key
+        self._identity = identity if key is not None else None
         self._host_id = shm.host_id()
         self._ucx = ucx_engine
         self._pool = ConnPool(key=key, max_idle=connections_per_peer,
@@ -105,11 +109,13 @@ class PeerTransport(Transport):
         info = wire.PeerInfo(host_id=self._host_id, shm_path=store.shm_path,
                              shm_ident=store.shm_ident,
                              slab_bytes=store.slab_bytes, slot_bytes=store.slot_bytes,
-                             namespace=self._namespace, epoch=epoch)
+                             namespace=self._namespace, epoch=epoch,
+                             identity=self._identity.public if self._identity else b"")
         if self._ucx is not None:
             info = msgspec.structs.replace(info, ucx_address=self._ucx.address)
         self._server = Server(store, self._bind_host, self._key, info, ucx=self._ucx,
-                              limits=self._server_limits, leased=leased)
+                              limits=self._server_limits, leased=leased,
+                              identity=self._identity)
         address = f"{self._advertise_host}:{self._server.port}"
         logger.info("p2pkv %s transport serving on %s (%s)", self.name, address,
                     "authenticated" if self._key else "UNAUTHENTICATED: no cluster secret")
@@ -119,12 +125,12 @@ class PeerTransport(Transport):
         return self._server.health() if self._server is not None else None
 
     def pull(self, address: str, items: Sequence[PullItem], timeout_s: float,
-             epoch: int = 0) -> list[PullResult]:
+             epoch: int = 0, holder_key: HolderKey | None = None) -> list[PullResult]:
         deadline = time.monotonic() + timeout_s
         try:
             peer = parse_address(address)
             conn = self._pool.checkout(peer, deadline)
-            _expect_epoch(conn, address, epoch)
+            _expect_holder(conn, address, epoch, holder_key)
         except (OSError, TransportError) as e:
             return failed(items, f"connect {address}: {e}")
         t_connected = time.monotonic()
@@ -140,8 +146,8 @@ class PeerTransport(Transport):
         return results
 
     def pull_staged(self, address: str, stages: Sequence[Sequence[PullItem]], timeout_s: float,
-                    on_stage: Callable[[int], None], epoch: int = 0
-                    ) -> list[list[PullResult]]:
+                    on_stage: Callable[[int], None], epoch: int = 0,
+                    holder_key: HolderKey | None = None) -> list[list[PullResult]]:
         """All stages on one connection: out of a mapped same-host slab with every chunk's
         digest checked once (``staged.pull_shm``), else one ``Pull`` per stage over the
         stream. A stage that cannot be pulled is still announced (its results are FAILED)."""
@@ -157,7 +163,7 @@ class PeerTransport(Transport):
         try:
             peer = parse_address(address)
             conn = self._pool.checkout(peer, deadline)
-            _expect_epoch(conn, address, epoch)
+            _expect_holder(conn, address, epoch, holder_key)
         except (OSError, TransportError) as e:
             for s in range(len(stages)):
                 announce(s)
@@ -167,7 +173,7 @@ class PeerTransport(Transport):
             if conn.slab is not None and all(host_pieces(i.dest) for st in stages for i in st):
                 self.counters.shm += 1
                 out = staged.pull_shm(conn.sock, conn.session, conn.slab, stages, deadline,
-                                      announce, conn.namespace, conn.epoch)
+                                      announce, conn.namespace, conn.epoch, conn.keyed)
             else:
                 for s, stage in enumerate(stages):
                     self.counters.tcp += 1
@@ -198,12 +204,12 @@ class PeerTransport(Transport):
             assert self._ucx is not None
             self.counters.ucx += 1
             return path, ucx.pull(self._ucx, self._staging, conn.sock, conn.session, items,
-                                  deadline, conn.namespace, conn.epoch)
+                                  deadline, conn.namespace, conn.epoch, conn.keyed)
         if path == "shm":
             assert conn.slab is not None
             self.counters.shm += 1
             return path, shm.pull(conn.sock, conn.session, conn.slab, items, deadline,
-                                  conn.namespace, conn.epoch)
+                                  conn.namespace, conn.epoch, conn.keyed)
         self.counters.tcp += 1
         return path, stream.pull(conn, items, deadline, self._staging)
 
@@ -218,14 +224,22 @@ class PeerTransport(Transport):
             self._ucx.close()
 
 
-def _expect_epoch(conn: Conn, address: str, epoch: int) -> None:
+def _expect_holder(conn: Conn, address: str, epoch: int, holder_key: HolderKey | None
+                   ) -> None:
     """Name ``epoch`` in ``conn``'s next requests; refuse (closing it) a holder whose
-    PeerInfo says it is another epoch, before any request: the address the directory gave
-    now belongs to another run of that instance or to another instance.
+    PeerInfo says it is another epoch, or that did not prove ``holder_key`` in its
+    handshake (``conn.check_holder``), before any request: the address the directory gave
+    now belongs to another run of that instance or to another instance (or another member
+    answers there).
 
     NOTE: the holder checks the epoch of every request too (WRONG_EPOCH): this check only
     saves the round trip and names both epochs."""
     conn.epoch = epoch
+    try:
+        check_holder(conn.info, holder_key, address)
+    except AuthError:
+        conn.close()
+        raise
     if epoch and conn.info.epoch and conn.info.epoch != epoch:
         conn.close()
         raise AuthError(f"holder at {address} is instance epoch {conn.info.epoch}, the "

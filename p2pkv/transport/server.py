@@ -35,6 +35,7 @@ from p2pkv.transport import session as sess
 from p2pkv.transport import sealed, stream, wire
 from p2pkv.transport.accept import Acceptor, ServerLimits
 from p2pkv.transport.base import ServerHealth
+from p2pkv.transport.identity import Identity
 from p2pkv.transport.leased import LeasedChunks, LeasedRead
 from p2pkv.transport.selection import Selection, cut
 from p2pkv.transport.session import Session
@@ -70,10 +71,14 @@ class Server:
                  info: wire.PeerInfo, ucx: UcxEngine | None = None, *,
                  limits: ServerLimits = ServerLimits(),
                  start_thread: StartThread = start_daemon_thread,
-                 leased: LeasedChunks | None = None) -> None:
+                 leased: LeasedChunks | None = None, identity: Identity | None = None
+                 ) -> None:
         """``leased``: chunks served from outside the store (a lease on vLLM's paged blocks,
         ``transport/leased.py``): a Pull of a key not in the store reads them in place; a
-        Pin or Send (which read store slots) copies them into the store first."""
+        Pin or Send (which read store slots) copies them into the store first.
+        ``identity``: the instance key pair the handshake proves (``info.identity`` must
+        name its public half; None: it names none)."""
+        assert (identity.public if identity else b"") == info.identity
         self._store = store
         self._leased = leased
         self._namespace = info.namespace
@@ -95,7 +100,8 @@ class Server:
         self._log = RateLimitedLog(logger)
         self._acceptor = Acceptor(bind_host, key, wire.encode_info(info), limits,
                                   hand_over=self._hand_over,
-                                  authenticated=lambda: len(self._conns))
+                                  authenticated=lambda: len(self._conns),
+                                  identity=identity)
         self.port = self._acceptor.port
 
     def health(self) -> ServerHealth:
@@ -190,7 +196,7 @@ class Server:
                 if isinstance(req, wire.Pull):
                     self._send_chunks(conn, session, number, req)
                 elif isinstance(req, wire.Pin):
-                    self._pin_chunks(conn, session, number, peer, req.keys, pins)
+                    self._pin_chunks(conn, session, number, peer, req, pins)
                 elif isinstance(req, wire.Send):
                     self._send_over_ucx(conn, session, number, req)
                 else:
@@ -298,6 +304,8 @@ class Server:
                        req: wire.Send) -> None:
         if self._ucx is None:
             raise BadRequest("this holder has no UCX")
+        if req.keyed and not session.authenticated:
+            raise BadRequest("a keyed digest on a connection without a cluster secret")
         deadline = time.monotonic() + req.timeout_ms / 1000
         pinned = [self._pin_stored(key) for key in req.keys]  # type: ignore[arg-type]
         held = [p for p in pinned if p is not None]
@@ -308,9 +316,8 @@ class Server:
 
         try:
             send_views(conn, sess.reply(session, number, b"".join(
-                wire.pack_item(wire.Status.MISSING) if p is None
-                else wire.pack_item(wire.Status.OK, p.view.nbytes, p.digest) for p in pinned)),
-                self._limits.response_s)
+                self._item_header(session, number, i, p, req.keyed)
+                for i, p in enumerate(pinned))), self._limits.response_s)
         except BaseException:
             release()
             raise
@@ -322,10 +329,28 @@ class Server:
         except TransportError as e:
             logger.info("UCX send to a puller failed: %s", e)
 
+    def _item_header(self, session: Session, number: int, index: int,
+                     p: PinnedChunk | None, keyed: bool) -> bytes:
+        """A Send reply's header of chunk ``index`` (keyed: with its keyed tag)."""
+        if not keyed:
+            return (wire.pack_item(wire.Status.MISSING) if p is None
+                    else wire.pack_item(wire.Status.OK, p.view.nbytes, p.digest))
+        if p is None:
+            return wire.pack_keyed_item(wire.Status.MISSING)
+        return wire.pack_keyed_item(wire.Status.OK, p.view.nbytes, self._tag(session, number,
+                                                                             index, p))
+
+    def _tag(self, session: Session, number: int, index: int, p: PinnedChunk) -> bytes:
+        return session.chunk_tag(number, index,
+                                 stream.kept_hash(self._hashes, session, p, self._corrupt))
+
     def _pin_chunks(self, conn: socket.socket, session: Session, number: int, peer: str,
-                    keys: list[bytes], pins: list[PinnedChunk]) -> None:
+                    req: wire.Pin, pins: list[PinnedChunk]) -> None:
         if not self._store.shm_path:
             raise BadRequest("this holder has no shared slab")
+        if req.keyed and not session.authenticated:
+            raise BadRequest("a keyed digest on a connection without a cluster secret")
+        keys = req.keys
         if len(pins) + len(keys) > self._limits.pins_per_conn:
             raise BadRequest(f"more than {self._limits.pins_per_conn} pins on one connection")
         allowed = self._claim(peer, len(keys))
@@ -333,11 +358,15 @@ class Server:
         for i, key in enumerate(keys):
             p = self._pin_stored(key) if i < allowed else None  # type: ignore[arg-type]
             if p is None:
-                headers.append(wire.pack_pin(wire.Status.MISSING))
+                headers.append(wire.pack_keyed_pin(wire.Status.MISSING) if req.keyed
+                               else wire.pack_pin(wire.Status.MISSING))
                 continue
             pins.append(p)
             held += 1
-            headers.append(wire.pack_pin(wire.Status.OK, p.view.nbytes, p.digest, p.index,
+            headers.append(wire.pack_keyed_pin(wire.Status.OK, p.view.nbytes, p.index,
+                                               p.generation, self._tag(session, number, i, p))
+                           if req.keyed else
+                           wire.pack_pin(wire.Status.OK, p.view.nbytes, p.digest, p.index,
                                          p.generation))
         with self._lock:
             self._unclaim(peer, allowed - held)  # claimed for keys the store did not have

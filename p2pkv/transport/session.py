@@ -6,7 +6,9 @@ Made by the handshake on both sides (``conn.client_handshake`` for the puller,
 every request exchange after it (``conn``, ``stream``, ``shm``, ``ucx``, ``server``). The
 framing these keys protect is in ``wire``.
 
-    session key   : HMAC-SHA256(key, "session" | nonce_s | nonce_c)
+    session key   : HMAC-SHA256(key, "session" | nonce_s | nonce_c | dh)
+                    (dh: the holder identity's X25519 with the puller's nonce, or empty
+                    when the holder has none; ``identity.py``)
     header MAC    : HMAC-SHA256(session key, direction | u64 request number | bytes)[:16]
     chunk hash    : Poly1305 of the chunk's bytes under HMAC-SHA256(key, "chunk-poly1305")
                     (the data-plane key's, the same on every connection; never sent)
@@ -43,6 +45,7 @@ import socket
 import struct
 
 import blake3
+import xxhash
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from p2pkv.errors import AuthError, TransportError
@@ -62,13 +65,15 @@ class Session:
 
     __slots__ = ("_mac_key", "_digest_key", "_hash_key", "requests")
 
-    def __init__(self, key: bytes | None, nonce_s: bytes, nonce_c: bytes) -> None:
+    def __init__(self, key: bytes | None, nonce_s: bytes, nonce_c: bytes,
+                 dh: bytes = b"") -> None:
         if key is None:
             self._mac_key: bytes | None = None
             self._digest_key: bytes | None = None
             self._hash_key: bytes | None = None
         else:
-            session = hmac.new(key, b"session" + nonce_s + nonce_c, hashlib.sha256).digest()
+            session = hmac.new(key, b"session" + nonce_s + nonce_c + dh,
+                               hashlib.sha256).digest()
             self._mac_key = session
             self._digest_key = hmac.new(session, b"chunk-digest", hashlib.sha256).digest()
             self._hash_key = hmac.new(key, b"chunk-poly1305", hashlib.sha256).digest()
@@ -138,6 +143,45 @@ class ChunkHasher:
 
     def digest(self) -> bytes:
         return self._poly.finalize()
+
+
+class Expected:
+    """What one chunk's bytes must hash to, as its holder said in a MACed reply: its xxh3-64
+    (``tag`` b"") or, on a keyed request, its keyed tag as the ``index``-th chunk of request
+    ``number`` on ``session``. Used where the bytes come by another way than the stream
+    (``shm.py``: out of the slab; ``ucx.py``: over UCX); :meth:`hasher` is fed the bytes,
+    :meth:`matches` says whether they are the holder's."""
+
+    __slots__ = ("_digest", "_tag", "_session", "_number", "_index")
+
+    def __init__(self, digest: int, tag: bytes = b"", session: Session | None = None,
+                 number: int = 0, index: int = 0) -> None:
+        assert not tag or session is not None, "a keyed tag is checked under its session"
+        self._digest, self._tag = digest, tag
+        self._session, self._number, self._index = session, number, index
+
+    @property
+    def keyed(self) -> bool:
+        return bool(self._tag)
+
+    def hasher(self) -> xxhash.xxh3_64 | ChunkHasher:
+        if not self._tag:
+            return xxhash.xxh3_64()
+        assert self._session is not None
+        return self._session.chunk_hasher()
+
+    def matches(self, h: xxhash.xxh3_64 | ChunkHasher) -> bool:
+        if isinstance(h, ChunkHasher):
+            assert self._session is not None
+            return secrets.compare_digest(
+                self._tag, self._session.chunk_tag(self._number, self._index, h.digest()))
+        return h.intdigest() == self._digest
+
+    def of(self, data: memoryview) -> bool:
+        """Whether ``data`` (a whole chunk) is the holder's."""
+        h = self.hasher()
+        h.update(data)
+        return self.matches(h)
 
 
 def encode_request(session: Session, req: wire.Request) -> bytes:

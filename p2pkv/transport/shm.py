@@ -2,12 +2,14 @@
 
 The holder's store lives in a /dev/shm file (``ChunkStore(shared=True)``). Over the TCP control
 connection the puller asks the holder to pin the chunks (``wire.Pin``: the store's refcount,
-not page-locking); the reply gives each chunk's slot, generation, size and digest. The puller
-copies from its read-only mapping of the slab into the destination pieces, checks the digest,
-and releases the pins with one message (``wire.Release``). A pinned slot is never rewritten,
-so the bytes copied are the chunk's; an evicted chunk cannot be pinned and is reported
-missing. Used by ``PeerTransport`` when the holder's ``PeerInfo`` says it runs on this host
-and its slab file can be opened here (the connection pool maps it: ``conn.py``).
+not page-locking); the reply gives each chunk's slot, generation, size and digest (on a keyed
+connection, ``conn.ChunkDigest``: its keyed tag instead, ``wire.Pin.keyed``, so that whoever
+can write the slab cannot change a byte unnoticed either). The puller copies from its read-only
+mapping of the slab into the destination pieces, checks the digest or tag
+(``session.Expected``), and releases the pins with one message (``wire.Release``). A pinned
+slot is never rewritten, so the bytes copied are the chunk's; an evicted chunk cannot be pinned
+and is reported missing. Used by ``PeerTransport`` when the holder's ``PeerInfo`` says it runs
+on this host and its slab file can be opened here (the connection pool maps it: ``conn.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import stat
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Protocol, TypeVar
 
 import numpy as np
 import xxhash
@@ -27,10 +30,10 @@ import xxhash
 from p2pkv.cuda import page_lock, page_unlock
 from p2pkv.errors import DeadlineExceeded, TransportError
 from p2pkv.transport import wire
-from p2pkv.transport.base import PullItem, PullResult, checked, host_pieces, mismatch, missing, ok
+from p2pkv.transport.base import PullItem, PullResult, host_pieces, mismatch, missing, ok
 from p2pkv.transport.land import scatter
 from p2pkv.transport.selection import Selection
-from p2pkv.transport.session import Session, encode_request, read_reply
+from p2pkv.transport.session import Expected, Session, encode_request, read_reply
 from p2pkv.transport.sockio import send_views
 from p2pkv.transport.wire import PeerInfo
 
@@ -41,6 +44,13 @@ _SLAB_PATH = re.compile(r"/proc/[1-9][0-9]{0,9}/fd/[0-9]{1,10}")
 # Copy and hash in blocks that stay in L2: the hash then reads the bytes the copy just wrote
 # from cache instead of from memory (measured: ~1.5x faster than copy-then-hash for 64 MiB).
 _BLOCK = 256 << 10
+
+
+class _Hasher(Protocol):
+    def update(self, data: memoryview, /) -> object: ...
+
+
+H = TypeVar("H", bound=_Hasher)
 
 
 def host_id() -> str:
@@ -129,21 +139,24 @@ def open_peer_slab(info: PeerInfo, local_host_id: str) -> tuple[MappedSlab | Non
 
 def copy_and_digest(src: np.ndarray, dest: Sequence[memoryview]) -> int:
     """Copy ``src`` into the ``dest`` pieces in order; return xxh3-64 of the bytes written."""
-    h = xxhash.xxh3_64()
+    return copy_and_hash(src, dest, xxhash.xxh3_64()).intdigest()
+
+
+def copy_and_hash(src: np.ndarray, dest: Sequence[memoryview], h: H) -> H:
+    """Copy ``src`` into the ``dest`` pieces in order, feeding ``h`` the bytes written."""
     off = 0
     for piece in dest:
         out = np.frombuffer(piece, dtype=np.uint8)
         for a in range(0, out.nbytes, _BLOCK):
             b = min(a + _BLOCK, out.nbytes)
             np.copyto(out[a:b], src[off + a:off + b])
-            h.update(out[a:b])
+            h.update(memoryview(out[a:b]))
         off += out.nbytes
-    return h.intdigest()
+    return h
 
 
-def _copy_selected(src: np.ndarray, select: Selection, dest: Sequence[memoryview]) -> int:
-    """Copy the selected bytes of the chunk ``src`` into the ``dest`` pieces in order; return
-    xxh3-64 of the whole chunk (what the holder's digest covers)."""
+def _copy_selected(src: np.ndarray, select: Selection, dest: Sequence[memoryview]) -> None:
+    """Copy the selected bytes of the chunk ``src`` into the ``dest`` pieces in order."""
     pieces = [np.frombuffer(d, dtype=np.uint8) for d in dest]
     i = at = 0
     for a, n in select.ranges(src.nbytes):
@@ -154,31 +167,42 @@ def _copy_selected(src: np.ndarray, select: Selection, dest: Sequence[memoryview
             a, n, at = a + take, n - take, at + take
             if at == piece.nbytes:
                 i, at = i + 1, 0
-    return xxhash.xxh3_64_intdigest(src)
 
 
 def pull(sock: socket.socket, session: Session, slab: MappedSlab, items: Sequence[PullItem],
-         deadline: float, namespace: str = "", epoch: int = 0) -> list[PullResult]:
+         deadline: float, namespace: str = "", epoch: int = 0, keyed: bool = False
+         ) -> list[PullResult]:
     """Pin ``items`` on the holder over ``sock`` (its ``session``), copy them out of ``slab``
-    (checking each digest), release the pins. Raises TransportError/OSError when the whole
-    pull failed (the connection is then unusable)."""
-    with pins(sock, session, items, deadline, namespace, epoch) as headers:
-        return [_copy_out(slab, item, h, deadline) for item, h in zip(items, headers)]
+    (checking each digest, or each keyed tag with ``keyed``), release the pins. Raises
+    TransportError/OSError when the whole pull failed (the connection is then unusable)."""
+    with pins(sock, session, items, deadline, namespace, epoch, keyed) as pinned:
+        return [_copy_out(slab, item, h, want, deadline) for item, (h, want)
+                in zip(items, pinned)]
 
 
 @contextmanager
 def pins(sock: socket.socket, session: Session, items: Sequence[PullItem], deadline: float,
-         namespace: str = "", epoch: int = 0) -> Iterator[list[wire.PinHeader]]:
+         namespace: str = "", epoch: int = 0, keyed: bool = False
+         ) -> Iterator[list[tuple[wire.PinHeader, Expected]]]:
     """Pin ``items``' chunks on the holder over ``sock`` (its ``session``): yields one
-    ``PinHeader`` per item and releases the pinned ones on exit, whatever happened."""
+    ``PinHeader`` per item, with what its bytes must hash to (its digest, or with ``keyed``
+    its keyed tag), and releases the pinned ones on exit, whatever happened."""
     number = session.requests
     send_views(sock, [encode_request(session, wire.Pin([bytes(i.key) for i in items],
-                                                       namespace=namespace, epoch=epoch))],
+                                                       namespace=namespace, epoch=epoch,
+                                                       keyed=keyed))],
                max(deadline - time.monotonic(), 0.001))
-    table = read_reply(sock, session, number, wire.PIN_HEADER_BYTES, len(items), deadline)
-    n = wire.PIN_HEADER_BYTES
-    headers = [wire.unpack_pin(table[i * n:(i + 1) * n]) for i in range(len(items))]
-    pinned = [(h.slot, h.generation) for h in headers if h.status is wire.Status.OK]
+    n = wire.KEYED_PIN_HEADER_BYTES if keyed else wire.PIN_HEADER_BYTES
+    table = read_reply(sock, session, number, n, len(items), deadline)
+    headers: list[tuple[wire.PinHeader, Expected]] = []
+    for i in range(len(items)):
+        if keyed:
+            h, tag = wire.unpack_keyed_pin(table[i * n:(i + 1) * n])
+            headers.append((h, Expected(0, tag, session, number, i)))
+        else:
+            h = wire.unpack_pin(table[i * n:(i + 1) * n])
+            headers.append((h, Expected(h.digest)))
+    pinned = [(h.slot, h.generation) for h, _ in headers if h.status is wire.Status.OK]
     try:
         yield headers
     finally:
@@ -187,8 +211,8 @@ def pins(sock: socket.socket, session: Session, items: Sequence[PullItem], deadl
                        max(deadline - time.monotonic(), 0.001))
 
 
-def _copy_out(slab: MappedSlab, item: PullItem, h: wire.PinHeader, deadline: float
-              ) -> PullResult:
+def _copy_out(slab: MappedSlab, item: PullItem, h: wire.PinHeader, want: Expected,
+              deadline: float) -> PullResult:
     if h.status is wire.Status.MISSING:
         return missing(item)
     if h.status is not wire.Status.OK:
@@ -196,8 +220,8 @@ def _copy_out(slab: MappedSlab, item: PullItem, h: wire.PinHeader, deadline: flo
     select = item.select
     if select is not None and (why := select.check(h.nbytes)):
         raise TransportError(f"selection does not fit the holder's chunk: {why}")
-    want = select.nbytes(h.nbytes) if select is not None else h.nbytes
-    if want != item.nbytes or h.nbytes > slab.slot_bytes or \
+    size = select.nbytes(h.nbytes) if select is not None else h.nbytes
+    if size != item.nbytes or h.nbytes > slab.slot_bytes or \
             h.slot * slab.slot_bytes + h.nbytes > slab.nbytes:
         raise TransportError(f"bad pin reply: slot {h.slot}, {h.nbytes} bytes, "
                              f"expected {item.nbytes}")
@@ -208,13 +232,14 @@ def _copy_out(slab: MappedSlab, item: PullItem, h: wire.PinHeader, deadline: flo
     if select is not None:
         if not host_pieces(item.dest):
             raise TransportError("a part of a chunk into GPU memory is not supported")
-        # NOTE: the stored digest covers the whole chunk: it is checked over the whole
-        # chunk (read, not copied), and only the selected bytes are copied.
-        return checked(item, _copy_selected(src, select, item.dest),  # type: ignore[arg-type]
-                       h.digest)
+        # NOTE: the stored digest (or tag) covers the whole chunk: it is checked over the
+        # whole chunk (read, not copied), and only the selected bytes are copied.
+        _copy_selected(src, select, item.dest)  # type: ignore[arg-type]
+        return ok(item) if want.of(memoryview(src)) else mismatch(item)
     if host_pieces(item.dest):
-        return checked(item, copy_and_digest(src, item.dest), h.digest)  # type: ignore[arg-type]
+        good = want.matches(copy_and_hash(src, item.dest, want.hasher()))  # type: ignore[arg-type]
+        return ok(item) if good else mismatch(item)
     # GPU destination: DMA straight from the mapped slab, hashed meanwhile
     dma = slab.device_array()[off:off + h.nbytes]
-    good = scatter(dma, item.dest, verify=lambda: xxhash.xxh3_64_intdigest(src) == h.digest)
+    good = scatter(dma, item.dest, verify=lambda: want.of(memoryview(src)))
     return ok(item) if good else mismatch(item)

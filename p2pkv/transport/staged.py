@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import xxhash
 
 from p2pkv.errors import DeadlineExceeded, TransportError
 from p2pkv.transport import wire
@@ -60,17 +59,17 @@ def merge(stages: Sequence[list[PullResult]]) -> list[PullResult]:
 
 
 def pull_shm(sock: socket.socket, session: Session, slab, stages: Sequence[Sequence[PullItem]],
-             deadline: float, on_stage: OnStage, namespace: str = "", epoch: int = 0
-             ) -> list[list[PullResult]]:
+             deadline: float, on_stage: OnStage, namespace: str = "", epoch: int = 0,
+             keyed: bool = False) -> list[list[PullResult]]:
     """Pin the chunks on the holder over ``sock`` (its ``session``), copy each stage's bytes
-    out of ``slab`` (a ``shm.MappedSlab``), announcing each, check every chunk's digest once,
-    release the pins. One result list per stage (a chunk's outcome is the same in every
-    stage). Raises TransportError/OSError when the whole pull failed (the connection is then
-    unusable)."""
+    out of ``slab`` (a ``shm.MappedSlab``), announcing each, check every chunk's digest (with
+    ``keyed``: its keyed tag, as ``shm.pull``) once, release the pins. One result list per
+    stage (a chunk's outcome is the same in every stage). Raises TransportError/OSError when
+    the whole pull failed (the connection is then unusable)."""
     check_stages(stages)
     items = stages[0]
-    with pins(sock, session, items, deadline, namespace, epoch) as headers:
-        sources = [_source(slab, stages, i, h) for i, h in enumerate(headers)]
+    with pins(sock, session, items, deadline, namespace, epoch, keyed) as pinned:
+        sources = [_source(slab, stages, i, h) for i, (h, _) in enumerate(pinned)]
         for s, stage in enumerate(stages):
             for item, src in zip(stage, sources):
                 if src is not None:
@@ -79,8 +78,8 @@ def pull_shm(sock: socket.socket, session: Session, slab, stages: Sequence[Seque
                     _copy_selected(src, item.select, item.dest)  # type: ignore[arg-type]
             on_stage(s)
         outcome = [missing(item) if src is None else
-                   ok(item) if xxhash.xxh3_64_intdigest(src) == h.digest else mismatch(item)
-                   for item, src, h in zip(items, sources, headers)]
+                   ok(item) if want.of(memoryview(src)) else mismatch(item)
+                   for item, src, (_, want) in zip(items, sources, pinned)]
         return [[PullResult(item.key, r.outcome, r.reason) for item, r in zip(stage, outcome)]
                 for stage in stages]
 

@@ -131,6 +131,26 @@ class ChunkHashes:
         self._by_slot[p.index] = (p.generation, chunk_hash)
 
 
+def kept_hash(hashes: ChunkHashes, session: Session, p: PinnedChunk | LeasedRead,
+              corrupt: Callable[[PinnedChunk | LeasedRead], None]) -> bytes:
+    """A whole chunk's hash for a keyed tag sent before its bytes (keyed ``Pin`` and
+    ``Send`` replies, ``server.py``): the kept one, else hashed now, kept once the chunk
+    still matches its stored xxh3 (one that no longer does is reported to ``corrupt`` and
+    gets a hash that no tag of its bytes can match)."""
+    known = hashes.get(p)
+    if known is not None:
+        return known
+    h = session.chunk_hasher()
+    for v in p.views:
+        h.update(v)
+    chunk_hash = h.digest()
+    if digest(p.views) != p.digest:
+        corrupt(p)
+        return bytes(b ^ 0xFF for b in chunk_hash)
+    hashes.put(p, chunk_hash)
+    return chunk_hash
+
+
 def send_keyed(sock: socket.socket, session: Session, number: int,
                pinned: Sequence[PinnedChunk | LeasedRead | None], select: Selection | None,
                deadline: float, hashes: ChunkHashes,

@@ -23,7 +23,12 @@ Choices (measured on the 2-core CPU VM, MEASURED.md):
   can then only ever write into a quarantined buffer, never into blocks handed back to vLLM.
   The staging buffer is host memory for host destinations (digest checked before the copy
   out) and device memory for CUDA destinations (one device-to-device copy per piece, at
-  HBM speed; no digest: UCX's links carry their own CRC).
+  HBM speed; no digest: UCX's links carry their own CRC), except on a keyed connection
+  (``conn.ChunkDigest``: by default, with a holder on another host): there the holder's
+  reply headers carry each chunk's keyed tag (``wire.Send.keyed``, under the connection's
+  session, ``session.py``), the bytes land in host memory wherever they are bound, are
+  checked against it, and only then are copied into place. UCX bytes are never encrypted,
+  and a keyed pull into GPU memory gives up the direct device landing for the check.
 - UCX registers memory on first use and caches the registration (its rcache), so the store's
   slab and the staging buffers are registered once, not per transfer.
 - ``thread`` progress with a 1 ms epoll timeout: the core API's progress thread hangs without
@@ -42,14 +47,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import xxhash
 
 from p2pkv.cuda import StagingPool
 from p2pkv.errors import DeadlineExceeded, TransportError
 from p2pkv.transport import wire
 from p2pkv.transport.base import PullItem, PullResult, is_device, mismatch, missing, ok
-from p2pkv.transport.conn import request_items
-from p2pkv.transport.session import Session
+from p2pkv.transport.conn import request_items, request_keyed_items
+from p2pkv.transport.session import Expected, Session
 from p2pkv.transport.land import scatter
 
 logger = logging.getLogger(__name__)
@@ -257,14 +261,16 @@ def new_tag() -> int:
 
 
 def pull(engine: UcxEngine, staging: StagingPool, sock: socket.socket, session: Session,
-         items: Sequence[PullItem], deadline: float, namespace: str = "", epoch: int = 0
-         ) -> list[PullResult]:
+         items: Sequence[PullItem], deadline: float, namespace: str = "", epoch: int = 0,
+         keyed: bool = False) -> list[PullResult]:
     """The puller's half of one UCX pull: ``Send`` on the control connection ``sock`` (its
-    ``session``), the bytes into a staging buffer over UCX, then checked (host) and scattered
-    into place.
+    ``session``), the bytes into a staging buffer over UCX, then checked and scattered into
+    place.
 
-    NOTE: the bytes over UCX carry the holder's xxh3-64 (in MACed headers), not a keyed
-    digest: that catches corruption, not an attacker on an RDMA fabric.
+    NOTE: what the bytes are checked against comes in the MACed reply headers: the holder's
+    xxh3-64 (catches corruption, not an attacker on the fabric; not checked for bytes bound
+    for GPU memory) or, with ``keyed``, each chunk's keyed tag (nobody without the session
+    key can change a byte unnoticed, wherever the bytes are bound).
 
     Returns one result per item; raises TransportError/OSError when the whole pull failed.
     """
@@ -273,15 +279,17 @@ def pull(engine: UcxEngine, staging: StagingPool, sock: socket.socket, session: 
     left = deadline - time.monotonic()
     if left <= 0:
         raise DeadlineExceeded("deadline passed before the UCX request")
+    number = session.requests
     request = wire.Send([bytes(i.key) for i in items], tag, worker.address,
                         max(1, int(left * 1000)), namespace=namespace,
-                        epoch=epoch)
-    headers = request_items(sock, session, request, items, deadline)
+                        epoch=epoch, keyed=keyed)
+    headers = request_keyed_items(sock, session, request, items, deadline) if keyed else [
+        (h, b"") for h in request_items(sock, session, request, items, deadline)]
     device_piece = next((p for i in items for p in i.dest if is_device(p)), None)
-    ok_items = [n for n, h in enumerate(headers) if h.status is wire.Status.OK]
+    on_host = device_piece is None or keyed
+    ok_items = [n for n, (h, _) in enumerate(headers) if h.status is wire.Status.OK]
     total = sum(items[n].nbytes for n in ok_items)
-    buf = (staging.host(total) if device_piece is None
-           else staging.device(total, device_piece.device))
+    buf = (staging.host(total) if on_host else staging.device(total, device_piece.device))
     messages, offsets, off = [], {}, 0
     for n in ok_items:
         offsets[n] = off
@@ -293,14 +301,17 @@ def pull(engine: UcxEngine, staging: StagingPool, sock: socket.socket, session: 
         staging.drop_host()
         raise
     out = []
-    for n, (item, h) in enumerate(zip(items, headers)):
+    for n, (item, (h, chunk_tag)) in enumerate(zip(items, headers)):
         if h.status is wire.Status.MISSING:
             out.append(missing(item))
             continue
         piece = buf[offsets[n]:offsets[n] + item.nbytes]
-        if device_piece is None and xxhash.xxh3_64_intdigest(piece) != h.digest:
-            out.append(mismatch(item))
-            continue
+        if on_host:
+            want = (Expected(0, chunk_tag, session, number, n) if keyed
+                    else Expected(h.digest))
+            if not want.of(memoryview(piece)):
+                out.append(mismatch(item))
+                continue
         scatter(piece, item.dest)
         out.append(ok(item))
     return out

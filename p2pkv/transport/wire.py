@@ -5,7 +5,12 @@ one at a time::
 
     server hello : "P2KV" | u16 version | u16 flags (bit 0: auth required) | 32 B nonce_s
     client proof : u16 version | 6 pad | 32 B nonce_c | 32 B HMAC(key, "c" nonce_s nonce_c)
-    server reply : u8 status | 7 pad | 32 B HMAC(key, "s" nonce_c nonce_s) | u32 n | n B PeerInfo
+                   (nonce_c is the puller's ephemeral X25519 public key, fresh per connection)
+    server reply : u8 status | 7 pad | 32 B HMAC(key, "s" nonce_c nonce_s dh info)
+                   | u32 n | n B PeerInfo (``info``)
+                   dh: X25519(holder's identity key, nonce_c) when ``PeerInfo.identity``
+                   names one, else empty (``identity.py``): the proof then shows that the
+                   holder holds that instance's key, and the session key depends on it
     request      : u32 length (of what follows) | 16 B MAC | msgpack Request
                    (Pull | Pin | Release | Send)
     reply        : the header table (below) | 16 B MAC of it
@@ -19,10 +24,14 @@ one at a time::
                    AES-256-GCM ciphertext followed by its 16-byte GCM tag (``sealed.py``)
     Pin reply    : one PinHeader per key (ItemHeader + u64 slot + u64 generation); the server
                    keeps those slots pinned until the client's Release (or the connection ends)
+                   With ``Pin.keyed``: digests are 0 and each PinHeader is followed by its
+                   chunk's 16-byte keyed tag (as a keyed Pull's, ``session.py``)
     Release      : no reply
     Send reply   : one ItemHeader per key; then the holder sends each OK chunk over UCX
                    (tag + its index in the request) to the UCX worker at ``reply_to``, and
                    keeps it pinned until UCX is done with it (see ``transport/ucx.py``)
+                   With ``Send.keyed``: digests are 0 and each ItemHeader is followed by its
+                   chunk's 16-byte keyed tag (the bytes over UCX are checked against it)
     error reply  : one ItemHeader (BAD_REQUEST, WRONG_NAMESPACE, WRONG_EPOCH) | 16 B MAC;
                    then the holder closes the connection
 
@@ -54,6 +63,12 @@ History: 1 — walking skeleton (whole chunks by key, per-chunk digest).
              Pull, Pin and Send (the holder instance's, from the directory: a holder of
              another epoch refuses with WRONG_EPOCH); ``Pull.sealed`` (encrypted payloads,
              ``sealed.py``).
+         6 — holder identity: the client's nonce is an ephemeral X25519 key, the holder's
+             proof and the session key cover X25519(its instance key, that nonce) and
+             its PeerInfo (``PeerInfo.identity``, ``identity.py``): a puller told the
+             holder's public key (the directory's lookup) refuses any other member
+             answering at that address; ``Pin.keyed`` and ``Send.keyed`` (keyed tags for
+             same-host and UCX pulls, in the MACed reply headers).
 """
 
 from __future__ import annotations
@@ -70,7 +85,7 @@ from p2pkv.errors import AuthError, BadRequest
 from p2pkv.keys import MAX_KEY_BYTES
 from p2pkv.transport.selection import Selection
 
-WIRE_VERSION = 5
+WIRE_VERSION = 6
 MAX_REQUEST_BYTES = 1 << 20
 MAX_KEYS_PER_REQUEST = 4096
 MAGIC = b"P2KV"
@@ -85,12 +100,16 @@ _PROOF = struct.Struct("<H6x32s32s")
 _VERDICT = struct.Struct("<B7x32sI")
 _ITEM = struct.Struct("<B7xQQ")
 _PIN = struct.Struct("<B7xQQQQ")
+_KEYED_ITEM = struct.Struct("<B7xQQ16s")  # an ItemHeader and the chunk's keyed tag
+_KEYED_PIN = struct.Struct("<B7xQQQQ16s")  # a PinHeader and the chunk's keyed tag
 LEN_BYTES = _LEN.size
 HELLO_BYTES = _HELLO.size
 PROOF_BYTES = _PROOF.size
 VERDICT_BYTES = _VERDICT.size
 ITEM_HEADER_BYTES = _ITEM.size
 PIN_HEADER_BYTES = _PIN.size
+KEYED_ITEM_HEADER_BYTES = _KEYED_ITEM.size
+KEYED_PIN_HEADER_BYTES = _KEYED_PIN.size
 MAX_INFO_BYTES = 64 << 10
 
 
@@ -126,6 +145,7 @@ class Pin(msgspec.Struct, frozen=True, tag="pin"):
     keys: list[bytes]
     namespace: str = ""
     epoch: int = 0
+    keyed: bool = False  # each PinHeader followed by the chunk's keyed tag
 
 
 class Release(msgspec.Struct, frozen=True, tag="release"):
@@ -139,6 +159,7 @@ class Send(msgspec.Struct, frozen=True, tag="send"):
     timeout_ms: int  # the holder gives up on the sends after this long
     namespace: str = ""
     epoch: int = 0
+    keyed: bool = False  # each ItemHeader followed by the chunk's keyed tag
 
 
 Request = Pull | Pin | Release | Send
@@ -157,6 +178,7 @@ class PeerInfo(msgspec.Struct, frozen=True):
     ucx_address: bytes = b""
     namespace: str = ""  # the holder's namespace ("" = not told: a holder from before it)
     epoch: int = 0  # the holder's instance epoch, as registered (0 = not told)
+    identity: bytes = b""  # its instance's X25519 public key (32 B; b"" = none, see wire v6)
 
 
 class ItemHeader(NamedTuple):
@@ -164,7 +186,7 @@ class ItemHeader(NamedTuple):
 
     status: Status
     nbytes: int
-    digest: int  # xxh3-64 of the chunk's bytes
+    digest: int  # xxh3-64 of the chunk's bytes (0 in a keyed reply)
 
 
 class PinHeader(NamedTuple):
@@ -182,10 +204,10 @@ _decoder = msgspec.msgpack.Decoder(Request)
 _info_decoder = msgspec.msgpack.Decoder(PeerInfo)
 
 
-def mac(key: bytes | None, role: bytes, first: bytes, second: bytes) -> bytes:
+def mac(key: bytes | None, role: bytes, first: bytes, second: bytes, *rest: bytes) -> bytes:
     if key is None:
         return bytes(MAC_BYTES)
-    return hmac.new(key, role + first + second, hashlib.sha256).digest()
+    return hmac.new(key, b"".join((role, first, second, *rest)), hashlib.sha256).digest()
 
 
 def pack_hello(auth: bool, nonce: bytes) -> bytes:
@@ -284,14 +306,35 @@ def unpack_item(header: bytes) -> ItemHeader:
     return ItemHeader(_status(status), nbytes, digest)
 
 
+def pack_keyed_item(status: Status, nbytes: int = 0, tag: bytes = bytes(TAG_BYTES)) -> bytes:
+    return _KEYED_ITEM.pack(status, nbytes, 0, tag)
+
+
+def unpack_keyed_item(header: bytes) -> tuple[ItemHeader, bytes]:
+    """A keyed Send reply's header: the ItemHeader and the chunk's keyed tag."""
+    status, nbytes, digest, tag = _KEYED_ITEM.unpack(header)
+    return ItemHeader(_status(status), nbytes, digest), tag
+
+
 def pack_pin(status: Status, nbytes: int = 0, digest: int = 0, slot: int = 0,
              generation: int = 0) -> bytes:
     return _PIN.pack(status, nbytes, digest, slot, generation)
 
 
+def pack_keyed_pin(status: Status, nbytes: int = 0, slot: int = 0, generation: int = 0,
+                   tag: bytes = bytes(TAG_BYTES)) -> bytes:
+    return _KEYED_PIN.pack(status, nbytes, 0, slot, generation, tag)
+
+
 def unpack_pin(header: bytes) -> PinHeader:
     status, nbytes, digest, slot, generation = _PIN.unpack(header)
     return PinHeader(_status(status), nbytes, digest, slot, generation)
+
+
+def unpack_keyed_pin(header: bytes) -> tuple[PinHeader, bytes]:
+    """A keyed Pin reply's header: the PinHeader and the chunk's keyed tag."""
+    status, nbytes, digest, slot, generation, tag = _KEYED_PIN.unpack(header)
+    return PinHeader(_status(status), nbytes, digest, slot, generation), tag
 
 
 def _status(value: int) -> Status:

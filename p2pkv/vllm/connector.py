@@ -32,6 +32,7 @@ from p2pkv.keys import InstanceId, NamespaceSpec, probe_of
 from p2pkv.secret import load_secret
 from p2pkv.slices import KVSlice, is_lowest_replica, tp_slices
 from p2pkv.transport.choose import make_transport
+from p2pkv.transport.identity import Identity
 from p2pkv.vllm.config import ConnectorConfig
 from p2pkv.vllm.groups import KVGroup, describe, has_window, kv_groups
 from p2pkv.vllm.idlewait import IdleWait
@@ -313,7 +314,10 @@ class P2PKVConnector(KVConnectorBase_V1, SupportsHMA):
                                        cuda_device=cuda_device,
                                        insecure_any_address=self._config.insecure_any_address,
                                        namespace=namespace,
-                                       chunk_digest=self._config.digest)
+                                       chunk_digest=self._config.digest,
+                                       identity=Identity.from_curve_secret(
+                                           credential.directory.keys.secret)
+                                       if credential else None)
             self._worker = WorkerSide(self._config, instance=self._instance,
                                       namespace=namespace, chunk_blocks=chunk_blocks,
                                       transport=transport, directory=directory,

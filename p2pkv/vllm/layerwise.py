@@ -159,7 +159,8 @@ class LayerwiseLoads:
 
         try:
             return self._transport.pull_staged(source.address, [stages[s] for s in live],
-                                               self._timeout_s, landed, source.epoch)
+                                               self._timeout_s, landed, source.epoch,
+                                               source.key)
         finally:
             load.done_at = max(load.done_at, time.monotonic())
             for ev in events:

@@ -23,6 +23,7 @@ from typing import Protocol
 
 from p2pkv.keys import InstanceId
 from p2pkv.slices import KVSlice
+from p2pkv.transport.identity import HolderKey, holder_key
 
 
 class HolderRank(Protocol):
@@ -33,6 +34,8 @@ class HolderRank(Protocol):
     run: int
     engine: str
     slice: KVSlice | None
+    epoch: int
+    key: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,10 @@ class Source:
     epoch: int = 0
     """The holder's instance epoch from the lookup (0: not known, not checked): the holder
     refuses a pull that names another (the address was reused)."""
+    key: HolderKey | None = None
+    """The holder instance's public key from the lookup (None: not known, not checked): the
+    puller refuses a data plane at ``address`` that cannot prove it
+    (``transport/identity.py``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,10 +121,22 @@ def _plan_engine(engine: str, ranks: dict[KVSlice, HolderRank], wanted: Sequence
                 return None
         for _, h, _ in parts:
             run = h.run if run is None else min(run, h.run)
-        per_rank.append(tuple(Source(h.address, h.instance, held, x, h.epoch)
+        per_rank.append(tuple(Source(h.address, h.instance, held, x, h.epoch,
+                                     _key(h.key))
                               for held, h, x in parts))
     assert run is not None
     return SourcePlan(engine, run, tuple(per_rank))
+
+
+def _key(z85: str) -> HolderKey | None:
+    """A lookup's Z85 holder key as a HolderKey (None: none, or not a key: not checked,
+    as from a directory without a secret)."""
+    if not z85:
+        return None
+    try:
+        return holder_key(z85)
+    except ValueError:
+        return None
 
 
 def _overlap(parts: Sequence[KVSlice]) -> bool:

@@ -377,7 +377,7 @@ class WorkerSide:
             else:
                 items = relay.items(part, idx, dests, select)
             got = self._transport.pull(source.address, items, self._config.pull_timeout_s,
-                                       source.epoch)
+                                       source.epoch, source.key)
             if relay is not None:
                 relay.landed(part, idx, items, got, dests)
             for i, item, r in zip(idx, items, got):
