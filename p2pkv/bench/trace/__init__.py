@@ -86,6 +86,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "measures: normal; realtime (SCHED_FIFO, needs CAP_SYS_NICE: no "
                              "waiting for a core behind other jobs); alternate: both, in "
                              f"{probe_mod.PHASE_S:g} s phases, reported side by side")
+    parser.add_argument("--lookups-in-arrival-order", action="store_true",
+                        help="the directories handle every message in the order read (before "
+                             "issue 15's change), not Lookups first")
     parser.add_argument("--worker-nice", type=int, default=10,
                         help="niceness added to the replay's worker processes, so that on a "
                              "machine with few cores the simulated clients, not the directory "
@@ -100,14 +103,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def _start_directories(args: argparse.Namespace) -> tuple[dict[str, DirectoryProcess],
                                                          tuple[ShardEndpoints, ...]]:
     """role -> process ("directory", or "s0/primary", "s0/replica", ...), and the shards."""
+    order = args.lookups_in_arrival_order
     if args.shards == 1 and not args.replica:
-        return {"directory": DirectoryProcess.start()}, ()
+        return {"directory": DirectoryProcess.start(in_arrival_order=order)}, ()
     procs: dict[str, DirectoryProcess] = {}
     shards = []
     for i in range(args.shards):
         ends = []
         for role in ("primary", "replica") if args.replica else ("primary",):
-            d = DirectoryProcess.start()
+            d = DirectoryProcess.start(in_arrival_order=order)
             d.feed = d.feed_endpoint()
             procs[f"s{i}/{role}"] = d
             ends.append(d.endpoint)
@@ -181,6 +185,7 @@ def run_once(args: argparse.Namespace, instances: int, speedup: float) -> dict:
     run["speedup"] = speedup
     run["shards"] = len(shards) or 1
     run["worker_nice"] = args.worker_nice
+    run["lookups_first"] = not args.lookups_in_arrival_order
     run["load_avg_1m"] = {"start": load0, "end": os.getloadavg()[0]}
     return run
 
