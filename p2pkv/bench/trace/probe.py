@@ -14,7 +14,8 @@ processes and of the probe at the default policy) and ``realtime`` (all of them
 ``SCHED_FIFO``, so that none waits for a core behind a CFS task: what is left is the
 directory's own work, its queue and the loopback path). Both modes see the same replay and
 the same machine, interleaved; the machine's load (1-min load average and the kernel's CPU
-pressure, "some avg10") is sampled at every phase and reported per mode.
+pressure, "some avg10") is sampled at every phase and reported per mode. A shard process restarted under
+``--kill-shard-after`` is a new pid and stays at the default policy.
 """
 
 from __future__ import annotations
