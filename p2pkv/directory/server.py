@@ -218,8 +218,8 @@ class DirectoryServer:
         the writes (publishes, heartbeats, registrations, ...) read before it, unless its own
         connection sent one of them: a connection's messages are handled in its order, so a
         client always sees its own writes. Writes wait in ``inbox`` and are handled one at a
-        time, reading what arrived in between first. The one loop thread thus never leaves a
-        Lookup queued behind more than the one write it is handling.
+        time, reading what arrived in between first. A Lookup of a connection with no write
+        waiting thus waits for at most the one write being handled when it arrives.
 
         With ``ServerConfig.lookups_first`` off, every message in the order read (as before)."""
         inbox: deque[tuple[list[bytes], auth.Caller | None]] = deque()
