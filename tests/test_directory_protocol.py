@@ -72,6 +72,16 @@ def test_tags_are_short_and_distinct() -> None:
     assert all(len(tag) <= 6 for tag in tags)
 
 
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
+def test_is_lookup_tells_lookups_from_their_first_bytes(msg: protocol.Message) -> None:
+    assert protocol.is_lookup(protocol.encode(msg)) is isinstance(msg, Lookup)
+
+
+@pytest.mark.parametrize("data", [b"", b"\x85", b"\xde\x00\x05\xa1t\xa4look", b"garbage!"])
+def test_is_lookup_is_false_for_anything_else(data: bytes) -> None:
+    assert not protocol.is_lookup(data)
+
+
 def test_other_version_decodes_so_the_server_can_answer() -> None:
     msg = protocol.decode(protocol.encode(Stats(v=PROTOCOL_VERSION + 1, rid=4)))
     assert msg.v == PROTOCOL_VERSION + 1

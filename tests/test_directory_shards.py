@@ -5,6 +5,7 @@ the merged change feed."""
 from __future__ import annotations
 
 import hashlib
+import signal
 import time
 
 import pytest
@@ -121,6 +122,27 @@ def test_a_shard_with_no_live_process_fails_the_lookup_at_its_deadline(shards):
         assert _runs(looker, K, timeout_s=0.3) is None
         assert time.monotonic() - t0 < 1.0
     finally:
+        looker.close()
+
+
+def test_waiting_for_a_shard_that_does_not_answer_takes_little_cpu(shards):
+    """wait_lookup blocks on the asked processes' sockets (and wakes for the failover and
+    the deadline) instead of polling them in a sleep loop."""
+    specs = _specs(shards)
+    looker = ShardedClient(specs)
+    try:
+        _until(lambda: _runs(looker, K) is not None, 10)  # connected to every process
+        for role in ("primary", "replica"):
+            shards[("s1", role)].proc.send_signal(signal.SIGSTOP)  # silent, not gone
+        rid = looker.start_lookup(NS, K, 0.6)
+        cpu0, t0 = time.thread_time(), time.monotonic()
+        assert looker.wait_lookup(rid, 1.0) is None
+        waited, cpu = time.monotonic() - t0, time.thread_time() - cpu0
+        assert 0.5 <= waited < 1.5
+        assert cpu < 0.1 * waited, f"{cpu:.3f} s of CPU in a {waited:.3f} s wait"
+    finally:
+        for role in ("primary", "replica"):
+            shards[("s1", role)].proc.send_signal(signal.SIGCONT)
         looker.close()
 
 

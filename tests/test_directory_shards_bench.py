@@ -40,6 +40,24 @@ def test_bench_reports_every_shard_of_every_count(capsys) -> None:
                 <= run["total_key_lookups_per_s"] + 0.5 * run["shards"])
 
 
+def test_offered_loads_are_paced_per_shard(capsys) -> None:
+    parser = argparse.ArgumentParser()
+    directory.add_args(parser)
+    args = parser.parse_args(["--shards", "2", "--chunks", "4000", "--instances", "2",
+                              "--throughput-s", "1", "--offered", "100", "--json"])
+    assert directory.main(args) == 0
+    (run,) = json.loads(capsys.readouterr().out)["runs"]
+    (offered,) = run["offered"]
+    assert offered["offered_lookups_per_s"] == 100
+    for s in offered["per_shard"]:
+        # paced: never more than offered (100/s for 1 s), and answered with their latency
+        assert 0 < s["lookups_per_s"] <= 110 and s["hit_ratio"] == 1.0
+        assert 0 < s["latency_ms"]["p50"] <= s["latency_ms"]["p99"]
+        assert s["cpu_us_per_key_lookup"] is None or s["cpu_us_per_key_lookup"] >= 0
+    with pytest.raises(argparse.ArgumentTypeError):
+        directory_shards.parse_rates("100,0")
+
+
 def test_shard_counts_are_parsed() -> None:
     assert directory_shards.parse_shards("1,2,4") == [1, 2, 4]
     with pytest.raises(argparse.ArgumentTypeError):

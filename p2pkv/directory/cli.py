@@ -136,6 +136,9 @@ def _add_directory_args(parser: argparse.ArgumentParser) -> None:
                         help="instance ids one client connection (with a secret: one "
                              "instance credential) may register (default "
                              f"{MAX_REGISTRATIONS_PER_CONNECTION}; a simulated fleet needs more)")
+    parser.add_argument("--lookups-in-arrival-order", action="store_true",
+                        help="handle every message in the order read, instead of answering "
+                             "Lookups ahead of other connections' writes (for comparison)")
     parser.add_argument("--metrics-port", type=int,
                         default=int(env["P2PKV_METRICS_PORT"]) if env.get("P2PKV_METRICS_PORT")
                         else None,
@@ -167,7 +170,8 @@ def _run_directory(args: argparse.Namespace) -> int:
                               heartbeat_interval_s=args.heartbeat_interval,
                               liveness=args.liveness,
                               max_registrations_per_connection=(
-                                  args.max_registrations_per_connection))
+                                  args.max_registrations_per_connection),
+                              lookups_first=not args.lookups_in_arrival_order)
     except ConfigError as e:
         print(f"p2pkv directory: {e}", file=sys.stderr)
         return 2

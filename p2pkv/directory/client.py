@@ -43,7 +43,7 @@ from p2pkv.keys import ChunkKey, Namespace
 from p2pkv.secret import ClusterSecret
 
 __all__ = ["PENDING", "DirectoryClient", "LookupResult", "Pending", "RegState", "Registration",
-           "poll_ms"]
+           "poll_ms", "wait_readable"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ RECONNECT_IVL_MAX_MS = 250
 
 _MAX_WARNED_REASONS = 128
 _CALL_SLICE_S = 0.05
+WAIT_ANY_SLICE_S = 0.005
+"""Longest :func:`wait_readable` holds its clients' locks (their keepers wait meanwhile)."""
 _DEFAULT_TICK_S = protocol.tick_s(HEARTBEAT_INTERVAL_S)
 
 
@@ -385,6 +387,36 @@ class DirectoryClient:
             return
         self._warned.add(message)
         logger.warning("%s", message)
+
+
+def wait_readable(clients: Sequence[DirectoryClient], timeout_s: float) -> None:
+    """Block until a reply is readable on any of ``clients``' sockets, for at most
+    ``timeout_s`` and at most WAIT_ANY_SLICE_S (callers loop): a sharded lookup waits for
+    several processes at once without polling them in turn.
+
+    NOTE: each client's lock is held while its socket is polled (the socket is used only
+    under it); the locks are taken in one order (by id) and only here more than one at a
+    time, so this cannot deadlock with a keeper or a publisher, which hold one."""
+    timeout_s = min(timeout_s, WAIT_ANY_SLICE_S)
+    if timeout_s <= 0:
+        return
+    ordered = sorted(set(clients), key=id)
+    held: list[DirectoryClient] = []
+    try:
+        for c in ordered:
+            c._lock.acquire()  # noqa: SLF001 - same module's class
+            held.append(c)
+        poller = zmq.Poller()
+        for c in held:
+            if not c._closed:  # noqa: SLF001
+                poller.register(c._socket, zmq.POLLIN)  # noqa: SLF001
+        if poller.sockets:
+            poller.poll(poll_ms(timeout_s))
+        else:
+            time.sleep(timeout_s)
+    finally:
+        for c in reversed(held):
+            c._lock.release()  # noqa: SLF001
 
 
 def poll_ms(seconds: float) -> int:

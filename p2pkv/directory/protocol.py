@@ -534,6 +534,21 @@ def peek_header(data: bytes | memoryview) -> tuple[int, int] | None:
     return header.v, header.rid
 
 
+_LOOKUP_TAG = b"\xa1t\xa4look"
+"""How an encoded Lookup begins after its map header: key ``t``, value ``look``."""
+
+
+def is_lookup(data: bytes) -> bool:
+    """Whether ``data`` is (as far as its first bytes say) a Lookup, without decoding it:
+    the server answers Lookups ahead of other connections' writes (``server.py``). A wrong
+    guess only changes when the message is handled, not how: it is decoded and validated
+    as any other.
+
+    NOTE: msgspec writes a tagged Struct's tag field first, and a Lookup has fewer than 16
+    fields, so its map header is one byte (0x80 | n)."""
+    return data[1:8] == _LOOKUP_TAG and data[:1] != b"" and data[0] & 0xF0 == 0x80
+
+
 def version_mismatch_reason(peer_version: int) -> str:
     """The Error reason sent to a peer that speaks another protocol version."""
     return (f"protocol version mismatch: message is v{peer_version}, "

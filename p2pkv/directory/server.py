@@ -4,7 +4,8 @@ Run by ``p2pkv directory`` and ``python -m p2pkv.directory`` (``cli.run_director
 process: signals, ready file, metrics) and in-process by tests and benches. One thread, one
 loop with named steps: ``poll -> handle requests -> answer ZAP -> track subscribers ->
 send a snapshot part -> purge expired leases -> sweep departed members' keys``. A Snapshot is answered one part per loop
-turn, between request batches, so that a huge one never holds lookups back. Every state change is also published on the change feed (an XPUB
+turn, between request batches, so that a huge one never holds lookups back; within a batch
+Lookups are answered ahead of other connections' writes (``_handle_batch``). Every state change is also published on the change feed (an XPUB
 socket, events numbered from 1; a late subscriber asks for a Snapshot and applies events with
 a higher seq, as in the ZeroMQ guide's Clone pattern). Bad input from the network is answered
 with an Error when a reply is possible, counted, and never raises.
@@ -78,6 +79,10 @@ class ServerConfig:
     liveness: int = protocol.HEARTBEAT_LIVENESS
     max_registrations_per_connection: int = protocol.MAX_REGISTRATIONS_PER_CONNECTION
     """A member's quota of instance ids (a simulated fleet on one socket needs more)."""
+    lookups_first: bool = True
+    """Answer Lookups ahead of other connections' writes read before them (``_handle_batch``);
+    False: every message in the order read (for comparison: ``p2pkv bench trace
+    --lookups-in-arrival-order``)."""
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0 or self.liveness < 1:
@@ -209,7 +214,32 @@ class DirectoryServer:
     # -- steps ------------------------------------------------------------------------------
 
     def _handle_batch(self) -> None:
-        for _ in range(MAX_BATCH):
+        """Up to MAX_BATCH messages: each Lookup is answered as soon as it is read, ahead of
+        the writes (publishes, heartbeats, registrations, ...) read before it, unless its own
+        connection sent one of them: a connection's messages are handled in its order, so a
+        client always sees its own writes. Writes wait in ``inbox`` and are handled one at a
+        time, reading what arrived in between first. A Lookup of a connection with no write
+        waiting thus waits for at most the one write being handled when it arrives.
+
+        With ``ServerConfig.lookups_first`` off, every message in the order read (as before)."""
+        inbox: deque[tuple[list[bytes], auth.Caller | None]] = deque()
+        writers: Counter[bytes] = Counter()
+        """Writes in ``inbox`` per connection (routing id)."""
+        budget = self._read(inbox, writers, MAX_BATCH)
+        while inbox:
+            frames, caller = inbox.popleft()
+            if not self._is_lookup(frames):
+                writers[frames[0]] -= 1
+            self._answer(frames, caller)
+            if budget and self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                budget = self._read(inbox, writers, budget)
+
+    def _read(self, inbox: deque[tuple[list[bytes], auth.Caller | None]],
+              writers: Counter[bytes], budget: int) -> int:
+        """Receive up to ``budget`` messages already here: Lookups of connections without a
+        write in ``inbox`` are answered at once, the rest queue there. Returns the budget
+        left."""
+        while budget > 0:
             caller: auth.Caller | None = None
             try:
                 if self._callers is None:
@@ -218,19 +248,36 @@ class DirectoryServer:
                     parts = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
                     frames = [part.bytes for part in parts]
                     caller = self._caller(frames[0], parts[-1])
-                    if caller is None:
-                        continue
             except zmq.Again:
-                return
-            t0 = time.perf_counter()
-            envelope, replies = self._handle_frames(frames, caller)
-            for reply in replies:
-                self._send(envelope, reply)
-            if replies and isinstance(replies[0], LookupReply):
-                took = time.perf_counter() - t0
-                c = self.counters
-                c.lookup_buckets[bisect_left(LOOKUP_BUCKETS_S, took)] += 1
-                c.lookup_seconds += took
+                return budget
+            budget -= 1
+            if caller is None and self._callers is not None:
+                continue
+            if not self.config.lookups_first:
+                self._answer(frames, caller)
+            elif self._is_lookup(frames) and not writers[frames[0]]:
+                self._answer(frames, caller)
+            else:
+                if not self._is_lookup(frames):
+                    writers[frames[0]] += 1
+                inbox.append((frames, caller))
+        return 0
+
+    @staticmethod
+    def _is_lookup(frames: list[bytes]) -> bool:
+        return protocol.is_lookup(frames[-1])
+
+    def _answer(self, frames: list[bytes], caller: auth.Caller | None) -> None:
+        """Handle one message and send its replies (Lookups timed for ``lookup_buckets``)."""
+        t0 = time.perf_counter()
+        envelope, replies = self._handle_frames(frames, caller)
+        for reply in replies:
+            self._send(envelope, reply)
+        if replies and isinstance(replies[0], LookupReply):
+            took = time.perf_counter() - t0
+            c = self.counters
+            c.lookup_buckets[bisect_left(LOOKUP_BUCKETS_S, took)] += 1
+            c.lookup_seconds += took
 
     def _answer_zap(self) -> None:
         """ZAP (RFC 27) inside the loop: the member key gets in (user id ``member``), and on

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from p2pkv.directory.auth import Credential
-from p2pkv.directory.client import DirectoryClient
+from p2pkv.directory.client import DirectoryClient, wait_readable
 from p2pkv.directory.feed import FeedSubscriber
 from p2pkv.directory.lookups import PENDING, LookupResult
 from p2pkv.directory.registration import Registration
@@ -269,12 +269,22 @@ class ShardedClient:
         return PENDING
 
     def wait_lookup(self, rid: int, max_wait_s: float) -> LookupResult:
+        """Like :meth:`poll_lookup` but waits up to ``max_wait_s``: on the sockets of the
+        processes still asked (``client.wait_readable``), waking for the failover point
+        and the deadline too."""
         give_up = self._clock() + max_wait_s
         while True:
             result = self.poll_lookup(rid)
-            if result is not PENDING or self._clock() >= give_up:
+            now = self._clock()
+            if result is not PENDING or now >= give_up:
                 return result
-            time.sleep(0.0002)
+            entry = self._lookups[rid]
+            wake = min(give_up, entry.deadline)
+            if entry.failover_at > now:
+                wake = min(wake, entry.failover_at)
+            asked = [t.client for shard, tries in entry.tries.items()
+                     if shard not in entry.answers for t in tries if not t.done]
+            wait_readable(asked, wake - now)
 
     def _warming(self, client: DirectoryClient, now: float) -> bool:
         """Did this process restart (a new directory_epoch) within ``warmup_s``?"""

@@ -34,13 +34,18 @@ class DirectoryProcess:
     heartbeat_s: float = 1.0
     liveness: int = 5
     feed: str = ""
+    in_arrival_order: bool = False
 
     @classmethod
     def start(cls, *, heartbeat_s: float = 1.0, liveness: int = 5, timeout_s: float = 30.0,
-              bind: str = "tcp://127.0.0.1:0", feed_bind: str = "") -> DirectoryProcess:
-        """``bind``/``feed_bind``: a restarted shard takes its old addresses again."""
+              bind: str = "tcp://127.0.0.1:0", feed_bind: str = "",
+              in_arrival_order: bool = False) -> DirectoryProcess:
+        """``bind``/``feed_bind``: a restarted shard takes its old addresses again.
+        ``in_arrival_order``: ``--lookups-in-arrival-order`` (for comparison)."""
         ready = Path(tempfile.mkdtemp(prefix="p2pkv-trace-")) / "ready"
         extra = ["--feed-bind", feed_bind] if feed_bind else []
+        if in_arrival_order:
+            extra.append("--lookups-in-arrival-order")
         proc = subprocess.Popen([sys.executable, "-m", "p2pkv.directory", "--bind",
                                  bind, *extra, "--ready-file", str(ready),
                                  "--heartbeat-interval", str(heartbeat_s), "--liveness",
@@ -53,7 +58,8 @@ class DirectoryProcess:
                 proc.kill()
                 raise RuntimeError("directory did not start")
             time.sleep(0.02)
-        return cls(proc, ready.read_text().strip(), heartbeat_s, liveness)
+        return cls(proc, ready.read_text().strip(), heartbeat_s, liveness,
+                   in_arrival_order=in_arrival_order)
 
     def feed_endpoint(self) -> str:
         from p2pkv.directory.client import DirectoryClient
@@ -75,7 +81,8 @@ class DirectoryProcess:
     def restarted(self) -> DirectoryProcess:
         """A new process on the same endpoints (after :meth:`kill`)."""
         return DirectoryProcess.start(heartbeat_s=self.heartbeat_s, liveness=self.liveness,
-                                      bind=self.endpoint, feed_bind=self.feed)
+                                      bind=self.endpoint, feed_bind=self.feed,
+                                      in_arrival_order=self.in_arrival_order)
 
     def rss_bytes(self) -> tuple[int, int]:
         """(VmRSS, VmHWM) of the process."""

@@ -51,6 +51,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "count, with real shard processes (bench/directory/shards.py; "
                              "uses --chunks, --instances, --batch, --lookup-keys, "
                              "--throughput-s)")
+    parser.add_argument("--offered", default="", metavar="RATES",
+                        help="with --shards: after the as-fast-as-answered load, load every "
+                             "shard at each of these fixed Lookups/s (e.g. 250,1000,4000): "
+                             "the rate each shard sustains, its latency and CPU per key lookup")
     parser.add_argument("--heartbeats", default="",
                         help="e.g. 2000,8000: what heartbeats of that many simulated instances "
                              "(one Fleet) cost the directory, single Heartbeat messages and "
@@ -175,6 +179,7 @@ def main(args: argparse.Namespace) -> int:
         from p2pkv.bench.directory import shards as directory_shards
 
         args.shards = directory_shards.parse_shards(args.shards)
+        args.offered = directory_shards.parse_rates(args.offered)
         return directory_shards.main(args)
     per = args.chunks // args.instances
     workdir = Path(tempfile.mkdtemp(prefix="p2pkv-bench-dir-"))

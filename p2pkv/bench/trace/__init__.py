@@ -18,36 +18,28 @@ joins sweeps run as separate commands, ``bench/trace/sweep.py``).
 from __future__ import annotations
 
 import argparse
-import bisect
 import json
 import math
-import multiprocessing as mp
 import os
-import random
 import statistics
 import sys
 import time
 from pathlib import Path
 
 from p2pkv.bench.report import Column, pct
+from p2pkv.bench.trace import probe as probe_mod
 from p2pkv.bench.report import table as table_text
 from p2pkv.bench.trace.sweep import MergeError, load_reports, merge, plot, sweep_point
 from p2pkv.directory.client import DirectoryClient
-from p2pkv.directory.protocol import (
-    LOOKUP_BUCKETS_S, MAX_KEYS_PER_MESSAGE, LookupReply, Stats, StatsReply,
-)
-from p2pkv.directory.shards import ShardSpec, connect
-from p2pkv.keys import Namespace
+from p2pkv.directory.protocol import LOOKUP_BUCKETS_S, Stats, StatsReply
 from p2pkv.planner.profiles import PROFILES
 from p2pkv.sim.cluster import ClusterSpec
-from p2pkv.sim.directory_view import BlockKeys
 from p2pkv.sim.policies import NAMES, uses_directory
 from p2pkv.directory.ring import ShardId
-from p2pkv.sim.processes import WORKER_TIMEOUT_S, DirectoryProcess, run_workers
+from p2pkv.sim.processes import DirectoryProcess, run_workers
 from p2pkv.sim.policies import P2pkv, SimPolicy
 from p2pkv.sim.replay import ReplayConfig
 from p2pkv.sim.sharded_fleet import ShardEndpoints
-from p2pkv.sim.trace import load_trace
 
 DEFAULT_TRACE = Path("../shared/traces/mooncake_conversation.jsonl")
 
@@ -89,6 +81,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="Lookups/s of the latency probe, a light client process that "
                              "measures the directory's lookup round trip under the replay "
                              "(0: none)")
+    parser.add_argument("--probe-sched", choices=probe_mod.SCHED_MODES, default="normal",
+                        help="scheduling of the directory processes and the probe while it "
+                             "measures: normal; realtime (SCHED_FIFO, needs CAP_SYS_NICE: no "
+                             "waiting for a core behind other jobs); alternate: both, in "
+                             f"{probe_mod.PHASE_S:g} s phases, reported side by side")
+    parser.add_argument("--lookups-in-arrival-order", action="store_true",
+                        help="the directories handle every message in the order read (before "
+                             "issue 15's change), not Lookups first")
     parser.add_argument("--worker-nice", type=int, default=10,
                         help="niceness added to the replay's worker processes, so that on a "
                              "machine with few cores the simulated clients, not the directory "
@@ -103,14 +103,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def _start_directories(args: argparse.Namespace) -> tuple[dict[str, DirectoryProcess],
                                                          tuple[ShardEndpoints, ...]]:
     """role -> process ("directory", or "s0/primary", "s0/replica", ...), and the shards."""
+    order = args.lookups_in_arrival_order
     if args.shards == 1 and not args.replica:
-        return {"directory": DirectoryProcess.start()}, ()
+        return {"directory": DirectoryProcess.start(in_arrival_order=order)}, ()
     procs: dict[str, DirectoryProcess] = {}
     shards = []
     for i in range(args.shards):
         ends = []
         for role in ("primary", "replica") if args.replica else ("primary",):
-            d = DirectoryProcess.start()
+            d = DirectoryProcess.start(in_arrival_order=order)
             d.feed = d.feed_endpoint()
             procs[f"s{i}/{role}"] = d
             ends.append(d.endpoint)
@@ -171,7 +172,7 @@ def run_once(args: argparse.Namespace, instances: int, speedup: float) -> dict:
         load0 = os.getloadavg()[0]
         run = run_workers(config, str(args.trace), args.limit, summarize, monitor=monitor,
                           at_end=at_end)
-        probed = _probe_result(probe)
+        probed = probe_mod.result(probe)
     finally:
         if probe is not None and probe[0].is_alive():
             probe[0].kill()
@@ -184,6 +185,7 @@ def run_once(args: argparse.Namespace, instances: int, speedup: float) -> dict:
     run["speedup"] = speedup
     run["shards"] = len(shards) or 1
     run["worker_nice"] = args.worker_nice
+    run["lookups_first"] = not args.lookups_in_arrival_order
     run["load_avg_1m"] = {"start": load0, "end": os.getloadavg()[0]}
     return run
 
@@ -234,69 +236,16 @@ def summarize(policy: SimPolicy, duration_s: float) -> dict:
 def _start_probe(args: argparse.Namespace, config: ReplayConfig,
                  procs: dict[str, DirectoryProcess], shards: tuple[ShardEndpoints, ...],
                  speedup: float):
-    """The latency probe process (or None): (process, go event, stop event, result queue)."""
+    """The latency probe process (``probe.py``), or None."""
     names = [p for p in config.policies if uses_directory(p)]
     if args.probe_rate <= 0 or not names:
         return None
-    ctx = mp.get_context("spawn")
-    go, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
-    ends = ([(str(s.shard), s.primary, s.replica) for s in shards] if shards
-            else [("s0", procs["directory"].endpoint, None)])
-    proc = ctx.Process(target=_probe, daemon=True, args=(
+    ends = (tuple((str(s.shard), s.primary, s.replica) for s in shards) if shards
+            else (("s0", procs["directory"].endpoint, None),))
+    return probe_mod.start(probe_mod.ProbeConfig(
         ends, f"trace-{names[0]}", str(args.trace), args.limit, args.keys_per_block,
-        args.probe_rate, speedup, go, stop, out))
-    proc.start()
-    return proc, go, stop, out
-
-
-def _probe_result(probe) -> dict | None:
-    if probe is None:
-        return None
-    try:
-        got = probe[3].get(timeout=30)
-    except Exception:  # noqa: BLE001 - queue.Empty: the probe died
-        return None
-    probe[0].join(10)
-    rtts = got["rtts"]
-    return {"rate": got["rate"], "namespace": got["namespace"], "lookups": len(rtts),
-            "failed": got["failed"],
-            "rtt_ms": {"p50": pct(rtts, 0.5) * 1e3, "p99": pct(rtts, 0.99) * 1e3,
-                       "max": max(rtts, default=float("nan")) * 1e3}}
-
-
-def _probe(ends: list[tuple[str, str, str | None]], namespace: str, trace_path: str,
-           limit: int | None, keys_per_block: int, rate: float, speedup: float, go, stop,
-           out) -> None:
-    """Paced Lookups of requests the replay has reached (their keys are published by now),
-    through the client the connector would use (``shards.connect``), at normal priority."""
-    trace = load_trace(Path(trace_path), limit=limit)
-    keys = BlockKeys(keys_per_block)
-    client = connect([ShardSpec(ShardId(n), p, r) for n, p, r in ends])
-    rng = random.Random(7)
-    rtts: list[float] = []
-    failed = 0
-    try:
-        go.wait(WORKER_TIMEOUT_S)
-        t0 = time.monotonic()
-        next_t = t0
-        arrivals = [r.arrival_s for r in trace]
-        while not stop.is_set():
-            reached = (bisect.bisect_right(arrivals, (time.monotonic() - t0) * speedup)
-                       if speedup > 0 else len(trace))
-            req = trace[rng.randrange(max(1, reached))]
-            wanted = keys.flat(req.blocks)[:MAX_KEYS_PER_MESSAGE]
-            start = time.perf_counter()
-            rid = client.start_lookup(Namespace(namespace), wanted, 0.5)
-            result = client.wait_lookup(rid, 0.5)
-            if isinstance(result, LookupReply):
-                rtts.append(time.perf_counter() - start)
-            else:
-                failed += 1
-            next_t += 1.0 / rate
-            time.sleep(max(0.0, next_t - time.monotonic()))
-    finally:
-        client.close()
-        out.put({"rtts": rtts, "failed": failed, "rate": rate, "namespace": namespace})
+        args.probe_rate, speedup, sched=args.probe_sched,
+        directory_pids=tuple(d.proc.pid for d in procs.values())))
 
 
 def _stats(d: DirectoryProcess) -> StatsReply | None:
@@ -452,11 +401,7 @@ def table(run: dict) -> str:
          for p in d["processes"]]))
     probe = d.get("probe")
     if probe:
-        r = probe["rtt_ms"]
-        lines.append(f"latency probe ({probe['rate']:g} Lookups/s in {probe['namespace']}, "
-                     f"normal priority; workers at nice +{run.get('worker_nice', 0)}): p50 "
-                     f"{r['p50']:.2f} ms, p99 {r['p99']:.2f} ms, max {r['max']:.1f} ms over "
-                     f"{probe['lookups']} lookups, {probe['failed']} failed")
+        lines.extend(probe_mod.describe(probe, run.get("worker_nice", 0)))
     for e in d.get("events", []):
         lines.append(f"  {e}")
     return "\n".join(lines)
