@@ -45,6 +45,7 @@ import httpx
 from p2pkv.bench.faults.row import Row
 from p2pkv.harness import documents
 from p2pkv.harness.cluster import Instance, LocalCluster, Proc, wait_healthy
+from p2pkv.harness.groupcpu import group_rss_mib
 from p2pkv.harness.openai_client import CHAT, chat_body
 
 CLIENTS = 64
@@ -155,25 +156,6 @@ class _Load:
                                            f"(reference {self.refs[prompt]!r})")
 
 
-def _group_rss_mib(pgid: int) -> float:
-    total = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[2]) != pgid:
-                continue
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    return total / 1024
-
-
 _METRIC = re.compile(r"^p2pkv_connector_(chunks_pulled|chunks_failed)_total(?:\{[^}]*\})? "
                      r"([0-9.e+]+)$", re.M)
 
@@ -241,12 +223,12 @@ def run(load_s: float = 60.0, fault_s: float = 20.0, clients: int = CLIENTS,
                 refs = {p: _answer(client, b.url, p) for p in _prompts(CASES.index(name))}
             time.sleep(0.5)  # B's saves published
             row = Row(name)
-            row.rss_before = _group_rss_mib(a.proc.popen.pid)
+            row.rss_before = group_rss_mib(a.proc.popen.pid)
             before = _pulls([a, b])
             load = _Load(router.url, refs, clients, row)
             load.run(seconds, fault, fault_after_s)
             after = _pulls([a, b])
-            row.rss_after = _group_rss_mib(a.proc.popen.pid)
+            row.rss_after = group_rss_mib(a.proc.popen.pid)
             row.recover_s = 0.0  # no fault: nothing to recover from
             if load.fault_at is not None:
                 row.recover_s = (load.recovered_at - load.fault_at
