@@ -25,6 +25,17 @@ def wait_for_file(path: Path, proc: subprocess.Popen, timeout_s: float = 30.0) -
     raise TimeoutError(f"{path} not written within {timeout_s} s")
 
 
+def wait_until(cond, timeout_s: float = 5.0, step_s: float = 0.02) -> bool:
+    """Poll ``cond()`` until it holds or ``timeout_s`` passes; its value at the end (counters
+    of another thread or process reach their value asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step_s)
+    return bool(cond())
+
+
 def python_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")

@@ -26,6 +26,7 @@ from p2pkv.transport.peer import PeerTransport
 from p2pkv.transport.server import Server
 from p2pkv.transport.session import Session
 from p2pkv.transport.sockio import parse_address, recv_exact
+from tests.conftest import wait_until
 from tests.peer_process import chunk_bytes, key_of
 
 SEED = 11
@@ -145,15 +146,6 @@ def _pull(t: PeerTransport, address: str, keys: list[int], size: int = SIZE, epo
     return t.pull(address, items, 5.0, epoch), bufs
 
 
-def _wait(cond, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_keyed_pull_returns_the_right_bytes_and_auto_keys_only_other_hosts(holder):
     for mode, keyed in [("keyed", True), ("auto", True), ("xxh3", False)]:
         # the holder says it is on "holder-host": not this host, so auto keys it
@@ -262,7 +254,7 @@ def test_a_tampered_request_is_dropped_and_counted(holder):
     try:
         results, _ = _pull(t, relay.address, [0, 1])
         assert all(r.outcome is Outcome.FAILED for r in results)
-        assert _wait(lambda: holder.server.health().bad_macs == 1)
+        assert wait_until(lambda: holder.server.health().bad_macs == 1)
         results, _ = _pull(t, relay.address, [0, 1])
         assert [r.outcome for r in results] == [Outcome.OK] * 2
         h = holder.server.health()
@@ -279,7 +271,7 @@ def test_a_request_replayed_on_its_connection_is_dropped_and_counted(holder):
         results, _ = _pull(t, relay.address, [2])
         assert results[0].outcome is Outcome.OK
         relay.inject(bytes(relay.sent_by_puller))  # request 0 again, as request 1
-        assert _wait(lambda: holder.server.health().bad_macs == 1)
+        assert wait_until(lambda: holder.server.health().bad_macs == 1)
         results, _ = _pull(t, relay.address, [2])  # its pooled connection is gone: fails
         results, bufs = _pull(t, relay.address, [2])  # and a new one serves
         assert results[0].outcome is Outcome.OK
@@ -318,7 +310,7 @@ def test_a_request_replayed_in_another_session_is_dropped_and_counted(holder):
     with sock:
         sock.sendall(recorded)  # request 0, MACed under another connection's key
         assert _closed_unanswered(sock)
-    assert _wait(lambda: holder.server.health().bad_macs == 1)
+    assert wait_until(lambda: holder.server.health().bad_macs == 1)
 
 
 def test_a_request_under_the_wrong_session_key_is_dropped_and_counted(holder):
@@ -327,7 +319,7 @@ def test_a_request_under_the_wrong_session_key_is_dropped_and_counted(holder):
     with sock:
         sock.sendall(sess.encode_request(wrong, wire.Pull([bytes(key_of(0))])))
         assert _closed_unanswered(sock)
-    assert _wait(lambda: holder.server.health().bad_macs == 1)
+    assert wait_until(lambda: holder.server.health().bad_macs == 1)
     # and the right key on a new connection is answered
     sock, session = _session_to(holder)
     with sock:

@@ -18,7 +18,7 @@ from p2pkv.transport.accept import ServerLimits
 from p2pkv.transport.base import Outcome, PullItem
 from p2pkv.transport.peer import PeerTransport
 from p2pkv.transport.server import Server
-from tests.conftest import wait_for_file
+from tests.conftest import wait_for_file, wait_until
 from tests.peer_process import chunk_bytes, key_of
 
 SEED = 5
@@ -152,15 +152,6 @@ def _authenticated(address: str) -> socket.socket:
     return s
 
 
-def _wait(cond, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
-
-
 def test_handshake_caps_drop_the_flood_and_a_real_peer_gets_through(serve):
     limits = ServerLimits(max_handshaking=4, handshaking_per_address=3, max_connections=8,
                           handshake_s=30)
@@ -168,7 +159,7 @@ def test_handshake_caps_drop_the_flood_and_a_real_peer_gets_through(serve):
     silent = [_raw(address, source="127.0.0.3") for _ in range(10)]
     # one address: 3 at most (waiting for both: the selector thread counts a refusal before
     # the handshake that replaced it)
-    assert _wait(lambda: server.health().refused >= 7 and server.health().handshaking == 3), \
+    assert wait_until(lambda: server.health().refused >= 7 and server.health().handshaking == 3), \
         server.health()
     client = PeerTransport()
     try:
@@ -177,14 +168,14 @@ def test_handshake_caps_drop_the_flood_and_a_real_peer_gets_through(serve):
         assert r.outcome is Outcome.OK
         # from the puller's own address too: the oldest handshakes go, the new one stays
         silent += [_raw(address) for _ in range(6)]
-        assert _wait(lambda: server.health().refused >= 12
+        assert wait_until(lambda: server.health().refused >= 12
                      and server.health().handshaking == 4), server.health()
         fresh = PeerTransport()
         try:
             (r,) = fresh.pull(address, [PullItem(key_of(0), dest)], 5)
             assert r.outcome is Outcome.OK and np.array_equal(buf,
                                                               chunk_bytes(SEED, 0, 1024))
-            assert _wait(lambda: server.health().connections == 2)  # both pools' idle ones
+            assert wait_until(lambda: server.health().connections == 2)  # both pools' idle ones
             h = server.health()
             assert h.alive and h.saturated
         finally:
@@ -199,15 +190,15 @@ def test_connection_cap_accepts_and_closes(serve):
     server, address = serve(_store(1), limits=ServerLimits(max_handshaking=2,
                                                            max_connections=3))
     held = [_authenticated(address) for _ in range(3)]
-    assert _wait(lambda: server.health().connections == 3)
+    assert wait_until(lambda: server.health().connections == 3)
     try:  # accepted, then reset at once: no hello (or the reset beats connect() itself)
         assert _read(_raw(address), wire.HELLO_BYTES) == b""
     except ConnectionResetError:
         pass
-    assert _wait(lambda: server.health().refused == 1)
+    assert wait_until(lambda: server.health().refused == 1)
     assert server.health().saturated
     held.pop().close()
-    assert _wait(lambda: server.health().connections == 2)
+    assert wait_until(lambda: server.health().connections == 2)
     _authenticated(address).close()  # room again
     for s in held:
         s.close()
@@ -220,7 +211,7 @@ def test_silent_connection_is_cut_at_the_handshake_deadline(serve):
     t0 = time.monotonic()
     assert _read(s, 1) == b""
     assert time.monotonic() - t0 < 3
-    assert _wait(lambda: server.health().expired == 1 and server.health().handshaking == 0)
+    assert wait_until(lambda: server.health().expired == 1 and server.health().handshaking == 0)
 
 
 def test_accept_loop_survives_failing_thread_starts(serve):
@@ -270,7 +261,7 @@ def test_pins_are_capped_per_peer_and_per_connection(serve):
     assert [h.status for h in _pin(b, [5])] == [wire.Status.MISSING]  # the peer's cap
     assert server.health().pins_refused == 2
     a.sendall(wire.encode_request(wire.Release([(got[0].slot, got[0].generation)])))
-    assert _wait(lambda: _pin(b, [5])[0].status is wire.Status.OK)
+    assert wait_until(lambda: _pin(b, [5])[0].status is wire.Status.OK)
     # over the per-connection cap: a bad request, and the connection is closed
     b.sendall(wire.encode_request(wire.Pin([bytes(key_of(i)) for i in range(4)])))
     status, _, _ = wire.unpack_item(_read(b, wire.ITEM_HEADER_BYTES))
@@ -279,7 +270,7 @@ def test_pins_are_capped_per_peer_and_per_connection(serve):
     assert _read(b, 1) == b""
     a.close()  # every pin of a closed connection goes back: all of the peer's cap is free
     c = _authenticated(address)
-    assert _wait(lambda: server.health().connections == 1)
+    assert wait_until(lambda: server.health().connections == 1)
     assert [h.status for h in _pin(c, [0, 1, 2])] == [wire.Status.OK] * 3
     c.close()
 
@@ -289,10 +280,10 @@ def test_a_reader_that_stops_is_cut_at_the_response_deadline(serve):
     store = _store(1, size=size)
     server, address = serve(store, limits=ServerLimits(response_s=1.0))
     s = _authenticated(address)
-    assert _wait(lambda: server.health().connections == 1)
+    assert wait_until(lambda: server.health().connections == 1)
     s.sendall(wire.encode_request(wire.Pull([bytes(key_of(0))])))  # and never reads
     t0 = time.monotonic()
-    assert _wait(lambda: server.health().connections == 0, 5.0)
+    assert wait_until(lambda: server.health().connections == 0, 5.0)
     assert time.monotonic() - t0 < 4
     # the chunk was unpinned: a new key can evict it from the one-slot store
     assert store.reserve(key_of(1)) is not None
@@ -390,7 +381,7 @@ def test_refusals_are_logged_rate_limited_whatever_the_peer_sends(serve, caplog)
         s.sendall(secrets.token_bytes(wire.PROOF_BYTES))
         _read(s, 1)
         s.close()
-    assert _wait(lambda: server.health().failed_handshakes == 40)
+    assert wait_until(lambda: server.health().failed_handshakes == 40)
     refused = [r for r in caplog.records if "refused a data-plane peer" in r.getMessage()]
     assert 1 <= len(refused) <= 2, [r.getMessage() for r in refused]
 

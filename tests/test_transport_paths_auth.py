@@ -27,6 +27,7 @@ from p2pkv.transport.choose import make_transport
 from p2pkv.transport.identity import Identity, holder_key
 from p2pkv.transport.sockio import parse_address, recv_exact
 from p2pkv.transport.ucx import ucx_unavailable_reason
+from tests.conftest import wait_until
 from tests.peer_process import chunk_bytes, key_of
 from tests.test_transport import _slab_fd
 
@@ -63,15 +64,6 @@ def _holder(spawn, tmp_path: Path, kind: str, size: int, n: int, **env: str):
     return proc, address, read
 
 
-def _until(cond, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
-
-
 def _puller(kind: str, secret: str | None = SECRET, digest: str = "keyed"):
     return make_transport(kind, bind_host="127.0.0.1",
                           secret=ClusterSecret(secret.encode()) if secret else None,
@@ -100,7 +92,7 @@ def test_a_non_member_cannot_pull_and_is_counted(spawn, tmp_path, kind, puller_s
         assert all("secret" in r.reason for r in results), results
         assert not any(b.any() for b in bufs)
         assert (t.counters.shm, t.counters.ucx) == (0, 0)
-        assert _until(lambda: health()["failed_handshakes"] >= before + 1), health()
+        assert wait_until(lambda: health()["failed_handshakes"] >= before + 1), health()
     finally:
         t.close()
 
